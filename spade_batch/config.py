@@ -1,0 +1,190 @@
+"""Typed settings: defaults, then a YAML file, then command-line overrides; validated on load.
+
+Every key is documented in its field's `help`; `describe()` renders that table for the README and
+`spade-batch config --show`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the source."""
+
+
+def _key(default: Any, help: str) -> Any:
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+MODEL_KEYS = ("backbone", "weights", "seed", "image_size", "preprocess", "k", "kappa", "sigma", "index", "ivf_lists")
+"""Keys fixed at fit time and recorded in the model's spade.json; score refuses a model that disagrees."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a fit, score or evaluate run needs besides its input and output URIs."""
+
+    backbone: str = _key("wide_resnet50_2", "CNN feature pyramid: wide_resnet50_2, resnet18, resnet50 or efficientnet_lite0.")
+    weights: str = _key("imagenet", "Backbone weights: imagenet (torchvision / packaged), random (seeded), or a state-dict path or URI.")
+    seed: int = _key(0, "Seed for random weights and for the calibration hold-out.")
+    image_size: int = _key(224, "Working size in pixels: images are resized to image_size x image_size.")
+    preprocess: str = _key("full", "full: the whole image is resized (every pixel scored); paper: resize 256 + centre crop 224 (the paper's protocol).")
+    k: int = _key(50, "K: nearest normal images retrieved per test image (the paper uses 50).")
+    kappa: int = _key(1, "kappa: nearest pixel features averaged per test pixel (the paper uses 1).")
+    sigma: float = _key(4.0, "Gaussian smoothing of the anomaly map, in pixels at the working size (0 disables it).")
+    index: str = _key("flat", "Image kNN index: flat (exact) or ivf (approximate, for very large training sets).")
+    ivf_lists: int = _key(0, "IVF lists when index is ivf; 0 picks about 4 * sqrt(N).")
+    calibration_fraction: float = _key(0.1, "Fraction of the normal images held out of the gallery to calibrate thresholds (0 disables).")
+    image_fpr: float = _key(0.01, "Target false-positive rate of the image threshold on normal images.")
+    pixel_quantile: float = _key(0.999, "Quantile of normal pixel scores used as the pixel threshold.")
+    image_threshold: float | None = _key(None, "Override the model's calibrated image threshold.")
+    pixel_threshold: float | None = _key(None, "Override the model's calibrated pixel threshold.")
+    shard_size: int = _key(64, "Images per shard: the unit of work, retry and output.")
+    batch_size: int = _key(16, "Images per backbone forward pass inside a task.")
+    device: str = _key("auto", "Torch device inside tasks: auto (cuda when the task has a GPU), cpu or cuda.")
+    gpus_per_task: float = _key(1.0, "GPUs each task requests when the cluster has GPUs (fractions share a GPU).")
+    cpus_per_task: float = _key(1.0, "CPUs each task requests.")
+    chunk_mib: int = _key(16, "Bound on one pixel-distance block, in MiB.")
+    save_maps: bool = _key(False, "Also write raw anomaly maps (float16 .npy at the working size) under OUT/maps/.")
+    save_overlays: bool = _key(False, "Also write heat-map overlays (PNG) under OUT/overlays/.")
+    overwrite: bool = _key(False, "Recompute shards whose outputs already exist instead of resuming.")
+    endpoint_url: str | None = _key(None, "S3-compatible endpoint (MinIO, Ceph); credentials come from the standard AWS chain.")
+    storage_options: dict[str, Any] = _key({}, "Extra fsspec storage options passed through to the filesystem (e.g. anon, profile).")
+    ray_address: str | None = _key(None, "Ray cluster address; unset starts a local Ray on this machine (or joins RAY_ADDRESS).")
+    log_level: str = _key("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """fsspec storage options: storage_options plus the endpoint for s3://."""
+        options = dict(self.storage_options)
+        if self.endpoint_url:
+            client_kwargs = dict(options.get("client_kwargs", {}))
+            client_kwargs["endpoint_url"] = self.endpoint_url
+            options["client_kwargs"] = client_kwargs
+        return options
+
+    def model_dict(self) -> dict[str, Any]:
+        """The MODEL_KEYS subset, as recorded in spade.json."""
+        return {key: getattr(self, key) for key in MODEL_KEYS}
+
+    def replace(self, **changes: Any) -> Settings:
+        return load_settings(None, {**self.to_dict(), **changes})
+
+    def to_dict(self, redact: bool = False) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        if redact:
+            values["storage_options"] = {key: "***" for key in self.storage_options}
+        return values
+
+
+_CHOICES = {
+    "preprocess": ("full", "paper"),
+    "index": ("flat", "ivf"),
+    "device": ("auto", "cpu", "cuda"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+_POSITIVE = ("k", "kappa", "shard_size", "batch_size", "chunk_mib")
+
+
+def _validate(settings: Settings) -> None:
+    for key, choices in _CHOICES.items():
+        if getattr(settings, key) not in choices:
+            raise ConfigError(f"{key}: {getattr(settings, key)!r} is not one of {', '.join(choices)}")
+    for key in _POSITIVE:
+        if getattr(settings, key) < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {getattr(settings, key)}")
+    if settings.image_size < 32:
+        raise ConfigError(f"image_size: must be at least 32 pixels, got {settings.image_size}")
+    if settings.sigma < 0:
+        raise ConfigError(f"sigma: must be >= 0, got {settings.sigma}")
+    if not 0 <= settings.calibration_fraction < 1:
+        raise ConfigError(f"calibration_fraction: must be in [0, 1), got {settings.calibration_fraction}")
+    if not 0 < settings.image_fpr < 1:
+        raise ConfigError(f"image_fpr: must be in (0, 1), got {settings.image_fpr}")
+    if not 0 < settings.pixel_quantile < 1:
+        raise ConfigError(f"pixel_quantile: must be in (0, 1), got {settings.pixel_quantile}")
+
+
+def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
+    """Check value against the field type; ints are accepted for floats."""
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for kind in allowed:
+        origin = typing.get_origin(kind) or kind
+        if kind is type(None) and value is None:
+            return None
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, bool, dict) and isinstance(value, origin):
+            return value
+    names = " or ".join(getattr(kind, "__name__", str(kind)) for kind in allowed)
+    raise ConfigError(f"{key} in {source}: expected {names}, got {type(value).__name__} {value!r}")
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(Settings)
+
+
+def load_settings(path: str | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Defaults, then the YAML file at `path` (local or URI), then `overrides` (e.g. CLI flags).
+
+    Raises ConfigError naming the key for an unknown key, a wrong type or an invalid value.
+    """
+    values: dict[str, Any] = {}
+    if path:
+        values.update(_check(_read_yaml(path), path))
+    values.update(_check(dict(overrides or {}), "command-line options"))
+    try:
+        return Settings(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{error} (from {path or 'defaults'} and command-line options)") from None
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    from spade_batch import storage
+
+    try:
+        loaded = yaml.safe_load(storage.read_text(path))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must be a mapping of key: value, got {type(loaded).__name__}")
+    return loaded
+
+
+def _check(values: dict[str, Any], source: str) -> dict[str, Any]:
+    types_by_key = _field_types()
+    checked = {}
+    for key, value in values.items():
+        if key not in types_by_key:
+            raise ConfigError(f"unknown key {key!r} in {source}; known keys: {', '.join(types_by_key)}")
+        checked[key] = _coerce(key, value, types_by_key[key], source)
+    return checked
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every setting, in declaration order."""
+    rows = []
+    for spec in dataclasses.fields(Settings):
+        kind = str(_field_types()[spec.name]).replace("typing.", "")
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()  # type: ignore[misc]
+        rows.append((spec.name, kind.replace("<class '", "").replace("'>", ""), json.dumps(default), spec.metadata["help"]))
+    return rows

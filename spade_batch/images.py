@@ -1,0 +1,211 @@
+"""Image decoding and preprocessing: bytes -> RGB array -> normalised tensor.
+
+Decoding turns any bad input (empty, undecodable, truncated, too large, odd
+mode) into an :class:`ImageError` that names the source, so the pipeline can
+record it and go on. Preprocessing is the one place that fixes the geometry
+shared by images, ground-truth masks and anomaly maps.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+PREPROCESSING_MODES = ("full", "paper")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+_REEXPORT_ADVICE = "Remove it from the image set or re-export it as PNG/JPEG."
+
+
+class ImageError(ValueError):
+    """An input that cannot be used as an image; the message names the source."""
+
+
+def decode_image(data: bytes, source: str, max_pixels: int = 100_000_000) -> np.ndarray:
+    """Decode encoded image bytes to an RGB array.
+
+    Args:
+        data: the encoded file (PNG, JPEG, BMP, TIFF, WebP, ...).
+        source: where the bytes came from (path or URI); used in error messages.
+        max_pixels: largest accepted width * height.
+
+    Returns:
+        H x W x 3 uint8 RGB array, EXIF orientation applied. Grayscale is
+        replicated to 3 channels, alpha dropped, palettes expanded, 16-bit
+        grayscale (Pillow modes ``I;16*``, and ``I`` when its values fit 16
+        bits) scaled to 8 bits: ``round(v * 255 / 65535)``.
+
+    Raises:
+        ImageError: empty, undecodable, truncated, zero-size, larger than
+            ``max_pixels`` or in an unsupported mode.
+    """
+    if not data:
+        raise ImageError(f"cannot decode {source}: the file is empty (0 bytes). {_REEXPORT_ADVICE}")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            _check_size(im.size, source, max_pixels)
+            im.load()
+            ImageOps.exif_transpose(im, in_place=True)
+            rgb = _to_rgb(im, source)
+    except ImageError:
+        raise
+    except UnidentifiedImageError as e:
+        raise ImageError(
+            f"cannot decode {source}: not an image file (unknown or corrupt format). {_REEXPORT_ADVICE}"
+        ) from e
+    except Image.DecompressionBombError as e:
+        raise ImageError(
+            f"cannot decode {source}: image too large ({e}). Downscale it or remove it from the image set."
+        ) from e
+    # Pillow's decoders signal bad data with many exception types (OSError,
+    # SyntaxError, ValueError, struct.error, ...); all of them mean "bad input".
+    except Exception as e:
+        raise ImageError(
+            f"cannot decode {source}: corrupt or truncated image data ({type(e).__name__}: {e}). {_REEXPORT_ADVICE}"
+        ) from e
+    return rgb
+
+
+def _check_size(size: tuple[int, int], source: str, max_pixels: int) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"cannot decode {source}: the image has zero size ({width} x {height}). {_REEXPORT_ADVICE}")
+    if width * height > max_pixels:
+        raise ImageError(
+            f"cannot decode {source}: image is {width} x {height} = {width * height} pixels, "
+            f"over the limit of {max_pixels}. Downscale it or raise max_pixels."
+        )
+
+
+def _to_rgb(im: Image.Image, source: str) -> np.ndarray:
+    """Pillow image in any supported mode -> H x W x 3 uint8 RGB array."""
+    if im.mode in _SIXTEEN_BIT_MODES:
+        gray = _sixteen_to_eight_bit(np.asarray(im), source, im.mode)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if im.mode not in _EIGHT_BIT_MODES:
+        raise ImageError(
+            f"cannot decode {source}: unsupported image mode {im.mode!r}. "
+            "Re-export it as 8-bit RGB or grayscale PNG/JPEG."
+        )
+    if im.mode in ("P", "PA"):
+        # Via RGBA so that palette transparency is dropped without a warning.
+        im = im.convert("RGBA")
+    return np.array(im.convert("RGB"), dtype=np.uint8)
+
+
+def _sixteen_to_eight_bit(values: np.ndarray, source: str, mode: str) -> np.ndarray:
+    """H x W 16-bit values (any integer dtype) -> H x W uint8, 65535 -> 255, rounded."""
+    values = values.astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ImageError(
+            f"cannot decode {source}: mode {mode!r} values in [{values.min()}, {values.max()}] do not fit "
+            "16 bits. Re-export it as 8- or 16-bit grayscale PNG."
+        )
+    return ((values * 255 + 32767) // 65535).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the backbone's input.
+
+    ``mode="full"`` resizes the whole image to ``size x size`` so every pixel is
+    scored; ``mode="paper"`` resizes the shorter side to ``round(size*256/224)``
+    and centre-crops ``size x size`` (the paper's protocol).
+    """
+
+    size: int = 224
+    mode: str = "full"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 32:
+            raise ValueError(f"preprocessing size must be an integer >= 32 pixels, got {self.size!r}")
+        if self.mode not in PREPROCESSING_MODES:
+            raise ValueError(f"preprocessing mode must be one of {PREPROCESSING_MODES}, got {self.mode!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(
+                f"preprocessing mean and std need 3 values each and std > 0, got mean={self.mean!r} std={self.std!r}"
+            )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        unknown = set(d) - {"size", "mode", "mean", "std"}
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; expected size, mode, mean, std")
+        kwargs = dict(d)
+        for key in ("mean", "std"):
+            if key in kwargs:
+                kwargs[key] = tuple(float(v) for v in kwargs[key])
+        return cls(**kwargs)
+
+    @property
+    def resize_to(self) -> int:
+        """Shorter-side length before the centre crop in ``paper`` mode, pixels."""
+        return round(self.size * 256 / 224)
+
+
+def _geometry(t: torch.Tensor, spec: Preprocessing, interpolation: InterpolationMode) -> torch.Tensor:
+    """C x H x W tensor -> C x size x size, resized (and centre-cropped in paper mode)."""
+    antialias = interpolation == InterpolationMode.BILINEAR
+    if spec.mode == "full":
+        return TF.resize(t, [spec.size, spec.size], interpolation=interpolation, antialias=antialias)
+    t = TF.resize(t, [spec.resize_to], interpolation=interpolation, antialias=antialias)
+    return TF.center_crop(t, [spec.size, spec.size])
+
+
+def preprocess(image: np.ndarray, spec: Preprocessing) -> torch.Tensor:
+    """H x W x 3 uint8 RGB -> 3 x size x size float32, ImageNet-normalised.
+
+    Bilinear resize with antialias on the uint8 image (as torchvision's
+    ``Resize(antialias=True)`` on a PIL image), then ``(x/255 - mean) / std``.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"preprocess expects an H x W x 3 uint8 array, got shape {image.shape} {image.dtype}")
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    t = _geometry(t, spec, InterpolationMode.BILINEAR).float().div_(255)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
+    return ((t - mean) / std).contiguous()
+
+
+def preprocess_mask(mask: np.ndarray, spec: Preprocessing) -> np.ndarray:
+    """H x W ground-truth mask (bool or integer, > 0 = defect) -> size x size bool.
+
+    Same geometry as :func:`preprocess`, nearest neighbour sampled at pixel
+    centres (torchvision ``NEAREST_EXACT``, as PIL's nearest).
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"preprocess_mask expects an H x W mask, got shape {mask.shape}")
+    t = torch.from_numpy(np.ascontiguousarray(mask > 0, dtype=np.uint8))[None]
+    return _geometry(t, spec, InterpolationMode.NEAREST_EXACT)[0].numpy().astype(bool)
+
+
+def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """size x size float32 anomaly map -> height x width float32.
+
+    Bilinear, ``align_corners=False`` (pixel centres aligned), no antialias.
+    """
+    if anomaly_map.ndim != 2:
+        raise ValueError(f"resize_map expects a 2-D map, got shape {anomaly_map.shape}")
+    if height <= 0 or width <= 0:
+        raise ValueError(f"resize_map target size must be positive, got {height} x {width}")
+    t = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]
+    out = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)
+    return out[0, 0].numpy()

@@ -1,0 +1,220 @@
+"""Anomaly detection metrics: image ROCAUC, pixel ROCAUC and PRO.
+
+Pure numpy/scipy; knows nothing of Ray or storage.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from scipy.stats import rankdata
+
+# 8-connectivity for defect regions, as in the MVTec AD evaluation.
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def _check_scores_labels(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate (N,) finite scores and (N,) bool labels with both classes present."""
+    scores = np.asarray(scores)
+    labels = np.asarray(labels)
+    if scores.ndim != 1 or labels.shape != scores.shape:
+        raise ValueError(
+            f"scores and labels must be 1-D arrays of equal length, got shapes {scores.shape} and {labels.shape}"
+        )
+    if labels.dtype != bool:
+        raise ValueError(f"labels must be bool (True = anomalous), got dtype {labels.dtype}; use labels.astype(bool)")
+    scores = scores.astype(np.float64)
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores contain NaN or infinity; every image needs a finite score")
+    n_pos = int(labels.sum())
+    if n_pos == 0 or n_pos == labels.size:
+        kind = "anomalous" if n_pos else "normal"
+        raise ValueError(f"labels hold only one class (all {kind}); ROCAUC needs both normal and anomalous images")
+    return scores, labels
+
+
+def image_rocauc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Exact ROCAUC by the Mann-Whitney rank statistic, ties counted as one half.
+
+    scores: (N,) float image scores, higher = more anomalous.
+    labels: (N,) bool, True = anomalous.
+    """
+    scores, labels = _check_scores_labels(scores, labels)
+    ranks = rankdata(scores)  # average ranks for ties
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def roc_curve_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact ROC curve, one point per distinct score (sklearn roc_curve, drop_intermediate=False).
+
+    scores: (N,) float; labels: (N,) bool, True = anomalous.
+    Returns fpr, tpr, thresholds, each (M + 1,) float64 for M distinct scores:
+    point i predicts "anomalous" for score >= thresholds[i]; thresholds[0] = +inf gives (0, 0).
+    """
+    scores, labels = _check_scores_labels(scores, labels)
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores = scores[order]
+    sorted_labels = labels[order]
+    # Last index of each run of equal scores.
+    ends = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]
+    tps = np.cumsum(sorted_labels)[ends]
+    fps = ends + 1 - tps
+    fpr = np.r_[0.0, fps / fps[-1]]
+    tpr = np.r_[0.0, tps / tps[-1]]
+    thresholds = np.r_[np.inf, sorted_scores[ends]]
+    return fpr, tpr, thresholds
+
+
+def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Trapezoid area under the polyline (x, y) over [x[0], x_max], y interpolated at x_max.
+
+    x: (M,) non-decreasing; y: (M,).
+    """
+    n = int(np.searchsorted(x, x_max, side="right"))  # points with x <= x_max
+    xs, ys = x[:n], y[:n]
+    if n < x.size and xs[-1] < x_max:
+        t = (x_max - x[n - 1]) / (x[n] - x[n - 1])
+        xs = np.r_[xs, x_max]
+        ys = np.r_[ys, y[n - 1] + t * (y[n] - y[n - 1])]
+    return float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1]) / 2))
+
+
+def _tail_sums(hist: np.ndarray) -> np.ndarray:
+    """(bins,) histogram -> (bins + 1,) sums over bins >= k, for k = bins, ..., 0 (ascending)."""
+    return np.r_[0.0, np.cumsum(hist[::-1])]
+
+
+class PixelMetrics:
+    """Streaming pixel ROCAUC and PRO in bounded memory.
+
+    Scores are binned into `bins` equal-width bins over [low, high] (values
+    outside are clipped into the edge bins). Memory is three (bins,)
+    histograms: normal pixels, defect pixels, and defect pixels weighted by
+    1 / |their region| (so PRO(t) is that histogram's tail sum over the number
+    of regions).
+
+    Binning error: the curves are evaluated at the bin edges, and each point
+    there is exact (threshold score >= edge). Between neighbouring edges the
+    exact curve is monotone, so it stays inside the box spanned by the two
+    binned points, and the binned trapezoid area differs from the exact one
+    by at most the summed box areas. `error_bounds()` returns these bounds:
+    pixel ROCAUC  |binned - exact| <= 1/2 * sum_k dFPR_k * dTPR_k,
+    PRO           |binned - exact| <= sum_k dFPR_k * dPRO_k / max_fpr  (dFPR clipped to [0, max_fpr]).
+    Refining the bins never raises them. Measured on random smooth 32 x 32
+    maps with blob masks (tests/test_metrics.py), bins=4096 over the maps'
+    range: errors below 5e-5 (ROCAUC) and 2e-4 (PRO), bounds below 1e-3.
+    Where each bin holds at most one distinct score the metrics are exact.
+    """
+
+    def __init__(self, low: float, high: float, bins: int = 4096, max_fpr: float = 0.3):
+        if not (np.isfinite(low) and np.isfinite(high) and low < high):
+            raise ValueError(f"score range must be finite with low < high, got low={low}, high={high}")
+        if int(bins) != bins or bins < 1:
+            raise ValueError(f"bins must be a positive integer, got {bins}")
+        if not 0 < max_fpr <= 1:
+            raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
+        self.low = float(low)
+        self.high = float(high)
+        self.bins = int(bins)
+        self.max_fpr = float(max_fpr)
+        self.edges = np.linspace(self.low, self.high, self.bins + 1)
+        self.normal_hist = np.zeros(self.bins, dtype=np.int64)
+        self.defect_hist = np.zeros(self.bins, dtype=np.int64)
+        self.region_hist = np.zeros(self.bins, dtype=np.float64)
+        self.regions = 0
+
+    def update(self, anomaly_maps: np.ndarray, masks: np.ndarray) -> None:
+        """Add a batch.
+
+        anomaly_maps: (N, H, W) float scores, higher = more anomalous.
+        masks: (N, H, W) bool ground truth, True = defect. Regions are the
+        8-connected components of each image's mask.
+        """
+        anomaly_maps = np.asarray(anomaly_maps)
+        masks = np.asarray(masks)
+        if anomaly_maps.ndim != 3 or masks.shape != anomaly_maps.shape:
+            raise ValueError(
+                "anomaly_maps and masks must both be N x H x W with equal shapes, "
+                f"got {anomaly_maps.shape} and {masks.shape}"
+            )
+        if masks.dtype != bool:
+            raise ValueError(f"masks must be bool (True = defect), got dtype {masks.dtype}; use masks > 0")
+        scores = anomaly_maps.astype(np.float64)
+        if not np.all(np.isfinite(scores)):
+            raise ValueError("anomaly_maps contain NaN or infinity; every pixel needs a finite score")
+        # Bin k holds edges[k] <= s < edges[k+1], so "bin >= k" is exactly "s >= edges[k]".
+        bin_index = np.clip(np.searchsorted(self.edges, scores, side="right") - 1, 0, self.bins - 1)
+        self.normal_hist += np.bincount(bin_index[~masks], minlength=self.bins)
+        self.defect_hist += np.bincount(bin_index[masks], minlength=self.bins)
+        for image_bins, mask in zip(bin_index, masks):
+            self._add_regions(image_bins, mask)
+
+    def _add_regions(self, image_bins: np.ndarray, mask: np.ndarray) -> None:
+        """image_bins: (H, W) int bin indices; mask: (H, W) bool."""
+        labels, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+        if count == 0:
+            return
+        sizes = np.bincount(labels.ravel())
+        defect_labels = labels[mask]
+        self.region_hist += np.bincount(image_bins[mask], weights=1.0 / sizes[defect_labels], minlength=self.bins)
+        self.regions += count
+
+    def _check_has_data(self) -> None:
+        if self.defect_hist.sum() == 0:
+            raise ValueError(
+                "PixelMetrics has no defect pixels; pixel ROCAUC and PRO need update() with masks that mark defects"
+            )
+        if self.normal_hist.sum() == 0:
+            raise ValueError(
+                "PixelMetrics has no normal pixels; pixel ROCAUC and PRO need update() with masks that leave some pixels normal"
+            )
+
+    def _fpr(self) -> np.ndarray:
+        return _tail_sums(self.normal_hist) / self.normal_hist.sum()
+
+    def roc_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """fpr, tpr: (bins + 1,) float64 at thresholds edges[bins], ..., edges[0] (fpr ascending)."""
+        self._check_has_data()
+        return self._fpr(), _tail_sums(self.defect_hist) / self.defect_hist.sum()
+
+    def pro_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """fpr, pro: (bins + 1,) float64 at thresholds edges[bins], ..., edges[0] (fpr ascending)."""
+        self._check_has_data()
+        return self._fpr(), _tail_sums(self.region_hist) / self.regions
+
+    def pixel_rocauc(self) -> float:
+        """Area under the pixel ROC curve, in [0, 1]."""
+        fpr, tpr = self.roc_curve()
+        return _area_up_to(fpr, tpr, 1.0)
+
+    def pro(self) -> float:
+        """Area under the PRO curve for FPR in [0, max_fpr], divided by max_fpr; in [0, 1]."""
+        fpr, pro = self.pro_curve()
+        return _area_up_to(fpr, pro, self.max_fpr) / self.max_fpr
+
+    def error_bounds(self) -> dict[str, float]:
+        """Upper bounds on |binned - exact| for pixel_rocauc and pro (see the class docstring)."""
+        fpr, tpr = self.roc_curve()
+        _, pro = self.pro_curve()
+        roc_bound = 0.5 * np.sum(np.diff(fpr) * np.diff(tpr))
+        pro_bound = np.sum(np.diff(np.minimum(fpr, self.max_fpr)) * np.diff(pro)) / self.max_fpr
+        return {"pixel_rocauc": float(roc_bound), "pro": float(pro_bound)}
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary: metrics, binning settings, error bounds and pixel/region counts."""
+        return {
+            "pixel_rocauc": self.pixel_rocauc(),
+            "pro": self.pro(),
+            "max_fpr": self.max_fpr,
+            "bins": self.bins,
+            "range": [self.low, self.high],
+            "error_bounds": self.error_bounds(),
+            "counts": {
+                "normal_pixels": int(self.normal_hist.sum()),
+                "defect_pixels": int(self.defect_hist.sum()),
+                "regions": self.regions,
+            },
+        }

@@ -1,0 +1,248 @@
+"""Evaluation report: plots, heat-map overlays, mask PNGs and an HTML page.
+
+Every function returns bytes (or a str, for HTML); the caller writes them to
+local or object storage. Figures are drawn with matplotlib's Agg canvas
+through `Figure` objects, never pyplot, so no global state is shared between
+calls or threads.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from PIL import Image
+
+_DPI = 100
+
+
+def _png(figure: Figure) -> bytes:
+    """Render a figure to PNG bytes."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=_DPI)
+    return buffer.getvalue()
+
+
+def _curve_axes(figure: Figure, xlabel: str, ylabel: str) -> Axes:
+    axes = figure.add_subplot()
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1.02)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    return axes
+
+
+def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> bytes:
+    """ROC curves on one axes, as PNG bytes.
+
+    curves: name -> (fpr (M,), tpr (M,), auc), e.g. {"image": ..., "pixel": ...}.
+    """
+    if not curves:
+        raise ValueError("roc_plot needs at least one curve; pass {name: (fpr, tpr, auc)}")
+    figure = Figure(figsize=(5, 5))
+    axes = _curve_axes(figure, "false positive rate", "true positive rate")
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
+    for name, (fpr, tpr, auc) in curves.items():
+        axes.plot(fpr, tpr, linewidth=2, label=f"{name} (AUC {auc:.3f})")
+    axes.set_title("ROC")
+    axes.legend(loc="lower right")
+    return _png(figure)
+
+
+def pro_plot(fpr: np.ndarray, pro: np.ndarray, pro_score: float, max_fpr: float = 0.3) -> bytes:
+    """Per-region-overlap curve, the integrated part (FPR <= max_fpr) shaded, as PNG bytes.
+
+    fpr, pro: (M,) float, fpr ascending; pro_score: normalised area up to max_fpr.
+    """
+    fpr = np.asarray(fpr)
+    pro = np.asarray(pro)
+    figure = Figure(figsize=(5, 5))
+    axes = _curve_axes(figure, "false positive rate (normal pixels)", "per-region overlap")
+    axes.plot(fpr, pro, linewidth=2, label=f"PRO (area to FPR {max_fpr:g}) = {pro_score:.3f}")
+    inside = fpr <= max_fpr
+    axes.fill_between(fpr[inside], pro[inside], alpha=0.3)
+    axes.axvline(max_fpr, linestyle="--", color="grey")
+    axes.set_title("PRO")
+    axes.legend(loc="lower right")
+    return _png(figure)
+
+
+def score_histogram(
+    normal_scores: np.ndarray,
+    defect_scores: np.ndarray,
+    thresholds: dict[str, float],
+    xlabel: str = "image score",
+) -> bytes:
+    """Overlaid histograms of normal and defect scores, each threshold a labelled vertical line; PNG bytes.
+
+    normal_scores: (N,) float; defect_scores: (M,) float (either may be empty, not both).
+    thresholds: name -> score, e.g. {"fpr 1%": 3.2}.
+    """
+    groups = {"normal": np.asarray(normal_scores, dtype=float), "defect": np.asarray(defect_scores, dtype=float)}
+    groups = {name: scores for name, scores in groups.items() if scores.size}
+    if not groups:
+        raise ValueError("score_histogram needs some scores; normal_scores and defect_scores are both empty")
+    edges = np.histogram_bin_edges(np.concatenate(list(groups.values())), bins=40)
+    figure = Figure(figsize=(7, 4))
+    axes = figure.add_subplot()
+    for name, scores in groups.items():
+        axes.hist(scores, bins=edges, alpha=0.5, label=f"{name} ({scores.size})")
+    colors = matplotlib.color_sequences["Dark2"]
+    for index, (name, value) in enumerate(thresholds.items()):
+        axes.axvline(value, color=colors[index % len(colors)], linestyle="--", linewidth=2, label=f"{name} = {value:.3g}")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("count")
+    axes.legend()
+    figure.tight_layout()
+    return _png(figure)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row of the example grid."""
+
+    image: np.ndarray  # H x W x 3 uint8
+    anomaly_map: np.ndarray  # H x W float32
+    predicted_mask: np.ndarray  # H x W bool
+    ground_truth: np.ndarray | None  # H x W bool
+    title: str  # e.g. "crack/003.png  score 4.21"
+
+
+def overlay(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float, alpha: float = 0.5) -> np.ndarray:
+    """Jet heat map blended over the image.
+
+    image: H x W x 3 uint8; anomaly_map: H x W float, normalised to [0, 1] over [low, high] and clipped.
+    Each pixel is blended with weight alpha * normalised score, so pixels at or
+    below `low` keep the image unchanged and pixels at `high` get weight alpha.
+    Returns H x W x 3 uint8.
+    """
+    image = np.asarray(image)
+    anomaly_map = np.asarray(anomaly_map)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be H x W x 3 uint8, got shape {image.shape} dtype {image.dtype}")
+    if anomaly_map.shape != image.shape[:2]:
+        raise ValueError(f"anomaly_map must be H x W = {image.shape[:2]}, got {anomaly_map.shape}")
+    if not low < high:
+        raise ValueError(f"overlay needs low < high, got low={low}, high={high}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"overlay alpha must be in [0, 1], got {alpha}")
+    level = np.clip((anomaly_map.astype(np.float64) - low) / (high - low), 0.0, 1.0)
+    heat = matplotlib.colormaps["jet"](level)[..., :3] * 255.0
+    weight = alpha * level[..., None]
+    blended = (1.0 - weight) * image + weight * heat
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def _panel(axes: Axes, picture: np.ndarray, title: str) -> None:
+    """Show an H x W x 3 uint8 picture, or an H x W bool/[0, 1] float one in gray, without ticks."""
+    axes.set_xticks([])
+    axes.set_yticks([])
+    axes.set_title(title, fontsize=8)
+    if picture.ndim == 2:
+        axes.imshow(picture, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        axes.imshow(picture, interpolation="nearest")
+
+
+def example_grid(examples: list[Example], low: float, high: float) -> bytes:
+    """One row per example: image | ground truth | overlay | predicted mask; PNG bytes.
+
+    low, high: the anomaly-map range mapped onto the colour scale (see `overlay`).
+    """
+    if not examples:
+        raise ValueError("example_grid needs at least one Example")
+    figure = Figure(figsize=(10, 2.6 * len(examples)))
+    grid = figure.subplots(len(examples), 4, squeeze=False)
+    for row, example in zip(grid, examples):
+        _panel(row[0], example.image, example.title)
+        if example.ground_truth is None:
+            _panel(row[1], np.full(example.image.shape[:2], 0.85), "no ground truth")  # light gray
+        else:
+            _panel(row[1], example.ground_truth, "ground truth")
+        _panel(row[2], overlay(example.image, example.anomaly_map, low, high), "anomaly map")
+        _panel(row[3], example.predicted_mask, "predicted mask")
+    figure.tight_layout()
+    return _png(figure)
+
+
+def mask_png(mask_or_map: np.ndarray) -> bytes:
+    """Encode an H x W mask as an 8-bit grayscale (L mode) PNG.
+
+    mask_or_map: H x W bool (written as 0 / 255) or H x W uint8 (written as is).
+    """
+    array = np.asarray(mask_or_map)
+    if array.ndim != 2:
+        raise ValueError(f"mask_png needs an H x W array, got shape {array.shape}")
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype != np.uint8:
+        raise ValueError(f"mask_png needs bool or uint8, got dtype {array.dtype}; threshold or scale it first")
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _cell(value: object) -> str:
+    text = f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f"<td>{html.escape(text)}</td>"
+
+
+def _table(rows: list[dict[str, object]]) -> str:
+    """HTML table; columns are the union of the rows' keys in first-seen order, missing cells empty."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    header = "".join(f"<th>{html.escape(str(column))}</th>" for column in columns)
+    body = "".join(
+        "<tr>" + "".join(_cell(row[column]) if column in row else "<td></td>" for column in columns) + "</tr>\n"
+        for row in rows
+    )
+    return f"<table>\n<thead><tr>{header}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
+
+
+_STYLE = """
+body { font-family: sans-serif; margin: 2em; }
+table { border-collapse: collapse; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.8em; text-align: right; }
+figure { display: inline-block; margin: 1em; }
+img { max-width: 100%; }
+"""
+
+
+def html_page(title: str, metrics_table: list[dict[str, object]], images: dict[str, str], notes: list[str]) -> str:
+    """A self-contained HTML page (inline CSS): a metrics table, then each image, then notes.
+
+    metrics_table: rows of {column: value}; floats are shown to 4 decimals.
+    images: caption -> file name relative to the page.
+    """
+    figures = "\n".join(
+        f'<figure><img src="{html.escape(quote(path))}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for caption, path in images.items()
+    )
+    note_items = "\n".join(f"<li>{html.escape(note)}</li>" for note in notes)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{html.escape(title)}</title>
+<style>{_STYLE}</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+<h2>Metrics</h2>
+{_table(metrics_table)}
+<h2>Figures</h2>
+{figures}
+<h2>Notes</h2>
+<ul>
+{note_items}
+</ul>
+</body>
+</html>
+"""

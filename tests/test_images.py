@@ -1,0 +1,266 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from spade_batch.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageError,
+    Preprocessing,
+    decode_image,
+    preprocess,
+    preprocess_mask,
+    resize_map,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def encode(im: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height 8-bit grey but holds no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+# --- decode_image ------------------------------------------------------------
+
+
+def test_rgb_png_round_trips_exactly():
+    rgb = RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    out = decode_image(encode(Image.fromarray(rgb)), "rgb.png")
+    assert out.dtype == np.uint8 and out.shape == (20, 30, 3)
+    np.testing.assert_array_equal(out, rgb)
+
+
+def test_grayscale_is_replicated_to_three_channels():
+    gray = RNG.integers(0, 256, (17, 9), dtype=np.uint8)
+    out = decode_image(encode(Image.fromarray(gray)), "gray.png")
+    assert out.shape == (17, 9, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(out[:, :, c], gray)
+
+
+def test_rgba_drops_alpha_and_keeps_colour():
+    rgba = RNG.integers(0, 256, (12, 14, 4), dtype=np.uint8)
+    rgba[:, :, 3] = 0  # fully transparent pixels must keep their colour, not turn black
+    out = decode_image(encode(Image.fromarray(rgba)), "rgba.png")
+    np.testing.assert_array_equal(out, rgba[:, :, :3])
+
+
+def test_palette_image_is_expanded_to_rgb():
+    palette = [255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (256 * 3 - 9)
+    indices = np.array([[0, 1, 2], [2, 1, 0]], dtype=np.uint8)
+    im = Image.fromarray(indices, mode="P")
+    im.putpalette(palette)
+    out = decode_image(encode(im, transparency=1), "palette.png")
+    colours = np.array(palette[:9], dtype=np.uint8).reshape(3, 3)
+    np.testing.assert_array_equal(out, colours[indices])
+
+
+def test_16_bit_grayscale_png_is_scaled_to_8_bit():
+    values = np.array([[0, 65535, 32896, 257, 128, 129]], dtype=np.uint16)
+    data = encode(Image.fromarray(values))
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    out = decode_image(data, "deep.png")
+    np.testing.assert_array_equal(out[0, :, 0], [0, 255, 128, 1, 0, 1])
+    np.testing.assert_array_equal(out[:, :, 0], out[:, :, 2])
+
+
+def test_32_bit_integer_tiff_with_16_bit_values_is_scaled_and_wider_values_rejected():
+    values = np.array([[0, 65535, 32896]], dtype=np.int32)
+    out = decode_image(encode(Image.fromarray(values), "TIFF"), "int.tif")
+    np.testing.assert_array_equal(out[0, :, 1], [0, 255, 128])
+    with pytest.raises(ImageError, match=r"wide\.tif.*16 bits"):
+        decode_image(encode(Image.fromarray(values * 4), "TIFF"), "wide.tif")
+
+
+def test_float_image_is_an_unsupported_mode():
+    data = encode(Image.fromarray(np.zeros((4, 4), np.float32)), "TIFF")
+    with pytest.raises(ImageError, match=r"float\.tif.*unsupported image mode 'F'"):
+        decode_image(data, "float.tif")
+
+
+@pytest.mark.parametrize(
+    "orientation, corner",
+    [(6, (0, -1)), (8, (-1, 0))],  # 6: displayed rotated 90 deg clockwise, 8: counter-clockwise
+)
+def test_exif_orientation_is_applied(orientation, corner):
+    stored = np.full((24, 40, 3), 128, dtype=np.uint8)  # H=24, W=40 as stored
+    stored[:8, :8] = (255, 0, 0)  # mark the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = decode_image(encode(Image.fromarray(stored), "JPEG", exif=exif, quality=95), "phone.jpg")
+    assert out.shape == (40, 24, 3)
+    row, col = corner
+    rows = slice(0, 6) if row == 0 else slice(-6, None)
+    cols = slice(0, 6) if col == 0 else slice(-6, None)
+    assert out[rows, cols, 0].min() > 200 and out[rows, cols, 1].max() < 60
+    # The opposite corner is the grey background.
+    opposite = out[slice(-6, None) if row == 0 else slice(0, 6), slice(-6, None) if col == 0 else slice(0, 6)]
+    assert np.abs(opposite.astype(int) - 128).max() < 20
+
+
+def test_corrupt_truncated_and_empty_inputs_raise_image_error_naming_the_source():
+    png = encode(Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    cases = {
+        "s3://bucket/garbage.png": b"this is not an image",
+        "s3://bucket/truncated.png": png[: len(png) // 2],
+        "s3://bucket/empty.png": b"",
+    }
+    for source, data in cases.items():
+        with pytest.raises(ImageError) as err:
+            decode_image(data, source)
+        assert source in str(err.value)
+        assert "Remove it from the image set" in str(err.value)
+
+
+def test_zero_size_image_is_rejected():
+    with pytest.raises(ImageError, match="zero.png"):
+        decode_image(png_header_only(0, 10), "zero.png")
+
+
+def test_image_over_max_pixels_is_rejected_before_decoding():
+    data = encode(Image.fromarray(np.zeros((50, 40, 3), np.uint8)))
+    assert decode_image(data, "ok.png", max_pixels=2000).shape == (50, 40, 3)
+    with pytest.raises(ImageError, match=r"big\.png.*50 = 2000 pixels, over the limit of 1999"):
+        decode_image(data, "big.png", max_pixels=1999)
+
+
+def test_decompression_bomb_header_is_an_image_error():
+    # Declares 20000 x 20000 pixels: Pillow itself refuses it as a decompression bomb.
+    with pytest.raises(ImageError, match=r"bomb\.png.*too large"):
+        decode_image(png_header_only(20000, 20000), "bomb.png", max_pixels=10**10)
+
+
+# --- Preprocessing -----------------------------------------------------------
+
+
+def test_preprocessing_dict_round_trip_and_validation():
+    spec = Preprocessing(size=64, mode="paper")
+    d = spec.to_dict()
+    assert d == {"size": 64, "mode": "paper", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    assert Preprocessing.from_dict(d) == spec
+    assert Preprocessing.from_dict({}) == Preprocessing()
+    with pytest.raises(ValueError, match="size must be an integer >= 32"):
+        Preprocessing.from_dict({"size": 16})
+    with pytest.raises(ValueError, match="mode must be one of"):
+        Preprocessing.from_dict({"mode": "crop"})
+    with pytest.raises(ValueError, match="unknown preprocessing keys"):
+        Preprocessing.from_dict({"sizes": 64})
+
+
+def reference_transform(spec: Preprocessing) -> transforms.Compose:
+    """torchvision's classic PIL pipeline, independent of our tensor code."""
+    if spec.mode == "full":
+        geometry = [transforms.Resize((spec.size, spec.size))]
+    else:
+        geometry = [transforms.Resize(round(spec.size * 256 / 224)), transforms.CenterCrop(spec.size)]
+    return transforms.Compose([*geometry, transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
+
+
+@pytest.mark.parametrize("mode", ["full", "paper"])
+def test_preprocess_matches_torchvision_pil_pipeline(mode):
+    # Smooth content so that resampling differences stay within one grey level.
+    image = np.clip(
+        128 + 60 * np.sin(np.arange(70)[:, None, None] / 7 + np.arange(110)[None, :, None] / 11 + np.arange(3)), 0, 255
+    ).astype(np.uint8)
+    spec = Preprocessing(size=32, mode=mode)
+    out = preprocess(image, spec)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    expected = reference_transform(spec)(Image.fromarray(image))
+    one_level = 1 / 255 / min(IMAGENET_STD)
+    assert (out - expected).abs().max() <= 1.01 * one_level
+
+
+def test_preprocess_normalises_a_constant_image_exactly():
+    image = np.empty((40, 50, 3), np.uint8)
+    image[:] = (10, 128, 250)
+    out = preprocess(image, Preprocessing(size=32))
+    expected = (np.array([10, 128, 250]) / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    for c in range(3):
+        np.testing.assert_allclose(out[c].numpy(), expected[c], atol=1e-5)
+
+
+def test_paper_mode_crops_the_sides_of_a_wide_image_and_full_mode_keeps_them():
+    # H=60, W=100; paper at 32: shorter side -> 37, width -> 61, crop 32 starting at column 14.
+    image = np.full((60, 100, 3), 128, np.uint8)
+    image[:, :12] = (255, 0, 0)  # left 12% of the width
+    red = lambda t: (t[0] > 1.0) & (t[1] < -1.0)  # noqa: E731 - strongly red pixels
+    full = red(preprocess(image, Preprocessing(size=32, mode="full")))
+    paper = red(preprocess(image, Preprocessing(size=32, mode="paper")))
+    assert not paper.any()
+    assert full[:, :3].all() and not full[:, 5:].any()
+
+
+def nearest_exact_indices(n_in: int, n_out: int) -> np.ndarray:
+    return np.minimum(np.floor((np.arange(n_out) + 0.5) * n_in / n_out).astype(int), n_in - 1)
+
+
+@pytest.mark.parametrize("mode", ["full", "paper"])
+def test_preprocess_mask_geometry(mode):
+    height, width, size = 60, 100, 32
+    mask = np.zeros((height, width), np.uint8)
+    mask[10:25, 30:80] = 255
+    mask[50:, 95:] = 1
+    out = preprocess_mask(mask, Preprocessing(size=size, mode=mode))
+    assert out.shape == (size, size) and out.dtype == bool
+    if mode == "full":
+        rows, cols = nearest_exact_indices(height, size), nearest_exact_indices(width, size)
+    else:  # resize to 37 x 61, then crop rows 2..33 and columns 14..45
+        rows = nearest_exact_indices(height, 37)[2 : 2 + size]
+        cols = nearest_exact_indices(width, 61)[14 : 14 + size]
+    np.testing.assert_array_equal(out, mask[np.ix_(rows, cols)] > 0)
+
+
+@pytest.mark.parametrize("mode", ["full", "paper"])
+@pytest.mark.parametrize("height, width", [(48, 80), (61, 97), (120, 70)])
+def test_preprocess_mask_lines_up_with_preprocessed_image(mode, height, width):
+    mask = np.zeros((height, width), bool)
+    mask[height // 4 : height * 5 // 6, width // 4 : width * 2 // 3] = True
+    image = np.repeat(np.where(mask, 255, 0).astype(np.uint8)[:, :, None], 3, axis=2)
+    spec = Preprocessing(size=32, mode=mode)
+    bright = preprocess(image, spec)[0].numpy() > (0.5 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
+    np.testing.assert_array_equal(preprocess_mask(mask, spec), bright)
+
+
+# --- resize_map ---------------------------------------------------------------
+
+
+def bilinear_reference(a: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Brute-force bilinear, align_corners=False: sample at (i + 0.5) * scale - 0.5, edges clamped."""
+
+    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(src).astype(int)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, src - lo
+
+    r0, r1, fr = axis(a.shape[0], height)
+    c0, c1, fc = axis(a.shape[1], width)
+    top = a[r0][:, c0] * (1 - fc) + a[r0][:, c1] * fc
+    bottom = a[r1][:, c0] * (1 - fc) + a[r1][:, c1] * fc
+    return top * (1 - fr[:, None]) + bottom * fr[:, None]
+
+
+@pytest.mark.parametrize("height, width", [(50, 75), (13, 21), (32, 32)])
+def test_resize_map_is_bilinear_with_half_pixel_centres(height, width):
+    anomaly_map = RNG.random((32, 32)).astype(np.float32)
+    out = resize_map(anomaly_map, height, width)
+    assert out.shape == (height, width) and out.dtype == np.float32
+    np.testing.assert_allclose(out, bilinear_reference(anomaly_map.astype(np.float64), height, width), atol=1e-5)

@@ -1,0 +1,233 @@
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from spade_batch.metrics import PixelMetrics, image_rocauc, roc_curve_points
+
+
+def random_labels(rng: np.random.Generator, n: int) -> np.ndarray:
+    labels = rng.random(n) < 0.4
+    labels[:2] = [True, False]  # both classes present
+    return labels
+
+
+def smooth_maps_and_blobs(seed: int, n: int = 6, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(n, size, size) float32 smooth maps and bool blob masks; the maps are higher on the blobs."""
+    rng = np.random.default_rng(seed)
+    blobs = ndimage.gaussian_filter(rng.normal(size=(n, size, size)), sigma=(0, 3, 3))
+    masks = blobs > np.quantile(blobs, 0.9)
+    masks[0] = False  # one defect-free image
+    noise = ndimage.gaussian_filter(rng.normal(size=(n, size, size)), sigma=(0, 2, 2))
+    maps = noise + 0.3 * ndimage.gaussian_filter(masks.astype(float), sigma=(0, 2, 2))
+    return maps.astype(np.float32), masks
+
+
+def brute_force_pro(maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3) -> float:
+    """MVTec AD PRO, computed by a threshold sweep over every distinct score."""
+    region_scores = []
+    for image_map, mask in zip(maps, masks):
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        region_scores += [image_map[labels == r] for r in range(1, count + 1)]
+    normal_scores = maps[~masks]
+    points = [(0.0, 0.0)]
+    for t in np.unique(maps)[::-1]:
+        fpr = np.mean(normal_scores >= t)
+        pro = np.mean([np.mean(scores >= t) for scores in region_scores])
+        points.append((fpr, pro))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 >= max_fpr:
+            break
+        if x1 > max_fpr:
+            y1 = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0)
+            x1 = max_fpr
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / max_fpr
+
+
+def metrics_for(maps: np.ndarray, masks: np.ndarray, bins: int) -> PixelMetrics:
+    metrics = PixelMetrics(float(maps.min()), float(maps.max()), bins=bins)
+    metrics.update(maps, masks)
+    return metrics
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_image_rocauc_matches_sklearn_continuous_and_tied(seed):
+    rng = np.random.default_rng(seed)
+    labels = random_labels(rng, 200)
+    continuous = rng.normal(size=200) + labels
+    tied = rng.integers(0, 4, size=200) + labels.astype(int)  # many ties across classes
+    for scores in (continuous, tied.astype(float)):
+        assert image_rocauc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_roc_curve_points_match_sklearn():
+    rng = np.random.default_rng(3)
+    labels = random_labels(rng, 100)
+    scores = rng.integers(0, 10, size=100).astype(float) + labels
+    fpr, tpr, thresholds = roc_curve_points(scores, labels)
+    ref_fpr, ref_tpr, ref_thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, ref_fpr, atol=1e-12)
+    np.testing.assert_allclose(tpr, ref_tpr, atol=1e-12)
+    assert thresholds[0] == np.inf
+    np.testing.assert_array_equal(thresholds[1:], ref_thresholds[1:])
+
+
+def test_image_metrics_reject_one_class_and_bad_input():
+    with pytest.raises(ValueError, match="only one class"):
+        image_rocauc(np.array([0.1, 0.2]), np.array([False, False]))
+    with pytest.raises(ValueError, match="only one class"):
+        roc_curve_points(np.array([0.1, 0.2]), np.array([True, True]))
+    with pytest.raises(ValueError, match="equal length"):
+        image_rocauc(np.array([0.1, 0.2, 0.3]), np.array([False, True]))
+    with pytest.raises(ValueError, match="labels must be bool"):
+        image_rocauc(np.array([0.1, 0.2]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="NaN"):
+        image_rocauc(np.array([np.nan, 0.2]), np.array([False, True]))
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_pixel_rocauc_matches_sklearn_within_bound(seed):
+    maps, masks = smooth_maps_and_blobs(seed)
+    metrics = metrics_for(maps, masks, bins=4096)
+    exact = roc_auc_score(masks.ravel(), maps.ravel())
+    bound = metrics.error_bounds()["pixel_rocauc"]
+    assert abs(metrics.pixel_rocauc() - exact) <= bound + 1e-12
+    assert abs(metrics.pixel_rocauc() - exact) < 5e-5
+    assert bound < 1e-3
+
+
+def test_pixel_rocauc_exact_with_ties_when_each_bin_holds_one_value():
+    rng = np.random.default_rng(4)
+    masks = rng.random((3, 16, 16)) < 0.3
+    maps = rng.integers(0, 10, size=(3, 16, 16)) + masks  # integer scores 0..10, many ties
+    metrics = PixelMetrics(0.0, 11.0, bins=11)  # one integer per bin, at its lower edge
+    metrics.update(maps.astype(np.float32), masks)
+    assert metrics.pixel_rocauc() == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_pro_matches_brute_force_within_bound(seed):
+    maps, masks = smooth_maps_and_blobs(seed)
+    exact = brute_force_pro(maps, masks)
+    assert 0.2 < exact < 0.95  # a non-trivial case
+    metrics = metrics_for(maps, masks, bins=4096)
+    bound = metrics.error_bounds()["pro"]
+    assert abs(metrics.pro() - exact) <= bound + 1e-12
+    assert abs(metrics.pro() - exact) < 2e-4
+    assert bound < 1e-3
+
+
+def test_binning_error_shrinks_as_bins_grow():
+    maps, masks = smooth_maps_and_blobs(5)
+    exact_pro = brute_force_pro(maps, masks)
+    exact_auc = roc_auc_score(masks.ravel(), maps.ravel())
+    errors, bounds = [], []
+    for bins in (8, 64, 512, 4096):  # nested bin edges
+        metrics = metrics_for(maps, masks, bins)
+        errors.append((abs(metrics.pixel_rocauc() - exact_auc), abs(metrics.pro() - exact_pro)))
+        bounds.append(tuple(metrics.error_bounds().values()))
+        assert errors[-1][0] <= bounds[-1][0] + 1e-12
+        assert errors[-1][1] <= bounds[-1][1] + 1e-12
+    errors, bounds = np.array(errors), np.array(bounds)
+    assert np.all(np.diff(bounds, axis=0) <= 1e-15)
+    assert np.all(errors[-1] < errors[0] / 10)
+
+
+def test_regions_are_8_connected_and_weighted_equally():
+    masks = np.zeros((1, 20, 20), dtype=bool)
+    masks[0, 0, 0] = masks[0, 1, 1] = True  # diagonal neighbours: one region of 2 pixels
+    masks[0, 10:20, 10:20] = True  # one region of 100 pixels
+    maps = np.zeros((1, 20, 20), dtype=np.float32)
+    maps[0, 0, 0] = maps[0, 1, 1] = 1.0  # only the small region scores above the normal pixels
+    metrics = PixelMetrics(0.0, 1.0, bins=4)
+    metrics.update(maps, masks)
+    assert metrics.to_dict()["counts"] == {"normal_pixels": 298, "defect_pixels": 102, "regions": 2}
+    # PRO curve: (0, 0) -> (0, 0.5) -> (1, 1); area to 0.3 is 0.3 * (0.5 + 0.65) / 2.
+    assert metrics.pro() == pytest.approx((0.5 + 0.65) / 2, abs=1e-12)
+    assert metrics.pro() == pytest.approx(brute_force_pro(maps, masks), abs=1e-12)
+
+
+def test_streaming_updates_equal_one_update():
+    maps, masks = smooth_maps_and_blobs(6, n=7)
+    whole = metrics_for(maps, masks, bins=256)
+    streamed = PixelMetrics(whole.low, whole.high, bins=256)
+    for start, stop in [(0, 2), (2, 3), (3, 7)]:
+        streamed.update(maps[start:stop], masks[start:stop])
+    np.testing.assert_array_equal(streamed.normal_hist, whole.normal_hist)
+    np.testing.assert_array_equal(streamed.defect_hist, whole.defect_hist)
+    np.testing.assert_allclose(streamed.region_hist, whole.region_hist, rtol=1e-12)
+    assert streamed.regions == whole.regions
+    assert streamed.pixel_rocauc() == pytest.approx(whole.pixel_rocauc(), abs=1e-12)
+    assert streamed.pro() == pytest.approx(whole.pro(), abs=1e-12)
+
+
+def test_perfect_maps_give_pro_and_rocauc_one():
+    _, masks = smooth_maps_and_blobs(7)
+    metrics = PixelMetrics(0.0, 1.0, bins=16)
+    metrics.update(masks.astype(np.float32), masks)
+    assert metrics.pixel_rocauc() == pytest.approx(1.0, abs=1e-12)
+    assert metrics.pro() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_scores_outside_range_are_clipped_into_edge_bins():
+    masks = np.zeros((1, 8, 8), dtype=bool)
+    masks[0, :2] = True
+    maps = np.where(masks, 7.0, -3.0).astype(np.float32)  # both outside [0, 1]
+    metrics = PixelMetrics(0.0, 1.0, bins=8)
+    metrics.update(maps, masks)
+    assert metrics.normal_hist[0] == 48 and metrics.defect_hist[-1] == 16
+    assert metrics.pixel_rocauc() == pytest.approx(1.0)
+
+
+def test_curves_have_one_point_per_bin_edge_and_are_monotone():
+    maps, masks = smooth_maps_and_blobs(8)
+    metrics = metrics_for(maps, masks, bins=64)
+    for fpr, y in (metrics.roc_curve(), metrics.pro_curve()):
+        assert fpr.shape == y.shape == (65,)
+        assert (fpr[0], y[0]) == (0.0, 0.0)
+        assert fpr[-1] == pytest.approx(1.0) and y[-1] == pytest.approx(1.0)
+        assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(y) >= 0)
+
+
+def test_to_dict_is_json_ready():
+    maps, masks = smooth_maps_and_blobs(9)
+    summary = json.loads(json.dumps(metrics_for(maps, masks, bins=128).to_dict()))
+    assert summary["bins"] == 128
+    assert summary["range"] == [float(maps.min()), float(maps.max())]
+    assert summary["counts"]["defect_pixels"] == int(masks.sum())
+    assert 0.5 < summary["pixel_rocauc"] <= 1 and 0 < summary["pro"] <= 1
+
+
+def test_pixel_metrics_without_defects_or_normals_raise():
+    metrics = PixelMetrics(0.0, 1.0)
+    with pytest.raises(ValueError, match="no defect pixels"):
+        metrics.pro()
+    metrics.update(np.zeros((2, 8, 8), dtype=np.float32), np.zeros((2, 8, 8), dtype=bool))
+    with pytest.raises(ValueError, match="no defect pixels"):
+        metrics.pixel_rocauc()
+    only_defects = PixelMetrics(0.0, 1.0)
+    only_defects.update(np.ones((1, 4, 4), dtype=np.float32), np.ones((1, 4, 4), dtype=bool))
+    with pytest.raises(ValueError, match="no normal pixels"):
+        only_defects.to_dict()
+
+
+def test_pixel_metrics_reject_bad_input():
+    with pytest.raises(ValueError, match="low < high"):
+        PixelMetrics(1.0, 1.0)
+    with pytest.raises(ValueError, match="bins"):
+        PixelMetrics(0.0, 1.0, bins=0)
+    with pytest.raises(ValueError, match="max_fpr"):
+        PixelMetrics(0.0, 1.0, max_fpr=0.0)
+    metrics = PixelMetrics(0.0, 1.0)
+    with pytest.raises(ValueError, match="N x H x W"):
+        metrics.update(np.zeros((8, 8)), np.zeros((8, 8), dtype=bool))
+    with pytest.raises(ValueError, match="equal shapes"):
+        metrics.update(np.zeros((1, 8, 8)), np.zeros((1, 8, 9), dtype=bool))
+    with pytest.raises(ValueError, match="masks must be bool"):
+        metrics.update(np.zeros((1, 8, 8)), np.zeros((1, 8, 8), dtype=np.uint8))
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.update(np.full((1, 8, 8), np.nan), np.zeros((1, 8, 8), dtype=bool))

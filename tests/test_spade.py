@@ -1,0 +1,132 @@
+"""spade.py against a brute-force float64 NumPy reference written here."""
+
+import faiss
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+import torch.nn.functional as F
+
+from spade_batch import spade
+
+
+def reference_knn_distance(queries: np.ndarray, gallery: np.ndarray, kappa: int) -> np.ndarray:
+    """Full float64 distance matrix, explicit differences (no GEMM trick)."""
+    diffs = queries.astype(np.float64)[:, None, :] - gallery.astype(np.float64)[None, :, :]
+    distances = (diffs**2).sum(axis=2)
+    return np.sort(distances, axis=1)[:, :kappa].mean(axis=1)
+
+
+def reference_bilinear(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize with half-pixel centres (align_corners=False), explicit loops."""
+    in_h, in_w = values.shape
+    out = np.zeros((height, width))
+    for y in range(height):
+        sy = max((y + 0.5) * in_h / height - 0.5, 0.0)
+        y0 = min(int(np.floor(sy)), in_h - 1)
+        y1 = min(y0 + 1, in_h - 1)
+        fy = sy - y0
+        for x in range(width):
+            sx = max((x + 0.5) * in_w / width - 0.5, 0.0)
+            x0 = min(int(np.floor(sx)), in_w - 1)
+            x1 = min(x0 + 1, in_w - 1)
+            fx = sx - x0
+            top = values[y0, x0] * (1 - fx) + values[y0, x1] * fx
+            bottom = values[y1, x0] * (1 - fx) + values[y1, x1] * fx
+            out[y, x] = top * (1 - fy) + bottom * fy
+    return out
+
+
+def reference_anomaly_map(query_layers, gallery_layers, size, kappa, sigma):
+    maps = []
+    for query, gallery in zip(query_layers, gallery_layers):
+        channels, height, width = query.shape
+        distances = reference_knn_distance(query.reshape(channels, -1).T, gallery, kappa).reshape(height, width)
+        maps.append(reference_bilinear(distances, *size))
+    return scipy.ndimage.gaussian_filter(np.mean(maps, axis=0), sigma=sigma, mode="reflect", truncate=4.0)
+
+
+@pytest.mark.parametrize("kappa", [1, 3])
+@pytest.mark.parametrize("chunk_bytes", [1, 4 * 17 * 7, 1 << 30])
+def test_nearest_sq_distances_matches_brute_force(kappa: int, chunk_bytes: int) -> None:
+    rng = np.random.default_rng(kappa)
+    queries = rng.normal(size=(17, 8)).astype(np.float32)
+    gallery = rng.normal(size=(101, 8)).astype(np.float32)  # 101: no chunk size used divides it
+    got = spade.nearest_sq_distances(torch.from_numpy(queries), torch.from_numpy(gallery), kappa, chunk_bytes)
+    np.testing.assert_allclose(got.numpy(), reference_knn_distance(queries, gallery, kappa), rtol=1e-4)
+
+
+def test_nearest_sq_distances_sees_the_gallery_tail() -> None:
+    queries = torch.zeros(4, 3)
+    gallery = torch.full((50, 3), 10.0)
+    gallery[-1] = 0.5  # the only close match is the last row, in a partial last chunk
+    got = spade.nearest_sq_distances(queries, gallery, kappa=1, chunk_bytes=4 * 4 * 7)
+    np.testing.assert_allclose(got.numpy(), np.full(4, 0.75), rtol=1e-6)
+
+
+def test_kappa_larger_than_gallery_is_an_error() -> None:
+    with pytest.raises(ValueError, match="kappa=5"):
+        spade.nearest_sq_distances(torch.zeros(2, 3), torch.zeros(4, 3), kappa=5)
+
+
+@pytest.mark.parametrize("kappa", [1, 2])
+def test_anomaly_map_matches_brute_force(kappa: int) -> None:
+    rng = np.random.default_rng(7)
+    grids = [(8, 8, 6), (4, 4, 10), (2, 2, 12)]  # (h, w, C) of three layers, strides 4, 8, 16 of a 32 px input
+    k = 3
+    query_layers = [rng.normal(size=(c, h, w)).astype(np.float32) for h, w, c in grids]
+    gallery_layers = [rng.normal(size=(k * h * w, c)).astype(np.float32) for h, w, c in grids]
+    got = spade.anomaly_map(
+        [torch.from_numpy(q) for q in query_layers],
+        [torch.from_numpy(g) for g in gallery_layers],
+        output_size=(32, 32),
+        kappa=kappa,
+        sigma=4.0,
+        chunk_bytes=4 * 64 * 5,
+    )
+    expected = reference_anomaly_map(query_layers, gallery_layers, (32, 32), kappa, 4.0)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4)
+
+
+def test_upsample_is_torch_bilinear_without_corner_alignment() -> None:
+    values = torch.rand(5, 7, dtype=torch.float64)
+    got = spade.upsample(values, (23, 19))
+    expected = F.interpolate(values[None, None], size=(23, 19), mode="bilinear", align_corners=False)[0, 0]
+    assert torch.equal(got, expected)
+    np.testing.assert_allclose(got.numpy(), reference_bilinear(values.numpy(), 23, 19), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (9, 40), (3, 5)])  # radius 16 exceeds the small sides
+def test_gaussian_smooth_equals_scipy(shape: tuple[int, int]) -> None:
+    values = np.random.default_rng(1).gamma(2.0, size=shape).astype(np.float32) * 100
+    got = spade.gaussian_smooth(torch.from_numpy(values), sigma=4.0)
+    expected = scipy.ndimage.gaussian_filter(values.astype(np.float64), sigma=4.0)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_image_knn_scores_are_mean_squared_distances() -> None:
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(30, 16)).astype(np.float32)
+    test = rng.normal(size=(5, 16)).astype(np.float32)
+    index = faiss.IndexFlatL2(16)
+    index.add(train)
+    for k in (1, 7, 30):  # k = number of train images included
+        scores, neighbours = spade.image_knn(index, test, k)
+        expected = reference_knn_distance(test, train, k)
+        np.testing.assert_allclose(scores, expected, rtol=1e-4)
+        brute_order = np.argsort(((test[:, None] - train[None]) ** 2).sum(2), axis=1)[:, :k]
+        np.testing.assert_array_equal(neighbours, brute_order)
+
+
+def test_image_knn_k_above_train_size_is_a_clear_error() -> None:
+    index = faiss.IndexFlatL2(4)
+    index.add(np.zeros((3, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="k=4 .* holds 3"):
+        spade.image_knn(index, np.zeros((1, 4), dtype=np.float32), 4)
+
+
+def test_gather_gallery_flattens_the_selected_images() -> None:
+    bank = torch.arange(4 * 3 * 2, dtype=torch.float16).reshape(4, 3, 2)
+    got = spade.gather_gallery(bank, torch.tensor([2, 0]))
+    assert got.dtype == torch.float32 and got.shape == (6, 2)
+    assert torch.equal(got, torch.cat([bank[2], bank[0]]).float())

@@ -1,0 +1,208 @@
+"""storage.py on a local folder and on a real S3-compatible server (moto)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import TYPE_CHECKING
+
+import boto3
+import pytest
+
+from spade_batch import storage
+
+if TYPE_CHECKING:
+    from conftest import StorageRoot
+
+
+def test_bytes_and_text_round_trip(storage_root: StorageRoot) -> None:
+    data = bytes(range(256)) * 5
+    uri = storage.join(storage_root.base, "deep", "er", "blob.bin")
+    storage.write_bytes(uri, data, storage_root.options)
+    assert storage.read_bytes(uri, storage_root.options) == data
+
+    text = "défaut ▲ 缺陷\nline 2\n"
+    text_uri = storage.join(storage_root.base, "notes.txt")
+    storage.write_text(text_uri, text, storage_root.options)
+    assert storage.read_text(text_uri, storage_root.options) == text
+    assert storage.read_bytes(text_uri, storage_root.options) == text.encode("utf-8")
+
+
+def test_write_replaces_existing_file_and_leaves_no_temp_file(storage_root: StorageRoot) -> None:
+    uri = storage.join(storage_root.base, "run.json")
+    storage.write_text(uri, "old content that is longer than the new one", storage_root.options)
+    storage.write_text(uri, "new", storage_root.options)
+    assert storage.read_text(uri, storage_root.options) == "new"
+    # list_files shows hidden files too, so a leftover ".run.json.*.tmp" would appear here.
+    assert storage.list_files(storage_root.base, options=storage_root.options) == [uri]
+
+
+def test_reader_never_sees_a_partial_file(storage_root: StorageRoot) -> None:
+    uri = storage.join(storage_root.base, "part-00000.parquet")
+    versions = [bytes([i]) * 200_000 for i in range(2)]
+    storage.write_bytes(uri, versions[0], storage_root.options)
+    reads_ok: list[bool] = []
+    done = threading.Event()
+
+    def read_until_done() -> None:
+        while not done.is_set():
+            reads_ok.append(storage.read_bytes(uri, storage_root.options) in versions)
+
+    reader = threading.Thread(target=read_until_done)
+    reader.start()
+    try:
+        for i in range(20):
+            storage.write_bytes(uri, versions[i % 2], storage_root.options)
+    finally:
+        done.set()
+        reader.join()
+    assert reads_ok
+    assert all(reads_ok)
+
+
+def test_failed_local_write_keeps_old_file_and_removes_temp_file(tmp_path) -> None:
+    uri = str(tmp_path / "scores.parquet")
+    storage.write_bytes(uri, b"complete", None)
+    with pytest.raises(TypeError):
+        storage.write_bytes(uri, "not bytes", None)  # type: ignore[arg-type]  # fails after the temp file exists
+    assert storage.read_bytes(uri) == b"complete"
+    assert os.listdir(tmp_path) == ["scores.parquet"]
+
+
+def test_local_write_gives_the_mode_a_plain_open_gives(tmp_path) -> None:
+    reference = tmp_path / "reference"
+    reference.write_bytes(b"x")
+    storage.write_bytes(str(tmp_path / "written"), b"x")
+    assert os.stat(tmp_path / "written").st_mode == os.stat(reference).st_mode
+
+
+def test_local_write_accepts_file_urls_and_relative_paths(tmp_path, monkeypatch) -> None:
+    storage.write_text(f"file://{tmp_path}/a/b.txt", "via url")
+    assert (tmp_path / "a" / "b.txt").read_text() == "via url"
+    monkeypatch.chdir(tmp_path)
+    storage.write_text("rel/c.txt", "relative")
+    assert (tmp_path / "rel" / "c.txt").read_text() == "relative"
+    assert storage.list_files("rel") == [str(tmp_path / "rel" / "c.txt")]
+
+
+@pytest.mark.parametrize(
+    ("base", "parts", "expected"),
+    [
+        ("s3://b/model", ("features", "part-00001.parquet"), "s3://b/model/features/part-00001.parquet"),
+        ("s3://b/model/", ("/features/", "x.png"), "s3://b/model/features/x.png"),
+        ("s3://b", ("a/b", "", "c"), "s3://b/a/b/c"),
+        ("s3://", ("bucket", "key"), "s3://bucket/key"),
+        ("file:///data", ("x.png",), "file:///data/x.png"),
+        ("/data/run", ("masks", "a/b.png"), "/data/run/masks/a/b.png"),
+        ("/", ("data",), "/data"),
+        ("rel/dir/", ("x",), "rel/dir/x"),
+        ("", ("x", "y"), "x/y"),
+        ("/data", (), "/data"),
+    ],
+)
+def test_join(base: str, parts: tuple[str, ...], expected: str) -> None:
+    assert storage.join(base, *parts) == expected
+
+
+@pytest.mark.parametrize(
+    ("uri", "local"),
+    [("/a/b", True), ("rel/b", True), ("file:///a", True), ("s3://b/k", False), ("memory://x", False)],
+)
+def test_is_local(uri: str, local: bool) -> None:
+    assert storage.is_local(uri) is local
+
+
+def test_normalize(tmp_path, monkeypatch) -> None:
+    assert storage.normalize("s3://b/x/") == "s3://b/x"
+    assert storage.normalize(f"{tmp_path}/x/") == f"{tmp_path}/x"
+    monkeypatch.chdir(tmp_path)
+    assert storage.normalize("rel/") == f"{tmp_path}/rel"
+
+
+def test_list_files_is_recursive_sorted_and_filters_suffixes(storage_root: StorageRoot) -> None:
+    names = ["z.png", "a/b/2.png", "a/1.PNG", "3.jpg", "notes.txt", "a/b/c/4.Jpeg"]
+    for name in names:
+        storage.write_bytes(storage.join(storage_root.base, "imgs", name), b"x", storage_root.options)
+    # A sibling whose name extends the prefix is not under it.
+    storage.write_bytes(storage.join(storage_root.base, "imgs2", "0.png"), b"x", storage_root.options)
+
+    def uris(*rel: str) -> list[str]:
+        return [storage.join(storage_root.base, "imgs", r) for r in rel]
+
+    root = storage.join(storage_root.base, "imgs")
+    opts = storage_root.options
+    assert storage.list_files(root, options=opts) == uris(
+        "3.jpg", "a/1.PNG", "a/b/2.png", "a/b/c/4.Jpeg", "notes.txt", "z.png"
+    )
+    assert storage.list_files(root + "/", (".png",), options=opts) == uris("a/1.PNG", "a/b/2.png", "z.png")
+    assert storage.list_files(root, (".JPG", ".jpeg"), options=opts) == uris("3.jpg", "a/b/c/4.Jpeg")
+    assert storage.list_files(storage.join(root, "a", "b"), options=opts) == uris("a/b/2.png", "a/b/c/4.Jpeg")
+    assert storage.list_files(storage.join(storage_root.base, "missing"), options=storage_root.options) == []
+
+
+def test_exists_and_remove(storage_root: StorageRoot) -> None:
+    uri = storage.join(storage_root.base, "d", "e", "f.txt")
+    other = storage.join(storage_root.base, "d", "g.txt")
+    assert not storage.exists(uri, storage_root.options)
+    storage.write_text(uri, "x", storage_root.options)
+    storage.write_text(other, "y", storage_root.options)
+    assert storage.exists(uri, storage_root.options)
+    assert storage.exists(storage.join(storage_root.base, "d"), storage_root.options)
+
+    storage.remove(uri, storage_root.options)
+    assert not storage.exists(uri, storage_root.options)
+    assert storage.exists(other, storage_root.options)
+    storage.remove(uri, storage_root.options)  # already gone: no error
+
+    storage.remove(storage.join(storage_root.base, "d"), storage_root.options, recursive=True)
+    assert not storage.exists(other, storage_root.options)
+    assert storage.list_files(storage_root.base, options=storage_root.options) == []
+
+
+def test_exists_sees_changes_made_by_another_client(s3, s3_bucket: str) -> None:
+    uri = storage.join(s3_bucket, "shard", "part-00003.parquet")
+    storage.write_bytes(uri, b"x", s3.storage_options)
+    assert storage.list_files(s3_bucket, options=s3.storage_options) == [uri]  # fills s3fs's listing cache
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3.endpoint_url,
+        region_name="us-west-2",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    client.delete_object(Bucket=s3_bucket.removeprefix("s3://"), Key="shard/part-00003.parquet")
+    assert not storage.exists(uri, s3.storage_options)
+
+
+def test_missing_file_error_names_the_uri(storage_root: StorageRoot) -> None:
+    uri = storage.join(storage_root.base, "no", "such.png")
+    with pytest.raises(FileNotFoundError, match="such.png") as info:
+        storage.read_bytes(uri, storage_root.options)
+    assert uri in str(info.value)
+    assert info.value.filename == uri
+    if storage_root.options:
+        assert storage_root.options["secret"] not in str(info.value).replace(uri, "")
+
+
+def test_error_messages_mask_passwords_in_uris() -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        storage.read_bytes("memory://user:hunter2@host/x.png")
+    assert "hunter2" not in str(info.value)
+    assert info.value.filename == "memory://***@host/x.png"
+
+
+def test_missing_bucket_errors_name_the_uri(s3) -> None:
+    uri = "s3://no-such-bucket/x/part-00000.parquet"
+    with pytest.raises(FileNotFoundError, match="bucket does not exist") as listing:
+        storage.list_files("s3://no-such-bucket/x", options=s3.storage_options)
+    assert listing.value.filename == "s3://no-such-bucket/x"
+    with pytest.raises(FileNotFoundError, match="bucket does not exist") as writing:
+        storage.write_bytes(uri, b"x", s3.storage_options)
+    assert writing.value.filename == uri
+
+
+def test_invalid_utf8_text_error_names_the_uri(storage_root: StorageRoot) -> None:
+    uri = storage.join(storage_root.base, "latin1.txt")
+    storage.write_bytes(uri, "café".encode("latin-1"), storage_root.options)
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
+        storage.read_text(uri, storage_root.options)
