@@ -53,7 +53,7 @@ class Settings:
     shard_size: int = _key(64, "Images per shard: the unit of work, retry and output.")
     batch_size: int = _key(16, "Images per backbone forward pass inside a task.")
     device: str = _key("auto", "Torch device inside tasks: auto (cuda when the task has a GPU), cpu or cuda.")
-    gpus_per_task: float = _key(1.0, "GPUs each task requests when the cluster has GPUs (fractions share a GPU).")
+    gpus_per_task: float | None = _key(None, "GPUs each task requests; unset: 1 when the cluster has GPUs now, else 0. Set it on autoscaling clusters that start without GPU nodes.")
     cpus_per_task: float = _key(1.0, "CPUs each task requests.")
     chunk_mib: int = _key(16, "Bound on one pixel-distance block, in MiB.")
     save_maps: bool = _key(False, "Also write raw anomaly maps (float16 .npy at the working size) under OUT/maps/.")
@@ -144,12 +144,17 @@ def load_settings(path: str | None = None, overrides: Mapping[str, Any] | None =
 
     Raises ConfigError naming the key for an unknown key, a wrong type or an invalid value.
     """
+    return load_request(path, overrides)[0]
+
+
+def load_request(path: str | None, overrides: Mapping[str, Any] | None) -> tuple[Settings, frozenset[str]]:
+    """load_settings, plus the keys the file and the overrides set explicitly."""
     values: dict[str, Any] = {}
     if path:
         values.update(_check(_read_yaml(path), path))
     values.update(_check(dict(overrides or {}), "command-line options"))
     try:
-        return Settings(**values)
+        return Settings(**values), frozenset(values)
     except ConfigError as error:
         raise ConfigError(f"{error} (from {path or 'defaults'} and command-line options)") from None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -131,8 +132,10 @@ class Scorer:
         self.extractor = extractor
         self.k, self.kappa, self.sigma = settings["k"], settings["kappa"], settings["sigma"]
         self.chunk_bytes = chunk_bytes
-        # Ray hands out read-only numpy views; torch only reads them.
-        self.gallery = [torch.from_numpy(np.asarray(bank)).to(extractor.device) for bank in model.gallery]
+        with warnings.catch_warnings():
+            # Ray hands out read-only views of its object store; torch only reads them.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.gallery = [torch.from_numpy(np.asarray(bank)).to(extractor.device) for bank in model.gallery]
 
     def score(self, images: Sequence[np.ndarray]) -> list[ImageScore]:
         if not images:

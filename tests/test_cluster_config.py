@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shlex
 import tomllib
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import pytest
 import ray
 import ray.autoscaler
 import yaml
+# Private, but the very functions `ray up` runs on a config before it touches a cloud.
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,12 +103,18 @@ def check_nodes_install_spade_batch(config: Config) -> None:
     ]
     node_commands = {"head": prepared["head_setup_commands"]}
     for name, node_type in gpu_worker_types(prepared).items():
-        node_commands[name] = node_type.get("worker_setup_commands", prepared["worker_setup_commands"])
+        # A node type's own worker_setup_commands replace the global ones.
+        node_commands[name] = node_type.get(
+            "worker_setup_commands", prepared["worker_setup_commands"]
+        )
     for node, commands in node_commands.items():
         path, extras, ray_pin = install_target(commands)
-        assert path in mounted, f"{node}: no `pip install -e` of the mounted repository {mounted}"
-        assert extras <= extras_defined.keys(), f"{node}: unknown extras {extras - extras_defined.keys()}"
-        assert ray_pin == ray.__version__, f"{node}: ray pinned to {ray_pin!r}, installed {ray.__version__}"
+        assert path in mounted, f"{node}: no `pip install -e` of the mounted copy {mounted}"
+        unknown = extras - extras_defined.keys()
+        assert not unknown, f"{node}: extras {unknown} are not in pyproject.toml"
+        assert ray_pin == ray.__version__, (
+            f"{node}: ray pinned to {ray_pin!r} but {ray.__version__} is installed here"
+        )
 
 
 def test_cluster_yaml_matches_ray_schema(config: Config, schema: Config) -> None:
@@ -155,55 +163,86 @@ def _set(path: tuple[str, ...], value: Any) -> Callable[[Config], None]:
     return mutate
 
 
+# Where the broken copies below differ from cluster.yaml.
+HEAD = ("available_node_types", "head_cpu")
+WORKER = ("available_node_types", "worker_gpu")
+SETUP = ("setup_commands",)
+MOUNT = "/home/ubuntu/spade-batch"
+RAY_PIN = f"ray[default]=={ray.__version__}"
+
+
 @pytest.mark.parametrize(
     "mutate",
     [
         _set(("no_such_field",), 1),
         _set(("provider",), None),
-        _set(("available_node_types", "worker_gpu", "resources", "GPU"), -1),
-        _set(("available_node_types", "worker_gpu", "node_config"), None),
-        _set(("available_node_types", "worker_gpu", "min_wrokers"), 0),
+        _set((*WORKER, "resources", "GPU"), -1),
+        _set((*WORKER, "node_config"), None),
+        _set((*WORKER, "min_wrokers"), 0),
     ],
     ids=["unknown-top-level-key", "no-provider", "negative-gpu", "no-node-config", "misspelt-key"],
 )
-def test_schema_rejects_broken_config(config: Config, schema: Config, mutate: Callable[[Config], None]) -> None:
+def test_schema_rejects_broken_config(
+    config: Config, schema: Config, mutate: Callable[[Config], None]
+) -> None:
     jsonschema.validate(config, schema)  # the unbroken copy passes
     mutate(config)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(config, schema)
 
 
+INSTALLS = check_nodes_install_spade_batch
+NO_INSTALL = "no `pip install -e`"
+
+
 @pytest.mark.parametrize(
-    ("check", "mutate"),
+    ("check", "mutate", "reason"),
     [
-        (check_head_node_type, _set(("head_node_type",), "missing")),
-        (check_head_node_type, _set(("available_node_types", "head_cpu", "resources", "GPU"), 1)),
-        (check_gpu_workers_autoscale, _set(("available_node_types", "worker_gpu", "resources", "GPU"), None)),
-        (check_gpu_workers_autoscale, _set(("available_node_types", "worker_gpu", "min_workers"), 8)),
-        (check_gpu_workers_autoscale, _set(("max_workers",), 2)),
-        (check_nodes_install_spade_batch, _set(("setup_commands",), ["pip install 'ray[default]==" + ray.__version__ + "'"])),
-        (check_nodes_install_spade_batch, _set(("file_mounts",), {"/home/ubuntu/elsewhere": "."})),
-        (check_nodes_install_spade_batch, _set(("setup_commands",), ["pip install -e '/home/ubuntu/spade-batch[gpu]' ray==" + ray.__version__])),
-        (check_nodes_install_spade_batch, _set(("setup_commands",), ["pip install -e /home/ubuntu/spade-batch ray==0.0.1"])),
-        (check_nodes_install_spade_batch, _set(("available_node_types", "worker_gpu", "worker_setup_commands"), ["true"])),
-    ],
-    ids=[
-        "head-type-not-listed",
-        "head-has-gpu",
-        "no-gpu-worker",
-        "gpu-worker-fixed-size",
-        "global-cap-too-low",
-        "spade-batch-not-installed",
-        "install-path-not-mounted",
-        "unknown-extra",
-        "ray-version-mismatch",
-        "worker-override-skips-install",
+        pytest.param(
+            check_head_node_type, _set(("head_node_type",), "nope"), "must name", id="no-head-type"
+        ),
+        pytest.param(
+            check_head_node_type, _set((*HEAD, "resources", "GPU"), 1), "CPU node", id="head-gpu"
+        ),
+        pytest.param(
+            check_gpu_workers_autoscale, _set((*WORKER, "resources", "GPU"), None), "offers a GPU",
+            id="no-gpu-worker",
+        ),
+        pytest.param(
+            check_gpu_workers_autoscale, _set((*WORKER, "min_workers"), 8), "must exceed",
+            id="fixed-size",
+        ),
+        pytest.param(
+            check_gpu_workers_autoscale, _set(("max_workers",), 2), "caps", id="global-cap"
+        ),
+        pytest.param(
+            INSTALLS, _set(SETUP, [f"pip install {RAY_PIN}"]), NO_INSTALL, id="no-install"
+        ),
+        pytest.param(
+            INSTALLS, _set(("file_mounts",), {"/home/ubuntu/other": "."}), NO_INSTALL,
+            id="install-not-mounted",
+        ),
+        pytest.param(
+            INSTALLS, _set(SETUP, [f"pip install -e '{MOUNT}[gpu]' {RAY_PIN}"]), "not in pyproject",
+            id="unknown-extra",
+        ),
+        pytest.param(
+            INSTALLS, _set(SETUP, [f"pip install -e {MOUNT} ray==0.0.1"]), "ray pinned",
+            id="ray-version",
+        ),
+        pytest.param(
+            INSTALLS, _set((*WORKER, "worker_setup_commands"), ["true"]),
+            f"worker_gpu: {NO_INSTALL}", id="worker-override-skips-install",
+        ),
     ],
 )
 def test_product_checks_reject_broken_config(
-    config: Config, check: Callable[[Config], None], mutate: Callable[[Config], None]
+    config: Config,
+    check: Callable[[Config], None],
+    mutate: Callable[[Config], None],
+    reason: str,
 ) -> None:
     check(config)  # the unbroken copy passes
     mutate(config)
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match=re.escape(reason)):
         check(config)

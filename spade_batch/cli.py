@@ -1,0 +1,126 @@
+"""`spade-batch fit | score | evaluate | demo | make-demo-data | config`: parse arguments, call the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from spade_batch import __version__
+from spade_batch.config import ConfigError, Settings, describe, load_request
+
+log = logging.getLogger("spade_batch")
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per configuration key (--image-size for image_size); each overrides the YAML file."""
+    group = parser.add_argument_group("settings (override the --config file; see `spade-batch config --show`)")
+    group.add_argument("--config", metavar="YAML", help="settings file (local path or URI)")
+    hints = typing.get_type_hints(Settings)
+    for key, _, default, help_text in describe():
+        flag = "--" + key.replace("_", "-")
+        kind = hints[key]
+        if kind is bool:
+            group.add_argument(flag, dest=key, action="store_true", default=None, help=help_text)
+        elif key == "storage_options":
+            group.add_argument(flag, dest=key, type=json.loads, metavar="JSON", help=help_text)
+        else:
+            base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+            group.add_argument(flag, dest=key, type=base, metavar=base.__name__.upper(), help=f"{help_text} [default: {default}]")
+    group.add_argument("--dry-run", action="store_true", help="list what would be processed and where outputs go; compute nothing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spade-batch",
+        description="SPADE anomaly detection on Ray: fit on normal images, score image archives, evaluate.",
+    )
+    parser.add_argument("--version", action="version", version=f"spade-batch {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = commands.add_parser("fit", help="extract features of normal images and build a model")
+    fit.add_argument("--train", required=True, metavar="URI", help="normal images: folder/prefix, glob, or manifest (.txt/.csv/.parquet)")
+    fit.add_argument("--model", required=True, metavar="MODEL_URI", help="where the model artifact is written")
+    _add_settings_flags(fit)
+
+    score = commands.add_parser("score", help="score an image archive: masks, scores table, run.json")
+    score.add_argument("--model", required=True, metavar="MODEL_URI", help="a model written by fit")
+    score.add_argument("--images", required=True, metavar="URI", help="images to score: folder/prefix, glob, or manifest")
+    score.add_argument("--out", required=True, metavar="OUT_URI", help="where masks/, scores/ and run.json are written")
+    _add_settings_flags(score)
+
+    nightly = commands.add_parser("nightly", help="fit if the model is missing, then score today's archive")
+    nightly.add_argument("--train", required=True, metavar="URI", help="normal images, used only when the model is missing")
+    nightly.add_argument("--model", required=True, metavar="MODEL_URI", help="the model; fitted first if missing")
+    nightly.add_argument("--images", required=True, metavar="URI", help="archive to score; {date} becomes the run date (YYYY-MM-DD)")
+    nightly.add_argument("--out", required=True, metavar="OUT_URI", help="output URI; {date} becomes the run date")
+    nightly.add_argument("--date", metavar="YYYY-MM-DD", help="run date [default: today, UTC]")
+    _add_settings_flags(nightly)
+
+    evaluate = commands.add_parser("evaluate", help="score an MVTec-layout test split and report metrics")
+    evaluate.add_argument("--model", required=True, metavar="MODEL_URI", help="a model written by fit")
+    evaluate.add_argument("--data", required=True, metavar="ROOT/CATEGORY", help="an MVTec AD layout category folder")
+    evaluate.add_argument("--out", required=True, metavar="OUT", help="where metrics.json, the report and the scores go")
+    evaluate.add_argument("--original-resolution", action="store_true", help="also compute pixel metrics at each image's original size")
+    _add_settings_flags(evaluate)
+
+    demo = commands.add_parser("demo", help="generate a synthetic dataset, then fit, score and evaluate on a local Ray")
+    demo.add_argument("--out", default="demo-output", metavar="DIR", help="working folder [default: demo-output]")
+    _add_settings_flags(demo)
+
+    data = commands.add_parser("make-demo-data", help="write the synthetic inspection dataset (MVTec layout)")
+    data.add_argument("out", metavar="OUT", help="folder to create")
+    data.add_argument("--seed", type=int, default=0, help="dataset seed [default: 0]")
+
+    config = commands.add_parser("config", help="show the effective configuration or the documented keys")
+    config.add_argument("--show", action="store_true", help="print the effective settings as YAML")
+    config.add_argument("--keys", action="store_true", help="print every key with its type, default and meaning")
+    config.add_argument("--config", metavar="YAML", help="settings file to merge over the defaults")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> tuple[Settings, frozenset[str]]:
+    """Settings from --config and flags, and the keys the user set explicitly."""
+    keys = {spec.name for spec in dataclasses.fields(Settings)}
+    overrides = {key: value for key, value in vars(args).items() if key in keys and value is not None}
+    return load_request(getattr(args, "config", None), overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+        print(f"spade-batch {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from spade_batch import commands
+
+    if args.command == "make-demo-data":
+        from spade_batch.datasets import make_demo_data
+
+        print(make_demo_data(args.out, seed=args.seed))
+        return 0
+    if args.command == "config":
+        return commands.show_config(args.config, args.keys)
+    settings, explicit = settings_from(args)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers: dict[str, Any] = {
+        "fit": lambda: commands.fit(args.train, args.model, settings, args.dry_run),
+        "score": lambda: commands.score(args.model, args.images, args.out, settings, explicit, args.dry_run),
+        "evaluate": lambda: commands.evaluate(args.model, args.data, args.out, settings, explicit, args.original_resolution, args.dry_run),
+        "nightly": lambda: commands.nightly(args.train, args.model, args.images, args.out, args.date, settings, explicit, args.dry_run),
+        "demo": lambda: commands.demo(args.out, settings, explicit, args.dry_run),
+    }
+    return handlers[args.command]()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

