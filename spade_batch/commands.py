@@ -105,6 +105,7 @@ def score(model_uri: str, images: str, out_uri: str, settings: Settings, explici
             ("run summary", storage.join(out_uri, "run.json")),
             ("seconds", f"{summary.seconds:.1f}"),
             ("images/s", f"{summary.images / max(summary.seconds, 1e-9):.2f}"),
+            ("worker peak RSS (MiB)", f"{summary.worker_peak_rss_mib:.0f}" if summary.worker_peak_rss_mib else "n/a (all resumed)"),
         ],
     )
     for failure in summary.failures[:10]:

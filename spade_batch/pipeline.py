@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import posixpath
+import resource
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -75,17 +77,52 @@ def batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 def run_tasks(remote_function: Any, calls: Sequence[tuple[tuple[Any, ...], int]], settings: Settings, description: str) -> list[Any]:
-    """Run remote_function(*args) for each (args, image count); a progress bar counts images; results in call order."""
+    """Run remote_function(*args) for each (args, image count), showing progress in images; results in call order.
+
+    A terminal gets a progress bar; logs (e.g. `ray job logs`) get a line at most every 30 s.
+    """
     task = remote_function.options(**task_options(settings))
     pending = {task.remote(*args): (position, count) for position, (args, count) in enumerate(calls)}
     results: list[Any] = [None] * len(calls)
-    with tqdm(total=sum(count for _, count in calls), desc=description, unit="img", disable=None) as bar:
+    progress = Progress(description, sum(count for _, count in calls), len(calls))
+    with progress:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             position, count = pending.pop(done[0])
             results[position] = ray.get(done[0])
-            bar.update(count)
+            progress.advance(count)
     return results
+
+
+class Progress:
+    """Images and shards done: a tqdm bar on a terminal, periodic log lines otherwise."""
+
+    def __init__(self, description: str, images: int, shards: int, log_every_s: float = 30.0):
+        self.description, self.images, self.shards = description, images, shards
+        self.done_images = self.done_shards = 0
+        self.started = self.logged = time.monotonic()
+        self.log_every_s = log_every_s
+        self.bar = tqdm(total=images, desc=description, unit="img") if sys.stderr.isatty() else None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def advance(self, images: int) -> None:
+        self.done_images += images
+        self.done_shards += 1
+        if self.bar is not None:
+            self.bar.update(images)
+        elif time.monotonic() - self.logged >= self.log_every_s or self.done_shards == self.shards:
+            self.logged = time.monotonic()
+            rate = self.done_images / max(self.logged - self.started, 1e-9)
+            log.info(
+                "%s: %d/%d shards, %d/%d images, %.2f images/s",
+                self.description, self.done_shards, self.shards, self.done_images, self.images, rate,
+            )
 
 
 # ---------------------------------------------------------------- fit
@@ -230,13 +267,13 @@ def _write_outputs(
     from spade_batch.report import mask_png, overlay
 
     options = settings.fsspec_options()
-    height, width = image.shape[:2]
+    height, width = image.shape[:2] if settings.preprocess == "full" else result.anomaly_map.shape
     full_map = resize_map(result.anomaly_map, height, width)
     mask = _mask(full_map, thresholds.pixel)
     storage.write_bytes(outputs.mask(image_id), mask_png(mask), options)
     if settings.save_maps:
         storage.write_bytes(outputs.map(image_id), _npy(result.anomaly_map.astype(np.float16)), options)
-    if settings.save_overlays:
+    if settings.save_overlays and settings.preprocess == "full":
         high = thresholds.pixel * 2 if thresholds.pixel is not None else float(full_map.max())
         storage.write_bytes(outputs.overlay(image_id), _png(overlay(image, full_map, 0.0, high)), options)
     fraction = float((mask > 0).mean()) if thresholds.pixel is not None else None
@@ -262,7 +299,8 @@ def _png(image: np.ndarray) -> bytes:
 
 
 @ray.remote
-def _score_shard(shard: Manifest, part_uri: str, model: SpadeModel, settings: Settings, outputs: Outputs) -> None:
+def _score_shard(shard: Manifest, part_uri: str, model: SpadeModel, settings: Settings, outputs: Outputs) -> float:
+    """Score one shard; returns the worker process's peak resident memory so far, in MiB."""
     options = settings.fsspec_options()
     scorer = Scorer(model, Extractor(settings, options), settings.chunk_mib * 2**20)
     thresholds = Thresholds.of(model, settings)
@@ -291,6 +329,7 @@ def _score_shard(shard: Manifest, part_uri: str, model: SpadeModel, settings: Se
                 )
             )
     write_scores(part_uri, rows, options)  # last: its presence marks the shard complete
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass
@@ -309,6 +348,7 @@ class ScoreSummary:
     failures: list[dict[str, str]]
     versions: dict[str, str]
     settings: dict[str, Any]
+    worker_peak_rss_mib: float | None = None
 
 
 def check_inputs(outputs: Outputs, inputs: dict[str, Any], settings: Settings) -> None:
@@ -335,10 +375,7 @@ def run_score(model_uri: str, images_source: str, out_uri: str, settings: Settin
     model.card.check_compatible(settings, explicit)
     settings = settings.replace(**model.card.settings)
     if settings.preprocess != "full":
-        raise ValueError(
-            f"model {model_uri} uses '{settings.preprocess}' preprocessing, which leaves the image border unscored; "
-            "masks at the original resolution need a model fitted with preprocess: full"
-        )
+        log.warning("score: '%s' preprocessing leaves the image border unscored; masks are written at the working size", settings.preprocess)
     manifest = build_manifest(images_source, options)
     outputs = Outputs(out_uri)
     thresholds = Thresholds.of(model, settings)
@@ -357,8 +394,9 @@ def run_score(model_uri: str, images_source: str, out_uri: str, settings: Settin
         if not storage.exists(outputs.scores_part(index), options)
     ]
     log.info("score: %d images, %d shards, %d to score -> %s", len(manifest), len(shards), len(calls), out_uri)
-    run_tasks(_score_shard, calls, settings, "score")
+    peak_rss_mib = run_tasks(_score_shard, calls, settings, "score")
     summary = _summarise(model_uri, manifest, len(shards), len(shards) - len(calls), thresholds, outputs, settings, started)
+    summary.worker_peak_rss_mib = max(peak_rss_mib, default=None)
     storage.write_text(outputs.run_json, json.dumps(asdict(summary), indent=2), options)
     return summary
 
@@ -382,7 +420,8 @@ def _summarise(
         anomalous=None if thresholds.image is None else sum(bool(flag) for flag in flags),
         shards=shards,
         shards_resumed=resumed,
-        mask_kind="binary" if thresholds.pixel is not None else "scaled_map_per_image (no pixel threshold known)",
+        mask_kind=("binary" if thresholds.pixel is not None else "scaled_map_per_image (no pixel threshold known)")
+        + ("" if settings.preprocess == "full" else f", at the working size ({settings.preprocess} preprocessing)"),
         thresholds=asdict(thresholds),
         seconds=time.perf_counter() - started,
         failures=failures[:1000],

@@ -1,0 +1,74 @@
+"""Fit and score throughput of the Ray pipeline, against the in-process API on the same images.
+
+Generates the synthetic dataset, then times (in one run, same machine):
+  baseline: spade_batch.detector fit + score in this process (no Ray, no storage);
+  pipeline: run_fit + run_score on a local Ray with local storage (decode, shards, Parquet, masks).
+Prints images/s for each, their ratio, and the peak resident memory of a scoring worker.
+
+    python benchmarks/pipeline_throughput.py [--backbone resnet18] [--weights random] [--image-size 128] [--k 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from spade_batch.config import Settings
+from spade_batch.datasets import make_demo_data
+from spade_batch.detector import fit, score
+from spade_batch.images import decode_image
+from spade_batch.pipeline import init_ray, run_fit, run_score
+
+
+def load(paths: list[str]) -> list[np.ndarray]:
+    return [decode_image(open(path, "rb").read(), path) for path in paths]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--weights", default="random")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--train", type=int, default=60)
+    parser.add_argument("--test-per-defect", type=int, default=10)
+    parser.add_argument("--shard-size", type=int, default=16)
+    args = parser.parse_args()
+    settings = Settings(
+        backbone=args.backbone, weights=args.weights, image_size=args.image_size, k=args.k,
+        shard_size=args.shard_size, batch_size=8, calibration_fraction=0.0,
+    )
+    work = tempfile.mkdtemp(prefix="spade-bench-")
+    root = make_demo_data(work, n_train=args.train, n_test_good=args.test_per_defect, n_test_per_defect=args.test_per_defect)
+    train_paths = sorted(glob.glob(os.path.join(root, "train", "good", "*.png")))
+    test_paths = sorted(glob.glob(os.path.join(root, "test", "*", "*.png")))
+    print(f"config: {args.backbone} ({args.weights}) {args.image_size}px K={args.k}, {len(train_paths)} train, "
+          f"{len(test_paths)} test images, shard {args.shard_size}, {os.cpu_count()} CPUs")
+
+    start = time.perf_counter()
+    model = fit(load(train_paths), settings)
+    fit_base = len(train_paths) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    score(model, load(test_paths), settings)
+    score_base = len(test_paths) / (time.perf_counter() - start)
+
+    init_ray(None)  # started before timing: Ray's start-up is not per-image cost
+    start = time.perf_counter()
+    run_fit(os.path.join(root, "train"), os.path.join(work, "model"), settings)
+    fit_pipe = len(train_paths) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    summary = run_score(os.path.join(work, "model"), os.path.join(root, "test"), os.path.join(work, "out"), settings)
+    score_pipe = len(test_paths) / (time.perf_counter() - start)
+
+    print(f"fit:   in-process {fit_base:7.2f} img/s   pipeline {fit_pipe:7.2f} img/s   ratio {fit_pipe / fit_base:.2f}")
+    print(f"score: in-process {score_base:7.2f} img/s   pipeline {score_pipe:7.2f} img/s   ratio {score_pipe / score_base:.2f}")
+    print(f"scoring worker peak RSS: {summary.worker_peak_rss_mib:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
