@@ -26,7 +26,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + key.replace("_", "-")
         kind = hints[key]
         if kind is bool:
-            group.add_argument(flag, dest=key, action="store_true", default=None, help=help_text)
+            # --no-<flag> too, so a command line can turn off what the YAML file turns on.
+            group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=help_text)
         elif key == "storage_options":
             group.add_argument(flag, dest=key, type=json.loads, metavar="JSON", help=help_text)
         else:

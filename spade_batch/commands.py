@@ -158,10 +158,14 @@ def demo(out: str, settings: Settings, explicit: frozenset[str], dry_run: bool =
     from spade_batch.datasets import make_demo_data
 
     data = storage.join(out, "data", "tiles")
+    model_uri = storage.join(out, "model")
     if not storage.exists(data):
+        if dry_run:
+            outputs = [storage.join(out, name) for name in ("data/", "model/", "scores/", "evaluation/")]
+            print_table("dry run: nothing computed or written", [("writes", uri) for uri in outputs])
+            return 0
         make_demo_data(storage.join(out, "data"))
     demo_settings = settings.replace(**{key: value for key, value in DEMO_SETTINGS.items() if key not in explicit})
-    model_uri = storage.join(out, "model")
     steps = [
         lambda: fit(storage.join(data, "train"), model_uri, demo_settings.replace(overwrite=True), dry_run),
         lambda: score(model_uri, storage.join(data, "test"), storage.join(out, "scores"), demo_settings.replace(overwrite=True), frozenset(), dry_run),

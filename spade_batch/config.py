@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -108,8 +109,11 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"{key}: must be at least 1, got {getattr(settings, key)}")
     if settings.image_size < 32:
         raise ConfigError(f"image_size: must be at least 32 pixels, got {settings.image_size}")
-    if settings.sigma < 0:
-        raise ConfigError(f"sigma: must be >= 0, got {settings.sigma}")
+    if not 0 <= settings.sigma < math.inf:
+        raise ConfigError(f"sigma: must be a finite number >= 0, got {settings.sigma}")
+    for key in ("ivf_lists", "cpus_per_task", "gpus_per_task"):
+        if getattr(settings, key) is not None and getattr(settings, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {getattr(settings, key)}")
     if not 0 <= settings.calibration_fraction < 1:
         raise ConfigError(f"calibration_fraction: must be in [0, 1), got {settings.calibration_fraction}")
     if not 0 < settings.image_fpr < 1:
@@ -167,7 +171,11 @@ def _read_yaml(path: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        # One line: PyYAML's message spans several, with a caret drawing.
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

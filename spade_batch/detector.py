@@ -172,6 +172,6 @@ def fit(
 
 
 def score(model: SpadeModel, images: Sequence[np.ndarray], settings: Settings | None = None) -> list[ImageScore]:
-    """Score H x W x 3 uint8 images; settings (device, batch size) default to the model's own."""
-    settings = settings or Settings(**model.card.settings)
+    """Score H x W x 3 uint8 images; settings give the device and batch size, the model keys are the model's own."""
+    settings = (settings or Settings()).replace(**model.card.settings)
     return Scorer(model, Extractor(settings), settings.chunk_mib * 2**20).score(images)

@@ -124,19 +124,22 @@ def from_arrow(table: pa.Table) -> FeatureTable:
         uris=table.column("uri").to_pylist(),
         heights=table.column("height").to_numpy(),
         widths=table.column("width").to_numpy(),
-        global_features=_values(table, "global", np.float32).reshape(count, metadata["global_dim"]),
-        layers=[
-            _values(table, s.name, np.float16).reshape(count, s.height * s.width, s.channels) for s in shapes
-        ],
+        global_features=_values(table, "global", np.float32, metadata["global_dim"]),
+        layers=[_values(table, s.name, np.float16, s.size).reshape(count, s.height * s.width, s.channels) for s in shapes],
         layer_shapes=shapes,
         errors=table.column("error").to_pylist(),
     )
 
 
-def _values(table: pa.Table, name: str, dtype: type) -> np.ndarray:
+def _values(table: pa.Table, name: str, dtype: type, width: int) -> np.ndarray:
+    """N x width array of a fixed-size-list column; null rows (failed images) are zero."""
     column = table.column(name).combine_chunks()
-    # Null rows keep their (zero) child values in a fixed-size list, so the flat buffer stays aligned.
-    return np.asarray(column.values.to_numpy(zero_copy_only=False), dtype=dtype)
+    # flatten() holds the non-null rows only, from the array's offset on (`.values` ignores both, and a
+    # Parquet round trip turns the child values of null rows into nulls, i.e. NaN).
+    values = np.zeros((len(column), width), dtype=dtype)
+    valid = ~column.is_null().to_numpy(zero_copy_only=False)
+    values[valid] = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, width)
+    return values
 
 
 def write_features(uri: str, features: FeatureTable, options: storage.StorageOptions = None) -> None:

@@ -123,19 +123,26 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def build_index(global_features: np.ndarray, kind: str = "flat", lists: int = 0, seed: int = 0) -> faiss.Index:
-    """Squared-L2 faiss index over N x D float32 features: exact (flat) or IVF (approximate)."""
+def build_index(global_features: np.ndarray, kind: str = "flat", lists: int = 0, seed: int = 0, k: int = 1) -> faiss.Index:
+    """Squared-L2 faiss index over N x D float32 features: exact (flat) or IVF (approximate).
+
+    An IVF index probes a quarter of its lists, and always enough lists that any query finds k
+    vectors (faiss pads a short result with id -1).
+    """
     vectors = np.ascontiguousarray(global_features, dtype=np.float32)
     count, dim = vectors.shape
     if kind == "flat":
         index = faiss.IndexFlatL2(dim)
-    else:
-        lists = lists or max(1, min(count // 39, int(4 * math.sqrt(count))))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, lists, faiss.METRIC_L2)
-        index.cp.seed = seed
-        index.train(vectors)
-        index.nprobe = max(1, lists // 4)
+        index.add(vectors)
+        return index
+    lists = lists or max(1, min(count // 39, int(4 * math.sqrt(count))))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, lists, faiss.METRIC_L2)
+    index.cp.seed = seed
+    index.train(vectors)
     index.add(vectors)
+    smallest_first = np.cumsum(np.sort([index.invlists.list_size(i) for i in range(lists)]))
+    covering = int(np.searchsorted(smallest_first, k)) + 1  # no `covering` lists together hold fewer than k
+    index.nprobe = min(lists, max(1, lists // 4, covering))
     return index
 
 
@@ -165,5 +172,5 @@ def build_model(
             {"id": i, "error": e} for i, e in zip(features.ids, features.errors) if e is not None
         ],
     )
-    index = build_index(valid.global_features, settings.index, settings.ivf_lists, settings.seed)
+    index = build_index(valid.global_features, settings.index, settings.ivf_lists, settings.seed, settings.k)
     return SpadeModel(card=card, train_ids=valid.ids, index=index, gallery=valid.layers)

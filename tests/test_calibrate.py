@@ -1,0 +1,126 @@
+"""Thresholds from normal data: measured false-positive rates, quantiles, pixel samples, the hold-out."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from spade_batch.calibrate import (
+    PIXEL_SAMPLE,
+    calibrate,
+    calibrate_from_samples,
+    image_threshold,
+    is_held_out,
+    pixel_sample,
+    pixel_threshold,
+)
+from spade_batch.config import Settings
+from spade_batch.detector import ImageScore
+from spade_batch.features import FeatureTable, LayerShape
+from spade_batch.model import build_model
+
+NORMAL_SCORES = stats.chi2(df=8)  # a skewed, positive stand-in for normal images' kNN scores
+
+
+@pytest.mark.parametrize("target", [0.05, 0.01])
+def test_image_threshold_gives_the_target_false_positive_rate_on_fresh_normals(target):
+    rng = np.random.default_rng(0)
+    calibration, held_out = NORMAL_SCORES.rvs(4000, random_state=rng), NORMAL_SCORES.rvs(20000, random_state=rng)
+    threshold = image_threshold(calibration, target)
+    measured = float(np.mean(held_out > threshold))
+    exact = float(NORMAL_SCORES.sf(threshold))  # the threshold's true false-positive rate
+    # The threshold's FPR varies with the calibration draw (binomial SE over 4000); the measured one
+    # adds the held-out draw's SE (over 20000). 4 standard errors each.
+    se_calibration = math.sqrt(target * (1 - target) / 4000)
+    se_measured = math.sqrt(se_calibration**2 + target * (1 - target) / 20000)
+    print(f"target {target}: threshold {threshold:.3f}, true FPR {exact:.4f}, measured {measured:.4f} (4 SE = {4 * se_measured:.4f})")
+    assert abs(exact - target) < 4 * se_calibration
+    assert abs(measured - target) < 4 * se_measured
+    # On the calibration scores themselves, at most target of them lie above ("higher" quantile).
+    assert np.mean(calibration > threshold) <= target <= np.mean(calibration >= threshold)
+
+
+def test_image_threshold_on_few_scores_is_the_conservative_order_statistic():
+    scores = np.array([3.0, 1.0, 2.0, 5.0, 4.0])
+    # A fresh normal score exceeds the j-th smallest of 5 with probability (6 - j) / 6: the 5th gives
+    # 1/6 <= 0.2 (the 4th would give 1/3), the 3rd gives 1/2 <= 0.5.
+    assert image_threshold(scores, 0.2) == 5.0
+    assert image_threshold(scores, 0.5) == 3.0
+    assert image_threshold(scores, 0.01) == 5.0
+
+
+def test_no_calibration_data_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"calibration_fraction > 0"):
+        image_threshold(np.array([]), 0.05)
+    with pytest.raises(ValueError, match=r"calibration_fraction > 0"):
+        pixel_threshold([], 0.99)
+
+
+def test_pixel_threshold_is_the_quantile_of_all_samples():
+    rng = np.random.default_rng(1)
+    samples = [rng.gamma(2.0, size=n).astype(np.float32) for n in (1000, 37, 4096)]
+    values = np.concatenate(samples)
+    for quantile in (0.5, 0.99, 0.999):
+        threshold = pixel_threshold(samples, quantile)
+        assert threshold in values
+        assert np.mean(values > threshold) <= 1 - quantile < np.mean(values >= threshold)
+
+
+@pytest.mark.parametrize(("shape", "stride"), [((10, 10), 1), ((64, 64), 1), ((65, 65), 2), ((1000, 1000), 245), ((224, 224), 13)])
+def test_pixel_sample_is_bounded_evenly_strided_and_deterministic(shape, stride):
+    anomaly_map = np.random.default_rng(2).random(shape, dtype=np.float32).astype(np.float16)
+    sample = pixel_sample(anomaly_map)
+    assert sample.dtype == np.float32
+    assert sample.size <= PIXEL_SAMPLE
+    assert sample.size == math.ceil(anomaly_map.size / stride)
+    np.testing.assert_array_equal(sample, anomaly_map.reshape(-1)[::stride].astype(np.float32))
+    np.testing.assert_array_equal(pixel_sample(anomaly_map), sample)
+
+
+def test_is_held_out_is_deterministic_stable_and_near_the_fraction():
+    ids = [f"good/{i:05d}.png" for i in range(10000)]
+    held = [is_held_out(i, 0.1) for i in ids]
+    assert held == [is_held_out(i, 0.1) for i in ids]
+    # Adding other images changes nothing for these, in any order.
+    more = [f"extra/{i}.png" for i in range(500)] + ids[::-1]
+    assert [is_held_out(i, 0.1) for i in more][500:] == held[::-1]
+    # Binomial SE over 10000 ids is 0.003; allow 4 SE.
+    assert abs(np.mean(held) - 0.1) < 4 * math.sqrt(0.1 * 0.9 / 10000)
+    # Another seed holds out another set of about the same size.
+    other = [is_held_out(i, 0.1, seed=1) for i in ids]
+    assert other != held and abs(np.mean(other) - 0.1) < 0.012
+    # A larger fraction holds out a superset; 0 holds out nothing.
+    assert all(is_held_out(i, 0.3) for i, h in zip(ids, held) if h)
+    assert not any(is_held_out(i, 0.0) for i in ids)
+
+
+def tiny_model():
+    shape = LayerShape("layer1", 2, 2, 3)
+    rng = np.random.default_rng(3)
+    features = FeatureTable(
+        ids=["a", "b", "c"], uris=["a", "b", "c"], heights=np.full(3, 32, np.int32), widths=np.full(3, 32, np.int32),
+        global_features=rng.standard_normal((3, 4)).astype(np.float32),
+        layers=[rng.standard_normal((3, 4, 3)).astype(np.float16)], layer_shapes=[shape], errors=[None] * 3,
+    )
+    settings = Settings(backbone="resnet18", weights="random", k=2)
+    return build_model(features, settings, {}, "sha256:0", "0")
+
+
+def test_calibrate_sets_the_model_thresholds_from_results():
+    rng = np.random.default_rng(4)
+    results = [ImageScore(float(s), np.array([0, 1]), rng.random((80, 80), dtype=np.float32)) for s in rng.random(50)]
+    settings = Settings(image_fpr=0.1, pixel_quantile=0.99)
+    model = tiny_model()
+    calibrated = calibrate(model, results, settings)
+    scores = np.array([r.score for r in results])
+    samples = [pixel_sample(r.anomaly_map) for r in results]
+    assert calibrated.card.thresholds == {"image": image_threshold(scores, 0.1), "pixel": pixel_threshold(samples, 0.99)}
+    assert calibrated.card.calibration["count"] == 50
+    assert calibrated.card.calibration["image_fpr"] == 0.1
+    assert model.card.thresholds == {"image": None, "pixel": None}  # the input model is unchanged
+    assert calibrated.train_ids == model.train_ids and calibrated.index is model.index
+    direct = calibrate_from_samples(model, scores, samples, settings)
+    assert direct.card.thresholds == calibrated.card.thresholds

@@ -1,0 +1,254 @@
+"""The command line: a flag per setting, config --show, errors, dry runs, the README reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from spade_batch import cli
+from spade_batch.config import Settings, load_settings
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SETTINGS_COMMANDS = ("fit", "score", "evaluate", "nightly", "demo")
+REQUIRED = {
+    "fit": ["--train", "t", "--model", "m"],
+    "score": ["--model", "m", "--images", "i", "--out", "o"],
+    "evaluate": ["--model", "m", "--data", "d", "--out", "o"],
+    "nightly": ["--train", "t", "--model", "m", "--images", "i", "--out", "o"],
+    "demo": [],
+}
+# A valid non-default value for every key; the test below fails when a key is added without one.
+NON_DEFAULTS = {
+    "backbone": "resnet18",
+    "weights": "random",
+    "seed": 3,
+    "image_size": 64,
+    "preprocess": "paper",
+    "k": 4,
+    "kappa": 2,
+    "sigma": 1.5,
+    "index": "ivf",
+    "ivf_lists": 8,
+    "calibration_fraction": 0.25,
+    "image_fpr": 0.05,
+    "pixel_quantile": 0.99,
+    "image_threshold": 1.25,
+    "pixel_threshold": 0.5,
+    "shard_size": 3,
+    "batch_size": 2,
+    "device": "cpu",
+    "gpus_per_task": 0.5,
+    "cpus_per_task": 2.0,
+    "chunk_mib": 4,
+    "save_maps": True,
+    "save_overlays": True,
+    "overwrite": True,
+    "endpoint_url": "http://127.0.0.1:9000",
+    "storage_options": {"anon": True},
+    "ray_address": "ray://head:10001",
+    "log_level": "DEBUG",
+}
+
+
+def flags(values: dict) -> list[str]:
+    argv = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return argv
+
+
+def test_non_default_values_cover_every_key_and_differ_from_defaults():
+    defaults = Settings()
+    assert set(NON_DEFAULTS) == {spec.name for spec in dataclasses.fields(Settings)}
+    assert all(getattr(defaults, key) != value for key, value in NON_DEFAULTS.items())
+
+
+@pytest.mark.parametrize("command", SETTINGS_COMMANDS)
+def test_every_setting_has_a_flag(command):
+    args = cli.build_parser().parse_args([command, *REQUIRED[command], *flags(NON_DEFAULTS)])
+    settings, explicit = cli.settings_from(args)
+    assert settings == Settings(**NON_DEFAULTS)
+    assert explicit == set(NON_DEFAULTS)
+
+
+def test_flags_override_the_config_file_and_no_flag_turns_a_file_bool_off(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("k: 9\nsigma: 2\nsave_overlays: true\nsave_maps: true\n")
+    args = cli.build_parser().parse_args(["score", *REQUIRED["score"], "--config", str(path), "--k", "5", "--no-save-overlays"])
+    settings, explicit = cli.settings_from(args)
+    assert (settings.k, settings.sigma, settings.save_overlays, settings.save_maps) == (5, 2.0, False, True)
+    assert explicit == {"k", "sigma", "save_overlays", "save_maps"}
+
+
+def test_unset_flags_are_not_explicit():
+    settings, explicit = cli.settings_from(cli.build_parser().parse_args(["fit", *REQUIRED["fit"]]))
+    assert settings == Settings() and explicit == frozenset()
+
+
+def test_config_show_prints_yaml_that_loads_back(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text("backbone: resnet18\nk: 7\nsigma: 3\nimage_threshold: 0.5\nsave_maps: true\nendpoint_url: http://x:9000\n")
+    assert cli.main(["config", "--show", "--config", str(path)]) == 0
+    shown = tmp_path / "shown.yaml"
+    shown.write_text(capsys.readouterr().out)
+    assert load_settings(str(shown)) == load_settings(str(path))
+    assert load_settings(str(shown)) != Settings()
+
+
+def test_config_show_never_prints_storage_credentials(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text("storage_options: {key: AKIASECRET, secret: hunter2}\n")
+    assert cli.main(["config", "--show", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "AKIASECRET" not in out and "hunter2" not in out
+    assert yaml.safe_load(out)["storage_options"] == {"key": "***", "secret": "***"}
+
+
+def test_config_keys_lists_every_key(capsys):
+    assert cli.main(["config", "--keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" ")[0] for line in lines] == [spec.name for spec in dataclasses.fields(Settings)]
+
+
+def test_unknown_config_key_is_one_line_on_stderr(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text("k: 5\nnum_neighbours: 5\n")
+    code = cli.main(["fit", *REQUIRED["fit"], "--config", str(path), "--dry-run"])
+    captured = capsys.readouterr()
+    assert code != 0
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "num_neighbours" in lines[0] and str(path) in lines[0]
+    assert captured.out == ""
+
+
+def test_bad_flag_value_is_one_line_on_stderr(capsys):
+    assert cli.main(["fit", *REQUIRED["fit"], "--preprocess", "crop", "--dry-run"]) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "preprocess" in lines[0] and "crop" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["fit", "--model", "m"], ["score", "--model", "m", "--images", "i"], ["evaluate", "--model", "m"], ["make-demo-data"]],
+)
+def test_missing_required_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert "required" in capsys.readouterr().err
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> pathlib.Path:
+    """Five real RGB PNGs in two subfolders."""
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for name in ("a/1.png", "a/2.png", "b/3.png", "b/4.png", "b/5.png"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def table(out: str) -> dict[str, list[str]]:
+    rows: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        name, _, value = line.partition("  ")
+        if value:
+            rows.setdefault(name.strip(), []).append(value.strip())
+    return rows
+
+
+def test_fit_dry_run_lists_the_images_and_writes_nothing(image_folder, tmp_path, capsys):
+    model = tmp_path / "model"
+    assert cli.main(["fit", "--train", str(image_folder), "--model", str(model), "--shard-size", "2", "--dry-run"]) == 0
+    rows = table(capsys.readouterr().out)
+    assert rows["images"] == ["5"]
+    assert rows["shards"] == ["3 of up to 2 images"]
+    assert rows["first image"] == ["a/1.png"] and rows["last image"] == ["b/5.png"]
+    assert any(uri.endswith("spade.json") for uri in rows["writes"])
+    assert not model.exists()
+
+
+def test_score_dry_run_lists_the_images_and_writes_nothing(image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["score", "--model", str(tmp_path / "model"), "--images", str(image_folder), "--out", str(out), "--dry-run"]
+    assert cli.main(argv) == 0
+    rows = table(capsys.readouterr().out)
+    assert rows["images"] == ["5"] and rows["shards"] == ["1 of up to 64 images"]
+    assert {uri.rstrip("/").rsplit("/", 1)[-1] for uri in rows["writes"]} == {"masks", "scores", "run.json"}
+    assert not out.exists()
+
+
+def test_demo_dry_run_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--dry-run"]) == 0
+    assert "dry run" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_missing_image_source_is_a_one_line_error(tmp_path, capsys):
+    missing = tmp_path / "no-such-folder"
+    assert cli.main(["fit", "--train", str(missing), "--model", str(tmp_path / "m"), "--dry-run"]) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0]
+    assert not (tmp_path / "m").exists()
+
+
+def load_reference_script():
+    spec = importlib.util.spec_from_file_location("cli_reference", REPO / "scripts" / "cli_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reference_script_covers_every_command(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")  # the script sets it; restored after the test
+    reference = load_reference_script().reference()
+    for command in (*SETTINGS_COMMANDS, "make-demo-data", "config"):
+        assert f"### spade-batch {command}\n\n```\nusage: spade-batch {command} " in reference
+    assert "--image-size INT" in reference
+    assert max(len(line) for line in reference.splitlines()) <= 100
+
+
+def readme_section(text: str, heading: str) -> str | None:
+    """From the `heading` line up to the next level-2 heading (or the end), fences respected."""
+    lines = text.splitlines(keepends=True)
+    if heading + "\n" not in lines:
+        return None
+    start = lines.index(heading + "\n")
+    end, fenced = len(lines), False
+    for i in range(start + 1, len(lines)):
+        fenced ^= lines[i].startswith("```")
+        if not fenced and lines[i].startswith("## "):
+            end = i
+            break
+    return "".join(lines[start:end]).rstrip("\n") + "\n"
+
+
+def test_readme_section_is_cut_at_the_next_heading_outside_fences():
+    section = "## Command-line reference\n\n### spade-batch x\n\n```\n## not a heading\n```\n"
+    text = "# title\n\n## Quick start\n\nrun it\n\n" + section + "\n## Limitations\n\nsome\n"
+    assert readme_section(text, "## Command-line reference") == section
+    assert readme_section(text + section.replace("x", "y"), "## Limitations") == "## Limitations\n\nsome\n"
+    assert readme_section("# title\n", "## Command-line reference") is None
+
+
+def test_readme_command_line_reference_is_current(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    script = load_reference_script()
+    readme = (REPO / "README.md").read_text()
+    section = readme_section(readme, script.HEADING)
+    advice = "regenerate it: python scripts/cli_reference.py, and paste the output over the section in README.md"
+    assert section is not None, f"README.md has no '{script.HEADING}' section; {advice}"
+    assert section == script.reference().rstrip("\n") + "\n", f"README.md's command-line reference is stale; {advice}"

@@ -1,0 +1,170 @@
+"""Settings: YAML file + overrides, validation errors that name the key, storage options, redaction."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import pytest
+import yaml
+
+from spade_batch.config import MODEL_KEYS, ConfigError, Settings, describe, load_request, load_settings
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def write_yaml(tmp_path: pathlib.Path, text: str) -> str:
+    path = tmp_path / "settings.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_are_the_papers():
+    settings = load_settings()
+    assert (settings.backbone, settings.weights, settings.k, settings.kappa, settings.sigma) == (
+        "wide_resnet50_2", "imagenet", 50, 1, 4.0
+    )
+    assert (settings.image_size, settings.preprocess) == (224, "full")
+
+
+def test_file_values_are_read_and_overrides_win(tmp_path):
+    path = write_yaml(tmp_path, "k: 7\nsigma: 2.5\nbackbone: resnet18\nsave_maps: true\n")
+    settings, explicit = load_request(path, {"k": 3, "device": "cpu"})
+    assert (settings.k, settings.sigma, settings.backbone, settings.save_maps, settings.device) == (3, 2.5, "resnet18", True, "cpu")
+    assert explicit == {"k", "sigma", "backbone", "save_maps", "device"}
+
+
+def test_no_file_no_overrides_sets_no_explicit_keys(tmp_path):
+    assert load_request(None, None) == (Settings(), frozenset())
+    assert load_request(write_yaml(tmp_path, ""), None) == (Settings(), frozenset())
+
+
+def test_ints_are_accepted_for_floats(tmp_path):
+    settings = load_settings(write_yaml(tmp_path, "sigma: 3\nimage_threshold: 2\ncpus_per_task: 2\n"))
+    assert settings.sigma == 3.0 and isinstance(settings.sigma, float)
+    assert settings.image_threshold == 2.0 and isinstance(settings.image_threshold, float)
+    assert isinstance(settings.cpus_per_task, float)
+
+
+def test_null_is_accepted_for_optional_keys(tmp_path):
+    assert load_settings(write_yaml(tmp_path, "gpus_per_task: null\nendpoint_url: null\n")) == Settings()
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("bogus_key: 1\n", ["bogus_key", "unknown key", "settings.yaml"]),
+        ('k: "fifty"\n', ["k in", "settings.yaml", "expected int", "fifty"]),
+        ("k: 2.5\n", ["k in", "expected int"]),
+        ("k: true\n", ["k in", "expected int"]),  # a YAML bool is not an int
+        ("save_maps: 1\n", ["save_maps", "expected bool"]),
+        ("storage_options: [1, 2]\n", ["storage_options", "expected dict"]),
+        ("backbone: null\n", ["backbone", "expected str"]),
+        ("preprocess: crop\n", ["preprocess", "crop", "full, paper"]),
+        ("calibration_fraction: 1.5\n", ["calibration_fraction", "1.5"]),
+        ("image_fpr: 0\n", ["image_fpr"]),
+        ("pixel_quantile: 1\n", ["pixel_quantile"]),
+        ("k: 0\n", ["k:", "at least 1"]),
+        ("image_size: 16\n", ["image_size", "32"]),
+        ("sigma: -1\n", ["sigma"]),
+        ("sigma: .nan\n", ["sigma", "nan"]),
+        ("ivf_lists: -1\n", ["ivf_lists"]),
+        ("cpus_per_task: -1\n", ["cpus_per_task"]),
+        ("index: hnsw\n", ["index", "hnsw"]),
+        ("log_level: LOUD\n", ["log_level", "LOUD"]),
+    ],
+)
+def test_bad_values_raise_config_error_naming_the_key(tmp_path, text, words):
+    with pytest.raises(ConfigError) as error:
+        load_settings(write_yaml(tmp_path, text))
+    message = str(error.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_bad_override_names_the_key_and_the_command_line():
+    with pytest.raises(ConfigError, match=r"kappa in command-line options: expected int"):
+        load_settings(None, {"kappa": "one"})
+    with pytest.raises(ConfigError, match="unknown key 'colour' in command-line options"):
+        load_settings(None, {"colour": "red"})
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("k: [1\n", ["not valid YAML", "line 2"]),
+        ("a: b: c\n", ["not valid YAML", "line 1, column 5"]),
+        ("- k\n- 3\n", ["must be a mapping", "list"]),
+        ("just a string\n", ["must be a mapping", "str"]),
+    ],
+)
+def test_bad_yaml_files_raise_one_line_naming_the_file(tmp_path, text, words):
+    path = write_yaml(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+    message = str(error.value)
+    assert path in message and "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_missing_file_names_the_file(tmp_path):
+    missing = str(tmp_path / "nowhere.yaml")
+    with pytest.raises(ConfigError, match=f"config file {missing} does not exist"):
+        load_settings(missing)
+
+
+def test_fsspec_options_merge_the_endpoint_without_mutating_storage_options():
+    storage_options = {"anon": False, "client_kwargs": {"region_name": "eu-west-1"}}
+    settings = Settings(endpoint_url="http://minio:9000", storage_options=storage_options)
+    options = settings.fsspec_options()
+    assert options == {"anon": False, "client_kwargs": {"region_name": "eu-west-1", "endpoint_url": "http://minio:9000"}}
+    assert settings.storage_options == {"anon": False, "client_kwargs": {"region_name": "eu-west-1"}}
+    assert storage_options == {"anon": False, "client_kwargs": {"region_name": "eu-west-1"}}
+    assert Settings(storage_options={"anon": True}).fsspec_options() == {"anon": True}
+
+
+def test_redacted_dict_hides_storage_option_values():
+    settings = Settings(storage_options={"key": "AKIASECRET", "secret": "hunter2", "client_kwargs": {"aws_session_token": "tok"}})
+    shown = yaml.safe_dump(settings.to_dict(redact=True))
+    for secret in ("AKIASECRET", "hunter2", "tok"):
+        assert secret not in shown
+    assert settings.to_dict(redact=True)["storage_options"] == {"key": "***", "secret": "***", "client_kwargs": "***"}
+    assert settings.to_dict()["storage_options"]["secret"] == "hunter2"
+
+
+def test_replace_validates_and_keeps_other_keys():
+    settings = Settings(k=5, backbone="resnet18").replace(sigma=2)
+    assert (settings.k, settings.backbone, settings.sigma) == (5, "resnet18", 2.0)
+    with pytest.raises(ConfigError, match="kappa"):
+        settings.replace(kappa=0)
+
+
+def test_model_dict_holds_exactly_the_model_keys():
+    assert set(Settings().model_dict()) == set(MODEL_KEYS)
+    assert set(MODEL_KEYS) <= {spec.name for spec in dataclasses.fields(Settings)}
+
+
+def test_describe_documents_every_key():
+    rows = describe()
+    assert [row[0] for row in rows] == [spec.name for spec in dataclasses.fields(Settings)]
+    assert all(help_text for *_, help_text in rows)
+
+
+@pytest.mark.parametrize("name", ["nightly.yaml", "demo.yaml"])
+def test_example_job_files_load(name):
+    settings, explicit = load_request(str(REPO / "jobs" / name), None)
+    assert explicit  # the examples set keys; a typo would have raised
+    assert settings.backbone in ("wide_resnet50_2", "efficientnet_lite0")
+
+
+def test_readme_documents_every_key_with_its_default() -> None:
+    from pathlib import Path
+
+    from spade_batch.config import describe
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    for key, kind, default, _ in describe():
+        assert f"| `{key}` | {kind} | `{default}` |" in section, f"README's configuration reference lacks {key}"

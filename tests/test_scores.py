@@ -1,0 +1,66 @@
+"""Scores tables: Parquet round trip with nullable fields and the neighbour list column."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spade_batch.scores import SCHEMA, ScoreRow, read_scores, write_scores
+
+ROWS = [
+    ScoreRow(
+        id="a/1.png",
+        uri="s3://b/a/1.png",
+        image_score=1.5,
+        is_anomalous=True,
+        max_pixel_score=3.25,
+        anomalous_fraction=0.125,
+        mask_uri="s3://out/masks/a/1.png",
+        neighbour_ids=["n/3.png", "n/1.png"],
+        height=120,
+        width=96,
+    ),
+    # No thresholds known: is_anomalous and anomalous_fraction are null.
+    ScoreRow(id="a/2.png", uri="s3://b/a/2.png", image_score=0.5, max_pixel_score=1.0, mask_uri="s3://out/masks/a/2.png",
+             neighbour_ids=["n/2.png"], height=64, width=64),
+    # Failed image: every score null, no neighbours.
+    ScoreRow(id="a/3.png", uri="s3://b/a/3.png", error="cannot decode s3://b/a/3.png: empty"),
+]
+
+
+def test_round_trip_keeps_nulls_lists_and_types(tmp_path):
+    uri = str(tmp_path / "scores" / "part-00000.parquet")
+    write_scores(uri, ROWS)
+    table = read_scores([uri])
+    assert table.schema == SCHEMA
+    # The chosen values are exact in float32, so the rows compare equal.
+    assert table.to_pylist() == [dataclasses.asdict(row) for row in ROWS]
+    assert table.column("is_anomalous").null_count == 2
+    assert table.column("image_score").null_count == 1
+    assert table.column("neighbour_ids").to_pylist()[2] == []
+    assert pq.read_table(uri).schema.field("image_score").type == pa.float32()
+
+
+def test_float_scores_are_stored_as_float32(tmp_path):
+    uri = str(tmp_path / "part.parquet")
+    write_scores(uri, [ScoreRow(id="x", uri="x", image_score=0.1)])
+    assert read_scores([uri]).column("image_score").to_pylist()[0] == float(np.float32(0.1))
+
+
+def test_parts_are_concatenated_in_the_given_order(tmp_path):
+    uris = [str(tmp_path / "part-00000.parquet"), str(tmp_path / "part-00001.parquet")]
+    write_scores(uris[0], ROWS[:2])
+    write_scores(uris[1], ROWS[2:])
+    assert read_scores(uris).column("id").to_pylist() == ["a/1.png", "a/2.png", "a/3.png"]
+    assert read_scores(uris[::-1]).column("id").to_pylist() == ["a/3.png", "a/1.png", "a/2.png"]
+
+
+def test_empty_part_and_no_parts(tmp_path):
+    uri = str(tmp_path / "empty.parquet")
+    write_scores(uri, [])
+    assert read_scores([uri]).num_rows == 0
+    empty = read_scores([])
+    assert empty.num_rows == 0 and empty.schema == SCHEMA
