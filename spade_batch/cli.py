@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, metavar="ROOT/CATEGORY", help="an MVTec AD layout category folder")
     evaluate.add_argument("--out", required=True, metavar="OUT", help="where metrics.json, the report and the scores go")
     evaluate.add_argument("--original-resolution", action="store_true", help="also compute pixel metrics at each image's original size")
+    evaluate.add_argument("--every", type=int, default=1, metavar="N", help="evaluate every N-th test image of each label, for quick looks [default: 1]")
     _add_settings_flags(evaluate)
 
     demo = commands.add_parser("demo", help="generate a synthetic dataset, then fit, score and evaluate on a local Ray")
@@ -116,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     handlers: dict[str, Any] = {
         "fit": lambda: commands.fit(args.train, args.model, settings, args.dry_run),
         "score": lambda: commands.score(args.model, args.images, args.out, settings, explicit, args.dry_run),
-        "evaluate": lambda: commands.evaluate(args.model, args.data, args.out, settings, explicit, args.original_resolution, args.dry_run),
+        "evaluate": lambda: commands.evaluate(args.model, args.data, args.out, settings, explicit, args.original_resolution, args.every, args.dry_run),
         "nightly": lambda: commands.nightly(args.train, args.model, args.images, args.out, args.date, settings, explicit, args.dry_run),
         "demo": lambda: commands.demo(args.out, settings, explicit, args.dry_run),
     }

@@ -129,13 +129,14 @@ def nightly(
 
 
 def evaluate(
-    model_uri: str, data: str, out: str, settings: Settings, explicit: frozenset[str], original_resolution: bool, dry_run: bool = False
+    model_uri: str, data: str, out: str, settings: Settings, explicit: frozenset[str], original_resolution: bool,
+    every: int = 1, dry_run: bool = False,
 ) -> int:
     if dry_run:
         return _dry_run(storage.join(data, "test"), settings, [storage.join(out, name) for name in ("metrics.json", "report.html")])
     from spade_batch.evaluate import run_evaluate
 
-    metrics = run_evaluate(model_uri, data, out, settings, explicit, original_resolution)
+    metrics = run_evaluate(model_uri, data, out, settings, explicit, original_resolution, every)
     overall = metrics["overall"]
     print_table(
         "evaluate",
@@ -169,7 +170,7 @@ def demo(out: str, settings: Settings, explicit: frozenset[str], dry_run: bool =
     steps = [
         lambda: fit(storage.join(data, "train"), model_uri, demo_settings.replace(overwrite=True), dry_run),
         lambda: score(model_uri, storage.join(data, "test"), storage.join(out, "scores"), demo_settings.replace(overwrite=True), frozenset(), dry_run),
-        lambda: evaluate(model_uri, data, storage.join(out, "evaluation"), demo_settings.replace(overwrite=True), frozenset(), False, dry_run),
+        lambda: evaluate(model_uri, data, storage.join(out, "evaluation"), demo_settings.replace(overwrite=True), frozenset(), False, 1, dry_run),
     ]
     for step in steps:
         if step() != 0:

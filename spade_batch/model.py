@@ -102,12 +102,7 @@ class SpadeModel:
 
     @classmethod
     def load(cls, uri: str, options: storage.StorageOptions = None) -> SpadeModel:
-        card_uri = storage.join(uri, CARD_NAME)
-        if not storage.exists(card_uri, options):
-            raise FileNotFoundError(f"no model at {uri}: {CARD_NAME} is missing; run `spade-batch fit` first")
-        card = ModelCard(**json.loads(storage.read_text(card_uri, options)))
-        if card.schema_version != MODEL_SCHEMA_VERSION:
-            raise ValueError(f"model {uri} has schema version {card.schema_version}; this package reads {MODEL_SCHEMA_VERSION}")
+        card = load_card(uri, options)
         index_bytes = np.frombuffer(storage.read_bytes(storage.join(uri, "global.faiss"), options), dtype=np.uint8)
         gallery = [
             np.load(io.BytesIO(storage.read_bytes(storage.join(uri, "pyramid", f"{shape.name}.npy"), options)))
@@ -115,6 +110,17 @@ class SpadeModel:
         ]
         train_ids = json.loads(storage.read_text(storage.join(uri, "train_ids.json"), options))
         return cls(card=card, train_ids=train_ids, index=faiss.deserialize_index(index_bytes), gallery=gallery)
+
+
+def load_card(uri: str, options: storage.StorageOptions = None) -> ModelCard:
+    """The model's spade.json only (cheap: no gallery)."""
+    card_uri = storage.join(uri, CARD_NAME)
+    if not storage.exists(card_uri, options):
+        raise FileNotFoundError(f"no model at {uri}: {CARD_NAME} is missing; run `spade-batch fit` first")
+    card = ModelCard(**json.loads(storage.read_text(card_uri, options)))
+    if card.schema_version != MODEL_SCHEMA_VERSION:
+        raise ValueError(f"model {uri} has schema version {card.schema_version}; this package reads {MODEL_SCHEMA_VERSION}")
+    return card
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -30,7 +30,7 @@ from spade_batch.detector import Extractor, ImageScore, Scorer
 from spade_batch.features import read_features, write_features
 from spade_batch.images import ImageError, decode_image, resize_map
 from spade_batch.manifest import Manifest, build_manifest
-from spade_batch.model import CARD_NAME, SpadeModel, build_model
+from spade_batch.model import CARD_NAME, ModelCard, SpadeModel, build_model
 from spade_batch.scores import ScoreRow, write_scores
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,12 @@ def run_fit(train_source: str, model_uri: str, settings: Settings) -> FitSummary
     features_uri = storage.join(model_uri, "features")
     if settings.overwrite:
         storage.remove(features_uri, options, recursive=True)
+    # Part files of a killed fit are reused only for the same images, shards and feature extractor.
+    extraction = {
+        "images": manifest.sha256(), "shard_size": settings.shard_size, "backbone": settings.backbone,
+        "weights": extractor.weights_sha256, "preprocessing": extractor.preprocessing.to_dict(),
+    }
+    record_inputs(features_uri, storage.join(features_uri, "inputs.json"), extraction, options)
     shards = manifest.shards(settings.shard_size)
     parts = [storage.join(features_uri, part_name(index)) for index in range(len(shards))]
     calls = [((shard, settings, part), len(shard)) for shard, part in zip(shards, parts) if not storage.exists(part, options)]
@@ -246,9 +252,10 @@ class Thresholds:
     pixel: float | None
 
     @classmethod
-    def of(cls, model: SpadeModel, settings: Settings) -> Thresholds:
-        image = settings.image_threshold if settings.image_threshold is not None else model.card.thresholds["image"]
-        pixel = settings.pixel_threshold if settings.pixel_threshold is not None else model.card.thresholds["pixel"]
+    def of(cls, card: ModelCard, settings: Settings) -> Thresholds:
+        """The settings' overrides, else the model's calibrated thresholds."""
+        image = settings.image_threshold if settings.image_threshold is not None else card.thresholds["image"]
+        pixel = settings.pixel_threshold if settings.pixel_threshold is not None else card.thresholds["pixel"]
         return cls(image, pixel)
 
 
@@ -303,7 +310,7 @@ def _score_shard(shard: Manifest, part_uri: str, model: SpadeModel, settings: Se
     """Score one shard; returns the worker process's peak resident memory so far, in MiB."""
     options = settings.fsspec_options()
     scorer = Scorer(model, Extractor(settings, options), settings.chunk_mib * 2**20)
-    thresholds = Thresholds.of(model, settings)
+    thresholds = Thresholds.of(model.card, settings)
     rows = []
     for batch in batched(list(load_images(shard, options)), settings.batch_size):
         good = [(image_id, uri, image) for image_id, uri, image, _ in batch if image is not None]
@@ -355,16 +362,24 @@ def check_inputs(outputs: Outputs, inputs: dict[str, Any], settings: Settings) -
     """Refuse to resume into an output folder written for other images, model or settings."""
     options = settings.fsspec_options()
     if settings.overwrite:
-        storage.remove(storage.join(outputs.root, "scores"), options, recursive=True)
-    elif storage.exists(outputs.inputs_json, options):
-        previous = json.loads(storage.read_text(outputs.inputs_json, options))
+        # Outputs of the replaced run, masks too: none may stay behind beside the new run's.
+        for folder in ("scores", "masks", "maps", "overlays"):
+            storage.remove(storage.join(outputs.root, folder), options, recursive=True)
+        storage.remove(outputs.inputs_json, options)
+    record_inputs(outputs.root, outputs.inputs_json, inputs, options)
+
+
+def record_inputs(root: str, inputs_uri: str, inputs: dict[str, Any], options: storage.StorageOptions) -> None:
+    """Write inputs to inputs_uri; if an earlier run under root recorded other inputs there, refuse to resume it."""
+    if storage.exists(inputs_uri, options):
+        previous = json.loads(storage.read_text(inputs_uri, options))
         if previous != inputs:
             changed = sorted(key for key in inputs if previous.get(key) != inputs[key])
             raise FileExistsError(
-                f"{outputs.root} holds a run with other {', '.join(changed)}; "
+                f"{root} holds a run with other {', '.join(changed)}; "
                 "pass --overwrite to replace it or choose another output URI"
             )
-    storage.write_text(outputs.inputs_json, json.dumps(inputs, indent=2), options)
+    storage.write_text(inputs_uri, json.dumps(inputs, indent=2), options)
 
 
 def run_score(model_uri: str, images_source: str, out_uri: str, settings: Settings, explicit: frozenset[str] = frozenset()) -> ScoreSummary:
@@ -378,7 +393,7 @@ def run_score(model_uri: str, images_source: str, out_uri: str, settings: Settin
         log.warning("score: '%s' preprocessing leaves the image border unscored; masks are written at the working size", settings.preprocess)
     manifest = build_manifest(images_source, options)
     outputs = Outputs(out_uri)
-    thresholds = Thresholds.of(model, settings)
+    thresholds = Thresholds.of(model.card, settings)
     check_inputs(
         outputs,
         {"images": manifest.sha256(), "model": model.card.created, "thresholds": asdict(thresholds),

@@ -3,9 +3,15 @@ import json
 import numpy as np
 import pytest
 from scipy import ndimage
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
-from spade_batch.metrics import PixelMetrics, image_rocauc, roc_curve_points
+from spade_batch.metrics import (
+    PixelMetrics,
+    f1_optimal_image_threshold,
+    f1_optimal_pixel_threshold,
+    image_rocauc,
+    roc_curve_points,
+)
 
 
 def random_labels(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -231,3 +237,27 @@ def test_pixel_metrics_reject_bad_input():
         metrics.update(np.zeros((1, 8, 8)), np.zeros((1, 8, 8), dtype=np.uint8))
     with pytest.raises(ValueError, match="NaN"):
         metrics.update(np.full((1, 8, 8), np.nan), np.zeros((1, 8, 8), dtype=bool))
+
+
+def test_f1_optimal_pixel_threshold_matches_brute_force_when_binning_is_exact():
+    rng = np.random.default_rng(0)
+    masks = rng.random((6, 16, 16)) < 0.2
+    # 50 distinct values at bin centres: every bin holds at most one value, so the edges see every threshold.
+    levels = (np.arange(50) + 0.5) / 50
+    maps = levels[np.clip(rng.integers(0, 50, masks.shape) + 15 * masks, 0, 49)]
+    metrics = PixelMetrics(0.0, 1.0, bins=50)
+    metrics.update(maps, masks)
+    threshold, f1 = f1_optimal_pixel_threshold(metrics)
+    best = max(f1_score(masks.ravel(), maps.ravel() >= t) for t in levels)
+    assert f1 == pytest.approx(best)
+    assert f1_score(masks.ravel(), maps.ravel() >= threshold) == pytest.approx(best)
+
+
+def test_f1_optimal_image_threshold_matches_brute_force():
+    rng = np.random.default_rng(1)
+    labels = rng.random(40) < 0.4
+    scores = np.round(rng.normal(size=40) + labels, 1)  # ties included
+    threshold, f1 = f1_optimal_image_threshold(scores, labels)
+    best = max(f1_score(labels, scores >= t) for t in np.unique(scores))
+    assert f1 == pytest.approx(best)
+    assert f1_score(labels, scores >= threshold) == pytest.approx(best)
