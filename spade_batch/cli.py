@@ -97,9 +97,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
-        print(f"spade-batch {args.command}: error: {error}", file=sys.stderr)
+    except (ConfigError, ValueError, OSError, RuntimeError) as error:
+        print(f"spade-batch {args.command}: error: {_first_line(error)}", file=sys.stderr)
         return 2
+    except Exception as error:  # a failed Ray task, a bug: one line here, the traceback in the debug log
+        log.debug("traceback", exc_info=True)
+        print(
+            f"spade-batch {args.command}: failed: {type(error).__name__}: {_first_line(error)} "
+            "(--log-level DEBUG shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _first_line(error: BaseException) -> str:
+    cause = getattr(error, "cause", None)  # a failed Ray task wraps the task's own exception
+    text = str(cause if isinstance(cause, BaseException) else error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ shards whose part file exists, so a killed job resumes without duplicates. The f
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import posixpath
 import resource
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -71,9 +72,11 @@ def load_images(manifest: Manifest, options: storage.StorageOptions) -> Iterator
             yield image_id, uri, None, f"{type(error).__name__}: {error}"
 
 
-def batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of `size` items (the last may be shorter), consuming lazily."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
 
 
 def run_tasks(remote_function: Any, calls: Sequence[tuple[tuple[Any, ...], int]], settings: Settings, description: str) -> list[Any]:
@@ -143,7 +146,7 @@ def _extract_shard(shard: Manifest, settings: Settings, part_uri: str) -> None:
 def _calibration_shard(shard: Manifest, model: SpadeModel, settings: Settings) -> tuple[list[float], list[np.ndarray]]:
     options = settings.fsspec_options()
     scorer = Scorer(model, Extractor(settings, options), settings.chunk_mib * 2**20)
-    images = [image for _, _, image, _ in load_images(shard, options) if image is not None]
+    images = (image for _, _, image, _ in load_images(shard, options) if image is not None)
     results = [result for batch in batched(images, settings.batch_size) for result in scorer.score(batch)]
     return [r.score for r in results], [calibrate.pixel_sample(r.anomaly_map) for r in results]
 
@@ -312,7 +315,7 @@ def _score_shard(shard: Manifest, part_uri: str, model: SpadeModel, settings: Se
     scorer = Scorer(model, Extractor(settings, options), settings.chunk_mib * 2**20)
     thresholds = Thresholds.of(model.card, settings)
     rows = []
-    for batch in batched(list(load_images(shard, options)), settings.batch_size):
+    for batch in batched(load_images(shard, options), settings.batch_size):
         good = [(image_id, uri, image) for image_id, uri, image, _ in batch if image is not None]
         results = dict(zip((g[0] for g in good), scorer.score([image for *_, image in good])))
         for image_id, uri, image, error in batch:
@@ -369,6 +372,19 @@ def check_inputs(outputs: Outputs, inputs: dict[str, Any], settings: Settings) -
     record_inputs(outputs.root, outputs.inputs_json, inputs, options)
 
 
+def check_output_paths(manifest: Manifest) -> None:
+    """Refuse images whose outputs would share a path: masks/<id without extension>.png."""
+    first: dict[str, str] = {}
+    for image_id in manifest.ids:
+        stem = posixpath.splitext(image_id)[0]
+        if stem in first:
+            raise ValueError(
+                f"{first[stem]} and {image_id} under {manifest.root} would write the same mask masks/{stem}.png; "
+                "rename one of them or score them in separate runs"
+            )
+        first[stem] = image_id
+
+
 def record_inputs(root: str, inputs_uri: str, inputs: dict[str, Any], options: storage.StorageOptions) -> None:
     """Write inputs to inputs_uri; if an earlier run under root recorded other inputs there, refuse to resume it."""
     if storage.exists(inputs_uri, options):
@@ -392,6 +408,7 @@ def run_score(model_uri: str, images_source: str, out_uri: str, settings: Settin
     if settings.preprocess != "full":
         log.warning("score: '%s' preprocessing leaves the image border unscored; masks are written at the working size", settings.preprocess)
     manifest = build_manifest(images_source, options)
+    check_output_paths(manifest)
     outputs = Outputs(out_uri)
     thresholds = Thresholds.of(model.card, settings)
     check_inputs(

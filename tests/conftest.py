@@ -1,15 +1,22 @@
-"""Shared fixtures: a real S3-compatible server (moto, server mode) on loopback."""
+"""Shared fixtures: a real S3-compatible server (moto, server mode) on loopback; a local Ray."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
+
+# Ray reads this when it is imported (ray_constants), so it is set here, before any test module
+# imports ray: a single-node Ray then binds and advertises 127.0.0.1 only.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 # s3fs with us-east-1 fails to create buckets on moto; any other region works.
 S3_REGION = "us-west-2"
@@ -57,6 +64,17 @@ def s3() -> Iterator[S3Server]:
 @pytest.fixture
 def s3_bucket(s3: S3Server) -> str:
     """A new, empty, uniquely named bucket on the test server, as ``"s3://<bucket>"``."""
+    return _create_bucket(s3)
+
+
+@pytest.fixture(scope="session")
+def new_bucket(s3: S3Server) -> Callable[[], str]:
+    """Creates new, empty, uniquely named buckets (for fixtures that live longer than one test)."""
+    return lambda: _create_bucket(s3)
+
+
+def _create_bucket(s3: S3Server) -> str:
+    """Create a bucket on the test server; returns ``"s3://<bucket>"``."""
     name = f"test-{uuid.uuid4().hex[:16]}"
     client = boto3.client(
         "s3",
@@ -84,3 +102,24 @@ def storage_root(request: pytest.FixtureRequest, tmp_path) -> StorageRoot:
         return StorageRoot(str(tmp_path), None)
     s3 = request.getfixturevalue("s3")
     return StorageRoot(request.getfixturevalue("s3_bucket"), s3.storage_options)
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """A local Ray on 127.0.0.1 with 2 CPUs and no dashboard, for the whole session.
+
+    The pipeline's init_ray() reuses it. Its temp dir is short (unix socket paths are limited to
+    107 bytes) and private to this session, and is removed afterwards.
+    """
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir)
+    try:
+        assert ray.util.get_node_ip_address() == "127.0.0.1", (
+            "the test Ray must stay on loopback: set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray is imported"
+        )
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
