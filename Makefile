@@ -17,4 +17,5 @@ demo: venv
 	$(BIN)/spade-batch demo --out demo-output
 
 test: venv
+	$(BIN)/ruff check spade_batch tests benchmarks jobs scripts
 	$(BIN)/python -m pytest -q

@@ -14,7 +14,6 @@ at a time into binned `PixelMetrics`, so memory does not grow with the test set.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -29,11 +28,30 @@ import pyarrow as pa
 from spade_batch import storage
 from spade_batch.config import Settings
 from spade_batch.datasets import Sample, read_mask, read_mvtec_category
-from spade_batch.images import Preprocessing, decode_image, preprocess, preprocess_mask, resize_map
-from spade_batch.metrics import PixelMetrics, f1_optimal_image_threshold, f1_optimal_pixel_threshold, image_rocauc, roc_curve_points
+from spade_batch.images import (
+    Preprocessing,
+    decode_image,
+    preprocess,
+    preprocess_mask,
+    resize_map,
+)
+from spade_batch.metrics import (
+    PixelMetrics,
+    f1_optimal_image_threshold,
+    f1_optimal_pixel_threshold,
+    image_rocauc,
+    roc_curve_points,
+)
 from spade_batch.model import load_card
 from spade_batch.pipeline import Outputs, Thresholds, run_score
-from spade_batch.report import Example, example_grid, html_page, pro_plot, roc_plot, score_histogram
+from spade_batch.report import (
+    Example,
+    example_grid,
+    html_page,
+    pro_plot,
+    roc_plot,
+    score_histogram,
+)
 from spade_batch.scores import read_scores
 
 log = logging.getLogger(__name__)
@@ -233,7 +251,7 @@ def _pixel_pass(
     working, original = new(), new() if original_resolution else None
     examples: dict[str, ExampleData] = {}
     for image in images:
-        anomaly_map = np.load(io.BytesIO(storage.read_bytes(outputs.map(image.id), options))).astype(np.float32)
+        anomaly_map = storage.read_npy(outputs.map(image.id), options).astype(np.float32)
         full_mask = read_mask(image.mask_path, image.height, image.width)
         mask = preprocess_mask(full_mask, spec)
         names = ["overall", *(defect_types if image.label == "good" else [image.label])]

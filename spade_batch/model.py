@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -97,7 +96,7 @@ class SpadeModel:
         storage.write_text(storage.join(uri, "train_ids.json"), json.dumps(self.train_ids), options)
         storage.write_bytes(storage.join(uri, "global.faiss"), faiss.serialize_index(self.index).tobytes(), options)
         for shape, layer in zip(self.card.layer_shapes, self.gallery):
-            storage.write_bytes(storage.join(uri, "pyramid", f"{shape.name}.npy"), _npy_bytes(layer), options)
+            storage.write_npy(storage.join(uri, "pyramid", f"{shape.name}.npy"), layer, options)
         storage.write_text(storage.join(uri, CARD_NAME), json.dumps(dataclasses.asdict(self.card), indent=2), options)
 
     @classmethod
@@ -105,8 +104,7 @@ class SpadeModel:
         card = load_card(uri, options)
         index_bytes = np.frombuffer(storage.read_bytes(storage.join(uri, "global.faiss"), options), dtype=np.uint8)
         gallery = [
-            np.load(io.BytesIO(storage.read_bytes(storage.join(uri, "pyramid", f"{shape.name}.npy"), options)))
-            for shape in card.layer_shapes
+            storage.read_npy(storage.join(uri, "pyramid", f"{shape.name}.npy"), options) for shape in card.layer_shapes
         ]
         train_ids = json.loads(storage.read_text(storage.join(uri, "train_ids.json"), options))
         return cls(card=card, train_ids=train_ids, index=faiss.deserialize_index(index_bytes), gallery=gallery)
@@ -121,12 +119,6 @@ def load_card(uri: str, options: storage.StorageOptions = None) -> ModelCard:
     if card.schema_version != MODEL_SCHEMA_VERSION:
         raise ValueError(f"model {uri} has schema version {card.schema_version}; this package reads {MODEL_SCHEMA_VERSION}")
     return card
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 def build_index(global_features: np.ndarray, kind: str = "flat", lists: int = 0, seed: int = 0, k: int = 1) -> faiss.Index:

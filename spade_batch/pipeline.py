@@ -32,7 +32,8 @@ from spade_batch.features import read_features, write_features
 from spade_batch.images import ImageError, decode_image, resize_map
 from spade_batch.manifest import Manifest, build_manifest
 from spade_batch.model import CARD_NAME, ModelCard, SpadeModel, build_model
-from spade_batch.scores import ScoreRow, write_scores
+from spade_batch.report import overlay, png_bytes
+from spade_batch.scores import ScoreRow, read_scores, write_scores
 
 log = logging.getLogger(__name__)
 
@@ -274,38 +275,18 @@ def _write_outputs(
     image_id: str, image: np.ndarray, result: ImageScore, thresholds: Thresholds, outputs: Outputs, settings: Settings
 ) -> tuple[str, float | None]:
     """Mask (and maps/overlays on request) for one image; returns (mask uri, anomalous pixel fraction)."""
-    from spade_batch.report import mask_png, overlay
-
     options = settings.fsspec_options()
     height, width = image.shape[:2] if settings.preprocess == "full" else result.anomaly_map.shape
     full_map = resize_map(result.anomaly_map, height, width)
     mask = _mask(full_map, thresholds.pixel)
-    storage.write_bytes(outputs.mask(image_id), mask_png(mask), options)
+    storage.write_bytes(outputs.mask(image_id), png_bytes(mask), options)
     if settings.save_maps:
-        storage.write_bytes(outputs.map(image_id), _npy(result.anomaly_map.astype(np.float16)), options)
+        storage.write_npy(outputs.map(image_id), result.anomaly_map.astype(np.float16), options)
     if settings.save_overlays and settings.preprocess == "full":
         high = thresholds.pixel * 2 if thresholds.pixel is not None else float(full_map.max())
-        storage.write_bytes(outputs.overlay(image_id), _png(overlay(image, full_map, 0.0, high)), options)
+        storage.write_bytes(outputs.overlay(image_id), png_bytes(overlay(image, full_map, 0.0, high)), options)
     fraction = float((mask > 0).mean()) if thresholds.pixel is not None else None
     return outputs.mask(image_id), fraction
-
-
-def _npy(array: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-def _png(image: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @ray.remote
@@ -437,8 +418,6 @@ def _summarise(
     model_uri: str, manifest: Manifest, shards: int, resumed: int, thresholds: Thresholds,
     outputs: Outputs, settings: Settings, started: float,
 ) -> ScoreSummary:
-    from spade_batch.scores import read_scores
-
     table = read_scores([outputs.scores_part(index) for index in range(shards)], settings.fsspec_options())
     errors = table.column("error").to_pylist()
     flags = table.column("is_anomalous").to_pylist()

@@ -172,18 +172,18 @@ def example_grid(examples: list[Example], low: float, high: float) -> bytes:
     return _png(figure)
 
 
-def mask_png(mask_or_map: np.ndarray) -> bytes:
-    """Encode an H x W mask as an 8-bit grayscale (L mode) PNG.
+def png_bytes(image: np.ndarray) -> bytes:
+    """Encode a mask or an image as PNG.
 
-    mask_or_map: H x W bool (written as 0 / 255) or H x W uint8 (written as is).
+    image: H x W bool (written as 0 / 255, L mode), H x W uint8 (L mode) or H x W x 3 uint8 (RGB).
     """
-    array = np.asarray(mask_or_map)
-    if array.ndim != 2:
-        raise ValueError(f"mask_png needs an H x W array, got shape {array.shape}")
-    if array.dtype == bool:
+    array = np.asarray(image)
+    if array.dtype == bool and array.ndim == 2:
         array = array.astype(np.uint8) * 255
-    elif array.dtype != np.uint8:
-        raise ValueError(f"mask_png needs bool or uint8, got dtype {array.dtype}; threshold or scale it first")
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        raise ValueError(
+            f"png_bytes needs H x W bool/uint8 or H x W x 3 uint8, got {array.dtype} {array.shape}; threshold or scale it first"
+        )
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import re
 import tempfile
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import fsspec
+import numpy as np
 from fsspec.core import split_protocol, url_to_fs
 
 StorageOptions = Mapping[str, Any] | None
@@ -119,6 +121,17 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions = None) -> None:
 def write_text(uri: str, text: str, options: StorageOptions = None) -> None:
     """Write ``text`` as UTF-8, atomically (see :func:`write_bytes`)."""
     write_bytes(uri, text.encode("utf-8"), options)
+
+
+def write_npy(uri: str, array: np.ndarray, options: StorageOptions = None) -> None:
+    """Write an array as a .npy file, atomically (see :func:`write_bytes`)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_bytes(uri, buffer.getvalue(), options)
+
+
+def read_npy(uri: str, options: StorageOptions = None) -> np.ndarray:
+    return np.load(io.BytesIO(read_bytes(uri, options)))
 
 
 def list_files(

@@ -11,7 +11,6 @@ import copy
 import json
 import re
 import shlex
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,9 @@ import jsonschema
 import pytest
 import ray
 import ray.autoscaler
+import tomllib
 import yaml
+
 # Private, but the very functions `ray up` runs on a config before it touches a cloud.
 from ray.autoscaler._private.util import prepare_config, validate_config
 

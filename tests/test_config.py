@@ -8,7 +8,14 @@ import pathlib
 import pytest
 import yaml
 
-from spade_batch.config import MODEL_KEYS, ConfigError, Settings, describe, load_request, load_settings
+from spade_batch.config import (
+    MODEL_KEYS,
+    ConfigError,
+    Settings,
+    describe,
+    load_request,
+    load_settings,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
