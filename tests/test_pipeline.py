@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 from PIL import Image
 
 from spade_batch import calibrate, detector, storage
@@ -412,3 +413,16 @@ def test_without_calibration_masks_are_scaled_maps(fitted: Fitted) -> None:
         mask = read_png(out.mask(image_id), settings)
         assert mask.min() == 0 and mask.max() == 255
         np.testing.assert_allclose(mask, expected, atol=0.5 + 1e-3)  # rounding to uint8, plus float noise
+
+
+@ray.remote
+def _gallery_view(model: SpadeModel) -> tuple[bool, int]:
+    """What a task sees of a model passed as a ray.put reference."""
+    return model.gallery[0].flags.writeable, model.index.ntotal
+
+
+def test_tasks_read_the_put_model_without_copying_the_gallery(model: SpadeModel) -> None:
+    # A read-only array is a view into Ray's shared object store; a pickled copy would be writable.
+    writeable, ntotal = ray.get(_gallery_view.remote(ray.put(model)))
+    assert not writeable
+    assert ntotal == model.index.ntotal
