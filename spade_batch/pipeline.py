@@ -119,6 +119,7 @@ class Progress:
         self.done_images += images
         self.done_shards += 1
         if self.bar is not None:
+            self.bar.set_postfix_str(f"shards {self.done_shards}/{self.shards}", refresh=False)
             self.bar.update(images)
         elif time.monotonic() - self.logged >= self.log_every_s or self.done_shards == self.shards:
             self.logged = time.monotonic()
@@ -150,7 +151,6 @@ def _calibration_shard(shard: Manifest, model: SpadeModel, settings: Settings) -
     images = (image for _, _, image, _ in load_images(shard, options) if image is not None)
     results = [result for batch in batched(images, settings.batch_size) for result in scorer.score(batch)]
     return [r.score for r in results], [calibrate.pixel_sample(r.anomaly_map) for r in results]
-
 
 
 @dataclass
