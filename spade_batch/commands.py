@@ -13,7 +13,7 @@ import yaml
 from spade_batch import storage
 from spade_batch.config import Settings, describe, load_settings
 from spade_batch.manifest import build_manifest
-from spade_batch.model import CARD_NAME
+from spade_batch.model import CARD_NAME, load_card
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def show_config(path: str | None, keys: bool) -> int:
     return 0
 
 
-def _dry_run(source: str, settings: Settings, outputs: list[str]) -> int:
+def _dry_run(source: str, settings: Settings, outputs: list[str], model_uri: str | None = None) -> int:
+    """Print what a run would read and write; with model_uri, also what model it would use."""
     manifest = build_manifest(source, settings.fsspec_options())
     shards = manifest.shards(settings.shard_size)
     rows: list[tuple[str, Any]] = [
@@ -57,9 +58,22 @@ def _dry_run(source: str, settings: Settings, outputs: list[str]) -> int:
         ("first image", manifest.ids[0]),
         ("last image", manifest.ids[-1]),
     ]
+    if model_uri is not None:
+        rows.append(("model", _describe_model(model_uri, settings)))
     rows += [("writes", uri) for uri in outputs]
     print_table("dry run: nothing computed or written", rows)
     return 0
+
+
+def _describe_model(model_uri: str, settings: Settings) -> str:
+    if not storage.exists(storage.join(model_uri, CARD_NAME), settings.fsspec_options()):
+        return f"{model_uri}: no model there yet (fit one first)"
+    card = load_card(model_uri, settings.fsspec_options())
+    model = card.settings
+    return (
+        f"{model_uri}: {model['backbone']} ({model['weights']}), K={model['k']}, "
+        f"{card.train_count} gallery images, thresholds {card.thresholds}"
+    )
 
 
 def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -> int:
@@ -88,7 +102,7 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
 
 def score(model_uri: str, images: str, out_uri: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False) -> int:
     if dry_run:
-        return _dry_run(images, settings, [storage.join(out_uri, name) for name in ("masks/", "scores/", "run.json")])
+        return _dry_run(images, settings, [storage.join(out_uri, name) for name in ("masks/", "scores/", "run.json")], model_uri)
     from spade_batch.pipeline import run_score
 
     summary = run_score(model_uri, images, out_uri, settings, explicit)
@@ -133,7 +147,7 @@ def evaluate(
     every: int = 1, dry_run: bool = False,
 ) -> int:
     if dry_run:
-        return _dry_run(storage.join(data, "test"), settings, [storage.join(out, name) for name in ("metrics.json", "report.html")])
+        return _dry_run(storage.join(data, "test"), settings, [storage.join(out, name) for name in ("metrics.json", "report.html")], model_uri)
     from spade_batch.evaluate import run_evaluate
 
     metrics = run_evaluate(model_uri, data, out, settings, explicit, original_resolution, every)
