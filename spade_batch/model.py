@@ -93,6 +93,8 @@ class SpadeModel:
         return dataclasses.replace(self, card=card)
 
     def save(self, uri: str, options: storage.StorageOptions = None) -> None:
+        """Write the artifact; an existing card is removed first, so no reader pairs it with new arrays."""
+        storage.remove(storage.join(uri, CARD_NAME), options)
         storage.write_text(storage.join(uri, "train_ids.json"), json.dumps(self.train_ids), options)
         storage.write_bytes(storage.join(uri, "global.faiss"), faiss.serialize_index(self.index).tobytes(), options)
         for shape, layer in zip(self.card.layer_shapes, self.gallery):

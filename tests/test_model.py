@@ -95,6 +95,17 @@ def test_save_load_round_trip(tmp_path, index):
     assert sorted(p.name for p in (tmp_path / "model" / "pyramid").iterdir()) == ["layer1.npy", "layer2.npy"]
 
 
+def test_a_failed_save_over_a_model_leaves_no_card_to_mix_with_the_new_arrays(tmp_path):
+    uri = str(tmp_path / "model")
+    make_model(feature_table(10, seed=1)).save(uri)
+    (tmp_path / "model" / "pyramid" / "layer2.npy").unlink()
+    (tmp_path / "model" / "pyramid" / "layer2.npy").mkdir()  # the next write of layer2 fails midway
+    with pytest.raises(OSError):
+        make_model(feature_table(10, seed=2)).save(uri)
+    with pytest.raises(FileNotFoundError, match="spade.json is missing"):
+        SpadeModel.load(uri)
+
+
 def test_load_without_a_card_says_to_fit_first(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no model at .*spade.json is missing; run `spade-batch fit` first"):
         SpadeModel.load(str(tmp_path / "nothing"))
