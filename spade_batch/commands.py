@@ -161,6 +161,8 @@ def evaluate(
             ("pixel ROCAUC", f"{overall['pixel_rocauc']:.4f}"),
             ("PRO (FPR <= 0.3)", f"{overall['pro']:.4f}"),
             ("images/s", f"{metrics['images_per_second']:.2f}"),
+            ("masks", storage.join(out, "scores", "masks/")),
+            ("scores table", storage.join(out, "scores", "scores/")),
             ("metrics", storage.join(out, "metrics.json")),
             ("report", storage.join(out, "report.html")),
         ],
@@ -169,24 +171,19 @@ def evaluate(
 
 
 def demo(out: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False) -> int:
-    """Synthetic dataset, then fit, score and evaluate on a local Ray with local storage."""
+    """Synthetic dataset, then fit and evaluate (which scores the test images) on a local Ray with local storage."""
     from spade_batch.datasets import make_demo_data
 
     data = storage.join(out, "data", "tiles")
     model_uri = storage.join(out, "model")
     if not storage.exists(data):
         if dry_run:
-            outputs = [storage.join(out, name) for name in ("data/", "model/", "scores/", "evaluation/")]
+            outputs = [storage.join(out, name) for name in ("data/", "model/", "evaluation/")]
             print_table("dry run: nothing computed or written", [("writes", uri) for uri in outputs])
             return 0
         make_demo_data(storage.join(out, "data"))
-    demo_settings = settings.replace(**{key: value for key, value in DEMO_SETTINGS.items() if key not in explicit})
-    steps = [
-        lambda: fit(storage.join(data, "train"), model_uri, demo_settings.replace(overwrite=True), dry_run),
-        lambda: score(model_uri, storage.join(data, "test"), storage.join(out, "scores"), demo_settings.replace(overwrite=True), frozenset(), dry_run),
-        lambda: evaluate(model_uri, data, storage.join(out, "evaluation"), demo_settings.replace(overwrite=True), frozenset(), False, 1, dry_run),
-    ]
-    for step in steps:
-        if step() != 0:
-            return 1
-    return 0
+    defaults = {key: value for key, value in DEMO_SETTINGS.items() if key not in explicit}
+    demo_settings = settings.replace(**defaults, overwrite=True)
+    if fit(storage.join(data, "train"), model_uri, demo_settings, dry_run) != 0:
+        return 1
+    return evaluate(model_uri, data, storage.join(out, "evaluation"), demo_settings, frozenset(), False, 1, dry_run)
