@@ -11,6 +11,7 @@ same numbers.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import warnings
 from collections.abc import Sequence
@@ -95,16 +96,13 @@ class Extractor:
 
 
 def _freeze(options: dict | None) -> str:
-    import json
-
+    """Storage options as a hashable cache key."""
     return json.dumps(options or {}, sort_keys=True, default=str)
 
 
 @functools.lru_cache(maxsize=2)
 def _cached_backbone(name: str, weights: str, seed: int, options_json: str, device: str) -> tuple[FeaturePyramid, str]:
     """One backbone per process and settings: Ray reuses worker processes across tasks."""
-    import json
-
     return load_backbone(name, weights, seed=seed, storage_options=json.loads(options_json), device=device)
 
 
