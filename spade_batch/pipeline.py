@@ -31,7 +31,7 @@ from spade_batch.detector import Extractor, ImageScore, Scorer
 from spade_batch.features import read_features, write_features
 from spade_batch.images import ImageError, decode_image, resize_map
 from spade_batch.manifest import Manifest, build_manifest
-from spade_batch.model import CARD_NAME, ModelCard, SpadeModel, build_model
+from spade_batch.model import CARD_NAME, ModelCard, SpadeModel, build_model, load_card
 from spade_batch.report import overlay, png_bytes
 from spade_batch.scores import ScoreRow, read_scores, write_scores
 
@@ -383,24 +383,24 @@ def run_score(model_uri: str, images_source: str, out_uri: str, settings: Settin
     """Score an image set on Ray against the model at model_uri; writes masks, scores and run.json under out_uri."""
     options = settings.fsspec_options()
     started = time.perf_counter()
-    model = SpadeModel.load(model_uri, options)
-    model.card.check_compatible(settings, explicit)
-    settings = settings.replace(**model.card.settings)
+    card = load_card(model_uri, options)  # the gallery is loaded only once the request is known to be valid
+    card.check_compatible(settings, explicit)
+    settings = settings.replace(**card.settings)
     if settings.preprocess != "full":
         log.warning("score: '%s' preprocessing leaves the image border unscored; masks are written at the working size", settings.preprocess)
     manifest = build_manifest(images_source, options)
     check_output_paths(manifest)
     outputs = Outputs(out_uri)
-    thresholds = Thresholds.of(model.card, settings)
+    thresholds = Thresholds.of(card, settings)
     check_inputs(
         outputs,
-        {"images": manifest.sha256(), "model": model.card.created, "thresholds": asdict(thresholds),
+        {"images": manifest.sha256(), "model": card.created, "thresholds": asdict(thresholds),
          "shard_size": settings.shard_size, "save_maps": settings.save_maps, "save_overlays": settings.save_overlays},
         settings,
     )
     init_ray(settings.ray_address)
     shards = manifest.shards(settings.shard_size)
-    model_ref = ray.put(model)
+    model_ref = ray.put(SpadeModel.load(model_uri, options))
     calls = [
         ((shard, outputs.scores_part(index), model_ref, settings, outputs), len(shard))
         for index, shard in enumerate(shards)
