@@ -130,3 +130,122 @@ def test_gather_gallery_flattens_the_selected_images() -> None:
     got = spade.gather_gallery(bank, torch.tensor([2, 0]))
     assert got.dtype == torch.float32 and got.shape == (6, 2)
     assert torch.equal(got, torch.cat([bank[2], bank[0]]).float())
+
+
+def reference_batch_knn_distance(queries: np.ndarray, galleries: np.ndarray, kappa: int) -> np.ndarray:
+    """Image by image: each image's queries against its own gallery only."""
+    return np.stack([reference_knn_distance(q, g, kappa) for q, g in zip(queries, galleries)])
+
+
+def relu_features(rng: np.random.Generator, basis: np.ndarray, count: int) -> np.ndarray:
+    """count x C post-ReLU-like features: low-rank structure plus noise, positive offset, rectified."""
+    mixed = rng.normal(size=(count, basis.shape[0])) @ basis + rng.normal(scale=0.5, size=(count, basis.shape[1]))
+    return np.maximum(mixed + 1.0, 0.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("precision", spade.PRECISIONS)
+@pytest.mark.parametrize("kappa", [1, 3])
+@pytest.mark.parametrize("chunk_bytes", [1, 4 * 3 * 17 * 7, 1 << 30])
+def test_batch_nearest_sq_distances_matches_brute_force(precision: str, kappa: int, chunk_bytes: int) -> None:
+    rng = np.random.default_rng(kappa)
+    queries = rng.normal(size=(3, 17, 8)).astype(np.float32)
+    galleries = rng.normal(size=(3, 101, 8)).astype(np.float32)  # one gallery per image; 101: no chunk divides it
+    got = spade.batch_nearest_sq_distances(
+        torch.from_numpy(queries), torch.from_numpy(galleries), kappa, chunk_bytes, precision
+    )
+    assert got.dtype == torch.float32 and got.shape == (3, 17)
+    np.testing.assert_allclose(got.numpy(), reference_batch_knn_distance(queries, galleries, kappa), rtol=1e-5)
+
+
+def test_batch_nearest_sq_distances_sees_each_gallery_tail() -> None:
+    queries = torch.zeros(2, 4, 3)
+    galleries = torch.full((2, 50, 3), 10.0)
+    galleries[1, -1] = 0.5  # image 1's only close match is its last row, in a partial last chunk
+    got = spade.batch_nearest_sq_distances(queries, galleries, kappa=1, chunk_bytes=4 * 2 * 4 * 7)
+    np.testing.assert_allclose(got.numpy(), [[300.0] * 4, [0.75] * 4], rtol=1e-6)
+
+
+@pytest.mark.parametrize("margin", [spade.RERANK_MARGIN, 0])
+def test_low_precision_only_ranks(margin: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Centred post-ReLU-like features, queries mostly near-duplicates of gallery rows (the hard case for
+    ranking): with the margin every precision is float64-exact; without it bfloat16 misses neighbours."""
+    monkeypatch.setattr(spade, "RERANK_MARGIN", margin)
+    rng = np.random.default_rng(0)
+    batch, pixels, gallery_rows, channels = 2, 128, 1024, 32
+    basis = rng.normal(scale=2.0, size=(8, channels))
+    galleries = relu_features(rng, basis, batch * gallery_rows).reshape(batch, gallery_rows, channels)
+    copied = rng.integers(0, gallery_rows, size=(batch, pixels))
+    queries = galleries[np.arange(batch)[:, None], copied] + rng.normal(scale=0.05, size=(batch, pixels, channels))
+    queries[:, : pixels // 4] = relu_features(rng, basis, batch * (pixels // 4)).reshape(batch, -1, channels)
+    queries = queries.astype(np.float32)
+    mean = torch.from_numpy(galleries.reshape(-1, channels).mean(axis=0))
+    centred_queries = spade.centre(torch.from_numpy(queries), mean)
+    centred_galleries = spade.centre(torch.from_numpy(galleries), mean)
+    missed = 0
+    for kappa in (1, 3):
+        expected = reference_batch_knn_distance(queries, galleries, kappa)
+        got = {
+            precision: spade.batch_nearest_sq_distances(centred_queries, centred_galleries, kappa, 1 << 16, precision)
+            for precision in spade.PRECISIONS
+        }
+        assert torch.equal(got["tf32"], got["float32"])  # no TF32 on CPU
+        np.testing.assert_allclose(got["float32"].numpy(), expected, rtol=1e-5)
+        bfloat16 = got["bfloat16"].numpy()
+        assert (bfloat16 >= expected * (1 - 1e-5)).all()  # a recomputed candidate is never below the true nearest
+        missed += int((bfloat16 > expected * (1 + 1e-4)).sum())
+        if margin:
+            assert torch.equal(got["bfloat16"], got["float32"])
+    assert (missed > 0) == (margin == 0)  # measured without it: 7 of 256 queries, kappa 3
+
+
+def test_centring_makes_float32_exact_on_offset_features() -> None:
+    """Squared norms near 1e6 with a small spread: float32 ranking is noise until the offset is removed."""
+    rng = np.random.default_rng(5)
+    channels = 16
+    offset = np.full(channels, 250.0)  # |offset|^2 = 1e6, like raw wide_resnet50_2 features
+    queries = (offset + rng.normal(scale=0.01, size=(2, 20, channels))).astype(np.float32)
+    galleries = (offset + rng.normal(scale=0.01, size=(2, 300, channels))).astype(np.float32)
+    expected = reference_batch_knn_distance(queries, galleries, 1)
+    raw = spade.batch_nearest_sq_distances(torch.from_numpy(queries), torch.from_numpy(galleries))
+    mean = torch.from_numpy(galleries.reshape(-1, channels).mean(axis=0))
+    centred = spade.batch_nearest_sq_distances(
+        spade.centre(torch.from_numpy(queries), mean), spade.centre(torch.from_numpy(galleries), mean)
+    )
+    assert (raw.numpy() > expected * 1.1).any()  # wrong neighbours without centring
+    np.testing.assert_allclose(centred.numpy(), expected, rtol=1e-5)
+
+
+def test_centre_subtracts_along_the_channel_dimension() -> None:
+    features = torch.arange(2 * 3 * 2 * 2, dtype=torch.float16).reshape(2, 3, 2, 2)  # B x C x h x w
+    mean = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    got = spade.centre(features, mean, dim=1)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, features.float() - torch.tensor([1.0, 2.0, 3.0])[None, :, None, None])
+
+
+@pytest.mark.parametrize("precision", spade.PRECISIONS)
+def test_matmul_precision_is_scoped_to_the_call(precision: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU every precision runs its float32 GEMMs at full precision, and the caller's setting comes back."""
+    seen = []
+    partial_scores = spade._partial_scores
+
+    def recording(*args):
+        seen.append(torch.get_float32_matmul_precision())
+        return partial_scores(*args)
+
+    monkeypatch.setattr(spade, "_partial_scores", recording)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        spade.batch_nearest_sq_distances(torch.zeros(1, 2, 3), torch.ones(1, 4, 3), precision=precision)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert seen == ["highest"]
+
+
+def test_unknown_precision_and_mismatched_batches_are_errors() -> None:
+    with pytest.raises(ValueError, match="precision='float16' is not one of float32, tf32, bfloat16"):
+        spade.batch_nearest_sq_distances(torch.zeros(1, 2, 3), torch.zeros(1, 4, 3), precision="float16")
+    with pytest.raises(ValueError, match="2 query images but 3 galleries"):
+        spade.batch_nearest_sq_distances(torch.zeros(2, 2, 3), torch.zeros(3, 4, 3))
