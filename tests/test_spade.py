@@ -249,3 +249,76 @@ def test_unknown_precision_and_mismatched_batches_are_errors() -> None:
         spade.batch_nearest_sq_distances(torch.zeros(1, 2, 3), torch.zeros(1, 4, 3), precision="float16")
     with pytest.raises(ValueError, match="2 query images but 3 galleries"):
         spade.batch_nearest_sq_distances(torch.zeros(2, 2, 3), torch.zeros(3, 4, 3))
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kappa", [1, 2])
+def test_anomaly_maps_match_brute_force_image_by_image(precision: str, kappa: int) -> None:
+    rng = np.random.default_rng(11)
+    grids = [(8, 8, 6), (4, 4, 10), (2, 2, 12)]  # (h, w, C), strides 4, 8, 16 of a 32 x 24 input
+    batch, k = 2, 3
+    query_layers = [rng.normal(size=(batch, c, h, w)).astype(np.float32) for h, w, c in grids]
+    gallery_layers = [rng.normal(size=(batch, k * h * w, c)).astype(np.float32) for h, w, c in grids]
+    got = spade.anomaly_maps(
+        [torch.from_numpy(q) for q in query_layers],
+        [torch.from_numpy(g) for g in gallery_layers],
+        output_size=(32, 24),
+        kappa=kappa,
+        sigma=4.0,
+        chunk_bytes=4 * batch * 64 * 5,
+        precision=precision,
+    )
+    assert got.dtype == torch.float32 and got.shape == (batch, 32, 24)
+    for b in range(batch):
+        expected = reference_anomaly_map([q[b] for q in query_layers], [g[b] for g in gallery_layers], (32, 24), kappa, 4.0)
+        np.testing.assert_allclose(got[b].numpy(), expected, rtol=1e-4)
+
+
+def test_gaussian_smooth_filters_each_map_of_a_batch() -> None:
+    values = np.random.default_rng(2).gamma(2.0, size=(3, 20, 9))
+    got = spade.gaussian_smooth(torch.from_numpy(values), sigma=2.0)
+    for b in range(3):
+        np.testing.assert_allclose(got[b].numpy(), scipy.ndimage.gaussian_filter(values[b], sigma=2.0), rtol=1e-12)
+
+
+def reference_gather(bank: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Explicit loops: image b's gallery is the pixels of its K neighbours, in neighbour order."""
+    return np.stack([np.concatenate([bank[n] for n in row]) for row in neighbours]).astype(np.float32)
+
+
+class RecordingBank:
+    """A numpy bank that records which rows are read."""
+
+    def __init__(self, bank: np.ndarray):
+        self.bank, self.shape, self.reads = bank, bank.shape, []
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        self.reads.append(rows.tolist())
+        return self.bank[rows]
+
+
+def test_gather_galleries_reads_only_the_retrieved_rows_of_a_memmap(tmp_path) -> None:
+    bank = np.random.default_rng(4).normal(size=(9, 5, 3)).astype(np.float16)  # N x P x C
+    np.save(tmp_path / "layer.npy", bank)
+    mapped = np.load(tmp_path / "layer.npy", mmap_mode="r")
+    neighbours = np.array([[7, 2], [2, 0], [5, 7]])  # B x K, shared and repeated rows
+    got = spade.gather_galleries(mapped, neighbours)
+    assert got.dtype == torch.float32 and got.shape == (3, 10, 3)
+    np.testing.assert_array_equal(got.numpy(), reference_gather(bank, neighbours))
+    recording = RecordingBank(mapped)
+    spade.gather_galleries(recording, neighbours, dtype=torch.float16)
+    assert recording.reads == [[0, 2, 5, 7]]  # each distinct row once, ascending
+
+
+def test_gather_galleries_from_a_tensor_bank_keeps_device_and_converts_dtype() -> None:
+    bank = torch.arange(6 * 4 * 2, dtype=torch.float16).reshape(6, 4, 2)
+    neighbours = torch.tensor([[5, 1, 1], [0, 3, 5]])
+    got = spade.gather_galleries(bank, neighbours, dtype=torch.float64, device="cpu")
+    assert got.dtype == torch.float64 and got.device == bank.device and got.shape == (2, 12, 2)
+    np.testing.assert_array_equal(got.numpy(), reference_gather(bank.numpy(), neighbours.numpy()))
+
+
+@pytest.mark.parametrize("neighbours", [[[0, -1]], [[0, 6]], [0, 1]])
+def test_gather_galleries_refuses_indices_outside_the_bank(neighbours) -> None:
+    with pytest.raises(ValueError, match="B x K indices into the 6 normal images"):
+        spade.gather_galleries(np.zeros((6, 2, 2), dtype=np.float16), np.array(neighbours))
