@@ -114,7 +114,7 @@ def _partial_scores(queries: torch.Tensor, block: torch.Tensor, low: torch.Tenso
     if low is None:
         return torch.baddbmm(norms, queries, block.transpose(1, 2), alpha=-2.0)
     cross = torch.bmm(low, block.to(low.dtype).transpose(1, 2))
-    return norms - 2.0 * cross.to(torch.float32)
+    return cross.to(torch.float32).mul_(-2.0).add_(norms)
 
 
 def _ranked_candidates(
@@ -154,8 +154,9 @@ def _exact_sq_distances(
     step = max(1, chunk_bytes // (4 * flat_indices.shape[1] * channels))
     distances = torch.empty(flat_indices.shape, dtype=torch.float32, device=queries.device)
     for start in range(0, batch * pixels, step):
-        differences = flat_gallery[flat_indices[start : start + step]] - flat_queries[start : start + step, None, :]
-        distances[start : start + step] = (differences * differences).sum(-1)
+        differences = flat_gallery[flat_indices[start : start + step]]  # a copy: updated in place below
+        differences.sub_(flat_queries[start : start + step, None, :]).square_()
+        distances[start : start + step] = differences.sum(-1)
     return distances.reshape(indices.shape)
 
 
