@@ -51,12 +51,14 @@ class Settings:
     pixel_quantile: float = _key(0.999, "Quantile of normal pixel scores used as the pixel threshold.")
     image_threshold: float | None = _key(None, "Override the model's calibrated image threshold.")
     pixel_threshold: float | None = _key(None, "Override the model's calibrated pixel threshold.")
-    shard_size: int = _key(64, "Images per shard: the unit of work, retry and output.")
-    batch_size: int = _key(16, "Images per backbone forward pass inside a task.")
+    shard_size: int = _key(64, "Images per output part file (scores or features): the unit of output and resume.")
+    batch_size: int = _key(16, "Images per model call: one backbone forward pass, and on a GPU one batched pixel search.")
     device: str = _key("auto", "Torch device inside tasks: auto (cuda when the task has a GPU), cpu or cuda.")
     gpus_per_task: float | None = _key(None, "GPUs each task requests; unset: 1 when the cluster has GPUs now, else 0. Set it on autoscaling clusters that start without GPU nodes.")
     cpus_per_task: float = _key(1.0, "CPUs each task requests.")
     chunk_mib: int = _key(16, "Bound on one pixel-distance block, in MiB.")
+    precision: str = _key("float32", "Pixel search GEMM precision: float32, tf32 or bfloat16. Low precision only ranks candidates; returned distances are recomputed in float32.")
+    model_workers: int = _key(0, "Model actors (each loads the backbone and gallery once): 0 = one per GPU, or on CPU-only clusters one per cpus_per_task CPUs, keeping one CPU for decoding.")
     save_maps: bool = _key(False, "Also write raw anomaly maps (float16 .npy at the working size) under OUT/maps/.")
     save_overlays: bool = _key(False, "Also write heat-map overlays (PNG) under OUT/overlays/.")
     overwrite: bool = _key(False, "Recompute shards whose outputs already exist instead of resuming.")
@@ -95,6 +97,7 @@ _CHOICES = {
     "preprocess": ("full", "paper"),
     "index": ("flat", "ivf"),
     "device": ("auto", "cpu", "cuda"),
+    "precision": ("float32", "tf32", "bfloat16"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
 _POSITIVE = ("k", "kappa", "shard_size", "batch_size", "chunk_mib")
@@ -111,7 +114,7 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"image_size: must be at least 32 pixels, got {settings.image_size}")
     if not 0 <= settings.sigma < math.inf:
         raise ConfigError(f"sigma: must be a finite number >= 0, got {settings.sigma}")
-    for key in ("ivf_lists", "cpus_per_task", "gpus_per_task"):
+    for key in ("ivf_lists", "cpus_per_task", "gpus_per_task", "model_workers"):
         if getattr(settings, key) is not None and getattr(settings, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {getattr(settings, key)}")
     if not 0 <= settings.calibration_fraction < 1:

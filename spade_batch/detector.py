@@ -4,8 +4,9 @@
     model = fit(normal_images, Settings(backbone="resnet18", weights="random", k=5))
     results = score(model, test_images)          # list[ImageScore]
 
-The Ray pipeline calls exactly these classes (Extractor, Scorer, build_model), so both give the
-same numbers.
+This module is the one definition of fit and score: feature extraction, the calibration hold-out,
+gallery building, calibration and per-batch scoring with the rows they produce. The Ray pipeline
+only distributes these classes and functions, so both give the same numbers.
 """
 
 from __future__ import annotations
@@ -13,20 +14,20 @@ from __future__ import annotations
 import functools
 import json
 import math
-import warnings
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from spade_batch import spade
+from spade_batch import calibrate, spade
 from spade_batch.backbone import FeaturePyramid, load_backbone
-from spade_batch.calibrate import calibrate
 from spade_batch.config import Settings
-from spade_batch.features import FeatureTable, LayerShape
-from spade_batch.images import Preprocessing, preprocess
-from spade_batch.model import SpadeModel, build_model
+from spade_batch.features import LayerShape
+from spade_batch.images import Preprocessing, normalise, resize_for_model
+from spade_batch.model import Centre, GalleryWriter, ModelCard, SpadeModel, build_model
+from spade_batch.scores import ScoreRow
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -38,12 +39,35 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+@dataclass(frozen=True)
+class Features:
+    """Features of a batch of B images.
+
+    Attributes:
+        global_features: B x D float32 (raw, uncentred).
+        layers: per pyramid layer, B x C_l x h_l x w_l float32 (raw), on the extractor's device.
+    """
+
+    global_features: torch.Tensor
+    layers: list[torch.Tensor]
+
+    def pixel_rows(self) -> list[np.ndarray]:
+        """Per layer, B x (h * w) x C float16 on the CPU: the gallery and Parquet layout (channels last)."""
+        return [layer.permute(0, 2, 3, 1).flatten(1, 2).to(torch.float16).cpu().numpy() for layer in self.layers]
+
+
 class Extractor:
     """Preprocess + backbone, in batches."""
 
-    def __init__(self, settings: Settings, storage_options: dict | None = None, device: torch.device | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        storage_options: dict | None = None,
+        device: torch.device | None = None,
+        preprocessing: Preprocessing | None = None,
+    ):
         self.device = device or resolve_device(settings.device)
-        self.preprocessing = Preprocessing(size=settings.image_size, mode=settings.preprocess)
+        self.preprocessing = preprocessing or Preprocessing(size=settings.image_size, mode=settings.preprocess)
         self.batch_size = settings.batch_size
         self.pyramid, self.weights_sha256 = _cached_backbone(
             settings.backbone, settings.weights, settings.seed, _freeze(storage_options), str(self.device)
@@ -58,41 +82,24 @@ class Extractor:
             for name, stride, channels in zip(spec.layers, spec.strides, spec.channels)
         ]
 
-    def forward(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """H x W x 3 uint8 images -> (N x D float32 global, per layer N x C x h x w float32), on self.device."""
+    @property
+    def global_dim(self) -> int:
+        return self.pyramid.spec.global_dim
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """H x W x 3 uint8 image -> S x S x 3 uint8 at the working size (what a CPU decode worker does)."""
+        return resize_for_model(image, self.preprocessing)
+
+    def forward(self, prepared: np.ndarray) -> Features:
+        """B x S x S x 3 uint8 prepared images -> their features, in backbone batches of batch_size."""
         globals_, layers = [], []
-        for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([preprocess(image, self.preprocessing) for image in images[start : start + self.batch_size]])
+        for start in range(0, len(prepared), self.batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(prepared[start : start + self.batch_size])).to(self.device)
             with torch.inference_mode():
-                pooled, pyramid = self.pyramid(batch.to(self.device))
+                pooled, pyramid = self.pyramid(normalise(batch, self.preprocessing))
             globals_.append(pooled.float())
             layers.append([layer.float() for layer in pyramid])
-        return torch.cat(globals_), [torch.cat(per_layer) for per_layer in zip(*layers)]
-
-    def feature_table(
-        self, images: Sequence[np.ndarray | None], ids: Sequence[str], uris: Sequence[str], errors: Sequence[str | None]
-    ) -> FeatureTable:
-        """Features of decoded images; entries whose image is None (failed decode) get zero rows and their error."""
-        ok = [i for i, image in enumerate(images) if image is not None]
-        shapes = self.layer_shapes
-        count = len(images)
-        global_features = np.zeros((count, self.pyramid.spec.global_dim), dtype=np.float32)
-        layers = [np.zeros((count, s.height * s.width, s.channels), dtype=np.float16) for s in shapes]
-        if ok:
-            pooled, pyramid = self.forward([images[i] for i in ok])
-            global_features[ok] = pooled.cpu().numpy()
-            for bank, layer in zip(layers, pyramid):
-                bank[ok] = layer.permute(0, 2, 3, 1).flatten(1, 2).to(torch.float16).cpu().numpy()
-        return FeatureTable(
-            ids=list(ids),
-            uris=list(uris),
-            heights=np.array([0 if im is None else im.shape[0] for im in images], dtype=np.int32),
-            widths=np.array([0 if im is None else im.shape[1] for im in images], dtype=np.int32),
-            global_features=global_features,
-            layers=layers,
-            layer_shapes=shapes,
-            errors=list(errors),
-        )
+        return Features(torch.cat(globals_), [torch.cat(per_layer) for per_layer in zip(*layers)])
 
 
 def _freeze(options: dict | None) -> str:
@@ -104,6 +111,70 @@ def _freeze(options: dict | None) -> str:
 def _cached_backbone(name: str, weights: str, seed: int, options_json: str, device: str) -> tuple[FeaturePyramid, str]:
     """One backbone per process and settings: Ray reuses worker processes across tasks."""
     return load_backbone(name, weights, seed=seed, storage_options=json.loads(options_json), device=device)
+
+
+def backbone_loads() -> int:
+    """How many backbones this process has loaded (each model actor should load one)."""
+    return _cached_backbone.cache_info().misses
+
+
+# ---------------------------------------------------------------- fit
+
+
+def split_fit_ids(ids: Sequence[str], settings: Settings) -> tuple[list[str], list[str]]:
+    """(gallery ids, calibration ids), both sorted: the deterministic hold-out by id hash (calibrate.is_held_out)."""
+    held = {i for i in ids if calibrate.is_held_out(i, settings.calibration_fraction, settings.seed)}
+    return sorted(set(ids) - held), sorted(held)
+
+
+def new_card(
+    extractor: Extractor, settings: Settings, train_count: int, manifest_sha256: str, failed: Sequence[dict[str, str]]
+) -> ModelCard:
+    """The card of a model fitted with this extractor and settings (no thresholds yet)."""
+    if train_count < settings.k:
+        raise ValueError(
+            f"k={settings.k} nearest normal images requested but only {train_count} usable training images "
+            f"({len(failed)} failed); lower k or add normal images"
+        )
+    return ModelCard(
+        settings=settings.model_dict(),
+        preprocessing=extractor.preprocessing.to_dict(),
+        weights_sha256=extractor.weights_sha256,
+        layers=[vars(shape) for shape in extractor.layer_shapes],
+        global_dim=extractor.global_dim,
+        train_count=train_count,
+        train_manifest_sha256=manifest_sha256,
+        failed_train_images=list(failed),
+    )
+
+
+def fit(images: Sequence[np.ndarray], settings: Settings, ids: Sequence[str] | None = None, folder: str | None = None) -> SpadeModel:
+    """Fit on normal H x W x 3 uint8 images.
+
+    settings.calibration_fraction of the images (by id hash, as the pipeline does) are held out of
+    the gallery to calibrate the thresholds. The gallery files go to `folder` (a new temp folder by
+    default); `model.save(uri)` publishes the model.
+    """
+    ids = list(ids) if ids is not None else [f"{i:06d}" for i in range(len(images))]
+    extractor = Extractor(settings)
+    features = extractor.forward(np.stack([extractor.prepare(image) for image in images]))
+    gallery_ids, calibration_ids = split_fit_ids(ids, settings)
+    rows = features.pixel_rows()
+    first = ids.index(gallery_ids[0]) if gallery_ids else 0
+    centre = Centre.of_image(features.global_features[first].cpu().numpy(), [layer[first] for layer in rows])
+    card = new_card(extractor, settings, len(gallery_ids), "in-process", [])
+    writer = GalleryWriter(folder or tempfile.mkdtemp(prefix="spade-model-"), gallery_ids, extractor.layer_shapes, extractor.global_dim, centre)
+    writer.add(ids, features.global_features.cpu().numpy(), rows)
+    model = build_model(writer, card, settings)
+    if not calibration_ids:
+        return model
+    held = [ids.index(i) for i in calibration_ids]
+    scorer = Scorer(model, extractor, settings.chunk_mib * 2**20, settings.precision)
+    results = scorer.score_features(Features(features.global_features[held], [layer[held] for layer in features.layers]))
+    return calibrate.calibrate(model, results, settings)
+
+
+# ---------------------------------------------------------------- score
 
 
 @dataclass(frozen=True)
@@ -122,54 +193,98 @@ class ImageScore:
 
 
 class Scorer:
-    """Scores images against a fitted model; holds the gallery as torch views of the model's arrays."""
+    """Scores images against a fitted model.
 
-    def __init__(self, model: SpadeModel, extractor: Extractor, chunk_bytes: int = spade.DEFAULT_CHUNK_BYTES):
+    On a GPU the gallery is kept on the device when it fits in half its free memory; otherwise
+    (and on CPU) the K retrieved images' rows are gathered from the (memory-mapped) gallery.
+    """
+
+    def __init__(
+        self,
+        model: SpadeModel,
+        extractor: Extractor,
+        chunk_bytes: int = spade.DEFAULT_CHUNK_BYTES,
+        precision: str = "float32",
+        images_per_call: int | None = None,
+    ):
         settings = model.card.settings
-        self.model = model
-        self.extractor = extractor
+        self.model, self.extractor = model, extractor
         self.k, self.kappa, self.sigma = settings["k"], settings["kappa"], settings["sigma"]
-        self.chunk_bytes = chunk_bytes
-        with warnings.catch_warnings():
-            # Ray hands out read-only views of its object store; torch only reads them.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            self.gallery = [torch.from_numpy(np.asarray(bank)).to(extractor.device) for bank in model.gallery]
+        self.chunk_bytes, self.precision = chunk_bytes, precision
+        device = extractor.device
+        # Several images per kernel call pay off on a GPU; on a CPU one image already fills the cores.
+        self.images_per_call = images_per_call or (extractor.batch_size if device.type == "cuda" else 1)
+        self.global_centre = torch.from_numpy(model.centre.global_mean).to(device)
+        self.layer_centres = [torch.from_numpy(mean).to(device).view(1, -1, 1, 1) for mean in model.centre.layer_means]
+        self.gallery: list[np.ndarray | torch.Tensor] = list(model.gallery)
+        if device.type == "cuda" and model.gallery_bytes < torch.cuda.mem_get_info(device)[0] // 2:
+            self.gallery = [torch.from_numpy(np.ascontiguousarray(bank)).to(device) for bank in model.gallery]
 
     def score(self, images: Sequence[np.ndarray]) -> list[ImageScore]:
+        """Scores of H x W x 3 uint8 images."""
         if not images:
             return []
-        pooled, pyramid = self.extractor.forward(images)
-        scores, neighbours = spade.image_knn(self.model.index, pooled.cpu().numpy(), self.k)
+        return self.score_prepared(np.stack([self.extractor.prepare(image) for image in images]))
+
+    def score_prepared(self, prepared: np.ndarray) -> list[ImageScore]:
+        """Scores of B x S x S x 3 uint8 images already at the working size."""
+        if not len(prepared):
+            return []
+        return self.score_features(self.extractor.forward(prepared))
+
+    def score_features(self, features: Features) -> list[ImageScore]:
+        """Scores from raw (uncentred) features: image kNN, then the pixel maps, images_per_call at a time."""
+        queries = (features.global_features.to(self.extractor.device) - self.global_centre).cpu().numpy()
+        scores, neighbours = spade.image_knn(self.model.index, queries, self.k)
         size = (self.extractor.preprocessing.size, self.extractor.preprocessing.size)
         results = []
-        for i in range(len(images)):
-            nearest = torch.from_numpy(neighbours[i])
-            galleries = [spade.gather_gallery(bank, nearest) for bank in self.gallery]
-            anomaly_map = spade.anomaly_map(
-                [layer[i] for layer in pyramid], galleries, size, self.kappa, self.sigma, self.chunk_bytes
-            )
-            results.append(ImageScore(float(scores[i]), neighbours[i], anomaly_map.cpu().numpy()))
+        for start in range(0, len(scores), self.images_per_call):
+            chunk = slice(start, start + self.images_per_call)
+            nearest = torch.from_numpy(neighbours[chunk])
+            layers = [(layer[chunk].to(self.extractor.device) - centre) for layer, centre in zip(features.layers, self.layer_centres)]
+            galleries = [spade.gather_galleries(bank, nearest, device=self.extractor.device) for bank in self.gallery]
+            maps = spade.anomaly_maps(layers, galleries, size, self.kappa, self.sigma, self.chunk_bytes, self.precision)
+            for offset, anomaly_map in enumerate(maps.cpu().numpy()):
+                results.append(ImageScore(float(scores[start + offset]), neighbours[start + offset], anomaly_map))
         return results
-
-
-def fit(
-    images: Sequence[np.ndarray],
-    settings: Settings,
-    ids: Sequence[str] | None = None,
-    calibration_images: Sequence[np.ndarray] = (),
-) -> SpadeModel:
-    """Fit on normal H x W x 3 uint8 images; optional held-out normal images calibrate the thresholds."""
-    ids = list(ids) if ids is not None else [f"{i:06d}" for i in range(len(images))]
-    extractor = Extractor(settings)
-    table = extractor.feature_table(images, ids, ids, [None] * len(images))
-    model = build_model(table, settings, extractor.preprocessing.to_dict(), extractor.weights_sha256, "in-process")
-    if calibration_images:
-        results = Scorer(model, extractor, settings.chunk_mib * 2**20).score(calibration_images)
-        model = calibrate(model, results, settings)
-    return model
 
 
 def score(model: SpadeModel, images: Sequence[np.ndarray], settings: Settings | None = None) -> list[ImageScore]:
     """Score H x W x 3 uint8 images; settings give the device and batch size, the model keys are the model's own."""
     settings = (settings or Settings()).replace(**model.card.settings)
-    return Scorer(model, Extractor(settings), settings.chunk_mib * 2**20).score(images)
+    extractor = Extractor(settings, preprocessing=Preprocessing.from_dict(model.card.preprocessing))
+    return Scorer(model, extractor, settings.chunk_mib * 2**20, settings.precision).score(images)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The thresholds a scoring run applies (None: unknown)."""
+
+    image: float | None
+    pixel: float | None
+
+    @classmethod
+    def of(cls, card: ModelCard, settings: Settings) -> Thresholds:
+        """The settings' overrides, else the model's calibrated thresholds."""
+        image = settings.image_threshold if settings.image_threshold is not None else card.thresholds["image"]
+        pixel = settings.pixel_threshold if settings.pixel_threshold is not None else card.thresholds["pixel"]
+        return cls(image, pixel)
+
+
+def result_row(
+    image_id: str, uri: str, size: tuple[int, int], result: ImageScore, neighbour_ids: list[str],
+    mask: np.ndarray, mask_uri: str, thresholds: Thresholds,
+) -> ScoreRow:
+    """The scores-table row of a scored image of size (height, width) whose uint8 mask was written to mask_uri."""
+    return ScoreRow(
+        id=image_id,
+        uri=uri,
+        image_score=result.score,
+        is_anomalous=None if thresholds.image is None else result.score > thresholds.image,
+        max_pixel_score=float(result.anomaly_map.max()),
+        anomalous_fraction=None if thresholds.pixel is None else float((mask > 0).mean()),
+        mask_uri=mask_uri,
+        neighbour_ids=neighbour_ids,
+        height=size[0],
+        width=size[1],
+    )

@@ -170,19 +170,28 @@ def _geometry(t: torch.Tensor, spec: Preprocessing, interpolation: Interpolation
     return TF.center_crop(t, [spec.size, spec.size])
 
 
-def preprocess(image: np.ndarray, spec: Preprocessing) -> torch.Tensor:
-    """H x W x 3 uint8 RGB -> 3 x size x size float32, ImageNet-normalised.
+def resize_for_model(image: np.ndarray, spec: Preprocessing) -> np.ndarray:
+    """H x W x 3 uint8 RGB -> size x size x 3 uint8: the geometry of :func:`preprocess`, before normalising.
 
-    Bilinear resize with antialias on the uint8 image (as torchvision's
-    ``Resize(antialias=True)`` on a PIL image), then ``(x/255 - mean) / std``.
+    Bilinear resize with antialias on the uint8 image (as torchvision's ``Resize(antialias=True)``
+    on a PIL image), and the centre crop in paper mode. This is what a decode worker sends on.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"preprocess expects an H x W x 3 uint8 array, got shape {image.shape} {image.dtype}")
     t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    t = _geometry(t, spec, InterpolationMode.BILINEAR).float().div_(255)
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
-    return ((t - mean) / std).contiguous()
+    return _geometry(t, spec, InterpolationMode.BILINEAR).permute(1, 2, 0).contiguous().numpy()
+
+
+def normalise(batch: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+    """B x size x size x 3 uint8 (any device) -> B x 3 x size x size float32: ``(x/255 - mean) / std``."""
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
+    return ((batch.permute(0, 3, 1, 2).float().div_(255) - mean) / std).contiguous()
+
+
+def preprocess(image: np.ndarray, spec: Preprocessing) -> torch.Tensor:
+    """H x W x 3 uint8 RGB -> 3 x size x size float32, normalised: :func:`resize_for_model` then :func:`normalise`."""
+    return normalise(torch.from_numpy(resize_for_model(image, spec))[None], spec)[0]
 
 
 def preprocess_mask(mask: np.ndarray, spec: Preprocessing) -> np.ndarray:

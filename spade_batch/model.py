@@ -1,20 +1,36 @@
-"""The fitted model artifact: card (spade.json), faiss image index, pixel gallery.
+"""The fitted model artifact: card (spade.json), faiss image index, centre, pixel gallery.
 
 Layout under MODEL_URI (spade.json is written last: a model without it is incomplete):
 
     spade.json            the card: settings, weights identity, shapes, thresholds, provenance
     train_ids.json        ids of the gallery images, in index order
-    global.faiss          faiss index over the N x D global features (squared L2)
-    pyramid/<layer>.npy   N x (h * w) x C float16 pixel gallery per layer, channels last
+    global.faiss          faiss index over the N x D centred global features (squared L2)
+    centre.npz            the training-mean centre: "global" (D,) and one (C_l,) per layer, float32
+    pyramid/<layer>.npy   N x (h * w) x C float16 centred pixel gallery per layer, channels last
     features/             the Parquet part files fit extracted (see features.py)
+
+Features are stored and searched centred (minus a training mean). Squared distances do not change
+under a common shift, but float32 |a|^2 - 2ab + |b|^2 on raw wide_resnet50_2 features (|a|^2 near
+1e6) loses enough digits to change neighbour sets. Schema 1 models (uncentred) load with a zero
+centre.
+
+The gallery is written row by row (`GalleryWriter`), never held whole in memory, and read memory-
+mapped: a scorer touches only the rows of the K images it retrieved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
+import hashlib
 import json
 import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,10 +39,12 @@ import numpy as np
 
 from spade_batch import __version__, storage
 from spade_batch.config import MODEL_KEYS, ConfigError, Settings
-from spade_batch.features import FeatureTable, LayerShape
+from spade_batch.features import LayerShape
 
-MODEL_SCHEMA_VERSION = 1
+MODEL_SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 CARD_NAME = "spade.json"
+ARRAY_FILES = ("train_ids.json", "global.faiss", "centre.npz")
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,35 @@ class ModelCard:
             )
 
 
+@dataclass(frozen=True)
+class Centre:
+    """The vector subtracted from every feature before any distance.
+
+    Any fixed vector near the data keeps float32 distances exact to the digits that matter; fit
+    uses the features of one gallery image (the first by id), so the centre does not depend on how
+    the extraction was batched or resumed.
+
+    Attributes:
+        global_mean: D float32.
+        layer_means: per layer, C_l float32.
+    """
+
+    global_mean: np.ndarray
+    layer_means: list[np.ndarray]
+
+    @classmethod
+    def of_image(cls, global_feature: np.ndarray, layers: Sequence[np.ndarray]) -> Centre:
+        """From one image: its D global feature, and per layer the mean of its P x C_l pixel features."""
+        return cls(
+            np.asarray(global_feature, np.float32),
+            [np.asarray(layer, np.float32).mean(axis=0, dtype=np.float64).astype(np.float32) for layer in layers],
+        )
+
+    @classmethod
+    def zero(cls, global_dim: int, shapes: Sequence[LayerShape]) -> Centre:
+        return cls(np.zeros(global_dim, np.float32), [np.zeros(s.channels, np.float32) for s in shapes])
+
+
 @dataclass
 class SpadeModel:
     """A fitted SPADE model.
@@ -72,44 +119,132 @@ class SpadeModel:
     Attributes:
         card: settings and provenance.
         train_ids: N gallery image ids, in index order.
-        index: faiss squared-L2 index over the N x D global features.
-        gallery: per layer, N x (h * w) x C float16 pixel features (channels last).
+        index: faiss squared-L2 index over the N x D centred global features.
+        centre: subtracted from query features before searching.
+        gallery: per layer, N x (h * w) x C float16 centred pixel features (channels last), usually
+            memory-mapped from `folder`.
+        folder: the local folder holding the arrays, when they are files.
     """
 
     card: ModelCard
     train_ids: list[str]
     index: faiss.Index
+    centre: Centre
     gallery: list[np.ndarray]
-
-    def __getstate__(self) -> dict[str, Any]:
-        # faiss indexes do not pickle; their serialised bytes are a plain uint8 array (zero-copy in Ray).
-        return {**self.__dict__, "index": faiss.serialize_index(self.index)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({**state, "index": faiss.deserialize_index(np.asarray(state["index"]))})
+    folder: str | None = None
 
     def with_thresholds(self, image: float | None, pixel: float | None, calibration: dict[str, Any]) -> SpadeModel:
         card = dataclasses.replace(self.card, thresholds={"image": image, "pixel": pixel}, calibration=calibration)
         return dataclasses.replace(self, card=card)
 
+    @property
+    def gallery_bytes(self) -> int:
+        return sum(layer.nbytes for layer in self.gallery)
+
     def save(self, uri: str, options: storage.StorageOptions = None) -> None:
         """Write the artifact; an existing card is removed first, so no reader pairs it with new arrays."""
         storage.remove(storage.join(uri, CARD_NAME), options)
-        storage.write_text(storage.join(uri, "train_ids.json"), json.dumps(self.train_ids), options)
-        storage.write_bytes(storage.join(uri, "global.faiss"), faiss.serialize_index(self.index).tobytes(), options)
-        for shape, layer in zip(self.card.layer_shapes, self.gallery):
-            storage.write_npy(storage.join(uri, "pyramid", f"{shape.name}.npy"), layer, options)
+        self.publish_arrays(uri, options)
+        self.write_card(uri, options)
+
+    def publish_arrays(self, uri: str, options: storage.StorageOptions = None) -> None:
+        """Copy everything but the card to uri (streamed; the gallery files are never read into memory)."""
+        with tempfile.TemporaryDirectory(prefix="spade-model-") as staging:
+            _write_arrays(staging, self)
+            for name in _array_names(self.card):
+                source = os.path.join(self.folder if self.folder and name.startswith("pyramid/") else staging, name)
+                if not (storage.is_local(uri) and os.path.abspath(source) == os.path.abspath(storage.join(uri, name))):
+                    storage.put_file(source, storage.join(uri, name), options)
+
+    def write_card(self, uri: str, options: storage.StorageOptions = None) -> None:
+        """spade.json, last: its presence marks the model complete."""
         storage.write_text(storage.join(uri, CARD_NAME), json.dumps(dataclasses.asdict(self.card), indent=2), options)
 
     @classmethod
-    def load(cls, uri: str, options: storage.StorageOptions = None) -> SpadeModel:
-        card = load_card(uri, options)
-        index_bytes = np.frombuffer(storage.read_bytes(storage.join(uri, "global.faiss"), options), dtype=np.uint8)
-        gallery = [
-            storage.read_npy(storage.join(uri, "pyramid", f"{shape.name}.npy"), options) for shape in card.layer_shapes
-        ]
-        train_ids = json.loads(storage.read_text(storage.join(uri, "train_ids.json"), options))
-        return cls(card=card, train_ids=train_ids, index=faiss.deserialize_index(index_bytes), gallery=gallery)
+    def load(cls, uri: str, options: storage.StorageOptions = None, card: ModelCard | None = None) -> SpadeModel:
+        """The model at uri, its gallery memory-mapped from a node-local copy (uri itself when local).
+
+        card: use this card instead of uri's spade.json (fit's calibration, before the card is written).
+        """
+        card = card or load_card(uri, options)
+        folder = storage.filesystem(uri, options)[1] if storage.is_local(uri) else local_copy(uri, card, options)
+        return _load_folder(folder, card)
+
+
+def _array_names(card: ModelCard) -> list[str]:
+    """The artifact's files besides the card, relative to the model folder."""
+    files = ARRAY_FILES if card.schema_version > 1 else ARRAY_FILES[:2]  # schema 1 had no centre
+    return [*files, *(f"pyramid/{shape.name}.npy" for shape in card.layer_shapes)]
+
+
+def _write_arrays(folder: str, model: SpadeModel) -> None:
+    """train ids, index and centre into folder (the gallery files are written by GalleryWriter)."""
+    with open(os.path.join(folder, "train_ids.json"), "w") as f:
+        json.dump(model.train_ids, f)
+    faiss.write_index(model.index, os.path.join(folder, "global.faiss"))
+    layers = {shape.name: mean for shape, mean in zip(model.card.layer_shapes, model.centre.layer_means)}
+    np.savez(os.path.join(folder, "centre.npz"), **{"global": model.centre.global_mean, **{f"layer:{k}": v for k, v in layers.items()}})
+
+
+_LOADS = [0]
+
+
+def load_count() -> int:
+    """How many times this process has loaded a model's arrays (each actor should do it once)."""
+    return _LOADS[0]
+
+
+def _load_folder(folder: str, card: ModelCard) -> SpadeModel:
+    _LOADS[0] += 1
+    shapes = card.layer_shapes
+    try:
+        with open(os.path.join(folder, "train_ids.json")) as f:
+            train_ids = json.load(f)
+        index = faiss.read_index(os.path.join(folder, "global.faiss"))
+        gallery = [np.load(os.path.join(folder, "pyramid", f"{s.name}.npy"), mmap_mode="r") for s in shapes]
+        if card.schema_version == 1:
+            centre = Centre.zero(card.global_dim, shapes)
+        else:
+            with np.load(os.path.join(folder, "centre.npz")) as saved:
+                centre = Centre(saved["global"], [saved[f"layer:{s.name}"] for s in shapes])
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise ValueError(f"model files under {folder} are missing or damaged ({error}); fit the model again") from error
+    expected = [(card.train_count, s.height * s.width, s.channels) for s in shapes]
+    if [layer.shape for layer in gallery] != expected or len(train_ids) != card.train_count:
+        raise ValueError(f"model files under {folder} do not match its {CARD_NAME}; fit the model again")
+    return SpadeModel(card=card, train_ids=train_ids, index=index, centre=centre, gallery=gallery, folder=folder)
+
+
+def cache_root() -> str:
+    """Where node-local model copies live: $SPADE_BATCH_CACHE, else <tmp>/spade-batch-cache."""
+    return os.environ.get("SPADE_BATCH_CACHE") or os.path.join(tempfile.gettempdir(), "spade-batch-cache")
+
+
+def local_copy(uri: str, card: ModelCard, options: storage.StorageOptions = None) -> str:
+    """A node-local folder holding the model's arrays, downloaded once per node and model.
+
+    Processes on one node share the copy: a file lock serialises the download, which lands in a
+    temporary folder renamed into place, so no reader ever sees half a copy. A refit (new
+    `card.created`) gets a new folder.
+    """
+    key = hashlib.sha256(f"{storage.normalize(uri, options)}\0{card.created}".encode()).hexdigest()[:24]
+    root = cache_root()
+    os.makedirs(root, exist_ok=True)
+    folder = os.path.join(root, key)
+    with open(os.path.join(root, f"{key}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isdir(folder):
+            partial = tempfile.mkdtemp(prefix=f"{key}.", suffix=".partial", dir=root)
+            try:
+                for name in _array_names(card):
+                    target = os.path.join(partial, name)
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    storage.get_file(storage.join(uri, name), target, options)
+                os.replace(partial, folder)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.rmtree(partial)
+    return folder
 
 
 def load_card(uri: str, options: storage.StorageOptions = None) -> ModelCard:
@@ -117,9 +252,14 @@ def load_card(uri: str, options: storage.StorageOptions = None) -> ModelCard:
     card_uri = storage.join(uri, CARD_NAME)
     if not storage.exists(card_uri, options):
         raise FileNotFoundError(f"no model at {uri}: {CARD_NAME} is missing; run `spade-batch fit` first")
-    card = ModelCard(**json.loads(storage.read_text(card_uri, options)))
-    if card.schema_version != MODEL_SCHEMA_VERSION:
-        raise ValueError(f"model {uri} has schema version {card.schema_version}; this package reads {MODEL_SCHEMA_VERSION}")
+    try:
+        card = ModelCard(**json.loads(storage.read_text(card_uri, options)))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{card_uri} is not a spade-batch model card ({error}); fit the model again") from error
+    if card.schema_version not in READABLE_SCHEMA_VERSIONS:
+        raise ValueError(
+            f"model {uri} has schema version {card.schema_version}; this package reads {READABLE_SCHEMA_VERSIONS}"
+        )
     return card
 
 
@@ -146,31 +286,67 @@ def build_index(global_features: np.ndarray, kind: str = "flat", lists: int = 0,
     return index
 
 
-def build_model(
-    features: FeatureTable,
-    settings: Settings,
-    preprocessing: dict[str, Any],
-    weights_sha256: str,
-    train_manifest_sha256: str,
-) -> SpadeModel:
-    """Model from the features of the normal training images (failed images are recorded and left out)."""
-    valid = features.valid()
-    if len(valid) < settings.k:
-        raise ValueError(
-            f"k={settings.k} nearest normal images requested but only {len(valid)} usable training images "
-            f"({len(features) - len(valid)} failed); lower k or add normal images"
-        )
-    card = ModelCard(
-        settings=settings.model_dict(),
-        preprocessing=preprocessing,
-        weights_sha256=weights_sha256,
-        layers=[vars(shape) for shape in features.layer_shapes],
-        global_dim=int(valid.global_features.shape[1]),
-        train_count=len(valid),
-        train_manifest_sha256=train_manifest_sha256,
-        failed_train_images=[
-            {"id": i, "error": e} for i, e in zip(features.ids, features.errors) if e is not None
-        ],
-    )
-    index = build_index(valid.global_features, settings.index, settings.ivf_lists, settings.seed, settings.k)
-    return SpadeModel(card=card, train_ids=valid.ids, index=index, gallery=valid.layers)
+class GalleryWriter:
+    """Writes gallery rows into <folder>/pyramid/<layer>.npy, centred, in any order and in pieces.
+
+    The gallery ids are known up front and sorted: row i of every file is ids[i], wherever and
+    whenever its features arrive, so the artifact does not depend on batching or resume. Rows are
+    written with plain positioned writes (no memory map), so memory stays at one batch whatever
+    the gallery size.
+    """
+
+    def __init__(self, folder: str, ids: Sequence[str], layer_shapes: Sequence[LayerShape], global_dim: int, centre: Centre):
+        self.folder, self.ids, self.shapes, self.centre = folder, sorted(ids), list(layer_shapes), centre
+        self.position = {image_id: row for row, image_id in enumerate(self.ids)}
+        if len(self.position) != len(self.ids):
+            raise ValueError("gallery ids must be unique")
+        self.written = np.zeros(len(self.ids), dtype=bool)
+        self.global_features = np.zeros((len(self.ids), global_dim), np.float32)
+        os.makedirs(os.path.join(folder, "pyramid"), exist_ok=True)
+        self.files, self.row_bytes, self.offsets = [], [], []
+        for shape in self.shapes:
+            handle = open(os.path.join(folder, "pyramid", f"{shape.name}.npy"), "w+b")
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+                      "shape": (len(self.ids), shape.height * shape.width, shape.channels)}
+            np.lib.format.write_array_header_2_0(handle, header)
+            self.offsets.append(handle.tell())
+            self.row_bytes.append(2 * shape.height * shape.width * shape.channels)
+            handle.truncate(self.offsets[-1] + self.row_bytes[-1] * len(self.ids))
+            self.files.append(handle)
+
+    def add(self, ids: Sequence[str], global_features: np.ndarray, layers: Sequence[np.ndarray]) -> None:
+        """Write the rows of those of n images that belong to the gallery (others are skipped).
+
+        Args:
+            ids: n image ids.
+            global_features: n x D.
+            layers: per layer, n x P x C_l (any float dtype).
+        """
+        for i, image_id in enumerate(ids):
+            row = self.position.get(image_id)
+            if row is None:
+                continue
+            self.global_features[row] = global_features[i] - self.centre.global_mean
+            for handle, offset, size, layer, mean in zip(self.files, self.offsets, self.row_bytes, layers, self.centre.layer_means):
+                values = (np.asarray(layer[i], np.float32) - mean).astype(np.float16)
+                handle.seek(offset + row * size)
+                handle.write(np.ascontiguousarray(values).tobytes())
+            self.written[row] = True
+
+    def close(self) -> tuple[list[str], np.ndarray]:
+        """(gallery ids, N x D centred global features) once every row is written."""
+        for handle in self.files:
+            handle.close()
+        if not self.written.all():
+            missing = [image_id for image_id, done in zip(self.ids, self.written) if not done]
+            raise ValueError(f"{len(missing)} gallery images were never written, e.g. {missing[:3]}")
+        return self.ids, self.global_features
+
+
+def build_model(writer: GalleryWriter, card: ModelCard, settings: Settings) -> SpadeModel:
+    """The model whose gallery `writer` has written: index over the centred global features, arrays mapped."""
+    ids, global_features = writer.close()
+    index = build_index(global_features, settings.index, settings.ivf_lists, settings.seed, settings.k)
+    model = SpadeModel(card=card, train_ids=ids, index=index, centre=writer.centre, gallery=[], folder=writer.folder)
+    _write_arrays(writer.folder, model)
+    return _load_folder(writer.folder, card)

@@ -17,7 +17,6 @@ import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from PIL import Image
 
 _DPI = 100
 
@@ -170,23 +169,6 @@ def example_grid(examples: list[Example], low: float, high: float) -> bytes:
         _panel(row[3], example.predicted_mask, "predicted mask")
     figure.tight_layout()
     return _png(figure)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """Encode a mask or an image as PNG.
-
-    image: H x W bool (written as 0 / 255, L mode), H x W uint8 (L mode) or H x W x 3 uint8 (RGB).
-    """
-    array = np.asarray(image)
-    if array.dtype == bool and array.ndim == 2:
-        array = array.astype(np.uint8) * 255
-    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
-        raise ValueError(
-            f"png_bytes needs H x W bool/uint8 or H x W x 3 uint8, got {array.dtype} {array.shape}; threshold or scale it first"
-        )
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _cell(value: object) -> str:

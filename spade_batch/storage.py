@@ -15,6 +15,7 @@ import errno
 import io
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -190,3 +191,35 @@ def _write_local_atomic(path: str, data: bytes) -> None:
 def _redact(uri: str) -> str:
     """``uri`` with any ``user:password@`` part masked, for error messages."""
     return re.sub(r"^([A-Za-z][\w+.-]*://)[^/@]*@", r"\1***@", uri)
+
+
+def put_file(local_path: str, uri: str, options: StorageOptions = None) -> None:
+    """Copy the local file ``local_path`` to ``uri``, streamed (object stores get a multipart upload).
+
+    Local targets are replaced atomically, like :func:`write_bytes`.
+    """
+    fs, path = filesystem(uri, options)
+    if is_local(uri):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            shutil.copyfile(local_path, tmp)
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return
+    fs.put_file(local_path, path)
+
+
+def get_file(uri: str, local_path: str, options: StorageOptions = None) -> None:
+    """Copy the file ``uri`` to the local path ``local_path``, streamed; a missing file is a FileNotFoundError naming it."""
+    fs, path = filesystem(uri, options)
+    try:
+        fs.get_file(path, local_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "No such file", _redact(uri)) from None

@@ -1,0 +1,40 @@
+"""Masks from anomaly maps, and their PNG encoding (the one place images are encoded as PNG).
+
+A mask is the anomaly map resized to the image's original size and thresholded at the pixel
+threshold (0 / 255). Without a known threshold it is the map scaled to 0-255 per image.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from spade_batch.images import resize_map
+
+
+def mask_from_map(anomaly_map: np.ndarray, height: int, width: int, threshold: float | None) -> np.ndarray:
+    """S x S float map -> height x width uint8 mask: 0/255 above threshold, or the map scaled per image without one."""
+    full = resize_map(anomaly_map.astype(np.float32, copy=False), height, width)
+    if threshold is not None:
+        return np.where(full > threshold, 255, 0).astype(np.uint8)
+    low, high = float(full.min()), float(full.max())
+    return np.round(255 * (full - low) / max(high - low, 1e-12)).astype(np.uint8)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """Encode a mask or an image as PNG.
+
+    image: H x W bool (written as 0 / 255, L mode), H x W uint8 (L mode) or H x W x 3 uint8 (RGB).
+    """
+    array = np.asarray(image)
+    if array.dtype == bool and array.ndim == 2:
+        array = array.astype(np.uint8) * 255
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        raise ValueError(
+            f"png_bytes needs H x W bool/uint8 or H x W x 3 uint8, got {array.dtype} {array.shape}; threshold or scale it first"
+        )
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,177 @@
+"""fit on Ray: normal images stream through decode (CPU tasks) -> backbone actors -> feature part files;
+then the gallery is written from the parts one at a time, and held-out images calibrate the thresholds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray.data
+
+from spade_batch import storage
+from spade_batch.calibrate import calibrate_from_samples
+from spade_batch.config import Settings
+from spade_batch.detector import Extractor, new_card, split_fit_ids
+from spade_batch.features import read_features
+from spade_batch.manifest import build_manifest
+from spade_batch.model import CARD_NAME, Centre, GalleryWriter, ModelCard, SpadeModel, build_model, cache_root
+from spade_batch.pipeline.layout import done_ids, part_files, read_columns, record_inputs
+from spade_batch.pipeline.runtime import DECODE_TASK, ModelStage, Progress, init_ray, stream
+from spade_batch.pipeline.stages import RETRYABLE, CalibrationStage, ExtractStage, read_images, write_feature_part
+
+log = logging.getLogger(__name__)
+
+
+class RetryableInputError(RuntimeError):
+    """Some inputs could not be read for a transient reason; a plain re-run retries exactly those."""
+
+
+@dataclass
+class FitSummary:
+    model_uri: str
+    train_images: int
+    gallery_images: int
+    calibration_images: int
+    failed_images: int
+    failures: list[dict[str, str]]
+    thresholds: dict[str, float | None]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_fit(train_source: str, model_uri: str, settings: Settings) -> FitSummary:
+    """Extract features of the normal images on Ray, build the model, calibrate it, save it."""
+    options = settings.fsspec_options()
+    started = time.perf_counter()
+    if storage.exists(storage.join(model_uri, CARD_NAME), options) and not settings.overwrite:
+        raise FileExistsError(f"a model already exists at {model_uri}; pass --overwrite to refit it")
+    manifest = build_manifest(train_source, options)
+    init_ray(settings.ray_address)
+    extractor = Extractor(settings, options)  # weights identity and layer shapes for the card
+    features_uri = storage.join(model_uri, "features")
+    if settings.overwrite:
+        storage.remove(features_uri, options, recursive=True)
+    # Part files of a killed fit are reused only for the same images and feature extractor.
+    extraction = {"images": manifest.sha256(), "backbone": settings.backbone, "weights": extractor.weights_sha256,
+                  "preprocessing": extractor.preprocessing.to_dict()}
+    record_inputs(features_uri, storage.join(features_uri, "inputs.json"), extraction, options)
+    _extract(manifest.ids, manifest.uris, features_uri, extractor, settings)
+    extracted = time.perf_counter()
+
+    parts = part_files(features_uri, options)
+    located = {i: (part, error) for part, columns in read_columns(parts, ["id", "error"], options)
+               for i, error in zip(columns["id"], columns["error"])}
+    failures = [{"id": i, "error": error} for i, (_, error) in sorted(located.items()) if error is not None]
+    gallery_ids, calibration_ids = split_fit_ids([i for i, (_, error) in located.items() if error is None], settings)
+    card = new_card(extractor, settings, len(gallery_ids), manifest.sha256(), failures)
+    model = _write_gallery(model_uri, parts, located, gallery_ids, card, settings)
+    if calibration_ids:
+        model = _calibrate(model, model_uri, located, calibration_ids, settings)
+    else:
+        log.warning("fit: no images held out for calibration; thresholds stay unset (set calibration_fraction > 0)")
+        model.publish_arrays(model_uri, options)
+    model.write_card(model_uri, options)
+    return FitSummary(
+        model_uri=model_uri,
+        train_images=len(manifest),
+        gallery_images=len(gallery_ids),
+        calibration_images=len(calibration_ids),
+        failed_images=len(failures),
+        failures=failures,
+        thresholds=model.card.thresholds,
+        seconds={"extract": extracted - started, "total": time.perf_counter() - started},
+    )
+
+
+def _extract(ids: tuple[str, ...], uris: tuple[str, ...], features_uri: str, extractor: Extractor, settings: Settings) -> None:
+    """Feature part files for every image not yet in one; raises RetryableInputError if some stayed unreadable."""
+    options = settings.fsspec_options()
+    done = done_ids(features_uri, options)
+    todo = [{"id": i, "uri": u} for i, u in zip(ids, uris) if i not in done]
+    plan = ModelStage.plan(settings)
+    log.info("fit: %d images, %d already extracted, %d to extract on %d model workers", len(ids), len(done), len(todo), plan.workers)
+    if not todo:
+        return
+    dataset = (
+        ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // settings.batch_size, 10_000)))
+        .map_batches(read_images, fn_kwargs={"preprocessing": extractor.preprocessing.to_dict(), "options": options},
+                     batch_size=settings.batch_size, batch_format="numpy", **DECODE_TASK)
+        .map_batches(ExtractStage, fn_constructor_kwargs={"settings": settings}, batch_size=settings.batch_size,
+                     batch_format="numpy", compute=plan.compute(), **plan.resources)
+        .map_batches(write_feature_part,
+                     fn_kwargs={"features_uri": features_uri, "layer_shapes": [vars(s) for s in extractor.layer_shapes], "options": options},
+                     batch_size=settings.shard_size, batch_format="numpy", num_cpus=1)
+    )
+    retryable = []
+    with Progress("extract", len(todo)) as progress:
+        for batch in stream(dataset, progress):
+            retryable += [f"{i}: {e}" for i, s, e in zip(batch["id"], batch["status"], batch["error"]) if s == RETRYABLE]
+    if retryable:
+        raise RetryableInputError(
+            f"{len(retryable)} training images could not be read for a transient reason (first: {retryable[0]}); "
+            "re-run the same command to retry exactly those"
+        )
+
+
+def _write_gallery(
+    model_uri: str, parts: list[str], located: dict[str, tuple[str, Any]], gallery_ids: list[str], card: ModelCard, settings: Settings
+) -> SpadeModel:
+    """The gallery files, written from the part files one at a time; in place for a local model, else staged locally."""
+    options = settings.fsspec_options()
+    local = storage.is_local(model_uri)
+    folder = storage.filesystem(model_uri, options)[1] if local else tempfile.mkdtemp(prefix="gallery-", dir=_staging_root())
+    try:
+        first = read_features([located[gallery_ids[0]][0]], options)
+        row = first.ids.index(gallery_ids[0])
+        centre = Centre.of_image(first.global_features[row], [layer[row] for layer in first.layers])
+        writer = GalleryWriter(folder, gallery_ids, card.layer_shapes, card.global_dim, centre)
+        wanted = set(gallery_ids)
+        for part in parts:
+            table = read_features([part], options)
+            keep = np.array([i in wanted for i in table.ids], dtype=bool)
+            if keep.any():
+                table = table.select(keep)
+                writer.add(table.ids, table.global_features, table.layers)
+        model = build_model(writer, card, settings)
+        if not local:
+            model.publish_arrays(model_uri, options)
+            model = SpadeModel.load(model_uri, options, card)
+    finally:
+        if not local:
+            shutil.rmtree(folder, ignore_errors=True)
+    return model
+
+
+def _staging_root() -> str:
+    root = os.path.join(cache_root(), "staging")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def _calibrate(
+    model: SpadeModel, model_uri: str, located: dict[str, tuple[str, Any]], calibration_ids: list[str], settings: Settings
+) -> SpadeModel:
+    """Thresholds from the held-out images' stored features, scored by model actors on Ray."""
+    options = settings.fsspec_options()
+    model.publish_arrays(model_uri, options)  # the actors load it from there; the card comes last
+    by_part: dict[str, list[str]] = {}
+    for image_id in calibration_ids:
+        by_part.setdefault(located[image_id][0], []).append(image_id)
+    plan = ModelStage.plan(settings)
+    dataset = ray.data.from_items([{"part": p, "ids": i} for p, i in sorted(by_part.items())]).map_batches(
+        CalibrationStage, fn_constructor_kwargs={"model_uri": model_uri, "settings": settings, "card": dataclasses.asdict(model.card)},
+        batch_size=1, batch_format="numpy", compute=plan.compute(), **plan.resources,
+    )
+    scored: dict[str, tuple[float, np.ndarray]] = {}
+    with Progress("calibrate", len(calibration_ids)) as progress:
+        for batch in stream(dataset, progress):
+            scored.update({str(i): (float(s), np.asarray(p)) for i, s, p in zip(batch["id"], batch["score"], batch["pixel_sample"])})
+    ordered = [scored[i] for i in calibration_ids]
+    return calibrate_from_samples(model, np.array([s for s, _ in ordered]), [p for _, p in ordered], settings)

@@ -1,0 +1,103 @@
+"""Ray runtime: joining a cluster, the model stage's resources, streaming a dataset with progress."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+from tqdm import tqdm
+
+from spade_batch.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray sized to this machine."""
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=True)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # our own progress counts images, on a terminal and in logs
+    context.print_on_execution_start = False
+
+
+DECODE_TASK: dict[str, Any] = {"num_cpus": 1, "max_retries": 3}
+"""Ray resources of a decode task. Remote args unlike the model actors' also keep Ray Data from
+fusing decoding into the actors, which would serialise decoding with the model again."""
+
+
+@dataclass(frozen=True)
+class ModelStage:
+    """Where the model stage runs: `workers` actors, each with these Ray resources.
+
+    One actor per GPU when the cluster has GPUs (or gpus_per_task is set); on CPU-only clusters
+    one actor per cpus_per_task CPUs, keeping one CPU free for decoding and writing.
+    """
+
+    workers: int
+    resources: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def plan(cls, settings: Settings) -> ModelStage:
+        cluster = ray.cluster_resources()
+        gpus = settings.gpus_per_task
+        if gpus is None:
+            gpus = 1.0 if cluster.get("GPU", 0) > 0 and settings.device != "cpu" else 0.0
+        if gpus > 0:
+            auto = max(1, math.floor(cluster.get("GPU", 0) / gpus))
+            return cls(settings.model_workers or auto, {"num_gpus": gpus, "num_cpus": settings.cpus_per_task})
+        auto = max(1, math.floor((cluster.get("CPU", 1) - 1) / settings.cpus_per_task))
+        return cls(settings.model_workers or auto, {"num_cpus": settings.cpus_per_task})
+
+    def compute(self) -> ray.data.ActorPoolStrategy:
+        return ray.data.ActorPoolStrategy(size=self.workers)
+
+
+class Progress:
+    """Images done: a tqdm bar on a terminal, a log line at most every log_every_s otherwise."""
+
+    def __init__(self, description: str, images: int, log_every_s: float = 30.0):
+        self.description, self.images, self.done = description, images, 0
+        self.started = self.logged = time.monotonic()
+        self.log_every_s = log_every_s
+        self.bar = tqdm(total=images, desc=description, unit="img") if sys.stderr.isatty() else None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def advance(self, images: int) -> None:
+        self.done += images
+        if self.bar is not None:
+            self.bar.update(images)
+        elif time.monotonic() - self.logged >= self.log_every_s or self.done == self.images:
+            self.logged = time.monotonic()
+            rate = self.done / max(self.logged - self.started, 1e-9)
+            log.info("%s: %d/%d images, %.2f images/s", self.description, self.done, self.images, rate)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.done / max(time.monotonic() - self.started, 1e-9)
+
+
+def stream(dataset: ray.data.Dataset, progress: Progress) -> Iterator[dict[str, np.ndarray]]:
+    """The dataset's (small) result batches as they complete, counted into progress."""
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        progress.advance(len(batch["id"]))
+        yield batch

@@ -1,0 +1,179 @@
+"""score on Ray: an archive streams through decode (CPU tasks) -> model actors -> outputs (CPU tasks).
+
+Ray Data's streaming executor gives backpressure (memory stays bounded for any archive size), actor
+reuse (the backbone and gallery load once per actor), retries and CPU/device overlap. The driver
+holds only the manifest and counters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import torch
+
+from spade_batch import __version__, storage
+from spade_batch.config import Settings
+from spade_batch.detector import Thresholds
+from spade_batch.manifest import build_manifest
+from spade_batch.model import load_card
+from spade_batch.pipeline.layout import Outputs, check_output_paths, done_ids, part_files, read_columns, record_inputs
+from spade_batch.pipeline.runtime import DECODE_TASK, ModelStage, Progress, init_ray, stream
+from spade_batch.pipeline.stages import RETRYABLE, ScoreStage, read_images, write_score_outputs
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED = 1000
+"""At most this many failures (and retryable ids) are listed in run.json; the counts are complete."""
+
+
+@dataclass
+class Workers:
+    """Per model actor: its node, the images it scored and the loads its process did."""
+
+    by_worker: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        for worker, node, backbone, gallery in zip(batch["worker"], batch["node"], batch["backbone_loads"], batch["gallery_loads"]):
+            entry = self.by_worker.setdefault(str(worker), {"node": str(node), "images": 0, "backbone_loads": 0, "gallery_loads": 0})
+            entry["images"] += 1
+            entry["backbone_loads"] = max(entry["backbone_loads"], int(backbone))
+            entry["gallery_loads"] = max(entry["gallery_loads"], int(gallery))
+
+
+@dataclass
+class ScoreSummary:
+    out_uri: str
+    model_uri: str
+    images: int
+    scored: int
+    failed: int
+    retryable: int
+    anomalous: int | None
+    resumed: int
+    mask_kind: str
+    thresholds: dict[str, float | None]
+    seconds: float
+    images_per_second: float
+    failures: list[dict[str, str]]
+    retryable_failures: list[dict[str, str]]
+    workers: dict[str, dict[str, Any]]
+    model_workers: int
+    versions: dict[str, str]
+    settings: dict[str, Any]
+
+
+def score_dataset(
+    todo: list[dict[str, str]], model_uri: str, settings: Settings, outputs: Outputs, thresholds: Thresholds,
+    preprocessing: dict[str, Any], plan: ModelStage, stage: type = ScoreStage,
+) -> ray.data.Dataset:
+    """The lazy dataset that scores `todo` ({"id", "uri"} rows) and writes their outputs; yields small status rows."""
+    options = settings.fsspec_options()
+    blocks = max(1, min(len(todo) // max(1, settings.batch_size), 10_000))
+    return (
+        ray.data.from_items(todo, override_num_blocks=blocks)
+        .map_batches(read_images, fn_kwargs={"preprocessing": preprocessing, "options": options},
+                     batch_size=settings.batch_size, batch_format="numpy", **DECODE_TASK)
+        .map_batches(stage, fn_constructor_kwargs={"model_uri": model_uri, "settings": settings},
+                     batch_size=settings.batch_size, batch_format="numpy", compute=plan.compute(), **plan.resources)
+        .map_batches(write_score_outputs,
+                     fn_kwargs={"out_root": outputs.root, "thresholds": (thresholds.image, thresholds.pixel), "settings": settings},
+                     batch_size=settings.shard_size, batch_format="numpy", num_cpus=1)
+    )
+
+
+def run_score(
+    model_uri: str, images_source: str, out_uri: str, settings: Settings, explicit: frozenset[str] = frozenset(),
+    stage: type = ScoreStage,
+) -> ScoreSummary:
+    """Score an image set on Ray against the model at model_uri; writes masks, scores and run.json under out_uri.
+
+    stage: the model stage's callable class (benchmarks replace it by a simulated device).
+    """
+    options = settings.fsspec_options()
+    started = time.perf_counter()
+    card = load_card(model_uri, options)  # the gallery is loaded by the actors, once the request is known to be valid
+    card.check_compatible(settings, explicit)
+    settings = settings.replace(**card.settings)
+    if settings.preprocess != "full":
+        log.warning("score: '%s' preprocessing leaves the image border unscored; masks are written at the working size", settings.preprocess)
+    manifest = build_manifest(images_source, options)
+    check_output_paths(manifest.ids, manifest.root)
+    outputs = Outputs(out_uri)
+    thresholds = Thresholds.of(card, settings)
+    if settings.overwrite:
+        outputs.clear(options)
+    record_inputs(
+        outputs.root, outputs.inputs_json,
+        {"images": manifest.sha256(), "model": card.created, "thresholds": asdict(thresholds),
+         "save_maps": settings.save_maps, "save_overlays": settings.save_overlays},
+        options,
+    )
+    init_ray(settings.ray_address)
+    done = done_ids(outputs.scores, options)
+    todo = [{"id": i, "uri": u} for i, u in zip(manifest.ids, manifest.uris) if i not in done]
+    plan = ModelStage.plan(settings)
+    log.info("score: %d images, %d already done, %d to score on %d model workers -> %s",
+             len(manifest), len(manifest) - len(todo), len(todo), plan.workers, out_uri)
+    workers, retryable = Workers(), []
+    if todo:
+        dataset = score_dataset(todo, model_uri, settings, outputs, thresholds, card.preprocessing, plan, stage)
+        with Progress("score", len(todo)) as progress:
+            for batch in stream(dataset, progress):
+                workers.add(batch)
+                retryable += [{"id": str(i), "error": str(e)} for i, s, e in zip(batch["id"], batch["status"], batch["error"]) if s == RETRYABLE]
+    seconds = time.perf_counter() - started
+    summary = _summarise(model_uri, len(manifest), len(manifest) - len(todo), retryable, thresholds, outputs, settings, seconds)
+    summary.workers, summary.model_workers = workers.by_worker, plan.workers
+    storage.write_text(outputs.run_json, json.dumps(asdict(summary), indent=2), options)
+    if retryable:
+        log.error("score: %d images could not be read for a transient reason (e.g. %s); re-run the same command to retry exactly those",
+                  len(retryable), retryable[0]["error"])
+    return summary
+
+
+def _summarise(
+    model_uri: str, images: int, resumed: int, retryable: list[dict[str, str]], thresholds: Thresholds,
+    outputs: Outputs, settings: Settings, seconds: float,
+) -> ScoreSummary:
+    """Counts over every part file of the run (this run's and resumed ones), read a few columns at a time."""
+    options = settings.fsspec_options()
+    scored = anomalous = 0
+    failures: list[dict[str, str]] = []
+    failed = 0
+    for _, columns in read_columns(part_files(outputs.scores, options), ["id", "error", "is_anomalous"], options):
+        for image_id, error, flag in zip(columns["id"], columns["error"], columns["is_anomalous"]):
+            if error is None:
+                scored += 1
+                anomalous += bool(flag)
+            else:
+                failed += 1
+                if len(failures) < MAX_LISTED:
+                    failures.append({"id": image_id, "error": error})
+    return ScoreSummary(
+        out_uri=outputs.root,
+        model_uri=model_uri,
+        images=images,
+        scored=scored,
+        failed=failed,
+        retryable=len(retryable),
+        anomalous=None if thresholds.image is None else anomalous,
+        resumed=resumed,
+        mask_kind=("binary" if thresholds.pixel is not None else "scaled_map_per_image (no pixel threshold known)")
+        + ("" if settings.preprocess == "full" else f", at the working size ({settings.preprocess} preprocessing)"),
+        thresholds=asdict(thresholds),
+        seconds=seconds,
+        images_per_second=(images - resumed) / max(seconds, 1e-9),
+        failures=sorted(failures, key=lambda f: f["id"]),
+        retryable_failures=retryable[:MAX_LISTED],
+        workers={},
+        model_workers=0,
+        versions={"spade_batch": __version__, "torch": torch.__version__, "ray": ray.__version__},
+        settings=settings.to_dict(redact=True),
+    )
