@@ -39,15 +39,26 @@ def resolve_device(requested: str) -> torch.device:
 
 
 class Extractor:
-    """Preprocess + backbone, in batches."""
+    """Preprocess + backbone, in batches.
 
-    def __init__(self, settings: Settings, storage_options: dict | None = None, device: torch.device | None = None):
+    ``preprocessing`` defaults to the backbone's own input convention at settings.image_size and
+    settings.preprocess; scoring passes the model card's, so a model keeps the convention it was fitted with.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        storage_options: dict | None = None,
+        device: torch.device | None = None,
+        preprocessing: Preprocessing | None = None,
+    ):
         self.device = device or resolve_device(settings.device)
-        self.preprocessing = Preprocessing(size=settings.image_size, mode=settings.preprocess)
         self.batch_size = settings.batch_size
         self.pyramid, self.weights_sha256 = _cached_backbone(
             settings.backbone, settings.weights, settings.seed, _freeze(storage_options), str(self.device)
         )
+        spec = self.pyramid.spec
+        self.preprocessing = preprocessing or Preprocessing(settings.image_size, settings.preprocess, spec.mean, spec.std)
 
     @property
     def layer_shapes(self) -> list[LayerShape]:
@@ -172,4 +183,5 @@ def fit(
 def score(model: SpadeModel, images: Sequence[np.ndarray], settings: Settings | None = None) -> list[ImageScore]:
     """Score H x W x 3 uint8 images; settings give the device and batch size, the model keys are the model's own."""
     settings = (settings or Settings()).replace(**model.card.settings)
-    return Scorer(model, Extractor(settings), settings.chunk_mib * 2**20).score(images)
+    extractor = Extractor(settings, preprocessing=Preprocessing.from_dict(model.card.preprocessing))
+    return Scorer(model, extractor, settings.chunk_mib * 2**20).score(images)

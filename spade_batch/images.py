@@ -171,7 +171,7 @@ def _geometry(t: torch.Tensor, spec: Preprocessing, interpolation: Interpolation
 
 
 def preprocess(image: np.ndarray, spec: Preprocessing) -> torch.Tensor:
-    """H x W x 3 uint8 RGB -> 3 x size x size float32, ImageNet-normalised.
+    """H x W x 3 uint8 RGB -> 3 x size x size float32, normalised by spec.mean and spec.std.
 
     Bilinear resize with antialias on the uint8 image (as torchvision's
     ``Resize(antialias=True)`` on a PIL image), then ``(x/255 - mean) / std``.

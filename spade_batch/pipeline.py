@@ -29,7 +29,7 @@ from spade_batch import __version__, calibrate, storage
 from spade_batch.config import Settings
 from spade_batch.detector import Extractor, ImageScore, Scorer
 from spade_batch.features import read_features, write_features
-from spade_batch.images import ImageError, decode_image, resize_map
+from spade_batch.images import ImageError, Preprocessing, decode_image, resize_map
 from spade_batch.manifest import Manifest, build_manifest
 from spade_batch.model import CARD_NAME, ModelCard, SpadeModel, build_model, load_card
 from spade_batch.report import overlay, png_bytes
@@ -147,7 +147,8 @@ def _extract_shard(shard: Manifest, settings: Settings, part_uri: str) -> None:
 @ray.remote
 def _calibration_shard(shard: Manifest, model: SpadeModel, settings: Settings) -> tuple[list[float], list[np.ndarray]]:
     options = settings.fsspec_options()
-    scorer = Scorer(model, Extractor(settings, options), settings.chunk_mib * 2**20)
+    extractor = Extractor(settings, options, preprocessing=Preprocessing.from_dict(model.card.preprocessing))
+    scorer = Scorer(model, extractor, settings.chunk_mib * 2**20)
     images = (image for _, _, image, _ in load_images(shard, options) if image is not None)
     results = [result for batch in batched(images, settings.batch_size) for result in scorer.score(batch)]
     return [r.score for r in results], [calibrate.pixel_sample(r.anomaly_map) for r in results]
@@ -293,7 +294,8 @@ def _write_outputs(
 def _score_shard(shard: Manifest, part_uri: str, model: SpadeModel, settings: Settings, outputs: Outputs) -> float:
     """Score one shard; returns the worker process's peak resident memory so far, in MiB."""
     options = settings.fsspec_options()
-    scorer = Scorer(model, Extractor(settings, options), settings.chunk_mib * 2**20)
+    extractor = Extractor(settings, options, preprocessing=Preprocessing.from_dict(model.card.preprocessing))
+    scorer = Scorer(model, extractor, settings.chunk_mib * 2**20)
     thresholds = Thresholds.of(model.card, settings)
     rows = []
     for batch in batched(load_images(shard, options), settings.batch_size):
