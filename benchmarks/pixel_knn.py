@@ -1,13 +1,14 @@
 """Pixel-stage speed at the paper's defaults, as a fraction of this machine's own GEMM throughput.
 
-One test image against K=50 retrieved normal images, wide_resnet50_2 layer shapes at 224 input
-(layer1 256 x 56^2, layer2 512 x 28^2, layer3 1024 x 14^2), random features. The nominal work is
-2 * HW * (K * HW) * C FLOPs per layer; effective GFLOP/s = nominal FLOPs / measured seconds.
-Two baselines, measured in the same run with the same dtype: a plain torch GEMM of each layer's
-full shape (HW x C times C x K*HW, whose large output makes it partly memory-bound), and the
-machine's peak: a square 2048^3 GEMM. The headline ratio is against the peak.
+B test images per kernel call, each against its own K=50 retrieved normal images, wide_resnet50_2 layer
+shapes at 224 input (layer1 256 x 56^2, layer2 512 x 28^2, layer3 1024 x 14^2), random float32 features.
+The nominal work is 2 * HW * (K * HW) * C FLOPs per layer per image; effective GFLOP/s = nominal FLOPs /
+measured seconds. Per search precision (the ranking GEMM's: float32, tf32, bfloat16), two baselines in the
+same run and precision: a plain torch GEMM of one image's full layer shape (HW x C times C x K*HW, whose
+large output makes it partly memory-bound), and the machine's peak: a square 2048^3 GEMM. Each precision
+prints its ratio against its own peak; the last line is the headline, the fastest precision's ratio.
 
-    python benchmarks/pixel_knn.py [--device cuda] [--dtype bfloat16] [--repeats 3]
+    python benchmarks/pixel_knn.py [--device cuda] [--precision all] [--batch 8] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -64,57 +65,93 @@ def peak_extra_rss(function) -> int:
     return peak[0]
 
 
+PEAK_SIDE = 2048
+
+
+def gemm_dtype(precision: str) -> torch.dtype:
+    """The dtype the precision's GEMM multiplies in (tf32 is float32 storage)."""
+    return torch.bfloat16 if precision == "bfloat16" else torch.float32
+
+
+def peak_flops(precision: str, device: torch.device, generator: torch.Generator, repeats: int) -> float:
+    """FLOP/s of a square PEAK_SIDE^3 GEMM in the precision."""
+    square = torch.randn(PEAK_SIDE, PEAK_SIDE, generator=generator).to(device, gemm_dtype(precision))
+    with spade.matmul_precision(precision, device):
+        return 2.0 * PEAK_SIDE**3 / best_seconds(lambda: square @ square, repeats, device)
+
+
+def measure_precision(args: argparse.Namespace, precision: str, device: torch.device) -> tuple[float, float]:
+    """Prints one line per layer and a total for the precision; returns (effective FLOP/s, peak FLOP/s)."""
+    generator = torch.Generator().manual_seed(0)
+    peak = peak_flops(precision, device, generator, args.repeats)
+    print(f"[{precision}] peak GEMM ({PEAK_SIDE}^3): {peak / 1e9:.1f} GFLOP/s")
+    chunk_bytes = args.chunk_mib * 2**20
+    total_flops = total_spade = total_gemm = 0.0
+    for name, (channels, side) in LAYERS.items():
+        pixels = side * side
+        queries = torch.randn(args.batch, channels, side, side, generator=generator).to(device)
+        galleries = torch.randn(args.batch, args.k * pixels, channels, generator=generator).to(device)
+        flops = 2.0 * pixels * galleries.shape[1] * channels  # per image
+        spade_s = best_seconds(
+            lambda: spade.layer_score_maps(queries, galleries, 1, chunk_bytes, precision), args.repeats, device
+        ) / args.batch
+        image = queries[0].reshape(channels, pixels).T.contiguous().to(gemm_dtype(precision))
+        gallery = galleries[0].to(gemm_dtype(precision))
+        with spade.matmul_precision(precision, device):
+            gemm_s = best_seconds(lambda: image @ gallery.T, args.repeats, device)
+        total_flops += flops
+        total_spade += spade_s
+        total_gemm += gemm_s
+        print(
+            f"[{precision}] {name}: {flops / 1e9:8.1f} GFLOP  spade {flops / spade_s / 1e9:8.1f} GFLOP/s  "
+            f"gemm {flops / gemm_s / 1e9:8.1f} GFLOP/s  ratio {gemm_s / spade_s:.2f}"
+        )
+    effective = total_flops / total_spade
+    print(
+        f"[{precision}] total: {total_flops / 1e9:.1f} GFLOP per image  spade {effective / 1e9:.1f} GFLOP/s  "
+        f"gemm {total_flops / total_gemm / 1e9:.1f} GFLOP/s  ratio {total_gemm / total_spade:.2f}  "
+        f"({total_spade:.3f} s per image)"
+    )
+    return effective, peak
+
+
+def print_memory(args: argparse.Namespace) -> None:
+    """CPU only: layer1's extra resident memory, chunked search of one image versus a full cdist matrix."""
+    generator = torch.Generator().manual_seed(1)
+    channels, side = LAYERS["layer1"]
+    query = torch.randn(channels, side, side, generator=generator)
+    gallery = torch.randn(args.k * side * side, channels, generator=generator)
+    queries = query.reshape(channels, -1).T.contiguous()
+    chunked = peak_extra_rss(lambda: spade.layer_score_map(query, gallery, 1, args.chunk_mib * 2**20))
+    full = peak_extra_rss(lambda: torch.cdist(queries, gallery).amin(dim=1))
+    print(f"layer1 extra memory: chunked {chunked / 2**20:.0f} MiB  full distance matrix (cdist) "
+          f"{full / 2**20:.0f} MiB  ratio {chunked / max(full, 1):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--precision", default="float32", choices=[*spade.PRECISIONS, "all"])
+    parser.add_argument("--batch", type=int, default=1, help="test images per kernel call")
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-mib", type=int, default=spade.DEFAULT_CHUNK_BYTES // 2**20)
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    generator = torch.Generator().manual_seed(0)
-    print(f"device={device} dtype={args.dtype} K={args.k} threads={torch.get_num_threads()} chunk={args.chunk_mib} MiB")
-
-    square = torch.randn(2048, 2048, generator=generator).to(device, dtype)
-    peak = 2.0 * 2048**3 / best_seconds(lambda: square @ square, args.repeats, device)
-    print(f"peak GEMM (2048^3): {peak / 1e9:.1f} GFLOP/s")
-
-    total_flops = total_spade = total_gemm = 0.0
-    for name, (channels, side) in LAYERS.items():
-        pixels = side * side
-        query = torch.randn(channels, side, side, generator=generator).to(device, dtype)
-        gallery = torch.randn(args.k * pixels, channels, generator=generator).to(device, dtype)
-        flops = 2.0 * pixels * gallery.shape[0] * channels
-        spade_s = best_seconds(
-            lambda: spade.layer_score_map(query, gallery, 1, args.chunk_mib * 2**20), args.repeats, device
-        )
-        queries = query.reshape(channels, pixels).T.contiguous()
-        gemm_s = best_seconds(lambda: queries @ gallery.T, args.repeats, device)
-        total_flops += flops
-        total_spade += spade_s
-        total_gemm += gemm_s
-        print(
-            f"{name}: {flops / 1e9:8.1f} GFLOP  spade {flops / spade_s / 1e9:8.1f} GFLOP/s  "
-            f"gemm {flops / gemm_s / 1e9:8.1f} GFLOP/s  ratio {gemm_s / spade_s:.2f}"
-        )
-    effective = total_flops / total_spade
+    precisions = spade.PRECISIONS if args.precision == "all" else (args.precision,)
     print(
-        f"total: {total_flops / 1e9:.1f} GFLOP per image  spade {effective / 1e9:.1f} GFLOP/s  "
-        f"gemm {total_flops / total_gemm / 1e9:.1f} GFLOP/s  ratio {total_gemm / total_spade:.2f}  "
-        f"({total_spade:.2f} s per image)"
+        f"device={device} batch={args.batch} K={args.k} threads={torch.get_num_threads()} "
+        f"chunk={args.chunk_mib} MiB"
     )
-    print(f"pixel stage / peak GEMM: {effective / peak:.2f}")
     if device.type == "cpu":
-        channels, side = LAYERS["layer1"]
-        query = torch.randn(channels, side, side, generator=generator)
-        gallery = torch.randn(args.k * side * side, channels, generator=generator)
-        queries = query.reshape(channels, -1).T.contiguous()
-        chunked = peak_extra_rss(lambda: spade.layer_score_map(query, gallery, 1, args.chunk_mib * 2**20))
-        full = peak_extra_rss(lambda: torch.cdist(queries, gallery).amin(dim=1))
-        print(f"layer1 extra memory: chunked {chunked / 2**20:.0f} MiB  full distance matrix (cdist) "
-              f"{full / 2**20:.0f} MiB  ratio {chunked / max(full, 1):.3f}")
+        print_memory(args)
+    ratios = {}
+    for precision in precisions:
+        effective, peak = measure_precision(args, precision, device)
+        ratios[precision] = (effective / peak, effective)
+        print(f"[{precision}] pixel stage / peak GEMM ({precision}): {effective / peak:.2f}")
+    fastest = max(ratios, key=lambda precision: ratios[precision][1])
+    print(f"pixel stage / peak GEMM: {ratios[fastest][0]:.2f} ({fastest}, batch {args.batch})")
 
 
 if __name__ == "__main__":

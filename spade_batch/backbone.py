@@ -3,7 +3,8 @@
 A backbone is a torchvision ResNet or EfficientNet-Lite0 cut by
 ``torchvision.models.feature_extraction.create_feature_extractor`` into one
 global feature (global average pool of the last block) and three pixel-feature
-maps at strides 4, 8 and 16.
+maps at strides 4, 8 and 16. Each backbone also declares its input convention,
+the normalisation its weights were trained with (``input_convention``).
 
 Weights are named by one string: ``"imagenet"`` (the published ImageNet
 weights), ``"random"`` (seeded random init, for tests and demos) or the path /
@@ -27,9 +28,12 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from spade_batch.images import IMAGENET_MEAN, IMAGENET_STD
 from spade_batch.storage import read_bytes
 
 SUPPORTED_BACKBONES: tuple[str, ...] = ("wide_resnet50_2", "resnet18", "resnet50", "efficientnet_lite0")
+
+RGB = tuple[float, float, float]  # one value per channel, in R, G, B order
 
 IMAGENET = "imagenet"
 RANDOM = "random"
@@ -49,12 +53,16 @@ class PyramidSpec:
     channels: channels C_l of each map.
     strides: input pixels per map cell of each map (map size is ceil(H / stride)).
     global_dim: size of the global (image) feature.
+    mean, std: the input convention: the pyramid expects RGB in [0, 1]
+        normalised per channel as (x - mean) / std, as its weights were trained.
     """
 
     layers: tuple[str, ...]
     channels: tuple[int, ...]
     strides: tuple[int, ...]
     global_dim: int
+    mean: RGB
+    std: RGB
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,8 @@ class FeaturePyramid(nn.Module):
         """Features of a batch of images.
 
         Args:
-            images: B x 3 x H x W float32, RGB normalised with the ImageNet mean/std,
+            images: B x 3 x H x W float32 RGB in the backbone's input convention,
+                (x / 255 - spec.mean) / spec.std of 0..255 pixel values (see input_convention),
                 on the pyramid's device.
 
         Returns:
@@ -114,7 +123,7 @@ class FeaturePyramid(nn.Module):
         """
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(
-                f"images must be a B x 3 x H x W float tensor of ImageNet-normalised RGB, "
+                f"images must be a B x 3 x H x W float tensor of normalised RGB, "
                 f"got shape {tuple(images.shape)} and dtype {images.dtype}"
             )
         out = self.extractor(images)
@@ -161,6 +170,16 @@ def load_backbone(
     return pyramid, "sha256:" + state_dict_sha256(state_dict)
 
 
+def input_convention(name: str) -> tuple[RGB, RGB]:
+    """The (mean, std) per RGB channel that backbone ``name`` expects: its input is (x / 255 - mean) / std.
+
+    torchvision ResNets: the ImageNet mean/std; efficientnet_lite0 (TensorFlow
+    weights): 0.5 / 0.5. Needs no optional package.
+    """
+    spec = _spec(name)
+    return spec.mean, spec.std
+
+
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     """Hex sha256 of a state dict: over its keys in sorted order, each tensor's dtype, shape and bytes.
 
@@ -182,13 +201,27 @@ def _architecture(name: str) -> _Architecture:
         return _torchvision_architecture(name)
     if name == "efficientnet_lite0":
         return _efficientnet_lite0_architecture()
-    raise BackboneError(f"unknown backbone {name!r}; supported backbones are {', '.join(SUPPORTED_BACKBONES)}")
+    raise _unknown(name)
+
+
+def _spec(name: str) -> PyramidSpec:
+    """The spec of backbone ``name``, without building it or importing its optional packages."""
+    if name in _TORCHVISION:
+        return _TORCHVISION[name][2]
+    if name == "efficientnet_lite0":
+        return _EFFICIENTNET_LITE0_SPEC
+    raise _unknown(name)
+
+
+def _unknown(name: str) -> BackboneError:
+    return BackboneError(f"unknown backbone {name!r}; supported backbones are {', '.join(SUPPORTED_BACKBONES)}")
 
 
 _RESNET_LAYERS = ("layer1", "layer2", "layer3")
 _RESNET_STRIDES = (4, 8, 16)
-_BOTTLENECK_SPEC = PyramidSpec(_RESNET_LAYERS, (256, 512, 1024), _RESNET_STRIDES, 2048)
-_BASIC_BLOCK_SPEC = PyramidSpec(_RESNET_LAYERS, (64, 128, 256), _RESNET_STRIDES, 512)
+# torchvision's ImageNet weights expect the ImageNet mean/std (their transforms' Normalize).
+_BOTTLENECK_SPEC = PyramidSpec(_RESNET_LAYERS, (256, 512, 1024), _RESNET_STRIDES, 2048, IMAGENET_MEAN, IMAGENET_STD)
+_BASIC_BLOCK_SPEC = PyramidSpec(_RESNET_LAYERS, (64, 128, 256), _RESNET_STRIDES, 512, IMAGENET_MEAN, IMAGENET_STD)
 
 # name -> (model builder, ImageNet weights, pyramid spec)
 _TORCHVISION: dict[str, tuple[Callable[..., nn.Module], torchvision.models.WeightsEnum, PyramidSpec]] = {
@@ -238,6 +271,10 @@ _EFFICIENTNET_LITE0_SPEC = PyramidSpec(
     channels=(24, 40, 112),
     strides=(4, 8, 16),
     global_dim=1280,
+    # Trained in TensorFlow on (x - 127) / 128 of 0..255 RGB (MEAN_RGB, STDDEV_RGB of tensorflow/tpu
+    # efficientnet/lite/efficientnet_lite_builder.py): (x/255 - 0.5) / 0.5 to within 0.5%.
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
 )
 
 

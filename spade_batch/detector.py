@@ -57,7 +57,11 @@ class Features:
 
 
 class Extractor:
-    """Preprocess + backbone, in batches."""
+    """Preprocess + backbone, in batches.
+
+    ``preprocessing`` defaults to the backbone's own input convention at settings.image_size and
+    settings.preprocess; scoring passes the model card's, so a model keeps the convention it was fitted with.
+    """
 
     def __init__(
         self,
@@ -67,11 +71,12 @@ class Extractor:
         preprocessing: Preprocessing | None = None,
     ):
         self.device = device or resolve_device(settings.device)
-        self.preprocessing = preprocessing or Preprocessing(size=settings.image_size, mode=settings.preprocess)
         self.batch_size = settings.batch_size
         self.pyramid, self.weights_sha256 = _cached_backbone(
             settings.backbone, settings.weights, settings.seed, _freeze(storage_options), str(self.device)
         )
+        spec = self.pyramid.spec
+        self.preprocessing = preprocessing or Preprocessing(settings.image_size, settings.preprocess, spec.mean, spec.std)
 
     @property
     def layer_shapes(self) -> list[LayerShape]:

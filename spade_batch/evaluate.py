@@ -28,6 +28,7 @@ import pyarrow as pa
 from spade_batch import storage
 from spade_batch.config import Settings
 from spade_batch.datasets import Sample, read_mask, read_mvtec_category
+from spade_batch.detector import Thresholds
 from spade_batch.images import (
     Preprocessing,
     decode_image,
@@ -43,7 +44,7 @@ from spade_batch.metrics import (
     roc_curve_points,
 )
 from spade_batch.model import load_card
-from spade_batch.pipeline import Outputs, Thresholds, run_score
+from spade_batch.pipeline import Outputs, run_score
 from spade_batch.report import (
     Example,
     example_grid,

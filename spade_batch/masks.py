@@ -16,7 +16,7 @@ from spade_batch.images import resize_map
 
 def mask_from_map(anomaly_map: np.ndarray, height: int, width: int, threshold: float | None) -> np.ndarray:
     """S x S float map -> height x width uint8 mask: 0/255 above threshold, or the map scaled per image without one."""
-    full = resize_map(anomaly_map.astype(np.float32, copy=False), height, width)
+    full = resize_map(np.array(anomaly_map, dtype=np.float32), height, width)  # a writable copy: batches arrive read-only
     if threshold is not None:
         return np.where(full > threshold, 255, 0).astype(np.uint8)
     low, high = float(full.min()), float(full.max())

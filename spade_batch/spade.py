@@ -80,7 +80,7 @@ def centre(features: torch.Tensor, mean: torch.Tensor, dim: int = -1) -> torch.T
 
 
 @contextmanager
-def _matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
+def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
     """Scope torch's float32 matmul precision to the call: TF32 for "tf32" on CUDA, full float32 otherwise.
 
     On CPU "tf32" is float32. The previous process-wide setting is restored on exit (not thread safe).
@@ -204,7 +204,7 @@ def batch_nearest_sq_distances(
         raise ValueError(f"kappa={kappa} must be between 1 and the gallery size {num_gallery}")
     rows = max(1, chunk_bytes // (4 * batch * max(1, pixels)))
     low = queries.to(torch.bfloat16) if precision == "bfloat16" else None
-    with _matmul_precision(precision, queries.device):
+    with matmul_precision(precision, queries.device):
         candidates = _ranked_candidates(queries, galleries, min(num_gallery, kappa + RERANK_MARGIN), rows, low)
     distances = _exact_sq_distances(queries, galleries, candidates, chunk_bytes)
     return distances.topk(kappa, dim=-1, largest=False).values.mean(dim=-1)

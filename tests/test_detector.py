@@ -14,11 +14,13 @@ from spade_batch import spade
 from spade_batch.config import Settings
 from spade_batch.datasets import make_demo_data, read_mvtec_category
 from spade_batch.detector import Extractor, Scorer, fit, score
-from spade_batch.images import decode_image, preprocess
-from spade_batch.model import build_index, build_model
+from spade_batch.images import Preprocessing, decode_image, preprocess
+from spade_batch.model import SpadeModel, build_index, build_model
 
 SIZE = 64
 SETTINGS = Settings(backbone="resnet18", weights="random", image_size=SIZE, k=2, kappa=1, sigma=2.0, device="cpu", batch_size=4)
+LITE0 = SETTINGS.replace(backbone="efficientnet_lite0", weights="imagenet")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def load(path: str) -> np.ndarray:
@@ -61,6 +63,57 @@ def test_feature_table_matches_the_backbone_rounded_to_float16(data):
         channels_last = layer.numpy().transpose(0, 2, 3, 1).reshape(3, -1, shape.channels)
         np.testing.assert_array_equal(bank[ok], channels_last.astype(np.float16))
         assert not bank[1].any()
+
+
+@pytest.mark.parametrize(
+    "backbone, weights, first_conv, mean, std",
+    [
+        ("resnet18", "random", "conv1", IMAGENET_MEAN, IMAGENET_STD),
+        ("efficientnet_lite0", "imagenet", "_conv_stem", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    ],
+)
+def test_the_network_sees_the_backbones_own_input_convention(backbone, weights, first_conv, mean, std):
+    """What enters the first convolution is (x / 255 - mean) / std of the image, per RGB channel."""
+    if backbone == "efficientnet_lite0":
+        pytest.importorskip("efficientnet_lite_pytorch")
+    extractor = Extractor(SETTINGS.replace(backbone=backbone, weights=weights))
+    # Every 0..255 value, already at the working size, so nothing is resampled.
+    image = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    seen = []
+    conv = extractor.pyramid.extractor.get_submodule(first_conv)
+    handle = conv.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].clone()))
+    try:
+        extractor.forward([image])
+    finally:
+        handle.remove()
+    expected = (image.astype(np.float64) / 255 - np.array(mean)) / np.array(std)
+    assert len(seen) == 1
+    np.testing.assert_allclose(seen[0][0].permute(1, 2, 0).numpy(), expected, rtol=0, atol=1e-5)
+
+
+def test_a_model_keeps_the_convention_recorded_in_its_card(data, tmp_path):
+    """A model fitted before backbones had their own conventions (efficientnet_lite0 on the ImageNet mean/std)
+    loads and scores with the convention it was fitted with, not with the backbone's current one."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    imagenet = Preprocessing(SIZE, "full", IMAGENET_MEAN, IMAGENET_STD)
+    extractor = Extractor(LITE0, preprocessing=imagenet)
+    train, test = data["train"], data["test"]
+    table = extractor.feature_table(train, [str(i) for i in range(len(train))], [""] * len(train), [None] * len(train))
+    build_model(table, LITE0, imagenet.to_dict(), extractor.weights_sha256, "old").save(str(tmp_path))
+    old = SpadeModel.load(str(tmp_path))
+    assert old.card.preprocessing == {"size": SIZE, "mode": "full", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+    expected = Scorer(old, extractor).score(test)
+    got = score(old, test)
+    for a, b in zip(got, expected):
+        assert a.score == pytest.approx(b.score, rel=1e-5)
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=1e-4, atol=1e-6)
+
+    # Fitted today, the model records the backbone's convention, and that gives other scores.
+    new = fit(train, LITE0)
+    assert new.card.preprocessing["mean"] == new.card.preprocessing["std"] == [0.5, 0.5, 0.5]
+    unlike = [a.score / b.score for a, b in zip(score(new, test), expected)]
+    assert min(abs(ratio - 1) for ratio in unlike) > 0.01
 
 
 def brute_force_map(query_layers: list[torch.Tensor], gallery_layers: list[np.ndarray], kappa: int, sigma: float) -> np.ndarray:

@@ -7,6 +7,7 @@ are compared with the in-process API (spade_batch.detector) on the same decoded 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -269,6 +270,25 @@ def test_a_single_image(fitted: Fitted) -> None:
     assert (summary.images, summary.scored, summary.shards) == (1, 1, 1)
     mask = read_png(Outputs(out).mask("only.png"), fitted.settings)
     assert mask.shape == fitted.image("test", "good/001.png").shape[:2]
+
+
+def test_score_preprocesses_with_the_convention_recorded_in_the_model_card(fitted: Fitted, model: SpadeModel) -> None:
+    """A card that records another mean/std than the backbone's own (a model fitted under another
+    convention) is scored with the recorded one, as the in-process API does."""
+    recorded = dict(model.card.preprocessing, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+    other = dataclasses.replace(model, card=dataclasses.replace(model.card, preprocessing=recorded))
+    other_uri = f"{fitted.bucket}/model-other-convention"
+    other.save(other_uri, fitted.settings.fsspec_options())
+    source = upload(fitted, {"only.png": fitted.file("test", "good/001.png")}, "convention")
+    out = f"{fitted.bucket}/out-convention"
+    run_score(other_uri, source, out, fitted.settings)
+    row = read_rows(out, fitted.settings)["only.png"]
+
+    image = fitted.image("test", "good/001.png")
+    (expected,) = detector.score(other, [image], fitted.settings)
+    (own_convention,) = detector.score(model, [image], fitted.settings)
+    assert row["image_score"] == pytest.approx(expected.score, rel=1e-5)
+    assert abs(row["image_score"] / own_convention.score - 1) > 0.01
 
 
 def test_an_empty_image_set_is_a_clear_error(fitted: Fitted) -> None:
