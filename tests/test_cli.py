@@ -47,6 +47,8 @@ NON_DEFAULTS = {
     "gpus_per_task": 0.5,
     "cpus_per_task": 2.0,
     "chunk_mib": 4,
+    "precision": "bfloat16",
+    "model_workers": 3,
     "save_maps": True,
     "save_overlays": True,
     "overwrite": True,
@@ -174,7 +176,7 @@ def test_fit_dry_run_lists_the_images_and_writes_nothing(image_folder, tmp_path,
     assert cli.main(["fit", "--train", str(image_folder), "--model", str(model), "--shard-size", "2", "--dry-run"]) == 0
     rows = table(capsys.readouterr().out)
     assert rows["images"] == ["5"]
-    assert rows["shards"] == ["3 of up to 2 images"]
+    assert rows["part files"] == ["up to 2 images each"]
     assert rows["first image"] == ["a/1.png"] and rows["last image"] == ["b/5.png"]
     assert any(uri.endswith("spade.json") for uri in rows["writes"])
     assert not model.exists()
@@ -185,7 +187,7 @@ def test_score_dry_run_lists_the_images_and_writes_nothing(image_folder, tmp_pat
     argv = ["score", "--model", str(tmp_path / "model"), "--images", str(image_folder), "--out", str(out), "--dry-run"]
     assert cli.main(argv) == 0
     rows = table(capsys.readouterr().out)
-    assert rows["images"] == ["5"] and rows["shards"] == ["1 of up to 64 images"]
+    assert rows["images"] == ["5"] and rows["part files"] == ["up to 64 images each"]
     assert {uri.rstrip("/").rsplit("/", 1)[-1] for uri in rows["writes"]} == {"masks", "scores", "run.json"}
     assert "no model there yet" in rows["model"][0]
     assert not out.exists()
