@@ -3,7 +3,7 @@
 Generates the synthetic dataset, then times (in one run, same machine):
   baseline: spade_batch.detector fit + score in this process (no Ray, no storage);
   pipeline: run_fit + run_score on a local Ray with local storage (decode, shards, Parquet, masks).
-Prints images/s for each, their ratio, and the peak resident memory of a scoring worker.
+Prints images/s for each and their ratio; the score ratio is the last line.
 
     python benchmarks/pipeline_throughput.py [--backbone resnet18] [--weights random] [--image-size 128] [--k 10]
 """
@@ -35,13 +35,14 @@ def main() -> None:
     parser.add_argument("--weights", default="random")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--train", type=int, default=60)
-    parser.add_argument("--test-per-defect", type=int, default=10)
-    parser.add_argument("--shard-size", type=int, default=16)
+    parser.add_argument("--train", type=int, default=400)
+    parser.add_argument("--test-per-defect", type=int, default=100, help="test images per label (4 labels)")
+    parser.add_argument("--shard-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
     settings = Settings(
         backbone=args.backbone, weights=args.weights, image_size=args.image_size, k=args.k,
-        shard_size=args.shard_size, batch_size=8, calibration_fraction=0.0,
+        shard_size=args.shard_size, batch_size=args.batch_size, calibration_fraction=0.0, device="cpu",
     )
     work = tempfile.mkdtemp(prefix="spade-bench-")
     root = make_demo_data(work, n_train=args.train, n_test_good=args.test_per_defect, n_test_per_defect=args.test_per_defect)
@@ -62,12 +63,11 @@ def main() -> None:
     run_fit(os.path.join(root, "train"), os.path.join(work, "model"), settings)
     fit_pipe = len(train_paths) / (time.perf_counter() - start)
     start = time.perf_counter()
-    summary = run_score(os.path.join(work, "model"), os.path.join(root, "test"), os.path.join(work, "out"), settings)
+    run_score(os.path.join(work, "model"), os.path.join(root, "test"), os.path.join(work, "out"), settings)
     score_pipe = len(test_paths) / (time.perf_counter() - start)
 
     print(f"fit:   in-process {fit_base:7.2f} img/s   pipeline {fit_pipe:7.2f} img/s   ratio {fit_pipe / fit_base:.2f}")
     print(f"score: in-process {score_base:7.2f} img/s   pipeline {score_pipe:7.2f} img/s   ratio {score_pipe / score_base:.2f}")
-    print(f"scoring worker peak RSS: {summary.worker_peak_rss_mib:.0f} MiB")
 
 
 if __name__ == "__main__":

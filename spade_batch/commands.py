@@ -29,6 +29,10 @@ DEMO_SETTINGS: dict[str, Any] = {
 """The demo's defaults: a small dataset needs a smaller K than the paper's 50."""
 
 
+EXIT_RETRYABLE = 75
+"""Exit status when some images could not be read for a transient reason (EX_TEMPFAIL): re-run to retry them."""
+
+
 def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
     """A two-column summary table on stdout."""
     width = max(len(name) for name, _ in rows)
@@ -50,11 +54,10 @@ def show_config(path: str | None, keys: bool) -> int:
 def _dry_run(source: str, settings: Settings, outputs: list[str], model_uri: str | None = None) -> int:
     """Print what a run would read and write; with model_uri, also what model it would use."""
     manifest = build_manifest(source, settings.fsspec_options())
-    shards = manifest.shards(settings.shard_size)
     rows: list[tuple[str, Any]] = [
         ("images", len(manifest)),
         ("root", manifest.root),
-        ("shards", f"{len(shards)} of up to {settings.shard_size} images"),
+        ("part files", f"up to {settings.shard_size} images each"),
         ("first image", manifest.ids[0]),
         ("last image", manifest.ids[-1]),
     ]
@@ -113,17 +116,20 @@ def score(model_uri: str, images: str, out_uri: str, settings: Settings, explici
             ("scored", summary.scored),
             ("failed", summary.failed),
             ("anomalous", summary.anomalous if summary.anomalous is not None else "unknown (no image threshold)"),
-            ("shards (resumed)", f"{summary.shards} ({summary.shards_resumed})"),
+            ("retryable", f"{summary.retryable} (transient read failures: re-run the same command)" if summary.retryable else 0),
+            ("resumed (already done)", summary.resumed),
+            ("model workers", summary.model_workers),
             ("masks", storage.join(out_uri, "masks/") + f"  [{summary.mask_kind}]"),
             ("scores table", storage.join(out_uri, "scores/")),
             ("run summary", storage.join(out_uri, "run.json")),
             ("seconds", f"{summary.seconds:.1f}"),
-            ("images/s", f"{summary.images / max(summary.seconds, 1e-9):.2f}"),
-            ("worker peak RSS (MiB)", f"{summary.worker_peak_rss_mib:.0f}" if summary.worker_peak_rss_mib else "n/a (all resumed)"),
+            ("images/s", f"{summary.images_per_second:.2f}"),
         ],
     )
     for failure in summary.failures[:10]:
         print(f"failed: {failure['id']}: {failure['error']}")
+    if summary.retryable:
+        return EXIT_RETRYABLE
     return 1 if summary.scored == 0 else 0
 
 

@@ -61,7 +61,7 @@ class Settings:
     model_workers: int = _key(0, "Model actors (each loads the backbone and gallery once): 0 = one per GPU, or on CPU-only clusters one per cpus_per_task CPUs, keeping one CPU for decoding.")
     save_maps: bool = _key(False, "Also write raw anomaly maps (float16 .npy at the working size) under OUT/maps/.")
     save_overlays: bool = _key(False, "Also write heat-map overlays (PNG) under OUT/overlays/.")
-    overwrite: bool = _key(False, "Recompute shards whose outputs already exist instead of resuming.")
+    overwrite: bool = _key(False, "Replace the outputs of an earlier run instead of resuming it.")
     endpoint_url: str | None = _key(None, "S3-compatible endpoint (MinIO, Ceph); credentials come from the standard AWS chain.")
     storage_options: dict[str, Any] = _key({}, "Extra fsspec storage options passed through to the filesystem (e.g. anon, profile).")
     ray_address: str | None = _key(None, "Ray cluster address; unset starts a local Ray on this machine (or joins RAY_ADDRESS).")

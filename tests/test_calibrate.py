@@ -19,8 +19,8 @@ from spade_batch.calibrate import (
 )
 from spade_batch.config import Settings
 from spade_batch.detector import ImageScore
-from spade_batch.features import FeatureTable, LayerShape
-from spade_batch.model import build_model
+from spade_batch.features import LayerShape
+from spade_batch.model import Centre, GalleryWriter, ModelCard, build_model
 
 NORMAL_SCORES = stats.chi2(df=8)  # a skewed, positive stand-in for normal images' kNN scores
 
@@ -97,23 +97,23 @@ def test_is_held_out_is_deterministic_stable_and_near_the_fraction():
     assert not any(is_held_out(i, 0.0) for i in ids)
 
 
-def tiny_model():
+def tiny_model(folder):
     shape = LayerShape("layer1", 2, 2, 3)
     rng = np.random.default_rng(3)
-    features = FeatureTable(
-        ids=["a", "b", "c"], uris=["a", "b", "c"], heights=np.full(3, 32, np.int32), widths=np.full(3, 32, np.int32),
-        global_features=rng.standard_normal((3, 4)).astype(np.float32),
-        layers=[rng.standard_normal((3, 4, 3)).astype(np.float16)], layer_shapes=[shape], errors=[None] * 3,
-    )
-    settings = Settings(backbone="resnet18", weights="random", k=2)
-    return build_model(features, settings, {}, "sha256:0", "0")
+    global_features = rng.standard_normal((3, 4)).astype(np.float32)
+    layers = [rng.standard_normal((3, 4, 3)).astype(np.float16)]
+    card = ModelCard(settings=Settings(backbone="resnet18", weights="random", k=2).model_dict(), preprocessing={},
+                     weights_sha256="sha256:0", layers=[vars(shape)], global_dim=4, train_count=3, train_manifest_sha256="0")
+    writer = GalleryWriter(str(folder), ["a", "b", "c"], [shape], 4, Centre.of_image(global_features[0], [layers[0][0]]))
+    writer.add(["a", "b", "c"], global_features, layers)
+    return build_model(writer, card, Settings(backbone="resnet18", weights="random", k=2))
 
 
-def test_calibrate_sets_the_model_thresholds_from_results():
+def test_calibrate_sets_the_model_thresholds_from_results(tmp_path):
     rng = np.random.default_rng(4)
     results = [ImageScore(float(s), np.array([0, 1]), rng.random((80, 80), dtype=np.float32)) for s in rng.random(50)]
     settings = Settings(image_fpr=0.1, pixel_quantile=0.99)
-    model = tiny_model()
+    model = tiny_model(tmp_path)
     calibrated = calibrate(model, results, settings)
     scores = np.array([r.score for r in results])
     samples = [pixel_sample(r.anomaly_map) for r in results]

@@ -11,7 +11,6 @@ from spade_batch.report import (
     example_grid,
     html_page,
     overlay,
-    png_bytes,
     pro_plot,
     roc_plot,
     score_histogram,
@@ -94,28 +93,6 @@ def test_overlay_rejects_bad_input():
         overlay(image, np.zeros((8, 9)), 0.0, 1.0)
     with pytest.raises(ValueError, match="low < high"):
         overlay(image, np.zeros((8, 8)), 1.0, 1.0)
-
-
-def test_png_bytes_round_trips_exactly():
-    rng = np.random.default_rng(1)
-    mask = rng.random((37, 53)) < 0.3
-    decoded = Image.open(io.BytesIO(png_bytes(mask)))
-    assert decoded.mode == "L" and decoded.size == (53, 37)
-    np.testing.assert_array_equal(np.asarray(decoded), mask.astype(np.uint8) * 255)
-    levels = rng.integers(0, 256, size=(20, 30), dtype=np.uint8)
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(levels)))), levels)
-
-
-def test_png_bytes_rejects_other_dtypes_and_shapes():
-    with pytest.raises(ValueError, match="float32"):
-        png_bytes(np.zeros((4, 4), dtype=np.float32))
-    with pytest.raises(ValueError, match=r"\(4, 4, 4\)"):
-        png_bytes(np.zeros((4, 4, 4), dtype=np.uint8))
-
-
-def test_png_bytes_round_trips_rgb():
-    image = np.random.default_rng(2).integers(0, 256, size=(7, 9, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(image)))), image)
 
 
 class PageParser(HTMLParser):

@@ -90,11 +90,12 @@ def score_dataset(
 
 def run_score(
     model_uri: str, images_source: str, out_uri: str, settings: Settings, explicit: frozenset[str] = frozenset(),
-    stage: type = ScoreStage,
+    stage: type = ScoreStage, plan: ModelStage | None = None,
 ) -> ScoreSummary:
     """Score an image set on Ray against the model at model_uri; writes masks, scores and run.json under out_uri.
 
-    stage: the model stage's callable class (benchmarks replace it by a simulated device).
+    stage, plan: the model stage's callable class and its actors (default: ModelStage.plan(settings));
+    benchmarks replace them by a simulated device.
     """
     options = settings.fsspec_options()
     started = time.perf_counter()
@@ -118,7 +119,7 @@ def run_score(
     init_ray(settings.ray_address)
     done = done_ids(outputs.scores, options)
     todo = [{"id": i, "uri": u} for i, u in zip(manifest.ids, manifest.uris) if i not in done]
-    plan = ModelStage.plan(settings)
+    plan = plan or ModelStage.plan(settings)
     log.info("score: %d images, %d already done, %d to score on %d model workers -> %s",
              len(manifest), len(manifest) - len(todo), len(todo), plan.workers, out_uri)
     workers, retryable = Workers(), []
