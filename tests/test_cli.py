@@ -253,3 +253,12 @@ def test_readme_command_line_reference_is_current(monkeypatch):
     advice = "regenerate it: python scripts/cli_reference.py, and paste the output over the section in README.md"
     assert section is not None, f"README.md has no '{script.HEADING}' section; {advice}"
     assert section == script.reference().rstrip("\n") + "\n", f"README.md's command-line reference is stale; {advice}"
+
+
+def test_dry_run_counts_rejected_names_and_goes_on(image_folder, tmp_path, capsys):
+    (image_folder / "a" / "1.jpg").write_bytes(b"same mask as a/1.png")
+    argv = ["score", "--model", str(tmp_path / "model"), "--images", str(image_folder), "--out", str(tmp_path / "out"), "--dry-run"]
+    assert cli.main(argv) == 0
+    rows = table(capsys.readouterr().out)
+    assert rows["images"] == ["5"]  # 6 files, a/1.png rejected
+    assert rows["rejected"][0].startswith(f"1 (each gets an error row), first: {image_folder}/a/1.png: its outputs")
