@@ -47,6 +47,7 @@ NON_DEFAULTS = {
     "gpus_per_task": 0.5,
     "cpus_per_task": 2.0,
     "chunk_mib": 4,
+    "max_pixels": 1_000_000,
     "save_maps": True,
     "save_overlays": True,
     "overwrite": True,
