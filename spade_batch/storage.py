@@ -267,7 +267,9 @@ def read_bytes(uri: str, options: StorageOptions = None) -> bytes:
         try:
             return _read_local(path, uri) if is_local(uri) else fs.cat_file(path)
         except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, "No such file", _redact(uri)) from None
+            raise FileNotFoundError(
+                errno.ENOENT, "No such file (check the path; if it was listed, it was deleted since)", _redact(uri)
+            ) from None
 
     return _retrying(read, uri, "read")
 
