@@ -112,8 +112,10 @@ def build_manifest(
 
     ``suffixes`` selects image files in folders and globs (case-insensitive);
     entries of a manifest file are taken as listed. Raises ValueError when
-    nothing is found or an image is listed twice, FileNotFoundError for a
-    missing manifest file. The same inputs always give the same manifest.
+    nothing is found, FileNotFoundError for a missing manifest file; unsafe
+    or colliding names never raise, they go to ``Manifest.rejected`` (so a
+    manifest may hold no ids, only rejections). The same inputs always give
+    the same manifest.
     """
     if _GLOB_CHARS.search(_path_part(source)):
         return _from_glob(source, options, suffixes)
