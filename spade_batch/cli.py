@@ -13,6 +13,7 @@ from typing import Any
 
 from spade_batch import __version__
 from spade_batch.config import ConfigError, Settings, describe, load_request
+from spade_batch.logs import configure_logging, redact, secret_values
 
 log = logging.getLogger("spade_batch")
 
@@ -29,11 +30,25 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
             # --no-<flag> too, so a command line can turn off what the YAML file turns on.
             group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=help_text)
         elif key == "storage_options":
-            group.add_argument(flag, dest=key, type=json.loads, metavar="JSON", help=help_text)
+            group.add_argument(flag, dest=key, type=json_object, metavar="JSON", help=help_text)
         else:
             base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
             group.add_argument(flag, dest=key, type=base, metavar=base.__name__.upper(), help=f"{help_text} [default: {default}]")
     group.add_argument("--dry-run", action="store_true", help="list what would be processed and where outputs go; compute nothing")
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """The value of --storage-options: a JSON object. A mistake is reported without the value, which may hold credentials."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(
+            f"not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+            "the value is not shown as it may hold credentials"
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object ({{...}}), got a JSON {type(value).__name__}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,16 +110,18 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, frozenset[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Known before the settings load, so that even an error loading them is redacted; _run adds the file's.
+    secrets = set(secret_values(getattr(args, "storage_options", None)))
     try:
-        return _run(args)
+        return _run(args, secrets)
     except (ConfigError, ValueError, OSError, RuntimeError) as error:
-        print(f"spade-batch {args.command}: error: {_first_line(error)}", file=sys.stderr)
+        print(redact(f"spade-batch {args.command}: error: {_first_line(error)}", secrets), file=sys.stderr)
         return 2
-    except Exception as error:  # a failed Ray task, a bug: one line here, the traceback in the debug log
+    except Exception as error:  # a failed Ray task, a bug: one line here, the (redacted) traceback in the debug log
         log.debug("traceback", exc_info=True)
         print(
-            f"spade-batch {args.command}: failed: {type(error).__name__}: {_first_line(error)} "
-            "(--log-level DEBUG shows the traceback)",
+            redact(f"spade-batch {args.command}: failed: {type(error).__name__}: {_first_line(error)} ", secrets)
+            + "(--log-level DEBUG shows the traceback)",
             file=sys.stderr,
         )
         return 1
@@ -116,7 +133,8 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, secrets: set[str]) -> int:
+    """Run the command; adds the credentials of the effective settings to ``secrets`` once they are loaded."""
     from spade_batch import commands
 
     if args.command == "make-demo-data":
@@ -127,7 +145,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "config":
         return commands.show_config(args.config, args.keys)
     settings, explicit = settings_from(args)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    secrets.update(secret_values(settings.fsspec_options()))
+    configure_logging(settings.log_level, secrets)
     handlers: dict[str, Any] = {
         "fit": lambda: commands.fit(args.train, args.model, settings, args.dry_run),
         "score": lambda: commands.score(args.model, args.images, args.out, settings, explicit, args.dry_run),

@@ -58,9 +58,12 @@ def _dry_run(source: str, settings: Settings, outputs: list[str], model_uri: str
         ("images", len(manifest)),
         ("root", manifest.root),
         ("part files", f"up to {settings.shard_size} images each"),
-        ("first image", manifest.ids[0]),
-        ("last image", manifest.ids[-1]),
     ]
+    if manifest.ids:
+        rows += [("first image", manifest.ids[0]), ("last image", manifest.ids[-1])]
+    if manifest.rejected:
+        uri, reason = manifest.rejected[0]
+        rows += [("rejected", f"{len(manifest.rejected)} (each gets an error row), first: {uri}: {reason}")]
     if model_uri is not None:
         rows.append(("model", _describe_model(model_uri, settings)))
     rows += [("writes", uri) for uri in outputs]

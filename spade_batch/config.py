@@ -59,6 +59,7 @@ class Settings:
     chunk_mib: int = _key(16, "Bound on one pixel-distance block, in MiB.")
     precision: str = _key("float32", "Pixel search GEMM precision: float32, tf32 or bfloat16. Low precision only ranks candidates; returned distances are recomputed in float32.")
     model_workers: int = _key(0, "Model actors (each loads the backbone and gallery once): 0 = one per GPU, or on CPU-only clusters one per cpus_per_task CPUs, keeping one CPU for decoding.")
+    max_pixels: int = _key(50_000_000, "Largest image accepted, in pixels (width x height); larger ones get an error row. A worker needs about 10 bytes per pixel of the largest image.")
     save_maps: bool = _key(False, "Also write raw anomaly maps (float16 .npy at the working size) under OUT/maps/.")
     save_overlays: bool = _key(False, "Also write heat-map overlays (PNG) under OUT/overlays/.")
     overwrite: bool = _key(False, "Replace the outputs of an earlier run instead of resuming it.")
@@ -100,16 +101,26 @@ _CHOICES = {
     "precision": ("float32", "tf32", "bfloat16"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
-_POSITIVE = ("k", "kappa", "shard_size", "batch_size", "chunk_mib")
+_POSITIVE = ("k", "kappa", "shard_size", "batch_size", "chunk_mib", "max_pixels")
+PILLOW_PIXEL_LIMIT = 178_956_970
+"""2 x PIL.Image.MAX_IMAGE_PIXELS: Pillow refuses larger images as decompression bombs, whatever max_pixels says."""
+_SECRET_KEYS = ("storage_options",)
+"""Keys whose values are never echoed in messages: they may hold credentials."""
 
 
 def _validate(settings: Settings) -> None:
+    for spec in dataclasses.fields(settings):
+        value = getattr(settings, spec.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{spec.name}: must be a finite number, got {value}")
     for key, choices in _CHOICES.items():
         if getattr(settings, key) not in choices:
             raise ConfigError(f"{key}: {getattr(settings, key)!r} is not one of {', '.join(choices)}")
     for key in _POSITIVE:
         if getattr(settings, key) < 1:
             raise ConfigError(f"{key}: must be at least 1, got {getattr(settings, key)}")
+    if settings.max_pixels > PILLOW_PIXEL_LIMIT:
+        raise ConfigError(f"max_pixels: must be at most {PILLOW_PIXEL_LIMIT} (Pillow's decompression-bomb limit), got {settings.max_pixels}")
     if settings.image_size < 32:
         raise ConfigError(f"image_size: must be at least 32 pixels, got {settings.image_size}")
     if not 0 <= settings.sigma < math.inf:
@@ -139,7 +150,8 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
         if origin in (str, bool, dict) and isinstance(value, origin):
             return value
     names = " or ".join(getattr(kind, "__name__", str(kind)) for kind in allowed)
-    raise ConfigError(f"{key} in {source}: expected {names}, got {type(value).__name__} {value!r}")
+    shown = "(value not shown: it may hold credentials)" if key in _SECRET_KEYS else repr(value)
+    raise ConfigError(f"{key} in {source}: expected {names}, got {type(value).__name__} {shown}")
 
 
 def _field_types() -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Decoding turns any bad input (empty, undecodable, truncated, too large, odd
 mode) into an :class:`ImageError` that names the source, so the pipeline can
-record it and go on. Preprocessing is the one place that fixes the geometry
+record it and go on. The pixel count is checked from the header, before any
+pixel is decoded; :func:`decode_for_model` also decodes JPEGs directly at a
+reduced scale, so a huge JPEG costs memory for the working size only. Preprocessing is the one place that fixes the geometry
 shared by images, ground-truth masks and anomaly maps.
 """
 
@@ -26,13 +28,47 @@ PREPROCESSING_MODES = ("full", "paper")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 _REEXPORT_ADVICE = "Remove it from the image set or re-export it as PNG/JPEG."
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # orientations that swap width and height
+
+
+DEFAULT_MAX_PIXELS = 50_000_000
+"""The default of the ``max_pixels`` setting."""
 
 
 class ImageError(ValueError):
     """An input that cannot be used as an image; the message names the source."""
 
 
-def decode_image(data: bytes, source: str, max_pixels: int = 100_000_000) -> np.ndarray:
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image decoded for the model, and the size of the original.
+
+    ``rgb`` is H' x W' x 3 uint8, possibly reduced (JPEG: by 1/2, 1/4 or 1/8)
+    but at least ``min_side`` on both sides when the original was; ``height``
+    and ``width`` are the original's, EXIF orientation applied: masks are
+    written at that size.
+    """
+
+    rgb: np.ndarray
+    height: int
+    width: int
+
+
+def decode_for_model(data: bytes, source: str, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode for :func:`preprocess` at a working size of ``min_side``, with memory for about that size.
+
+    ``min_side`` is the shortest side preprocessing needs: ``Preprocessing.resize_to``
+    covers both modes. JPEGs are decoded at the largest DCT reduction that
+    keeps both sides >= ``min_side`` (Pillow ``Image.draft``); other formats
+    are decoded whole. Reduced decoding differs slightly from a full decode
+    followed by resizing, so fit and score must decode the same way.
+    Raises ImageError as :func:`decode_image`.
+    """
+    return _decode(data, source, max_pixels, min_side)
+
+
+def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode encoded image bytes to an RGB array.
 
     Args:
@@ -50,14 +86,24 @@ def decode_image(data: bytes, source: str, max_pixels: int = 100_000_000) -> np.
         ImageError: empty, undecodable, truncated, zero-size, larger than
             ``max_pixels`` or in an unsupported mode.
     """
+    return _decode(data, source, max_pixels, None).rgb
+
+
+def _decode(data: bytes, source: str, max_pixels: int, min_side: int | None) -> DecodedImage:
+    """Decode ``data``; with ``min_side``, JPEGs at the largest reduction keeping both sides >= it."""
     if not data:
         raise ImageError(f"cannot decode {source}: the file is empty (0 bytes). {_REEXPORT_ADVICE}")
     try:
         with Image.open(io.BytesIO(data)) as im:
             _check_size(im.size, source, max_pixels)
+            width, height = im.size
+            if im.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSING_ORIENTATIONS:
+                width, height = height, width
+            if min_side is not None and im.format == "JPEG":
+                im.draft(im.mode, (min_side, min_side))
             im.load()
             ImageOps.exif_transpose(im, in_place=True)
-            rgb = _to_rgb(im, source)
+            decoded = DecodedImage(_to_rgb(im, source), height, width)
     except ImageError:
         raise
     except UnidentifiedImageError as e:
@@ -66,7 +112,7 @@ def decode_image(data: bytes, source: str, max_pixels: int = 100_000_000) -> np.
         ) from e
     except Image.DecompressionBombError as e:
         raise ImageError(
-            f"cannot decode {source}: image too large ({e}). Downscale it or remove it from the image set."
+            f"cannot decode {source}: image too large for Pillow ({e}). Downscale it or remove it from the image set."
         ) from e
     # Pillow's decoders signal bad data with many exception types (OSError,
     # SyntaxError, ValueError, struct.error, ...); all of them mean "bad input".
@@ -74,7 +120,7 @@ def decode_image(data: bytes, source: str, max_pixels: int = 100_000_000) -> np.
         raise ImageError(
             f"cannot decode {source}: corrupt or truncated image data ({type(e).__name__}: {e}). {_REEXPORT_ADVICE}"
         ) from e
-    return rgb
+    return decoded
 
 
 def _check_size(size: tuple[int, int], source: str, max_pixels: int) -> None:
@@ -84,7 +130,8 @@ def _check_size(size: tuple[int, int], source: str, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageError(
             f"cannot decode {source}: image is {width} x {height} = {width * height} pixels, "
-            f"over the limit of {max_pixels}. Downscale it or raise max_pixels."
+            f"over the max_pixels setting ({max_pixels}). Downscale it, remove it from the image set, "
+            "or raise max_pixels (--max-pixels or the config file) if workers have the memory for it."
         )
 
 
@@ -101,7 +148,9 @@ def _to_rgb(im: Image.Image, source: str) -> np.ndarray:
     if im.mode in ("P", "PA"):
         # Via RGBA so that palette transparency is dropped without a warning.
         im = im.convert("RGBA")
-    return np.array(im.convert("RGB"), dtype=np.uint8)
+    if im.mode != "RGB":  # convert() copies even when the mode is already RGB
+        im = im.convert("RGB")
+    return np.array(im, dtype=np.uint8)
 
 
 def _sixteen_to_eight_bit(values: np.ndarray, source: str, mode: str) -> np.ndarray:

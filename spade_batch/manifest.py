@@ -11,6 +11,17 @@ A source is one of:
   skipped), ``.csv`` or ``.parquet`` with a ``uri`` column. Relative entries
   are relative to the manifest's folder; the root is the longest common folder
   of the URIs.
+
+Ids are normalised (empty and ``.`` segments dropped, so ``a//./b.png`` is
+``a/b.png``) and checked before any work: an image whose name cannot be
+represented safely (empty, a ``..`` segment, control characters, not UTF-8,
+a segment too long for a file name, a key the store cannot address
+literally) or whose outputs would collide with another image's (same
+:func:`output_stem`, or one's output file where the other needs a folder) is
+not processed but listed in ``Manifest.rejected`` with the reason, so that it
+gets an error row of its own and the run goes on. Of colliding images the
+first by (id, canonical name first, URI) is kept. An entry listed twice with
+the same URI is one image.
 """
 
 from __future__ import annotations
@@ -25,7 +36,6 @@ import re
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
-from fsspec.core import split_protocol
 from fsspec.utils import glob_translate
 
 from spade_batch import storage
@@ -33,7 +43,12 @@ from spade_batch.images import IMAGE_SUFFIXES
 from spade_batch.storage import StorageOptions
 
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
+OUTPUT_SUFFIXES = (".png", ".npy")
+"""Suffixes of per-image outputs: masks/ and overlays/ ``<stem>.png``, maps/ ``<stem>.npy``."""
+MAX_SEGMENT_BYTES = 250
+"""Longest part of an id between slashes, in UTF-8 bytes: file systems allow 255, outputs add a suffix."""
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,8 @@ class Manifest:
     root: str
     ids: tuple[str, ...]
     uris: tuple[str, ...]
+    rejected: tuple[tuple[str, str], ...] = ()
+    """(uri, reason) of listed images that are not processed; each should become an error row."""
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.uris):
@@ -55,7 +72,7 @@ class Manifest:
         first_uri: dict[str, str] = {}
         for id_, uri in zip(self.ids, self.uris):
             # Ids become output paths (masks/<id>.png), so they must stay below the output folder.
-            if not id_ or id_.startswith("/") or ".." in id_.split("/"):
+            if id_problem(id_) or id_ != normalize_id(id_):
                 raise ValueError(f"image id {id_!r} of {uri} is not a relative path below {self.root}")
             if id_ in first_uri:
                 raise ValueError(
@@ -68,12 +85,18 @@ class Manifest:
         return len(self.ids)
 
     def sha256(self) -> str:
-        """Hex SHA-256 of the ordered (id, uri) list: the compact JSON ``[[id, uri], ...]`` in UTF-8."""
+        """Hex SHA-256 of the ordered (id, uri) list: the compact JSON ``[[id, uri], ...]`` in UTF-8.
+
+        Rejected entries are not part of it: they have no outputs to resume.
+        """
         pairs = json.dumps(list(zip(self.ids, self.uris)), ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(pairs.encode("utf-8")).hexdigest()
 
     def shards(self, shard_size: int) -> list[Manifest]:
-        """Consecutive slices of at most ``shard_size`` images, in order; the last may be smaller."""
+        """Consecutive slices of at most ``shard_size`` images, in order; the last may be smaller.
+
+        Shards carry no rejected entries: those belong to the whole manifest.
+        """
         if shard_size < 1:
             raise ValueError(f"shard_size must be at least 1, got {shard_size}")
         return [
@@ -89,8 +112,10 @@ def build_manifest(
 
     ``suffixes`` selects image files in folders and globs (case-insensitive);
     entries of a manifest file are taken as listed. Raises ValueError when
-    nothing is found or an image is listed twice, FileNotFoundError for a
-    missing manifest file. The same inputs always give the same manifest.
+    nothing is found, FileNotFoundError for a missing manifest file; unsafe
+    or colliding names never raise, they go to ``Manifest.rejected`` (so a
+    manifest may hold no ids, only rejections). The same inputs always give
+    the same manifest.
     """
     if _GLOB_CHARS.search(_path_part(source)):
         return _from_glob(source, options, suffixes)
@@ -113,7 +138,7 @@ def _from_folder(source: str, options: StorageOptions, suffixes: tuple[str, ...]
 
 
 def _from_glob(source: str, options: StorageOptions, suffixes: tuple[str, ...]) -> Manifest:
-    protocol, path = split_protocol(source)
+    protocol, path = storage.split_uri(source)
     parts = path.split("/")
     first_glob = next(i for i, part in enumerate(parts) if _GLOB_CHARS.search(part))
     root_path = "/".join(parts[:first_glob]) or ("/" if path.startswith("/") else ".")
@@ -131,13 +156,13 @@ def _from_manifest_file(source: str, options: StorageOptions) -> Manifest:
         raise ValueError(f"manifest file {source} lists no images; add one URI per image")
     folder = posixpath.dirname(storage.normalize(source, options))
     uris = [_resolve(entry, folder) for entry in entries]
-    protocols = sorted({split_protocol(u)[0] or "local path" for u in uris})
+    protocols = sorted({storage.split_uri(u)[0] or "local path" for u in uris})
     if len(protocols) > 1:
         raise ValueError(f"manifest file {source} mixes storage schemes ({', '.join(protocols)}); use one")
     # commonprefix compares lists element by element: the longest common run of folder names.
     common = os.path.commonprefix([_path_part(u).split("/")[:-1] for u in uris])
     root_path = "/" if common == [""] else "/".join(common)
-    protocol = split_protocol(uris[0])[0]
+    protocol = storage.split_uri(uris[0])[0]
     return _sorted_manifest(f"{protocol}://{root_path}" if protocol else root_path, uris)
 
 
@@ -175,21 +200,96 @@ def _resolve(entry: str, folder: str) -> str:
     Local paths are normalized (``a/../b`` -> ``b``); URLs are kept as written,
     since ``..`` in an object key is part of the key.
     """
-    if split_protocol(entry)[0] is not None:
+    if storage.split_uri(entry)[0] is not None:
         return entry
     if entry.startswith("/"):
         return posixpath.normpath(entry)
-    protocol, folder_path = split_protocol(folder)
+    protocol, folder_path = storage.split_uri(folder)
     path = posixpath.normpath(posixpath.join(folder_path, entry))
     return f"{protocol}://{path}" if protocol else path
 
 
 def _sorted_manifest(root: str, uris: list[str]) -> Manifest:
-    """The manifest of ``uris`` (all below ``root``), sorted by id."""
+    """The manifest of ``uris`` (all below ``root``), sorted by id, unsafe and colliding names rejected."""
     root_path = _path_part(root).rstrip("/")
-    pairs = sorted((_path_part(uri)[len(root_path) :].lstrip("/"), uri) for uri in uris)
-    return Manifest(root, tuple(id_ for id_, _ in pairs), tuple(uri for _, uri in pairs))
+    candidates = []
+    rejected = []
+    for uri in dict.fromkeys(uris):  # an entry listed twice is one image
+        raw = _path_part(uri)[len(root_path) :]
+        image_id = normalize_id(raw)
+        problem = id_problem(image_id) or storage.name_problem(uri)
+        if problem:
+            rejected.append((uri, problem))
+        else:
+            candidates.append((image_id, image_id != raw.strip("/"), uri))
+    kept: list[tuple[str, str]] = []
+    claims = _OutputClaims()
+    for image_id, _, uri in sorted(candidates):
+        problem = claims.claim(image_id, uri)
+        if problem:
+            rejected.append((uri, problem))
+        else:
+            kept.append((image_id, uri))
+    return Manifest(root, tuple(i for i, _ in kept), tuple(u for _, u in kept), tuple(sorted(rejected)))
+
+
+def normalize_id(raw: str) -> str:
+    """``raw`` (a path below the root) with empty and ``.`` segments dropped: ``/a//./b.png`` -> ``a/b.png``."""
+    return "/".join(part for part in raw.split("/") if part not in ("", "."))
+
+
+def id_problem(image_id: str) -> str | None:
+    """Why the normalised id ``image_id`` cannot name outputs safely, or None if it can."""
+    if not image_id:
+        return "the name is empty below the root; list files, not folders"
+    if ".." in image_id.split("/"):
+        return "the name has a '..' segment, which would put its outputs outside the output folder; rename it"
+    if _CONTROL_CHARS.search(image_id):
+        return f"the name {image_id!r} holds control characters; rename it"
+    try:
+        longest = max(len(part.encode("utf-8")) for part in image_id.split("/"))
+    except UnicodeEncodeError:
+        return f"the name {image_id!r} is not valid UTF-8; rename it"
+    if longest > MAX_SEGMENT_BYTES:
+        return f"a part of the name is {longest} bytes long, over the {MAX_SEGMENT_BYTES} that output file names allow; rename it"
+    return None
+
+
+def output_stem(image_id: str) -> str:
+    """The path of an image's outputs below each output folder, without suffix: the id without its extension.
+
+    ``masks/<stem>.png``, ``overlays/<stem>.png``, ``maps/<stem>.npy``. The
+    manifest guarantees distinct stems, and no stem's output file where
+    another's outputs need a folder.
+    """
+    return posixpath.splitext(image_id)[0]
+
+
+class _OutputClaims:
+    """Output paths (below an output folder) claimed so far, as files and as folders, with their claimant."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, str] = {}
+        self.folders: dict[str, str] = {}
+
+    def claim(self, image_id: str, uri: str) -> str | None:
+        """Claim the outputs of ``image_id``; or why they collide with an earlier claim (nothing claimed then)."""
+        stem = output_stem(image_id)
+        files = [stem + suffix for suffix in OUTPUT_SUFFIXES]
+        parts = stem.split("/")
+        folders = ["/".join(parts[:n]) for n in range(1, len(parts))]
+        for path in files:
+            if path in self.files:
+                return f"its outputs (masks/{stem}.png) would overwrite those of {self.files[path]}; rename one of them"
+            if path in self.folders:
+                return f"its output masks/{path} would be a file where {self.folders[path]} needs a folder; rename one of them"
+        for folder in folders:
+            if folder in self.files:
+                return f"its outputs need masks/{folder} to be a folder, but {self.files[folder]} writes a file there; rename one of them"
+        self.files.update((path, uri) for path in files)
+        self.folders.update((folder, uri) for folder in folders)
+        return None
 
 
 def _path_part(uri: str) -> str:
-    return split_protocol(uri)[1]
+    return storage.split_uri(uri)[1]

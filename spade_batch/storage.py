@@ -1,11 +1,23 @@
-"""Files named by URIs: list, read, atomic write, join, remove.
+"""Files named by URIs: list, read, atomic and exclusive write, join, remove, retries.
 
 A URI is a local path (``data/x.png``, ``/abs/x.png``), a ``file://`` URL or
-any fsspec URL (``s3://bucket/key``, ``memory://...``). ``options`` is the
-fsspec storage options dict for that filesystem, passed to
-``fsspec.core.url_to_fs(uri, **options)``; for S3 it holds s3fs's ``key``,
-``secret``, ``client_kwargs={"endpoint_url": ...}``. Options never appear in
-error messages, and user:password parts of URIs are masked there.
+an fsspec URL (``s3://bucket/key``, ``memory://...``). The filesystem is
+chosen by the URI's scheme alone and the rest is the path, taken literally:
+fsspec URL chaining (``a::b``) and URL options are never interpreted, so
+``::``, ``?`` or ``#`` in a name are just characters of that name.
+``options`` is the fsspec storage options dict for that filesystem, passed to
+``fsspec.filesystem(protocol, **options)``; for S3 it holds s3fs's ``key``,
+``secret``, ``client_kwargs={"endpoint_url": ...}`` and, for timeouts,
+``config_kwargs={"connect_timeout": s, "read_timeout": s}`` (s3fs defaults:
+5 s and 15 s). Options never appear in error messages, and user:password
+parts of URIs are masked there.
+
+Every call is retried when it fails for a transient reason (throttling, 5xx,
+connection reset, timeout; see :func:`is_transient`), with exponential
+backoff, :data:`RETRY` attempts in all (s3fs and botocore retry inside one
+attempt too). What still fails transiently raises
+:class:`TransientStorageError`: a plain re-run retries it, and it never means
+that the file is bad or missing.
 """
 
 from __future__ import annotations
@@ -13,20 +25,34 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import logging
 import os
+import random
 import re
 import shutil
+import stat
 import tempfile
-from collections.abc import Mapping
-from typing import Any
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
+import aiohttp
+import botocore.exceptions
 import fsspec
 import numpy as np
-from fsspec.core import split_protocol, url_to_fs
+from fsspec.exceptions import FSTimeoutError
 
 StorageOptions = Mapping[str, Any] | None
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 _LOCAL_PROTOCOLS = (None, "file", "local")
+_S3_PROTOCOLS = ("s3", "s3a")
+_S3_VERSION_MARK = "?versionId="
+# Two or more characters before "://", so a Windows drive letter is never a scheme.
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 
 # The umask can only be read by setting it, so read it once at import time,
 # before any worker threads exist. Temp files are created 0600; the final file
@@ -35,18 +61,159 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+class TransientStorageError(OSError):
+    """A storage call that still failed for a transient reason after every retry.
+
+    Throttling, a 5xx answer, a reset connection or a timeout: the object may
+    be fine, the store was not. Re-running the same command retries it. The
+    ``filename`` is the URI (passwords masked) and ``__cause__`` the last error.
+    """
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Attempts per storage call, and the exponential backoff between them.
+
+    The n-th wait (n = 1, 2, ...) is ``first_delay_s * 2 ** (n - 1)``, capped at
+    ``max_delay_s``, times a random factor in [0.5, 1] so that workers
+    throttled together do not retry together.
+    """
+
+    attempts: int = 4
+    first_delay_s: float = 0.5
+    max_delay_s: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or not 0 <= self.first_delay_s <= self.max_delay_s:
+            raise ValueError(f"retry policy needs attempts >= 1 and 0 <= first_delay_s <= max_delay_s, got {self}")
+
+    def delay(self, failed_attempts: int) -> float:
+        """Seconds to wait after ``failed_attempts`` failures in a row."""
+        return min(self.first_delay_s * 2 ** (failed_attempts - 1), self.max_delay_s) * random.uniform(0.5, 1.0)
+
+
+RETRY = RetryPolicy()
+"""The policy every call in this module uses (about 7 s of waiting in all, on top of s3fs's own retries)."""
+
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.EREMOTEIO}
+)
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestLimitExceeded",
+        "TooManyRequestsException", "RequestThrottled", "RequestTimeout", "InternalError", "ServiceUnavailable",
+    }
+)
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+_TRANSIENT_TYPES = (
+    TimeoutError,  # socket.timeout and asyncio.TimeoutError too
+    ConnectionError,  # reset, aborted, refused, broken pipe
+    FSTimeoutError,
+    botocore.exceptions.HTTPClientError,  # connection closed, read timeout
+    botocore.exceptions.ConnectionError,  # endpoint unreachable, connect timeout
+    botocore.exceptions.IncompleteReadError,
+    botocore.exceptions.ResponseStreamingError,
+    aiohttp.ClientConnectionError,
+    aiohttp.ClientPayloadError,
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """True if ``error`` is a failure that a later retry may not meet: throttling, 5xx, reset, timeout.
+
+    Looks through the chain of causes (s3fs turns a botocore error into an
+    OSError caused by it). A missing file, a refused permission, a file that
+    already exists, or bad content are never transient.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, TransientStorageError):
+            return True
+        if isinstance(current, _PERMANENT):
+            return False
+        if isinstance(current, _TRANSIENT_TYPES):
+            return True
+        if isinstance(current, botocore.exceptions.ClientError):
+            response = current.response or {}
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return response.get("Error", {}).get("Code") in _TRANSIENT_CODES or status >= 500 or status == 429
+        if isinstance(current, OSError) and current.errno in _TRANSIENT_ERRNOS:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _retrying(action: Callable[[], T], uri: str, what: str) -> T:
+    """``action()``, retried under :data:`RETRY` while it fails transiently; then TransientStorageError."""
+    policy = RETRY
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return action()
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            reason = f"{type(error).__name__}: {_first_line(error)}"
+            if attempt == policy.attempts:
+                raise TransientStorageError(
+                    errno.EAGAIN,
+                    f"Cannot {what}: still failing for a transient reason after {attempt} attempts ({reason}); "
+                    "the store is throttling, overloaded or unreachable. Re-run the same command to retry",
+                    _redact(uri),
+                ) from error
+            delay = policy.delay(attempt)
+            log.warning("%s %s: transient failure (%s); attempt %d of %d in %.1f s", what, _redact(uri), reason, attempt + 1, policy.attempts, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable: RetryPolicy.attempts >= 1")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+def split_uri(uri: str) -> tuple[str | None, str]:
+    """``(scheme, rest)`` of ``uri``; ``(None, uri)`` for a plain path. Nothing else is parsed."""
+    match = _SCHEME.match(uri)
+    return (match.group(1), uri[match.end() :]) if match else (None, uri)
+
+
+def name_problem(uri: str) -> str | None:
+    """Why ``uri`` cannot be addressed literally by its filesystem, or None if it can.
+
+    Today one case: an S3 key holding ``?versionId=``, which s3fs always reads
+    as a version of another key.
+    """
+    protocol, rest = split_uri(uri)
+    if protocol in _S3_PROTOCOLS and _S3_VERSION_MARK in rest:
+        return f"the name holds {_S3_VERSION_MARK!r}, which s3fs reads as an object version; rename the object"
+    return None
+
+
 def filesystem(uri: str, options: StorageOptions = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem serving ``uri`` and the path of ``uri`` inside it.
 
-    Local paths come back absolute, object-store paths as ``bucket/key``;
-    trailing slashes are dropped.
+    Local paths come back absolute and normalised, object-store paths as
+    ``bucket/key`` exactly as written; trailing slashes are dropped. Only the
+    scheme picks the filesystem: no chaining, no options read from the URI.
+    An S3 key holding ``?versionId=`` is a ValueError: s3fs would read
+    another object (see :func:`name_problem`).
     """
-    return url_to_fs(uri, **dict(options or {}))
+    protocol, rest = split_uri(uri)
+    if protocol in _LOCAL_PROTOCOLS:
+        path = os.path.abspath(rest)
+        return fsspec.filesystem("file"), path
+    problem = name_problem(uri)
+    if problem:
+        raise ValueError(f"{_redact(uri)}: {problem}")
+    fs = fsspec.filesystem(protocol, **dict(options or {}))
+    return fs, fs._strip_protocol(f"{protocol}://{rest}")
 
 
 def is_local(uri: str) -> bool:
     """True for plain paths and ``file://`` / ``local://`` URLs."""
-    return split_protocol(uri)[0] in _LOCAL_PROTOCOLS
+    return split_uri(uri)[0] in _LOCAL_PROTOCOLS
 
 
 def join(base: str, *parts: str) -> str:
@@ -78,18 +245,34 @@ def normalize(uri: str, options: StorageOptions = None) -> str:
 def exists(uri: str, options: StorageOptions = None) -> bool:
     """True if ``uri`` names a file or a folder/prefix holding files."""
     fs, path = filesystem(uri, options)
-    # A listing cached earlier in this process (s3fs keeps one) may be stale.
-    fs.invalidate_cache(path)
-    return fs.exists(path)
+
+    def check() -> bool:
+        # A listing cached earlier in this process (s3fs keeps one) may be stale.
+        fs.invalidate_cache(path)
+        return fs.exists(path)
+
+    return _retrying(check, uri, "check")
 
 
 def read_bytes(uri: str, options: StorageOptions = None) -> bytes:
-    """The whole content of the file ``uri``; a missing file is a FileNotFoundError naming it."""
+    """The whole content of the file ``uri``.
+
+    A missing file is a FileNotFoundError naming it; a local path that is not
+    a regular file (a folder, FIFO, device or socket) is an OSError naming it,
+    raised without waiting on it. Transient failures are retried, then raise
+    :class:`TransientStorageError`.
+    """
     fs, path = filesystem(uri, options)
-    try:
-        return fs.cat_file(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(errno.ENOENT, "No such file", _redact(uri)) from None
+
+    def read() -> bytes:
+        try:
+            return _read_local(path, uri) if is_local(uri) else fs.cat_file(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                errno.ENOENT, "No such file (check the path; if it was listed, it was deleted since)", _redact(uri)
+            ) from None
+
+    return _retrying(read, uri, "read")
 
 
 def read_text(uri: str, options: StorageOptions = None) -> str:
@@ -111,12 +294,45 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions = None) -> None:
     """
     fs, path = filesystem(uri, options)
     if is_local(uri):
-        _write_local_atomic(path, data)
+        _retrying(lambda: _replace_local(path, _write_temp(path, data)), uri, "write")
         return
-    try:
-        fs.pipe_file(path, data)
-    except FileNotFoundError as e:  # e.g. the bucket does not exist
-        raise FileNotFoundError(errno.ENOENT, f"Cannot write ({e})", _redact(uri)) from None
+
+    def put() -> None:
+        try:
+            fs.pipe_file(path, data)
+        except FileNotFoundError as e:  # e.g. the bucket does not exist
+            raise FileNotFoundError(errno.ENOENT, f"Cannot write ({e})", _redact(uri)) from None
+
+    _retrying(put, uri, "write")
+
+
+def create_exclusive(uri: str, data: bytes, options: StorageOptions = None) -> bool:
+    """Create the file ``uri`` holding ``data`` unless it exists; True if this call created it.
+
+    Atomic: of any number of concurrent callers (threads, processes, hosts)
+    exactly one gets True, and a reader sees the whole content or no file.
+    Local files are written to a temp file and hard-linked into place
+    (``link`` fails if the name exists). Object stores get a conditional PUT
+    (``If-None-Match: *``, s3fs ``mode="create"``): AWS S3, MinIO and moto
+    honour it. A store that ignores the condition lets the last writer win;
+    :func:`spade_batch.locks.acquire_lock` reads its lock back to catch that.
+    A retried PUT whose first try did land answers False: callers that need
+    to know compare the content (the lock keeps a unique token for this).
+    """
+    fs, path = filesystem(uri, options)
+    if is_local(uri):
+        return _retrying(lambda: _link_local(path, _write_temp(path, data)), uri, "create")
+
+    def put() -> bool:
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        except FileNotFoundError as e:  # e.g. the bucket does not exist
+            raise FileNotFoundError(errno.ENOENT, f"Cannot create ({e})", _redact(uri)) from None
+        return True
+
+    return _retrying(put, uri, "create")
 
 
 def write_text(uri: str, text: str, options: StorageOptions = None) -> None:
@@ -147,10 +363,14 @@ def list_files(
     that file.
     """
     fs, path = filesystem(uri, options)
-    try:
-        found = fs.find(path)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(errno.ENOENT, f"Cannot list ({e})", _redact(uri)) from None
+
+    def find() -> list[str]:
+        try:
+            return fs.find(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(errno.ENOENT, f"Cannot list ({e})", _redact(uri)) from None
+
+    found = _retrying(find, uri, "list")
     if suffixes is not None:
         wanted = tuple(s.lower() for s in suffixes)
         found = [p for p in found if p.lower().endswith(wanted)]
@@ -160,17 +380,40 @@ def list_files(
 def remove(uri: str, options: StorageOptions = None, recursive: bool = False) -> None:
     """Delete the file ``uri`` (or the whole folder/prefix if ``recursive``); missing is fine."""
     fs, path = filesystem(uri, options)
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm(path, recursive=recursive)
+
+    def rm() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path, recursive=recursive)
+
+    _retrying(rm, uri, "remove")
 
 
 def _to_uri(like: str, path: str) -> str:
     """``path`` (a path inside the filesystem of ``like``) as a URI with the scheme of ``like``."""
-    protocol = split_protocol(like)[0]
+    protocol = split_uri(like)[0]
     return path if protocol is None else f"{protocol}://{path}"
 
 
-def _write_local_atomic(path: str, data: bytes) -> None:
+def _read_local(path: str, uri: str) -> bytes:
+    """The content of the regular file ``path``; anything else is refused before it can block."""
+    # O_NONBLOCK: opening a FIFO without a writer would otherwise wait forever.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a folder, not a file; give a file", _redact(uri))
+        raise OSError(errno.EINVAL, "Not a regular file (a FIFO, device or socket); remove it from the image set", _redact(uri))
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _write_temp(path: str, data: bytes) -> str:
+    """A complete, fsynced temp file holding ``data`` in the folder of ``path`` (created if needed)."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     # The ".tmp" suffix keeps half-written files out of suffix-filtered listings.
@@ -181,11 +424,33 @@ def _write_local_atomic(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def _replace_local(path: str, tmp: str) -> None:
+    try:
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        _unlink_quietly(tmp)
         raise
+
+
+def _link_local(path: str, tmp: str) -> bool:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        _unlink_quietly(tmp)
+    return True
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _redact(uri: str) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 import boto3
 import pytest
+from fault_proxy import FaultProxy
 from moto.server import ThreadedMotoServer
 
 # Ray reads this when it is imported (ray_constants), so it is set here, before any test module
@@ -123,3 +124,34 @@ def ray_local() -> Iterator[None]:
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class FaultyS3:
+    """The test S3 server behind a fault-injecting proxy, with fast retries and timeouts."""
+
+    proxy: FaultProxy
+    bucket: str
+    options: dict[str, Any]
+    direct_options: dict[str, Any]
+
+
+@pytest.fixture
+def faulty_s3(s3: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultyS3]:
+    """A fresh bucket reached through a :class:`FaultProxy`.
+
+    botocore's own retries are off (one attempt per s3fs try), reads time out
+    after 0.5 s, and storage.RETRY waits milliseconds, so fault counts are
+    exact and tests stay fast; s3fs's own retries inside one attempt remain.
+    """
+    from spade_batch import storage
+
+    monkeypatch.setattr(storage, "RETRY", storage.RetryPolicy(attempts=3, first_delay_s=0.01, max_delay_s=0.02))
+    proxy = FaultProxy(s3.endpoint_url)
+    options = s3.storage_options
+    options["client_kwargs"]["endpoint_url"] = proxy.endpoint_url
+    options["config_kwargs"] = {"retries": {"total_max_attempts": 1}, "read_timeout": 0.5, "connect_timeout": 0.5}
+    try:
+        yield FaultyS3(proxy, s3_bucket, options, s3.storage_options)
+    finally:
+        proxy.close()

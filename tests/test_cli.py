@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import io
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from spade_batch import cli
+from spade_batch import cli, storage
 from spade_batch.config import Settings, load_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -49,6 +53,7 @@ NON_DEFAULTS = {
     "chunk_mib": 4,
     "precision": "bfloat16",
     "model_workers": 3,
+    "max_pixels": 1_000_000,
     "save_maps": True,
     "save_overlays": True,
     "overwrite": True,
@@ -255,3 +260,65 @@ def test_readme_command_line_reference_is_current(monkeypatch):
     advice = "regenerate it: python scripts/cli_reference.py, and paste the output over the section in README.md"
     assert section is not None, f"README.md has no '{script.HEADING}' section; {advice}"
     assert section == script.reference().rstrip("\n") + "\n", f"README.md's command-line reference is stale; {advice}"
+
+
+def test_dry_run_counts_rejected_names_and_goes_on(image_folder, tmp_path, capsys):
+    (image_folder / "a" / "1.jpg").write_bytes(b"same mask as a/1.png")
+    argv = ["score", "--model", str(tmp_path / "model"), "--images", str(image_folder), "--out", str(tmp_path / "out"), "--dry-run"]
+    assert cli.main(argv) == 0
+    rows = table(capsys.readouterr().out)
+    assert rows["images"] == ["5"]  # 6 files, a/1.png rejected
+    assert rows["rejected"][0].startswith(f"1 (each gets an error row), first: {image_folder}/a/1.png: its outputs")
+
+
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAENVKEYID00000001",
+    "AWS_SECRET_ACCESS_KEY": "env-secret-access-key-value",
+    "AWS_SESSION_TOKEN": "env-session-token-value",
+}
+OPTION_SECRETS = {"key": "AKIAOPTKEYID00000002", "secret": "option-secret-value", "token": "option-session-token"}
+
+
+def run_cli(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`spade-batch argv` in a new process; stdout and stderr together."""
+    return subprocess.run(
+        [sys.executable, "-m", "spade_batch.cli", *argv],
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_no_credential_reaches_the_output_at_debug_level(s3, s3_bucket):
+    for name in ("a.png", "b.png"):
+        buffer = io.BytesIO()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="PNG")
+        storage.write_bytes(storage.join(s3_bucket, "imgs", name), buffer.getvalue(), s3.storage_options)
+    options = json.dumps({**OPTION_SECRETS, "client_kwargs": {"region_name": "us-west-2"}})
+    common = ["--endpoint-url", s3.endpoint_url, "--storage-options", options, "--log-level", "DEBUG"]
+    model, out = storage.join(s3_bucket, "model"), storage.join(s3_bucket, "out")
+
+    dry_run = run_cli("score", "--model", model, "--images", storage.join(s3_bucket, "imgs"), "--out", out, "--dry-run", *common, env=SECRETS)
+    failed_read = run_cli("score", "--model", model, "--images", "s3://no-such-bucket-here/imgs", "--out", out, "--dry-run", *common, env=SECRETS)
+
+    assert dry_run.returncode == 0, dry_run.stdout
+    assert table(dry_run.stdout)["images"] == ["2"]
+    assert failed_read.returncode == 2 and "no-such-bucket-here" in failed_read.stdout
+    for result in (dry_run, failed_read):
+        for secret in (*SECRETS.values(), *OPTION_SECRETS.values()):
+            assert secret not in result.stdout
+
+
+def test_a_json_typo_in_storage_options_is_reported_without_the_value(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["fit", *REQUIRED["fit"], "--storage-options", '{"secret": "option-secret-value",}'])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--storage-options: not valid JSON" in err and "line 1, column" in err
+    assert "option-secret-value" not in err
+    with pytest.raises(SystemExit):
+        cli.main(["fit", *REQUIRED["fit"], "--storage-options", '["option-secret-value"]'])
+    err = capsys.readouterr().err
+    assert "must be a JSON object" in err and "option-secret-value" not in err

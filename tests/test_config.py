@@ -75,6 +75,15 @@ def test_null_is_accepted_for_optional_keys(tmp_path):
         ("image_size: 16\n", ["image_size", "32"]),
         ("sigma: -1\n", ["sigma"]),
         ("sigma: .nan\n", ["sigma", "nan"]),
+        ("image_threshold: .nan\n", ["image_threshold", "finite", "nan"]),
+        ("pixel_threshold: .inf\n", ["pixel_threshold", "finite", "inf"]),
+        ("image_fpr: .nan\n", ["image_fpr", "finite"]),
+        ("pixel_quantile: .nan\n", ["pixel_quantile", "finite"]),
+        ("calibration_fraction: .nan\n", ["calibration_fraction", "finite"]),
+        ("cpus_per_task: .inf\n", ["cpus_per_task", "finite"]),
+        ("gpus_per_task: .nan\n", ["gpus_per_task", "finite"]),
+        ("max_pixels: 0\n", ["max_pixels", "at least 1"]),
+        ("max_pixels: 200000000\n", ["max_pixels", "178956970", "decompression-bomb"]),
         ("ivf_lists: -1\n", ["ivf_lists"]),
         ("cpus_per_task: -1\n", ["cpus_per_task"]),
         ("index: hnsw\n", ["index", "hnsw"]),
@@ -175,3 +184,19 @@ def test_readme_documents_every_key_with_its_default() -> None:
     section = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
     for key, kind, default, _ in describe():
         assert f"| `{key}` | {kind} | `{default}` |" in section, f"README's configuration reference lacks {key}"
+
+
+def test_every_float_setting_refuses_nan_and_inf():
+    floats = [spec.name for spec in dataclasses.fields(Settings) if "float" in str(spec.type)]
+    assert {"sigma", "image_threshold", "pixel_threshold", "image_fpr"} <= set(floats)
+    for key in floats:
+        for value in (float("nan"), float("inf"), float("-inf")):
+            with pytest.raises(ConfigError, match=f"{key}: must be a finite number"):
+                Settings(**{key: value})
+
+
+def test_a_mistyped_storage_options_value_is_not_echoed(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_settings(write_yaml(tmp_path, "storage_options: [AKIASECRET, hunter2]\n"))
+    assert "storage_options" in str(error.value) and "expected dict" in str(error.value)
+    assert "AKIASECRET" not in str(error.value) and "hunter2" not in str(error.value)

@@ -1,5 +1,9 @@
 import io
+import os
+import pathlib
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -8,11 +12,13 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from spade_batch.config import PILLOW_PIXEL_LIMIT
 from spade_batch.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageError,
     Preprocessing,
+    decode_for_model,
     decode_image,
     preprocess,
     preprocess_mask,
@@ -138,8 +144,74 @@ def test_zero_size_image_is_rejected():
 def test_image_over_max_pixels_is_rejected_before_decoding():
     data = encode(Image.fromarray(np.zeros((50, 40, 3), np.uint8)))
     assert decode_image(data, "ok.png", max_pixels=2000).shape == (50, 40, 3)
-    with pytest.raises(ImageError, match=r"big\.png.*50 = 2000 pixels, over the limit of 1999"):
+    with pytest.raises(ImageError, match=r"big\.png.*50 = 2000 pixels, over the max_pixels setting \(1999\).*raise max_pixels"):
         decode_image(data, "big.png", max_pixels=1999)
+    with pytest.raises(ImageError, match="over the max_pixels setting"):
+        decode_for_model(data, "big.png", 32, max_pixels=1999)
+
+
+def test_pillow_limit_in_config_is_pillows():
+    assert PILLOW_PIXEL_LIMIT == 2 * Image.MAX_IMAGE_PIXELS
+
+
+def test_jpeg_is_decoded_reduced_but_reports_its_original_size():
+    rgb = np.tile(np.linspace(0, 255, 1000, dtype=np.uint8)[None, :, None], (800, 1, 3))
+    decoded = decode_for_model(encode(Image.fromarray(rgb), "JPEG", quality=95), "wide.jpg", min_side=224)
+    assert (decoded.height, decoded.width) == (800, 1000)
+    assert decoded.rgb.shape == (400, 500, 3)  # 1/2: 1/4 would make the short side 200 < 224
+    full = decode_image(encode(Image.fromarray(rgb), "JPEG", quality=95), "wide.jpg")
+    assert np.abs(full[::2, ::2].astype(int) - decoded.rgb.astype(int)).mean() < 4
+
+
+def test_reduced_decode_reports_the_original_size_after_exif_rotation():
+    im = Image.fromarray(np.zeros((300, 1200, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: the displayed image is 1200 high, 300 wide
+    decoded = decode_for_model(encode(im, "JPEG", exif=exif), "rotated.jpg", min_side=64)
+    assert (decoded.height, decoded.width) == (1200, 300)
+    assert decoded.rgb.shape == (300, 75, 3)  # stored 300 x 1200 reduced by 1/4, then rotated
+
+
+def test_png_is_decoded_whole_for_the_model():
+    rgb = RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    decoded = decode_for_model(encode(Image.fromarray(rgb)), "x.png", min_side=32)
+    assert (decoded.height, decoded.width) == (40, 50)
+    np.testing.assert_array_equal(decoded.rgb, rgb)
+
+
+_PEAK_SCRIPT = """
+import sys
+from spade_batch.images import decode_for_model, decode_image
+
+def status_mib(field):
+    line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+data = open(sys.argv[1], "rb").read()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM, the peak resident set, to the current one
+before = status_mib("VmRSS")
+if sys.argv[2] == "full":
+    decode_image(data, "big.jpg")
+else:
+    decode_for_model(data, "big.jpg", min_side=256)
+print(status_mib("VmHWM") - before)
+"""
+
+
+def test_peak_memory_of_a_large_jpeg_is_bounded_by_the_working_size(tmp_path):
+    path = tmp_path / "big.jpg"
+    width, height = 8000, 6000  # 48 megapixels: 144 MiB as RGB
+    ramp = np.linspace(0, 255, width, dtype=np.uint8)
+    Image.fromarray(np.broadcast_to(ramp[None, :, None], (height, width, 3)).copy()).save(path, quality=80)
+
+    def peak_mib(how: str) -> float:
+        env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path), how], env=env, capture_output=True, text=True, check=True)
+        return float(out.stdout.strip())
+
+    assert peak_mib("reduced") < 30
+    assert peak_mib("full") > 140  # the measurement sees a full decode
 
 
 def test_decompression_bomb_header_is_an_image_error():

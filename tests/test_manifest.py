@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
+from conftest import StorageRoot
 
 from spade_batch import storage
-from spade_batch.manifest import Manifest, build_manifest
-
-if TYPE_CHECKING:
-    from conftest import StorageRoot
+from spade_batch.manifest import Manifest, build_manifest, output_stem
 
 
 def put(root: StorageRoot, *names: str) -> None:
@@ -165,18 +162,79 @@ def test_missing_manifest_file_is_an_error_naming_it(tmp_path) -> None:
         build_manifest(str(tmp_path / "missing.txt"))
 
 
-def test_duplicate_entries_are_an_error(tmp_path) -> None:
+def test_an_entry_listed_twice_is_one_image(tmp_path) -> None:
     source = tmp_path / "dups.txt"
-    source.write_text(f"{tmp_path}/a.png\n{tmp_path}/b.png\na.png\n")
-    with pytest.raises(ValueError, match="'a.png' appears twice"):
-        build_manifest(str(source))
+    source.write_text(f"{tmp_path}/a.png\n{tmp_path}/b.png\na.png\n{tmp_path}/sub/../a.png\n")
+    manifest = build_manifest(str(source))
+    assert manifest.ids == ("a.png", "b.png")
+    assert manifest.rejected == ()
 
 
-def test_local_entries_are_normalized_before_the_duplicate_check(tmp_path) -> None:
-    source = tmp_path / "dups.txt"
-    source.write_text(f"{tmp_path}/x/a.png\n{tmp_path}/x/sub/../a.png\n")
-    with pytest.raises(ValueError, match="'a.png' appears twice"):
-        build_manifest(str(source))
+def test_ids_are_normalised_and_a_colliding_key_is_rejected_alone(s3, s3_bucket: str) -> None:
+    root = StorageRoot(s3_bucket, s3.storage_options)
+    put(root, "imgs/a//b.png", "imgs/a/./b.png", "imgs/a/b.png", "imgs/./c.png", "imgs/d.png")
+    source = storage.join(s3_bucket, "imgs")
+
+    manifest = build_manifest(source, s3.storage_options)
+
+    assert manifest.ids == ("a/b.png", "c.png", "d.png")
+    # The key written canonically keeps the id; the other spellings are rejected, one error each.
+    assert manifest.uris == (f"{source}/a/b.png", f"{source}/./c.png", f"{source}/d.png")
+    assert [uri for uri, _ in manifest.rejected] == [f"{source}/a/./b.png", f"{source}/a//b.png"]
+    assert all(f"would overwrite those of {source}/a/b.png" in reason for _, reason in manifest.rejected)
+
+
+def test_file_and_folder_wanting_the_same_output_path_reject_only_the_second(storage_root: StorageRoot) -> None:
+    put(storage_root, "imgs/x.jpg", "imgs/x.png/y.png", "imgs/z.png")
+    source = storage.join(storage_root.base, "imgs")
+
+    manifest = build_manifest(source, storage_root.options)
+
+    assert manifest.ids == ("x.jpg", "z.png")
+    ((uri, reason),) = manifest.rejected
+    assert uri == f"{source}/x.png/y.png"
+    assert f"masks/x.png to be a folder, but {source}/x.jpg writes a file there" in reason
+
+
+def test_images_differing_only_by_extension_keep_the_first(tmp_path) -> None:
+    for name in ("a.png", "a.jpg", "b.png"):
+        (tmp_path / name).write_bytes(b"x")
+    manifest = build_manifest(str(tmp_path))
+    assert manifest.ids == ("a.jpg", "b.png")
+    assert manifest.rejected == ((f"{tmp_path}/a.png", f"its outputs (masks/a.png) would overwrite those of {tmp_path}/a.jpg; rename one of them"),)
+
+
+def test_dot_dot_keys_are_rejected_without_refusing_the_run(s3, s3_bucket: str) -> None:
+    root = StorageRoot(s3_bucket, s3.storage_options)
+    put(root, "imgs/ok.png", "imgs/x/../evil.png")
+    manifest = build_manifest(storage.join(s3_bucket, "imgs"), s3.storage_options)
+    assert manifest.ids == ("ok.png",)
+    ((uri, reason),) = manifest.rejected
+    assert uri == f"{s3_bucket}/imgs/x/../evil.png" and "'..' segment" in reason
+
+
+def test_unsafe_names_are_rejected_with_a_reason(tmp_path) -> None:
+    names = {"ok.png": None, "tab\there.png": "control characters", "x" * 251 + ".png": "over the 250"}
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    manifest = build_manifest(str(tmp_path))
+    assert manifest.ids == ("ok.png",)
+    reasons = dict(manifest.rejected)
+    assert len(reasons) == 2
+    for name, words in names.items():
+        if words:
+            assert words in reasons[f"{tmp_path}/{name}"]
+
+
+def test_names_with_chaining_characters_are_plain_names(storage_root: StorageRoot) -> None:
+    put(storage_root, "imgs/a::b.png", "imgs/b.png")
+    manifest = build_manifest(storage.join(storage_root.base, "imgs"), storage_root.options)
+    assert manifest.ids == ("a::b.png", "b.png") and manifest.rejected == ()
+
+
+@pytest.mark.parametrize(("image_id", "stem"), [("a/b.png", "a/b"), ("c.tar.png", "c.tar"), ("noext", "noext"), ("d/.png", "d/.png")])
+def test_output_stem_drops_the_extension_only(image_id: str, stem: str) -> None:
+    assert output_stem(image_id) == stem
 
 
 @pytest.mark.parametrize("bad_id", ["", "/a.png", "../a.png", "x/../../a.png"])

@@ -310,13 +310,19 @@ def test_an_empty_image_set_is_a_clear_error(fitted: Fitted) -> None:
     assert not storage.exists(f"{fitted.bucket}/out-empty/scores", fitted.settings.fsspec_options())
 
 
-def test_images_that_would_share_a_mask_path_are_refused(fitted: Fitted) -> None:
+def test_images_that_would_share_a_mask_path_get_an_error_row_and_the_others_are_scored(fitted: Fitted) -> None:
     jpeg = io.BytesIO()
     Image.fromarray(fitted.image("test", "good/000.png")).save(jpeg, format="JPEG")
-    source = upload(fitted, {"x/a.png": fitted.file("test", "good/000.png"), "x/a.jpg": jpeg.getvalue()}, "same-stem")
-    with pytest.raises(ValueError, match="x/a.jpg and x/a.png under .* would write the same mask masks/x/a.png"):
-        run_score(fitted.model_uri, source, f"{fitted.bucket}/out-same-stem", fitted.settings)
-    assert not storage.exists(f"{fitted.bucket}/out-same-stem", fitted.settings.fsspec_options())
+    files = {"x/a.png": fitted.file("test", "good/000.png"), "x/a.jpg": jpeg.getvalue(), "y.png": fitted.file("test", "good/001.png")}
+    source = upload(fitted, files, "same-stem")
+    out = f"{fitted.bucket}/out-same-stem"
+    summary = run_score(fitted.model_uri, source, out, fitted.settings)
+    rows = read_rows(out, fitted.settings)
+    rejected = f"{source}/x/a.png"  # x/a.jpg sorts first and keeps masks/x/a.png
+    assert sorted(rows) == sorted([rejected, "x/a.jpg", "y.png"])
+    assert rows[rejected]["error"].startswith("name rejected") and rows[rejected]["image_score"] is None
+    assert rows["x/a.jpg"]["error"] is None and rows["x/a.jpg"]["mask_uri"] == Outputs(out).mask("x/a.jpg")
+    assert (summary.images, summary.scored, summary.failed) == (3, 2, 1)
 
 
 def test_a_corrupt_file_is_recorded_and_the_others_are_scored(fitted: Fitted) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import boto3
@@ -12,7 +13,7 @@ import pytest
 from spade_batch import storage
 
 if TYPE_CHECKING:
-    from conftest import StorageRoot
+    from conftest import FaultyS3, StorageRoot
 
 
 def test_bytes_and_text_round_trip(storage_root: StorageRoot) -> None:
@@ -206,3 +207,125 @@ def test_invalid_utf8_text_error_names_the_uri(storage_root: StorageRoot) -> Non
     storage.write_bytes(uri, "café".encode("latin-1"), storage_root.options)
     with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
         storage.read_text(uri, storage_root.options)
+
+
+# --- names are names ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a::b.png", "memory::x.png", "q?x=1.png", "h#1.png", "s3::y.png"])
+def test_names_are_never_chained_urls(storage_root: StorageRoot, name: str) -> None:
+    # A file whose name looks like a chained URL next to the file the chain would point at.
+    decoy = storage.join(storage_root.base, "b.png")
+    storage.write_bytes(decoy, b"the wrong file", storage_root.options)
+    uri = storage.join(storage_root.base, "dir", name)
+    storage.write_bytes(uri, b"the right file", storage_root.options)
+    assert storage.read_bytes(uri, storage_root.options) == b"the right file"
+    assert uri in storage.list_files(storage_root.base, options=storage_root.options)
+    assert storage.exists(uri, storage_root.options)
+
+
+def test_s3_keys_that_s3fs_would_read_as_a_version_are_refused(s3, s3_bucket: str) -> None:
+    uri = storage.join(s3_bucket, "q?versionId=1.png")
+    with pytest.raises(ValueError, match="reads as an object version"):
+        storage.read_bytes(uri, s3.storage_options)
+
+
+def test_local_fifo_is_refused_without_blocking(tmp_path) -> None:
+    fifo = tmp_path / "stuck.png"
+    os.mkfifo(fifo)
+    result: list[BaseException] = []
+    reader = threading.Thread(target=lambda: result.append(pytest.raises(OSError, storage.read_bytes, str(fifo)).value))
+    reader.start()
+    reader.join(timeout=10)
+    assert not reader.is_alive(), "reading a FIFO blocked"
+    error = result[0]
+    assert "Not a regular file" in str(error) and error.filename == str(fifo)
+    assert not storage.is_transient(error)
+
+
+def test_local_folder_is_not_a_file(tmp_path) -> None:
+    with pytest.raises(IsADirectoryError, match="Is a folder") as info:
+        storage.read_bytes(str(tmp_path))
+    assert info.value.filename == str(tmp_path)
+
+
+# --- transient faults, through a real fault-injecting proxy --------------------
+
+
+@pytest.mark.parametrize("kind", ["slowdown", "reset", "delay"])
+def test_read_succeeds_after_transient_faults(faulty_s3: FaultyS3, kind: str) -> None:
+    uri = storage.join(faulty_s3.bucket, "imgs", "a.png")
+    storage.write_bytes(uri, b"image bytes", faulty_s3.options)
+    # s3fs retries a SlowDown 5 times inside one call, so 7 of them need storage's own retries too;
+    # a reset is not retried by s3fs, so 2 of them need storage's own retries.
+    faults = 7 if kind == "slowdown" else 2
+    faulty_s3.proxy.inject("imgs/a.png", kind, times=faults, delay_s=2.0)
+    start = time.monotonic()
+
+    assert storage.read_bytes(uri, faulty_s3.options) == b"image bytes"
+
+    assert faulty_s3.proxy.faults_served["imgs/a.png"] == faults
+    assert faulty_s3.proxy.requests["imgs/a.png"] == faults + 1
+    assert time.monotonic() - start < 30
+
+
+def test_persistent_fault_is_transient_not_missing_or_bad(faulty_s3: FaultyS3) -> None:
+    uri = storage.join(faulty_s3.bucket, "imgs", "b.png")
+    storage.write_bytes(uri, b"image bytes", faulty_s3.options)
+    faulty_s3.proxy.inject("imgs/b.png", "slowdown", times=None)
+
+    with pytest.raises(storage.TransientStorageError) as info:
+        storage.read_bytes(uri, faulty_s3.options)
+
+    error = info.value
+    assert not isinstance(error, FileNotFoundError)
+    assert storage.is_transient(error)
+    assert error.filename == uri
+    assert "after 3 attempts" in str(error) and "Re-run the same command" in str(error)
+    assert faulty_s3.proxy.requests["imgs/b.png"] >= 3
+
+
+def test_missing_key_through_the_proxy_is_not_transient(faulty_s3: FaultyS3) -> None:
+    uri = storage.join(faulty_s3.bucket, "imgs", "missing.png")
+    with pytest.raises(FileNotFoundError) as info:
+        storage.read_bytes(uri, faulty_s3.options)
+    assert not storage.is_transient(info.value)
+
+
+def test_writes_are_retried_too(faulty_s3: FaultyS3) -> None:
+    uri = storage.join(faulty_s3.bucket, "out", "run.json")
+    faulty_s3.proxy.inject("out/run.json", "slowdown", times=6, method="PUT")
+    storage.write_text(uri, "{}", faulty_s3.options)
+    assert faulty_s3.proxy.faults_served["out/run.json"] == 6
+    assert storage.read_text(uri, faulty_s3.direct_options) == "{}"
+
+
+# --- exclusive create ----------------------------------------------------------
+
+
+def test_create_exclusive_creates_once_and_keeps_the_first_content(storage_root: StorageRoot) -> None:
+    uri = storage.join(storage_root.base, "out", "lock")
+    assert storage.create_exclusive(uri, b"first", storage_root.options)
+    assert not storage.create_exclusive(uri, b"second", storage_root.options)
+    assert storage.read_bytes(uri, storage_root.options) == b"first"
+    assert storage.list_files(storage_root.base, options=storage_root.options) == [uri]
+
+
+def test_concurrent_exclusive_creates_have_exactly_one_winner(storage_root: StorageRoot) -> None:
+    uri = storage.join(storage_root.base, "race")
+    contenders = 8
+    barrier = threading.Barrier(contenders)
+    wins: list[int] = []
+
+    def contend(i: int) -> None:
+        barrier.wait()
+        if storage.create_exclusive(uri, str(i).encode(), storage_root.options):
+            wins.append(i)
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(contenders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(wins) == 1
+    assert storage.read_bytes(uri, storage_root.options) == str(wins[0]).encode()

@@ -69,6 +69,7 @@ def run_fit(train_source: str, model_uri: str, settings: Settings) -> FitSummary
     located = {i: (part, error) for part, columns in read_columns(parts, ["id", "error"], options)
                for i, error in zip(columns["id"], columns["error"])}
     failures = [{"id": i, "error": error} for i, (_, error) in sorted(located.items()) if error is not None]
+    failures += [{"id": uri, "error": reason} for uri, reason in manifest.rejected]
     gallery_ids, calibration_ids = split_fit_ids([i for i, (_, error) in located.items() if error is None], settings)
     card = new_card(extractor, settings, len(gallery_ids), manifest.sha256(), failures)
     model = _write_gallery(model_uri, parts, located, gallery_ids, card, settings)
@@ -101,7 +102,8 @@ def _extract(ids: tuple[str, ...], uris: tuple[str, ...], features_uri: str, ext
         return
     dataset = (
         ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // settings.batch_size, 10_000)))
-        .map_batches(read_images, fn_kwargs={"preprocessing": extractor.preprocessing.to_dict(), "options": options},
+        .map_batches(read_images, fn_kwargs={"preprocessing": extractor.preprocessing.to_dict(), "options": options,
+                                                    "max_pixels": settings.max_pixels},
                      batch_size=settings.batch_size, batch_format="numpy", **DECODE_TASK)
         .map_batches(ExtractStage, fn_constructor_kwargs={"settings": settings}, batch_size=settings.batch_size,
                      batch_format="numpy", compute=plan.compute(), **plan.resources)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import posixpath
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from spade_batch import storage
+from spade_batch.manifest import output_stem
 
 
 def part_name(ids: Sequence[str]) -> str:
@@ -52,13 +52,13 @@ class Outputs:
     root: str
 
     def mask(self, image_id: str) -> str:
-        return storage.join(self.root, "masks", posixpath.splitext(image_id)[0] + ".png")
+        return storage.join(self.root, "masks", output_stem(image_id) + ".png")
 
     def map(self, image_id: str) -> str:
-        return storage.join(self.root, "maps", posixpath.splitext(image_id)[0] + ".npy")
+        return storage.join(self.root, "maps", output_stem(image_id) + ".npy")
 
     def overlay(self, image_id: str) -> str:
-        return storage.join(self.root, "overlays", posixpath.splitext(image_id)[0] + ".png")
+        return storage.join(self.root, "overlays", output_stem(image_id) + ".png")
 
     @property
     def scores(self) -> str:
@@ -91,16 +91,3 @@ def record_inputs(root: str, inputs_uri: str, inputs: dict[str, Any], options: s
                 "pass --overwrite to replace it or choose another output URI"
             )
     storage.write_text(inputs_uri, json.dumps(inputs, indent=2), options)
-
-
-def check_output_paths(ids: Sequence[str], root: str) -> None:
-    """Refuse images whose outputs would share a path: masks/<id without extension>.png."""
-    first: dict[str, str] = {}
-    for image_id in ids:
-        stem = posixpath.splitext(image_id)[0]
-        if stem in first:
-            raise ValueError(
-                f"{first[stem]} and {image_id} under {root} would write the same mask masks/{stem}.png; "
-                "rename one of them or score them in separate runs"
-            )
-        first[stem] = image_id

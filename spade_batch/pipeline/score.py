@@ -23,9 +23,10 @@ from spade_batch.config import Settings
 from spade_batch.detector import Thresholds
 from spade_batch.manifest import build_manifest
 from spade_batch.model import load_card
-from spade_batch.pipeline.layout import Outputs, check_output_paths, done_ids, part_files, read_columns, record_inputs
+from spade_batch.pipeline.layout import Outputs, done_ids, part_files, part_name, read_columns, record_inputs
 from spade_batch.pipeline.runtime import DECODE_TASK, ModelStage, Progress, init_ray, stream
 from spade_batch.pipeline.stages import RETRYABLE, ScoreStage, read_images, write_score_outputs
+from spade_batch.scores import ScoreRow, write_scores
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ def score_dataset(
     blocks = max(1, min(len(todo) // max(1, settings.batch_size), 10_000))
     return (
         ray.data.from_items(todo, override_num_blocks=blocks)
-        .map_batches(read_images, fn_kwargs={"preprocessing": preprocessing, "options": options},
+        .map_batches(read_images, fn_kwargs={"preprocessing": preprocessing, "options": options,
+                                                    "max_pixels": settings.max_pixels},
                      batch_size=settings.batch_size, batch_format="numpy", **DECODE_TASK)
         .map_batches(stage, fn_constructor_kwargs={"model_uri": model_uri, "settings": settings},
                      batch_size=settings.batch_size, batch_format="numpy", compute=plan.compute(), **plan.resources)
@@ -105,7 +107,6 @@ def run_score(
     if settings.preprocess != "full":
         log.warning("score: '%s' preprocessing leaves the image border unscored; masks are written at the working size", settings.preprocess)
     manifest = build_manifest(images_source, options)
-    check_output_paths(manifest.ids, manifest.root)
     outputs = Outputs(out_uri)
     thresholds = Thresholds.of(card, settings)
     if settings.overwrite:
@@ -117,8 +118,10 @@ def run_score(
         options,
     )
     init_ray(settings.ray_address)
+    _record_rejected(manifest.rejected, outputs, options)
     done = done_ids(outputs.scores, options)
     todo = [{"id": i, "uri": u} for i, u in zip(manifest.ids, manifest.uris) if i not in done]
+    images = len(manifest) + len(manifest.rejected)
     plan = plan or ModelStage.plan(settings)
     log.info("score: %d images, %d already done, %d to score on %d model workers -> %s",
              len(manifest), len(manifest) - len(todo), len(todo), plan.workers, out_uri)
@@ -130,13 +133,20 @@ def run_score(
                 workers.add(batch)
                 retryable += [{"id": str(i), "error": str(e)} for i, s, e in zip(batch["id"], batch["status"], batch["error"]) if s == RETRYABLE]
     seconds = time.perf_counter() - started
-    summary = _summarise(model_uri, len(manifest), len(manifest) - len(todo), retryable, thresholds, outputs, settings, seconds)
+    summary = _summarise(model_uri, images, len(manifest) - len(todo), retryable, thresholds, outputs, settings, seconds)
     summary.workers, summary.model_workers = workers.by_worker, plan.workers
     storage.write_text(outputs.run_json, json.dumps(asdict(summary), indent=2), options)
     if retryable:
         log.error("score: %d images could not be read for a transient reason (e.g. %s); re-run the same command to retry exactly those",
                   len(retryable), retryable[0]["error"])
     return summary
+
+
+def _record_rejected(rejected: tuple[tuple[str, str], ...], outputs: Outputs, options: storage.StorageOptions) -> None:
+    """An error row for each listed object whose name cannot be an output path (its id is its URI)."""
+    if rejected:
+        rows = [ScoreRow(id=uri, uri=uri, error=f"name rejected: {reason}") for uri, reason in rejected]
+        write_scores(storage.join(outputs.scores, part_name([row.id for row in rows])), rows, options)
 
 
 def _summarise(

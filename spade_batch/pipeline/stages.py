@@ -23,7 +23,7 @@ from spade_batch import calibrate, storage
 from spade_batch.config import Settings
 from spade_batch.detector import Extractor, Features, ImageScore, Scorer, Thresholds, backbone_loads, result_row
 from spade_batch.features import FeatureTable, LayerShape, read_features, write_features
-from spade_batch.images import ImageError, Preprocessing, decode_image, resize_for_model, resize_map
+from spade_batch.images import Preprocessing, decode_for_model, decode_image, resize_for_model, resize_map
 from spade_batch.masks import mask_from_map, png_bytes
 from spade_batch.model import ModelCard, SpadeModel, load_count
 from spade_batch.pipeline.layout import Outputs, part_name
@@ -42,15 +42,12 @@ def _objects(values: list[Any]) -> np.ndarray:
     return column
 
 
-def is_bad_input(error: BaseException) -> bool:
-    """True when reading failed because of the input itself (retrying cannot help)."""
-    return isinstance(error, (ImageError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)) or not isinstance(
-        error, OSError
-    )
+def read_images(batch: Batch, preprocessing: dict[str, Any], options: dict[str, Any], max_pixels: int) -> Batch:
+    """CPU stage: id, uri -> + image (S x S x 3 uint8), height, width, error, transient. Never raises for one image.
 
-
-def read_images(batch: Batch, preprocessing: dict[str, Any], options: dict[str, Any]) -> Batch:
-    """CPU stage: id, uri -> + image (S x S x 3 uint8), height, width, error, transient. Never raises for one image."""
+    A read that still failed for a transient reason (storage retries exhausted) is marked transient,
+    never recorded as a bad image.
+    """
     spec = Preprocessing.from_dict(preprocessing)
     count = len(batch["id"])
     images = np.zeros((count, spec.size, spec.size, 3), np.uint8)
@@ -59,13 +56,13 @@ def read_images(batch: Batch, preprocessing: dict[str, Any], options: dict[str, 
     transient = np.zeros(count, bool)
     for i, uri in enumerate(batch["uri"]):
         try:
-            image = decode_image(storage.read_bytes(uri, options), uri)
+            decoded = decode_for_model(storage.read_bytes(uri, options), uri, spec.resize_to, max_pixels)
         except Exception as error:  # noqa: BLE001 - every failure becomes this image's row, never the batch's
             errors[i] = f"{type(error).__name__}: {error}"
-            transient[i] = not is_bad_input(error)
+            transient[i] = storage.is_transient(error)
             continue
-        heights[i], widths[i] = image.shape[:2]
-        images[i] = resize_for_model(image, spec)
+        heights[i], widths[i] = decoded.height, decoded.width
+        images[i] = resize_for_model(decoded.rgb, spec)
     return {"id": batch["id"], "uri": batch["uri"], "image": images, "height": heights, "width": widths,
             "error": _objects(errors), "transient": transient}
 

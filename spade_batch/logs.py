@@ -1,0 +1,84 @@
+"""Logging setup: levels, and no credential in any line, at any level.
+
+:func:`configure_logging` is called once per process (the CLI; the pipeline
+should call it in each Ray worker too). Libraries that log request headers or
+signing details at DEBUG (botocore, aiobotocore, s3fs, urllib3, ...) are kept
+at WARNING or above whatever the level, and every formatted line, tracebacks
+included, passes through :func:`redact`, which masks the known secret values
+and anything shaped like an AWS key id, session token or signature.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+QUIET_LOGGERS = ("botocore", "boto3", "aiobotocore", "s3fs", "fsspec", "s3transfer", "urllib3", "aiohttp", "asyncio")
+"""Loggers kept at WARNING or above: at DEBUG they print request headers (key ids, session tokens)."""
+
+MASK = "***"
+_SECRET_NAME = re.compile(r"key|secret|token|password|passwd|credential|auth", re.IGNORECASE)
+_MIN_SECRET_LEN = 4  # shorter values would mask ordinary words and digits
+_PATTERNS = (
+    re.compile(r"\b(?:AKIA|ASIA|AROA|AIDA)[A-Z0-9]{12,}\b"),  # AWS access key ids
+    re.compile(r"(?i)(x-amz-security-token|authorization|x-amz-credential|credential|signature)([\"']?\s*[:=]\s*[\"']?)[^\s,;\"'&]+"),
+)
+
+
+def secret_values(options: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """Values to mask: string values under credential-like keys of ``options`` (at any depth), and of
+    credential-like environment variables (``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ...)."""
+    found: set[str] = set()
+    _collect(options or {}, found)
+    for name, value in (os.environ if environ is None else environ).items():
+        if _SECRET_NAME.search(name) and len(value) >= _MIN_SECRET_LEN:
+            found.add(value)
+    return frozenset(found)
+
+
+def _collect(options: Mapping[str, Any], found: set[str]) -> None:
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            _collect(value, found)
+        elif isinstance(value, str) and _SECRET_NAME.search(str(key)) and len(value) >= _MIN_SECRET_LEN:
+            found.add(value)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every value of ``secrets`` and every credential-shaped string replaced by ``***``."""
+    for secret in sorted(secrets, key=len, reverse=True):  # longest first: one secret may contain another
+        text = text.replace(secret, MASK)
+    text = _PATTERNS[0].sub(MASK, text)
+    return _PATTERNS[1].sub(lambda m: m.group(1) + m.group(2) + MASK, text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """A Formatter whose output (message, arguments and traceback) is passed through :func:`redact`."""
+
+    def __init__(self, fmt: str, secrets: Iterable[str]) -> None:
+        super().__init__(fmt)
+        self.secrets = frozenset(secrets)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record), self.secrets)
+
+
+def configure_logging(level: str, secrets: Iterable[str] = ()) -> None:
+    """One stderr handler on the root logger at ``level``, redacting ``secrets``; QUIET_LOGGERS at WARNING+.
+
+    Replaces the root logger's handlers, so calling it again (another level,
+    new secrets) does not duplicate lines.
+    """
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", secrets))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    quiet = max(logging.WARNING, logging.getLevelName(level))
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(quiet)

@@ -1,0 +1,64 @@
+"""logs.py: no credential reaches a log line, whatever the level."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from spade_batch.logs import MASK, QUIET_LOGGERS, configure_logging, redact, secret_values
+
+
+@pytest.fixture
+def restore_logging():
+    """Put the root logger and the quiet loggers back as they were."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, {name: logging.getLogger(name).level for name in QUIET_LOGGERS})
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    for name, level in saved[2].items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_secret_values_come_from_credential_keys_at_any_depth_and_from_the_environment():
+    options = {"key": "AKIDVALUE1", "anon": False, "client_kwargs": {"aws_session_token": "tok-123", "region_name": "eu-west-1"}}
+    environ = {"AWS_SECRET_ACCESS_KEY": "env-secret", "HOME": "/root", "GITHUB_TOKEN": "ab"}
+    assert secret_values(options, environ) == {"AKIDVALUE1", "tok-123", "env-secret"}
+
+
+@pytest.mark.parametrize(
+    ("text", "hidden"),
+    [
+        ("key hunter22 used", "hunter22"),
+        ("Credential=AKIAIOSFODNN7EXAMPLE/20260101/us-west-2/s3/aws4_request", "AKIAIOSFODNN7EXAMPLE"),
+        ("{'X-Amz-Security-Token': 'FwoGZXIvYXdzEJr//////////wEaDNs'}", "FwoGZXIvYXdzEJr"),
+        ("Authorization: AWS4-HMAC-SHA256", "AWS4-HMAC-SHA256"),
+        ("Signature=0123456789abcdef0123", "0123456789abcdef0123"),
+        ("ASIAXXXXXXXXXXXXXXXX in a message", "ASIAXXXXXXXXXXXXXXXX"),
+    ],
+)
+def test_redact_masks_known_values_and_credential_shapes(text, hidden):
+    out = redact(text, {"hunter22"})
+    assert hidden not in out and MASK in out
+
+
+def test_debug_logging_keeps_libraries_quiet_and_redacts_tracebacks(restore_logging, capfd):
+    configure_logging("DEBUG", {"s3cr3t-value"})
+    logging.getLogger("botocore.endpoint").debug("Sending http request: headers X-Amz-Security-Token: s3cr3t-value")
+    logging.getLogger("spade_batch.test").debug("own debug line")
+    try:
+        raise OSError("failed with s3cr3t-value")
+    except OSError:
+        logging.getLogger("spade_batch.test").debug("traceback", exc_info=True)
+    err = capfd.readouterr().err
+    assert "own debug line" in err and "OSError: failed with ***" in err
+    assert "Sending http request" not in err
+    assert "s3cr3t-value" not in err
+
+
+def test_configure_logging_twice_does_not_duplicate_lines(restore_logging, capfd):
+    configure_logging("INFO")
+    configure_logging("INFO")
+    logging.getLogger("spade_batch.test").info("once")
+    assert capfd.readouterr().err.count("once") == 1
