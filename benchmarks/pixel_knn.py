@@ -122,7 +122,7 @@ def print_memory(args: argparse.Namespace) -> None:
     query = torch.randn(channels, side, side, generator=generator)
     gallery = torch.randn(args.k * side * side, channels, generator=generator)
     queries = query.reshape(channels, -1).T.contiguous()
-    chunked = peak_extra_rss(lambda: spade.layer_score_map(query, gallery, 1, args.chunk_mib * 2**20))
+    chunked = peak_extra_rss(lambda: spade.layer_score_maps(query[None], gallery[None], 1, args.chunk_mib * 2**20))
     full = peak_extra_rss(lambda: torch.cdist(queries, gallery).amin(dim=1))
     print(f"layer1 extra memory: chunked {chunked / 2**20:.0f} MiB  full distance matrix (cdist) "
           f"{full / 2**20:.0f} MiB  ratio {chunked / max(full, 1):.3f}")

@@ -210,17 +210,6 @@ def batch_nearest_sq_distances(
     return distances.topk(kappa, dim=-1, largest=False).values.mean(dim=-1)
 
 
-def nearest_sq_distances(
-    queries: torch.Tensor,
-    gallery: torch.Tensor,
-    kappa: int = 1,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    precision: str = "float32",
-) -> torch.Tensor:
-    """batch_nearest_sq_distances for one image: P x C centred queries, G x C centred gallery -> P float32."""
-    return batch_nearest_sq_distances(queries[None], gallery[None], kappa, chunk_bytes, precision)[0]
-
-
 def layer_score_maps(
     queries: torch.Tensor,
     galleries: torch.Tensor,
@@ -241,17 +230,6 @@ def layer_score_maps(
     batch, channels, height, width = queries.shape
     pixels = queries.reshape(batch, channels, height * width).transpose(1, 2)
     return batch_nearest_sq_distances(pixels, galleries, kappa, chunk_bytes, precision).reshape(batch, height, width)
-
-
-def layer_score_map(
-    query: torch.Tensor,
-    gallery: torch.Tensor,
-    kappa: int = 1,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    precision: str = "float32",
-) -> torch.Tensor:
-    """layer_score_maps for one image: C x h x w query, G x C gallery -> h x w float32."""
-    return layer_score_maps(query[None], gallery[None], kappa, chunk_bytes, precision)[0]
 
 
 def upsample(score_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -331,27 +309,6 @@ def anomaly_maps(
     return gaussian_smooth(torch.stack(maps).mean(dim=0), sigma)
 
 
-def anomaly_map(
-    query_layers: Sequence[torch.Tensor],
-    gallery_layers: Sequence[torch.Tensor],
-    output_size: tuple[int, int],
-    kappa: int = 1,
-    sigma: float = 4.0,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    precision: str = "float32",
-) -> torch.Tensor:
-    """anomaly_maps for one image: per layer C_l x h_l x w_l queries and G_l x C_l gallery -> H x W float32."""
-    return anomaly_maps(
-        [queries[None] for queries in query_layers],
-        [gallery[None] for gallery in gallery_layers],
-        output_size,
-        kappa,
-        sigma,
-        chunk_bytes,
-        precision,
-    )[0]
-
-
 def gather_galleries(
     layer_bank: torch.Tensor | np.ndarray,
     neighbours: torch.Tensor | np.ndarray,
@@ -386,8 +343,3 @@ def gather_galleries(
     batch = chosen.shape[0]
     gathered = rows.index_select(0, torch.from_numpy(inverse.reshape(-1)).to(rows.device))
     return gathered.reshape(batch, -1, layer_bank.shape[-1])
-
-
-def gather_gallery(layer_bank: torch.Tensor, neighbours: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """gather_galleries for one image: K indices -> (K * P) x C tensor of `dtype` on layer_bank's device."""
-    return gather_galleries(layer_bank, neighbours[None], dtype)[0]

@@ -48,11 +48,11 @@ def reference_anomaly_map(query_layers, gallery_layers, size, kappa, sigma):
 
 @pytest.mark.parametrize("kappa", [1, 3])
 @pytest.mark.parametrize("chunk_bytes", [1, 4 * 17 * 7, 1 << 30])
-def test_nearest_sq_distances_matches_brute_force(kappa: int, chunk_bytes: int) -> None:
+def test_nearest_sq_distances_of_one_image_match_brute_force(kappa: int, chunk_bytes: int) -> None:
     rng = np.random.default_rng(kappa)
     queries = rng.normal(size=(17, 8)).astype(np.float32)
     gallery = rng.normal(size=(101, 8)).astype(np.float32)  # 101: no chunk size used divides it
-    got = spade.nearest_sq_distances(torch.from_numpy(queries), torch.from_numpy(gallery), kappa, chunk_bytes)
+    got = spade.batch_nearest_sq_distances(torch.from_numpy(queries)[None], torch.from_numpy(gallery)[None], kappa, chunk_bytes)[0]
     np.testing.assert_allclose(got.numpy(), reference_knn_distance(queries, gallery, kappa), rtol=1e-4)
 
 
@@ -60,32 +60,13 @@ def test_nearest_sq_distances_sees_the_gallery_tail() -> None:
     queries = torch.zeros(4, 3)
     gallery = torch.full((50, 3), 10.0)
     gallery[-1] = 0.5  # the only close match is the last row, in a partial last chunk
-    got = spade.nearest_sq_distances(queries, gallery, kappa=1, chunk_bytes=4 * 4 * 7)
+    got = spade.batch_nearest_sq_distances(queries[None], gallery[None], kappa=1, chunk_bytes=4 * 4 * 7)[0]
     np.testing.assert_allclose(got.numpy(), np.full(4, 0.75), rtol=1e-6)
 
 
 def test_kappa_larger_than_gallery_is_an_error() -> None:
     with pytest.raises(ValueError, match="kappa=5"):
-        spade.nearest_sq_distances(torch.zeros(2, 3), torch.zeros(4, 3), kappa=5)
-
-
-@pytest.mark.parametrize("kappa", [1, 2])
-def test_anomaly_map_matches_brute_force(kappa: int) -> None:
-    rng = np.random.default_rng(7)
-    grids = [(8, 8, 6), (4, 4, 10), (2, 2, 12)]  # (h, w, C) of three layers, strides 4, 8, 16 of a 32 px input
-    k = 3
-    query_layers = [rng.normal(size=(c, h, w)).astype(np.float32) for h, w, c in grids]
-    gallery_layers = [rng.normal(size=(k * h * w, c)).astype(np.float32) for h, w, c in grids]
-    got = spade.anomaly_map(
-        [torch.from_numpy(q) for q in query_layers],
-        [torch.from_numpy(g) for g in gallery_layers],
-        output_size=(32, 32),
-        kappa=kappa,
-        sigma=4.0,
-        chunk_bytes=4 * 64 * 5,
-    )
-    expected = reference_anomaly_map(query_layers, gallery_layers, (32, 32), kappa, 4.0)
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4)
+        spade.batch_nearest_sq_distances(torch.zeros(1, 2, 3), torch.zeros(1, 4, 3), kappa=5)
 
 
 def test_upsample_is_torch_bilinear_without_corner_alignment() -> None:
@@ -125,9 +106,9 @@ def test_image_knn_k_above_train_size_is_a_clear_error() -> None:
         spade.image_knn(index, np.zeros((1, 4), dtype=np.float32), 4)
 
 
-def test_gather_gallery_flattens_the_selected_images() -> None:
+def test_gather_galleries_flattens_the_selected_images() -> None:
     bank = torch.arange(4 * 3 * 2, dtype=torch.float16).reshape(4, 3, 2)
-    got = spade.gather_gallery(bank, torch.tensor([2, 0]))
+    got = spade.gather_galleries(bank, torch.tensor([[2, 0]]))[0]
     assert got.dtype == torch.float32 and got.shape == (6, 2)
     assert torch.equal(got, torch.cat([bank[2], bank[0]]).float())
 
