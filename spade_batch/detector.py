@@ -220,7 +220,7 @@ class Scorer:
         # Several images per kernel call pay off on a GPU; on a CPU one image already fills the cores.
         self.images_per_call = images_per_call or (extractor.batch_size if device.type == "cuda" else 1)
         self.global_centre = torch.from_numpy(model.centre.global_mean).to(device)
-        self.layer_centres = [torch.from_numpy(mean).to(device).view(1, -1, 1, 1) for mean in model.centre.layer_means]
+        self.layer_centres = [torch.from_numpy(mean).to(device) for mean in model.centre.layer_means]
         self.gallery: list[np.ndarray | torch.Tensor] = list(model.gallery)
         if device.type == "cuda" and model.gallery_bytes < torch.cuda.mem_get_info(device)[0] // 2:
             self.gallery = [torch.from_numpy(np.ascontiguousarray(bank)).to(device) for bank in model.gallery]
@@ -239,15 +239,14 @@ class Scorer:
 
     def score_features(self, features: Features) -> list[ImageScore]:
         """Scores from raw (uncentred) features: image kNN, then the pixel maps, images_per_call at a time."""
-        queries = (features.global_features.to(self.extractor.device) - self.global_centre).cpu().numpy()
+        queries = spade.centre(features.global_features, self.global_centre).cpu().numpy()
         scores, neighbours = spade.image_knn(self.model.index, queries, self.k)
         size = (self.extractor.preprocessing.size, self.extractor.preprocessing.size)
-        results = []
+        device, results = self.extractor.device, []
         for start in range(0, len(scores), self.images_per_call):
             chunk = slice(start, start + self.images_per_call)
-            nearest = torch.from_numpy(neighbours[chunk])
-            layers = [(layer[chunk].to(self.extractor.device) - centre) for layer, centre in zip(features.layers, self.layer_centres)]
-            galleries = [spade.gather_galleries(bank, nearest, device=self.extractor.device) for bank in self.gallery]
+            layers = [spade.centre(layer[chunk].to(device), mean, dim=1) for layer, mean in zip(features.layers, self.layer_centres)]
+            galleries = [spade.gather_galleries(bank, neighbours[chunk], device=device) for bank in self.gallery]
             maps = spade.anomaly_maps(layers, galleries, size, self.kappa, self.sigma, self.chunk_bytes, self.precision)
             for offset, anomaly_map in enumerate(maps.cpu().numpy()):
                 results.append(ImageScore(float(scores[start + offset]), neighbours[start + offset], anomaly_map))
