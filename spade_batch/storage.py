@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import aiohttp
 import botocore.exceptions
@@ -412,15 +412,18 @@ def _read_local(path: str, uri: str) -> bytes:
         return f.read()
 
 
-def _write_temp(path: str, data: bytes) -> str:
-    """A complete, fsynced temp file holding ``data`` in the folder of ``path`` (created if needed)."""
+def _write_temp(path: str, data: bytes | BinaryIO) -> str:
+    """A complete, fsynced temp file holding ``data`` (bytes, or a file to copy) in the folder of ``path``."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     # The ".tmp" suffix keeps half-written files out of suffix-filtered listings.
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if hasattr(data, "read"):
+                shutil.copyfileobj(data, f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
@@ -461,30 +464,24 @@ def _redact(uri: str) -> str:
 def put_file(local_path: str, uri: str, options: StorageOptions = None) -> None:
     """Copy the local file ``local_path`` to ``uri``, streamed (object stores get a multipart upload).
 
-    Local targets are replaced atomically, like :func:`write_bytes`.
+    Local targets are replaced atomically, like :func:`write_bytes`; transient faults are retried.
     """
     fs, path = filesystem(uri, options)
     if is_local(uri):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            shutil.copyfile(local_path, tmp)
-            os.chmod(tmp, 0o666 & ~_UMASK)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+
+        def copy() -> None:
+            with open(local_path, "rb") as source:
+                _replace_local(path, _write_temp(path, source))
+
+        _retrying(copy, uri, "write")
         return
-    fs.put_file(local_path, path)
+    _retrying(lambda: fs.put_file(local_path, path), uri, "write")
 
 
 def get_file(uri: str, local_path: str, options: StorageOptions = None) -> None:
     """Copy the file ``uri`` to the local path ``local_path``, streamed; a missing file is a FileNotFoundError naming it."""
     fs, path = filesystem(uri, options)
     try:
-        fs.get_file(path, local_path)
+        _retrying(lambda: fs.get_file(path, local_path), uri, "read")
     except FileNotFoundError:
         raise FileNotFoundError(errno.ENOENT, "No such file", _redact(uri)) from None
