@@ -31,7 +31,7 @@ from spade_batch.manifest import build_manifest
 from spade_batch.masks import mask_from_map, png_bytes
 from spade_batch.pipeline import init_ray, run_score
 from spade_batch.pipeline.runtime import ModelStage
-from spade_batch.pipeline.stages import _objects, _worker_columns
+from spade_batch.pipeline.stages import object_column, worker_columns
 
 DEVICE = "sim_device"
 
@@ -49,8 +49,8 @@ class SimulatedDeviceStage:
         time.sleep(self.seconds_per_image * count)
         kept = {key: batch[key] for key in ("id", "uri", "height", "width", "error", "transient")}
         maps = np.random.default_rng(0).random((count, self.size, self.size), dtype=np.float32)
-        return {**kept, "image_score": np.ones(count, np.float32), "neighbour_ids": _objects([["n"] * self.k] * count),
-                "map": maps, **_worker_columns(count, "sim")}
+        return {**kept, "image_score": np.ones(count, np.float32), "neighbour_ids": object_column([["n"] * self.k] * count),
+                "map": maps, **worker_columns(count, "sim", "sim")}
 
 
 @ray.remote(num_cpus=1, resources={DEVICE: 1})

@@ -35,7 +35,7 @@ Batch = dict[str, np.ndarray]
 SCORED, FAILED, RETRYABLE = "scored", "failed", "retryable"
 
 
-def _objects(values: list[Any]) -> np.ndarray:
+def object_column(values: list[Any]) -> np.ndarray:
     """A 1-D object column (strings, None, lists) that numpy would otherwise try to broadcast."""
     column = np.empty(len(values), dtype=object)
     column[:] = values
@@ -64,19 +64,18 @@ def read_images(batch: Batch, preprocessing: dict[str, Any], options: dict[str, 
         heights[i], widths[i] = decoded.height, decoded.width
         images[i] = resize_for_model(decoded.rgb, spec)
     return {"id": batch["id"], "uri": batch["uri"], "image": images, "height": heights, "width": widths,
-            "error": _objects(errors), "transient": transient}
+            "error": object_column(errors), "transient": transient}
 
 
 def _usable(batch: Batch) -> np.ndarray:
     return np.array([not error for error in batch["error"]], dtype=bool)
 
 
-def _worker_columns(count: int, worker: str) -> Batch:
+def worker_columns(count: int, worker: str, node: str) -> Batch:
     """Who computed a batch: actor id, node id, and the loads this process has done so far."""
-    node = ray.get_runtime_context().get_node_id()
     return {
-        "worker": _objects([worker] * count),
-        "node": _objects([node] * count),
+        "worker": object_column([worker] * count),
+        "node": object_column([node] * count),
         "backbone_loads": np.full(count, backbone_loads(), np.int32),
         "gallery_loads": np.full(count, load_count(), np.int32),
     }
@@ -87,7 +86,6 @@ class ExtractStage:
 
     def __init__(self, settings: Settings):
         self.extractor = Extractor(settings, settings.fsspec_options())
-        self.worker = uuid.uuid4().hex[:12]
 
     def __call__(self, batch: Batch) -> Batch:
         usable = _usable(batch)
@@ -125,7 +123,7 @@ def write_feature_part(batch: Batch, features_uri: str, layer_shapes: list[dict[
 
 def _status(batch: Batch) -> Batch:
     status = [RETRYABLE if t else FAILED if e else SCORED for e, t in zip(batch["error"], batch["transient"])]
-    return {"id": batch["id"], "status": _objects(status), "error": batch["error"]}
+    return {"id": batch["id"], "status": object_column(status), "error": batch["error"]}
 
 
 class ScoreStage:
@@ -137,7 +135,7 @@ class ScoreStage:
         preprocessing = Preprocessing.from_dict(self.model.card.preprocessing)
         extractor = Extractor(settings, options, preprocessing=preprocessing)
         self.scorer = Scorer(self.model, extractor, settings.chunk_mib * 2**20, settings.precision)
-        self.worker = uuid.uuid4().hex[:12]
+        self.worker, self.node = uuid.uuid4().hex[:12], ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: Batch) -> Batch:
         usable = _usable(batch)
@@ -149,8 +147,8 @@ class ScoreStage:
             scores[row], maps[row] = result.score, result.anomaly_map
             neighbour_ids[row] = [self.model.train_ids[n] for n in result.neighbours]
         kept = {key: batch[key] for key in ("id", "uri", "height", "width", "error", "transient")}
-        return {**kept, "image_score": scores, "neighbour_ids": _objects(neighbour_ids), "map": maps,
-                **_worker_columns(count, self.worker)}
+        return {**kept, "image_score": scores, "neighbour_ids": object_column(neighbour_ids), "map": maps,
+                **worker_columns(count, self.worker, self.node)}
 
 
 def write_score_outputs(
@@ -181,19 +179,20 @@ def write_score_outputs(
         if settings.save_maps:
             storage.write_npy(outputs.map(image_id), result.anomaly_map.astype(np.float16), options)
         if settings.save_overlays and settings.preprocess == "full":
-            _write_overlay(uri, outputs.overlay(image_id), result.anomaly_map, limits.pixel, options)
+            _write_overlay(uri, outputs.overlay(image_id), result.anomaly_map, limits.pixel, settings)
         row = result_row(image_id, uri, size, result, list(batch["neighbour_ids"][i]), mask, outputs.mask(image_id), limits)
         rows.append(row)
         anomalous.append(row.is_anomalous)
     if rows:
         write_scores(storage.join(outputs.scores, part_name([row.id for row in rows])), rows, options)
     worker = {key: batch[key] for key in ("worker", "node", "backbone_loads", "gallery_loads")}
-    return {**_status(batch), "is_anomalous": _objects(anomalous), **worker}
+    return {**_status(batch), "is_anomalous": object_column(anomalous), **worker}
 
 
-def _write_overlay(uri: str, target: str, anomaly_map: np.ndarray, pixel_threshold: float | None, options: dict[str, Any]) -> None:
+def _write_overlay(uri: str, target: str, anomaly_map: np.ndarray, pixel_threshold: float | None, settings: Settings) -> None:
     """Heat map over the original image (read again: only this optional output needs it)."""
-    image = decode_image(storage.read_bytes(uri, options), uri)
+    options = settings.fsspec_options()
+    image = decode_image(storage.read_bytes(uri, options), uri, settings.max_pixels)
     full = resize_map(anomaly_map, *image.shape[:2])
     high = pixel_threshold * 2 if pixel_threshold is not None else float(full.max())
     storage.write_bytes(target, png_bytes(overlay(image, full, 0.0, max(high, 1e-12))), options)
@@ -220,4 +219,4 @@ class CalibrationStage:
             ids += table.ids
             scores += [r.score for r in results]
             samples += [calibrate.pixel_sample(r.anomaly_map) for r in results]
-        return {"id": _objects(ids), "score": np.array(scores, np.float64), "pixel_sample": _objects(samples)}
+        return {"id": object_column(ids), "score": np.array(scores, np.float64), "pixel_sample": object_column(samples)}
