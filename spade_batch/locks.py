@@ -5,7 +5,9 @@
 one gets it; the others get a :class:`LockHeldError` that names the lock
 file, its holder and since when. ``release_lock`` removes it at the end.
 
-A run killed without releasing leaves a stale lock. Breaking it is a manual,
+A run killed without releasing leaves a stale lock. When it was taken on this
+host by a process that no longer exists, the next run breaks it by itself (a
+killed driver resumes with a plain re-run). Otherwise breaking it is a manual,
 deliberate step: check that no run is writing there, then delete the lock
 file (``rm OUT/.spade-batch.lock``, ``aws s3 rm s3://.../.spade-batch.lock``)
 and start the run again.
@@ -21,7 +23,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from spade_batch import storage
 from spade_batch.storage import StorageOptions
@@ -85,9 +87,12 @@ def acquire_lock(uri: str, owner: str, options: StorageOptions = None) -> Lock:
             holder = _read_holder(uri, options)
         except FileNotFoundError:
             continue  # released between our create and our read: try again
-        if holder is None or holder.get("token") != lock.token:
+        if holder is not None and holder.get("token") == lock.token:
+            return lock
+        if holder is None or not _dead_on_this_host(holder):
             raise LockHeldError(uri, holder)
-        return lock
+        log.warning("%s was left by %s (pid %s on this host, no longer running); breaking it", uri, holder.get("owner"), holder.get("pid"))
+        release_lock(replace(lock, token=str(holder.get("token"))), options)  # only if still that holder's
     raise LockHeldError(uri, None)
 
 
@@ -109,6 +114,20 @@ def holding_lock(uri: str, owner: str, options: StorageOptions = None) -> Iterat
         yield lock
     finally:
         release_lock(lock, options)
+
+
+def _dead_on_this_host(holder: dict[str, object]) -> bool:
+    """True when the holder ran on this host and its process is gone."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _read_holder(uri: str, options: StorageOptions) -> dict[str, object] | None:

@@ -121,9 +121,9 @@ class SpadeModel:
         train_ids: N gallery image ids, in index order.
         index: faiss squared-L2 index over the N x D centred global features.
         centre: subtracted from query features before searching.
-        gallery: per layer, N x (h * w) x C float16 centred pixel features (channels last), usually
+        gallery: per layer, N x (h * w) x C float16 centred pixel features (channels last),
             memory-mapped from `folder`.
-        folder: the local folder holding the arrays, when they are files.
+        folder: the local folder holding the artifact's files (all but the card).
     """
 
     card: ModelCard
@@ -131,7 +131,7 @@ class SpadeModel:
     index: faiss.Index
     centre: Centre
     gallery: list[np.ndarray]
-    folder: str | None = None
+    folder: str
 
     def with_thresholds(self, image: float | None, pixel: float | None, calibration: dict[str, Any]) -> SpadeModel:
         card = dataclasses.replace(self.card, thresholds={"image": image, "pixel": pixel}, calibration=calibration)
@@ -148,13 +148,11 @@ class SpadeModel:
         self.write_card(uri, options)
 
     def publish_arrays(self, uri: str, options: storage.StorageOptions = None) -> None:
-        """Copy everything but the card to uri (streamed; the gallery files are never read into memory)."""
-        with tempfile.TemporaryDirectory(prefix="spade-model-") as staging:
-            _write_arrays(staging, self)
-            for name in _array_names(self.card):
-                source = os.path.join(self.folder if self.folder and name.startswith("pyramid/") else staging, name)
-                if not (storage.is_local(uri) and os.path.abspath(source) == os.path.abspath(storage.join(uri, name))):
-                    storage.put_file(source, storage.join(uri, name), options)
+        """Copy the files of `folder` but the card to uri, streamed; nothing to do when uri is the folder."""
+        if storage.is_local(uri) and os.path.abspath(storage.filesystem(uri, options)[1]) == os.path.abspath(self.folder):
+            return
+        for name in _array_names(self.card):
+            storage.put_file(os.path.join(self.folder, name), storage.join(uri, name), options)
 
     def write_card(self, uri: str, options: storage.StorageOptions = None) -> None:
         """spade.json, last: its presence marks the model complete."""
@@ -177,13 +175,13 @@ def _array_names(card: ModelCard) -> list[str]:
     return [*files, *(f"pyramid/{shape.name}.npy" for shape in card.layer_shapes)]
 
 
-def _write_arrays(folder: str, model: SpadeModel) -> None:
+def _write_arrays(folder: str, ids: list[str], index: faiss.Index, centre: Centre, shapes: Sequence[LayerShape]) -> None:
     """train ids, index and centre into folder (the gallery files are written by GalleryWriter)."""
     with open(os.path.join(folder, "train_ids.json"), "w") as f:
-        json.dump(model.train_ids, f)
-    faiss.write_index(model.index, os.path.join(folder, "global.faiss"))
-    layers = {shape.name: mean for shape, mean in zip(model.card.layer_shapes, model.centre.layer_means)}
-    np.savez(os.path.join(folder, "centre.npz"), **{"global": model.centre.global_mean, **{f"layer:{k}": v for k, v in layers.items()}})
+        json.dump(ids, f)
+    faiss.write_index(index, os.path.join(folder, "global.faiss"))
+    layers = {f"layer:{shape.name}": mean for shape, mean in zip(shapes, centre.layer_means)}
+    np.savez(os.path.join(folder, "centre.npz"), **{"global": centre.global_mean, **layers})
 
 
 _LOADS = [0]
@@ -347,6 +345,5 @@ def build_model(writer: GalleryWriter, card: ModelCard, settings: Settings) -> S
     """The model whose gallery `writer` has written: index over the centred global features, arrays mapped."""
     ids, global_features = writer.close()
     index = build_index(global_features, settings.index, settings.ivf_lists, settings.seed, settings.k)
-    model = SpadeModel(card=card, train_ids=ids, index=index, centre=writer.centre, gallery=[], folder=writer.folder)
-    _write_arrays(writer.folder, model)
+    _write_arrays(writer.folder, ids, index, writer.centre, writer.shapes)
     return _load_folder(writer.folder, card)

@@ -13,6 +13,9 @@ import json
 import math
 import os
 import posixpath
+import socket
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +29,10 @@ from spade_batch import calibrate, detector, storage
 from spade_batch.config import ConfigError, Settings
 from spade_batch.datasets import make_demo_data
 from spade_batch.images import decode_image, resize_map
+from spade_batch.locks import LOCK_NAME, LockHeldError, acquire_lock, release_lock
 from spade_batch.model import CARD_NAME, SpadeModel
 from spade_batch.pipeline import Outputs, ScoreSummary, run_fit, run_score
+from spade_batch.report import overlay
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -301,6 +306,20 @@ def test_score_preprocesses_with_the_convention_recorded_in_the_model_card(fitte
     assert abs(row["image_score"] / own_convention.score - 1) > 0.01
 
 
+def test_overlays_are_the_heat_map_over_the_original_image(fitted: Fitted, model: SpadeModel) -> None:
+    source = upload(fitted, {"only.png": fitted.file("test", "spot/000.png")}, "overlay")
+    out = Outputs(f"{fitted.bucket}/out-overlay")
+    run_score(fitted.model_uri, source, out.root, fitted.settings.replace(save_overlays=True))
+    with Image.open(io.BytesIO(storage.read_bytes(out.overlay("only.png"), fitted.settings.fsspec_options()))) as im:
+        written = np.asarray(im.convert("RGB"))
+    image = fitted.image("test", "spot/000.png")
+    (expected,) = detector.score(model, [image], fitted.settings)
+    full = resize_map(expected.anomaly_map, *image.shape[:2])
+    reference = overlay(image, full, 0.0, 2 * model.card.thresholds["pixel"])
+    assert written.shape == image.shape
+    assert np.abs(written.astype(int) - reference.astype(int)).max() <= 1  # float noise between processes
+
+
 def test_an_empty_image_set_is_a_clear_error(fitted: Fitted) -> None:
     storage.write_text(f"{fitted.bucket}/empty/readme.txt", "no images here", fitted.settings.fsspec_options())
     with pytest.raises(ValueError, match=f"no image files .* found under {fitted.bucket}/empty"):
@@ -392,6 +411,36 @@ def test_other_images_into_the_same_output_need_overwrite(fitted: Fitted) -> Non
     masks = storage.list_files(storage.join(out.root, "masks"), None, fitted.settings.fsspec_options())
     assert masks == [out.mask("crack/000.png")], "masks of the replaced run must not stay behind"
     assert (summary.images, summary.resumed) == (1, 0)
+
+
+def test_a_second_run_into_an_output_that_a_live_run_holds_is_refused(fitted: Fitted) -> None:
+    out = f"{fitted.bucket}/out-locked"
+    options = fitted.settings.fsspec_options()
+    lock = acquire_lock(storage.join(out, LOCK_NAME), "the other nightly run", options)
+    with pytest.raises(LockHeldError, match=f"{out}/{LOCK_NAME} is held by the other nightly run"):
+        run_score(fitted.model_uri, fitted.test_uri, out, fitted.settings)
+    assert storage.list_files(out, None, options) == [storage.join(out, LOCK_NAME)], "the refused run wrote nothing"
+    release_lock(lock, options)
+
+    summary = run_score(fitted.model_uri, fitted.test_uri, out, fitted.settings)
+
+    assert summary.scored == len(fitted.ids("test"))
+    assert not storage.exists(storage.join(out, LOCK_NAME), options), "a finished run releases its lock"
+
+
+def test_a_lock_left_by_a_killed_run_on_this_host_is_broken_by_the_rerun(fitted: Fitted) -> None:
+    out = f"{fitted.bucket}/out-stale-lock"
+    options = fitted.settings.fsspec_options()
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()  # its pid now names no process
+    record = {"uri": storage.join(out, LOCK_NAME), "owner": "a killed run", "host": socket.gethostname(),
+              "pid": killed.pid, "since": "2026-01-01T00:00:00+00:00", "token": "stale"}
+    storage.write_text(storage.join(out, LOCK_NAME), json.dumps(record), options)
+
+    summary = run_score(fitted.model_uri, fitted.test_uri, out, fitted.settings)
+
+    assert summary.scored == len(fitted.ids("test"))
+    assert not storage.exists(storage.join(out, LOCK_NAME), options)
 
 
 # ---------------------------------------------------------------- model checks

@@ -21,7 +21,8 @@ from spade_batch.calibrate import calibrate_from_samples
 from spade_batch.config import Settings
 from spade_batch.detector import Extractor, new_card, split_fit_ids
 from spade_batch.features import read_features
-from spade_batch.manifest import build_manifest
+from spade_batch.locks import LOCK_NAME, holding_lock
+from spade_batch.manifest import Manifest, build_manifest
 from spade_batch.model import CARD_NAME, Centre, GalleryWriter, ModelCard, SpadeModel, build_model, cache_root
 from spade_batch.pipeline.layout import done_ids, part_files, read_columns, record_inputs
 from spade_batch.pipeline.runtime import DECODE_TASK, ModelStage, Progress, init_ray, stream
@@ -53,10 +54,19 @@ def run_fit(train_source: str, model_uri: str, settings: Settings) -> FitSummary
     if storage.exists(storage.join(model_uri, CARD_NAME), options) and not settings.overwrite:
         raise FileExistsError(f"a model already exists at {model_uri}; pass --overwrite to refit it")
     manifest = build_manifest(train_source, options)
+    with holding_lock(storage.join(model_uri, LOCK_NAME), f"spade-batch fit into {model_uri}", options):
+        return _fit_locked(manifest, model_uri, settings, started)
+
+
+def _fit_locked(manifest: Manifest, model_uri: str, settings: Settings, started: float) -> FitSummary:
+    """run_fit's work, once it holds the model location's lock."""
+    options = settings.fsspec_options()
     init_ray(settings.ray_address)
     extractor = Extractor(settings, options)  # weights identity and layer shapes for the card
     features_uri = storage.join(model_uri, "features")
     if settings.overwrite:
+        # The old card goes first: no reader may pair it with the new arrays being written.
+        storage.remove(storage.join(model_uri, CARD_NAME), options)
         storage.remove(features_uri, options, recursive=True)
     # Part files of a killed fit are reused only for the same images and feature extractor.
     extraction = {"images": manifest.sha256(), "backbone": settings.backbone, "weights": extractor.weights_sha256,
@@ -72,13 +82,20 @@ def run_fit(train_source: str, model_uri: str, settings: Settings) -> FitSummary
     failures += [{"id": uri, "error": reason} for uri, reason in manifest.rejected]
     gallery_ids, calibration_ids = split_fit_ids([i for i, (_, error) in located.items() if error is None], settings)
     card = new_card(extractor, settings, len(gallery_ids), manifest.sha256(), failures)
-    model = _write_gallery(model_uri, parts, located, gallery_ids, card, settings)
-    if calibration_ids:
-        model = _calibrate(model, model_uri, located, calibration_ids, settings)
-    else:
-        log.warning("fit: no images held out for calibration; thresholds stay unset (set calibration_fraction > 0)")
-        model.publish_arrays(model_uri, options)
-    model.write_card(model_uri, options)
+    # A local model's gallery is written in place; a remote one's is staged on this node, then uploaded once.
+    local = storage.is_local(model_uri)
+    folder = storage.filesystem(model_uri, options)[1] if local else tempfile.mkdtemp(prefix="gallery-", dir=_staging_root())
+    try:
+        model = _write_gallery(folder, parts, located, gallery_ids, card, settings)
+        model.publish_arrays(model_uri, options)  # calibration actors load it from there; the card comes last
+        if calibration_ids:
+            model = _calibrate(model, model_uri, located, calibration_ids, settings)
+        else:
+            log.warning("fit: no images held out for calibration; thresholds stay unset (set calibration_fraction > 0)")
+        model.write_card(model_uri, options)
+    finally:
+        if not local:
+            shutil.rmtree(folder, ignore_errors=True)
     return FitSummary(
         model_uri=model_uri,
         train_images=len(manifest),
@@ -123,32 +140,22 @@ def _extract(ids: tuple[str, ...], uris: tuple[str, ...], features_uri: str, ext
 
 
 def _write_gallery(
-    model_uri: str, parts: list[str], located: dict[str, tuple[str, Any]], gallery_ids: list[str], card: ModelCard, settings: Settings
+    folder: str, parts: list[str], located: dict[str, tuple[str, Any]], gallery_ids: list[str], card: ModelCard, settings: Settings
 ) -> SpadeModel:
-    """The gallery files, written from the part files one at a time; in place for a local model, else staged locally."""
+    """The model in folder, its gallery written from the part files one at a time."""
     options = settings.fsspec_options()
-    local = storage.is_local(model_uri)
-    folder = storage.filesystem(model_uri, options)[1] if local else tempfile.mkdtemp(prefix="gallery-", dir=_staging_root())
-    try:
-        first = read_features([located[gallery_ids[0]][0]], options)
-        row = first.ids.index(gallery_ids[0])
-        centre = Centre.of_image(first.global_features[row], [layer[row] for layer in first.layers])
-        writer = GalleryWriter(folder, gallery_ids, card.layer_shapes, card.global_dim, centre)
-        wanted = set(gallery_ids)
-        for part in parts:
-            table = read_features([part], options)
-            keep = np.array([i in wanted for i in table.ids], dtype=bool)
-            if keep.any():
-                table = table.select(keep)
-                writer.add(table.ids, table.global_features, table.layers)
-        model = build_model(writer, card, settings)
-        if not local:
-            model.publish_arrays(model_uri, options)
-            model = SpadeModel.load(model_uri, options, card)
-    finally:
-        if not local:
-            shutil.rmtree(folder, ignore_errors=True)
-    return model
+    first = read_features([located[gallery_ids[0]][0]], options)
+    row = first.ids.index(gallery_ids[0])
+    centre = Centre.of_image(first.global_features[row], [layer[row] for layer in first.layers])
+    writer = GalleryWriter(folder, gallery_ids, card.layer_shapes, card.global_dim, centre)
+    wanted = set(gallery_ids)
+    for part in parts:
+        table = read_features([part], options)
+        keep = np.array([i in wanted for i in table.ids], dtype=bool)
+        if keep.any():
+            table = table.select(keep)
+            writer.add(table.ids, table.global_features, table.layers)
+    return build_model(writer, card, settings)
 
 
 def _staging_root() -> str:
@@ -161,8 +168,6 @@ def _calibrate(
     model: SpadeModel, model_uri: str, located: dict[str, tuple[str, Any]], calibration_ids: list[str], settings: Settings
 ) -> SpadeModel:
     """Thresholds from the held-out images' stored features, scored by model actors on Ray."""
-    options = settings.fsspec_options()
-    model.publish_arrays(model_uri, options)  # the actors load it from there; the card comes last
     by_part: dict[str, list[str]] = {}
     for image_id in calibration_ids:
         by_part.setdefault(located[image_id][0], []).append(image_id)

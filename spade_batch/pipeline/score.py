@@ -21,8 +21,9 @@ import torch
 from spade_batch import __version__, storage
 from spade_batch.config import Settings
 from spade_batch.detector import Thresholds
-from spade_batch.manifest import build_manifest
-from spade_batch.model import load_card
+from spade_batch.locks import LOCK_NAME, holding_lock
+from spade_batch.manifest import Manifest, build_manifest
+from spade_batch.model import ModelCard, load_card
 from spade_batch.pipeline.layout import Outputs, done_ids, part_files, part_name, read_columns, record_inputs
 from spade_batch.pipeline.runtime import DECODE_TASK, ModelStage, Progress, init_ray, stream
 from spade_batch.pipeline.stages import RETRYABLE, ScoreStage, read_images, write_score_outputs
@@ -108,6 +109,20 @@ def run_score(
         log.warning("score: '%s' preprocessing leaves the image border unscored; masks are written at the working size", settings.preprocess)
     manifest = build_manifest(images_source, options)
     outputs = Outputs(out_uri)
+    with holding_lock(storage.join(out_uri, LOCK_NAME), f"spade-batch score into {out_uri}", options):
+        summary = _score_locked(model_uri, card, manifest, outputs, settings, stage, plan, started)
+    if summary.retryable:
+        log.error("score: %d images could not be read for a transient reason (e.g. %s); re-run the same command to retry exactly those",
+                  summary.retryable, summary.retryable_failures[0]["error"])
+    return summary
+
+
+def _score_locked(
+    model_uri: str, card: ModelCard, manifest: Manifest, outputs: Outputs, settings: Settings,
+    stage: type, plan: ModelStage | None, started: float,
+) -> ScoreSummary:
+    """run_score's work, once it holds the output location's lock."""
+    options = settings.fsspec_options()
     thresholds = Thresholds.of(card, settings)
     if settings.overwrite:
         outputs.clear(options)
@@ -124,7 +139,7 @@ def run_score(
     images = len(manifest) + len(manifest.rejected)
     plan = plan or ModelStage.plan(settings)
     log.info("score: %d images, %d already done, %d to score on %d model workers -> %s",
-             len(manifest), len(manifest) - len(todo), len(todo), plan.workers, out_uri)
+             len(manifest), len(manifest) - len(todo), len(todo), plan.workers, outputs.root)
     workers, retryable = Workers(), []
     if todo:
         dataset = score_dataset(todo, model_uri, settings, outputs, thresholds, card.preprocessing, plan, stage)
@@ -136,9 +151,6 @@ def run_score(
     summary = _summarise(model_uri, images, len(manifest) - len(todo), retryable, thresholds, outputs, settings, seconds)
     summary.workers, summary.model_workers = workers.by_worker, plan.workers
     storage.write_text(outputs.run_json, json.dumps(asdict(summary), indent=2), options)
-    if retryable:
-        log.error("score: %d images could not be read for a transient reason (e.g. %s); re-run the same command to retry exactly those",
-                  len(retryable), retryable[0]["error"])
     return summary
 
 
