@@ -44,7 +44,8 @@ class ModelStage:
     """Where the model stage runs: `workers` actors, each with these Ray resources.
 
     One actor per GPU when the cluster has GPUs (or gpus_per_task is set); on CPU-only clusters
-    one actor per cpus_per_task CPUs, keeping one CPU free for decoding and writing.
+    one actor per cpus_per_task CPUs, keeping one CPU free for decoding and writing, each running
+    the cluster's CPUs / workers torch threads.
     """
 
     workers: int
@@ -58,9 +59,13 @@ class ModelStage:
             gpus = 1.0 if cluster.get("GPU", 0) > 0 and settings.device != "cpu" else 0.0
         if gpus > 0:
             auto = max(1, math.floor(cluster.get("GPU", 0) / gpus))
-            return cls(settings.model_workers or auto, {"num_gpus": gpus, "num_cpus": settings.cpus_per_task})
-        auto = max(1, math.floor((cluster.get("CPU", 1) - 1) / settings.cpus_per_task))
-        return cls(settings.model_workers or auto, {"num_cpus": settings.cpus_per_task})
+            return cls(settings.model_workers or auto, {"num_cpus": settings.cpus_per_task, "num_gpus": gpus})
+        cpus = cluster.get("CPU", 1)
+        workers = settings.model_workers or max(1, math.floor((cpus - 1) / settings.cpus_per_task))
+        # The model is where CPU time goes: its actors share all cores between them (Ray would give each
+        # only its cpus_per_task threads), and the light decode and output tasks take the gaps.
+        threads = max(1, math.floor(cpus / workers))
+        return cls(workers, {"num_cpus": settings.cpus_per_task, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}})
 
     def compute(self) -> ray.data.ActorPoolStrategy:
         return ray.data.ActorPoolStrategy(size=self.workers)

@@ -1,0 +1,44 @@
+"""The model stage's plan on a real local Ray (2 CPUs, no GPU): actors, resources, torch threads."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import ray.cloudpickle
+import ray.data
+import torch
+
+from spade_batch.config import Settings
+from spade_batch.pipeline.runtime import ModelStage
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+# The actors run in their own runtime env, which cannot import this test module: ship it by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class _Threads:
+    """Reports the torch threads of the actor process it runs in."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"threads": np.full(len(batch["id"]), torch.get_num_threads())}
+
+
+def test_on_cpus_one_model_actor_keeps_a_cpu_free_and_computes_on_all_cores() -> None:
+    plan = ModelStage.plan(Settings(device="cpu"))
+    assert plan.workers == 1 and plan.resources["num_cpus"] == 1.0
+    threads = (
+        ray.data.from_items([{"id": i} for i in range(4)])
+        .map_batches(_Threads, batch_size=2, batch_format="numpy", compute=plan.compute(), **plan.resources)
+        .take_all()
+    )
+    assert {row["threads"] for row in threads} == {2}  # Ray alone would give the 1-CPU actor one thread
+
+
+def test_explicit_workers_share_the_cores_and_gpu_requests_ask_for_gpus() -> None:
+    plan = ModelStage.plan(Settings(device="cpu", model_workers=2))
+    assert plan.workers == 2 and plan.resources["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "1"
+    gpu = ModelStage.plan(Settings(gpus_per_task=0.5, cpus_per_task=2.0))
+    assert gpu.resources == {"num_cpus": 2.0, "num_gpus": 0.5} and gpu.workers == 1
