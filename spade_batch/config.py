@@ -51,7 +51,7 @@ class Settings:
     pixel_quantile: float = _key(0.999, "Quantile of normal pixel scores used as the pixel threshold.")
     image_threshold: float | None = _key(None, "Override the model's calibrated image threshold.")
     pixel_threshold: float | None = _key(None, "Override the model's calibrated pixel threshold.")
-    shard_size: int = _key(64, "Images per output part file (scores or features): the unit of output and resume.")
+    shard_size: int = _key(64, "Images per decode task and per output part file (scores or features): the unit of CPU work, output and resume.")
     batch_size: int = _key(16, "Images per model call: one backbone forward pass, and on a GPU one batched pixel search.")
     device: str = _key("auto", "Torch device inside tasks: auto (cuda when the task has a GPU), cpu or cuda.")
     gpus_per_task: float | None = _key(None, "GPUs each task requests; unset: 1 when the cluster has GPUs now, else 0. Set it on autoscaling clusters that start without GPU nodes.")

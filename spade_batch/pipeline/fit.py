@@ -121,7 +121,7 @@ def _extract(ids: tuple[str, ...], uris: tuple[str, ...], features_uri: str, ext
         ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // settings.batch_size, 10_000)))
         .map_batches(read_images, fn_kwargs={"preprocessing": extractor.preprocessing.to_dict(), "options": options,
                                                     "max_pixels": settings.max_pixels},
-                     batch_size=settings.batch_size, batch_format="numpy", **DECODE_TASK)
+                     batch_size=settings.shard_size, batch_format="numpy", **DECODE_TASK)
         .map_batches(ExtractStage, fn_constructor_kwargs={"settings": settings}, batch_size=settings.batch_size,
                      batch_format="numpy", compute=plan.compute(), **plan.resources)
         .map_batches(write_feature_part,

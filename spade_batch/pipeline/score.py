@@ -82,7 +82,7 @@ def score_dataset(
         ray.data.from_items(todo, override_num_blocks=blocks)
         .map_batches(read_images, fn_kwargs={"preprocessing": preprocessing, "options": options,
                                                     "max_pixels": settings.max_pixels},
-                     batch_size=settings.batch_size, batch_format="numpy", **DECODE_TASK)
+                     batch_size=settings.shard_size, batch_format="numpy", **DECODE_TASK)
         .map_batches(stage, fn_constructor_kwargs={"model_uri": model_uri, "settings": settings},
                      batch_size=settings.batch_size, batch_format="numpy", compute=plan.compute(), **plan.resources)
         .map_batches(write_score_outputs,
