@@ -51,10 +51,12 @@ PRECISIONS = ("float32", "tf32", "bfloat16")
 """Precisions of the pixel search's GEMM, which only ranks candidates; returned distances are float32."""
 
 RERANK_MARGIN = 8
-"""Candidates kept per query beyond kappa: the GEMM's kappa + RERANK_MARGIN best are recomputed exactly.
+"""Candidates kept per query beyond kappa when the ranking GEMM runs in low precision (tf32, bfloat16).
 
-The ranking GEMM only has to place the true kappa nearest somewhere among its own kappa + 8 best; their
-distances are then recomputed in float32 by explicit differences and the kappa smallest kept.
+A low-precision GEMM only has to place the true kappa nearest somewhere among its own kappa + 8 best;
+their distances are then recomputed in float32 by explicit differences and the kappa smallest kept. A
+float32 GEMM ranks to float32 rounding on centred features, so it keeps just kappa: keeping 8 more costs
+a top-k over every gallery chunk, 30% of layer1's time at the paper's defaults.
 """
 
 
@@ -95,14 +97,10 @@ def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
-def _smallest(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k smallest entries along the last axis of values (B x P x n) and their matching indices."""
+def _smallest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest entries along the last axis of values (B x P x n) and their positions there."""
     k = min(k, values.shape[-1])
-    if k == 1:
-        best, position = values.min(dim=-1, keepdim=True)
-    else:
-        best, position = values.topk(k, dim=-1, largest=False)
-    return best, indices.gather(-1, position)
+    return values.min(dim=-1, keepdim=True) if k == 1 else values.topk(k, dim=-1, largest=False)
 
 
 def _partial_scores(queries: torch.Tensor, block: torch.Tensor, low: torch.Tensor | None) -> torch.Tensor:
@@ -125,16 +123,18 @@ def _ranked_candidates(
     Returns:
         B x P x keep int64 gallery row indices (the B x P x rows scores of one chunk are the peak memory).
     """
-    best: tuple[torch.Tensor, torch.Tensor] | None = None
+    best_scores = best_rows = None
     for start in range(0, galleries.shape[1], rows):
-        scores = _partial_scores(queries, galleries[:, start : start + rows], low)
-        positions = torch.arange(start, start + scores.shape[-1], device=scores.device).expand_as(scores)
-        candidates = _smallest(scores, positions, keep)
-        if best is not None:
-            candidates = _smallest(torch.cat([best[0], candidates[0]], -1), torch.cat([best[1], candidates[1]], -1), keep)
-        best = candidates
-    assert best is not None
-    return best[1]
+        scores, positions = _smallest(_partial_scores(queries, galleries[:, start : start + rows], low), keep)
+        chunk_rows = positions.add_(start)  # positions in the chunk -> gallery rows
+        if best_scores is not None:
+            # Merging keeps B x P x 2 keep values: small next to the chunk's B x P x rows.
+            scores, chunk_rows = torch.cat([best_scores, scores], -1), torch.cat([best_rows, chunk_rows], -1)
+            scores, order = _smallest(scores, keep)
+            chunk_rows = chunk_rows.gather(-1, order)
+        best_scores, best_rows = scores, chunk_rows
+    assert best_rows is not None
+    return best_rows
 
 
 def _exact_sq_distances(
@@ -171,10 +171,10 @@ def batch_nearest_sq_distances(
 
     Image b's queries are searched in galleries[b] only, all B images in one batched GEMM per gallery chunk
     ranking candidates by |g|^2 - 2 q.g. A chunk's B x P x rows float32 block stays under chunk_bytes (at
-    least one row per chunk), and every gallery row is visited. Per query, the kappa + RERANK_MARGIN best
-    candidates are then recomputed exactly in float32, |q - g|^2 by explicit differences, and the kappa
-    smallest averaged: the GEMM only ranks, in any precision, and no distance suffers the formula's
-    cancellation (which costs ~1% on near-duplicate features even in float32).
+    least one row per chunk), and every gallery row is visited. Per query, the kappa best candidates
+    (kappa + RERANK_MARGIN in low precision) are then recomputed exactly in float32, |q - g|^2 by
+    explicit differences, and the kappa smallest averaged: the GEMM only ranks, in any precision, and no
+    distance suffers the formula's cancellation (which costs ~1% on near-duplicate features even in float32).
 
     Inputs must be centred (see `centre`): the ranking GEMM's absolute error grows with |q| |g|.
 
@@ -205,7 +205,8 @@ def batch_nearest_sq_distances(
     rows = max(1, chunk_bytes // (4 * batch * max(1, pixels)))
     low = queries.to(torch.bfloat16) if precision == "bfloat16" else None
     with matmul_precision(precision, queries.device):
-        candidates = _ranked_candidates(queries, galleries, min(num_gallery, kappa + RERANK_MARGIN), rows, low)
+        margin = 0 if precision == "float32" else RERANK_MARGIN
+        candidates = _ranked_candidates(queries, galleries, min(num_gallery, kappa + margin), rows, low)
     distances = _exact_sq_distances(queries, galleries, candidates, chunk_bytes)
     return distances.topk(kappa, dim=-1, largest=False).values.mean(dim=-1)
 
