@@ -51,6 +51,8 @@ def calibrate_from_samples(
         "image_fpr": settings.image_fpr,
         "pixel_quantile": settings.pixel_quantile,
         "image_score_quantiles": {q: float(np.quantile(image_scores, float(q))) for q in ("0.5", "0.9", "0.99")},
+        # Kept for the run report's histogram and drift check (drift.py); cards fitted before lack them.
+        "image_scores": sorted(float(score) for score in image_scores),
     }
     return model.with_thresholds(
         image_threshold(image_scores, settings.image_fpr),

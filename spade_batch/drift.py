@@ -1,0 +1,108 @@
+"""Did tonight look like the calibration images? Tonight's anomaly rate against its band, and the score distribution.
+
+The band needs no assumption on how scores are distributed. The image threshold is the r-th
+smallest of the n calibration scores, so a new normal image exceeds it with a probability that
+is Beta(n - r + 1, r) distributed, and the count of m normal images above it is
+BetaBinomial(m, n - r + 1, r): wide when n (the calibration count in the model card) is small.
+Tonight's score distribution is compared with the calibration scores by a two-sample
+Kolmogorov-Smirnov test. Each check takes half of FALSE_ALARM_RATE, so a night of normal images
+raises the alarm at most that often.
+
+Pure math: no storage, no Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats
+
+FALSE_ALARM_RATE = 0.01
+"""Largest probability that a night like the calibration images raises the drift alarm."""
+
+
+@dataclass(frozen=True)
+class RateBand:
+    """Where tonight's anomaly count should lie if tonight's images are like the calibration ones.
+
+    predicted: expected fraction of images above the threshold; low, high: the band's anomaly
+    counts (inclusive) for `images` images.
+    """
+
+    images: int
+    predicted: float
+    low: int
+    high: int
+
+
+@dataclass(frozen=True)
+class DriftCheck:
+    """Tonight against the calibration images: anomaly rate, its band, and the score-distribution test."""
+
+    images: int  # images scored tonight
+    anomalous: int
+    band: RateBand | None  # None: no image threshold or no calibration count
+    ks_pvalue: float | None  # None: no calibration scores in the model card (fitted before they were kept)
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def drifted(self) -> bool:
+        return bool(self.reasons)
+
+    @property
+    def rate(self) -> float:
+        return self.anomalous / self.images if self.images else 0.0
+
+
+def quantile_rank(count: int, image_fpr: float) -> int:
+    """1-based rank r of np.quantile(scores, 1 - image_fpr, method="higher") among `count` scores."""
+    return min(count, math.ceil((1.0 - image_fpr) * (count - 1)) + 1)
+
+
+def threshold_rank(calibration_scores: np.ndarray, threshold: float) -> int:
+    """How many calibration scores are <= threshold, clipped to [1, n] (an overridden threshold lies between two)."""
+    return int(np.clip(np.count_nonzero(np.asarray(calibration_scores) <= threshold), 1, len(calibration_scores)))
+
+
+def rate_band(images: int, calibration_count: int, rank: int, false_alarm: float = FALSE_ALARM_RATE / 2) -> RateBand:
+    """The central 1 - false_alarm of BetaBinomial(images, n - rank + 1, rank), n = calibration_count.
+
+    A night of normal images has fewer than `low` or more than `high` anomalies with probability at most false_alarm.
+    """
+    if not 1 <= rank <= calibration_count:
+        raise ValueError(f"rank must be in [1, {calibration_count}], got {rank}")
+    a, b = calibration_count - rank + 1, rank
+    law = stats.betabinom(images, a, b)
+    return RateBand(images, a / (a + b), int(law.ppf(false_alarm / 2)), int(law.ppf(1 - false_alarm / 2)))
+
+
+def check_drift(
+    tonight_scores: np.ndarray, anomalous: int, calibration: dict, threshold: float | None, false_alarm: float = FALSE_ALARM_RATE
+) -> DriftCheck:
+    """Tonight's image scores (m,) and anomaly count against the model card's calibration summary.
+
+    calibration: the card's `calibration` ({"count", "image_fpr"} and, for models fitted since they
+    are kept, "image_scores"); threshold: the image threshold the run applied.
+    """
+    scores = np.asarray(tonight_scores, dtype=np.float64)
+    reference = np.asarray(calibration.get("image_scores", []), dtype=np.float64)
+    count = int(calibration.get("count", 0))
+    band = None
+    if threshold is not None and count > 0 and scores.size:
+        rank = threshold_rank(reference, threshold) if reference.size else quantile_rank(count, calibration["image_fpr"])
+        band = rate_band(scores.size, count, rank, false_alarm / 2)
+    ks_pvalue = float(stats.ks_2samp(scores, reference).pvalue) if reference.size and scores.size else None
+    reasons = []
+    if band is not None and not band.low <= anomalous <= band.high:
+        reasons.append(
+            f"anomaly rate {anomalous}/{scores.size} = {anomalous / scores.size:.1%} is outside the calibration band "
+            f"{band.low}-{band.high} images (predicted {band.predicted:.1%} from {count} calibration images)"
+        )
+    if ks_pvalue is not None and ks_pvalue < false_alarm / 2:
+        reasons.append(
+            f"image scores differ from the {reference.size} calibration scores "
+            f"(Kolmogorov-Smirnov p = {ks_pvalue:.2g} < {false_alarm / 2:g})"
+        )
+    return DriftCheck(int(scores.size), anomalous, band, ks_pvalue, reasons)
