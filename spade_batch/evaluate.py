@@ -325,7 +325,7 @@ def _write_report(
         "roc.png": roc_plot(curves),
         "pro.png": pro_plot(*pixels.pro_curve(), overall["pro"], pixels.max_fpr),
         "score_histogram.png": score_histogram(
-            scores[~labels], scores[labels], {name: value for name, value in marks.items() if value is not None}
+            {"normal": scores[~labels], "defect": scores[labels]}, {name: value for name, value in marks.items() if value is not None}
         ),
         "examples_best.png": example_grid([_example(e, mask_threshold[1]) for e in best], *colours),
         "examples_worst.png": example_grid([_example(e, mask_threshold[1]) for e in worst], *colours),

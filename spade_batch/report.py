@@ -74,30 +74,31 @@ def pro_plot(fpr: np.ndarray, pro: np.ndarray, pro_score: float, max_fpr: float 
 
 
 def score_histogram(
-    normal_scores: np.ndarray,
-    defect_scores: np.ndarray,
+    groups: dict[str, np.ndarray],
     thresholds: dict[str, float],
     xlabel: str = "image score",
+    density: bool = False,
 ) -> bytes:
-    """Overlaid histograms of normal and defect scores, each threshold a labelled vertical line; PNG bytes.
+    """Overlaid histograms of score groups on shared bins, each threshold a labelled vertical line; PNG bytes.
 
-    normal_scores: (N,) float; defect_scores: (M,) float (either may be empty, not both).
+    groups: name -> (N_g,) float scores, e.g. {"normal": ..., "defect": ...} (empty groups are left out, not all).
     thresholds: name -> score, e.g. {"fpr 1%": 3.2}.
+    density: each group normalised to unit area, for groups of very different sizes.
     """
-    groups = {"normal": np.asarray(normal_scores, dtype=float), "defect": np.asarray(defect_scores, dtype=float)}
+    groups = {name: np.asarray(scores, dtype=float) for name, scores in groups.items()}
     groups = {name: scores for name, scores in groups.items() if scores.size}
     if not groups:
-        raise ValueError("score_histogram needs some scores; normal_scores and defect_scores are both empty")
+        raise ValueError(f"score_histogram needs some scores; the groups {', '.join(groups) or '(none)'} are all empty")
     edges = np.histogram_bin_edges(np.concatenate(list(groups.values())), bins=40)
     figure = Figure(figsize=(7, 4))
     axes = figure.add_subplot()
     for name, scores in groups.items():
-        axes.hist(scores, bins=edges, alpha=0.5, label=f"{name} ({scores.size})")
+        axes.hist(scores, bins=edges, alpha=0.5, density=density, label=f"{name} ({scores.size})")
     colors = matplotlib.color_sequences["Dark2"]
     for index, (name, value) in enumerate(thresholds.items()):
         axes.axvline(value, color=colors[index % len(colors)], linestyle="--", linewidth=2, label=f"{name} = {value:.3g}")
     axes.set_xlabel(xlabel)
-    axes.set_ylabel("count")
+    axes.set_ylabel("density" if density else "count")
     axes.legend()
     figure.tight_layout()
     return _png(figure)
@@ -109,7 +110,7 @@ class Example:
 
     image: np.ndarray  # H x W x 3 uint8
     anomaly_map: np.ndarray  # H x W float32
-    predicted_mask: np.ndarray  # H x W bool
+    predicted_mask: np.ndarray  # H x W bool, or float in [0, 1] (a mask scaled from the map)
     ground_truth: np.ndarray | None  # H x W bool
     title: str  # e.g. "crack/003.png  score 4.21"
 
@@ -153,20 +154,25 @@ def _panel(axes: Axes, picture: np.ndarray, title: str) -> None:
 def example_grid(examples: list[Example], low: float, high: float) -> bytes:
     """One row per example: image | ground truth | overlay | predicted mask; PNG bytes.
 
+    The ground-truth column is left out when no example has one (a scoring run's images).
     low, high: the anomaly-map range mapped onto the colour scale (see `overlay`).
     """
     if not examples:
         raise ValueError("example_grid needs at least one Example")
-    figure = Figure(figsize=(10, 2.6 * len(examples)))
-    grid = figure.subplots(len(examples), 4, squeeze=False)
+    with_truth = any(example.ground_truth is not None for example in examples)
+    columns = 4 if with_truth else 3
+    figure = Figure(figsize=(2.5 * columns, 2.6 * len(examples)))
+    grid = figure.subplots(len(examples), columns, squeeze=False)
     for row, example in zip(grid, examples):
-        _panel(row[0], example.image, example.title)
-        if example.ground_truth is None:
-            _panel(row[1], np.full(example.image.shape[:2], 0.85), "no ground truth")  # light gray
-        else:
-            _panel(row[1], example.ground_truth, "ground truth")
-        _panel(row[2], overlay(example.image, example.anomaly_map, low, high), "anomaly map")
-        _panel(row[3], example.predicted_mask, "predicted mask")
+        panels = list(row)
+        _panel(panels.pop(0), example.image, example.title)
+        if with_truth:
+            if example.ground_truth is None:
+                _panel(panels.pop(0), np.full(example.image.shape[:2], 0.85), "no ground truth")  # light gray
+            else:
+                _panel(panels.pop(0), example.ground_truth, "ground truth")
+        _panel(panels[0], overlay(example.image, example.anomaly_map, low, high), "anomaly map")
+        _panel(panels[1], example.predicted_mask, "predicted mask")
     figure.tight_layout()
     return _png(figure)
 
@@ -176,7 +182,7 @@ def _cell(value: object) -> str:
     return f"<td>{html.escape(text)}</td>"
 
 
-def _table(rows: list[dict[str, object]]) -> str:
+def html_table(rows: list[dict[str, object]]) -> str:
     """HTML table; columns are the union of the rows' keys in first-seen order, missing cells empty."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     header = "".join(f"<th>{html.escape(str(column))}</th>" for column in columns)
@@ -187,7 +193,7 @@ def _table(rows: list[dict[str, object]]) -> str:
     return f"<table>\n<thead><tr>{header}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
 
 
-_STYLE = """
+STYLE = """
 body { font-family: sans-serif; margin: 2em; }
 table { border-collapse: collapse; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.8em; text-align: right; }
@@ -213,12 +219,12 @@ def html_page(title: str, metrics_table: list[dict[str, object]], images: dict[s
 <head>
 <meta charset="utf-8">
 <title>{html.escape(title)}</title>
-<style>{_STYLE}</style>
+<style>{STYLE}</style>
 </head>
 <body>
 <h1>{html.escape(title)}</h1>
 <h2>Metrics</h2>
-{_table(metrics_table)}
+{html_table(metrics_table)}
 <h2>Figures</h2>
 {figures}
 <h2>Notes</h2>

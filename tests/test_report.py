@@ -42,10 +42,11 @@ def test_pro_plot_is_a_png_plot():
 def test_score_histogram_is_a_png_plot_and_allows_one_empty_group():
     rng = np.random.default_rng(0)
     normal, defect = rng.normal(size=200), rng.normal(2, 1, size=50)
-    decode_plot(score_histogram(normal, defect, {"fpr 1%": 2.3, "f1": 1.1}))
-    decode_plot(score_histogram(normal, np.array([]), {}, xlabel="pixel score"))
-    with pytest.raises(ValueError, match="both empty"):
-        score_histogram(np.array([]), np.array([]), {})
+    decode_plot(score_histogram({"normal": normal, "defect": defect}, {"fpr 1%": 2.3, "f1": 1.1}))
+    decode_plot(score_histogram({"normal": normal, "defect": np.array([])}, {}, xlabel="pixel score"))
+    decode_plot(score_histogram({"calibration": normal[:20], "tonight": defect}, {}, density=True))
+    with pytest.raises(ValueError, match="all empty"):
+        score_histogram({"normal": np.array([]), "defect": np.array([])}, {})
 
 
 def test_roc_plot_and_example_grid_reject_empty_input():
@@ -69,6 +70,13 @@ def test_example_grid_has_one_row_per_example():
     two = decode_plot(example_grid([make_example(0, True), make_example(1, False)], 0.0, 3.0))
     assert two.shape[1] == one.shape[1]
     assert two.shape[0] > 1.8 * one.shape[0]
+
+
+def test_example_grid_leaves_out_the_ground_truth_column_when_no_example_has_one():
+    with_truth = decode_plot(example_grid([make_example(0, True)], 0.0, 3.0))
+    without = decode_plot(example_grid([make_example(0, False)], 0.0, 3.0))
+    assert without.shape[0] == with_truth.shape[0]
+    assert without.shape[1] == round(with_truth.shape[1] * 3 / 4)
 
 
 def test_overlay_changes_pixels_only_where_the_map_is_high():
