@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv browser clean
 
 $(BIN)/spade-batch: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,12 @@ venv: $(BIN)/spade-batch
 demo: venv
 	$(BIN)/spade-batch demo --out demo-output
 
-test: venv
+# The run report's test opens it in Debian's headless chromium through chromedriver.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+		echo "chromium/chromedriver not installed (needs apt-get as root): the browser test will be skipped"
+
+test: venv browser
 	$(BIN)/ruff check spade_batch tests benchmarks jobs scripts
 	$(BIN)/python -m pytest -q

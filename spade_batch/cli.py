@@ -37,6 +37,21 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dry-run", action="store_true", help="list what would be processed and where outputs go; compute nothing")
 
 
+def _add_drift_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fail-on-drift", action="store_true",
+                        help="exit with status 5 when the anomaly rate or the score distribution is outside the calibration band "
+                             "(without it, a warning line)")
+
+
+def _check_nightly_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """nightly takes either --plan or all of --train, --model and --images."""
+    given = [flag for flag in ("train", "model", "images") if getattr(args, flag) is not None]
+    if args.plan and given:
+        parser.error(f"nightly: --plan replaces {', '.join('--' + flag for flag in given)} (each line of the plan names its own)")
+    if not args.plan and len(given) < 3:
+        parser.error("nightly: the arguments --train, --model and --images are required (or --plan)")
+
+
 def json_object(text: str) -> dict[str, Any]:
     """The value of --storage-options: a JSON object. A mistake is reported without the value, which may hold credentials."""
     try:
@@ -67,15 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="score an image archive: masks, scores table, run.json")
     score.add_argument("--model", required=True, metavar="MODEL_URI", help="a model written by fit")
     score.add_argument("--images", required=True, metavar="URI", help="images to score: folder/prefix, glob, or manifest")
-    score.add_argument("--out", required=True, metavar="OUT_URI", help="where masks/, scores/ and run.json are written")
+    score.add_argument("--out", required=True, metavar="OUT_URI", help="where masks/, scores/, run.json and report.html are written")
+    _add_drift_flag(score)
     _add_settings_flags(score)
 
-    nightly = commands.add_parser("nightly", help="fit if the model is missing, then score today's archive")
-    nightly.add_argument("--train", required=True, metavar="URI", help="normal images, used only when the model is missing")
-    nightly.add_argument("--model", required=True, metavar="MODEL_URI", help="the model; fitted first if missing")
-    nightly.add_argument("--images", required=True, metavar="URI", help="archive to score; {date} becomes the run date (YYYY-MM-DD)")
-    nightly.add_argument("--out", required=True, metavar="OUT_URI", help="output URI; {date} becomes the run date")
+    nightly = commands.add_parser("nightly", help="fit if the model is missing, then score today's archive (or every line of a plan)")
+    nightly.add_argument("--train", metavar="URI", help="normal images, used only when the model is missing (not with --plan)")
+    nightly.add_argument("--model", metavar="MODEL_URI", help="the model; fitted first if missing (not with --plan)")
+    nightly.add_argument("--images", metavar="URI", help="archive to score; {date} becomes the run date (YYYY-MM-DD) (not with --plan)")
+    nightly.add_argument("--out", required=True, metavar="OUT_URI", help="output URI (with --plan: the plan's report); {date} becomes the run date")
+    nightly.add_argument("--plan", metavar="YAML", help="many lines in one job: a plan file listing each line's name, train, model, images, out")
     nightly.add_argument("--date", metavar="YYYY-MM-DD", help="run date [default: today, UTC]")
+    _add_drift_flag(nightly)
     _add_settings_flags(nightly)
 
     evaluate = commands.add_parser("evaluate", help="score an MVTec-layout test split and report metrics")
@@ -109,7 +127,10 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, frozenset[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "nightly":
+        _check_nightly_inputs(parser, args)
     # Known before the settings load, so that even an error loading them is redacted; _run adds the file's.
     secrets = set(secret_values(getattr(args, "storage_options", None)))
     try:
@@ -149,9 +170,13 @@ def _run(args: argparse.Namespace, secrets: set[str]) -> int:
     configure_logging(settings.log_level, secrets)
     handlers: dict[str, Any] = {
         "fit": lambda: commands.fit(args.train, args.model, settings, args.dry_run),
-        "score": lambda: commands.score(args.model, args.images, args.out, settings, explicit, args.dry_run),
+        "score": lambda: commands.score(args.model, args.images, args.out, settings, explicit, args.dry_run, args.fail_on_drift),
         "evaluate": lambda: commands.evaluate(args.model, args.data, args.out, settings, explicit, args.original_resolution, args.every, args.dry_run),
-        "nightly": lambda: commands.nightly(args.train, args.model, args.images, args.out, args.date, settings, explicit, args.dry_run),
+        "nightly": lambda: (
+            commands.nightly_plan(args.plan, args.out, args.date, settings, explicit, args.dry_run, args.fail_on_drift) if args.plan
+            else commands.nightly(args.train, args.model, args.images, args.out, args.date, settings, explicit, args.dry_run,
+                                  args.fail_on_drift)
+        ),
         "demo": lambda: commands.demo(args.out, settings, explicit, args.dry_run),
     }
     return handlers[args.command]()

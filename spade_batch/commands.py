@@ -6,12 +6,14 @@ cli.py and jobs/*.py only parse arguments and call these.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import yaml
 
 from spade_batch import storage
 from spade_batch.config import Settings, describe, load_settings
+from spade_batch.exit_codes import ExitCode, score_exit_code
 from spade_batch.manifest import build_manifest
 from spade_batch.model import CARD_NAME, load_card
 
@@ -29,7 +31,7 @@ DEMO_SETTINGS: dict[str, Any] = {
 """The demo's defaults: a small dataset needs a smaller K than the paper's 50."""
 
 
-EXIT_RETRYABLE = 75
+EXIT_RETRYABLE = ExitCode.RETRYABLE
 """Exit status when some images could not be read for a transient reason (EX_TEMPFAIL): re-run to retry them."""
 
 
@@ -106,12 +108,21 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
     return 0
 
 
-def score(model_uri: str, images: str, out_uri: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False) -> int:
+def score(
+    model_uri: str, images: str, out_uri: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False,
+    fail_on_drift: bool = False,
+) -> int:
+    """Score the archive, write its run report; the exit status says what happened (exit_codes.py)."""
     if dry_run:
-        return _dry_run(images, settings, [storage.join(out_uri, name) for name in ("masks/", "scores/", "run.json")], model_uri)
+        outputs = ("masks/", "scores/", "run.json", "report.html")
+        return _dry_run(images, settings, [storage.join(out_uri, name) for name in outputs], model_uri)
+    from dataclasses import asdict
+
     from spade_batch.pipeline import run_score
+    from spade_batch.run_report import write_run_report
 
     summary = run_score(model_uri, images, out_uri, settings, explicit)
+    report, drift = write_run_report(asdict(summary), settings)
     print_table(
         "score",
         [
@@ -125,30 +136,50 @@ def score(model_uri: str, images: str, out_uri: str, settings: Settings, explici
             ("masks", storage.join(out_uri, "masks/") + f"  [{summary.mask_kind}]"),
             ("scores table", storage.join(out_uri, "scores/")),
             ("run summary", storage.join(out_uri, "run.json")),
+            ("report", report),
+            ("drift", "; ".join(drift.reasons) if drift.drifted else "none"),
             ("seconds", f"{summary.seconds:.1f}"),
             ("images/s", f"{summary.images_per_second:.2f}"),
         ],
     )
     for failure in summary.failures[:10]:
         print(f"failed: {failure['id']}: {failure['error']}")
-    if summary.retryable:
-        return EXIT_RETRYABLE
-    return 1 if summary.scored == 0 else 0
+    if drift.drifted:
+        print(f"spade-batch: warning: drift: {'; '.join(drift.reasons)} (see {report})", file=sys.stderr)
+    return score_exit_code(summary.scored, summary.failed, summary.retryable, drift.drifted, fail_on_drift)
 
 
 def nightly(
-    train: str, model_uri: str, images: str, out: str, date: str | None, settings: Settings, explicit: frozenset[str], dry_run: bool = False
+    train: str, model_uri: str, images: str, out: str, date: str | None, settings: Settings, explicit: frozenset[str],
+    dry_run: bool = False, fail_on_drift: bool = False,
 ) -> int:
     """Fit when MODEL_URI has no model yet, then score the archive of `date` ({date} in images and out)."""
-    import datetime
-
-    day = date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    day = run_date(date)
     images, out = images.replace("{date}", day), out.replace("{date}", day)
     if not storage.exists(storage.join(model_uri, CARD_NAME), settings.fsspec_options()):
         log.info("nightly: no model at %s yet; fitting it from %s", model_uri, train)
         if fit(train, model_uri, settings, dry_run) != 0:
-            return 1
-    return score(model_uri, images, out, settings, explicit, dry_run)
+            return ExitCode.FAILED
+    return score(model_uri, images, out, settings, explicit, dry_run, fail_on_drift)
+
+
+def run_date(date: str | None) -> str:
+    """`date`, or today's UTC date, as YYYY-MM-DD."""
+    import datetime
+
+    return date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+
+
+def nightly_plan(plan_uri: str, out: str, date: str | None, settings: Settings, explicit: frozenset[str],
+                 dry_run: bool = False, fail_on_drift: bool = False) -> int:
+    """`nightly` for every line of the plan file; a plan page under `out` ({date} replaced) links each line's report."""
+    from spade_batch.plan import load_plan, run_plan
+
+    plan = load_plan(plan_uri, settings, explicit)
+    day = run_date(date)
+    return run_plan(plan, out.replace("{date}", day), day, settings.fsspec_options(), dry_run,
+                    lambda line: nightly(line.train, line.model, line.images, line.out, day, line.settings, line.explicit,
+                                         dry_run, fail_on_drift))
 
 
 def evaluate(

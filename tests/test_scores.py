@@ -64,3 +64,42 @@ def test_empty_part_and_no_parts(tmp_path):
     assert read_scores([uri]).num_rows == 0
     empty = read_scores([])
     assert empty.num_rows == 0 and empty.schema == SCHEMA
+
+
+# ---------------------------------------------------------------- the README's snippets
+
+
+def readme_snippets() -> list[str]:
+    """The python blocks of the README's "Reading the scores" section."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Reading the scores\n") :]
+    section = section[: section.index("\n## ", 1)]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_the_readme_snippets_read_a_scores_table_with_pyarrow_pandas_and_duckdb(tmp_path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    rows = [
+        ScoreRow(id=f"cam/{i:03d}.png", uri=f"/a/cam/{i:03d}.png", image_score=float(score), is_anomalous=bool(score > 0.8),
+                 mask_uri=f"/o/masks/cam/{i:03d}.png", height=64, width=64)
+        for i, score in enumerate(rng.random(40))
+    ]
+    rows += [ScoreRow(id="cam/bad.png", uri="/a/cam/bad.png", error="cannot decode IMAGE: empty")]
+    write_scores(str(tmp_path / "scores" / "part-a.parquet"), rows[:25])  # several part files, as a run writes them
+    write_scores(str(tmp_path / "scores" / "part-b.parquet"), rows[25:])
+    expected = [row.id for row in sorted(rows[:-1], key=lambda row: (-np.float32(row.image_score), row.id)) if row.is_anomalous]
+    assert 3 <= len(expected) < 40
+
+    snippets = readme_snippets()
+    imports = [[line for line in code.splitlines() if line.startswith(("import ", "from "))] for code in snippets]
+    assert [lines[-1] for lines in imports] == ["import pyarrow.parquet as pq", "import pandas as pd", "import duckdb"]
+    for code in snippets:
+        namespace: dict = {}
+        exec(code.replace('"OUT/', f'"{tmp_path}/').replace("'OUT/", f"'{tmp_path}/"), namespace)
+        anomalies = namespace["anomalies"]
+        ids = anomalies["id"].to_pylist() if isinstance(anomalies, pa.Table) else anomalies["id"].tolist()
+        assert ids == expected, code.splitlines()[0]
+        assert "cam/" in capsys.readouterr().out

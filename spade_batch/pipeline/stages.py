@@ -176,11 +176,11 @@ def write_score_outputs(
         mask_size = size if settings.preprocess == "full" else result.anomaly_map.shape
         mask = mask_from_map(result.anomaly_map, *mask_size, limits.pixel)
         storage.write_bytes(outputs.mask(image_id), png_bytes(mask), options)
-        if settings.save_maps:
+        row = result_row(image_id, uri, size, result, list(batch["neighbour_ids"][i]), mask, outputs.mask(image_id), limits)
+        if settings.save_maps or row.is_anomalous:  # anomalous images' maps are drawn by the run report
             storage.write_npy(outputs.map(image_id), result.anomaly_map.astype(np.float16), options)
         if settings.save_overlays and settings.preprocess == "full":
             _write_overlay(uri, outputs.overlay(image_id), result.anomaly_map, limits.pixel, settings)
-        row = result_row(image_id, uri, size, result, list(batch["neighbour_ids"][i]), mask, outputs.mask(image_id), limits)
         rows.append(row)
         anomalous.append(row.is_anomalous)
     if rows:

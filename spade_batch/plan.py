@@ -1,0 +1,175 @@
+"""Many production lines in one nightly job: `spade-batch nightly --plan lines.yaml --out PLAN_OUT`.
+
+A plan file lists the lines; `{date}` in any URI becomes the run date, `{name}` the line's name:
+
+    lines:
+      - name: line3
+        train: s3://factory/line3/normal/          # used only when the model is missing
+        model: s3://factory/models/line3
+        images: s3://factory/line3/archive/{date}/
+        out: s3://factory/line3/results/{date}
+        settings: {image_fpr: 0.02}                # optional: over --config and the flags
+
+Each line is fitted if its model is missing, then scored, one after the other on the one cluster.
+A line that fails is recorded and the next one runs. A summary table ends the run, and PLAN_OUT
+gets report.html (linking each line's run report) and plan.json (the same rows).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from spade_batch import storage
+from spade_batch.config import ConfigError, Settings
+from spade_batch.exit_codes import MEANING, ExitCode, plan_exit_code
+from spade_batch.logs import redact, secret_values
+from spade_batch.run_report import REPORT_NAME, render_plan_report, report_link
+
+log = logging.getLogger(__name__)
+
+LINE_KEYS = ("name", "train", "model", "images", "out")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass(frozen=True)
+class Line:
+    """One production line: its URIs ({date} still in them) and its settings (the run's, with the line's own over them)."""
+
+    name: str
+    train: str
+    model: str
+    images: str
+    out: str
+    settings: Settings
+    explicit: frozenset[str]
+
+
+@dataclass(frozen=True)
+class LineResult:
+    line: Line
+    code: ExitCode
+    error: str  # why the line failed ("" when it ran)
+    run: dict[str, Any]  # its run.json, when it wrote one
+
+
+def load_plan(uri: str, settings: Settings, explicit: frozenset[str]) -> list[Line]:
+    """The lines of the plan file at uri, every line's settings validated before any line runs.
+
+    Raises ConfigError naming the file, the line and the key for anything malformed.
+    """
+    try:
+        loaded = yaml.safe_load(storage.read_text(uri, settings.fsspec_options()))
+    except FileNotFoundError:
+        raise ConfigError(f"plan file {uri} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"plan file {uri} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(loaded, dict) or set(loaded) != {"lines"} or not isinstance(loaded["lines"], list) or not loaded["lines"]:
+        raise ConfigError(f"plan file {uri} must be a mapping with one key, lines: a non-empty list of lines")
+    lines = [_line(entry, index, uri, settings, explicit) for index, entry in enumerate(loaded["lines"], 1)]
+    names = [line.name for line in lines]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"plan file {uri}: line names must be unique, got {', '.join(names)}")
+    return lines
+
+
+def _line(entry: Any, index: int, uri: str, settings: Settings, explicit: frozenset[str]) -> Line:
+    where = f"plan file {uri}, line {index}"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be a mapping with keys {', '.join(LINE_KEYS)} and optional settings")
+    unknown = set(entry) - {*LINE_KEYS, "settings"}
+    missing = [key for key in LINE_KEYS if key not in entry]
+    if unknown or missing:
+        problem = f"unknown keys {', '.join(sorted(unknown))}" if unknown else f"missing {', '.join(missing)}"
+        raise ConfigError(f"{where}: {problem}; a line has {', '.join(LINE_KEYS)} and optional settings")
+    bad = [key for key in LINE_KEYS if not isinstance(entry[key], str) or not entry[key]]
+    if bad:
+        raise ConfigError(f"{where}: {', '.join(bad)} must be non-empty strings")
+    name = entry["name"]
+    if not NAME.fullmatch(name):
+        raise ConfigError(f"{where}: name {name!r} must be letters, digits, '.', '_' or '-' (it names the line's outputs)")
+    own = entry.get("settings") or {}
+    if not isinstance(own, dict):
+        raise ConfigError(f"{where} ({name}): settings must be a mapping of key: value")
+    try:
+        line_settings = settings.replace(**own)
+    except ConfigError as error:
+        raise ConfigError(f"{where} ({name}): {error}") from None
+    except TypeError:
+        raise ConfigError(f"{where} ({name}): settings keys must be setting names (`spade-batch config --keys`)") from None
+    uris = {key: entry[key].replace("{name}", name) for key in LINE_KEYS[1:]}
+    return Line(name=name, settings=line_settings, explicit=explicit | frozenset(own), **uris)
+
+
+def run_plan(
+    lines: list[Line], out: str, day: str, options: storage.StorageOptions, dry_run: bool, run_line: Callable[[Line], int]
+) -> ExitCode:
+    """Run every line with run_line (its exit status), whatever the others did; print the summary, write the plan page."""
+    results = []
+    for line in lines:
+        log.info("plan: line %s", line.name)
+        try:
+            code, error = ExitCode(run_line(line)), ""
+        except Exception as failure:  # noqa: BLE001 - one line's failure must not stop the others
+            log.debug("line %s failed", line.name, exc_info=True)
+            secrets = secret_values(line.settings.fsspec_options())
+            code, error = ExitCode.FAILED, redact(f"{type(failure).__name__}: {(str(failure).strip().splitlines() or [''])[0]}", secrets)
+            log.error("plan: line %s failed: %s", line.name, error)
+        results.append(LineResult(line, code, error, {} if dry_run else _run_json(line, day)))
+    status = plan_exit_code([result.code for result in results])
+    rows = [summary_row(result) for result in results]
+    print(f"\nplan: {len(lines)} lines, exit status {int(status)} ({MEANING[status].split(':')[0]})")
+    print(format_table(rows))
+    if not dry_run:
+        _write_plan_outputs(results, rows, out, day, options)
+    return status
+
+
+def _run_json(line: Line, day: str) -> dict[str, Any]:
+    uri = storage.join(line.out.replace("{date}", day), "run.json")
+    options = line.settings.fsspec_options()
+    return json.loads(storage.read_text(uri, options)) if storage.exists(uri, options) else {}
+
+
+def summary_row(result: LineResult) -> dict[str, object]:
+    """One line's row of the summary table and plan page."""
+    run = result.run
+    drift = run.get("drift", {})
+    return {
+        "line": result.line.name,
+        "exit": int(result.code),
+        "status": "failed" if result.error else MEANING[result.code].split(":")[0],
+        "images": run.get("images", "-"),
+        "scored": run.get("scored", "-"),
+        "failed": run.get("failed", "-"),
+        "anomalous": run.get("anomalous", "-"),
+        "drift": ("ALARM" if drift["alarm"] else "no") if drift else "-",
+        "error": result.error,
+    }
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    """Rows of {column: value} as aligned text columns (every row has the same keys)."""
+    columns = list(rows[0])
+    cells = [[str(row[column]) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(row[i]) for row in cells)) for i, column in enumerate(columns)]
+    lines = ["  ".join(text.ljust(width) for text, width in zip(row, widths)).rstrip() for row in [columns, *cells]]
+    return "\n".join([lines[0], "  ".join("-" * width for width in widths), *lines[1:]])
+
+
+def _write_plan_outputs(results: list[LineResult], rows: list[dict[str, object]], out: str, day: str, options: storage.StorageOptions) -> None:
+    page_uri = storage.join(out, REPORT_NAME)
+    reports = {}
+    for result in results:
+        report = storage.join(result.line.out.replace("{date}", day), REPORT_NAME)
+        if result.run and storage.exists(report, result.line.settings.fsspec_options()):
+            reports[result.line.name] = report_link(page_uri, report)
+    storage.write_text(page_uri, render_plan_report(f"spade-batch nightly plan, {day}", rows, reports), options)
+    storage.write_text(storage.join(out, "plan.json"), json.dumps({"date": day, "lines": rows, "reports": reports}, indent=2), options)
+    print(f"plan report: {page_uri}")

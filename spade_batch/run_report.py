@@ -1,0 +1,261 @@
+"""The run report: OUT/report.html, written at the end of every score and nightly, and a plan's page linking them.
+
+One self-contained HTML file (inline CSS, figures embedded as data: URIs), so it can be copied or
+opened from object storage alone. Its sections, by element id: `counts`, `drift` (tonight's anomaly
+rate against the calibration band, see drift.py), `histogram` (tonight's image scores over the
+calibration scores), `anomalies` (the top-N images: image, map overlay, mask), `failures` (grouped
+by reason) and `throughput`.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import heapq
+import html
+import io
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from spade_batch import storage
+from spade_batch.config import Settings
+from spade_batch.drift import DriftCheck, check_drift
+from spade_batch.images import decode_image, resize_map
+from spade_batch.model import load_card
+from spade_batch.pipeline.layout import Outputs, part_files, read_columns
+from spade_batch.report import STYLE, Example, example_grid, html_table, score_histogram
+
+REPORT_NAME = "report.html"
+TOP_N = 8
+THUMBNAIL = 192
+"""Longest side, in pixels, of each picture of the top anomalies."""
+EXAMPLE_IDS = 3
+"""Image ids listed per failure reason."""
+
+
+@dataclass
+class RunScores:
+    """What the report reads from a run's scores table.
+
+    scores: (m,) float64 image scores of the scored images; top: up to TOP_N rows (id, uri,
+    image_score, mask_uri), highest score first, anomalous ones only when a threshold is known;
+    failures: reason -> ids.
+    """
+
+    scores: np.ndarray
+    anomalous: int
+    top: list[dict[str, Any]]
+    failures: dict[str, list[str]] = field(default_factory=dict)
+
+
+def failure_reason(error: str, uri: str) -> str:
+    """An error's first line with the image's own URI taken out, so that images failing alike group together."""
+    return (error.strip().splitlines() or ["unknown error"])[0].replace(uri, "IMAGE")
+
+
+def read_run_scores(out_uri: str, options: storage.StorageOptions, top_n: int = TOP_N) -> RunScores:
+    """Scores, anomaly count, top rows and failures over every part file under OUT/scores/ (a few columns at a time)."""
+    columns = ["id", "uri", "image_score", "is_anomalous", "mask_uri", "error"]
+    scores: list[float] = []
+    anomalous = 0
+    candidates: list[tuple[float, str, dict[str, Any]]] = []
+    failures: dict[str, list[str]] = {}
+    for _, table in read_columns(part_files(Outputs(out_uri).scores, options), columns, options):
+        for row in (dict(zip(columns, values)) for values in zip(*(table[name] for name in columns))):
+            if row["error"] is not None:
+                failures.setdefault(failure_reason(row["error"], row["uri"]), []).append(row["id"])
+                continue
+            scores.append(row["image_score"])
+            anomalous += bool(row["is_anomalous"])
+            if row["is_anomalous"] is not False:  # None: no threshold, every image is a candidate
+                candidates.append((row["image_score"], row["id"], row))
+    top = [row for _, _, row in heapq.nlargest(top_n, candidates, key=lambda item: (item[0], item[1]))]
+    return RunScores(np.array(scores, dtype=np.float64), anomalous, top, failures)
+
+
+def write_run_report(summary: dict[str, Any], settings: Settings) -> tuple[str, DriftCheck]:
+    """Write OUT/report.html for a finished run (its run.json as `summary`); returns its URI and the drift check."""
+    options = settings.fsspec_options()
+    out_uri = summary["out_uri"]
+    calibration = load_card(summary["model_uri"], options).calibration
+    run = read_run_scores(out_uri, options)
+    check = check_drift(run.scores, run.anomalous, calibration, summary["thresholds"]["image"])
+    # run.json gains the verdict, for `nightly --plan`'s summary and for scripts.
+    summary = {**summary, "drift": {"alarm": check.drifted, "reasons": check.reasons, "ks_pvalue": check.ks_pvalue,
+                                    "band": dataclasses.asdict(check.band) if check.band else None}}
+    storage.write_text(Outputs(out_uri).run_json, json.dumps(summary, indent=2), options)
+    examples = _examples(run.top, out_uri, summary["thresholds"]["pixel"], settings)
+    uri = storage.join(out_uri, REPORT_NAME)
+    storage.write_text(uri, render_run_report(summary, calibration, run, check, examples), options)
+    return uri, check
+
+
+def _thumbnail_size(height: int, width: int) -> tuple[int, int]:
+    scale = min(1.0, THUMBNAIL / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _examples(top: list[dict[str, Any]], out_uri: str, pixel_threshold: float | None, settings: Settings) -> bytes | None:
+    """image | map overlay | mask of the top rows, at thumbnail size; PNG bytes, None without rows.
+
+    The map is the one the output stage saved (every anomalous image's, or all with save_maps); a
+    row without one shows its mask as the map.
+    """
+    if not top:
+        return None
+    options, outputs = settings.fsspec_options(), Outputs(out_uri)
+    examples = []
+    for row in top:
+        original = decode_image(storage.read_bytes(row["uri"], options), row["uri"], settings.max_pixels)
+        height, width = _thumbnail_size(*original.shape[:2])
+        image = np.asarray(Image.fromarray(original).resize((width, height), Image.Resampling.BILINEAR))
+        with Image.open(io.BytesIO(storage.read_bytes(row["mask_uri"], options))) as mask_png:
+            mask = np.asarray(mask_png.convert("L").resize((width, height), Image.Resampling.NEAREST), np.float32) / 255.0
+        map_uri = outputs.map(row["id"])
+        if storage.exists(map_uri, options):
+            anomaly_map = resize_map(storage.read_npy(map_uri, options).astype(np.float32), height, width)
+        else:
+            anomaly_map = mask * (pixel_threshold * 2 if pixel_threshold is not None else 1.0)
+        examples.append(Example(image, anomaly_map, mask, None, f"{row['id']}  score {row['image_score']:.4g}"))
+    high = pixel_threshold * 2 if pixel_threshold is not None else max(float(e.anomaly_map.max()) for e in examples)
+    return example_grid(examples, 0.0, max(high, 1e-12))
+
+
+def _embedded(png: bytes, alt: str) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="{html.escape(alt)}">'
+
+
+def _percent(count: int, total: int) -> str:
+    return f"{count / total:.1%}" if total else "-"
+
+
+def _drift_section(check: DriftCheck, calibration: dict[str, Any]) -> str:
+    if check.band is None:
+        verdict = '<p class="verdict">No band: the run has no image threshold, no calibration count, or no scored image.</p>'
+        rows: list[dict[str, object]] = []
+    else:
+        band = check.band
+        status, text = ("alarm", "DRIFT: " + "; ".join(check.reasons)) if check.drifted else ("ok", "Tonight looks like the calibration images.")
+        verdict = f'<p class="verdict {status}">{html.escape(text)}</p>'
+        rows = [
+            {"": "tonight", "anomalous images": check.anomalous, "rate": _percent(check.anomalous, check.images)},
+            {"": "predicted by calibration", "anomalous images": f"{band.predicted * band.images:.1f}", "rate": f"{band.predicted:.1%}"},
+            {"": "band (no alarm inside)", "anomalous images": f"{band.low} - {band.high}",
+             "rate": f"{_percent(band.low, band.images)} - {_percent(band.high, band.images)}"},
+        ]
+    facts = [
+        {"": "calibration images", "value": calibration.get("count", "unknown")},
+        {"": "target image FPR", "value": calibration.get("image_fpr", "unknown")},
+        {"": "score distribution, Kolmogorov-Smirnov p", "value": "no calibration scores in the model card" if check.ks_pvalue is None
+         else f"{check.ks_pvalue:.3g}"},
+    ]
+    return f"{verdict}\n{html_table(rows) if rows else ''}\n{html_table(facts)}"
+
+
+def _failures_section(run: RunScores, summary: dict[str, Any]) -> str:
+    rows: list[dict[str, object]] = [
+        {"reason": reason, "images": len(ids), "e.g.": ", ".join(ids[:EXAMPLE_IDS])}
+        for reason, ids in sorted(run.failures.items(), key=lambda item: (-len(item[1]), item[0]))
+    ]
+    if summary["retryable"]:
+        examples = ", ".join(failure["id"] for failure in summary["retryable_failures"][:EXAMPLE_IDS])
+        rows.append({"reason": "transient read failure: re-run the same command", "images": summary["retryable"], "e.g.": examples})
+    return html_table(rows) if rows else "<p>No image failed.</p>"
+
+
+def _throughput_section(summary: dict[str, Any]) -> str:
+    rows: list[dict[str, object]] = [
+        {"": "seconds (whole run)", "value": f"{summary['seconds']:.1f}"},
+        {"": "images per second", "value": f"{summary['images_per_second']:.2f}"},
+        {"": "images resumed from an earlier run", "value": summary["resumed"]},
+        {"": "model workers", "value": summary["model_workers"]},
+    ]
+    workers = [{"worker": name[:12], "node": entry["node"], "images": entry["images"]} for name, entry in sorted(summary["workers"].items())]
+    return html_table(rows) + ("\n" + html_table(workers) if workers else "")
+
+
+def render_run_report(
+    summary: dict[str, Any], calibration: dict[str, Any], run: RunScores, check: DriftCheck, examples: bytes | None
+) -> str:
+    """The report page; summary is the run's run.json, calibration the model card's calibration summary."""
+    counts: list[dict[str, object]] = [
+        {"": "images", "count": summary["images"], "share": "100%"},
+        {"": "scored", "count": summary["scored"], "share": _percent(summary["scored"], summary["images"])},
+        {"": "anomalous", "count": run.anomalous if summary["thresholds"]["image"] is not None else "unknown (no threshold)",
+         "share": _percent(run.anomalous, summary["scored"]) + " of scored"},
+        {"": "failed (bad input)", "count": summary["failed"], "share": _percent(summary["failed"], summary["images"])},
+        {"": "retryable (transient)", "count": summary["retryable"], "share": _percent(summary["retryable"], summary["images"])},
+    ]
+    thresholds = {f"image threshold ({summary['thresholds']['image']:.4g})": summary["thresholds"]["image"]} if summary["thresholds"]["image"] is not None else {}
+    groups = {"calibration (normal)": np.asarray(calibration.get("image_scores", [])), "tonight": run.scores}
+    histogram = (
+        _embedded(score_histogram(groups, thresholds, density=True), "image-score histogram: tonight over calibration")
+        if run.scores.size else "<p>No image was scored.</p>"
+    )
+    if "image_scores" not in calibration:
+        histogram += "<p>The model card keeps no calibration scores (fitted before they were kept): tonight's scores only.</p>"
+    anomalies = _embedded(examples, "top anomalies: image, anomaly map, mask") if examples else "<p>No anomalous image.</p>"
+    top_rows: list[dict[str, object]] = [
+        {"rank": rank, "id": row["id"], "image score": float(row["image_score"]), "mask": row["mask_uri"]}
+        for rank, row in enumerate(run.top, 1)
+    ]
+    title = f"spade-batch run: {summary['out_uri']}"
+    sections = {
+        "counts": ("Counts", html_table(counts)),
+        "drift": ("Anomaly rate against the calibration", _drift_section(check, calibration)),
+        "histogram": ("Image scores, tonight over the calibration images", histogram),
+        "anomalies": (f"Top {len(run.top)} anomalies", anomalies + ("\n" + html_table(top_rows) if top_rows else "")),
+        "failures": ("Failures by reason", _failures_section(run, summary)),
+        "throughput": ("Throughput", _throughput_section(summary)),
+    }
+    return _page(title, f"model {summary['model_uri']}", sections)
+
+
+_REPORT_STYLE = STYLE + """
+section { margin-bottom: 2em; }
+td { text-align: left; }
+.verdict { padding: 0.5em 1em; font-weight: bold; background: #eee; }
+.verdict.ok { background: #d9f2d9; }
+.verdict.alarm { background: #f7c6c6; }
+"""
+
+
+def _page(title: str, subtitle: str, sections: dict[str, tuple[str, str]]) -> str:
+    """A self-contained page: one <section id=...> with a heading per entry of sections (id -> (heading, HTML body))."""
+    body = "\n".join(f'<section id="{key}">\n<h2>{html.escape(heading)}</h2>\n{content}\n</section>' for key, (heading, content) in sections.items())
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{html.escape(title)}</title>
+<style>{_REPORT_STYLE}</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p>{html.escape(subtitle)}</p>
+{body}
+</body>
+</html>
+"""
+
+
+def report_link(page_uri: str, report_uri: str) -> str:
+    """How the page at page_uri refers to report_uri: a relative path when both are local files, else the URI."""
+    if storage.is_local(page_uri) and storage.is_local(report_uri):
+        page, report = (storage.normalize(uri) for uri in (page_uri, report_uri))
+        return posixpath.relpath(report, posixpath.dirname(page))
+    return report_uri
+
+
+def render_plan_report(title: str, rows: list[dict[str, object]], reports: dict[str, str]) -> str:
+    """A plan's page: the summary table (one row per line), then a link to each line's run report (name -> href)."""
+    links = "\n".join(
+        f'<li><a href="{html.escape(href)}">{html.escape(name)}</a></li>' for name, href in reports.items()
+    ) or "<li>No line wrote a report.</li>"
+    sections = {"lines": ("Lines", html_table(rows)), "reports": ("Run reports", f"<ul>\n{links}\n</ul>")}
+    return _page(title, f"{len(rows)} lines", sections)

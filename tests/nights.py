@@ -1,0 +1,64 @@
+"""Synthetic production nights for the run-report, drift and plan tests: a fitted line and archives to score.
+
+Normal images are the demo dataset's; a defective night pastes a seeded noise square over a third
+of each normal image's side, far outside anything the gallery holds.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from spade_batch.config import Settings
+from spade_batch.datasets import make_demo_data
+from spade_batch.pipeline import run_fit
+
+FLAGS = ["--backbone", "resnet18", "--weights", "random", "--k", "3", "--image-size", "64", "--shard-size", "4",
+         "--batch-size", "4", "--calibration-fraction", "0.3", "--device", "cpu"]
+"""A small, fast model: the same settings as SETTINGS, as command-line flags."""
+SETTINGS = Settings(backbone="resnet18", weights="random", k=3, image_size=64, shard_size=4, batch_size=4,
+                    calibration_fraction=0.3, device="cpu")
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line's data on local disk: normal training images, a normal night, a defective night, a fitted model."""
+
+    train: Path
+    normal_night: Path
+    model: Path
+
+
+def make_line(root: Path, n_train: int = 30, night: int = 12, fit: bool = True) -> Line:
+    """Demo data under root; the night folders hold `night` images each; the model is fitted when `fit`."""
+    data = Path(make_demo_data(str(root / "data"), n_train=n_train + night, n_test_good=1, n_test_per_defect=0,
+                               min_size=48, max_size=80))
+    pictures = sorted((data / "train").rglob("*.png"))
+    train, normal_night = root / "train", root / "nights" / "normal"
+    train.mkdir(parents=True)
+    normal_night.mkdir(parents=True)
+    for index, picture in enumerate(pictures):
+        picture.rename((normal_night if index < night else train) / picture.name)
+    line = Line(train, normal_night, root / "model")
+    if fit:
+        run_fit(str(line.train), str(line.model), SETTINGS)
+    return line
+
+
+def defective_night(line: Line, folder: Path, seed: int = 0) -> Path:
+    """The normal night's images, each with a noise square over a third of its side; returns folder."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for picture in sorted(line.normal_night.glob("*.png")):
+        image = np.asarray(Image.open(picture).convert("RGB")).copy()
+        side = max(image.shape[:2]) // 3
+        top, left = rng.integers(0, image.shape[0] - side + 1), rng.integers(0, image.shape[1] - side + 1)
+        image[top : top + side, left : left + side] = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        (folder / picture.name).write_bytes(buffer.getvalue())
+    return folder
