@@ -196,7 +196,7 @@ def test_score_dry_run_lists_the_images_and_writes_nothing(image_folder, tmp_pat
     assert cli.main(argv) == 0
     rows = table(capsys.readouterr().out)
     assert rows["images"] == ["5"] and rows["part files"] == ["up to 64 images each"]
-    assert {uri.rstrip("/").rsplit("/", 1)[-1] for uri in rows["writes"]} == {"masks", "scores", "run.json"}
+    assert {uri.rstrip("/").rsplit("/", 1)[-1] for uri in rows["writes"]} == {"masks", "scores", "run.json", "report.html"}
     assert "no model there yet" in rows["model"][0]
     assert not out.exists()
 
