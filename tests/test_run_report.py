@@ -227,3 +227,22 @@ def test_the_report_renders_in_headless_chromium_with_every_section_in_the_scree
     # The alarm is the red banner: its pixels in the screenshot are the stylesheet's colour.
     verdict = crop(shot, browser.find_element(By.CSS_SELECTOR, "#drift .verdict.alarm").rect)
     assert np.median(verdict.reshape(-1, 3), axis=0).tolist() == [0xF7, 0xC6, 0xC6]
+
+
+def test_the_report_of_a_run_on_s3_is_written_there_with_the_same_sections(alarmed: Night, s3, s3_bucket: str) -> None:
+    from spade_batch import storage
+    from spade_batch.config import Settings
+    from spade_batch.run_report import write_run_report
+
+    settings = Settings(storage_options=s3.storage_options)
+    fs, bucket = storage.filesystem(s3_bucket, settings.fsspec_options())
+    fs.put(str(alarmed.out), f"{bucket}/night", recursive=True)
+    summary = {**alarmed.run, "out_uri": f"{s3_bucket}/night"}
+
+    uri, check = write_run_report(summary, settings)
+
+    assert uri == f"{s3_bucket}/night/report.html" and check.drifted
+    remote, local = Page(storage.read_text(uri, settings.fsspec_options())), Page(alarmed.page)
+    for section in ("counts", "drift", "histogram", "anomalies", "failures"):
+        assert remote.sections[section] == local.sections[section], section
+    assert json.loads(storage.read_text(f"{s3_bucket}/night/run.json", settings.fsspec_options()))["drift"]["alarm"] is True
