@@ -97,12 +97,19 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
             ("gallery images", summary.gallery_images),
             ("calibration images", summary.calibration_images),
             ("failed images", summary.failed_images),
+            ("left out (size)", len(summary.left_out)),
             ("image threshold", summary.thresholds["image"]),
             ("pixel threshold", summary.thresholds["pixel"]),
             ("seconds", f"{summary.seconds['total']:.1f}"),
             ("images/s (extract)", f"{summary.train_images / max(summary.seconds['extract'], 1e-9):.2f}"),
         ],
     )
+    for failure in summary.failures[:10]:
+        print(f"failed: {failure['id']}: {failure['error']}")
+    for entry in summary.left_out[:10]:
+        print(f"left out: {entry['id']}: {entry['reason']}")
+    for warning in summary.warnings:
+        print(f"warning: calibration: {warning}")
     return 0
 
 
