@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,7 +202,7 @@ def _load_folder(folder: str, card: ModelCard, source: str | None = None) -> Spa
     def read(name: str, reader: Callable[[str], Any]) -> Any:
         try:
             return reader(os.path.join(folder, name))
-        except (OSError, ValueError, RuntimeError, KeyError, EOFError) as error:
+        except (OSError, ValueError, RuntimeError, KeyError, EOFError, zipfile.BadZipFile) as error:
             raise ValueError(f"model file {storage.join(source, name)} is missing or damaged ({error}); fit the model again") from error
 
     train_ids = read("train_ids.json", _read_json)
