@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from spade_batch.trainset import calibration_warnings
+
 if TYPE_CHECKING:
     from spade_batch.config import Settings
     from spade_batch.detector import ImageScore
@@ -45,7 +47,12 @@ def pixel_threshold(normal_pixel_samples: Sequence[np.ndarray], quantile: float)
 def calibrate_from_samples(
     model: SpadeModel, image_scores: np.ndarray, pixel_samples: Sequence[np.ndarray], settings: Settings
 ) -> SpadeModel:
-    """Model with thresholds from the scores of held-out normal images."""
+    """Model with thresholds from the scores of held-out normal images.
+
+    Raises ValueError for scores that cannot give a threshold; the card's calibration lists what
+    makes the hold-out weak for the target FPR (trainset.calibration_warnings) under "warnings".
+    """
+    warnings = calibration_warnings(image_scores, settings.image_fpr)
     summary = {
         "count": int(image_scores.size),
         "image_fpr": settings.image_fpr,
@@ -53,6 +60,7 @@ def calibrate_from_samples(
         "image_score_quantiles": {q: float(np.quantile(image_scores, float(q))) for q in ("0.5", "0.9", "0.99")},
         # Kept for the run report's histogram and drift check (drift.py); cards fitted before lack them.
         "image_scores": sorted(float(score) for score in image_scores),
+        "warnings": warnings,
     }
     return model.with_thresholds(
         image_threshold(image_scores, settings.image_fpr),

@@ -87,9 +87,13 @@ def _describe_model(model_uri: str, settings: Settings) -> str:
 def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -> int:
     if dry_run:
         return _dry_run(train, settings, [storage.join(model_uri, name) for name in ("features/", "pyramid/", "global.faiss", CARD_NAME)])
-    from spade_batch.pipeline import run_fit
+    from spade_batch.pipeline import RetryableInputError, run_fit
 
-    summary = run_fit(train, model_uri, settings)
+    try:
+        summary = run_fit(train, model_uri, settings)
+    except RetryableInputError as error:
+        log.error("fit: %s", error)
+        return EXIT_RETRYABLE
     print_table(
         "fit",
         [
@@ -99,12 +103,19 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
             ("gallery images", summary.gallery_images),
             ("calibration images", summary.calibration_images),
             ("failed images", summary.failed_images),
+            ("left out (size)", len(summary.left_out)),
             ("image threshold", summary.thresholds["image"]),
             ("pixel threshold", summary.thresholds["pixel"]),
             ("seconds", f"{summary.seconds['total']:.1f}"),
             ("images/s (extract)", f"{summary.train_images / max(summary.seconds['extract'], 1e-9):.2f}"),
         ],
     )
+    for failure in summary.failures[:10]:
+        print(f"failed: {failure['id']}: {failure['error']}")
+    for entry in summary.left_out[:10]:
+        print(f"left out: {entry['id']}: {entry['reason']}")
+    for warning in summary.warnings:
+        print(f"warning: calibration: {warning}")
     return 0
 
 
@@ -158,8 +169,9 @@ def nightly(
     images, out = images.replace("{date}", day), out.replace("{date}", day)
     if not storage.exists(storage.join(model_uri, CARD_NAME), settings.fsspec_options()):
         log.info("nightly: no model at %s yet; fitting it from %s", model_uri, train)
-        if fit(train, model_uri, settings, dry_run) != 0:
-            return ExitCode.FAILED
+        status = fit(train, model_uri, settings, dry_run)
+        if status != 0:
+            return status
     return score(model_uri, images, out, settings, explicit, dry_run, fail_on_drift)
 
 

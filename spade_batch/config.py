@@ -47,6 +47,7 @@ class Settings:
     index: str = _key("flat", "Image kNN index: flat (exact) or ivf (approximate, for very large training sets).")
     ivf_lists: int = _key(0, "IVF lists when index is ivf; 0 picks about 4 * sqrt(N).")
     calibration_fraction: float = _key(0.1, "Fraction of the normal images held out of the gallery to calibrate thresholds (0 disables).")
+    keep_size_outliers: bool = _key(False, "Keep training images whose size or aspect ratio is far from the rest in the gallery and calibration (by default they are reported and left out).")
     image_fpr: float = _key(0.01, "Target false-positive rate of the image threshold on normal images.")
     pixel_quantile: float = _key(0.999, "Quantile of normal pixel scores used as the pixel threshold.")
     image_threshold: float | None = _key(None, "Override the model's calibrated image threshold.")

@@ -30,7 +30,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,7 +167,7 @@ class SpadeModel:
         """
         card = card or load_card(uri, options)
         folder = storage.filesystem(uri, options)[1] if storage.is_local(uri) else local_copy(uri, card, options)
-        return _load_folder(folder, card)
+        return _load_folder(folder, card, uri)
 
 
 def _array_names(card: ModelCard) -> list[str]:
@@ -192,25 +193,44 @@ def load_count() -> int:
     return _LOADS[0]
 
 
-def _load_folder(folder: str, card: ModelCard) -> SpadeModel:
+def _load_folder(folder: str, card: ModelCard, source: str | None = None) -> SpadeModel:
+    """The model whose arrays are in folder; source (default: folder) is the URI errors name, file by file."""
     _LOADS[0] += 1
     shapes = card.layer_shapes
-    try:
-        with open(os.path.join(folder, "train_ids.json")) as f:
-            train_ids = json.load(f)
-        index = faiss.read_index(os.path.join(folder, "global.faiss"))
-        gallery = [np.load(os.path.join(folder, "pyramid", f"{s.name}.npy"), mmap_mode="r") for s in shapes]
-        if card.schema_version == 1:
-            centre = Centre.zero(card.global_dim, shapes)
-        else:
-            with np.load(os.path.join(folder, "centre.npz")) as saved:
-                centre = Centre(saved["global"], [saved[f"layer:{s.name}"] for s in shapes])
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
-        raise ValueError(f"model files under {folder} are missing or damaged ({error}); fit the model again") from error
-    expected = [(card.train_count, s.height * s.width, s.channels) for s in shapes]
-    if [layer.shape for layer in gallery] != expected or len(train_ids) != card.train_count:
-        raise ValueError(f"model files under {folder} do not match its {CARD_NAME}; fit the model again")
+    source = source or folder
+
+    def read(name: str, reader: Callable[[str], Any]) -> Any:
+        try:
+            return reader(os.path.join(folder, name))
+        except (OSError, ValueError, RuntimeError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(f"model file {storage.join(source, name)} is missing or damaged ({error}); fit the model again") from error
+
+    train_ids = read("train_ids.json", _read_json)
+    index = read("global.faiss", faiss.read_index)
+    gallery = [read(f"pyramid/{s.name}.npy", lambda path: np.load(path, mmap_mode="r")) for s in shapes]
+    centre = Centre.zero(card.global_dim, shapes) if card.schema_version == 1 else read("centre.npz", lambda path: _read_centre(path, shapes))
+    if not isinstance(train_ids, list) or len(train_ids) != card.train_count:
+        raise ValueError(f"model file {storage.join(source, 'train_ids.json')} does not list the {card.train_count} "
+                         f"gallery images its {CARD_NAME} records; fit the model again")
+    for shape, layer in zip(shapes, gallery):
+        expected = (card.train_count, shape.height * shape.width, shape.channels)
+        if layer.shape != expected:
+            raise ValueError(f"model file {storage.join(source, 'pyramid', shape.name + '.npy')} holds {layer.shape}, "
+                             f"its {CARD_NAME} records {expected}; fit the model again")
+    if index.ntotal != card.train_count or index.d != card.global_dim:
+        raise ValueError(f"model file {storage.join(source, 'global.faiss')} indexes {index.ntotal} x {index.d} features, "
+                         f"its {CARD_NAME} records {card.train_count} x {card.global_dim}; fit the model again")
     return SpadeModel(card=card, train_ids=train_ids, index=index, centre=centre, gallery=gallery, folder=folder)
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_centre(path: str, shapes: Sequence[LayerShape]) -> Centre:
+    with np.load(path) as saved:
+        return Centre(saved["global"], [saved[f"layer:{s.name}"] for s in shapes])
 
 
 def cache_root() -> str:

@@ -155,3 +155,32 @@ def faulty_s3(s3: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> 
         yield FaultyS3(proxy, s3_bucket, options, s3.storage_options)
     finally:
         proxy.close()
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A small model fitted in-process (no Ray) and saved to a local folder, and its training images."""
+
+    path: str
+    train: str
+    settings: dict[str, Any]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """resnet18 (random weights) at 64 px, K = 3, fitted on 8 demo images of 48-80 px, 2 held out to calibrate."""
+    from pathlib import Path
+
+    from spade_batch import detector
+    from spade_batch.config import Settings
+    from spade_batch.datasets import make_demo_data
+    from spade_batch.images import decode_image
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    category = Path(make_demo_data(str(root / "data"), n_train=8, n_test_good=2, n_test_per_defect=1, min_size=48, max_size=80))
+    settings = {"backbone": "resnet18", "weights": "random", "k": 3, "image_size": 64, "calibration_fraction": 0.25}
+    train = sorted(category.joinpath("train").rglob("*.png"))
+    model = detector.fit([decode_image(f.read_bytes(), str(f)) for f in train], Settings(**settings, device="cpu"),
+                         ids=[str(f.relative_to(category / "train")) for f in train])
+    model.save(str(root / "model"))
+    return TinyModel(str(root / "model"), str(category), settings)

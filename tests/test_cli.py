@@ -44,6 +44,7 @@ NON_DEFAULTS = {
     "index": "ivf",
     "ivf_lists": 8,
     "calibration_fraction": 0.25,
+    "keep_size_outliers": True,
     "image_fpr": 0.05,
     "pixel_quantile": 0.99,
     "image_threshold": 1.25,

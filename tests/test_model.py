@@ -239,7 +239,7 @@ def test_an_unreadable_schema_version_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated layer1.npy", "missing global.faiss", "missing centre.npz", "fewer train ids"])
-def test_a_damaged_artifact_is_a_clear_error_naming_the_folder(tmp_path, damage):
+def test_a_damaged_artifact_is_a_clear_error_naming_the_file(tmp_path, damage):
     folder = tmp_path / "model"
     make_model(tmp_path / "built", raw_features(6)).save(str(folder))
     SpadeModel.load(str(folder))  # intact, it loads
@@ -250,7 +250,8 @@ def test_a_damaged_artifact_is_a_clear_error_naming_the_folder(tmp_path, damage)
         (folder / "train_ids.json").write_text(json.dumps(json.loads((folder / "train_ids.json").read_text())[:-1]))
     else:
         (folder / damage.split()[1]).unlink()
-    with pytest.raises(ValueError, match=rf"model files under {folder} .*; fit the model again"):
+    broken = {"truncated layer1.npy": "pyramid/layer1.npy", "fewer train ids": "train_ids.json"}.get(damage, damage.split()[1])
+    with pytest.raises(ValueError, match=rf"model file {folder}/{broken} .*; fit the model again"):
         SpadeModel.load(str(folder))
 
 

@@ -27,6 +27,7 @@ from spade_batch.model import CARD_NAME, Centre, GalleryWriter, ModelCard, Spade
 from spade_batch.pipeline.layout import done_ids, part_files, read_columns, record_inputs
 from spade_batch.pipeline.runtime import DECODE_TASK, ModelStage, Progress, init_ray, stream
 from spade_batch.pipeline.stages import RETRYABLE, CalibrationStage, ExtractStage, read_images, write_feature_part
+from spade_batch.trainset import size_outliers
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class FitSummary:
     failed_images: int
     failures: list[dict[str, str]]
     thresholds: dict[str, float | None]
+    left_out: list[dict[str, str]] = field(default_factory=list)
+    """Readable training images kept out of the gallery and calibration (sizes far from the rest), with why."""
+    warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -76,11 +80,16 @@ def _fit_locked(manifest: Manifest, model_uri: str, settings: Settings, started:
     extracted = time.perf_counter()
 
     parts = part_files(features_uri, options)
-    located = {i: (part, error) for part, columns in read_columns(parts, ["id", "error"], options)
-               for i, error in zip(columns["id"], columns["error"])}
+    located, sizes = {}, {}
+    for part, columns in read_columns(parts, ["id", "error", "height", "width"], options):
+        for i, error, height, width in zip(columns["id"], columns["error"], columns["height"], columns["width"]):
+            located[i] = (part, error)
+            if error is None:
+                sizes[i] = (height, width)
     failures = [{"id": i, "error": error} for i, (_, error) in sorted(located.items()) if error is not None]
     failures += [{"id": uri, "error": reason} for uri, reason in manifest.rejected]
-    gallery_ids, calibration_ids = split_fit_ids([i for i, (_, error) in located.items() if error is None], settings)
+    left_out = _size_outliers(sizes, settings)
+    gallery_ids, calibration_ids = split_fit_ids(sorted(set(sizes) - {entry["id"] for entry in left_out}), settings)
     card = new_card(extractor, settings, len(gallery_ids), manifest.sha256(), failures)
     # A local model's gallery is written in place; a remote one's is staged on this node, then uploaded once.
     local = storage.is_local(model_uri)
@@ -104,8 +113,22 @@ def _fit_locked(manifest: Manifest, model_uri: str, settings: Settings, started:
         failed_images=len(failures),
         failures=failures,
         thresholds=model.card.thresholds,
+        left_out=left_out,
+        warnings=list(model.card.calibration.get("warnings", [])),
         seconds={"extract": extracted - started, "total": time.perf_counter() - started},
     )
+
+
+def _size_outliers(sizes: dict[str, tuple[int, int]], settings: Settings) -> list[dict[str, str]]:
+    """The training images to leave out for their size (none with keep_size_outliers), each logged."""
+    ids = sorted(sizes)
+    outliers = size_outliers(ids, [sizes[i][0] for i in ids], [sizes[i][1] for i in ids])
+    if not outliers:
+        return []
+    verb = "kept (keep_size_outliers)" if settings.keep_size_outliers else "left out of the gallery and calibration"
+    for image_id, reason in outliers.items():
+        log.warning("fit: training image %s %s: %s", image_id, verb, reason)
+    return [] if settings.keep_size_outliers else [{"id": i, "reason": r} for i, r in outliers.items()]
 
 
 def _extract(ids: tuple[str, ...], uris: tuple[str, ...], features_uri: str, extractor: Extractor, settings: Settings) -> None:
@@ -181,4 +204,7 @@ def _calibrate(
         for batch in stream(dataset, progress):
             scored.update({str(i): (float(s), np.asarray(p)) for i, s, p in zip(batch["id"], batch["score"], batch["pixel_sample"])})
     ordered = [scored[i] for i in calibration_ids]
-    return calibrate_from_samples(model, np.array([s for s, _ in ordered]), [p for _, p in ordered], settings)
+    model = calibrate_from_samples(model, np.array([s for s, _ in ordered]), [p for _, p in ordered], settings)
+    for warning in model.card.calibration["warnings"]:
+        log.warning("fit: calibration: %s", warning)
+    return model

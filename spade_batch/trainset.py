@@ -1,0 +1,77 @@
+"""Training-set hygiene: images whose size is far from the rest, and hold-outs too small to calibrate on.
+
+A 1 x 1 or a 100000 x 1 "normal" image resized to the working size looks like nothing else in the
+set; in the gallery it is a neighbour no test image resembles, and in the calibration hold-out it
+drives the image threshold up until no defect is flagged. Such images are found from their
+original sizes alone (no decoding), relative to the median training image.
+
+Calibration sets the image threshold at the (1 - image_fpr) quantile of the held-out scores
+(method "higher"): with fewer than 1 / image_fpr held-out images that is simply their maximum,
+and the false-positive rate it gives is unknown below 1 / n.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+AREA_FACTOR = 8.0
+"""An image whose pixel area is more than this many times larger or smaller than the median's is an outlier."""
+ASPECT_FACTOR = 3.0
+"""An image whose width / height is more than this many times wider or taller than the median's is an outlier."""
+
+
+def size_outliers(ids: Sequence[str], heights: Sequence[int], widths: Sequence[int]) -> dict[str, str]:
+    """id -> why, for images whose size is far from the median training image's.
+
+    heights, widths: original sizes in pixels (all > 0). Far: area (h * w) off the median area by
+    more than AREA_FACTOR, or aspect ratio (w / h) off the median aspect ratio by more than
+    ASPECT_FACTOR, either way. Compared in log space, so that 8 x smaller and 8 x larger are
+    equally far.
+    """
+    if not ids:
+        return {}
+    height, width = np.asarray(heights, np.float64), np.asarray(widths, np.float64)
+    log_area, log_aspect = np.log(height * width), np.log(width / height)
+    area_off = np.abs(log_area - np.median(log_area)) > math.log(AREA_FACTOR)
+    aspect_off = np.abs(log_aspect - np.median(log_aspect)) > math.log(ASPECT_FACTOR)
+    median_area, median_aspect = float(np.exp(np.median(log_area))), float(np.exp(np.median(log_aspect)))
+    reasons = {}
+    for i in np.flatnonzero(area_off | aspect_off):
+        size = f"{int(width[i])} x {int(height[i])}"
+        reasons[ids[i]] = (
+            f"size {size} is far from the other training images (median area {median_area:.0f} pixels, "
+            f"median width/height {median_aspect:.2f}; more than {AREA_FACTOR:g}x the area or {ASPECT_FACTOR:g}x the aspect ratio apart)"
+        )
+    return reasons
+
+
+def calibration_warnings(image_scores: np.ndarray, image_fpr: float) -> list[str]:
+    """What is wrong with a calibration hold-out's n image scores for the target FPR (empty: nothing).
+
+    Raises ValueError when the scores cannot give a threshold at all (none, or not finite).
+    """
+    count = int(image_scores.size)
+    if count == 0:
+        raise ValueError("no calibration scores: hold out some normal images (calibration_fraction > 0)")
+    if not np.all(np.isfinite(image_scores)):
+        raise ValueError(
+            f"{int((~np.isfinite(image_scores)).sum())} of {count} held-out image scores are not finite; "
+            "check the training images (see the fit summary's failed and left-out lists)"
+        )
+    warnings = []
+    needed = math.ceil(1 / image_fpr)
+    if count < needed:
+        warnings.append(
+            f"only {count} images held out for calibration; an image_fpr of {image_fpr:g} needs at least {needed}. "
+            f"The image threshold is the largest held-out score, and its false-positive rate is only known to be "
+            f"below about 1/{count}. Add normal images, raise calibration_fraction or image_fpr, or pass --image-threshold."
+        )
+    if count > 1 and float(image_scores.max()) == float(image_scores.min()):
+        warnings.append(
+            f"all {count} held-out images score {float(image_scores.max()):g}: they duplicate gallery images, "
+            "so the threshold says nothing about new normal images. Remove duplicates from the training set."
+        )
+    return warnings
