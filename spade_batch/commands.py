@@ -76,7 +76,7 @@ def _print_model(summary: dict[str, Any]) -> None:
         "model",
         [
             ("model", summary["uri"]),
-            ("backbone", f"{summary['backbone']} ({summary['weights']} weights, sha256 {summary['weights_sha256'][:16]}...)"),
+            ("backbone", f"{summary['backbone']} ({summary['weights']} weights, {summary['weights_sha256']})"),
             ("method", ", ".join(f"{key}={value}" for key, value in summary["settings"].items() if key not in ("backbone", "weights"))),
             ("gallery images", training["gallery_images"]),
             ("calibration images", training["calibration_images"]),
