@@ -171,9 +171,10 @@ def test_describe_documents_every_key():
     assert all(row.help for row in rows)
 
 
-@pytest.mark.parametrize("name", ["nightly.yaml", "demo.yaml"])
-def test_example_job_files_load(name):
-    settings, explicit = load_request(str(REPO / "jobs" / name), None)
+@pytest.mark.parametrize(("name", "command"), [("nightly.yaml", "nightly"), ("demo.yaml", "demo")])
+def test_example_job_files_load_for_their_command(name, command, caplog):
+    settings, explicit = load_request(str(REPO / "jobs" / name), None, command)
+    assert not caplog.records  # grouped: no old-layout warning
     assert explicit  # the examples set keys; a typo would have raised
     assert settings.backbone in ("wide_resnet50_2", "efficientnet_lite0")
 
