@@ -25,7 +25,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, command: str) -> None:
     (config.load_request), not argparse's bare "unrecognized arguments".
     """
     parser.add_argument("--config", metavar="YAML", help="settings file (local path or URI), grouped like these sections")
-    sections = {group.name: parser.add_argument_group(f"{group.name}: {group.title}") for group in groups_of(command)}
+    sections = {group.name: parser.add_argument_group(f"{group.name} ({group.title})") for group in groups_of(command)}
     for doc in describe():
         flag, options = "--" + doc.key.replace("_", "-"), _flag_options(doc)
         if doc.group in sections:

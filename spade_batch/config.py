@@ -168,7 +168,7 @@ def group_values(values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 _FIELDS = {spec.name: spec for spec in dataclasses.fields(Settings)}
 MODEL_KEYS = keys_of("method")
-"""Keys fixed at fit time and recorded in the model's spade.json; score refuses a model that disagrees."""
+"""The method group: fixed at fit and recorded in spade.json; score takes the model's, and nightly refuses explicit ones that disagree."""
 
 
 _CHOICES = {

@@ -124,7 +124,7 @@ def test_each_commands_flags_are_exactly_its_groups(command):
     assert offered_flags(command) == {"--help", "--config", *COMMAND_OPTIONS[command], *setting_flags, *bool_negations}
     help_text = load_reference_script().command_help(command)
     for group in groups_of(command):
-        assert f"\n{group.name}: {group.title}:\n" in help_text
+        assert f"\n{group.name} ({group.title}):\n" in help_text
 
 
 def test_score_offers_no_method_flag_and_evaluate_no_hold_out():
