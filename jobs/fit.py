@@ -1,6 +1,6 @@
 """`ray job submit` entrypoint: spade-batch fit (the same flags as `spade-batch fit --help`).
 
-    ray job submit --working-dir . -- python jobs/fit.py --config jobs/nightly.yaml ...
+    ray job submit --working-dir . -- python jobs/fit.py --train s3://factory/line3/normal/ --model s3://factory/models/line3 --gpus-per-task 1
 """
 
 import sys

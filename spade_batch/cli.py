@@ -1,4 +1,4 @@
-"""`spade-batch fit | score | evaluate | demo | make-demo-data | config`: parse arguments, call the library."""
+"""`spade-batch fit | score | nightly | evaluate | demo | make-demo-data | config | show`: parse arguments, call the library."""
 
 from __future__ import annotations
 
@@ -12,29 +12,42 @@ from collections.abc import Sequence
 from typing import Any
 
 from spade_batch import __version__
-from spade_batch.config import ConfigError, Settings, describe, load_request
+from spade_batch.config import ConfigError, KeyDoc, Settings, describe, field_types, groups_of, load_request
 from spade_batch.logs import configure_logging, redact, secret_values
 
 log = logging.getLogger("spade_batch")
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per configuration key (--image-size for image_size); each overrides the YAML file."""
-    group = parser.add_argument_group("settings (override the --config file; see `spade-batch config --show`)")
-    group.add_argument("--config", metavar="YAML", help="settings file (local path or URI)")
-    hints = typing.get_type_hints(Settings)
-    for key, _, default, help_text in describe():
-        flag = "--" + key.replace("_", "-")
-        kind = hints[key]
-        if kind is bool:
-            # --no-<flag> too, so a command line can turn off what the YAML file turns on.
-            group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=help_text)
-        elif key == "storage_options":
-            group.add_argument(flag, dest=key, type=json_object, metavar="JSON", help=help_text)
+def _add_settings_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """--config, and one flag per key of the groups `command` uses (--image-size for image_size), in a section per group.
+
+    The keys of other groups get hidden flags, so that giving one is the ConfigError naming the commands that use it
+    (config.load_request), not argparse's bare "unrecognized arguments".
+    """
+    parser.add_argument("--config", metavar="YAML", help="settings file (local path or URI), grouped like these sections")
+    sections = {group.name: parser.add_argument_group(f"{group.name} ({group.title})") for group in groups_of(command)}
+    for doc in describe():
+        flag, options = "--" + doc.key.replace("_", "-"), _flag_options(doc)
+        if doc.group in sections:
+            sections[doc.group].add_argument(flag, dest=doc.key, **options)
         else:
-            base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
-            group.add_argument(flag, dest=key, type=base, metavar=base.__name__.upper(), help=f"{help_text} [default: {default}]")
-    group.add_argument("--dry-run", action="store_true", help="list what would be processed and where outputs go; compute nothing")
+            parser.add_argument(flag, dest=doc.key, **{**options, "help": argparse.SUPPRESS})
+
+
+def _flag_options(doc: KeyDoc) -> dict[str, Any]:
+    """add_argument's options for a setting's flag."""
+    kind = field_types()[doc.key]
+    if kind is bool:
+        # --no-<flag> too, so a command line can turn off what the YAML file turns on.
+        return {"action": argparse.BooleanOptionalAction, "help": doc.help}
+    if doc.key == "storage_options":
+        return {"type": json_object, "metavar": "JSON", "help": doc.help}
+    base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+    return {"type": base, "metavar": base.__name__.upper(), "help": f"{doc.help} [default: {doc.default}]"}
+
+
+def _add_dry_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true", help="list what would be processed and where outputs go; compute nothing")
 
 
 def _add_drift_flag(parser: argparse.ArgumentParser) -> None:
@@ -77,14 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("fit", help="extract features of normal images and build a model")
     fit.add_argument("--train", required=True, metavar="URI", help="normal images: folder/prefix, glob, or manifest (.txt/.csv/.parquet)")
     fit.add_argument("--model", required=True, metavar="MODEL_URI", help="where the model artifact is written")
-    _add_settings_flags(fit)
+    _add_dry_run(fit)
+    _add_settings_flags(fit, "fit")
 
     score = commands.add_parser("score", help="score an image archive: masks, scores table, run.json")
     score.add_argument("--model", required=True, metavar="MODEL_URI", help="a model written by fit")
     score.add_argument("--images", required=True, metavar="URI", help="images to score: folder/prefix, glob, or manifest")
     score.add_argument("--out", required=True, metavar="OUT_URI", help="where masks/, scores/, run.json and report.html are written")
     _add_drift_flag(score)
-    _add_settings_flags(score)
+    _add_dry_run(score)
+    _add_settings_flags(score, "score")
 
     nightly = commands.add_parser("nightly", help="fit if the model is missing, then score today's archive (or every line of a plan)")
     nightly.add_argument("--train", metavar="URI", help="normal images, used only when the model is missing (not with --plan)")
@@ -94,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     nightly.add_argument("--plan", metavar="YAML", help="many lines in one job: a plan file listing each line's name, train, model, images, out")
     nightly.add_argument("--date", metavar="YYYY-MM-DD", help="run date [default: today, UTC]")
     _add_drift_flag(nightly)
-    _add_settings_flags(nightly)
+    _add_dry_run(nightly)
+    _add_settings_flags(nightly, "nightly")
 
     evaluate = commands.add_parser("evaluate", help="score an MVTec-layout test split and report metrics")
     evaluate.add_argument("--model", required=True, metavar="MODEL_URI", help="a model written by fit")
@@ -102,11 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, metavar="OUT", help="where metrics.json, the report and the scores go")
     evaluate.add_argument("--original-resolution", action="store_true", help="also compute pixel metrics at each image's original size")
     evaluate.add_argument("--every", type=int, default=1, metavar="N", help="evaluate every N-th test image of each label, for quick looks [default: 1]")
-    _add_settings_flags(evaluate)
+    _add_dry_run(evaluate)
+    _add_settings_flags(evaluate, "evaluate")
 
     demo = commands.add_parser("demo", help="generate a synthetic dataset, then fit, score and evaluate on a local Ray")
     demo.add_argument("--out", default="demo-output", metavar="DIR", help="working folder [default: demo-output]")
-    _add_settings_flags(demo)
+    _add_dry_run(demo)
+    _add_settings_flags(demo, "demo")
 
     data = commands.add_parser("make-demo-data", help="write the synthetic inspection dataset (MVTec layout)")
     data.add_argument("out", metavar="OUT", help="folder to create")
@@ -116,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--show", action="store_true", help="print the effective settings as YAML")
     config.add_argument("--keys", action="store_true", help="print every key with its type, default and meaning")
     config.add_argument("--config", metavar="YAML", help="settings file to merge over the defaults")
+
+    show = commands.add_parser("show", help="summarise a model or a run's outputs (local or s3://)")
+    show.add_argument("uri", metavar="URI", help="a model (MODEL_URI, holding spade.json) or a run (OUT_URI, holding run.json)")
+    show.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    show.add_argument("--top", type=int, default=10, metavar="N", help="a run's N highest-scoring images [default: 10]")
+    _add_settings_flags(show, "show")
     return parser
 
 
@@ -123,7 +147,7 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, frozenset[str]]:
     """Settings from --config and flags, and the keys the user set explicitly."""
     keys = {spec.name for spec in dataclasses.fields(Settings)}
     overrides = {key: value for key, value in vars(args).items() if key in keys and value is not None}
-    return load_request(getattr(args, "config", None), overrides)
+    return load_request(getattr(args, "config", None), overrides, args.command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -178,6 +202,7 @@ def _run(args: argparse.Namespace, secrets: set[str]) -> int:
                                   args.fail_on_drift)
         ),
         "demo": lambda: commands.demo(args.out, settings, explicit, args.dry_run),
+        "show": lambda: commands.show(args.uri, settings, args.top, args.json),
     }
     return handlers[args.command]()
 

@@ -5,6 +5,7 @@ cli.py and jobs/*.py only parse arguments and call these.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import yaml
 
 from spade_batch import storage
-from spade_batch.config import Settings, describe, load_settings
+from spade_batch.config import GROUPS, Settings, describe, load_settings
 from spade_batch.exit_codes import ExitCode, score_exit_code
 from spade_batch.manifest import build_manifest
 from spade_batch.model import CARD_NAME, load_card
@@ -45,12 +46,81 @@ def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
 
 
 def show_config(path: str | None, keys: bool) -> int:
+    """--keys: every key by group, with its type, default and meaning; else the effective settings as grouped YAML."""
     if keys:
-        for key, kind, default, help_text in describe():
-            print(f"{key} ({kind}, default {default}): {help_text}")
+        for group in GROUPS:
+            print(f"{group.name}: {group.title} (used by {', '.join(group.commands)})")
+            for doc in describe():
+                if doc.group == group.name:
+                    print(f"  {doc.key} ({doc.kind}, default {doc.default}): {doc.help}")
         return 0
-    print(yaml.safe_dump(load_settings(path).to_dict(redact=True), sort_keys=False), end="")
+    print(yaml.safe_dump(load_settings(path).grouped(redact=True), sort_keys=False), end="")
     return 0
+
+
+def show(uri: str, settings: Settings, top: int, as_json: bool) -> int:
+    """Print what the model or the run at uri holds: tables, or one JSON object."""
+    from spade_batch.summary import summarise
+
+    summary = summarise(uri, settings.fsspec_options(), top)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    elif summary["kind"] == "model":
+        _print_model(summary)
+    else:
+        _print_run(summary)
+    return 0
+
+
+def _print_model(summary: dict[str, Any]) -> None:
+    training, thresholds = summary["training"], summary["thresholds"]
+    print_table(
+        "model",
+        [
+            ("model", summary["uri"]),
+            ("backbone", f"{summary['backbone']} ({summary['weights']} weights, {summary['weights_sha256']})"),
+            ("method", ", ".join(f"{key}={value}" for key, value in summary["settings"].items() if key not in ("backbone", "weights"))),
+            ("gallery images", training["gallery_images"]),
+            ("calibration images", training["calibration_images"]),
+            ("failed images", training["failed_images"]),
+            ("image threshold", thresholds["image"]),
+            ("pixel threshold", thresholds["pixel"]),
+            ("created", f"{summary['created']} (spade-batch {summary['package_version']})"),
+        ],
+    )
+    _print_failures(summary["failures"])
+
+
+def _print_run(summary: dict[str, Any]) -> None:
+    counts, thresholds, timings = summary["counts"], summary["thresholds"], summary["timings"]
+    rate = summary["anomaly_rate"]
+    print_table(
+        "run",
+        [
+            ("run", summary["uri"]),
+            ("model", summary["model_uri"]),
+            *[(name, counts[name]) for name in ("images", "scored", "failed", "retryable", "resumed")],
+            ("anomalous", "unknown (no image threshold)" if rate is None else f"{counts['anomalous']} ({rate:.2%} of scored)"),
+            ("image threshold", thresholds["image"]),
+            ("pixel threshold", thresholds["pixel"]),
+            ("masks", summary["mask_kind"]),
+            ("seconds", f"{timings['seconds']:.1f}"),
+            ("images/s", f"{timings['images_per_second']:.2f}"),
+        ],
+    )
+    _print_failures(summary["failures"])
+    if summary["top"]:
+        print(f"\ntop {len(summary['top'])} images by score")
+        for row in summary["top"]:
+            flag = "anomalous" if row["is_anomalous"] else "normal" if row["is_anomalous"] is not None else "-"
+            print(f"{row['image_score']:>12.4f}  {flag:<9}  {row['id']}  {row['mask_uri']}")
+
+
+def _print_failures(failures: list[dict[str, Any]]) -> None:
+    if failures:
+        print("\nfailures by reason")
+        for failure in failures:
+            print(f"{failure['count']:>6}  {failure['reason']}  (e.g. {failure['example']})")
 
 
 def _dry_run(source: str, settings: Settings, outputs: list[str], model_uri: str | None = None) -> int:

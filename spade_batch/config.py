@@ -1,73 +1,117 @@
-"""Typed settings: defaults, then a YAML file, then command-line overrides; validated on load.
+"""Typed settings in groups: defaults, then a YAML file, then command-line overrides; validated on load.
 
-Every key is documented in its field's `help`; `describe()` renders that table for the README and
-`spade-batch config --show`.
+Design: `Settings` stays one flat frozen dataclass, so every reader writes `settings.k` or
+`settings.shard_size` and `Settings(k=5)` builds one. Each field declares its group in its
+metadata (`_key(group, default, help)`); everything grouped is derived from that one declaration:
+a group's keys (`keys_of`), the grouped YAML layout (`Settings.grouped`, `load_request`), the
+command-line sections and which command offers which flag (`Group.commands`, cli.py), and the
+README's tables (`describe`). A new setting is one `_key` line in its group.
+
+The groups: method (fixed at fit and recorded in the model card: score reads it from there),
+calibration (how fit sets thresholds from held-out normal images), thresholds (overrides of the
+model's thresholds), run (cluster, shards, batches, devices, precision), outputs (what score writes
+besides masks and scores) and storage (how URIs are reached). A command accepts only the keys of the
+groups it uses; any other key, on its command line or in its YAML file, is a ConfigError that names
+the commands that use it.
+
+The YAML file has one schema, grouped the same way:
+
+    method:
+      backbone: resnet18
+      k: 10
+    run:
+      shard_size: 8
+
+A file in the old flat layout (`k: 10` at the top level) is still read, with a one-line warning
+that `spade-batch config --show --config FILE` prints it grouped. Every key is documented in its
+field's `help`; `describe()` renders the tables for the README and `spade-batch config --keys`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import math
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and the source."""
 
 
-def _key(default: Any, help: str) -> Any:
+@dataclass(frozen=True)
+class Group:
+    """A group of settings: its YAML section name, what it is for, and the commands that use it."""
+
+    name: str
+    title: str
+    commands: tuple[str, ...]
+
+
+GROUPS = (
+    Group("method", "fixed at fit and recorded in the model card; score and evaluate use the model's", ("fit", "nightly", "demo")),
+    Group("calibration", "which normal images fit keeps, and how it sets thresholds from held-out ones", ("fit", "nightly", "demo")),
+    Group("thresholds", "override the model's calibrated thresholds", ("score", "nightly", "evaluate", "demo")),
+    Group("run", "how the job runs: cluster, shards, batches, devices, precision", ("fit", "score", "nightly", "evaluate", "demo")),
+    Group("outputs", "what score writes besides masks and scores", ("score", "nightly")),
+    Group("storage", "how URIs are reached: endpoint and fsspec options", ("fit", "score", "nightly", "evaluate", "show")),
+)
+GROUP_BY_NAME = {group.name: group for group in GROUPS}
+
+
+def _key(group: str, default: Any, help: str) -> Any:
+    metadata = {"group": GROUP_BY_NAME[group], "help": help}
     if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-MODEL_KEYS = ("backbone", "weights", "seed", "image_size", "preprocess", "k", "kappa", "sigma", "index", "ivf_lists")
-"""Keys fixed at fit time and recorded in the model's spade.json; score refuses a model that disagrees."""
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything a fit, score or evaluate run needs besides its input and output URIs."""
 
-    backbone: str = _key("wide_resnet50_2", "CNN feature pyramid: wide_resnet50_2, resnet18, resnet50 or efficientnet_lite0.")
-    weights: str = _key("imagenet", "Backbone weights: imagenet (torchvision / packaged), random (seeded), or a state-dict path or URI.")
-    seed: int = _key(0, "Seed for random weights and for the calibration hold-out.")
-    image_size: int = _key(224, "Working size in pixels: images are resized to image_size x image_size.")
-    preprocess: str = _key("full", "full: the whole image is resized (every pixel scored); paper: resize 256 + centre crop 224 (the paper's protocol).")
-    k: int = _key(50, "K: nearest normal images retrieved per test image (the paper uses 50).")
-    kappa: int = _key(1, "kappa: nearest pixel features averaged per test pixel (the paper uses 1).")
-    sigma: float = _key(4.0, "Gaussian smoothing of the anomaly map, in pixels at the working size (0 disables it).")
-    index: str = _key("flat", "Image kNN index: flat (exact) or ivf (approximate, for very large training sets).")
-    ivf_lists: int = _key(0, "IVF lists when index is ivf; 0 picks about 4 * sqrt(N).")
-    calibration_fraction: float = _key(0.1, "Fraction of the normal images held out of the gallery to calibrate thresholds (0 disables).")
-    keep_size_outliers: bool = _key(False, "Keep training images whose size or aspect ratio is far from the rest in the gallery and calibration (by default they are reported and left out).")
-    image_fpr: float = _key(0.01, "Target false-positive rate of the image threshold on normal images.")
-    pixel_quantile: float = _key(0.999, "Quantile of normal pixel scores used as the pixel threshold.")
-    image_threshold: float | None = _key(None, "Override the model's calibrated image threshold.")
-    pixel_threshold: float | None = _key(None, "Override the model's calibrated pixel threshold.")
-    shard_size: int = _key(64, "Images per decode task and per output part file (scores or features): the unit of CPU work, output and resume.")
-    batch_size: int = _key(16, "Images per model call: one backbone forward pass, and on a GPU one batched pixel search.")
-    device: str = _key("auto", "Torch device inside tasks: auto (cuda when the task has a GPU), cpu or cuda.")
-    gpus_per_task: float | None = _key(None, "GPUs each task requests; unset: 1 when the cluster has GPUs now, else 0. Set it on autoscaling clusters that start without GPU nodes.")
-    cpus_per_task: float = _key(1.0, "CPUs each task requests.")
-    chunk_mib: int = _key(16, "Bound on one pixel-distance block, in MiB.")
-    precision: str = _key("float32", "Pixel search GEMM precision: float32, tf32 or bfloat16. Low precision only ranks candidates; returned distances are recomputed in float32.")
-    model_workers: int = _key(0, "Model actors (each loads the backbone and gallery once): 0 = one per GPU, or on CPU-only clusters one per cpus_per_task CPUs, keeping one CPU for decoding.")
-    max_pixels: int = _key(50_000_000, "Largest image accepted, in pixels (width x height); larger ones get an error row. A worker needs about 10 bytes per pixel of the largest image.")
-    save_maps: bool = _key(False, "Also write raw anomaly maps (float16 .npy at the working size) under OUT/maps/.")
-    save_overlays: bool = _key(False, "Also write heat-map overlays (PNG) under OUT/overlays/.")
-    overwrite: bool = _key(False, "Replace the outputs of an earlier run instead of resuming it.")
-    endpoint_url: str | None = _key(None, "S3-compatible endpoint (MinIO, Ceph); credentials come from the standard AWS chain.")
-    storage_options: dict[str, Any] = _key({}, "Extra fsspec storage options passed through to the filesystem (e.g. anon, profile).")
-    ray_address: str | None = _key(None, "Ray cluster address; unset starts a local Ray on this machine (or joins RAY_ADDRESS).")
-    log_level: str = _key("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
+    backbone: str = _key("method", "wide_resnet50_2", "CNN feature pyramid: wide_resnet50_2, resnet18, resnet50 or efficientnet_lite0.")
+    weights: str = _key("method", "imagenet", "Backbone weights: imagenet (torchvision / packaged), random (seeded), or a state-dict path or URI.")
+    seed: int = _key("method", 0, "Seed for random weights and for the calibration hold-out.")
+    image_size: int = _key("method", 224, "Working size in pixels: images are resized to image_size x image_size.")
+    preprocess: str = _key("method", "full", "full: the whole image is resized (every pixel scored); paper: resize 256 + centre crop 224 (the paper's protocol).")
+    k: int = _key("method", 50, "K: nearest normal images retrieved per test image (the paper uses 50).")
+    kappa: int = _key("method", 1, "kappa: nearest pixel features averaged per test pixel (the paper uses 1).")
+    sigma: float = _key("method", 4.0, "Gaussian smoothing of the anomaly map, in pixels at the working size (0 disables it).")
+    index: str = _key("method", "flat", "Image kNN index: flat (exact) or ivf (approximate, for very large training sets).")
+    ivf_lists: int = _key("method", 0, "IVF lists when index is ivf; 0 picks about 4 * sqrt(N).")
+    calibration_fraction: float = _key("calibration", 0.1, "Fraction of the normal images held out of the gallery to calibrate thresholds (0 disables).")
+    keep_size_outliers: bool = _key("calibration", False, "Keep training images whose size or aspect ratio is far from the rest in the gallery and calibration (by default they are reported and left out).")
+    image_fpr: float = _key("calibration", 0.01, "Target false-positive rate of the image threshold on normal images.")
+    pixel_quantile: float = _key("calibration", 0.999, "Quantile of normal pixel scores used as the pixel threshold.")
+    image_threshold: float | None = _key("thresholds", None, "Override the model's calibrated image threshold.")
+    pixel_threshold: float | None = _key("thresholds", None, "Override the model's calibrated pixel threshold.")
+    shard_size: int = _key("run", 64, "Images per decode task and per output part file (scores or features): the unit of CPU work, output and resume.")
+    batch_size: int = _key("run", 16, "Images per model call: one backbone forward pass, and on a GPU one batched pixel search.")
+    device: str = _key("run", "auto", "Torch device inside tasks: auto (cuda when the task has a GPU), cpu or cuda.")
+    gpus_per_task: float | None = _key("run", None, "GPUs each task requests; unset: 1 when the cluster has GPUs now, else 0. Set it on autoscaling clusters that start without GPU nodes.")
+    cpus_per_task: float = _key("run", 1.0, "CPUs each task requests.")
+    chunk_mib: int = _key("run", 16, "Bound on one pixel-distance block, in MiB.")
+    precision: str = _key("run", "float32", "Pixel search GEMM precision: float32, tf32 or bfloat16. Low precision only ranks candidates; returned distances are recomputed in float32.")
+    model_workers: int = _key("run", 0, "Model actors (each loads the backbone and gallery once): 0 = one per GPU, or on CPU-only clusters one per cpus_per_task CPUs, keeping one CPU for decoding.")
+    max_pixels: int = _key("run", 50_000_000, "Largest image accepted, in pixels (width x height); larger ones get an error row. A worker needs about 10 bytes per pixel of the largest image.")
+    overwrite: bool = _key("run", False, "Replace the outputs of an earlier run (or an existing model) instead of resuming it.")
+    ray_address: str | None = _key("run", None, "Ray cluster address; unset starts a local Ray on this machine (or joins RAY_ADDRESS).")
+    log_level: str = _key("run", "INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
+    save_maps: bool = _key("outputs", False, "Also write raw anomaly maps (float16 .npy at the working size) under OUT/maps/.")
+    save_overlays: bool = _key("outputs", False, "Also write heat-map overlays (PNG) under OUT/overlays/.")
+    endpoint_url: str | None = _key("storage", None, "S3-compatible endpoint (MinIO, Ceph); credentials come from the standard AWS chain.")
+    storage_options: dict[str, Any] = _key("storage", {}, "Extra fsspec storage options passed through to the filesystem (e.g. anon, profile).")
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -82,17 +126,50 @@ class Settings:
         return options
 
     def model_dict(self) -> dict[str, Any]:
-        """The MODEL_KEYS subset, as recorded in spade.json."""
+        """The method group (MODEL_KEYS), as recorded in spade.json."""
         return {key: getattr(self, key) for key in MODEL_KEYS}
 
     def replace(self, **changes: Any) -> Settings:
         return load_settings(None, {**self.to_dict(), **changes})
 
     def to_dict(self, redact: bool = False) -> dict[str, Any]:
+        """Flat {key: value}; with redact, storage option values are masked."""
         values = dataclasses.asdict(self)
         if redact:
             values["storage_options"] = {key: "***" for key in self.storage_options}
         return values
+
+    def grouped(self, redact: bool = False) -> dict[str, dict[str, Any]]:
+        """{group: {key: value}}: the YAML file's layout."""
+        return group_values(self.to_dict(redact))
+
+
+def group_of(key: str) -> Group:
+    return _FIELDS[key].metadata["group"]
+
+
+def keys_of(group: str) -> tuple[str, ...]:
+    """The keys of a group, in declaration order."""
+    return tuple(name for name, spec in _FIELDS.items() if spec.metadata["group"].name == group)
+
+
+def groups_of(command: str) -> tuple[Group, ...]:
+    """The groups whose settings `command` uses."""
+    return tuple(group for group in GROUPS if command in group.commands)
+
+
+def group_values(values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Flat {key: value} (e.g. run.json's settings) -> {group: {key: value}}, groups and keys in declaration order."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for key in _FIELDS:
+        if key in values:
+            grouped.setdefault(group_of(key).name, {})[key] = values[key]
+    return grouped
+
+
+_FIELDS = {spec.name: spec for spec in dataclasses.fields(Settings)}
+MODEL_KEYS = keys_of("method")
+"""The method group: fixed at fit and recorded in spade.json; score takes the model's, and nightly refuses explicit ones that disagree."""
 
 
 _CHOICES = {
@@ -105,6 +182,8 @@ _CHOICES = {
 _POSITIVE = ("k", "kappa", "shard_size", "batch_size", "chunk_mib", "max_pixels")
 PILLOW_PIXEL_LIMIT = 178_956_970
 """2 x PIL.Image.MAX_IMAGE_PIXELS: Pillow refuses larger images as decompression bombs, whatever max_pixels says."""
+COMMAND_LINE = "command-line options"
+"""The source named in errors about flags."""
 _SECRET_KEYS = ("storage_options",)
 """Keys whose values are never echoed in messages: they may hold credentials."""
 
@@ -155,7 +234,9 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
     raise ConfigError(f"{key} in {source}: expected {names}, got {type(value).__name__} {shown}")
 
 
-def _field_types() -> dict[str, Any]:
+@functools.cache
+def field_types() -> dict[str, Any]:
+    """{key: its type annotation}, evaluated once (typing.get_type_hints is slow)."""
     return typing.get_type_hints(Settings)
 
 
@@ -167,16 +248,27 @@ def load_settings(path: str | None = None, overrides: Mapping[str, Any] | None =
     return load_request(path, overrides)[0]
 
 
-def load_request(path: str | None, overrides: Mapping[str, Any] | None) -> tuple[Settings, frozenset[str]]:
-    """load_settings, plus the keys the file and the overrides set explicitly."""
+def load_request(
+    path: str | None, overrides: Mapping[str, Any] | None, command: str | None = None
+) -> tuple[Settings, frozenset[str]]:
+    """load_settings, plus the keys the file and the overrides set explicitly.
+
+    With `command`, a key of a group that command does not use is a ConfigError naming the commands that use it.
+    """
     values: dict[str, Any] = {}
+    flat_file = False
     if path:
-        values.update(_check(_read_yaml(path), path))
-    values.update(_check(dict(overrides or {}), "command-line options"))
+        loaded = _read_yaml(path)
+        flat_file = bool(loaded) and not set(loaded) & set(GROUP_BY_NAME)
+        values.update(_check(_ungroup(loaded, path), path, command))
+    values.update(_check(dict(overrides or {}), COMMAND_LINE, command))
     try:
-        return Settings(**values), frozenset(values)
+        settings = Settings(**values)
     except ConfigError as error:
         raise ConfigError(f"{error} (from {path or 'defaults'} and command-line options)") from None
+    if flat_file:
+        log.warning("config file %s uses the old flat layout; `spade-batch config --show --config %s` prints it grouped", path, path)
+    return settings, frozenset(values)
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
@@ -199,21 +291,65 @@ def _read_yaml(path: str) -> dict[str, Any]:
     return loaded
 
 
-def _check(values: dict[str, Any], source: str) -> dict[str, Any]:
-    types_by_key = _field_types()
+def _ungroup(loaded: dict[str, Any], path: str) -> dict[str, Any]:
+    """The file's {group: {key: value}} sections -> {key: value}; an old flat file is returned as it is."""
+    sections = [name for name in loaded if name in GROUP_BY_NAME]
+    if not sections:
+        return loaded
+    if flat := [name for name in loaded if name not in GROUP_BY_NAME]:
+        hint = f"; {flat[0]} belongs under {group_of(flat[0]).name}:" if flat[0] in _FIELDS else ""
+        raise ConfigError(
+            f"config file {path} has top-level keys ({', '.join(map(str, flat))}) beside the groups ({', '.join(sections)}): "
+            f"put every key under its group ({', '.join(GROUP_BY_NAME)}){hint}"
+        )
+    values: dict[str, Any] = {}
+    for name, section in loaded.items():
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise ConfigError(f"{name} in config file {path}: expected a mapping of key: value, got {type(section).__name__}")
+        for key, value in section.items():
+            if key in _FIELDS and group_of(key).name != name:
+                raise ConfigError(f"{key} in config file {path} is under {name}: but belongs under {group_of(key).name}:")
+            if key not in _FIELDS:
+                raise ConfigError(f"unknown key {key!r} under {name}: in {path}; known keys of {name}: {', '.join(keys_of(name))}")
+            values[key] = value
+    return values
+
+
+def _check(values: dict[str, Any], source: str, command: str | None) -> dict[str, Any]:
+    types_by_key = field_types()
     checked = {}
     for key, value in values.items():
         if key not in types_by_key:
-            raise ConfigError(f"unknown key {key!r} in {source}; known keys: {', '.join(types_by_key)}")
+            raise ConfigError(
+                f"unknown key {key!r} in {source}; known groups: {', '.join(GROUP_BY_NAME)}; known keys: {', '.join(types_by_key)}"
+            )
+        group = group_of(key)
+        if command is not None and command not in group.commands:
+            given = "--" + key.replace("_", "-") if source == COMMAND_LINE else f"{key} (in {source})"
+            raise ConfigError(
+                f"{command} does not take {given}: a {group.name} setting ({group.title}), used by {', '.join(group.commands)}"
+            )
         checked[key] = _coerce(key, value, types_by_key[key], source)
     return checked
 
 
-def describe() -> list[tuple[str, str, str, str]]:
-    """(key, type, default, help) for every setting, in declaration order."""
+class KeyDoc(NamedTuple):
+    """One setting, as documented."""
+
+    group: str
+    key: str
+    kind: str
+    default: str  # as JSON
+    help: str
+
+
+def describe() -> list[KeyDoc]:
+    """Every setting, in declaration order (grouped)."""
     rows = []
-    for spec in dataclasses.fields(Settings):
-        kind = str(_field_types()[spec.name]).replace("typing.", "")
+    for spec in _FIELDS.values():
+        kind = str(field_types()[spec.name]).replace("typing.", "")
         default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()  # type: ignore[misc]
-        rows.append((spec.name, kind.replace("<class '", "").replace("'>", ""), json.dumps(default), spec.metadata["help"]))
+        rows.append(KeyDoc(group_of(spec.name).name, spec.name, kind.replace("<class '", "").replace("'>", ""), json.dumps(default), spec.metadata["help"]))
     return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import io
@@ -19,12 +20,13 @@ import yaml
 from PIL import Image
 
 from spade_batch import cli, storage
-from spade_batch.config import Settings, load_settings
+from spade_batch.config import Settings, group_of, groups_of, keys_of, load_settings
 from spade_batch.datasets import make_demo_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SETTINGS_COMMANDS = ("fit", "score", "evaluate", "nightly", "demo")
+SETTINGS_COMMANDS = ("fit", "score", "evaluate", "nightly", "demo", "show")
 REQUIRED = {
+    "show": ["uri"],
     "fit": ["--train", "t", "--model", "m"],
     "score": ["--model", "m", "--images", "i", "--out", "o"],
     "evaluate": ["--model", "m", "--data", "d", "--out", "o"],
@@ -85,21 +87,85 @@ def test_non_default_values_cover_every_key_and_differ_from_defaults():
     assert all(getattr(defaults, key) != value for key, value in NON_DEFAULTS.items())
 
 
+def used_keys(command: str) -> set[str]:
+    return {key for group in groups_of(command) for key in keys_of(group.name)}
+
+
 @pytest.mark.parametrize("command", SETTINGS_COMMANDS)
-def test_every_setting_has_a_flag(command):
-    args = cli.build_parser().parse_args([command, *REQUIRED[command], *flags(NON_DEFAULTS)])
+def test_every_setting_of_the_commands_groups_has_a_flag(command):
+    values = {key: value for key, value in NON_DEFAULTS.items() if key in used_keys(command)}
+    args = cli.build_parser().parse_args([command, *REQUIRED[command], *flags(values)])
     settings, explicit = cli.settings_from(args)
-    assert settings == Settings(**NON_DEFAULTS)
-    assert explicit == set(NON_DEFAULTS)
+    assert settings == Settings(**values)
+    assert explicit == set(values)
+
+
+def offered_flags(command: str) -> set[str]:
+    """The long options `spade-batch <command> --help` shows."""
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return {option for action in sub._actions if action.help != argparse.SUPPRESS for option in action.option_strings if option.startswith("--")}
+
+
+COMMAND_OPTIONS = {
+    "fit": {"--train", "--model", "--dry-run"},
+    "score": {"--model", "--images", "--out", "--fail-on-drift", "--dry-run"},
+    "evaluate": {"--model", "--data", "--out", "--original-resolution", "--every", "--dry-run"},
+    "nightly": {"--train", "--model", "--images", "--out", "--plan", "--date", "--fail-on-drift", "--dry-run"},
+    "demo": {"--out", "--dry-run"},
+    "show": {"--json", "--top"},
+}
+"""Each command's own options besides --help, --config and its settings' flags."""
+
+
+@pytest.mark.parametrize("command", SETTINGS_COMMANDS)
+def test_each_commands_flags_are_exactly_its_groups(command):
+    setting_flags = {"--" + key.replace("_", "-") for key in used_keys(command)}
+    bool_negations = {"--no-" + flag[2:] for flag in setting_flags if isinstance(NON_DEFAULTS[flag[2:].replace("-", "_")], bool)}
+    assert offered_flags(command) == {"--help", "--config", *COMMAND_OPTIONS[command], *setting_flags, *bool_negations}
+    help_text = load_reference_script().command_help(command)
+    for group in groups_of(command):
+        assert f"\n{group.name} ({group.title}):\n" in help_text
+
+
+def test_score_offers_no_method_flag_and_evaluate_no_hold_out():
+    assert not offered_flags("score") & {"--k", "--backbone", "--calibration-fraction", "--image-fpr", "--sigma"}
+    assert not offered_flags("evaluate") & {"--calibration-fraction", "--image-fpr", "--pixel-quantile", "--k"}
+    assert {"--image-threshold", "--shard-size", "--save-maps", "--endpoint-url"} <= offered_flags("score")
+
+
+@pytest.mark.parametrize("command", SETTINGS_COMMANDS)
+def test_a_flag_of_a_group_the_command_does_not_use_is_a_one_line_error_naming_its_commands(command, capsys):
+    for key, value in NON_DEFAULTS.items():
+        if key in used_keys(command):
+            continue
+        group = group_of(key)
+        assert cli.main([command, *REQUIRED[command], *flags({key: value}), "--dry-run"][: None if command != "show" else -1]) == 2
+        captured = capsys.readouterr()
+        flag = "--" + key.replace("_", "-")
+        assert captured.err == (
+            f"spade-batch {command}: error: {command} does not take {flag}: a {group.name} setting ({group.title}), "
+            f"used by {', '.join(group.commands)}\n"
+        )
+        assert captured.out == ""
+
+
+def test_a_config_file_with_another_commands_group_is_refused_naming_the_key(tmp_path, capsys):
+    nightly = str(REPO / "jobs" / "nightly.yaml")
+    assert cli.main(["score", *REQUIRED["score"], "--config", nightly, "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        f"spade-batch score: error: score does not take backbone (in {nightly}): a method setting "
+        "(fixed at fit and recorded in the model card; score and evaluate use the model's), used by fit, nightly, demo\n"
+    )
 
 
 def test_flags_override_the_config_file_and_no_flag_turns_a_file_bool_off(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text("k: 9\nsigma: 2\nsave_overlays: true\nsave_maps: true\n")
-    args = cli.build_parser().parse_args(["score", *REQUIRED["score"], "--config", str(path), "--k", "5", "--no-save-overlays"])
-    settings, explicit = cli.settings_from(args)
-    assert (settings.k, settings.sigma, settings.save_overlays, settings.save_maps) == (5, 2.0, False, True)
-    assert explicit == {"k", "sigma", "save_overlays", "save_maps"}
+    path.write_text("thresholds:\n  image_threshold: 9\nrun:\n  shard_size: 2\noutputs:\n  save_overlays: true\n  save_maps: true\n")
+    argv = ["score", *REQUIRED["score"], "--config", str(path), "--image-threshold", "5", "--no-save-overlays"]
+    settings, explicit = cli.settings_from(cli.build_parser().parse_args(argv))
+    assert (settings.image_threshold, settings.shard_size, settings.save_overlays, settings.save_maps) == (5.0, 2, False, True)
+    assert explicit == {"image_threshold", "shard_size", "save_overlays", "save_maps"}
 
 
 def test_unset_flags_are_not_explicit():
@@ -111,10 +177,12 @@ def test_config_show_prints_yaml_that_loads_back(tmp_path, capsys):
     path = tmp_path / "s.yaml"
     path.write_text("backbone: resnet18\nk: 7\nsigma: 3\nimage_threshold: 0.5\nsave_maps: true\nendpoint_url: http://x:9000\n")
     assert cli.main(["config", "--show", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
     shown = tmp_path / "shown.yaml"
-    shown.write_text(capsys.readouterr().out)
+    shown.write_text(out)
     assert load_settings(str(shown)) == load_settings(str(path))
     assert load_settings(str(shown)) != Settings()
+    assert yaml.safe_load(out)["method"]["k"] == 7 and yaml.safe_load(out)["outputs"]["save_maps"] is True  # grouped
 
 
 def test_config_show_never_prints_storage_credentials(tmp_path, capsys):
@@ -123,13 +191,15 @@ def test_config_show_never_prints_storage_credentials(tmp_path, capsys):
     assert cli.main(["config", "--show", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "AKIASECRET" not in out and "hunter2" not in out
-    assert yaml.safe_load(out)["storage_options"] == {"key": "***", "secret": "***"}
+    assert yaml.safe_load(out)["storage"]["storage_options"] == {"key": "***", "secret": "***"}
 
 
 def test_config_keys_lists_every_key(capsys):
     assert cli.main(["config", "--keys"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(" ")[0] for line in lines] == [spec.name for spec in dataclasses.fields(Settings)]
+    assert [line.split(" ")[2] for line in lines if line.startswith("  ")] == [spec.name for spec in dataclasses.fields(Settings)]
+    groups = [line.split(":")[0] for line in lines if not line.startswith("  ")]
+    assert groups == ["method", "calibration", "thresholds", "run", "outputs", "storage"]
 
 
 def test_unknown_config_key_is_one_line_on_stderr(tmp_path, capsys):
@@ -227,7 +297,7 @@ def load_reference_script():
 def test_reference_script_covers_every_command(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")  # the script sets it; restored after the test
     reference = load_reference_script().reference()
-    for command in (*SETTINGS_COMMANDS, "make-demo-data", "config"):
+    for command in (*SETTINGS_COMMANDS, "make-demo-data", "config"):  # show is among SETTINGS_COMMANDS
         assert f"### spade-batch {command}\n\n```\nusage: spade-batch {command} " in reference
     assert "--image-size INT" in reference
     assert max(len(line) for line in reference.splitlines()) <= 100

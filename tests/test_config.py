@@ -9,10 +9,13 @@ import pytest
 import yaml
 
 from spade_batch.config import (
+    GROUPS,
     MODEL_KEYS,
     ConfigError,
     Settings,
     describe,
+    group_of,
+    keys_of,
     load_request,
     load_settings,
 )
@@ -35,7 +38,7 @@ def test_defaults_are_the_papers():
 
 
 def test_file_values_are_read_and_overrides_win(tmp_path):
-    path = write_yaml(tmp_path, "k: 7\nsigma: 2.5\nbackbone: resnet18\nsave_maps: true\n")
+    path = write_yaml(tmp_path, "method:\n  k: 7\n  sigma: 2.5\n  backbone: resnet18\noutputs:\n  save_maps: true\n")
     settings, explicit = load_request(path, {"k": 3, "device": "cpu"})
     assert (settings.k, settings.sigma, settings.backbone, settings.save_maps, settings.device) == (3, 2.5, "resnet18", True, "cpu")
     assert explicit == {"k", "sigma", "backbone", "save_maps", "device"}
@@ -164,13 +167,14 @@ def test_model_dict_holds_exactly_the_model_keys():
 
 def test_describe_documents_every_key():
     rows = describe()
-    assert [row[0] for row in rows] == [spec.name for spec in dataclasses.fields(Settings)]
-    assert all(help_text for *_, help_text in rows)
+    assert [row.key for row in rows] == [spec.name for spec in dataclasses.fields(Settings)]
+    assert all(row.help for row in rows)
 
 
-@pytest.mark.parametrize("name", ["nightly.yaml", "demo.yaml"])
-def test_example_job_files_load(name):
-    settings, explicit = load_request(str(REPO / "jobs" / name), None)
+@pytest.mark.parametrize(("name", "command"), [("nightly.yaml", "nightly"), ("demo.yaml", "demo")])
+def test_example_job_files_load_for_their_command(name, command, caplog):
+    settings, explicit = load_request(str(REPO / "jobs" / name), None, command)
+    assert not caplog.records  # grouped: no old-layout warning
     assert explicit  # the examples set keys; a typo would have raised
     assert settings.backbone in ("wide_resnet50_2", "efficientnet_lite0")
 
@@ -182,8 +186,10 @@ def test_readme_documents_every_key_with_its_default() -> None:
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     section = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
-    for key, kind, default, _ in describe():
-        assert f"| `{key}` | {kind} | `{default}` |" in section, f"README's configuration reference lacks {key}"
+    tables = {part.split(":", 1)[0]: part for part in section.split("\n### ")[1:]}  # "### method: ..." -> the group's table
+    assert list(tables) == [group.name for group in GROUPS], "README's configuration reference has one table per group, in order"
+    for row in describe():
+        assert f"| `{row.key}` | {row.kind} | `{row.default}` |" in tables[row.group], f"README's {row.group} table lacks {row.key}"
 
 
 def test_every_float_setting_refuses_nan_and_inf():
@@ -200,3 +206,82 @@ def test_a_mistyped_storage_options_value_is_not_echoed(tmp_path):
         load_settings(write_yaml(tmp_path, "storage_options: [AKIASECRET, hunter2]\n"))
     assert "storage_options" in str(error.value) and "expected dict" in str(error.value)
     assert "AKIASECRET" not in str(error.value) and "hunter2" not in str(error.value)
+
+
+def test_groups_partition_the_keys_and_the_method_group_is_what_the_model_records():
+    assert sorted(key for group in GROUPS for key in keys_of(group.name)) == sorted(spec.name for spec in dataclasses.fields(Settings))
+    assert set(MODEL_KEYS) == set(keys_of("method")) == set(Settings().model_dict())
+    assert Settings(k=3).grouped()["method"]["k"] == 3
+    assert [list(section) for section in Settings().grouped().values()] == [list(keys_of(group.name)) for group in GROUPS]
+
+
+def test_score_and_evaluate_take_no_fit_time_setting():
+    """The model decides the method and its thresholds' calibration; score and evaluate only override thresholds."""
+    for key in (*keys_of("method"), *keys_of("calibration")):
+        assert {"score", "evaluate"}.isdisjoint(group_of(key).commands), key
+    assert "score" in group_of("image_threshold").commands and "evaluate" in group_of("pixel_threshold").commands
+
+
+COMMANDS = ("fit", "score", "nightly", "evaluate", "demo", "show")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_command_takes_exactly_the_keys_of_its_groups_from_flags_and_files(tmp_path, command):
+    defaults = Settings().to_dict()
+    for key, value in defaults.items():
+        group = group_of(key)
+        path = write_yaml(tmp_path, yaml.safe_dump({group.name: {key: value}}))
+        if command in group.commands:
+            assert load_request(path, {key: value}, command)[1] == {key}
+            continue
+        for source, overrides, given in ((path, None, f"{key} (in {path})"), (None, {key: value}, "--" + key.replace("_", "-"))):
+            with pytest.raises(ConfigError) as error:
+                load_request(source, overrides, command)
+            assert str(error.value) == (
+                f"{command} does not take {given}: a {group.name} setting ({group.title}), used by {', '.join(group.commands)}"
+            )
+
+
+def test_an_old_flat_file_is_read_as_before_with_a_one_line_hint(tmp_path, caplog):
+    flat = write_yaml(tmp_path, "k: 7\nsave_maps: true\nendpoint_url: http://x:9000\n")
+    with caplog.at_level("WARNING", logger="spade_batch.config"):
+        settings, explicit = load_request(flat, None, "nightly")
+    assert settings == Settings(k=7, save_maps=True, endpoint_url="http://x:9000") and explicit == {"k", "save_maps", "endpoint_url"}
+    [record] = caplog.records
+    assert record.getMessage() == (
+        f"config file {flat} uses the old flat layout; `spade-batch config --show --config {flat}` prints it grouped"
+    )
+    grouped = tmp_path / "grouped.yaml"
+    grouped.write_text(yaml.safe_dump(settings.grouped()))
+    caplog.clear()
+    assert load_settings(str(grouped)) == settings and not caplog.records
+
+
+def test_an_old_flat_file_still_gets_the_command_check(tmp_path):
+    with pytest.raises(ConfigError, match=r"score does not take k \(in .*settings.yaml\): a method setting"):
+        load_request(write_yaml(tmp_path, "k: 7\n"), None, "score")
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("run:\n  k: 5\n", ["k in config file", "under run:", "belongs under method:"]),
+        ("method:\n  k: 5\nshard_size: 8\n", ["top-level keys (shard_size)", "beside the groups (method)", "shard_size belongs under run:"]),
+        ("method:\n  k: 5\nmethods: {}\n", ["top-level keys (methods)", "put every key under its group"]),
+        ("method: 5\n", ["method in config file", "expected a mapping", "int"]),
+        ("method:\n  neighbours: 5\n", ["unknown key 'neighbours' under method:", "known keys of method: backbone"]),
+        ("method:\n  k: fifty\n", ["k in", "expected int", "fifty"]),
+    ],
+)
+def test_a_badly_grouped_file_is_one_line_naming_the_file_and_the_fix(tmp_path, text, words):
+    path = write_yaml(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+    message = str(error.value)
+    assert path in message and "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_an_empty_group_section_is_allowed(tmp_path):
+    assert load_request(write_yaml(tmp_path, "method:\nrun:\n  shard_size: 8\n"), None) == (Settings(shard_size=8), {"shard_size"})
