@@ -28,7 +28,10 @@ def _key(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-MODEL_KEYS = ("backbone", "weights", "seed", "image_size", "preprocess", "k", "kappa", "sigma", "index", "ivf_lists")
+MODEL_KEYS = (
+    "backbone", "weights", "seed", "image_size", "preprocess", "k", "kappa", "sigma", "index", "ivf_lists",
+    "image_score", "map_top", "layer_normalise",
+)
 """Keys fixed at fit time and recorded in the model's spade.json; score refuses a model that disagrees."""
 
 
@@ -46,6 +49,9 @@ class Settings:
     sigma: float = _key(4.0, "Gaussian smoothing of the anomaly map, in pixels at the working size (0 disables it).")
     index: str = _key("flat", "Image kNN index: flat (exact) or ivf (approximate, for very large training sets).")
     ivf_lists: int = _key(0, "IVF lists when index is ivf; 0 picks about 4 * sqrt(N).")
+    image_score: str = _key("knn", "Image score: knn (the paper: mean squared distance to the K nearest normal images), map (read off the anomaly map, see map_top) or combined (knn and map each standardised by the calibration images' scores, then averaged).")
+    map_top: float = _key(0.0, "Fraction of an anomaly map's highest pixels averaged into its map score (image_score map or combined); 0: the single highest pixel.")
+    layer_normalise: bool = _key(False, "Divide each layer's pixel distances by their standard deviation on the calibration images before averaging the layers (the paper: a plain average).")
     calibration_fraction: float = _key(0.1, "Fraction of the normal images held out of the gallery to calibrate thresholds (0 disables).")
     image_fpr: float = _key(0.01, "Target false-positive rate of the image threshold on normal images.")
     pixel_quantile: float = _key(0.999, "Quantile of normal pixel scores used as the pixel threshold.")
@@ -97,6 +103,7 @@ class Settings:
 _CHOICES = {
     "preprocess": ("full", "paper"),
     "index": ("flat", "ivf"),
+    "image_score": ("knn", "map", "combined"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("float32", "tf32", "bfloat16"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -130,6 +137,14 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"{key}: must be >= 0, got {getattr(settings, key)}")
     if not 0 <= settings.calibration_fraction < 1:
         raise ConfigError(f"calibration_fraction: must be in [0, 1), got {settings.calibration_fraction}")
+    if not 0 <= settings.map_top <= 1:
+        raise ConfigError(f"map_top: must be a fraction in [0, 1] (0: the highest pixel), got {settings.map_top}")
+    for needs_calibration in ("layer_normalise", "image_score"):
+        if getattr(settings, needs_calibration) in (True, "combined") and settings.calibration_fraction == 0:
+            raise ConfigError(
+                f"{needs_calibration}: {getattr(settings, needs_calibration)!r} learns its scales from the calibration images; "
+                "set calibration_fraction > 0"
+            )
     if not 0 < settings.image_fpr < 1:
         raise ConfigError(f"image_fpr: must be in (0, 1), got {settings.image_fpr}")
     if not 0 < settings.pixel_quantile < 1:

@@ -45,6 +45,7 @@ MODEL_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 CARD_NAME = "spade.json"
 ARRAY_FILES = ("train_ids.json", "global.faiss", "centre.npz")
+_DEFAULTS = Settings()
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class ModelCard:
     train_manifest_sha256: str
     thresholds: dict[str, float | None] = field(default_factory=lambda: {"image": None, "pixel": None})
     calibration: dict[str, Any] = field(default_factory=dict)
+    normalisation: dict[str, Any] = field(default_factory=dict)  # calibrate.Normalisation.to_dict(); {} before it
     failed_train_images: list[dict[str, str]] = field(default_factory=list)
     package_version: str = __version__
     schema_version: int = MODEL_SCHEMA_VERSION
@@ -69,12 +71,16 @@ class ModelCard:
     def layer_shapes(self) -> list[LayerShape]:
         return [LayerShape(**layer) for layer in self.layers]
 
+    def setting(self, key: str) -> Any:
+        """A MODEL_KEYS value the model was fitted with; a key newer than the model has its default (the paper's)."""
+        return self.settings.get(key, getattr(_DEFAULTS, key))
+
     def check_compatible(self, settings: Settings, explicit_keys: frozenset[str]) -> None:
         """Refuse a request whose model settings differ from those the model was fitted with."""
         mismatched = [
-            f"{key}={getattr(settings, key)!r} (model: {self.settings[key]!r})"
+            f"{key}={getattr(settings, key)!r} (model: {self.setting(key)!r})"
             for key in sorted(explicit_keys & set(MODEL_KEYS))
-            if getattr(settings, key) != self.settings[key]
+            if getattr(settings, key) != self.setting(key)
         ]
         if mismatched:
             raise ConfigError(
@@ -136,6 +142,9 @@ class SpadeModel:
     def with_thresholds(self, image: float | None, pixel: float | None, calibration: dict[str, Any]) -> SpadeModel:
         card = dataclasses.replace(self.card, thresholds={"image": image, "pixel": pixel}, calibration=calibration)
         return dataclasses.replace(self, card=card)
+
+    def with_normalisation(self, normalisation: dict[str, Any]) -> SpadeModel:
+        return dataclasses.replace(self, card=dataclasses.replace(self.card, normalisation=normalisation))
 
     @property
     def gallery_bytes(self) -> int:

@@ -136,19 +136,30 @@ def test_a_model_keeps_the_convention_recorded_in_its_card(data, tmp_path):
 # ---------------------------------------------------------------- independent float64 references
 
 
-def brute_force_map(query_layers: list[np.ndarray], gallery_layers: list[np.ndarray], kappa: int, sigma: float) -> np.ndarray:
-    """The SPADE map from the definition: float64 distances to every gallery vector, scipy smoothing.
+def brute_force_layer_distances(query_layers: list[np.ndarray], gallery_layers: list[np.ndarray], kappa: int) -> list[np.ndarray]:
+    """Per layer, h x w float64 mean squared distance of each query pixel to its kappa nearest gallery vectors.
 
     query_layers: per layer C x h x w; gallery_layers: per layer G x C (raw, uncentred: any common shift is fine).
     """
-    maps = []
+    layers = []
     for query, gallery in zip(query_layers, gallery_layers):
         channels, height, width = query.shape
         pixels = np.asarray(query, np.float64).reshape(channels, -1).T
         distances = ((pixels[:, None, :] - np.asarray(gallery, np.float64)[None]) ** 2).sum(-1)
-        nearest = np.sort(distances, axis=1)[:, :kappa].mean(1).reshape(height, width)
+        layers.append(np.sort(distances, axis=1)[:, :kappa].mean(1).reshape(height, width))
+    return layers
+
+
+def brute_force_map(
+    query_layers: list[np.ndarray], gallery_layers: list[np.ndarray], kappa: int, sigma: float, scales: list[float] | None = None
+) -> np.ndarray:
+    """The SPADE map from the definition: float64 distances to every gallery vector (each layer divided by its
+    scale, if any), upsampled, averaged, scipy smoothing."""
+    maps = []
+    distances = brute_force_layer_distances(query_layers, gallery_layers, kappa)
+    for nearest, scale in zip(distances, scales or [1.0] * len(distances)):
         upsampled = F.interpolate(torch.from_numpy(nearest)[None, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-        maps.append(upsampled[0, 0].numpy())
+        maps.append(upsampled[0, 0].numpy() / scale)
     return gaussian_filter(np.mean(maps, axis=0), sigma, mode="reflect", truncate=4.0)
 
 
@@ -161,18 +172,19 @@ class Reference:
 
 def reference(
     train_global: np.ndarray, train_rows: list[np.ndarray], query_global: np.ndarray, query_layers: list[np.ndarray],
-    k: int, kappa: int, sigma: float,
+    k: int, kappa: int, sigma: float, scales: list[float] | None = None,
 ) -> Reference:
     """SPADE in float64 on raw features: kNN mean squared distance, then per-pixel nearest squared distance maps.
 
-    train_global N x D, train_rows per layer N x P x C; query_global M x D, query_layers per layer M x C x h x w.
+    train_global N x D, train_rows per layer N x P x C; query_global M x D, query_layers per layer M x C x h x w;
+    scales: per layer, what its distances are divided by (None: 1).
     """
     squared = ((np.asarray(query_global, np.float64)[:, None] - np.asarray(train_global, np.float64)[None]) ** 2).sum(-1)
     neighbours = np.argsort(squared, axis=1, kind="stable")[:, :k]
     scores = np.take_along_axis(squared, neighbours, axis=1).mean(1)
     maps = np.stack([
         brute_force_map([layer[i] for layer in query_layers],
-                        [bank[nearest].reshape(-1, bank.shape[-1]) for bank in train_rows], kappa, sigma)
+                        [bank[nearest].reshape(-1, bank.shape[-1]) for bank in train_rows], kappa, sigma, scales)
         for i, nearest in enumerate(neighbours)
     ])
     return Reference(scores, neighbours, maps)
@@ -354,6 +366,88 @@ def test_fit_holds_out_images_by_id_and_calibrates_on_them(data, tmp_path):
     model.save(str(tmp_path / "model"))
     for a, b in zip(score(SpadeModel.load(str(tmp_path / "model")), data["test"]), results):
         assert a.score == b.score
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_options_beyond_the_paper_equal_a_brute_force_recomputation(data):
+    """layer_normalise + image_score combined (map score: mean of the top 5% pixels), fitted in process, against
+    float64 brute force: layer scales and score statistics from the held-out images, thresholds, test scores and maps."""
+    settings = SETTINGS.replace(image_score="combined", map_top=0.05, layer_normalise=True, calibration_fraction=0.4, image_fpr=0.5)
+    images = data["train"] + data["test"][:2]  # 8 normal images
+    ids = [f"img-{i}" for i in range(len(images))]
+    model = fit(images, settings, ids=ids)
+    assert model.card.settings == settings.model_dict()
+
+    extractor = Extractor(settings)
+    features = raw_features(extractor, images)
+    gallery = [ids.index(i) for i in model.train_ids]
+    held = [i for i, image_id in enumerate(ids) if image_id not in model.train_ids]
+    train_global = features.global_features.numpy()[gallery]
+    train_rows = [channels_last(layer).astype(np.float16)[gallery] for layer in features.layers]
+    layers = [layer.numpy() for layer in features.layers]
+
+    def knn_and_distances(query: list[int]) -> tuple[Reference, list[list[np.ndarray]]]:
+        plain = reference(train_global, train_rows, features.global_features.numpy()[query], [layer[query] for layer in layers], 2, 1, 2.0)
+        distances = [brute_force_layer_distances([layer[i] for layer in layers],
+                                                 [bank[nearest].reshape(-1, bank.shape[-1]) for bank in train_rows], 1)
+                     for i, nearest in zip(query, plain.neighbours)]
+        return plain, distances
+
+    plain, held_distances = knn_and_distances(held)
+    scales = [np.std(np.concatenate([image[layer].ravel() for image in held_distances])) for layer in range(len(layers))]
+    learnt = calibrate.Normalisation.from_dict(model.card.normalisation)
+    np.testing.assert_allclose(learnt.layer_scales, scales, rtol=1e-3)
+    assert max(scales) / min(scales) > 2  # the layers' scales differ, so the normalisation matters here
+
+    top = int(np.ceil(0.05 * SIZE * SIZE))
+
+    def map_scores(maps: np.ndarray) -> np.ndarray:
+        return np.sort(maps.reshape(len(maps), -1), axis=1)[:, ::-1][:, :top].mean(1)
+
+    held_maps = reference(train_global, train_rows, features.global_features.numpy()[held], [layer[held] for layer in layers], 2, 1, 2.0, scales).maps
+    held_map_scores = map_scores(held_maps)
+    np.testing.assert_allclose(learnt.knn, (plain.scores.mean(), plain.scores.std()), rtol=1e-3)
+    np.testing.assert_allclose(learnt.map, (held_map_scores.mean(), held_map_scores.std()), rtol=1e-3)
+    combined = ((plain.scores - learnt.knn[0]) / learnt.knn[1] + (held_map_scores - learnt.map[0]) / learnt.map[1]) / 2
+    assert model.card.thresholds["image"] == pytest.approx(np.quantile(combined, 0.5, method="higher"), rel=1e-3, abs=1e-3)
+
+    defective = data["test"][2:]  # the first two are among the fitted images
+    test_features = raw_features(extractor, defective)
+    expected = reference(train_global, train_rows, test_features.global_features.numpy(), [layer.numpy() for layer in test_features.layers],
+                         2, 1, 2.0, scales)
+    results = score(model, defective)
+    test_map_scores = map_scores(expected.maps)
+    want = ((expected.scores - learnt.knn[0]) / learnt.knn[1] + (test_map_scores - learnt.map[0]) / learnt.map[1]) / 2
+    for result, knn_score, map_score, combined_score, want_map in zip(results, expected.scores, test_map_scores, want, expected.maps):
+        assert result.knn_score == pytest.approx(knn_score, rel=1e-4)
+        assert result.map_score == pytest.approx(map_score, rel=1e-3)
+        assert result.score == pytest.approx(combined_score, rel=1e-3, abs=1e-3)
+        np.testing.assert_allclose(result.anomaly_map, want_map, rtol=1e-3, atol=1e-3 * want_map.max())
+
+
+@pytest.mark.parametrize("mode", ["knn", "map"])
+def test_image_score_knn_or_map_alone(data, mode):
+    """knn is the paper's score; map is the map's highest pixel (map_top 0): the same fit gives both."""
+    model = fit(data["train"], SETTINGS.replace(image_score=mode, calibration_fraction=0))
+    for result in score(model, data["test"]):
+        assert result.score == (result.knn_score if mode == "knn" else result.map_score)
+        assert result.map_score == pytest.approx(float(result.anomaly_map.max()), rel=1e-6)
+
+
+def test_a_card_from_before_the_options_scores_as_the_paper(data, tmp_path):
+    """A card without image_score, map_top, layer_normalise or normalisation loads, scores with the kNN score
+    and plain layer average, and accepts requests that name the paper's values."""
+    fitted = fit(data["train"], SETTINGS.replace(calibration_fraction=0))
+    fitted.save(str(tmp_path))
+    card = json.loads((tmp_path / CARD_NAME).read_text())
+    for key in ("image_score", "map_top", "layer_normalise"):
+        del card["settings"][key]
+    del card["normalisation"]
+    (tmp_path / CARD_NAME).write_text(json.dumps(card))
+    old = SpadeModel.load(str(tmp_path))
+    old.card.check_compatible(Settings(image_score="knn", layer_normalise=False), frozenset({"image_score", "layer_normalise"}))
+    for a, b in zip(score(old, data["test"]), score(fitted, data["test"])):
+        assert a.score == b.score == a.knn_score
         np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
 
 
