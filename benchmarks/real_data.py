@@ -35,6 +35,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "k50-full": {"k": 50},
     "k50-paper": {"k": 50, "preprocess": "paper"},
     "k5-full-320px": {"k": 5, "image_size": 320},
+    "k5-map-max": {"k": 5, "image_score": "map"},
+    "k5-map-top1%": {"k": 5, "image_score": "map", "map_top": 0.01},
+    "k5-combined-top1%": {"k": 5, "image_score": "combined", "map_top": 0.01},
+    "k5-layer-norm": {"k": 5, "layer_normalise": True},
 }
 
 
