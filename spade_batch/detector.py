@@ -127,8 +127,17 @@ def backbone_loads() -> int:
 
 
 def split_fit_ids(ids: Sequence[str], settings: Settings) -> tuple[list[str], list[str]]:
-    """(gallery ids, calibration ids), both sorted: the deterministic hold-out by id hash (calibrate.is_held_out)."""
+    """(gallery ids, calibration ids), both sorted: the deterministic hold-out by id hash (calibrate.is_held_out).
+
+    Raises ValueError when the settings learn scales from calibration images but none was held out.
+    """
     held = {i for i in ids if calibrate.is_held_out(i, settings.calibration_fraction, settings.seed)}
+    learnt = [name for name, on in (("layer_normalise", settings.layer_normalise), ("image_score combined", settings.image_score == "combined")) if on]
+    if learnt and not held:
+        raise ValueError(
+            f"{' and '.join(learnt)}: scales are learnt from calibration images, but calibration_fraction "
+            f"{settings.calibration_fraction} held out none of the {len(ids)} training images; raise calibration_fraction or add images"
+        )
     return sorted(set(ids) - held), sorted(held)
 
 

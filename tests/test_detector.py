@@ -425,6 +425,14 @@ def test_options_beyond_the_paper_equal_a_brute_force_recomputation(data):
         np.testing.assert_allclose(result.anomaly_map, want_map, rtol=1e-3, atol=1e-3 * want_map.max())
 
 
+def test_options_that_learn_scales_refuse_a_fit_that_holds_out_no_image(data):
+    settings = SETTINGS.replace(layer_normalise=True, calibration_fraction=0.01)
+    ids = [f"img-{i}" for i in range(len(data["train"]))]
+    assert not any(calibrate.is_held_out(i, 0.01) for i in ids)
+    with pytest.raises(ValueError, match="layer_normalise: scales are learnt from calibration images.*held out none of the 6 training images"):
+        fit(data["train"], settings, ids=ids)
+
+
 @pytest.mark.parametrize("mode", ["knn", "map"])
 def test_image_score_knn_or_map_alone(data, mode):
     """knn is the paper's score; map is the map's highest pixel (map_top 0): the same fit gives both."""
