@@ -39,6 +39,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "k5-map-top1%": {"k": 5, "image_score": "map", "map_top": 0.01},
     "k5-combined-top1%": {"k": 5, "image_score": "combined", "map_top": 0.01},
     "k5-layer-norm": {"k": 5, "layer_normalise": True},
+    "k5-paper-no-hold-out": {"k": 5, "preprocess": "paper", "calibration_fraction": 0.0},
 }
 
 
