@@ -118,7 +118,7 @@ def calibrate_from_samples(
     model: SpadeModel, knn_scores: np.ndarray, map_scores: np.ndarray, pixel_samples: Sequence[np.ndarray], settings: Settings
 ) -> SpadeModel:
     """Model with thresholds (and, for image_score combined, the score statistics) from held-out normal images."""
-    mode = model.card.setting("image_score")
+    mode = model.card.settings["image_score"]
     normalisation = Normalisation.from_dict(model.card.normalisation)
     if mode == "combined":
         normalisation = dataclasses.replace(

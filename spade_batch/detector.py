@@ -229,12 +229,12 @@ class Scorer:
         precision: str = "float32",
         images_per_call: int | None = None,
     ):
-        card = model.card
+        settings = model.card.settings
         self.model, self.extractor = model, extractor
-        self.k, self.kappa, self.sigma = card.setting("k"), card.setting("kappa"), card.setting("sigma")
-        self.image_score, self.map_top = card.setting("image_score"), card.setting("map_top")
-        self.normalisation = calibrate.Normalisation.from_dict(card.normalisation)
-        self.layer_scales = self.normalisation.layer_scales if card.setting("layer_normalise") else None
+        self.k, self.kappa, self.sigma = settings["k"], settings["kappa"], settings["sigma"]
+        self.image_score, self.map_top = settings["image_score"], settings["map_top"]
+        self.normalisation = calibrate.Normalisation.from_dict(model.card.normalisation)
+        self.layer_scales = self.normalisation.layer_scales if settings["layer_normalise"] else None
         self.chunk_bytes, self.precision = chunk_bytes, precision
         device = extractor.device
         # Several images per kernel call pay off on a GPU; on a CPU one image already fills the cores.

@@ -45,7 +45,8 @@ MODEL_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 CARD_NAME = "spade.json"
 ARRAY_FILES = ("train_ids.json", "global.faiss", "centre.npz")
-_DEFAULTS = Settings()
+KEYS_ADDED_LATER = {"image_score": "knn", "map_top": 0.0, "layer_normalise": False}
+"""MODEL_KEYS that older cards lack, with the value those models were fitted with (the paper's); load_card fills them in."""
 
 
 @dataclass(frozen=True)
@@ -71,16 +72,12 @@ class ModelCard:
     def layer_shapes(self) -> list[LayerShape]:
         return [LayerShape(**layer) for layer in self.layers]
 
-    def setting(self, key: str) -> Any:
-        """A MODEL_KEYS value the model was fitted with; a key newer than the model has its default (the paper's)."""
-        return self.settings.get(key, getattr(_DEFAULTS, key))
-
     def check_compatible(self, settings: Settings, explicit_keys: frozenset[str]) -> None:
         """Refuse a request whose model settings differ from those the model was fitted with."""
         mismatched = [
-            f"{key}={getattr(settings, key)!r} (model: {self.setting(key)!r})"
+            f"{key}={getattr(settings, key)!r} (model: {self.settings[key]!r})"
             for key in sorted(explicit_keys & set(MODEL_KEYS))
-            if getattr(settings, key) != self.setting(key)
+            if getattr(settings, key) != self.settings[key]
         ]
         if mismatched:
             raise ConfigError(
@@ -267,7 +264,7 @@ def load_card(uri: str, options: storage.StorageOptions = None) -> ModelCard:
         raise ValueError(
             f"model {uri} has schema version {card.schema_version}; this package reads {READABLE_SCHEMA_VERSIONS}"
         )
-    return card
+    return dataclasses.replace(card, settings={**KEYS_ADDED_LATER, **card.settings})
 
 
 def build_index(global_features: np.ndarray, kind: str = "flat", lists: int = 0, seed: int = 0, k: int = 1) -> faiss.Index:

@@ -117,8 +117,8 @@ def test_calibrate_sets_the_model_thresholds_from_results(tmp_path):
     rng = np.random.default_rng(4)
     results = [ImageScore(float(s), np.array([0, 1]), rng.random((80, 80), dtype=np.float32), float(s), float(m))
                for s, m in rng.random((50, 2))]
-    settings = Settings(image_fpr=0.1, pixel_quantile=0.99)
-    model = tiny_model(tmp_path)
+    settings = Settings(image_fpr=0.1, pixel_quantile=0.99, image_score="knn")
+    model = tiny_model(tmp_path, image_score="knn")
     calibrated = calibrate(model, results, settings)
     scores = np.array([r.score for r in results])
     samples = [pixel_sample(r.anomaly_map) for r in results]

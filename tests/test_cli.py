@@ -44,7 +44,7 @@ NON_DEFAULTS = {
     "index": "ivf",
     "ivf_lists": 8,
     "image_score": "combined",
-    "map_top": 0.01,
+    "map_top": 0.05,
     "layer_normalise": True,
     "calibration_fraction": 0.25,
     "image_fpr": 0.05,

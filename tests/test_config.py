@@ -26,13 +26,14 @@ def write_yaml(tmp_path: pathlib.Path, text: str) -> str:
     return str(path)
 
 
-def test_defaults_are_the_papers():
+def test_defaults_are_the_papers_but_the_image_score():
     settings = load_settings()
     assert (settings.backbone, settings.weights, settings.k, settings.kappa, settings.sigma) == (
         "wide_resnet50_2", "imagenet", 50, 1, 4.0
     )
     assert (settings.image_size, settings.preprocess) == (224, "full")
-    assert (settings.image_score, settings.map_top, settings.layer_normalise) == ("knn", 0.0, False)
+    # The paper's image score (knn) lost 0.06 image ROCAUC to the map's top 1% on Magnetic Tile (README, Accuracy).
+    assert (settings.image_score, settings.map_top, settings.layer_normalise) == ("map", 0.01, False)
 
 
 def test_file_values_are_read_and_overrides_win(tmp_path):

@@ -19,7 +19,7 @@ from spade_batch.datasets import make_demo_data, read_mvtec_category
 from spade_batch.detector import Extractor, Features, Scorer, fit, new_card, score, split_fit_ids
 from spade_batch.features import LayerShape
 from spade_batch.images import Preprocessing, decode_image, preprocess, resize_for_model
-from spade_batch.model import CARD_NAME, Centre, GalleryWriter, ModelCard, SpadeModel, build_model
+from spade_batch.model import CARD_NAME, KEYS_ADDED_LATER, Centre, GalleryWriter, ModelCard, SpadeModel, build_model
 
 SIZE = 64
 SETTINGS = Settings(backbone="resnet18", weights="random", image_size=SIZE, k=2, kappa=1, sigma=2.0, device="cpu", batch_size=4)
@@ -190,11 +190,19 @@ def reference(
     return Reference(scores, neighbours, maps)
 
 
-def assert_matches(results, expected: Reference, score_rtol: float, map_rtol: float) -> None:
+def top_mean(anomaly_map: np.ndarray, top: float) -> float:
+    """Mean of the ceil(top * pixels) highest values of a map (the maximum for top 0), by sorting."""
+    return float(np.sort(anomaly_map.ravel())[::-1][: max(1, int(np.ceil(top * anomaly_map.size)))].mean())
+
+
+def assert_matches(results, expected: Reference, score_rtol: float, map_rtol: float, image_score: str = "map") -> None:
+    """Results against the reference: kNN score, neighbours, map, and the image score (the map's top 1% or the kNN score)."""
     assert len(results) == len(expected.scores)
     for result, want_score, want_neighbours, want_map in zip(results, expected.scores, expected.neighbours, expected.maps):
         np.testing.assert_array_equal(result.neighbours, want_neighbours)
-        assert result.score == pytest.approx(want_score, rel=score_rtol)
+        assert result.knn_score == pytest.approx(want_score, rel=score_rtol)
+        want_image = want_score if image_score == "knn" else top_mean(want_map, SETTINGS.map_top)
+        assert result.score == pytest.approx(want_image, rel=max(score_rtol, map_rtol))
         assert result.anomaly_map.shape == (SIZE, SIZE) and result.anomaly_map.dtype == np.float32
         np.testing.assert_allclose(result.anomaly_map, want_map, rtol=map_rtol, atol=map_rtol * want_map.max())
 
@@ -310,6 +318,9 @@ def test_a_schema_1_uncentred_model_still_loads_and_scores(tmp_path):
     index.add(train.global_features.numpy())
     faiss.write_index(index, str(tmp_path / "global.faiss"))
     card = dataclasses.asdict(synthetic_card(settings, 12, schema_version=1, package_version="0.1.0"))
+    del card["normalisation"]
+    for key in KEYS_ADDED_LATER:
+        del card["settings"][key]
     (tmp_path / CARD_NAME).write_text(json.dumps(card))
 
     model = SpadeModel.load(str(tmp_path))
@@ -317,7 +328,7 @@ def test_a_schema_1_uncentred_model_still_loads_and_scores(tmp_path):
     assert not model.centre.global_mean.any() and not any(mean.any() for mean in model.centre.layer_means)
     results = Scorer(model, Extractor(settings)).score_features(test)
     expected = reference(train.global_features.numpy(), stored, test.global_features.numpy(), [layer.numpy() for layer in test.layers], 3, 1, 2.0)
-    assert_matches(results, expected, score_rtol=1e-5, map_rtol=1e-4)
+    assert_matches(results, expected, score_rtol=1e-5, map_rtol=1e-4, image_score="knn")  # what models of then were fitted with
 
 
 # ---------------------------------------------------------------- fit
@@ -399,10 +410,8 @@ def test_options_beyond_the_paper_equal_a_brute_force_recomputation(data):
     np.testing.assert_allclose(learnt.layer_scales, scales, rtol=1e-3)
     assert max(scales) / min(scales) > 2  # the layers' scales differ, so the normalisation matters here
 
-    top = int(np.ceil(0.05 * SIZE * SIZE))
-
     def map_scores(maps: np.ndarray) -> np.ndarray:
-        return np.sort(maps.reshape(len(maps), -1), axis=1)[:, ::-1][:, :top].mean(1)
+        return np.array([top_mean(m, 0.05) for m in maps])
 
     held_maps = reference(train_global, train_rows, features.global_features.numpy()[held], [layer[held] for layer in layers], 2, 1, 2.0, scales).maps
     held_map_scores = map_scores(held_maps)
@@ -436,7 +445,7 @@ def test_options_that_learn_scales_refuse_a_fit_that_holds_out_no_image(data):
 @pytest.mark.parametrize("mode", ["knn", "map"])
 def test_image_score_knn_or_map_alone(data, mode):
     """knn is the paper's score; map is the map's highest pixel (map_top 0): the same fit gives both."""
-    model = fit(data["train"], SETTINGS.replace(image_score=mode, calibration_fraction=0))
+    model = fit(data["train"], SETTINGS.replace(image_score=mode, map_top=0.0, calibration_fraction=0))
     for result in score(model, data["test"]):
         assert result.score == (result.knn_score if mode == "knn" else result.map_score)
         assert result.map_score == pytest.approx(float(result.anomaly_map.max()), rel=1e-6)
@@ -445,10 +454,10 @@ def test_image_score_knn_or_map_alone(data, mode):
 def test_a_card_from_before_the_options_scores_as_the_paper(data, tmp_path):
     """A card without image_score, map_top, layer_normalise or normalisation loads, scores with the kNN score
     and plain layer average, and accepts requests that name the paper's values."""
-    fitted = fit(data["train"], SETTINGS.replace(calibration_fraction=0))
+    fitted = fit(data["train"], SETTINGS.replace(image_score="knn", map_top=0.0, calibration_fraction=0))  # as models were then
     fitted.save(str(tmp_path))
     card = json.loads((tmp_path / CARD_NAME).read_text())
-    for key in ("image_score", "map_top", "layer_normalise"):
+    for key in KEYS_ADDED_LATER:
         del card["settings"][key]
     del card["normalisation"]
     (tmp_path / CARD_NAME).write_text(json.dumps(card))
@@ -482,7 +491,7 @@ def test_a_training_image_scores_near_zero(data):
     model = fit(data["train"], SETTINGS.replace(k=1, calibration_fraction=0))
     own, other = score(model, [data["train"][3], data["test"][0]])
     assert own.neighbours.tolist() == [3]
-    assert own.score < 1e-6 * other.score
+    assert own.knn_score < 1e-6 * other.knn_score
     relative = own.anomaly_map.max() / np.median(other.anomaly_map)
     print(f"training image: image score {own.score:.3g} vs {other.score:.3g}; max pixel score / other's median {relative:.2e}")
     assert relative < 1e-4
