@@ -4,14 +4,20 @@ image threshold: the (1 - image_fpr) quantile of held-out normal image scores, s
     image_fpr of normal images score above it ("is_anomalous" = score > threshold).
 pixel threshold: the pixel_quantile of held-out normal pixel scores; each map contributes an
     evenly strided sample of at most PIXEL_SAMPLE values, which bounds memory for any set size.
+
+The same held-out images give the scales of the options beyond the paper (`Normalisation`): each
+pyramid layer's spread of pixel distances (layer_normalise), and the mean and spread of the kNN and
+map image scores that image_score "combined" standardises before averaging them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,26 +50,100 @@ def pixel_threshold(normal_pixel_samples: Sequence[np.ndarray], quantile: float)
     return float(np.quantile(np.concatenate(normal_pixel_samples), quantile, method="higher"))
 
 
+@dataclass(frozen=True)
+class Normalisation:
+    """Scales learnt from the calibration images, recorded in the model card (None: not learnt).
+
+    Attributes:
+        layer_scales: per pyramid layer, the standard deviation of its pixel distances (squared feature units).
+        knn: (mean, standard deviation) of the calibration images' kNN image scores.
+        map: (mean, standard deviation) of their map scores (spade.map_scores).
+    """
+
+    layer_scales: list[float] | None = None
+    knn: tuple[float, float] | None = None
+    map: tuple[float, float] | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Normalisation:
+        return cls(
+            values.get("layer_scales"),
+            tuple(values["knn"]) if values.get("knn") else None,  # type: ignore[arg-type]
+            tuple(values["map"]) if values.get("map") else None,  # type: ignore[arg-type]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+
+def layer_moments(layer_maps: Sequence[np.ndarray]) -> np.ndarray:
+    """L x 3 float64 (count, sum, sum of squares) of each layer's B x h_l x w_l distance maps; sums add up over batches."""
+    return np.array([(m.size, m.sum(dtype=np.float64), np.square(m, dtype=np.float64).sum()) for m in layer_maps])
+
+
+def layer_scales(moments: np.ndarray) -> list[float]:
+    """Per layer, the standard deviation of its pixel distances from their summed layer_moments (L x 3)."""
+    count, total, squares = moments[:, 0], moments[:, 1], moments[:, 2]
+    spread = np.sqrt(np.maximum(squares / count - (total / count) ** 2, 0.0))
+    if not (spread > 0).all():
+        raise ValueError(f"a layer's pixel distances do not vary on the calibration images (spreads {spread.tolist()}); "
+                         "hold out more normal images (calibration_fraction) or drop layer_normalise")
+    return spread.tolist()
+
+
+def score_statistics(scores: np.ndarray, name: str) -> tuple[float, float]:
+    """(mean, standard deviation) of the calibration images' scores of one kind."""
+    spread = float(np.std(scores))
+    if not spread > 0:
+        raise ValueError(f"the calibration images' {name} scores do not vary ({scores.size} images); "
+                         "hold out more normal images (calibration_fraction) or use another image_score")
+    return float(np.mean(scores)), spread
+
+
+def image_scores(knn_scores: np.ndarray, map_scores: np.ndarray, mode: str, normalisation: Normalisation) -> np.ndarray:
+    """The image score of config image_score `mode` from B kNN and B map scores (B float64).
+
+    combined: the mean of the two scores, each standardised by the calibration images' mean and standard
+    deviation; NaN while the model has not learnt them (during fit's calibration).
+    """
+    if mode == "knn":
+        return np.asarray(knn_scores, np.float64)
+    if mode == "map":
+        return np.asarray(map_scores, np.float64)
+    if normalisation.knn is None or normalisation.map is None:
+        return np.full(len(knn_scores), np.nan)
+    (knn_mean, knn_std), (map_mean, map_std) = normalisation.knn, normalisation.map
+    return ((np.asarray(knn_scores, np.float64) - knn_mean) / knn_std + (np.asarray(map_scores, np.float64) - map_mean) / map_std) / 2
+
+
 def calibrate_from_samples(
-    model: SpadeModel, image_scores: np.ndarray, pixel_samples: Sequence[np.ndarray], settings: Settings
+    model: SpadeModel, knn_scores: np.ndarray, map_scores: np.ndarray, pixel_samples: Sequence[np.ndarray], settings: Settings
 ) -> SpadeModel:
-    """Model with thresholds from the scores of held-out normal images.
+    """Model with thresholds (and, for image_score combined, the score statistics) from held-out normal images.
 
     Raises ValueError for scores that cannot give a threshold; the card's calibration lists what
     makes the hold-out weak for the target FPR (trainset.calibration_warnings) under "warnings".
     """
-    warnings = calibration_warnings(image_scores, settings.image_fpr)
+    mode = model.card.settings["image_score"]
+    normalisation = Normalisation.from_dict(model.card.normalisation)
+    if mode == "combined":
+        normalisation = dataclasses.replace(
+            normalisation, knn=score_statistics(knn_scores, "kNN"), map=score_statistics(map_scores, "map")
+        )
+        model = model.with_normalisation(normalisation.to_dict())
+    scores = image_scores(knn_scores, map_scores, mode, normalisation)
+    warnings = calibration_warnings(scores, settings.image_fpr)
     summary = {
-        "count": int(image_scores.size),
+        "count": int(scores.size),
         "image_fpr": settings.image_fpr,
         "pixel_quantile": settings.pixel_quantile,
-        "image_score_quantiles": {q: float(np.quantile(image_scores, float(q))) for q in ("0.5", "0.9", "0.99")},
+        "image_score_quantiles": {q: float(np.quantile(scores, float(q))) for q in ("0.5", "0.9", "0.99")},
         # Kept for the run report's histogram and drift check (drift.py); cards fitted before lack them.
-        "image_scores": sorted(float(score) for score in image_scores),
+        "image_scores": sorted(float(score) for score in scores),
         "warnings": warnings,
     }
     return model.with_thresholds(
-        image_threshold(image_scores, settings.image_fpr),
+        image_threshold(scores, settings.image_fpr),
         pixel_threshold(list(pixel_samples), settings.pixel_quantile),
         summary,
     )
@@ -73,7 +153,8 @@ def calibrate(model: SpadeModel, results: Sequence[ImageScore], settings: Settin
     """calibrate_from_samples over in-process scoring results."""
     return calibrate_from_samples(
         model,
-        np.array([r.score for r in results], dtype=np.float64),
+        np.array([r.knn_score for r in results], dtype=np.float64),
+        np.array([r.map_score for r in results], dtype=np.float64),
         [pixel_sample(r.anomaly_map) for r in results],
         settings,
     )

@@ -15,7 +15,7 @@ import functools
 import json
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,8 +127,17 @@ def backbone_loads() -> int:
 
 
 def split_fit_ids(ids: Sequence[str], settings: Settings) -> tuple[list[str], list[str]]:
-    """(gallery ids, calibration ids), both sorted: the deterministic hold-out by id hash (calibrate.is_held_out)."""
+    """(gallery ids, calibration ids), both sorted: the deterministic hold-out by id hash (calibrate.is_held_out).
+
+    Raises ValueError when the settings learn scales from calibration images but none was held out.
+    """
     held = {i for i in ids if calibrate.is_held_out(i, settings.calibration_fraction, settings.seed)}
+    learnt = [name for name, on in (("layer_normalise", settings.layer_normalise), ("image_score combined", settings.image_score == "combined")) if on]
+    if learnt and not held:
+        raise ValueError(
+            f"{' and '.join(learnt)}: scales are learnt from calibration images, but calibration_fraction "
+            f"{settings.calibration_fraction} held out none of the {len(ids)} training images; raise calibration_fraction or add images"
+        )
     return sorted(set(ids) - held), sorted(held)
 
 
@@ -174,8 +183,11 @@ def fit(images: Sequence[np.ndarray], settings: Settings, ids: Sequence[str] | N
     if not calibration_ids:
         return model
     held = [ids.index(i) for i in calibration_ids]
-    scorer = Scorer(model, extractor, settings.chunk_mib * 2**20, settings.precision)
-    results = scorer.score_features(Features(features.global_features[held], [layer[held] for layer in features.layers]))
+    held_features = Features(features.global_features[held], [layer[held] for layer in features.layers])
+    if settings.layer_normalise:
+        moments = Scorer(model, extractor, settings.chunk_mib * 2**20, settings.precision).layer_moments(held_features)
+        model = model.with_normalisation(calibrate.Normalisation(layer_scales=calibrate.layer_scales(moments)).to_dict())
+    results = Scorer(model, extractor, settings.chunk_mib * 2**20, settings.precision).score_features(held_features)
     return calibrate.calibrate(model, results, settings)
 
 
@@ -187,14 +199,19 @@ class ImageScore:
     """Result for one image.
 
     Attributes:
-        score: image anomaly score (mean squared distance to the K nearest normal images).
+        score: image anomaly score, of the model's image_score (calibrate.image_scores).
         neighbours: K int64 indices into model.train_ids, nearest first.
-        anomaly_map: S x S float32 pixel scores at the working size (squared feature distance).
+        anomaly_map: S x S float32 pixel scores at the working size (squared feature distance, divided by
+            the layer scales when the model normalises layers).
+        knn_score: mean squared distance to the K nearest normal images (the paper's image score).
+        map_score: the map's highest pixel, or mean of its highest map_top fraction (spade.map_scores).
     """
 
     score: float
     neighbours: np.ndarray
     anomaly_map: np.ndarray
+    knn_score: float = math.nan
+    map_score: float = math.nan
 
 
 class Scorer:
@@ -215,6 +232,9 @@ class Scorer:
         settings = model.card.settings
         self.model, self.extractor = model, extractor
         self.k, self.kappa, self.sigma = settings["k"], settings["kappa"], settings["sigma"]
+        self.image_score, self.map_top = settings["image_score"], settings["map_top"]
+        self.normalisation = calibrate.Normalisation.from_dict(model.card.normalisation)
+        self.layer_scales = self.normalisation.layer_scales if settings["layer_normalise"] else None
         self.chunk_bytes, self.precision = chunk_bytes, precision
         device = extractor.device
         # Several images per kernel call pay off on a GPU; on a CPU one image already fills the cores.
@@ -239,18 +259,39 @@ class Scorer:
 
     def score_features(self, features: Features) -> list[ImageScore]:
         """Scores from raw (uncentred) features: image kNN, then the pixel maps, images_per_call at a time."""
-        queries = spade.centre(features.global_features, self.global_centre).cpu().numpy()
-        scores, neighbours = spade.image_knn(self.model.index, queries, self.k)
+        knn_scores, neighbours = self._image_knn(features)
         size = (self.extractor.preprocessing.size, self.extractor.preprocessing.size)
-        device, results = self.extractor.device, []
-        for start in range(0, len(scores), self.images_per_call):
-            chunk = slice(start, start + self.images_per_call)
+        results = []
+        for chunk, layer_maps in self._layer_distances(features, neighbours):
+            maps = spade.combine_layer_maps(layer_maps, size, self.sigma, self.layer_scales)
+            map_scores = spade.map_scores(maps, self.map_top).cpu().numpy()
+            scores = calibrate.image_scores(knn_scores[chunk], map_scores, self.image_score, self.normalisation)
+            for offset, anomaly_map in enumerate(maps.cpu().numpy()):
+                row = chunk.start + offset
+                results.append(ImageScore(float(scores[offset]), neighbours[row], anomaly_map,
+                                          float(knn_scores[row]), float(map_scores[offset])))
+        return results
+
+    def layer_moments(self, features: Features) -> np.ndarray:
+        """L x 3 (count, sum, sum of squares) of each layer's pixel distances over these images (calibrate.layer_moments)."""
+        _, neighbours = self._image_knn(features)
+        return sum(
+            (calibrate.layer_moments([m.cpu().numpy() for m in layer_maps]) for _, layer_maps in self._layer_distances(features, neighbours)),
+            np.zeros((len(features.layers), 3)),
+        )
+
+    def _image_knn(self, features: Features) -> tuple[np.ndarray, np.ndarray]:
+        queries = spade.centre(features.global_features, self.global_centre).cpu().numpy()
+        return spade.image_knn(self.model.index, queries, self.k)
+
+    def _layer_distances(self, features: Features, neighbours: np.ndarray) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+        """Per images_per_call images: their slice, and per layer their B x h_l x w_l squared distance maps."""
+        device = self.extractor.device
+        for start in range(0, len(neighbours), self.images_per_call):
+            chunk = slice(start, min(start + self.images_per_call, len(neighbours)))
             layers = [spade.centre(layer[chunk].to(device), mean, dim=1) for layer, mean in zip(features.layers, self.layer_centres)]
             galleries = [spade.gather_galleries(bank, neighbours[chunk], device=device) for bank in self.gallery]
-            maps = spade.anomaly_maps(layers, galleries, size, self.kappa, self.sigma, self.chunk_bytes, self.precision)
-            for offset, anomaly_map in enumerate(maps.cpu().numpy()):
-                results.append(ImageScore(float(scores[start + offset]), neighbours[start + offset], anomaly_map))
-        return results
+            yield chunk, spade.layer_distance_maps(layers, galleries, self.kappa, self.chunk_bytes, self.precision)
 
 
 def score(model: SpadeModel, images: Sequence[np.ndarray], settings: Settings | None = None) -> list[ImageScore]:

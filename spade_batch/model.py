@@ -46,6 +46,8 @@ MODEL_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 CARD_NAME = "spade.json"
 ARRAY_FILES = ("train_ids.json", "global.faiss", "centre.npz")
+KEYS_ADDED_LATER = {"image_score": "knn", "map_top": 0.0, "layer_normalise": False}
+"""MODEL_KEYS that older cards lack, with the value those models were fitted with (the paper's); load_card fills them in."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class ModelCard:
     train_manifest_sha256: str
     thresholds: dict[str, float | None] = field(default_factory=lambda: {"image": None, "pixel": None})
     calibration: dict[str, Any] = field(default_factory=dict)
+    normalisation: dict[str, Any] = field(default_factory=dict)  # calibrate.Normalisation.to_dict(); {} before it
     failed_train_images: list[dict[str, str]] = field(default_factory=list)
     package_version: str = __version__
     schema_version: int = MODEL_SCHEMA_VERSION
@@ -137,6 +140,9 @@ class SpadeModel:
     def with_thresholds(self, image: float | None, pixel: float | None, calibration: dict[str, Any]) -> SpadeModel:
         card = dataclasses.replace(self.card, thresholds={"image": image, "pixel": pixel}, calibration=calibration)
         return dataclasses.replace(self, card=card)
+
+    def with_normalisation(self, normalisation: dict[str, Any]) -> SpadeModel:
+        return dataclasses.replace(self, card=dataclasses.replace(self.card, normalisation=normalisation))
 
     @property
     def gallery_bytes(self) -> int:
@@ -278,7 +284,7 @@ def load_card(uri: str, options: storage.StorageOptions = None) -> ModelCard:
         raise ValueError(
             f"model {uri} has schema version {card.schema_version}; this package reads {READABLE_SCHEMA_VERSIONS}"
         )
-    return card
+    return dataclasses.replace(card, settings={**KEYS_ADDED_LATER, **card.settings})
 
 
 def build_index(global_features: np.ndarray, kind: str = "flat", lists: int = 0, seed: int = 0, k: int = 1) -> faiss.Index:

@@ -4,7 +4,7 @@
 |---------------------|----------------|-------------------------------------------------------------------|
 | id                  | string         | image id (path relative to the archive root)                      |
 | uri                 | string         | where the image was read                                          |
-| image_score         | float32        | mean squared distance to the K nearest normal images (null: error) |
+| image_score         | float32        | the model's image_score (default: mean of the map's top 1%; knn: mean squared distance to the K nearest normal images); null: error |
 | is_anomalous        | bool           | image_score > image threshold (null when no threshold is known)   |
 | max_pixel_score     | float32        | largest pixel score of the anomaly map                            |
 | anomalous_fraction  | float32        | fraction of pixels above the pixel threshold (null: no threshold) |

@@ -6,6 +6,7 @@ All distances are *squared* L2, as in the paper.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
@@ -279,6 +280,7 @@ def anomaly_maps(
     sigma: float = 4.0,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     precision: str = "float32",
+    layer_scales: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """SPADE pixel anomaly maps of B test images, each against its own retrieved normal images.
 
@@ -297,17 +299,56 @@ def anomaly_maps(
         sigma: Gaussian smoothing in output pixels, 0 disables it.
         chunk_bytes: bound on one distance block, in bytes.
         precision: one of PRECISIONS.
+        layer_scales: L positive values each layer's distances are divided by before the average (the
+            layers' spread on normal images, see calibrate.layer_scales); None: the paper's plain average.
 
     Returns:
-        B x H x W float32 maps (squared feature distance units).
+        B x H x W float32 maps (squared feature distance units, or units of the layer scales).
     """
+    layers = layer_distance_maps(query_layers, gallery_layers, kappa, chunk_bytes, precision)
+    return combine_layer_maps(layers, output_size, sigma, layer_scales)
+
+
+def layer_distance_maps(
+    query_layers: Sequence[torch.Tensor],
+    gallery_layers: Sequence[torch.Tensor],
+    kappa: int = 1,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    precision: str = "float32",
+) -> list[torch.Tensor]:
+    """anomaly_maps' first half: per layer, B x h_l x w_l float32 squared distances (layer_score_maps)."""
     if len(query_layers) != len(gallery_layers):
         raise ValueError(f"{len(query_layers)} query layers but {len(gallery_layers)} gallery layers")
-    maps = [
-        upsample(layer_score_maps(queries, galleries, kappa, chunk_bytes, precision), output_size)
-        for queries, galleries in zip(query_layers, gallery_layers)
-    ]
+    return [layer_score_maps(q, g, kappa, chunk_bytes, precision) for q, g in zip(query_layers, gallery_layers)]
+
+
+def combine_layer_maps(
+    layer_maps: Sequence[torch.Tensor], output_size: tuple[int, int], sigma: float = 4.0, layer_scales: Sequence[float] | None = None
+) -> torch.Tensor:
+    """anomaly_maps' second half: per-layer B x h_l x w_l maps -> B x H x W (upsample, / scale, average, smooth)."""
+    scales = [1.0] * len(layer_maps) if layer_scales is None else list(layer_scales)
+    if len(scales) != len(layer_maps) or min(scales) <= 0:
+        raise ValueError(f"layer_scales must be {len(layer_maps)} positive values, got {scales}")
+    maps = [upsample(layer_map, output_size) / scale for layer_map, scale in zip(layer_maps, scales)]
     return gaussian_smooth(torch.stack(maps).mean(dim=0), sigma)
+
+
+def map_scores(maps: torch.Tensor, top: float = 0.0) -> torch.Tensor:
+    """Image scores read off anomaly maps: the maximum pixel, or the mean of the highest `top` fraction.
+
+    Args:
+        maps: B x H x W anomaly maps.
+        top: fraction of each map's pixels averaged, in [0, 1]; 0 takes the single maximum, otherwise
+            ceil(top * H * W) pixels (at least one).
+
+    Returns:
+        B float32 scores, in the maps' units.
+    """
+    if not 0 <= top <= 1:
+        raise ValueError(f"top must be a fraction in [0, 1], got {top}")
+    flat = maps.reshape(maps.shape[0], -1).to(torch.float32)
+    count = max(1, math.ceil(top * flat.shape[1]))
+    return flat.topk(count, dim=1).values.mean(dim=1)
 
 
 def gather_galleries(

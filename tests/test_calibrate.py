@@ -1,4 +1,4 @@
-"""Thresholds from normal data: measured false-positive rates, quantiles, pixel samples, the hold-out."""
+"""Thresholds from normal data: measured false-positive rates, quantiles, pixel samples, the hold-out; score scales."""
 
 from __future__ import annotations
 
@@ -10,10 +10,14 @@ from scipy import stats
 
 from spade_batch.calibrate import (
     PIXEL_SAMPLE,
+    Normalisation,
     calibrate,
     calibrate_from_samples,
+    image_scores,
     image_threshold,
     is_held_out,
+    layer_moments,
+    layer_scales,
     pixel_sample,
     pixel_threshold,
 )
@@ -97,12 +101,12 @@ def test_is_held_out_is_deterministic_stable_and_near_the_fraction():
     assert not any(is_held_out(i, 0.0) for i in ids)
 
 
-def tiny_model(folder):
+def tiny_model(folder, **settings):
     shape = LayerShape("layer1", 2, 2, 3)
     rng = np.random.default_rng(3)
     global_features = rng.standard_normal((3, 4)).astype(np.float32)
     layers = [rng.standard_normal((3, 4, 3)).astype(np.float16)]
-    card = ModelCard(settings=Settings(backbone="resnet18", weights="random", k=2).model_dict(), preprocessing={},
+    card = ModelCard(settings=Settings(backbone="resnet18", weights="random", k=2, **settings).model_dict(), preprocessing={},
                      weights_sha256="sha256:0", layers=[vars(shape)], global_dim=4, train_count=3, train_manifest_sha256="0")
     writer = GalleryWriter(str(folder), ["a", "b", "c"], [shape], 4, Centre.of_image(global_features[0], [layers[0][0]]))
     writer.add(["a", "b", "c"], global_features, layers)
@@ -111,9 +115,10 @@ def tiny_model(folder):
 
 def test_calibrate_sets_the_model_thresholds_from_results(tmp_path):
     rng = np.random.default_rng(4)
-    results = [ImageScore(float(s), np.array([0, 1]), rng.random((80, 80), dtype=np.float32)) for s in rng.random(50)]
-    settings = Settings(image_fpr=0.1, pixel_quantile=0.99)
-    model = tiny_model(tmp_path)
+    results = [ImageScore(float(s), np.array([0, 1]), rng.random((80, 80), dtype=np.float32), float(s), float(m))
+               for s, m in rng.random((50, 2))]
+    settings = Settings(image_fpr=0.1, pixel_quantile=0.99, image_score="knn")
+    model = tiny_model(tmp_path, image_score="knn")
     calibrated = calibrate(model, results, settings)
     scores = np.array([r.score for r in results])
     samples = [pixel_sample(r.anomaly_map) for r in results]
@@ -122,5 +127,41 @@ def test_calibrate_sets_the_model_thresholds_from_results(tmp_path):
     assert calibrated.card.calibration["image_fpr"] == 0.1
     assert model.card.thresholds == {"image": None, "pixel": None}  # the input model is unchanged
     assert calibrated.train_ids == model.train_ids and calibrated.index is model.index
-    direct = calibrate_from_samples(model, scores, samples, settings)
+    direct = calibrate_from_samples(model, scores, np.array([r.map_score for r in results]), samples, settings)
     assert direct.card.thresholds == calibrated.card.thresholds
+
+
+def test_layer_scales_are_each_layers_standard_deviation_over_all_batches():
+    rng = np.random.default_rng(5)
+    batches = [[rng.gamma(2.0, scale, size=(count, side, side)) for scale, side in ((1.0, 8), (1000.0, 4))] for count in (3, 1, 2)]
+    moments = sum(layer_moments(maps) for maps in batches)
+    expected = [np.std(np.concatenate([maps[layer].ravel() for maps in batches])) for layer in range(2)]
+    np.testing.assert_allclose(layer_scales(moments), expected, rtol=1e-10)
+    with pytest.raises(ValueError, match="do not vary.*layer_normalise"):
+        layer_scales(layer_moments([np.ones((2, 4, 4)), rng.random((2, 2, 2))]))
+
+
+def test_image_scores_of_each_mode():
+    rng = np.random.default_rng(6)
+    knn, maps = rng.gamma(2.0, 50.0, 20), rng.gamma(2.0, 0.1, 20)
+    assert image_scores(knn, maps, "knn", Normalisation()).tolist() == knn.tolist()
+    assert image_scores(knn, maps, "map", Normalisation()).tolist() == maps.tolist()
+    assert np.isnan(image_scores(knn, maps, "combined", Normalisation())).all()  # before calibration
+    learnt = Normalisation(knn=(100.0, 40.0), map=(0.2, 0.05))
+    expected = [((k - 100.0) / 40.0 + (m - 0.2) / 0.05) / 2 for k, m in zip(knn, maps)]
+    np.testing.assert_allclose(image_scores(knn, maps, "combined", learnt), expected, rtol=1e-12)
+
+
+def test_calibrate_learns_the_combined_scores_statistics_and_thresholds_them(tmp_path):
+    rng = np.random.default_rng(7)
+    knn, maps = rng.gamma(2.0, 50.0, 40), rng.gamma(2.0, 0.1, 40)
+    samples = [rng.random(16, dtype=np.float32) for _ in range(40)]
+    settings = Settings(image_score="combined", image_fpr=0.1)
+    model = tiny_model(tmp_path, image_score="combined")
+    calibrated = calibrate_from_samples(model, knn, maps, samples, settings)
+    normalisation = Normalisation.from_dict(calibrated.card.normalisation)
+    assert normalisation.knn == pytest.approx((knn.mean(), knn.std())) and normalisation.map == pytest.approx((maps.mean(), maps.std()))
+    combined = ((knn - knn.mean()) / knn.std() + (maps - maps.mean()) / maps.std()) / 2
+    assert calibrated.card.thresholds["image"] == pytest.approx(np.quantile(combined, 0.9, method="higher"), rel=1e-12)
+    with pytest.raises(ValueError, match="map scores do not vary"):
+        calibrate_from_samples(model, knn, np.ones(40), samples, settings)

@@ -19,7 +19,7 @@ from spade_batch.datasets import make_demo_data, read_mvtec_category
 from spade_batch.detector import Extractor, Features, Scorer, fit, new_card, score, split_fit_ids
 from spade_batch.features import LayerShape
 from spade_batch.images import Preprocessing, decode_image, preprocess, resize_for_model
-from spade_batch.model import CARD_NAME, Centre, GalleryWriter, ModelCard, SpadeModel, build_model
+from spade_batch.model import CARD_NAME, KEYS_ADDED_LATER, Centre, GalleryWriter, ModelCard, SpadeModel, build_model
 
 SIZE = 64
 SETTINGS = Settings(backbone="resnet18", weights="random", image_size=SIZE, k=2, kappa=1, sigma=2.0, device="cpu", batch_size=4)
@@ -136,19 +136,30 @@ def test_a_model_keeps_the_convention_recorded_in_its_card(data, tmp_path):
 # ---------------------------------------------------------------- independent float64 references
 
 
-def brute_force_map(query_layers: list[np.ndarray], gallery_layers: list[np.ndarray], kappa: int, sigma: float) -> np.ndarray:
-    """The SPADE map from the definition: float64 distances to every gallery vector, scipy smoothing.
+def brute_force_layer_distances(query_layers: list[np.ndarray], gallery_layers: list[np.ndarray], kappa: int) -> list[np.ndarray]:
+    """Per layer, h x w float64 mean squared distance of each query pixel to its kappa nearest gallery vectors.
 
     query_layers: per layer C x h x w; gallery_layers: per layer G x C (raw, uncentred: any common shift is fine).
     """
-    maps = []
+    layers = []
     for query, gallery in zip(query_layers, gallery_layers):
         channels, height, width = query.shape
         pixels = np.asarray(query, np.float64).reshape(channels, -1).T
         distances = ((pixels[:, None, :] - np.asarray(gallery, np.float64)[None]) ** 2).sum(-1)
-        nearest = np.sort(distances, axis=1)[:, :kappa].mean(1).reshape(height, width)
+        layers.append(np.sort(distances, axis=1)[:, :kappa].mean(1).reshape(height, width))
+    return layers
+
+
+def brute_force_map(
+    query_layers: list[np.ndarray], gallery_layers: list[np.ndarray], kappa: int, sigma: float, scales: list[float] | None = None
+) -> np.ndarray:
+    """The SPADE map from the definition: float64 distances to every gallery vector (each layer divided by its
+    scale, if any), upsampled, averaged, scipy smoothing."""
+    maps = []
+    distances = brute_force_layer_distances(query_layers, gallery_layers, kappa)
+    for nearest, scale in zip(distances, scales or [1.0] * len(distances)):
         upsampled = F.interpolate(torch.from_numpy(nearest)[None, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-        maps.append(upsampled[0, 0].numpy())
+        maps.append(upsampled[0, 0].numpy() / scale)
     return gaussian_filter(np.mean(maps, axis=0), sigma, mode="reflect", truncate=4.0)
 
 
@@ -161,28 +172,37 @@ class Reference:
 
 def reference(
     train_global: np.ndarray, train_rows: list[np.ndarray], query_global: np.ndarray, query_layers: list[np.ndarray],
-    k: int, kappa: int, sigma: float,
+    k: int, kappa: int, sigma: float, scales: list[float] | None = None,
 ) -> Reference:
     """SPADE in float64 on raw features: kNN mean squared distance, then per-pixel nearest squared distance maps.
 
-    train_global N x D, train_rows per layer N x P x C; query_global M x D, query_layers per layer M x C x h x w.
+    train_global N x D, train_rows per layer N x P x C; query_global M x D, query_layers per layer M x C x h x w;
+    scales: per layer, what its distances are divided by (None: 1).
     """
     squared = ((np.asarray(query_global, np.float64)[:, None] - np.asarray(train_global, np.float64)[None]) ** 2).sum(-1)
     neighbours = np.argsort(squared, axis=1, kind="stable")[:, :k]
     scores = np.take_along_axis(squared, neighbours, axis=1).mean(1)
     maps = np.stack([
         brute_force_map([layer[i] for layer in query_layers],
-                        [bank[nearest].reshape(-1, bank.shape[-1]) for bank in train_rows], kappa, sigma)
+                        [bank[nearest].reshape(-1, bank.shape[-1]) for bank in train_rows], kappa, sigma, scales)
         for i, nearest in enumerate(neighbours)
     ])
     return Reference(scores, neighbours, maps)
 
 
-def assert_matches(results, expected: Reference, score_rtol: float, map_rtol: float) -> None:
+def top_mean(anomaly_map: np.ndarray, top: float) -> float:
+    """Mean of the ceil(top * pixels) highest values of a map (the maximum for top 0), by sorting."""
+    return float(np.sort(anomaly_map.ravel())[::-1][: max(1, int(np.ceil(top * anomaly_map.size)))].mean())
+
+
+def assert_matches(results, expected: Reference, score_rtol: float, map_rtol: float, image_score: str = "map") -> None:
+    """Results against the reference: kNN score, neighbours, map, and the image score (the map's top 1% or the kNN score)."""
     assert len(results) == len(expected.scores)
     for result, want_score, want_neighbours, want_map in zip(results, expected.scores, expected.neighbours, expected.maps):
         np.testing.assert_array_equal(result.neighbours, want_neighbours)
-        assert result.score == pytest.approx(want_score, rel=score_rtol)
+        assert result.knn_score == pytest.approx(want_score, rel=score_rtol)
+        want_image = want_score if image_score == "knn" else top_mean(want_map, SETTINGS.map_top)
+        assert result.score == pytest.approx(want_image, rel=max(score_rtol, map_rtol))
         assert result.anomaly_map.shape == (SIZE, SIZE) and result.anomaly_map.dtype == np.float32
         np.testing.assert_allclose(result.anomaly_map, want_map, rtol=map_rtol, atol=map_rtol * want_map.max())
 
@@ -298,6 +318,9 @@ def test_a_schema_1_uncentred_model_still_loads_and_scores(tmp_path):
     index.add(train.global_features.numpy())
     faiss.write_index(index, str(tmp_path / "global.faiss"))
     card = dataclasses.asdict(synthetic_card(settings, 12, schema_version=1, package_version="0.1.0"))
+    del card["normalisation"]
+    for key in KEYS_ADDED_LATER:
+        del card["settings"][key]
     (tmp_path / CARD_NAME).write_text(json.dumps(card))
 
     model = SpadeModel.load(str(tmp_path))
@@ -305,7 +328,7 @@ def test_a_schema_1_uncentred_model_still_loads_and_scores(tmp_path):
     assert not model.centre.global_mean.any() and not any(mean.any() for mean in model.centre.layer_means)
     results = Scorer(model, Extractor(settings)).score_features(test)
     expected = reference(train.global_features.numpy(), stored, test.global_features.numpy(), [layer.numpy() for layer in test.layers], 3, 1, 2.0)
-    assert_matches(results, expected, score_rtol=1e-5, map_rtol=1e-4)
+    assert_matches(results, expected, score_rtol=1e-5, map_rtol=1e-4, image_score="knn")  # what models of then were fitted with
 
 
 # ---------------------------------------------------------------- fit
@@ -357,6 +380,94 @@ def test_fit_holds_out_images_by_id_and_calibrates_on_them(data, tmp_path):
         np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
 
 
+def test_options_beyond_the_paper_equal_a_brute_force_recomputation(data):
+    """layer_normalise + image_score combined (map score: mean of the top 5% pixels), fitted in process, against
+    float64 brute force: layer scales and score statistics from the held-out images, thresholds, test scores and maps."""
+    settings = SETTINGS.replace(image_score="combined", map_top=0.05, layer_normalise=True, calibration_fraction=0.4, image_fpr=0.5)
+    images = data["train"] + data["test"][:2]  # 8 normal images
+    ids = [f"img-{i}" for i in range(len(images))]
+    model = fit(images, settings, ids=ids)
+    assert model.card.settings == settings.model_dict()
+
+    extractor = Extractor(settings)
+    features = raw_features(extractor, images)
+    gallery = [ids.index(i) for i in model.train_ids]
+    held = [i for i, image_id in enumerate(ids) if image_id not in model.train_ids]
+    train_global = features.global_features.numpy()[gallery]
+    train_rows = [channels_last(layer).astype(np.float16)[gallery] for layer in features.layers]
+    layers = [layer.numpy() for layer in features.layers]
+
+    def knn_and_distances(query: list[int]) -> tuple[Reference, list[list[np.ndarray]]]:
+        plain = reference(train_global, train_rows, features.global_features.numpy()[query], [layer[query] for layer in layers], 2, 1, 2.0)
+        distances = [brute_force_layer_distances([layer[i] for layer in layers],
+                                                 [bank[nearest].reshape(-1, bank.shape[-1]) for bank in train_rows], 1)
+                     for i, nearest in zip(query, plain.neighbours)]
+        return plain, distances
+
+    plain, held_distances = knn_and_distances(held)
+    scales = [np.std(np.concatenate([image[layer].ravel() for image in held_distances])) for layer in range(len(layers))]
+    learnt = calibrate.Normalisation.from_dict(model.card.normalisation)
+    np.testing.assert_allclose(learnt.layer_scales, scales, rtol=1e-3)
+    assert max(scales) / min(scales) > 2  # the layers' scales differ, so the normalisation matters here
+
+    def map_scores(maps: np.ndarray) -> np.ndarray:
+        return np.array([top_mean(m, 0.05) for m in maps])
+
+    held_maps = reference(train_global, train_rows, features.global_features.numpy()[held], [layer[held] for layer in layers], 2, 1, 2.0, scales).maps
+    held_map_scores = map_scores(held_maps)
+    np.testing.assert_allclose(learnt.knn, (plain.scores.mean(), plain.scores.std()), rtol=1e-3)
+    np.testing.assert_allclose(learnt.map, (held_map_scores.mean(), held_map_scores.std()), rtol=1e-3)
+    combined = ((plain.scores - learnt.knn[0]) / learnt.knn[1] + (held_map_scores - learnt.map[0]) / learnt.map[1]) / 2
+    assert model.card.thresholds["image"] == pytest.approx(np.quantile(combined, 0.5, method="higher"), rel=1e-3, abs=1e-3)
+
+    defective = data["test"][2:]  # the first two are among the fitted images
+    test_features = raw_features(extractor, defective)
+    expected = reference(train_global, train_rows, test_features.global_features.numpy(), [layer.numpy() for layer in test_features.layers],
+                         2, 1, 2.0, scales)
+    results = score(model, defective)
+    test_map_scores = map_scores(expected.maps)
+    want = ((expected.scores - learnt.knn[0]) / learnt.knn[1] + (test_map_scores - learnt.map[0]) / learnt.map[1]) / 2
+    for result, knn_score, map_score, combined_score, want_map in zip(results, expected.scores, test_map_scores, want, expected.maps):
+        assert result.knn_score == pytest.approx(knn_score, rel=1e-4)
+        assert result.map_score == pytest.approx(map_score, rel=1e-3)
+        assert result.score == pytest.approx(combined_score, rel=1e-3, abs=1e-3)
+        np.testing.assert_allclose(result.anomaly_map, want_map, rtol=1e-3, atol=1e-3 * want_map.max())
+
+
+def test_options_that_learn_scales_refuse_a_fit_that_holds_out_no_image(data):
+    settings = SETTINGS.replace(layer_normalise=True, calibration_fraction=0.01)
+    ids = [f"img-{i}" for i in range(len(data["train"]))]
+    assert not any(calibrate.is_held_out(i, 0.01) for i in ids)
+    with pytest.raises(ValueError, match="layer_normalise: scales are learnt from calibration images.*held out none of the 6 training images"):
+        fit(data["train"], settings, ids=ids)
+
+
+@pytest.mark.parametrize("mode", ["knn", "map"])
+def test_image_score_knn_or_map_alone(data, mode):
+    """knn is the paper's score; map is the map's highest pixel (map_top 0): the same fit gives both."""
+    model = fit(data["train"], SETTINGS.replace(image_score=mode, map_top=0.0, calibration_fraction=0))
+    for result in score(model, data["test"]):
+        assert result.score == (result.knn_score if mode == "knn" else result.map_score)
+        assert result.map_score == pytest.approx(float(result.anomaly_map.max()), rel=1e-6)
+
+
+def test_a_card_from_before_the_options_scores_as_the_paper(data, tmp_path):
+    """A card without image_score, map_top, layer_normalise or normalisation loads, scores with the kNN score
+    and plain layer average, and accepts requests that name the paper's values."""
+    fitted = fit(data["train"], SETTINGS.replace(image_score="knn", map_top=0.0, calibration_fraction=0))  # as models were then
+    fitted.save(str(tmp_path))
+    card = json.loads((tmp_path / CARD_NAME).read_text())
+    for key in KEYS_ADDED_LATER:
+        del card["settings"][key]
+    del card["normalisation"]
+    (tmp_path / CARD_NAME).write_text(json.dumps(card))
+    old = SpadeModel.load(str(tmp_path))
+    old.card.check_compatible(Settings(image_score="knn", layer_normalise=False), frozenset({"image_score", "layer_normalise"}))
+    for a, b in zip(score(old, data["test"]), score(fitted, data["test"])):
+        assert a.score == b.score == a.knn_score
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+
+
 def test_k_above_the_usable_training_images_is_a_clear_error(data):
     settings = SETTINGS.replace(k=3, calibration_fraction=0)
     with pytest.raises(ValueError, match=r"k=3 .* only 2 usable training images \(1 failed\); lower k or add normal images"):
@@ -380,7 +491,7 @@ def test_a_training_image_scores_near_zero(data):
     model = fit(data["train"], SETTINGS.replace(k=1, calibration_fraction=0))
     own, other = score(model, [data["train"][3], data["test"][0]])
     assert own.neighbours.tolist() == [3]
-    assert own.score < 1e-6 * other.score
+    assert own.knn_score < 1e-6 * other.knn_score
     relative = own.anomaly_map.max() / np.median(other.anomaly_map)
     print(f"training image: image score {own.score:.3g} vs {other.score:.3g}; max pixel score / other's median {relative:.2e}")
     assert relative < 1e-4

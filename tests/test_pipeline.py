@@ -242,8 +242,9 @@ def test_calibration_thresholds_are_stored_and_applied(fitted: Fitted, scored: S
     pixels = np.concatenate([calibrate.pixel_sample(r.anomaly_map) for r in results])
     pixel_threshold = np.quantile(pixels, fitted.settings.pixel_quantile, method="higher")
     assert card["calibration"]["count"] == len(held_out)
-    assert card["thresholds"]["image"] == pytest.approx(image_threshold, rel=1e-5)
-    # Calibration scores the held-out images from their stored features, whose pixel features are float16.
+    # Calibration scores the held-out images from their stored features, whose pixel features are float16:
+    # so are the maps, and the image score read off them.
+    assert card["thresholds"]["image"] == pytest.approx(image_threshold, rel=FLOAT16_RTOL)
     assert card["thresholds"]["pixel"] == pytest.approx(pixel_threshold, rel=FLOAT16_RTOL)
     for row in read_rows(scored.out.root, fitted.settings).values():
         assert row["is_anomalous"] is (row["image_score"] > card["thresholds"]["image"])
@@ -508,3 +509,27 @@ def test_without_calibration_masks_are_scaled_maps(fitted: Fitted) -> None:
         mask = read_png(out.mask(image_id), settings)
         assert mask.min() == 0 and mask.max() == 255
         np.testing.assert_allclose(mask, expected, atol=0.5 + 1e-3)  # rounding to uint8, plus float noise
+
+
+def test_options_beyond_the_paper_on_ray_equal_the_in_process_fit(fitted: Fitted) -> None:
+    """layer_normalise and image_score combined: fit on Ray learns the scales the in-process fit learns (from the
+    same held-out images, stored as float16), and score on Ray writes the model's own combined scores and maps."""
+    settings = fitted.settings.replace(layer_normalise=True, image_score="combined", map_top=0.02)
+    model_uri = f"{fitted.bucket}/model-options"
+    run_fit(fitted.train_uri, model_uri, settings)
+    model = SpadeModel.load(model_uri, settings.fsspec_options())
+    ids = fitted.ids("train")
+    in_process = detector.fit([fitted.image("train", i) for i in ids], settings, ids=ids)
+    learnt, expected = (calibrate.Normalisation.from_dict(m.card.normalisation) for m in (model, in_process))
+    assert learnt.layer_scales is not None and learnt.knn is not None and learnt.map is not None
+    np.testing.assert_allclose(learnt.layer_scales, expected.layer_scales, rtol=1e-2)
+    np.testing.assert_allclose([*learnt.knn, *learnt.map], [*expected.knn, *expected.map], rtol=1e-2)
+    assert model.card.thresholds["image"] == pytest.approx(in_process.card.thresholds["image"], rel=1e-2, abs=1e-2)
+
+    out = f"{fitted.bucket}/out-options"
+    run_score(model_uri, fitted.test_uri, out, settings.replace(save_maps=True))
+    rows = read_rows(out, settings)
+    test_ids = fitted.ids("test")
+    for image_id, result in zip(test_ids, detector.score(model, [fitted.image("test", i) for i in test_ids], settings)):
+        assert rows[image_id]["image_score"] == pytest.approx(result.score, rel=1e-5, abs=1e-6)
+        assert rows[image_id]["max_pixel_score"] == pytest.approx(float(result.anomaly_map.max()), rel=1e-5)

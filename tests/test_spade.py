@@ -37,12 +37,12 @@ def reference_bilinear(values: np.ndarray, height: int, width: int) -> np.ndarra
     return out
 
 
-def reference_anomaly_map(query_layers, gallery_layers, size, kappa, sigma):
+def reference_anomaly_map(query_layers, gallery_layers, size, kappa, sigma, scales=None):
     maps = []
-    for query, gallery in zip(query_layers, gallery_layers):
+    for query, gallery, scale in zip(query_layers, gallery_layers, scales or [1.0] * len(query_layers)):
         channels, height, width = query.shape
         distances = reference_knn_distance(query.reshape(channels, -1).T, gallery, kappa).reshape(height, width)
-        maps.append(reference_bilinear(distances, *size))
+        maps.append(reference_bilinear(distances, *size) / scale)
     return scipy.ndimage.gaussian_filter(np.mean(maps, axis=0), sigma=sigma, mode="reflect", truncate=4.0)
 
 
@@ -234,7 +234,8 @@ def test_unknown_precision_and_mismatched_batches_are_errors() -> None:
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("kappa", [1, 2])
-def test_anomaly_maps_match_brute_force_image_by_image(precision: str, kappa: int) -> None:
+@pytest.mark.parametrize("scales", [None, [0.5, 30.0, 1000.0]])
+def test_anomaly_maps_match_brute_force_image_by_image(precision: str, kappa: int, scales: list[float] | None) -> None:
     rng = np.random.default_rng(11)
     grids = [(8, 8, 6), (4, 4, 10), (2, 2, 12)]  # (h, w, C), strides 4, 8, 16 of a 32 x 24 input
     batch, k = 2, 3
@@ -248,11 +249,34 @@ def test_anomaly_maps_match_brute_force_image_by_image(precision: str, kappa: in
         sigma=4.0,
         chunk_bytes=4 * batch * 64 * 5,
         precision=precision,
+        layer_scales=scales,
     )
     assert got.dtype == torch.float32 and got.shape == (batch, 32, 24)
     for b in range(batch):
-        expected = reference_anomaly_map([q[b] for q in query_layers], [g[b] for g in gallery_layers], (32, 24), kappa, 4.0)
+        expected = reference_anomaly_map([q[b] for q in query_layers], [g[b] for g in gallery_layers], (32, 24), kappa, 4.0, scales)
         np.testing.assert_allclose(got[b].numpy(), expected, rtol=1e-4)
+
+
+def test_layer_scales_must_be_one_positive_value_per_layer() -> None:
+    layers = [torch.ones(1, 2, 2), torch.ones(1, 1, 1)]
+    for scales in ([1.0], [1.0, 0.0]):
+        with pytest.raises(ValueError, match="layer_scales must be 2 positive values"):
+            spade.combine_layer_maps(layers, (4, 4), 1.0, scales)
+
+
+@pytest.mark.parametrize("top", [0.0, 0.01, 0.1, 0.5, 1.0])
+def test_map_scores_are_the_maximum_or_the_mean_of_the_top_fraction(top: float) -> None:
+    maps = np.random.default_rng(12).gamma(2.0, size=(3, 17, 13))
+    count = max(1, int(np.ceil(top * 17 * 13)))
+    expected = [np.sort(m.ravel())[::-1][:count].mean() for m in maps]
+    np.testing.assert_allclose(spade.map_scores(torch.from_numpy(maps), top).numpy(), expected, rtol=1e-6)
+    if top == 0.0:
+        np.testing.assert_allclose(spade.map_scores(torch.from_numpy(maps), top).numpy(), maps.max(axis=(1, 2)), rtol=1e-6)
+
+
+def test_map_scores_top_outside_zero_one_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"top must be a fraction in \[0, 1\]"):
+        spade.map_scores(torch.ones(1, 2, 2), 1.5)
 
 
 def test_gaussian_smooth_filters_each_map_of_a_batch() -> None:

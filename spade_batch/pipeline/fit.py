@@ -17,7 +17,7 @@ import numpy as np
 import ray.data
 
 from spade_batch import storage
-from spade_batch.calibrate import calibrate_from_samples
+from spade_batch.calibrate import Normalisation, calibrate_from_samples, layer_scales
 from spade_batch.config import Settings
 from spade_batch.detector import Extractor, new_card, split_fit_ids
 from spade_batch.features import read_features
@@ -190,21 +190,38 @@ def _staging_root() -> str:
 def _calibrate(
     model: SpadeModel, model_uri: str, located: dict[str, tuple[str, Any]], calibration_ids: list[str], settings: Settings
 ) -> SpadeModel:
-    """Thresholds from the held-out images' stored features, scored by model actors on Ray."""
+    """Thresholds from the held-out images' stored features, scored by model actors on Ray.
+
+    With layer_normalise the held-out images are searched twice: once for the layers' spreads, then
+    for the thresholds of the maps those scales give.
+    """
     by_part: dict[str, list[str]] = {}
     for image_id in calibration_ids:
         by_part.setdefault(located[image_id][0], []).append(image_id)
-    plan = ModelStage.plan(settings)
-    dataset = ray.data.from_items([{"part": p, "ids": i} for p, i in sorted(by_part.items())]).map_batches(
-        CalibrationStage, fn_constructor_kwargs={"model_uri": model_uri, "settings": settings, "card": dataclasses.asdict(model.card)},
-        batch_size=1, batch_format="numpy", compute=plan.compute(), **plan.resources,
-    )
-    scored: dict[str, tuple[float, np.ndarray]] = {}
+    items = [{"part": p, "ids": i} for p, i in sorted(by_part.items())]
+    if settings.layer_normalise:
+        dataset = _calibration_dataset(items, model, model_uri, settings, moments=True)
+        moments = sum(batch["moments"].sum(axis=0) for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"))
+        model = model.with_normalisation(Normalisation(layer_scales=layer_scales(moments)).to_dict())
+    scored: dict[str, tuple[float, float, np.ndarray]] = {}
     with Progress("calibrate", len(calibration_ids)) as progress:
-        for batch in stream(dataset, progress):
-            scored.update({str(i): (float(s), np.asarray(p)) for i, s, p in zip(batch["id"], batch["score"], batch["pixel_sample"])})
+        for batch in stream(_calibration_dataset(items, model, model_uri, settings, moments=False), progress):
+            scored.update({str(i): (float(k), float(m), np.asarray(p)) for i, k, m, p in
+                           zip(batch["id"], batch["knn_score"], batch["map_score"], batch["pixel_sample"])})
     ordered = [scored[i] for i in calibration_ids]
-    model = calibrate_from_samples(model, np.array([s for s, _ in ordered]), [p for _, p in ordered], settings)
+    model = calibrate_from_samples(
+        model, np.array([k for k, _, _ in ordered]), np.array([m for _, m, _ in ordered]), [p for _, _, p in ordered], settings
+    )
     for warning in model.card.calibration["warnings"]:
         log.warning("fit: calibration: %s", warning)
     return model
+
+
+def _calibration_dataset(items: list[dict[str, Any]], model: SpadeModel, model_uri: str, settings: Settings, moments: bool) -> ray.data.Dataset:
+    """CalibrationStage over the part files holding the held-out images, one part per call."""
+    plan = ModelStage.plan(settings)
+    return ray.data.from_items(items).map_batches(
+        CalibrationStage,
+        fn_constructor_kwargs={"model_uri": model_uri, "settings": settings, "card": dataclasses.asdict(model.card), "moments": moments},
+        batch_size=1, batch_format="numpy", compute=plan.compute(), **plan.resources,
+    )

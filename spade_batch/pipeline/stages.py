@@ -199,14 +199,18 @@ def _write_overlay(uri: str, target: str, anomaly_map: np.ndarray, pixel_thresho
 
 
 class CalibrationStage:
-    """Scores held-out normal images from their stored features (no second extraction)."""
+    """Scores held-out normal images from their stored features (no second extraction).
 
-    def __init__(self, model_uri: str, settings: Settings, card: dict[str, Any]):
+    moments: return each part's summed per-layer distance moments (Scorer.layer_moments, for the layer
+    scales) instead of per-image scores.
+    """
+
+    def __init__(self, model_uri: str, settings: Settings, card: dict[str, Any], moments: bool = False):
         self.stage = ScoreStage(model_uri, settings, card)
-        self.options = settings.fsspec_options()
+        self.options, self.moments = settings.fsspec_options(), moments
 
     def __call__(self, batch: Batch) -> Batch:
-        ids, scores, samples = [], [], []
+        ids, knn_scores, map_scores, samples, moments = [], [], [], [], []
         for part, wanted in zip(batch["part"], batch["ids"]):
             table = read_features([str(part)], self.options)
             keep = np.isin(np.array(table.ids, dtype=object), np.array(list(wanted), dtype=object))
@@ -215,8 +219,16 @@ class CalibrationStage:
                 torch.from_numpy(layer.astype(np.float32)).view(len(table), s.height, s.width, s.channels).permute(0, 3, 1, 2)
                 for layer, s in zip(table.layers, table.layer_shapes)
             ]
-            results = self.stage.scorer.score_features(Features(torch.from_numpy(table.global_features), layers))
+            features = Features(torch.from_numpy(table.global_features), layers)
+            if self.moments:
+                moments.append(self.stage.scorer.layer_moments(features))
+                continue
+            results = self.stage.scorer.score_features(features)
             ids += table.ids
-            scores += [r.score for r in results]
+            knn_scores += [r.knn_score for r in results]
+            map_scores += [r.map_score for r in results]
             samples += [calibrate.pixel_sample(r.anomaly_map) for r in results]
-        return {"id": object_column(ids), "score": np.array(scores, np.float64), "pixel_sample": object_column(samples)}
+        if self.moments:
+            return {"moments": np.stack(moments)}
+        return {"id": object_column(ids), "knn_score": np.array(knn_scores, np.float64),
+                "map_score": np.array(map_scores, np.float64), "pixel_sample": object_column(samples)}
