@@ -104,16 +104,19 @@ def main() -> None:
     old_rate = done / (time.perf_counter() - start)
 
     plan = ModelStage(1, {"num_cpus": 0, "resources": {DEVICE: 1}})
-    start = time.perf_counter()
+    start, wall_start = time.perf_counter(), time.time()
     summary = run_score(model_uri, os.path.join(root, "test"), os.path.join(work, "new"), settings,
                         stage=SimulatedDeviceStage, plan=plan)
     new_rate = summary.scored / (time.perf_counter() - start)
+    wall_end = time.time()
     print(f"old design (sequential shard task on the device): {old_rate:7.2f} img/s = {old_rate * seconds:.2f} of 1/X")
     print(f"new design (Ray Data stream, device actor):         {new_rate:7.2f} img/s = {new_rate * seconds:.2f} of 1/X "
           f"(includes actor start-up; {summary.scored} scored)")
     spans = np.loadtxt(device_log, ndmin=2)
     busy = float((spans[:, 1] - spans[:, 0]).sum()) / float(spans[:, 1].max() - spans[:, 0].min())
     print(f"new / old: {new_rate / old_rate:.2f}")
+    print(f"new design: first device batch {spans[:, 0].min() - wall_start:.1f} s after the start, "
+          f"last one ended {wall_end - spans[:, 1].max():.1f} s before the end")
     print(f"new design, device busy from its first to its last batch (start-up excluded): {busy:.2f}")
     print(f"device utilisation, new design: {new_rate * seconds:.2f} of 1/X end to end, {busy:.2f} once running, at X = {args.device_ms} ms")
 
