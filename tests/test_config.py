@@ -117,6 +117,16 @@ def test_bad_override_names_the_key_and_the_command_line():
         load_settings(None, {"colour": "red"})
 
 
+def assert_one_line_error_naming_the_file(path, words):
+    """Loading the YAML file at path is a one-line ConfigError that names it and holds every word."""
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+    message = str(error.value)
+    assert path in message and "\n" not in message
+    for word in words:
+        assert word in message
+
+
 @pytest.mark.parametrize(
     ("text", "words"),
     [
@@ -127,13 +137,7 @@ def test_bad_override_names_the_key_and_the_command_line():
     ],
 )
 def test_bad_yaml_files_raise_one_line_naming_the_file(tmp_path, text, words):
-    path = write_yaml(tmp_path, text)
-    with pytest.raises(ConfigError) as error:
-        load_settings(path)
-    message = str(error.value)
-    assert path in message and "\n" not in message
-    for word in words:
-        assert word in message
+    assert_one_line_error_naming_the_file(write_yaml(tmp_path, text), words)
 
 
 def test_missing_file_names_the_file(tmp_path):
@@ -282,13 +286,7 @@ def test_an_old_flat_file_still_gets_the_command_check(tmp_path):
     ],
 )
 def test_a_badly_grouped_file_is_one_line_naming_the_file_and_the_fix(tmp_path, text, words):
-    path = write_yaml(tmp_path, text)
-    with pytest.raises(ConfigError) as error:
-        load_settings(path)
-    message = str(error.value)
-    assert path in message and "\n" not in message
-    for word in words:
-        assert word in message
+    assert_one_line_error_naming_the_file(write_yaml(tmp_path, text), words)
 
 
 def test_an_empty_group_section_is_allowed(tmp_path):
