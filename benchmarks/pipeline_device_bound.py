@@ -30,9 +30,9 @@ from spade_batch.detector import fit
 from spade_batch.images import Preprocessing, decode_image, resize_for_model
 from spade_batch.manifest import build_manifest
 from spade_batch.masks import mask_from_map, png_bytes
-from spade_batch.pipeline import init_ray, run_score
-from spade_batch.pipeline.runtime import ModelStage
-from spade_batch.pipeline.stages import object_column, worker_columns
+from spade_batch.pipeline.cpu_stages import PASSED_ON, object_column, worker_columns
+from spade_batch.pipeline.runtime import ModelStage, init_ray
+from spade_batch.pipeline.score import run_score
 
 DEVICE = "sim_device"
 
@@ -52,10 +52,10 @@ class SimulatedDeviceStage:
         time.sleep(self.seconds_per_image * count)
         with open(self.log, "a") as log:
             log.write(f"{start} {time.time()}\n")
-        kept = {key: batch[key] for key in ("id", "uri", "height", "width", "error", "transient")}
+        kept = {key: batch[key] for key in PASSED_ON}
         maps = np.random.default_rng(0).random((count, self.size, self.size), dtype=np.float32)
         return {**kept, "image_score": np.ones(count, np.float32), "neighbour_ids": object_column([["n"] * self.k] * count),
-                "map": maps, **worker_columns(count, "sim", "sim")}
+                "map": maps, **worker_columns(count, "sim", "sim", 0, 0)}
 
 
 @ray.remote(num_cpus=1, resources={DEVICE: 1})

@@ -72,7 +72,9 @@ def write_pngs(folder: str, count: int, side: int, seed: int) -> str:
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     """One measured run in this (fresh) process: fit, score, or score with the RSS-recording stage."""
     from spade_batch.config import Settings
-    from spade_batch.pipeline import init_ray, run_fit, run_score
+    from spade_batch.pipeline.fit import run_fit
+    from spade_batch.pipeline.runtime import init_ray
+    from spade_batch.pipeline.score import run_score
 
     settings = Settings(**spec["settings"])
     init_ray(None)

@@ -22,7 +22,9 @@ from spade_batch.config import Settings
 from spade_batch.datasets import make_demo_data
 from spade_batch.detector import fit, score
 from spade_batch.images import decode_image
-from spade_batch.pipeline import init_ray, run_fit, run_score
+from spade_batch.pipeline.fit import run_fit
+from spade_batch.pipeline.runtime import init_ray
+from spade_batch.pipeline.score import run_score
 
 
 def load(paths: list[str]) -> list[np.ndarray]:

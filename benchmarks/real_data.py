@@ -22,7 +22,7 @@ from typing import Any
 
 from spade_batch.config import load_settings
 from spade_batch.evaluate import run_evaluate
-from spade_batch.pipeline import run_fit
+from spade_batch.pipeline.fit import run_fit
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPOSITORY, "..", "shared", "data", "magnetic_tile")

@@ -157,7 +157,7 @@ def _describe_model(model_uri: str, settings: Settings) -> str:
 def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -> int:
     if dry_run:
         return _dry_run(train, settings, [storage.join(model_uri, name) for name in ("features/", "pyramid/", "global.faiss", CARD_NAME)])
-    from spade_batch.pipeline import RetryableInputError, run_fit
+    from spade_batch.pipeline.fit import RetryableInputError, run_fit
 
     try:
         summary = run_fit(train, model_uri, settings)
@@ -199,7 +199,7 @@ def score(
         return _dry_run(images, settings, [storage.join(out_uri, name) for name in outputs], model_uri)
     from dataclasses import asdict
 
-    from spade_batch.pipeline import run_score
+    from spade_batch.pipeline.score import run_score
     from spade_batch.run_report import write_run_report
 
     summary = run_score(model_uri, images, out_uri, settings, explicit)

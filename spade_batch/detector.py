@@ -5,8 +5,8 @@
     results = score(model, test_images)          # list[ImageScore]
 
 This module is the one definition of fit and score: feature extraction, the calibration hold-out,
-gallery building, calibration and per-batch scoring with the rows they produce. The Ray pipeline
-only distributes these classes and functions, so both give the same numbers.
+gallery building, calibration and per-batch scoring (scores.py turns a result into its row). The
+Ray pipeline only distributes these classes and functions, so both give the same numbers.
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from spade_batch import calibrate, spade
 from spade_batch.backbone import FeaturePyramid, load_backbone
 from spade_batch.config import Settings
 from spade_batch.features import LayerShape
-from spade_batch.images import Preprocessing, normalise, resize_for_model
+from spade_batch.images import Preprocessing, resize_for_model
 from spade_batch.model import Centre, GalleryWriter, ModelCard, SpadeModel, build_model
-from spade_batch.scores import ScoreRow
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -54,6 +53,13 @@ class Features:
     def pixel_rows(self) -> list[np.ndarray]:
         """Per layer, B x (h * w) x C float16 on the CPU: the gallery and Parquet layout (channels last)."""
         return [layer.permute(0, 2, 3, 1).flatten(1, 2).to(torch.float16).cpu().numpy() for layer in self.layers]
+
+
+def normalise(batch: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+    """B x size x size x 3 uint8 (any device) -> B x 3 x size x size float32: ``(x/255 - mean) / std``."""
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
+    return ((batch.permute(0, 3, 1, 2).float().div_(255) - mean) / std).contiguous()
 
 
 class Extractor:
@@ -299,37 +305,3 @@ def score(model: SpadeModel, images: Sequence[np.ndarray], settings: Settings | 
     settings = (settings or Settings()).replace(**model.card.settings)
     extractor = Extractor(settings, preprocessing=Preprocessing.from_dict(model.card.preprocessing))
     return Scorer(model, extractor, settings.chunk_mib * 2**20, settings.precision).score(images)
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """The thresholds a scoring run applies (None: unknown)."""
-
-    image: float | None
-    pixel: float | None
-
-    @classmethod
-    def of(cls, card: ModelCard, settings: Settings) -> Thresholds:
-        """The settings' overrides, else the model's calibrated thresholds."""
-        image = settings.image_threshold if settings.image_threshold is not None else card.thresholds["image"]
-        pixel = settings.pixel_threshold if settings.pixel_threshold is not None else card.thresholds["pixel"]
-        return cls(image, pixel)
-
-
-def result_row(
-    image_id: str, uri: str, size: tuple[int, int], result: ImageScore, neighbour_ids: list[str],
-    mask: np.ndarray, mask_uri: str, thresholds: Thresholds,
-) -> ScoreRow:
-    """The scores-table row of a scored image of size (height, width) whose uint8 mask was written to mask_uri."""
-    return ScoreRow(
-        id=image_id,
-        uri=uri,
-        image_score=result.score,
-        is_anomalous=None if thresholds.image is None else result.score > thresholds.image,
-        max_pixel_score=float(result.anomaly_map.max()),
-        anomalous_fraction=None if thresholds.pixel is None else float((mask > 0).mean()),
-        mask_uri=mask_uri,
-        neighbour_ids=neighbour_ids,
-        height=size[0],
-        width=size[1],
-    )

@@ -28,12 +28,11 @@ import pyarrow as pa
 from spade_batch import storage
 from spade_batch.config import Settings
 from spade_batch.datasets import Sample, read_mask, read_mvtec_category
-from spade_batch.detector import Thresholds
 from spade_batch.images import (
     Preprocessing,
     decode_image,
-    preprocess,
     preprocess_mask,
+    resize_for_model,
     resize_map,
 )
 from spade_batch.metrics import (
@@ -44,7 +43,8 @@ from spade_batch.metrics import (
     roc_curve_points,
 )
 from spade_batch.model import load_card
-from spade_batch.pipeline import Outputs, run_score
+from spade_batch.pipeline.layout import Outputs
+from spade_batch.pipeline.score import run_score
 from spade_batch.report import (
     Example,
     example_grid,
@@ -53,7 +53,7 @@ from spade_batch.report import (
     roc_plot,
     score_histogram,
 )
-from spade_batch.scores import read_scores
+from spade_batch.scores import Thresholds, read_scores
 
 log = logging.getLogger(__name__)
 
@@ -263,17 +263,9 @@ def _pixel_pass(
             for name in names:
                 original[name].update(full_map[None], full_mask[None])
         if image.id in wanted:
-            view = _working_view(decode_image(storage.read_bytes(image.uri, options), image.uri), spec)
+            view = resize_for_model(decode_image(storage.read_bytes(image.uri, options), image.uri), spec)  # as the backbone saw it
             examples[image.id] = ExampleData(image, view, mask, anomaly_map)
     return working, original, examples
-
-
-def _working_view(image: np.ndarray, spec: Preprocessing) -> np.ndarray:
-    """H x W x 3 uint8 -> S x S x 3 uint8: the image as the backbone saw it (resized; centre-cropped in paper mode)."""
-    normalised = preprocess(image, spec).numpy()
-    mean = np.array(spec.mean, dtype=np.float32)[:, None, None]
-    std = np.array(spec.std, dtype=np.float32)[:, None, None]
-    return np.clip(np.rint((normalised * std + mean) * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0)
 
 
 def _pixel_summary(metrics: PixelMetrics) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Image decoding and preprocessing: bytes -> RGB array -> normalised tensor.
+"""Image decoding and preprocessing geometry: bytes -> RGB array -> the working size (numpy only).
 
 Decoding turns any bad input (empty, undecodable, truncated, too large, odd
 mode) into an :class:`ImageError` that names the source, so the pipeline can
@@ -14,11 +14,9 @@ import io
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import InterpolationMode
+
+from spade_batch.resize import resize_bilinear, resize_nearest_exact, resize_uint8_antialias
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,7 +54,7 @@ class DecodedImage:
 
 
 def decode_for_model(data: bytes, source: str, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Decode for :func:`preprocess` at a working size of ``min_side``, with memory for about that size.
+    """Decode for :func:`resize_for_model` at a working size of ``min_side``, with memory for about that size.
 
     ``min_side`` is the shortest side preprocessing needs: ``Preprocessing.resize_to``
     covers both modes. JPEGs are decoded at the largest DCT reduction that
@@ -210,49 +208,44 @@ class Preprocessing:
         return round(self.size * 256 / 224)
 
 
-def _geometry(t: torch.Tensor, spec: Preprocessing, interpolation: InterpolationMode) -> torch.Tensor:
-    """C x H x W tensor -> C x size x size, resized (and centre-cropped in paper mode)."""
-    antialias = interpolation == InterpolationMode.BILINEAR
+def _resized_size(height: int, width: int, spec: Preprocessing) -> tuple[int, int]:
+    """The size before the centre crop: size x size (full), or shorter side resize_to (paper, as torchvision)."""
     if spec.mode == "full":
-        return TF.resize(t, [spec.size, spec.size], interpolation=interpolation, antialias=antialias)
-    t = TF.resize(t, [spec.resize_to], interpolation=interpolation, antialias=antialias)
-    return TF.center_crop(t, [spec.size, spec.size])
+        return spec.size, spec.size
+    short, long = sorted((height, width))
+    new_long = int(spec.resize_to * long / short)
+    return (spec.resize_to, new_long) if height <= width else (new_long, spec.resize_to)
+
+
+def _centre_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """H x W (x C) with both sides >= size -> size x size (x C), offsets rounded as torchvision's center_crop."""
+    top, left = round((image.shape[0] - size) / 2.0), round((image.shape[1] - size) / 2.0)
+    return image[top : top + size, left : left + size]
 
 
 def resize_for_model(image: np.ndarray, spec: Preprocessing) -> np.ndarray:
-    """H x W x 3 uint8 RGB -> size x size x 3 uint8: the geometry of :func:`preprocess`, before normalising.
+    """H x W x 3 uint8 RGB -> size x size x 3 uint8: the geometry the backbone sees, before normalising.
 
-    Bilinear resize with antialias on the uint8 image (as torchvision's ``Resize(antialias=True)``
-    on a PIL image), and the centre crop in paper mode. This is what a decode worker sends on.
+    Bilinear resize with antialias on the uint8 image, bit-identical to torchvision's
+    ``Resize(antialias=True)`` on a uint8 tensor, and the centre crop in paper mode. This is what a
+    decode worker sends on.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"preprocess expects an H x W x 3 uint8 array, got shape {image.shape} {image.dtype}")
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    return _geometry(t, spec, InterpolationMode.BILINEAR).permute(1, 2, 0).contiguous().numpy()
-
-
-def normalise(batch: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
-    """B x size x size x 3 uint8 (any device) -> B x 3 x size x size float32: ``(x/255 - mean) / std``."""
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
-    return ((batch.permute(0, 3, 1, 2).float().div_(255) - mean) / std).contiguous()
-
-
-def preprocess(image: np.ndarray, spec: Preprocessing) -> torch.Tensor:
-    """H x W x 3 uint8 RGB -> 3 x size x size float32, normalised: :func:`resize_for_model` then :func:`normalise`."""
-    return normalise(torch.from_numpy(resize_for_model(image, spec))[None], spec)[0]
+    resized = resize_uint8_antialias(image, *_resized_size(image.shape[0], image.shape[1], spec))
+    return np.ascontiguousarray(_centre_crop(resized, spec.size))
 
 
 def preprocess_mask(mask: np.ndarray, spec: Preprocessing) -> np.ndarray:
     """H x W ground-truth mask (bool or integer, > 0 = defect) -> size x size bool.
 
-    Same geometry as :func:`preprocess`, nearest neighbour sampled at pixel
-    centres (torchvision ``NEAREST_EXACT``, as PIL's nearest).
+    Same geometry as :func:`resize_for_model`, nearest neighbour sampled at pixel centres
+    (torchvision ``NEAREST_EXACT``, as PIL's nearest).
     """
     if mask.ndim != 2:
         raise ValueError(f"preprocess_mask expects an H x W mask, got shape {mask.shape}")
-    t = torch.from_numpy(np.ascontiguousarray(mask > 0, dtype=np.uint8))[None]
-    return _geometry(t, spec, InterpolationMode.NEAREST_EXACT)[0].numpy().astype(bool)
+    resized = resize_nearest_exact(mask > 0, *_resized_size(mask.shape[0], mask.shape[1], spec))
+    return _centre_crop(resized, spec.size)
 
 
 def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -264,6 +257,4 @@ def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
         raise ValueError(f"resize_map expects a 2-D map, got shape {anomaly_map.shape}")
     if height <= 0 or width <= 0:
         raise ValueError(f"resize_map target size must be positive, got {height} x {width}")
-    t = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]
-    out = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)
-    return out[0, 0].numpy()
+    return resize_bilinear(anomaly_map, height, width)

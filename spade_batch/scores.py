@@ -19,11 +19,17 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spade_batch import storage
+
+if TYPE_CHECKING:
+    from spade_batch.config import Settings
+    from spade_batch.model import ModelCard
 
 SCHEMA = pa.schema(
     [
@@ -55,6 +61,40 @@ class ScoreRow:
     height: int | None = None
     width: int | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The thresholds a scoring run applies (None: unknown)."""
+
+    image: float | None
+    pixel: float | None
+
+    @classmethod
+    def of(cls, card: ModelCard, settings: Settings) -> Thresholds:
+        """The settings' overrides, else the model's calibrated thresholds."""
+        image = settings.image_threshold if settings.image_threshold is not None else card.thresholds["image"]
+        pixel = settings.pixel_threshold if settings.pixel_threshold is not None else card.thresholds["pixel"]
+        return cls(image, pixel)
+
+
+def result_row(
+    image_id: str, uri: str, size: tuple[int, int], image_score: float, anomaly_map: np.ndarray,
+    neighbour_ids: list[str], mask: np.ndarray, mask_uri: str, thresholds: Thresholds,
+) -> ScoreRow:
+    """The row of a scored image of size (height, width): its S x S map, and its uint8 mask written to mask_uri."""
+    return ScoreRow(
+        id=image_id,
+        uri=uri,
+        image_score=image_score,
+        is_anomalous=None if thresholds.image is None else image_score > thresholds.image,
+        max_pixel_score=float(anomaly_map.max()),
+        anomalous_fraction=None if thresholds.pixel is None else float((mask > 0).mean()),
+        mask_uri=mask_uri,
+        neighbour_ids=neighbour_ids,
+        height=size[0],
+        width=size[1],
+    )
 
 
 def write_scores(uri: str, rows: Sequence[ScoreRow], options: storage.StorageOptions = None) -> None:

@@ -24,7 +24,8 @@ from spade_batch import detector
 from spade_batch.config import ConfigError, Settings, load_settings
 from spade_batch.images import decode_image
 from spade_batch.model import SpadeModel, load_card
-from spade_batch.pipeline import Outputs, run_score
+from spade_batch.pipeline.layout import Outputs
+from spade_batch.pipeline.score import run_score
 
 MAX_PIXELS = 100_000
 

@@ -12,13 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
+from torchvision_reference import torchvision_input
 
 from spade_batch import calibrate, spade
 from spade_batch.config import Settings
 from spade_batch.datasets import make_demo_data, read_mvtec_category
-from spade_batch.detector import Extractor, Features, Scorer, fit, new_card, score, split_fit_ids
+from spade_batch.detector import Extractor, Features, Scorer, fit, new_card, normalise, score, split_fit_ids
 from spade_batch.features import LayerShape
-from spade_batch.images import Preprocessing, decode_image, preprocess, resize_for_model
+from spade_batch.images import Preprocessing, decode_image, resize_for_model
 from spade_batch.model import CARD_NAME, KEYS_ADDED_LATER, Centre, GalleryWriter, ModelCard, SpadeModel, build_model
 
 SIZE = 64
@@ -66,7 +67,7 @@ def test_extractor_features_match_the_backbone_and_rows_round_to_float16(data):
 
     features = extractor.forward(prepared)  # 5 images in backbone batches of 4 and 1
     with torch.inference_mode():
-        pooled, pyramid = extractor.pyramid(torch.stack([preprocess(image, extractor.preprocessing) for image in images]))
+        pooled, pyramid = extractor.pyramid(torch.stack([torchvision_input(image, extractor.preprocessing) for image in images]))
     assert features.global_features.dtype == torch.float32 and features.global_features.shape == (5, 512)
     np.testing.assert_allclose(features.global_features.numpy(), pooled.numpy(), rtol=1e-5, atol=1e-6)
     rows = features.pixel_rows()
@@ -75,6 +76,17 @@ def test_extractor_features_match_the_backbone_and_rows_round_to_float16(data):
         np.testing.assert_allclose(layer.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
         assert bank.dtype == np.float16 and bank.shape == (5, shape.height * shape.width, shape.channels)
         np.testing.assert_array_equal(bank, channels_last(layer).astype(np.float16))
+
+
+def test_normalise_is_exact_on_a_constant_image():
+    batch = torch.empty((2, 8, 8, 3), dtype=torch.uint8)
+    batch[:] = torch.tensor([10, 128, 250], dtype=torch.uint8)
+    spec = Preprocessing(size=32)
+    out = normalise(batch, spec)
+    assert out.shape == (2, 3, 8, 8) and out.dtype == torch.float32
+    expected = (np.array([10, 128, 250]) / 255 - np.array(spec.mean)) / np.array(spec.std)
+    for c in range(3):
+        np.testing.assert_allclose(out[:, c].numpy(), expected[c], atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ from spade_batch.config import Settings
 from spade_batch.datasets import Sample, make_demo_data, read_mask
 from spade_batch.evaluate import FIGURES, run_evaluate, subsample
 from spade_batch.images import Preprocessing, preprocess_mask, resize_map
-from spade_batch.pipeline import Outputs, run_fit
+from spade_batch.pipeline.fit import run_fit
+from spade_batch.pipeline.layout import Outputs
 from spade_batch.scores import read_scores
 
 SETTINGS = Settings(

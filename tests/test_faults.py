@@ -39,7 +39,8 @@ from spade_batch.images import decode_image, resize_map
 from spade_batch.locks import LOCK_NAME
 from spade_batch.manifest import output_stem
 from spade_batch.model import SpadeModel
-from spade_batch.pipeline import Outputs, run_score
+from spade_batch.pipeline.layout import Outputs
+from spade_batch.pipeline.score import run_score
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

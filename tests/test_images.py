@@ -8,9 +8,9 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from torchvision import transforms
+from torchvision_reference import torchvision_geometry
 
 from spade_batch.config import PILLOW_PIXEL_LIMIT
 from spade_batch.images import (
@@ -20,8 +20,8 @@ from spade_batch.images import (
     Preprocessing,
     decode_for_model,
     decode_image,
-    preprocess,
     preprocess_mask,
+    resize_for_model,
     resize_map,
 )
 
@@ -237,45 +237,40 @@ def test_preprocessing_dict_round_trip_and_validation():
         Preprocessing.from_dict({"sizes": 64})
 
 
-def reference_transform(spec: Preprocessing) -> transforms.Compose:
-    """torchvision's classic PIL pipeline, independent of our tensor code."""
-    if spec.mode == "full":
-        geometry = [transforms.Resize((spec.size, spec.size))]
-    else:
-        geometry = [transforms.Resize(round(spec.size * 256 / 224)), transforms.CenterCrop(spec.size)]
-    return transforms.Compose([*geometry, transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
+def smooth_image(height: int, width: int) -> np.ndarray:
+    """H x W x 3 uint8 with smooth content, where resampling methods differ by at most one grey level."""
+    return np.clip(
+        128 + 60 * np.sin(np.arange(height)[:, None, None] / 7 + np.arange(width)[None, :, None] / 11 + np.arange(3)), 0, 255
+    ).astype(np.uint8)
 
 
 @pytest.mark.parametrize("mode", ["full", "paper"])
-def test_preprocess_matches_torchvision_pil_pipeline(mode):
-    # Smooth content so that resampling differences stay within one grey level.
-    image = np.clip(
-        128 + 60 * np.sin(np.arange(70)[:, None, None] / 7 + np.arange(110)[None, :, None] / 11 + np.arange(3)), 0, 255
-    ).astype(np.uint8)
+@pytest.mark.parametrize("height, width", [(70, 110), (110, 70), (64, 64), (20, 31), (517, 389)])
+def test_resize_for_model_is_torchvisions_resize_bit_for_bit(mode, height, width):
+    image = RNG.integers(0, 256, (height, width, 3), dtype=np.uint8)
     spec = Preprocessing(size=32, mode=mode)
-    out = preprocess(image, spec)
-    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-    expected = reference_transform(spec)(Image.fromarray(image))
-    one_level = 1 / 255 / min(IMAGENET_STD)
-    assert (out - expected).abs().max() <= 1.01 * one_level
+    out = resize_for_model(image, spec)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, torchvision_geometry(image, spec))
 
 
-def test_preprocess_normalises_a_constant_image_exactly():
-    image = np.empty((40, 50, 3), np.uint8)
-    image[:] = (10, 128, 250)
-    out = preprocess(image, Preprocessing(size=32))
-    expected = (np.array([10, 128, 250]) / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-    for c in range(3):
-        np.testing.assert_allclose(out[c].numpy(), expected[c], atol=1e-5)
+@pytest.mark.parametrize("mode", ["full", "paper"])
+def test_resize_for_model_is_within_one_level_of_torchvisions_pil_pipeline(mode):
+    image = smooth_image(70, 110)
+    spec = Preprocessing(size=32, mode=mode)
+    size = (spec.size, spec.size) if mode == "full" else spec.resize_to
+    reference = transforms.CenterCrop(spec.size)(transforms.Resize(size)(Image.fromarray(image)))
+    difference = resize_for_model(image, spec).astype(int) - np.asarray(reference, dtype=int)
+    assert np.abs(difference).max() <= 1
 
 
 def test_paper_mode_crops_the_sides_of_a_wide_image_and_full_mode_keeps_them():
     # H=60, W=100; paper at 32: shorter side -> 37, width -> 61, crop 32 starting at column 14.
     image = np.full((60, 100, 3), 128, np.uint8)
     image[:, :12] = (255, 0, 0)  # left 12% of the width
-    red = lambda t: (t[0] > 1.0) & (t[1] < -1.0)  # noqa: E731 - strongly red pixels
-    full = red(preprocess(image, Preprocessing(size=32, mode="full")))
-    paper = red(preprocess(image, Preprocessing(size=32, mode="paper")))
+    red = lambda a: (a[..., 0] > 200) & (a[..., 1] < 60)  # noqa: E731 - strongly red pixels
+    full = red(resize_for_model(image, Preprocessing(size=32, mode="full")))
+    paper = red(resize_for_model(image, Preprocessing(size=32, mode="paper")))
     assert not paper.any()
     assert full[:, :3].all() and not full[:, 5:].any()
 
@@ -301,14 +296,15 @@ def test_preprocess_mask_geometry(mode):
 
 
 @pytest.mark.parametrize("mode", ["full", "paper"])
-@pytest.mark.parametrize("height, width", [(48, 80), (61, 97), (120, 70)])
-def test_preprocess_mask_lines_up_with_preprocessed_image(mode, height, width):
+@pytest.mark.parametrize("height, width", [(48, 80), (61, 97), (120, 70), (333, 517)])
+def test_preprocess_mask_is_torchvisions_nearest_exact_and_lines_up_with_the_image(mode, height, width):
     mask = np.zeros((height, width), bool)
     mask[height // 4 : height * 5 // 6, width // 4 : width * 2 // 3] = True
-    image = np.repeat(np.where(mask, 255, 0).astype(np.uint8)[:, :, None], 3, axis=2)
     spec = Preprocessing(size=32, mode=mode)
-    bright = preprocess(image, spec)[0].numpy() > (0.5 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
-    np.testing.assert_array_equal(preprocess_mask(mask, spec), bright)
+    out = preprocess_mask(mask, spec)
+    np.testing.assert_array_equal(out, torchvision_geometry(mask.astype(np.uint8), spec, nearest=True) > 0)
+    image = np.repeat(np.where(mask, 255, 0).astype(np.uint8)[:, :, None], 3, axis=2)
+    np.testing.assert_array_equal(out, resize_for_model(image, spec)[..., 0] > 127)
 
 
 # --- resize_map ---------------------------------------------------------------

@@ -31,7 +31,9 @@ from spade_batch.datasets import make_demo_data
 from spade_batch.images import decode_image, resize_map
 from spade_batch.locks import LOCK_NAME, LockHeldError, acquire_lock, release_lock
 from spade_batch.model import CARD_NAME, SpadeModel
-from spade_batch.pipeline import Outputs, ScoreSummary, run_fit, run_score
+from spade_batch.pipeline.fit import run_fit
+from spade_batch.pipeline.layout import Outputs
+from spade_batch.pipeline.score import ScoreSummary, run_score
 from spade_batch.report import overlay
 
 if TYPE_CHECKING:

@@ -113,7 +113,7 @@ def _scenario(model: str, spread_images: str, spread_out: str, remove_images: st
     import ray
     from ray.cluster_utils import Cluster
 
-    from spade_batch.pipeline import run_score
+    from spade_batch.pipeline.score import run_score
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     try:
@@ -148,7 +148,7 @@ def _timed(run: Any) -> dict[str, Any]:
 
 
 def _score_removing_a_node(cluster: Any, victim: Any, model: str, images: str, out: str) -> tuple[Any, dict[str, Any]]:
-    from spade_batch.pipeline import run_score
+    from spade_batch.pipeline.score import run_score
 
     result: dict[str, Any] = {}
     markers = Path(out).parent / "markers-remove"

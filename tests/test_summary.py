@@ -19,7 +19,8 @@ from spade_batch import cli, storage
 from spade_batch.config import Settings
 from spade_batch.datasets import make_demo_data
 from spade_batch.model import load_card
-from spade_batch.pipeline import run_fit, run_score
+from spade_batch.pipeline.fit import run_fit
+from spade_batch.pipeline.score import run_score
 from spade_batch.scores import read_scores
 from spade_batch.summary import failure_reason, failures_by_reason
 

@@ -109,7 +109,7 @@ def test_degenerate_training_images_are_left_out_and_calibration_is_as_without_t
     _gray(1, 5000, 0).save(dirty / strip)
     (dirty / broken).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
 
-    from spade_batch.pipeline import run_fit
+    from spade_batch.pipeline.fit import run_fit
 
     reference = run_fit(str(clean), str(tmp_path / "model-clean"), settings)
     summary = run_fit(str(dirty), str(tmp_path / "model-dirty"), settings)

@@ -1,8 +1,7 @@
-"""Ray orchestration of fit and score (see DESIGN.md's data flow): runtime, fit, score, layout and resume."""
+"""Ray orchestration of fit and score (see DESIGN.md's data flow).
 
-from spade_batch.pipeline.fit import FitSummary, RetryableInputError, run_fit
-from spade_batch.pipeline.layout import Outputs
-from spade_batch.pipeline.runtime import init_ray
-from spade_batch.pipeline.score import ScoreSummary, run_score
-
-__all__ = ["FitSummary", "Outputs", "RetryableInputError", "ScoreSummary", "init_ray", "run_fit", "run_score"]
+Modules: runtime (Ray start-up, the streaming plan, progress), fit, score, layout (output files and
+resume), cpu_stages (decode and outputs: CPU tasks, no torch) and stages (the model actors). This
+package file imports none of them: a CPU worker that unpickles a cpu_stages function must not pay
+for torch.
+"""

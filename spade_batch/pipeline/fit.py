@@ -24,9 +24,10 @@ from spade_batch.features import read_features
 from spade_batch.locks import LOCK_NAME, holding_lock
 from spade_batch.manifest import Manifest, build_manifest
 from spade_batch.model import CARD_NAME, Centre, GalleryWriter, ModelCard, SpadeModel, build_model, cache_root
+from spade_batch.pipeline.cpu_stages import RETRYABLE, read_images, write_feature_part
 from spade_batch.pipeline.layout import done_ids, part_files, read_columns, record_inputs
 from spade_batch.pipeline.runtime import DECODE_TASK, ModelStage, Progress, init_ray, stream
-from spade_batch.pipeline.stages import RETRYABLE, CalibrationStage, ExtractStage, read_images, write_feature_part
+from spade_batch.pipeline.stages import CalibrationStage, ExtractStage
 from spade_batch.trainset import size_outliers
 
 log = logging.getLogger(__name__)

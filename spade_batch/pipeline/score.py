@@ -20,14 +20,14 @@ import torch
 
 from spade_batch import __version__, storage
 from spade_batch.config import Settings
-from spade_batch.detector import Thresholds
 from spade_batch.locks import LOCK_NAME, holding_lock
 from spade_batch.manifest import Manifest, build_manifest
 from spade_batch.model import ModelCard, load_card
+from spade_batch.pipeline.cpu_stages import RETRYABLE, read_images, write_score_outputs
 from spade_batch.pipeline.layout import Outputs, done_ids, part_files, part_name, read_columns, record_inputs
 from spade_batch.pipeline.runtime import DECODE_TASK, ModelStage, Progress, init_ray, stream
-from spade_batch.pipeline.stages import RETRYABLE, ScoreStage, read_images, write_score_outputs
-from spade_batch.scores import ScoreRow, write_scores
+from spade_batch.pipeline.stages import ScoreStage
+from spade_batch.scores import ScoreRow, Thresholds, write_scores
 
 log = logging.getLogger(__name__)
 
