@@ -10,7 +10,7 @@ resource), so the best possible rate is 1/X. In the same run on the same images:
 Prints images/s and the fraction of 1/X each reaches end to end (start-up included), and how busy
 the device was from its first to its last batch; the headline (new design) is the last line.
 
-    python benchmarks/pipeline_device_bound.py [--images 600] [--device-ms 20] [--size 256]
+    python benchmarks/pipeline_device_bound.py [--images 4000] [--device-ms 20] [--size 256]
 """
 
 from __future__ import annotations
@@ -75,10 +75,11 @@ def old_design_shard(uris: list[str], out: str, seconds_per_image: float, size: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--images", type=int, default=4000, help="archive images (a night's archive: start-up is a fixed cost)")
     parser.add_argument("--device-ms", type=float, default=20.0)
     parser.add_argument("--size", type=int, default=256, help="side of the archive images, pixels")
-    parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument("--shard-size", type=int, default=Settings.shard_size, help="images per decode task (default: the product's)")
+    parser.add_argument("--batch-size", type=int, default=Settings.batch_size, help="images per device call (default: the product's)")
     args = parser.parse_args()
     seconds = args.device_ms / 1000
     work = tempfile.mkdtemp(prefix="spade-device-bound-")
@@ -87,13 +88,13 @@ def main() -> None:
     root = make_demo_data(work, n_train=6, n_test_good=per_label, n_test_per_defect=per_label,
                           min_size=args.size, max_size=args.size)
     settings = Settings(backbone="resnet18", weights="random", image_size=64, k=3, calibration_fraction=0.0,
-                        device="cpu", batch_size=8, shard_size=args.shard_size)
+                        device="cpu", batch_size=args.batch_size, shard_size=args.shard_size)
     manifest = build_manifest(os.path.join(root, "test"))
     train = build_manifest(os.path.join(root, "train"))
     model_uri = os.path.join(work, "model")
     fit([decode_image(storage.read_bytes(u), u) for u in train.uris], settings).save(model_uri)
     print(f"config: {len(manifest)} images of {args.size} px, simulated device {args.device_ms} ms/image "
-          f"(best {1 / seconds:.1f} img/s), {os.cpu_count()} CPUs, shard {args.shard_size}")
+          f"(best {1 / seconds:.1f} img/s), {os.cpu_count()} CPUs, shard {args.shard_size}, device batch {args.batch_size}")
 
     ray.init(resources={DEVICE: 1}, include_dashboard=False, runtime_env={"env_vars": {"SIM_DEVICE_SECONDS": str(seconds), "SIM_DEVICE_LOG": device_log}})
     init_ray()
