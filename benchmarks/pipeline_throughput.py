@@ -1,9 +1,12 @@
 """Fit and score throughput of the Ray pipeline, against the in-process API on the same images.
 
 Generates the synthetic dataset, then times (in one run, same machine):
-  baseline: spade_batch.detector fit + score in this process (no Ray, no storage);
+  baseline: spade_batch.detector fit + score in this process (no Ray, no storage), once before
+            the pipeline and once after it (Ray shut down), so that a slow spell of a noisy
+            machine shows as a spread instead of skewing the ratio;
   pipeline: run_fit + run_score on a local Ray with local storage (decode, shards, Parquet, masks).
-Prints images/s for each and their ratio; the score ratio is the last line.
+Prints images/s for each and the pipeline's ratio to the baseline's mean; the score ratio is the
+last line.
 
     python benchmarks/pipeline_throughput.py [--backbone resnet18] [--weights random] [--image-size 128] [--k 10]
 """
@@ -17,6 +20,7 @@ import tempfile
 import time
 
 import numpy as np
+import ray
 
 from spade_batch.config import Settings
 from spade_batch.datasets import make_demo_data
@@ -53,13 +57,15 @@ def main() -> None:
     print(f"config: {args.backbone} ({args.weights}) {args.image_size}px K={args.k}, {len(train_paths)} train, "
           f"{len(test_paths)} test images, shard {args.shard_size}, {os.cpu_count()} CPUs")
 
-    start = time.perf_counter()
-    model = fit(load(train_paths), settings)
-    fit_base = len(train_paths) / (time.perf_counter() - start)
-    start = time.perf_counter()
-    score(model, load(test_paths), settings)
-    score_base = len(test_paths) / (time.perf_counter() - start)
+    def in_process() -> tuple[float, float]:
+        start = time.perf_counter()
+        model = fit(load(train_paths), settings)
+        fit_rate = len(train_paths) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        score(model, load(test_paths), settings)
+        return fit_rate, len(test_paths) / (time.perf_counter() - start)
 
+    before = in_process()
     init_ray(None)  # started before timing: Ray's start-up is not per-image cost
     start = time.perf_counter()
     run_fit(os.path.join(root, "train"), os.path.join(work, "model"), settings)
@@ -67,9 +73,12 @@ def main() -> None:
     start = time.perf_counter()
     run_score(os.path.join(work, "model"), os.path.join(root, "test"), os.path.join(work, "out"), settings)
     score_pipe = len(test_paths) / (time.perf_counter() - start)
+    ray.shutdown()
+    after = in_process()
 
-    print(f"fit:   in-process {fit_base:7.2f} img/s   pipeline {fit_pipe:7.2f} img/s   ratio {fit_pipe / fit_base:.2f}")
-    print(f"score: in-process {score_base:7.2f} img/s   pipeline {score_pipe:7.2f} img/s   ratio {score_pipe / score_base:.2f}")
+    for name, pipe, base in (("fit", fit_pipe, (before[0], after[0])), ("score", score_pipe, (before[1], after[1]))):
+        print(f"{name + ':':6} in-process {base[0]:7.2f} / {base[1]:7.2f} img/s (before / after)   pipeline {pipe:7.2f} img/s"
+              f"   ratio {pipe / np.mean(base):.2f}")
 
 
 if __name__ == "__main__":

@@ -269,7 +269,7 @@ def test_backbone_and_gallery_load_once_per_model_actor_not_per_batch(fitted: Fi
     run = read_json(scored.out.run_json, fitted.settings)
     workers = run["workers"]
     batches = math.ceil(len(fitted.ids("test")) / fitted.settings.batch_size)
-    assert len(workers) == run["model_workers"] >= 1
+    assert 1 <= len(workers) <= run["model_workers"]  # an actor that got no batch reports nothing
     assert sum(w["images"] for w in workers.values()) == 5
     assert [w["backbone_loads"] for w in workers.values()] == [1] * len(workers)
     assert [w["gallery_loads"] for w in workers.values()] == [1] * len(workers)
