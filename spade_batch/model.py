@@ -315,9 +315,12 @@ class GalleryWriter:
 
     The gallery ids are known up front and sorted: row i of every file is ids[i], wherever and
     whenever its features arrive, so the artifact does not depend on batching or resume. Rows are
-    written with plain positioned writes (no memory map), so memory stays at one batch whatever
-    the gallery size.
+    written with positioned writes (no memory map), so memory stays at one batch whatever the
+    gallery size, and several threads may add different images at once.
     """
+
+    rows_per_write = 64
+    """Images centred and written together: bounds add's float32 copy (resnet18 at 128 px: 29 MB)."""
 
     def __init__(self, folder: str, ids: Sequence[str], layer_shapes: Sequence[LayerShape], global_dim: int, centre: Centre):
         self.folder, self.ids, self.shapes, self.centre = folder, sorted(ids), list(layer_shapes), centre
@@ -336,6 +339,7 @@ class GalleryWriter:
             self.offsets.append(handle.tell())
             self.row_bytes.append(2 * shape.height * shape.width * shape.channels)
             handle.truncate(self.offsets[-1] + self.row_bytes[-1] * len(self.ids))
+            handle.flush()
             self.files.append(handle)
 
     def add(self, ids: Sequence[str], global_features: np.ndarray, layers: Sequence[np.ndarray]) -> None:
@@ -346,16 +350,21 @@ class GalleryWriter:
             global_features: n x D.
             layers: per layer, n x P x C_l (any float dtype).
         """
-        for i, image_id in enumerate(ids):
-            row = self.position.get(image_id)
-            if row is None:
-                continue
-            self.global_features[row] = global_features[i] - self.centre.global_mean
-            for handle, offset, size, layer, mean in zip(self.files, self.offsets, self.row_bytes, layers, self.centre.layer_means):
-                values = (np.asarray(layer[i], np.float32) - mean).astype(np.float16)
-                handle.seek(offset + row * size)
-                handle.write(np.ascontiguousarray(values).tobytes())
-            self.written[row] = True
+        rows = np.array([self.position.get(image_id, -1) for image_id in ids], dtype=np.int64)
+        sources = np.flatnonzero(rows >= 0)
+        for start in range(0, len(sources), self.rows_per_write):
+            chunk = sources[start : start + self.rows_per_write]
+            self._write(rows[chunk], global_features[chunk], [layer[chunk] for layer in layers])
+
+    def _write(self, rows: np.ndarray, global_features: np.ndarray, layers: Sequence[np.ndarray]) -> None:
+        """Centre b images and write them to gallery rows `rows` (b int64), a run of consecutive rows per write."""
+        self.global_features[rows] = global_features - self.centre.global_mean
+        runs = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1)
+        for handle, offset, size, layer, mean in zip(self.files, self.offsets, self.row_bytes, layers, self.centre.layer_means):
+            values = _centred_float16(layer, mean)
+            for run in runs:
+                os.pwrite(handle.fileno(), memoryview(values[run[0] : run[-1] + 1]).cast("B"), offset + int(rows[run[0]]) * size)
+        self.written[rows] = True
 
     def close(self) -> tuple[list[str], np.ndarray]:
         """(gallery ids, N x D centred global features) once every row is written."""
@@ -365,6 +374,14 @@ class GalleryWriter:
             missing = [image_id for image_id, done in zip(self.ids, self.written) if not done]
             raise ValueError(f"{len(missing)} gallery images were never written, e.g. {missing[:3]}")
         return self.ids, self.global_features
+
+
+def _centred_float16(values: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """b x P x C float values minus the C mean (in float32), as C-contiguous float16."""
+    import torch  # 10x numpy's float16 casts; imported here so that loading a model needs no torch
+
+    centred = torch.from_numpy(np.asarray(values)).float() - torch.from_numpy(mean)
+    return centred.to(torch.float16).contiguous().numpy()
 
 
 def build_model(writer: GalleryWriter, card: ModelCard, settings: Settings) -> SpadeModel:

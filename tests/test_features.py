@@ -88,10 +88,19 @@ def test_schema_types_and_metadata_hold_the_layer_shapes():
     table = to_arrow(make_table(ERRORS))
     metadata = json.loads(table.schema.metadata[b"spade_batch"])
     assert metadata["layers"] == [{"name": s.name, "height": s.height, "width": s.width, "channels": s.channels} for s in SHAPES]
-    assert metadata["global_dim"] == 7 and metadata["schema_version"] == 1
-    assert str(table.schema.field("global").type) == "fixed_size_list<item: float>[7]"
-    assert str(table.schema.field("layer1").type) == "fixed_size_list<item: halffloat>[48]"
+    assert metadata["global_dim"] == 7 and metadata["schema_version"] == 2
+    assert str(table.schema.field("global").type) == "fixed_size_binary[28]"  # 7 float32
+    assert str(table.schema.field("layer1").type) == "fixed_size_binary[96]"  # 4 x 4 x 3 float16
     assert [table.schema.field(name).type.__str__() for name in ("height", "width")] == ["int32", "int32"]
+
+
+def test_a_layer_reads_back_with_plain_pyarrow_and_numpy_as_documented(tmp_path):
+    features = make_table(ERRORS)
+    write_features(str(tmp_path / "part.parquet"), features)
+    row = pq.read_table(tmp_path / "part.parquet").column("layer1")[2].as_py()
+    shape = SHAPES[0]
+    np.testing.assert_array_equal(np.frombuffer(row, "<f2").reshape(shape.height, shape.width, shape.channels),
+                                  features.layers[0][2].reshape(shape.height, shape.width, shape.channels))
 
 
 def test_a_sliced_table_reads_its_own_rows():

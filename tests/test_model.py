@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -130,6 +131,25 @@ def test_rows_written_in_any_order_and_in_pieces_give_the_same_files(tmp_path):
     assert shuffled_ids == ordered_ids == sorted(features.ids)
     np.testing.assert_array_equal(shuffled_global, ordered_global)
     assert gallery_files(shuffled) == gallery_files(ordered)
+
+
+def test_threads_adding_pieces_at_once_give_the_same_files(tmp_path, monkeypatch):
+    features = raw_features(23, seed=3)
+    centre = first_by_id_centre(features)
+    writer = GalleryWriter(str(tmp_path / "one"), features.ids, SHAPES, DIM, centre)
+    writer.add(features.ids, features.global_features, features.layers)
+    one_ids, one_global = writer.close()
+
+    monkeypatch.setattr(GalleryWriter, "rows_per_write", 2)  # several writes per piece, runs split by gaps
+    writer = GalleryWriter(str(tmp_path / "threads"), features.ids, SHAPES, DIM, centre)
+    pieces = np.array_split(np.random.default_rng(1).permutation(23), 5)
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        list(pool.map(lambda piece: writer.add(*features.rows(np.sort(piece))), pieces))
+    threads_ids, threads_global = writer.close()
+
+    assert threads_ids == one_ids
+    np.testing.assert_array_equal(threads_global, one_global)
+    assert gallery_files(tmp_path / "threads") == gallery_files(tmp_path / "one")
 
 
 def test_an_unwritten_gallery_row_is_a_clear_error_at_close(tmp_path):

@@ -4,6 +4,7 @@ then the gallery is written from the parts one at a time, and held-out images ca
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -20,6 +21,7 @@ from spade_batch import storage
 from spade_batch.calibrate import Normalisation, calibrate_from_samples, layer_scales
 from spade_batch.config import Settings
 from spade_batch.detector import Extractor, new_card, split_fit_ids
+from spade_batch.features import SCHEMA_VERSION as FEATURE_SCHEMA_VERSION
 from spade_batch.features import read_features
 from spade_batch.locks import LOCK_NAME, holding_lock
 from spade_batch.manifest import Manifest, build_manifest
@@ -31,6 +33,9 @@ from spade_batch.pipeline.stages import CalibrationStage, ExtractStage
 from spade_batch.trainset import size_outliers
 
 log = logging.getLogger(__name__)
+
+GALLERY_THREADS = 4
+"""Part files read and written into the gallery at once: Parquet decoding and centring release the GIL."""
 
 
 class RetryableInputError(RuntimeError):
@@ -75,7 +80,7 @@ def _fit_locked(manifest: Manifest, model_uri: str, settings: Settings, started:
         storage.remove(features_uri, options, recursive=True)
     # Part files of a killed fit are reused only for the same images and feature extractor.
     extraction = {"images": manifest.sha256(), "backbone": settings.backbone, "weights": extractor.weights_sha256,
-                  "preprocessing": extractor.preprocessing.to_dict()}
+                  "preprocessing": extractor.preprocessing.to_dict(), "feature_schema": FEATURE_SCHEMA_VERSION}
     record_inputs(features_uri, storage.join(features_uri, "inputs.json"), extraction, options)
     _extract(manifest.ids, manifest.uris, features_uri, extractor, settings)
     extracted = time.perf_counter()
@@ -166,19 +171,19 @@ def _extract(ids: tuple[str, ...], uris: tuple[str, ...], features_uri: str, ext
 def _write_gallery(
     folder: str, parts: list[str], located: dict[str, tuple[str, Any]], gallery_ids: list[str], card: ModelCard, settings: Settings
 ) -> SpadeModel:
-    """The model in folder, its gallery written from the part files one at a time."""
+    """The model in folder, its gallery written from the part files, several at a time (the cores are free by now)."""
     options = settings.fsspec_options()
     first = read_features([located[gallery_ids[0]][0]], options)
     row = first.ids.index(gallery_ids[0])
     centre = Centre.of_image(first.global_features[row], [layer[row] for layer in first.layers])
     writer = GalleryWriter(folder, gallery_ids, card.layer_shapes, card.global_dim, centre)
-    wanted = set(gallery_ids)
-    for part in parts:
+
+    def add(part: str) -> None:
         table = read_features([part], options)
-        keep = np.array([i in wanted for i in table.ids], dtype=bool)
-        if keep.any():
-            table = table.select(keep)
-            writer.add(table.ids, table.global_features, table.layers)
+        writer.add(table.ids, table.global_features, table.layers)
+
+    with concurrent.futures.ThreadPoolExecutor(min(GALLERY_THREADS, os.cpu_count() or 1)) as pool:
+        list(pool.map(add, parts))
     return build_model(writer, card, settings)
 
 
