@@ -6,9 +6,11 @@ Generates the synthetic dataset, then times (in one run, same machine):
             machine shows as a spread instead of skewing the ratio;
   pipeline: run_fit + run_score on a local Ray with local storage (decode, shards, Parquet, masks).
 Prints images/s for each and the pipeline's ratio to the baseline's mean; the score ratio is the
-last line.
+last line. With --in-process-only (a machine without Ray, such as the GPU machine) it prints the
+in-process rates alone, score's last.
 
     python benchmarks/pipeline_throughput.py [--backbone resnet18] [--weights random] [--image-size 128] [--k 10]
+        [--device auto|cpu|cuda] [--in-process-only]
 """
 
 from __future__ import annotations
@@ -20,15 +22,11 @@ import tempfile
 import time
 
 import numpy as np
-import ray
 
 from spade_batch.config import Settings
 from spade_batch.datasets import make_demo_data
 from spade_batch.detector import fit, score
 from spade_batch.images import decode_image
-from spade_batch.pipeline.fit import run_fit
-from spade_batch.pipeline.runtime import init_ray
-from spade_batch.pipeline.score import run_score
 
 
 def load(paths: list[str]) -> list[np.ndarray]:
@@ -45,10 +43,12 @@ def main() -> None:
     parser.add_argument("--test-per-defect", type=int, default=100, help="test images per label (4 labels)")
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--in-process-only", action="store_true", help="no Ray: time the in-process API alone")
     args = parser.parse_args()
     settings = Settings(
         backbone=args.backbone, weights=args.weights, image_size=args.image_size, k=args.k,
-        shard_size=args.shard_size, batch_size=args.batch_size, calibration_fraction=0.0, device="cpu",
+        shard_size=args.shard_size, batch_size=args.batch_size, calibration_fraction=0.0, device=args.device,
     )
     work = tempfile.mkdtemp(prefix="spade-bench-")
     root = make_demo_data(work, n_train=args.train, n_test_good=args.test_per_defect, n_test_per_defect=args.test_per_defect)
@@ -66,19 +66,35 @@ def main() -> None:
         return fit_rate, len(test_paths) / (time.perf_counter() - start)
 
     before = in_process()
-    init_ray(None)  # started before timing: Ray's start-up is not per-image cost
-    start = time.perf_counter()
-    run_fit(os.path.join(root, "train"), os.path.join(work, "model"), settings)
-    fit_pipe = len(train_paths) / (time.perf_counter() - start)
-    start = time.perf_counter()
-    run_score(os.path.join(work, "model"), os.path.join(root, "test"), os.path.join(work, "out"), settings)
-    score_pipe = len(test_paths) / (time.perf_counter() - start)
-    ray.shutdown()
+    if args.in_process_only:
+        print(f"in-process on {args.device}: fit {before[0]:.2f} img/s")
+        print(f"in-process on {args.device}: score {before[1]:.2f} img/s")
+        return
+    fit_pipe, score_pipe = pipeline(root, work, settings, len(train_paths), len(test_paths))
     after = in_process()
 
     for name, pipe, base in (("fit", fit_pipe, (before[0], after[0])), ("score", score_pipe, (before[1], after[1]))):
         print(f"{name + ':':6} in-process {base[0]:7.2f} / {base[1]:7.2f} img/s (before / after)   pipeline {pipe:7.2f} img/s"
               f"   ratio {pipe / np.mean(base):.2f}")
+
+
+def pipeline(root: str, work: str, settings: Settings, train_count: int, test_count: int) -> tuple[float, float]:
+    """(fit, score) images/s of run_fit and run_score on a local Ray, shut down afterwards."""
+    import ray  # here, so that --in-process-only runs where Ray is not installed
+
+    from spade_batch.pipeline.fit import run_fit
+    from spade_batch.pipeline.runtime import init_ray
+    from spade_batch.pipeline.score import run_score
+
+    init_ray(None)  # started before timing: Ray's start-up is not per-image cost
+    start = time.perf_counter()
+    run_fit(os.path.join(root, "train"), os.path.join(work, "model"), settings)
+    fit_rate = train_count / (time.perf_counter() - start)
+    start = time.perf_counter()
+    run_score(os.path.join(work, "model"), os.path.join(root, "test"), os.path.join(work, "out"), settings)
+    score_rate = test_count / (time.perf_counter() - start)
+    ray.shutdown()
+    return fit_rate, score_rate
 
 
 if __name__ == "__main__":
