@@ -475,6 +475,13 @@ def test_a_killed_fit_resumes_only_for_the_same_images(fitted: Fitted) -> None:
     np.testing.assert_array_equal(resumed.centre.global_mean, complete.centre.global_mean)
 
     storage.remove(card_uri, options)
+    # Parts written by a release with another feature schema are never mixed into this one's gallery.
+    inputs_uri = storage.join(model_uri, "features", "inputs.json")
+    recorded = storage.read_text(inputs_uri, options)
+    storage.write_text(inputs_uri, json.dumps({**json.loads(recorded), "feature_schema": 1}), options)
+    with pytest.raises(FileExistsError, match=f"{model_uri}/features holds a run with other feature_schema; pass --overwrite"):
+        run_fit(fitted.train_uri, model_uri, settings)
+    storage.write_text(inputs_uri, recorded, options)
     others = upload(fitted, originals(fitted, fitted.ids("test")), "others")
     with pytest.raises(FileExistsError, match=f"{model_uri}/features holds a run with other images; pass --overwrite"):
         run_fit(others, model_uri, settings)
