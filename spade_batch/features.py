@@ -56,8 +56,8 @@ class FeatureTable:
         ids, uris: per image.
         heights, widths: N int32 original sizes in pixels (0 for failed images).
         global_features: N x D float32 (rows of failed images are zero).
-        layers: per pyramid layer, N x (h * w) x C float16, channels last (failed rows zero; read-only
-            views of the Arrow buffers when read from a part without failed rows).
+        layers: per pyramid layer, N x (h * w) x C float16, channels last (failed rows zero; views of
+            the Arrow buffers when read from a part without failed rows).
         layer_shapes: per layer (name, h, w, C).
         errors: per image, None or why it was skipped.
     """
@@ -99,10 +99,10 @@ def to_arrow(features: FeatureTable) -> pa.Table:
         "uri": pa.array(features.uris, pa.string()),
         "height": pa.array(features.heights.astype(np.int32)),
         "width": pa.array(features.widths.astype(np.int32)),
-        "global": _binary_rows(features.global_features.astype("<f4"), failed),
+        "global": _binary_rows(np.asarray(features.global_features, "<f4"), failed),
     }
     for shape, layer in zip(features.layer_shapes, features.layers):
-        columns[shape.name] = _binary_rows(layer.astype("<f2"), failed)
+        columns[shape.name] = _binary_rows(np.asarray(layer, "<f2"), failed)
     columns["error"] = pa.array(features.errors, pa.string())
     metadata = {
         "schema_version": SCHEMA_VERSION,
@@ -140,11 +140,11 @@ def from_arrow(table: pa.Table) -> FeatureTable:
 def _values(table: pa.Table, name: str, dtype: str, width: int) -> np.ndarray:
     """N x width array of a fixed-size binary column; null rows (failed images) are zero.
 
-    Without null rows this is a read-only view of the Arrow buffer: copying a part's ~15 MB into
-    fresh pages cost as much as decoding it.
+    Without null rows this is a view of the Arrow buffer: copying a part's ~15 MB into fresh pages
+    cost as much as decoding it.
     """
-    chunks = table.column(name).chunks
-    column = chunks[0] if len(chunks) == 1 else pa.concat_arrays(chunks)  # combine_chunks copies even one chunk
+    chunked = table.column(name)
+    column = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()  # which copies even one chunk
     values = np.frombuffer(column.buffers()[1], dtype, count=len(column) * width, offset=column.offset * column.type.byte_width)
     values = values.reshape(len(column), width)
     if column.null_count:

@@ -1,5 +1,5 @@
 """fit on Ray: normal images stream through decode (CPU tasks) -> backbone actors -> feature part files;
-then the gallery is written from the parts one at a time, and held-out images calibrate the thresholds.
+then the gallery is written from the parts holding gallery images, and held-out images calibrate the thresholds.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def _fit_locked(manifest: Manifest, model_uri: str, settings: Settings, started:
     local = storage.is_local(model_uri)
     folder = storage.filesystem(model_uri, options)[1] if local else tempfile.mkdtemp(prefix="gallery-", dir=_staging_root())
     try:
-        model = _write_gallery(folder, parts, located, gallery_ids, card, settings)
+        model = _write_gallery(folder, located, gallery_ids, card, settings)
         model.publish_arrays(model_uri, options)  # calibration actors load it from there; the card comes last
         if calibration_ids:
             model = _calibrate(model, model_uri, located, calibration_ids, settings)
@@ -169,9 +169,10 @@ def _extract(ids: tuple[str, ...], uris: tuple[str, ...], features_uri: str, ext
 
 
 def _write_gallery(
-    folder: str, parts: list[str], located: dict[str, tuple[str, Any]], gallery_ids: list[str], card: ModelCard, settings: Settings
+    folder: str, located: dict[str, tuple[str, Any]], gallery_ids: list[str], card: ModelCard, settings: Settings
 ) -> SpadeModel:
-    """The model in folder, its gallery written from the part files, several at a time (the cores are free by now)."""
+    """The model in folder, its gallery written from the part files holding gallery images, several at a time
+    (the cores are free by now)."""
     options = settings.fsspec_options()
     first = read_features([located[gallery_ids[0]][0]], options)
     row = first.ids.index(gallery_ids[0])
@@ -183,7 +184,7 @@ def _write_gallery(
         writer.add(table.ids, table.global_features, table.layers)
 
     with concurrent.futures.ThreadPoolExecutor(min(GALLERY_THREADS, os.cpu_count() or 1)) as pool:
-        list(pool.map(add, parts))
+        list(pool.map(add, sorted({located[image_id][0] for image_id in gallery_ids})))
     return build_model(writer, card, settings)
 
 
