@@ -10,7 +10,7 @@ last line. With --in-process-only (a machine without Ray, such as the GPU machin
 in-process rates alone, score's last.
 
     python benchmarks/pipeline_throughput.py [--backbone resnet18] [--weights random] [--image-size 128] [--k 10]
-        [--device auto|cpu|cuda] [--in-process-only]
+        [--train 400] [--test-per-defect 100] [--calibration-fraction 0.1] [--device auto|cpu|cuda] [--in-process-only]
 """
 
 from __future__ import annotations
@@ -43,18 +43,22 @@ def main() -> None:
     parser.add_argument("--test-per-defect", type=int, default=100, help="test images per label (4 labels)")
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--calibration-fraction", type=float, default=Settings.calibration_fraction,
+                        help="held-out training images that calibrate the thresholds (default: the product's)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--in-process-only", action="store_true", help="no Ray: time the in-process API alone")
     args = parser.parse_args()
     settings = Settings(
         backbone=args.backbone, weights=args.weights, image_size=args.image_size, k=args.k,
-        shard_size=args.shard_size, batch_size=args.batch_size, calibration_fraction=0.0, device=args.device,
+        shard_size=args.shard_size, batch_size=args.batch_size, calibration_fraction=args.calibration_fraction,
+        device=args.device,
     )
     work = tempfile.mkdtemp(prefix="spade-bench-")
     root = make_demo_data(work, n_train=args.train, n_test_good=args.test_per_defect, n_test_per_defect=args.test_per_defect)
     train_paths = sorted(glob.glob(os.path.join(root, "train", "good", "*.png")))
     test_paths = sorted(glob.glob(os.path.join(root, "test", "*", "*.png")))
-    print(f"config: {args.backbone} ({args.weights}) {args.image_size}px K={args.k}, {len(train_paths)} train, "
+    print(f"config: {args.backbone} ({args.weights}) {args.image_size}px K={args.k}, {len(train_paths)} train "
+          f"({args.calibration_fraction:g} held out to calibrate), "
           f"{len(test_paths)} test images, shard {args.shard_size}, {os.cpu_count()} CPUs")
 
     def in_process() -> tuple[float, float]:

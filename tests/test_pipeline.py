@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import posixpath
@@ -250,6 +251,31 @@ def test_calibration_thresholds_are_stored_and_applied(fitted: Fitted, scored: S
     assert card["thresholds"]["pixel"] == pytest.approx(pixel_threshold, rel=FLOAT16_RTOL)
     for row in read_rows(scored.out.root, fitted.settings).values():
         assert row["is_anomalous"] is (row["image_score"] > card["thresholds"]["image"])
+
+
+@pytest.mark.parametrize("model_workers", [0, 1], ids=["in-the-driver", "on-a-model-actor"])
+def test_learnt_scales_and_thresholds_equal_the_in_process_fit(
+    fitted: Fitted, tmp_path: Any, caplog: pytest.LogCaptureFixture, model_workers: int
+) -> None:
+    """layer_normalise and image_score combined learn scales from the held-out images. On this single
+    CPU-only node fit scores them in the driver; with model_workers set, on model actors (as on a GPU or
+    multi-node cluster). Both give the in-process fit's scales and thresholds: to float16 precision,
+    since calibration reads the stored float16 features."""
+    settings = fitted.settings.replace(image_score="combined", map_top=0.05, layer_normalise=True, calibration_fraction=0.4,
+                                       image_fpr=0.5, model_workers=model_workers)
+    model_uri = str(tmp_path / "model")
+    with caplog.at_level(logging.INFO, logger="spade_batch.pipeline.fit"):
+        run_fit(os.path.join(fitted.local, "train"), model_uri, settings)
+    assert ("in the driver" if model_workers == 0 else "on 1 model actors") in caplog.text
+    card = read_json(storage.join(model_uri, CARD_NAME), settings)
+    ids = fitted.ids("train")
+    reference = detector.fit([fitted.image("train", i) for i in ids], settings, ids=ids).card
+    assert card["calibration"]["count"] == reference.calibration["count"] >= 2
+    assert card["normalisation"]["layer_scales"] == pytest.approx(reference.normalisation["layer_scales"], rel=FLOAT16_RTOL)
+    for statistic in ("knn", "map"):
+        assert card["normalisation"][statistic] == pytest.approx(reference.normalisation[statistic], rel=FLOAT16_RTOL)
+    for kind in ("image", "pixel"):
+        assert card["thresholds"][kind] == pytest.approx(reference.thresholds[kind], rel=FLOAT16_RTOL, abs=1e-3)
 
 
 def test_run_json_counts(fitted: Fitted, scored: Scored, model: SpadeModel) -> None:

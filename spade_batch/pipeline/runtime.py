@@ -70,6 +70,11 @@ class ModelStage:
         reserved = min(settings.cpus_per_task, max(0.0, (cpus - 1) / workers))
         return cls(workers, {"num_cpus": reserved, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}})
 
+    @property
+    def gpus(self) -> float:
+        """GPUs each actor holds (0 on CPU)."""
+        return float(self.resources.get("num_gpus", 0))
+
     def compute(self) -> ray.data.ActorPoolStrategy:
         return ray.data.ActorPoolStrategy(size=self.workers)
 

@@ -69,36 +69,44 @@ class ScoreStage:
 
 
 class CalibrationStage:
-    """Scores held-out normal images from their stored features (no second extraction).
+    """Scores held-out normal images from their stored features (no second extraction): calibration_batch
+    on a model actor.
 
     moments: return each part's summed per-layer distance moments (Scorer.layer_moments, for the layer
     scales) instead of per-image scores.
     """
 
     def __init__(self, model_uri: str, settings: Settings, card: dict[str, Any], moments: bool = False):
-        self.stage = ScoreStage(model_uri, settings, card)
+        self.scorer = ScoreStage(model_uri, settings, card).scorer
         self.options, self.moments = settings.fsspec_options(), moments
 
     def __call__(self, batch: Batch) -> Batch:
-        ids, knn_scores, map_scores, samples, moments = [], [], [], [], []
-        for part, wanted in zip(batch["part"], batch["ids"]):
-            table = read_features([str(part)], self.options)
-            keep = np.isin(np.array(table.ids, dtype=object), np.array(list(wanted), dtype=object))
-            table = table.select(keep)
-            layers = [
-                torch.from_numpy(layer.astype(np.float32)).view(len(table), s.height, s.width, s.channels).permute(0, 3, 1, 2)
-                for layer, s in zip(table.layers, table.layer_shapes)
-            ]
-            features = Features(torch.from_numpy(table.global_features), layers)
-            if self.moments:
-                moments.append(self.stage.scorer.layer_moments(features))
-                continue
-            results = self.stage.scorer.score_features(features)
-            ids += table.ids
-            knn_scores += [r.knn_score for r in results]
-            map_scores += [r.map_score for r in results]
-            samples += [calibrate.pixel_sample(r.anomaly_map) for r in results]
-        if self.moments:
-            return {"moments": np.stack(moments)}
-        return {"id": object_column(ids), "knn_score": np.array(knn_scores, np.float64),
-                "map_score": np.array(map_scores, np.float64), "pixel_sample": object_column(samples)}
+        return calibration_batch(self.scorer, batch, self.options, self.moments)
+
+
+def calibration_batch(scorer: Scorer, batch: Batch, options: dict[str, Any], moments: bool) -> Batch:
+    """part (str), ids (list of str: the held-out images in that part) -> id, knn_score, map_score,
+    pixel_sample (calibrate.pixel_sample of each map); with moments, one row per part of its summed
+    L x 3 distance moments instead."""
+    ids, knn_scores, map_scores, samples, summed = [], [], [], [], []
+    for part, wanted in zip(batch["part"], batch["ids"]):
+        table = read_features([str(part)], options)
+        keep = np.isin(np.array(table.ids, dtype=object), np.array(list(wanted), dtype=object))
+        table = table.select(keep)
+        layers = [
+            torch.from_numpy(layer.astype(np.float32)).view(len(table), s.height, s.width, s.channels).permute(0, 3, 1, 2)
+            for layer, s in zip(table.layers, table.layer_shapes)
+        ]
+        features = Features(torch.from_numpy(table.global_features), layers)
+        if moments:
+            summed.append(scorer.layer_moments(features))
+            continue
+        results = scorer.score_features(features)
+        ids += table.ids
+        knn_scores += [r.knn_score for r in results]
+        map_scores += [r.map_score for r in results]
+        samples += [calibrate.pixel_sample(r.anomaly_map) for r in results]
+    if moments:
+        return {"moments": np.stack(summed)}
+    return {"id": object_column(ids), "knn_score": np.array(knn_scores, np.float64),
+            "map_score": np.array(map_scores, np.float64), "pixel_sample": object_column(samples)}
