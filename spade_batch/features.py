@@ -165,11 +165,17 @@ def write_features(uri: str, features: FeatureTable, options: storage.StorageOpt
 
 def read_features(uris: Sequence[str], options: storage.StorageOptions = None) -> FeatureTable:
     """Read and concatenate part files, in the given order."""
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(uri, options))) for uri in uris]
-    if not tables:
+    if not uris:
         raise ValueError("no feature part files to read")
-    parts = [from_arrow(table) for table in tables]
-    return concatenate(parts)
+    return concatenate([_read_part(uri, options) for uri in uris])
+
+
+def _read_part(uri: str, options: storage.StorageOptions) -> FeatureTable:
+    table = storage.read_part(uri, options)
+    try:
+        return from_arrow(table)
+    except (KeyError, TypeError, ValueError) as error:  # metadata missing, or not the columns' shapes
+        raise storage.damaged_part(uri, error) from error
 
 
 def concatenate(parts: Sequence[FeatureTable]) -> FeatureTable:

@@ -107,5 +107,5 @@ def write_scores(uri: str, rows: Sequence[ScoreRow], options: storage.StorageOpt
 
 def read_scores(uris: Sequence[str], options: storage.StorageOptions = None) -> pa.Table:
     """Concatenate part files in the given order."""
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(uri, options)), schema=SCHEMA) for uri in uris]
+    tables = [storage.read_part(uri, options, schema=SCHEMA) for uri in uris]
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()

@@ -41,6 +41,8 @@ import aiohttp
 import botocore.exceptions
 import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.exceptions import FSTimeoutError
 
 StorageOptions = Mapping[str, Any] | None
@@ -273,6 +275,30 @@ def read_bytes(uri: str, options: StorageOptions = None) -> bytes:
             ) from None
 
     return _retrying(read, uri, "read")
+
+
+class DamagedPartError(ValueError):
+    """A part file (features or scores, one per batch) that cannot be read; the message names it and what to do."""
+
+
+def damaged_part(uri: str, error: BaseException) -> DamagedPartError:
+    return DamagedPartError(
+        f"part file {_redact(uri)} is damaged ({type(error).__name__}: {_first_line(error)}); "
+        "delete it and re-run the same command: the images it held are processed again"
+    )
+
+
+def read_part(uri: str, options: StorageOptions = None, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
+    """The Parquet table of a part file a run wrote: only `columns` when given, read as `schema` when given.
+
+    Parts are written atomically, so a damaged one was damaged afterwards (a copy cut short, an edit
+    by hand): that raises DamagedPartError.
+    """
+    data = read_bytes(uri, options)
+    try:
+        return pq.read_table(io.BytesIO(data), columns=columns, schema=schema)
+    except (pa.ArrowException, OSError, ValueError) as error:
+        raise damaged_part(uri, error) from error
 
 
 def read_text(uri: str, options: StorageOptions = None) -> str:

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from spade_batch import storage
 from spade_batch.features import (
     FeatureTable,
     LayerShape,
@@ -126,6 +127,21 @@ def test_read_features_concatenates_parts_in_the_given_order(tmp_path):
     assert read_features(uris[::-1]).ids[:3] == ["b/0.png", "b/1.png", "b/2.png"]
     with pytest.raises(ValueError, match="no feature part files"):
         read_features([])
+
+
+@pytest.mark.parametrize("damage", ["no metadata", "wrong layer shape"])
+def test_a_part_whose_metadata_does_not_fit_its_columns_is_named(tmp_path, damage):
+    table = to_arrow(make_table(ERRORS))
+    metadata = json.loads(table.schema.metadata[b"spade_batch"])
+    if damage == "no metadata":
+        table = table.replace_schema_metadata(None)
+    else:
+        metadata["layers"][0]["channels"] *= 2
+        table = table.replace_schema_metadata({"spade_batch": json.dumps(metadata)})
+    uri = str(tmp_path / "part-00003.parquet")
+    pq.write_table(table, uri)
+    with pytest.raises(storage.DamagedPartError, match="part file .*part-00003.parquet is damaged .*delete it and re-run"):
+        read_features([uri])
 
 
 def test_concatenate_select_and_valid():

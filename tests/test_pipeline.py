@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import posixpath
+import re
 import socket
 import subprocess
 import sys
@@ -489,10 +490,14 @@ def test_a_killed_fit_resumes_only_for_the_same_images(fitted: Fitted) -> None:
     card_uri = storage.join(model_uri, CARD_NAME)
     run_fit(fitted.train_uri, model_uri, settings)
     complete = SpadeModel.load(model_uri, options)
-    # Killed while extracting: no card yet, one feature part missing.
+    # Killed while extracting: no card yet, one feature part missing; another cut short since (a copy interrupted).
     storage.remove(card_uri, options)
     parts = storage.list_files(storage.join(model_uri, "features"), (".parquet",), options)
     storage.remove(parts[-1], options)
+    storage.write_bytes(parts[0], storage.read_bytes(parts[0], options)[:-100], options)
+    with pytest.raises(storage.DamagedPartError, match=rf"part file {re.escape(parts[0])} is damaged .*delete it and re-run the same command"):
+        run_fit(fitted.train_uri, model_uri, settings)
+    storage.remove(parts[0], options)  # as the message says
     run_fit(fitted.train_uri, model_uri, settings)
     resumed = SpadeModel.load(model_uri, options)
     assert resumed.train_ids == complete.train_ids

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import time
 from typing import TYPE_CHECKING
 
 import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from spade_batch import storage
@@ -207,6 +210,19 @@ def test_invalid_utf8_text_error_names_the_uri(storage_root: StorageRoot) -> Non
     storage.write_bytes(uri, "café".encode("latin-1"), storage_root.options)
     with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
         storage.read_text(uri, storage_root.options)
+
+
+def test_a_damaged_part_file_is_named_with_what_to_do(storage_root: StorageRoot) -> None:
+    good = storage.join(storage_root.base, "part-good.parquet")
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"id": ["a", "b"], "x": [1, 2]}), buffer)
+    storage.write_bytes(good, buffer.getvalue(), storage_root.options)
+    assert storage.read_part(good, storage_root.options, columns=["id"]).column("id").to_pylist() == ["a", "b"]
+    for name, data in (("cut", buffer.getvalue()[:-20]), ("text", b"not parquet at all"), ("empty", b"")):
+        uri = storage.join(storage_root.base, f"part-{name}.parquet")
+        storage.write_bytes(uri, data, storage_root.options)
+        with pytest.raises(storage.DamagedPartError, match=rf"part file .*part-{name}.parquet is damaged .*delete it and re-run"):
+            storage.read_part(uri, storage_root.options)
 
 
 # --- names are names ----------------------------------------------------------

@@ -9,13 +9,10 @@ ids that are not done, so it never loses or duplicates a row.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import pyarrow.parquet as pq
 
 from spade_batch import storage
 from spade_batch.manifest import output_stem
@@ -36,7 +33,7 @@ def part_files(folder: str, options: storage.StorageOptions) -> list[str]:
 def read_columns(parts: Iterable[str], columns: list[str], options: storage.StorageOptions) -> Iterable[tuple[str, dict[str, list]]]:
     """(part uri, {column: values}) for each part, reading only those columns."""
     for uri in parts:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri, options)), columns=columns)
+        table = storage.read_part(uri, options, columns=columns)
         yield uri, {name: table.column(name).to_pylist() for name in columns}
 
 
