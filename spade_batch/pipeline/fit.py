@@ -29,7 +29,7 @@ from spade_batch.manifest import Manifest, build_manifest
 from spade_batch.model import CARD_NAME, Centre, GalleryWriter, ModelCard, SpadeModel, build_model, cache_root
 from spade_batch.pipeline.cpu_stages import RETRYABLE, Batch, object_column, read_images, write_feature_part
 from spade_batch.pipeline.layout import done_ids, part_files, read_columns, record_inputs
-from spade_batch.pipeline.runtime import DECODE_TASK, ModelStage, Progress, init_ray, stream
+from spade_batch.pipeline.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, init_ray, stream
 from spade_batch.pipeline.stages import CalibrationStage, ExtractStage, calibration_batch
 from spade_batch.trainset import size_outliers
 
@@ -156,7 +156,7 @@ def _extract(ids: tuple[str, ...], uris: tuple[str, ...], features_uri: str, ext
                      batch_format="numpy", compute=plan.compute(), **plan.resources)
         .map_batches(write_feature_part,
                      fn_kwargs={"features_uri": features_uri, "layer_shapes": [vars(s) for s in extractor.layer_shapes], "options": options},
-                     batch_size=settings.shard_size, batch_format="numpy", num_cpus=1)
+                     batch_size=settings.shard_size, batch_format="numpy", **OUTPUT_TASK)
     )
     retryable = []
     with Progress("extract", len(todo)) as progress:

@@ -38,6 +38,9 @@ DECODE_TASK: dict[str, Any] = {"num_cpus": 1, "max_retries": 3}
 """Ray resources of a decode task. Remote args unlike the model actors' also keep Ray Data from
 fusing decoding into the actors, which would serialise decoding with the model again."""
 
+OUTPUT_TASK: dict[str, Any] = {"num_cpus": 1}
+"""Ray resources of an output task (feature parts in fit; masks and scores parts in score)."""
+
 
 @dataclass(frozen=True)
 class ModelStage:

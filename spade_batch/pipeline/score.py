@@ -25,7 +25,7 @@ from spade_batch.manifest import Manifest, build_manifest
 from spade_batch.model import ModelCard, load_card
 from spade_batch.pipeline.cpu_stages import RETRYABLE, read_images, write_score_outputs
 from spade_batch.pipeline.layout import Outputs, done_ids, part_files, part_name, read_columns, record_inputs
-from spade_batch.pipeline.runtime import DECODE_TASK, ModelStage, Progress, init_ray, stream
+from spade_batch.pipeline.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, init_ray, stream
 from spade_batch.pipeline.stages import ScoreStage
 from spade_batch.scores import ScoreRow, Thresholds, write_scores
 
@@ -87,7 +87,7 @@ def score_dataset(
                      batch_size=settings.batch_size, batch_format="numpy", compute=plan.compute(), **plan.resources)
         .map_batches(write_score_outputs,
                      fn_kwargs={"out_root": outputs.root, "thresholds": (thresholds.image, thresholds.pixel), "settings": settings},
-                     batch_size=settings.shard_size, batch_format="numpy", num_cpus=1)
+                     batch_size=settings.shard_size, batch_format="numpy", **OUTPUT_TASK)
     )
 
 
