@@ -156,10 +156,12 @@ def _values(table: pa.Table, name: str, dtype: str, width: int) -> np.ndarray:
 def write_features(uri: str, features: FeatureTable, options: storage.StorageOptions = None) -> None:
     """Write one part file atomically.
 
-    Features are dense float noise: dictionary encoding and column statistics only cost time.
+    Features are dense float noise: dictionary encoding and column statistics only cost time. Page
+    CRCs let a reader tell damaged floats (zstd stores incompressible blocks unchecked) from features.
     """
     buffer = io.BytesIO()
-    pq.write_table(to_arrow(features), buffer, compression="zstd", compression_level=1, use_dictionary=False, write_statistics=False)
+    pq.write_table(to_arrow(features), buffer, compression="zstd", compression_level=1, use_dictionary=False, write_statistics=False,
+                   write_page_checksum=True)
     storage.write_bytes(uri, buffer.getvalue(), options)
 
 

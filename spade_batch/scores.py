@@ -101,7 +101,7 @@ def write_scores(uri: str, rows: Sequence[ScoreRow], options: storage.StorageOpt
     """Write one part file atomically."""
     table = pa.Table.from_pylist([asdict(row) for row in rows], schema=SCHEMA)
     buffer = io.BytesIO()
-    pq.write_table(table, buffer)
+    pq.write_table(table, buffer, write_page_checksum=True)
     storage.write_bytes(uri, buffer.getvalue(), options)
 
 

@@ -291,12 +291,13 @@ def damaged_part(uri: str, error: BaseException) -> DamagedPartError:
 def read_part(uri: str, options: StorageOptions = None, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
     """The Parquet table of a part file a run wrote: only `columns` when given, read as `schema` when given.
 
-    Parts are written atomically, so a damaged one was damaged afterwards (a copy cut short, an edit
-    by hand): that raises DamagedPartError.
+    Parts are written atomically, so a damaged one was damaged afterwards (a copy cut short, flipped
+    bits, an edit by hand): that raises DamagedPartError. Pages are checked against the CRC the
+    writers store with them, so damage that leaves the file readable Parquet is caught too.
     """
     data = read_bytes(uri, options)
     try:
-        return pq.read_table(io.BytesIO(data), columns=columns, schema=schema)
+        return pq.read_table(io.BytesIO(data), columns=columns, schema=schema, page_checksum_verification=True)
     except (pa.ArrowException, OSError, ValueError) as error:
         raise damaged_part(uri, error) from error
 

@@ -184,3 +184,20 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
                          ids=[str(f.relative_to(category / "train")) for f in train])
     model.save(str(root / "model"))
     return TinyModel(str(root / "model"), str(category), settings)
+
+
+def flip_data_bytes(path: str, column: str) -> None:
+    """Invert 64 bytes near the end of a column's data pages in the Parquet file at path: damage that
+    leaves the file readable Parquet (footer and page headers intact), as bit rot or a partly
+    overwritten copy would."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(path).metadata.row_group(0)
+    chunk = next(metadata.column(i) for i in range(metadata.num_columns) if metadata.column(i).path_in_schema == column)
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    end = start + chunk.total_compressed_size - 16  # inside the last page's values, past its header
+    data = bytearray(open(path, "rb").read())
+    data[end - 64:end] = bytes(b ^ 0xFF for b in data[end - 64:end])
+    with open(path, "wb") as f:
+        f.write(data)
+

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import flip_data_bytes
 
 from spade_batch import storage
 from spade_batch.features import (
@@ -141,6 +142,17 @@ def test_a_part_whose_metadata_does_not_fit_its_columns_is_named(tmp_path, damag
     uri = str(tmp_path / "part-00003.parquet")
     pq.write_table(table, uri)
     with pytest.raises(storage.DamagedPartError, match="part file .*part-00003.parquet is damaged .*delete it and re-run"):
+        read_features([uri])
+
+
+def test_a_part_with_damaged_floats_is_named_not_read_as_features(tmp_path):
+    """zstd keeps incompressible blocks (float noise) unchecked: without the page CRCs these bytes read back as
+    other floats (NaN, inf) and reach the gallery."""
+    uri = str(tmp_path / "part-00004.parquet")
+    write_features(uri, make_table([None] * 40))
+    flip_data_bytes(uri, "layer1")
+    pq.read_table(uri)  # still readable Parquet: only the checksums tell
+    with pytest.raises(storage.DamagedPartError, match="part file .*part-00004.parquet is damaged .*CRC"):
         read_features([uri])
 
 

@@ -7,8 +7,11 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+from conftest import flip_data_bytes
 
 from spade_batch.scores import SCHEMA, ScoreRow, read_scores, write_scores
+from spade_batch.storage import DamagedPartError
 
 ROWS = [
     ScoreRow(
@@ -103,3 +106,12 @@ def test_the_readme_snippets_read_a_scores_table_with_pyarrow_pandas_and_duckdb(
         ids = anomalies["id"].to_pylist() if isinstance(anomalies, pa.Table) else anomalies["id"].tolist()
         assert ids == expected, code.splitlines()[0]
         assert "cam/" in capsys.readouterr().out
+
+
+def test_a_part_with_damaged_values_is_named(tmp_path):
+    uri = str(tmp_path / "part-00005.parquet")
+    write_scores(uri, [ScoreRow(id=f"{i}.png", uri=f"/d/{i}.png", error=None, image_score=float(i)) for i in range(200)])
+    flip_data_bytes(uri, "image_score")
+    with pytest.raises(DamagedPartError, match="part file .*part-00005.parquet is damaged .*CRC"):
+        read_scores([uri])
+
