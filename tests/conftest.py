@@ -200,4 +200,3 @@ def flip_data_bytes(path: str, column: str) -> None:
     data[end - 64:end] = bytes(b ^ 0xFF for b in data[end - 64:end])
     with open(path, "wb") as f:
         f.write(data)
-

@@ -209,12 +209,13 @@ def _calibrate(
     for image_id in calibration_ids:
         by_part.setdefault(located[image_id][0], []).append(image_id)
     items = [{"part": p, "ids": i} for p, i in sorted(by_part.items())]
-    in_driver = _calibrates_in_driver(settings)
+    plan = ModelStage.plan(settings)
+    actors = None if _calibrates_in_driver(plan, settings) else plan
     log.info("fit: calibrating on %d held-out images %s", len(calibration_ids),
-             "in the driver (a single CPU-only node)" if in_driver else f"on {ModelStage.plan(settings).workers} model actors")
+             f"on {plan.workers} model actors" if actors else "in the driver (a single CPU-only node)")
 
     def batches(model: SpadeModel, moments: bool) -> Iterator[Batch]:
-        return _calibration_batches(items, model, model_uri, extractor, settings, in_driver, moments)
+        return _calibration_batches(items, model, model_uri, extractor, settings, actors, moments)
 
     if settings.layer_normalise:
         moments = sum(batch["moments"].sum(axis=0) for batch in batches(model, moments=True))
@@ -236,28 +237,27 @@ def _calibrate(
 
 def _calibration_batches(
     items: list[dict[str, Any]], model: SpadeModel, model_uri: str, extractor: Extractor, settings: Settings,
-    in_driver: bool, moments: bool,
+    actors: ModelStage | None, moments: bool,
 ) -> Iterator[Batch]:
-    """calibration_batch over the part files holding the held-out images, one part per call: in this
-    process (in_driver), else on model actors (CalibrationStage)."""
-    if in_driver:
+    """calibration_batch over the part files holding the held-out images, one part per call: on the
+    model actors of `actors` (CalibrationStage), or in this process when it is None."""
+    if actors is None:
         scorer = Scorer(model, extractor, settings.chunk_mib * 2**20, settings.precision)
         options = settings.fsspec_options()
         return (calibration_batch(scorer, {"part": np.array([item["part"]]), "ids": object_column([item["ids"]])}, options, moments)
                 for item in items)
-    plan = ModelStage.plan(settings)
     return ray.data.from_items(items).map_batches(
         CalibrationStage,
         fn_constructor_kwargs={"model_uri": model_uri, "settings": settings, "card": dataclasses.asdict(model.card), "moments": moments},
-        batch_size=1, batch_format="numpy", compute=plan.compute(), **plan.resources,
+        batch_size=1, batch_format="numpy", compute=actors.compute(), **actors.resources,
     ).iter_batches(batch_size=None, batch_format="numpy")
 
 
-def _calibrates_in_driver(settings: Settings) -> bool:
+def _calibrates_in_driver(plan: ModelStage, settings: Settings) -> bool:
     """Whether the held-out images are scored in the driver: on a single node without GPUs and with
     model_workers automatic. There the driver computes on the same cores an actor would, with torch
     and the model already open, and spares a second actor pool's start (2 cores, 2,000 images: what
     follows extraction took 12.2-12.6 s with the pool, 6.6 s in the driver). With GPUs, several nodes
     or model_workers set, model actors do it."""
     nodes = [node for node in ray.nodes() if node["Alive"]]
-    return len(nodes) == 1 and not ModelStage.plan(settings).gpus and not settings.model_workers
+    return len(nodes) == 1 and not plan.gpus and not settings.model_workers
