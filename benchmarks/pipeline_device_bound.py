@@ -23,16 +23,16 @@ import time
 import numpy as np
 import ray
 
-from spade_batch import storage
 from spade_batch.config import Settings
-from spade_batch.datasets import make_demo_data
-from spade_batch.detector import fit
-from spade_batch.images import Preprocessing, decode_image, resize_for_model
-from spade_batch.manifest import build_manifest
-from spade_batch.masks import mask_from_map, png_bytes
-from spade_batch.pipeline.cpu_stages import PASSED_ON, object_column, worker_columns
-from spade_batch.pipeline.runtime import ModelStage, init_ray
-from spade_batch.pipeline.score import run_score
+from spade_batch.engine.cpu_stages import PASSED_ON, object_column, worker_columns
+from spade_batch.engine.runtime import ModelStage, init_ray
+from spade_batch.engine.score import run_score
+from spade_batch.formats import storage
+from spade_batch.formats.datasets import make_demo_data
+from spade_batch.formats.images import Preprocessing, decode_image, resize_for_model
+from spade_batch.formats.manifest import build_manifest
+from spade_batch.method.detector import fit
+from spade_batch.method.masks import mask_from_map, png_bytes
 
 DEVICE = "sim_device"
 

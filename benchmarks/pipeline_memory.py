@@ -72,9 +72,9 @@ def write_pngs(folder: str, count: int, side: int, seed: int) -> str:
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     """One measured run in this (fresh) process: fit, score, or score with the RSS-recording stage."""
     from spade_batch.config import Settings
-    from spade_batch.pipeline.fit import run_fit
-    from spade_batch.pipeline.runtime import init_ray
-    from spade_batch.pipeline.score import run_score
+    from spade_batch.engine.fit import run_fit
+    from spade_batch.engine.runtime import init_ray
+    from spade_batch.engine.score import run_score
 
     settings = Settings(**spec["settings"])
     init_ray(None)
@@ -96,7 +96,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _measured_stage() -> type:
     """ScoreStage, recording the actor's memory after loading and after each batch into <model>/../worker-rss-<pid>.json."""
-    from spade_batch.pipeline.stages import ScoreStage
+    from spade_batch.engine.stages import ScoreStage
 
     class MeasuredScoreStage(ScoreStage):
         def __init__(self, model_uri: str, settings: Any, card: dict[str, Any] | None = None):
@@ -141,8 +141,8 @@ def write_big_gallery(folder: str, settings: Any, target_bytes: int, chunk: int 
 
     Returns (gallery images, gallery bytes). Memory stays at one chunk of rows plus N x D global features.
     """
-    from spade_batch.detector import Extractor, new_card
-    from spade_batch.model import Centre, GalleryWriter, build_model
+    from spade_batch.formats.model import Centre, GalleryWriter, build_model
+    from spade_batch.method.detector import Extractor, new_card
 
     extractor = Extractor(settings)
     shapes = extractor.layer_shapes

@@ -1,7 +1,7 @@
 """Fit and score throughput of the Ray pipeline, against the in-process API on the same images.
 
 Generates the synthetic dataset, then times (in one run, same machine):
-  baseline: spade_batch.detector fit + score in this process (no Ray, no storage), once before
+  baseline: spade_batch.method.detector fit + score in this process (no Ray, no storage), once before
             the pipeline and once after it (Ray shut down), so that a slow spell of a noisy
             machine shows as a spread instead of skewing the ratio;
   pipeline: run_fit + run_score on a local Ray with local storage (decode, shards, Parquet, masks).
@@ -24,9 +24,9 @@ import time
 import numpy as np
 
 from spade_batch.config import Settings
-from spade_batch.datasets import make_demo_data
-from spade_batch.detector import fit, score
-from spade_batch.images import decode_image
+from spade_batch.formats.datasets import make_demo_data
+from spade_batch.formats.images import decode_image
+from spade_batch.method.detector import fit, score
 
 
 def load(paths: list[str]) -> list[np.ndarray]:
@@ -86,9 +86,9 @@ def pipeline(root: str, work: str, settings: Settings, train_count: int, test_co
     """(fit, score) images/s of run_fit and run_score on a local Ray, shut down afterwards."""
     import ray  # here, so that --in-process-only runs where Ray is not installed
 
-    from spade_batch.pipeline.fit import run_fit
-    from spade_batch.pipeline.runtime import init_ray
-    from spade_batch.pipeline.score import run_score
+    from spade_batch.engine.fit import run_fit
+    from spade_batch.engine.runtime import init_ray
+    from spade_batch.engine.score import run_score
 
     init_ray(None)  # started before timing: Ray's start-up is not per-image cost
     start = time.perf_counter()

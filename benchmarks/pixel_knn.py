@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from spade_batch import spade
+from spade_batch.method import spade
 
 LAYERS = {"layer1": (256, 56), "layer2": (512, 28), "layer3": (1024, 14)}  # name -> (channels, side)
 

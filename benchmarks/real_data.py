@@ -1,7 +1,7 @@
 """Accuracy on real data: fit and evaluate named configurations on one MVTec-layout category.
 
 Each configuration runs the path users run: spade_batch.pipeline.run_fit on train/good, then
-spade_batch.evaluate.run_evaluate on the test split (local Ray, local storage). Prints one markdown
+spade_batch.reports.evaluate.run_evaluate on the test split (local Ray, local storage). Prints one markdown
 table (config, image ROCAUC, pixel ROCAUC, PRO, scoring images/s, settings); the headline is the last line.
 
 Results go under --work: <config>/model, <config>/eval (metrics.json, report) and <config>/result.json.
@@ -21,8 +21,8 @@ import time
 from typing import Any
 
 from spade_batch.config import load_settings
-from spade_batch.evaluate import run_evaluate
-from spade_batch.pipeline.fit import run_fit
+from spade_batch.engine.fit import run_fit
+from spade_batch.reports.evaluate import run_evaluate
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPOSITORY, "..", "shared", "data", "magnetic_tile")

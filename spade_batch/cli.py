@@ -183,7 +183,7 @@ def _run(args: argparse.Namespace, secrets: set[str]) -> int:
     from spade_batch import commands
 
     if args.command == "make-demo-data":
-        from spade_batch.datasets import make_demo_data
+        from spade_batch.formats.datasets import make_demo_data
 
         print(make_demo_data(args.out, seed=args.seed))
         return 0

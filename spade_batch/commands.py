@@ -12,11 +12,11 @@ from typing import Any
 
 import yaml
 
-from spade_batch import storage
 from spade_batch.config import GROUPS, Settings, describe, load_settings
 from spade_batch.exit_codes import ExitCode, score_exit_code
-from spade_batch.manifest import build_manifest
-from spade_batch.model import CARD_NAME, load_card
+from spade_batch.formats import storage
+from spade_batch.formats.manifest import build_manifest
+from spade_batch.formats.model import CARD_NAME, load_card
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def show_config(path: str | None, keys: bool) -> int:
 
 def show(uri: str, settings: Settings, top: int, as_json: bool) -> int:
     """Print what the model or the run at uri holds: tables, or one JSON object."""
-    from spade_batch.summary import summarise
+    from spade_batch.reports.summary import summarise
 
     summary = summarise(uri, settings.fsspec_options(), top)
     if as_json:
@@ -157,7 +157,7 @@ def _describe_model(model_uri: str, settings: Settings) -> str:
 def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -> int:
     if dry_run:
         return _dry_run(train, settings, [storage.join(model_uri, name) for name in ("features/", "pyramid/", "global.faiss", CARD_NAME)])
-    from spade_batch.pipeline.fit import RetryableInputError, run_fit
+    from spade_batch.engine.fit import RetryableInputError, run_fit
 
     try:
         summary = run_fit(train, model_uri, settings)
@@ -199,8 +199,8 @@ def score(
         return _dry_run(images, settings, [storage.join(out_uri, name) for name in outputs], model_uri)
     from dataclasses import asdict
 
-    from spade_batch.pipeline.score import run_score
-    from spade_batch.run_report import write_run_report
+    from spade_batch.engine.score import run_score
+    from spade_batch.reports.run_report import write_run_report
 
     summary = run_score(model_uri, images, out_uri, settings, explicit)
     report, drift = write_run_report(asdict(summary), settings)
@@ -270,7 +270,7 @@ def evaluate(
 ) -> int:
     if dry_run:
         return _dry_run(storage.join(data, "test"), settings, [storage.join(out, name) for name in ("metrics.json", "report.html")], model_uri)
-    from spade_batch.evaluate import run_evaluate
+    from spade_batch.reports.evaluate import run_evaluate
 
     metrics = run_evaluate(model_uri, data, out, settings, explicit, original_resolution, every)
     overall = metrics["overall"]
@@ -294,7 +294,7 @@ def evaluate(
 
 def demo(out: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False) -> int:
     """Synthetic dataset, then fit and evaluate (which scores the test images) on a local Ray with local storage."""
-    from spade_batch.datasets import make_demo_data
+    from spade_batch.formats.datasets import make_demo_data
 
     data = storage.join(out, "data", "tiles")
     model_uri = storage.join(out, "model")

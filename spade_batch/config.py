@@ -284,7 +284,7 @@ def load_request(
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    from spade_batch import storage
+    from spade_batch.formats import storage
 
     try:
         loaded = yaml.safe_load(storage.read_text(path))

@@ -26,11 +26,11 @@ from typing import Any
 
 import yaml
 
-from spade_batch import storage
 from spade_batch.config import ConfigError, Settings
 from spade_batch.exit_codes import MEANING, ExitCode, plan_exit_code
+from spade_batch.formats import storage
 from spade_batch.logs import redact, secret_values
-from spade_batch.run_report import REPORT_NAME, render_plan_report, report_link
+from spade_batch.reports.run_report import REPORT_NAME, render_plan_report, report_link
 
 log = logging.getLogger(__name__)
 

@@ -144,7 +144,7 @@ def faulty_s3(s3: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> 
     after 0.5 s, and storage.RETRY waits milliseconds, so fault counts are
     exact and tests stay fast; s3fs's own retries inside one attempt remain.
     """
-    from spade_batch import storage
+    from spade_batch.formats import storage
 
     monkeypatch.setattr(storage, "RETRY", storage.RetryPolicy(attempts=3, first_delay_s=0.01, max_delay_s=0.02))
     proxy = FaultProxy(s3.endpoint_url)
@@ -171,10 +171,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     """resnet18 (random weights) at 64 px, K = 3, fitted on 8 demo images of 48-80 px, 2 held out to calibrate."""
     from pathlib import Path
 
-    from spade_batch import detector
     from spade_batch.config import Settings
-    from spade_batch.datasets import make_demo_data
-    from spade_batch.images import decode_image
+    from spade_batch.formats.datasets import make_demo_data
+    from spade_batch.formats.images import decode_image
+    from spade_batch.method import detector
 
     root = tmp_path_factory.mktemp("tiny-model")
     category = Path(make_demo_data(str(root / "data"), n_train=8, n_test_good=2, n_test_per_defect=1, min_size=48, max_size=80))

@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image
 
 from spade_batch.config import Settings
-from spade_batch.datasets import make_demo_data
-from spade_batch.pipeline.fit import run_fit
+from spade_batch.engine.fit import run_fit
+from spade_batch.formats.datasets import make_demo_data
 
 FLAGS = ["--backbone", "resnet18", "--weights", "random", "--k", "3", "--image-size", "64", "--shard-size", "4",
          "--batch-size", "4", "--calibration-fraction", "0.3", "--device", "cpu"]

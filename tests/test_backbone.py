@@ -1,4 +1,4 @@
-"""Tests of spade_batch.backbone against torchvision / efficientnet-lite models run by hand."""
+"""Tests of spade_batch.method.backbone against torchvision / efficientnet-lite models run by hand."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from spade_batch.backbone import (
+from spade_batch.method.backbone import (
     SUPPORTED_BACKBONES,
     BackboneError,
     FeaturePyramid,

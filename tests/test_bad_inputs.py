@@ -20,12 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from spade_batch import detector
 from spade_batch.config import ConfigError, Settings, load_settings
-from spade_batch.images import decode_image
-from spade_batch.model import SpadeModel, load_card
-from spade_batch.pipeline.layout import Outputs
-from spade_batch.pipeline.score import run_score
+from spade_batch.engine.score import run_score
+from spade_batch.formats.images import decode_image
+from spade_batch.formats.layout import Outputs
+from spade_batch.formats.model import SpadeModel, load_card
+from spade_batch.method import detector
 
 MAX_PIXELS = 100_000
 
@@ -195,7 +195,7 @@ def test_animated_and_multi_page_images_are_scored_on_their_first_frame(corpus_r
     ],
 )
 def test_a_manifest_that_lists_nothing_usable_is_refused_naming_it(tmp_path: Path, file: str, content: str | None, message: str) -> None:
-    from spade_batch.manifest import build_manifest
+    from spade_batch.formats.manifest import build_manifest
 
     if content is not None:
         (tmp_path / file).write_text(content)
@@ -205,7 +205,7 @@ def test_a_manifest_that_lists_nothing_usable_is_refused_naming_it(tmp_path: Pat
 
 
 def test_manifest_entries_are_taken_literally_and_relative_to_the_manifest(tmp_path: Path) -> None:
-    from spade_batch.manifest import build_manifest
+    from spade_batch.formats.manifest import build_manifest
 
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.png").write_bytes(GOOD)

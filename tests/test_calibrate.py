@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from spade_batch.calibrate import (
+from spade_batch.config import Settings
+from spade_batch.formats.features import LayerShape
+from spade_batch.formats.model import Centre, GalleryWriter, ModelCard, build_model
+from spade_batch.method.calibrate import (
     PIXEL_SAMPLE,
-    Normalisation,
     calibrate,
     calibrate_from_samples,
-    image_scores,
     image_threshold,
     is_held_out,
     layer_moments,
@@ -21,10 +22,7 @@ from spade_batch.calibrate import (
     pixel_sample,
     pixel_threshold,
 )
-from spade_batch.config import Settings
-from spade_batch.detector import ImageScore
-from spade_batch.features import LayerShape
-from spade_batch.model import Centre, GalleryWriter, ModelCard, build_model
+from spade_batch.method.scoring import ImageScore, Normalisation, image_scores
 
 NORMAL_SCORES = stats.chi2(df=8)  # a skewed, positive stand-in for normal images' kNN scores
 

@@ -19,9 +19,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from spade_batch import cli, storage
+from spade_batch import cli
 from spade_batch.config import Settings, group_of, groups_of, keys_of, load_settings
-from spade_batch.datasets import make_demo_data
+from spade_batch.formats import storage
+from spade_batch.formats.datasets import make_demo_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SETTINGS_COMMANDS = ("fit", "score", "evaluate", "nightly", "demo", "show")

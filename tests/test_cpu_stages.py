@@ -7,7 +7,7 @@ import sys
 
 
 def test_cpu_stage_workers_import_neither_torch_nor_matplotlib():
-    probe = ("import sys, spade_batch.pipeline.cpu_stages; "
+    probe = ("import sys, spade_batch.engine.cpu_stages; "
              "print(sorted(m for m in ('torch', 'torchvision', 'matplotlib', 'faiss') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 from scipy.ndimage import binary_dilation
 
-from spade_batch.datasets import (
+from spade_batch.formats.datasets import (
     DEFECT_TYPES,
     Sample,
     list_categories,
@@ -13,7 +13,7 @@ from spade_batch.datasets import (
     read_mask,
     read_mvtec_category,
 )
-from spade_batch.images import ImageError
+from spade_batch.formats.images import ImageError
 
 SMALL = dict(n_train=5, n_test_good=3, n_test_per_defect=4, min_size=48, max_size=96, seed=7)
 MAGNETIC_TILE = "/work/shared/data/magnetic_tile"

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 from torchvision_reference import torchvision_input
 
-from spade_batch import calibrate, spade
 from spade_batch.config import Settings
-from spade_batch.datasets import make_demo_data, read_mvtec_category
-from spade_batch.detector import Extractor, Features, Scorer, fit, new_card, normalise, score, split_fit_ids
-from spade_batch.features import LayerShape
-from spade_batch.images import Preprocessing, decode_image, resize_for_model
-from spade_batch.model import CARD_NAME, KEYS_ADDED_LATER, Centre, GalleryWriter, ModelCard, SpadeModel, build_model
+from spade_batch.formats.datasets import make_demo_data, read_mvtec_category
+from spade_batch.formats.features import LayerShape
+from spade_batch.formats.images import Preprocessing, decode_image, resize_for_model
+from spade_batch.formats.model import CARD_NAME, KEYS_ADDED_LATER, Centre, GalleryWriter, ModelCard, SpadeModel, build_model
+from spade_batch.method import calibrate, scoring, spade
+from spade_batch.method.detector import Extractor, Features, Scorer, fit, new_card, normalise, score, split_fit_ids
 
 SIZE = 64
 SETTINGS = Settings(backbone="resnet18", weights="random", image_size=SIZE, k=2, kappa=1, sigma=2.0, device="cpu", batch_size=4)
@@ -418,7 +418,7 @@ def test_options_beyond_the_paper_equal_a_brute_force_recomputation(data):
 
     plain, held_distances = knn_and_distances(held)
     scales = [np.std(np.concatenate([image[layer].ravel() for image in held_distances])) for layer in range(len(layers))]
-    learnt = calibrate.Normalisation.from_dict(model.card.normalisation)
+    learnt = scoring.Normalisation.from_dict(model.card.normalisation)
     np.testing.assert_allclose(learnt.layer_scales, scales, rtol=1e-3)
     assert max(scales) / min(scales) > 2  # the layers' scales differ, so the normalisation matters here
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from spade_batch.calibrate import image_threshold
-from spade_batch.drift import check_drift, quantile_rank, rate_band, threshold_rank
+from spade_batch.method.calibrate import image_threshold
+from spade_batch.reports.drift import check_drift, quantile_rank, rate_band, threshold_rank
 
 REPS = 40_000
 

@@ -8,14 +8,14 @@ import pytest
 from PIL import Image
 from sklearn.metrics import f1_score, roc_auc_score
 
-from spade_batch import storage
 from spade_batch.config import Settings
-from spade_batch.datasets import Sample, make_demo_data, read_mask
-from spade_batch.evaluate import FIGURES, run_evaluate, subsample
-from spade_batch.images import Preprocessing, preprocess_mask, resize_map
-from spade_batch.pipeline.fit import run_fit
-from spade_batch.pipeline.layout import Outputs
-from spade_batch.scores import read_scores
+from spade_batch.engine.fit import run_fit
+from spade_batch.formats import storage
+from spade_batch.formats.datasets import Sample, make_demo_data, read_mask
+from spade_batch.formats.images import Preprocessing, preprocess_mask, resize_map
+from spade_batch.formats.layout import Outputs
+from spade_batch.formats.scores import read_scores
+from spade_batch.reports.evaluate import FIGURES, run_evaluate, subsample
 
 SETTINGS = Settings(
     backbone="resnet18", weights="random", k=3, image_size=64, shard_size=8, batch_size=8, calibration_fraction=0.25

@@ -6,7 +6,7 @@ from a fault-injecting proxy in front of the S3 server (tests/fault_proxy.py); a
 process SIGKILLed mid-run; the driver SIGKILLed mid-run, then the same command again; a second
 run started into an output a first run holds. (A node removed from a multi-node cluster is in
 tests/test_pipeline_multinode.py.) Each ends with every image's row present exactly once, masks
-that equal the in-process API's (spade_batch.detector) on the same images, and the exit status
+that equal the in-process API's (spade_batch.method.detector) on the same images, and the exit status
 and message the operator acts on.
 """
 
@@ -33,14 +33,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from spade_batch import cli, detector, storage
+from spade_batch import cli
 from spade_batch.config import Settings
-from spade_batch.images import decode_image, resize_map
-from spade_batch.locks import LOCK_NAME
-from spade_batch.manifest import output_stem
-from spade_batch.model import SpadeModel
-from spade_batch.pipeline.layout import Outputs
-from spade_batch.pipeline.score import run_score
+from spade_batch.engine.score import run_score
+from spade_batch.formats import storage
+from spade_batch.formats.images import decode_image, resize_map
+from spade_batch.formats.layout import Outputs
+from spade_batch.formats.locks import LOCK_NAME
+from spade_batch.formats.manifest import output_stem
+from spade_batch.formats.model import SpadeModel
+from spade_batch.method import detector
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -194,7 +196,7 @@ def test_throttled_reset_and_slow_reads_are_retried_and_a_persistent_fault_is_re
 
 def report_images(out: str, options: Any) -> set[str]:
     """The ids whose original image the run report reads again, to draw them among the top anomalies."""
-    from spade_batch.run_report import read_run_scores
+    from spade_batch.reports.run_report import read_run_scores
 
     return {str(row["id"]) for row in read_run_scores(out, options).top}
 
@@ -204,7 +206,7 @@ def report_images(out: str, options: Any) -> set[str]:
 
 def _killing_stage(calls_file: str, kill_on_call: int) -> type:
     """The real ScoreStage, whose process SIGKILLs itself on its kill_on_call-th batch (once per run)."""
-    from spade_batch.pipeline.stages import ScoreStage
+    from spade_batch.engine.stages import ScoreStage
 
     class KillingStage(ScoreStage):
         def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -274,7 +276,7 @@ def test_a_driver_killed_mid_run_resumes_with_the_same_command(archive: Archive,
 
 def _gated_stage(gate: str) -> type:
     """The real ScoreStage, which waits until the file `gate` exists before its first batch."""
-    from spade_batch.pipeline.stages import ScoreStage
+    from spade_batch.engine.stages import ScoreStage
 
     class GatedStage(ScoreStage):
         def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import flip_data_bytes
 
-from spade_batch import storage
-from spade_batch.features import (
+from spade_batch.formats import storage
+from spade_batch.formats.features import (
     FeatureTable,
     LayerShape,
     concatenate,

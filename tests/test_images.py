@@ -13,7 +13,7 @@ from torchvision import transforms
 from torchvision_reference import torchvision_geometry
 
 from spade_batch.config import PILLOW_PIXEL_LIMIT
-from spade_batch.images import (
+from spade_batch.formats.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageError,
@@ -181,7 +181,7 @@ def test_png_is_decoded_whole_for_the_model():
 
 _PEAK_SCRIPT = """
 import sys
-from spade_batch.images import decode_for_model, decode_image
+from spade_batch.formats.images import decode_for_model, decode_image
 
 def status_mib(field):
     line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from spade_batch.datasets import make_demo_data
+from spade_batch.formats.datasets import make_demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"  # the venv's ray, whose python has spade_batch installed

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from spade_batch import storage
-from spade_batch.locks import LOCK_NAME, LockHeldError, acquire_lock, holding_lock, release_lock
+from spade_batch.formats import storage
+from spade_batch.formats.locks import LOCK_NAME, LockHeldError, acquire_lock, holding_lock, release_lock
 
 if TYPE_CHECKING:
     from conftest import StorageRoot

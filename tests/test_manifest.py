@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import StorageRoot
 
-from spade_batch import storage
-from spade_batch.manifest import Manifest, build_manifest, output_stem
+from spade_batch.formats import storage
+from spade_batch.formats.manifest import Manifest, build_manifest, output_stem
 
 
 def put(root: StorageRoot, *names: str) -> None:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from spade_batch.masks import mask_from_map, png_bytes
+from spade_batch.method.masks import mask_from_map, png_bytes
 
 
 def _bilinear(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
-from spade_batch.metrics import (
+from spade_batch.reports.metrics import (
     PixelMetrics,
     f1_optimal_image_threshold,
     f1_optimal_pixel_threshold,

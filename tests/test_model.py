@@ -11,10 +11,9 @@ import faiss
 import numpy as np
 import pytest
 
-from spade_batch import spade
 from spade_batch.config import ConfigError, Settings
-from spade_batch.features import LayerShape
-from spade_batch.model import (
+from spade_batch.formats.features import LayerShape
+from spade_batch.formats.model import (
     CARD_NAME,
     MODEL_SCHEMA_VERSION,
     READABLE_SCHEMA_VERSIONS,
@@ -26,6 +25,7 @@ from spade_batch.model import (
     build_model,
     load_count,
 )
+from spade_batch.method import spade
 
 SHAPES = [LayerShape("layer1", 4, 4, 3), LayerShape("layer2", 2, 2, 5)]
 PREPROCESSING = {"size": 64, "mode": "full", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -294,7 +294,7 @@ def test_load_from_s3_memory_maps_a_node_local_copy_downloaded_once(tmp_path, s3
     def no_download(*args, **kwargs):
         raise AssertionError("the model was downloaded again")
 
-    monkeypatch.setattr("spade_batch.storage.get_file", no_download)
+    monkeypatch.setattr("spade_batch.formats.storage.get_file", no_download)
     again = SpadeModel.load(uri, s3.storage_options)
     assert again.folder == loaded.folder
     after = os.stat(again.folder)
@@ -316,7 +316,7 @@ def test_a_damaged_s3_artifact_names_the_missing_file(tmp_path, s3, s3_bucket, m
     monkeypatch.setenv("SPADE_BATCH_CACHE", str(tmp_path / "cache"))
     uri = f"{s3_bucket}/models/m2"
     make_model(tmp_path / "built", raw_features(6)).save(uri, s3.storage_options)
-    from spade_batch import storage
+    from spade_batch.formats import storage
 
     storage.remove(f"{uri}/global.faiss", s3.storage_options)
     with pytest.raises(FileNotFoundError, match="global.faiss"):

@@ -2,7 +2,7 @@
 
 One model is fitted per module (8 normal images, shards of 3, 2 held out for calibration) and one
 archive of 5 test images is scored into it (shards of 3: counts that do not divide). Scores and maps
-are compared with the in-process API (spade_batch.detector) on the same decoded images.
+are compared with the in-process API (spade_batch.method.detector) on the same decoded images.
 """
 
 from __future__ import annotations
@@ -27,16 +27,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from spade_batch import calibrate, detector, storage
 from spade_batch.config import ConfigError, Settings
-from spade_batch.datasets import make_demo_data
-from spade_batch.images import decode_image, resize_map
-from spade_batch.locks import LOCK_NAME, LockHeldError, acquire_lock, release_lock
-from spade_batch.model import CARD_NAME, SpadeModel
-from spade_batch.pipeline.fit import run_fit
-from spade_batch.pipeline.layout import Outputs
-from spade_batch.pipeline.score import ScoreSummary, run_score
-from spade_batch.report import overlay
+from spade_batch.engine.fit import run_fit
+from spade_batch.engine.score import ScoreSummary, run_score
+from spade_batch.formats import storage
+from spade_batch.formats.datasets import make_demo_data
+from spade_batch.formats.heatmap import overlay
+from spade_batch.formats.images import decode_image, resize_map
+from spade_batch.formats.layout import Outputs
+from spade_batch.formats.locks import LOCK_NAME, LockHeldError, acquire_lock, release_lock
+from spade_batch.formats.model import CARD_NAME, SpadeModel
+from spade_batch.method import calibrate, detector, scoring
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -265,7 +266,7 @@ def test_learnt_scales_and_thresholds_equal_the_in_process_fit(
     settings = fitted.settings.replace(image_score="combined", map_top=0.05, layer_normalise=True, calibration_fraction=0.4,
                                        image_fpr=0.5, model_workers=model_workers)
     model_uri = str(tmp_path / "model")
-    with caplog.at_level(logging.INFO, logger="spade_batch.pipeline.fit"):
+    with caplog.at_level(logging.INFO, logger="spade_batch.engine.fit"):
         run_fit(os.path.join(fitted.local, "train"), model_uri, settings)
     assert ("in the driver" if model_workers == 0 else "on 1 model actors") in caplog.text
     card = read_json(storage.join(model_uri, CARD_NAME), settings)
@@ -560,7 +561,7 @@ def test_options_beyond_the_paper_on_ray_equal_the_in_process_fit(fitted: Fitted
     model = SpadeModel.load(model_uri, settings.fsspec_options())
     ids = fitted.ids("train")
     in_process = detector.fit([fitted.image("train", i) for i in ids], settings, ids=ids)
-    learnt, expected = (calibrate.Normalisation.from_dict(m.card.normalisation) for m in (model, in_process))
+    learnt, expected = (scoring.Normalisation.from_dict(m.card.normalisation) for m in (model, in_process))
     assert learnt.layer_scales is not None and learnt.knn is not None and learnt.map is not None
     np.testing.assert_allclose(learnt.layer_scales, expected.layer_scales, rtol=1e-2)
     np.testing.assert_allclose([*learnt.knn, *learnt.map], [*expected.knn, *expected.map], rtol=1e-2)

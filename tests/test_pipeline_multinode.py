@@ -52,7 +52,7 @@ def _settings(**overrides: Any):
 
 def _images(folder: Path, count: int, seed: int) -> Path:
     """`count` small PNGs (48..80 px) under folder/good (normal images of a demo set)."""
-    from spade_batch.datasets import make_demo_data
+    from spade_batch.formats.datasets import make_demo_data
 
     category = make_demo_data(str(folder), n_train=count, n_test_good=0, n_test_per_defect=0, min_size=48, max_size=80, seed=seed)
     return Path(category) / "train"
@@ -61,8 +61,8 @@ def _images(folder: Path, count: int, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
     """A tiny model fitted in-process (no Ray) and saved to local disk, which every simulated node shares."""
-    from spade_batch import detector
-    from spade_batch.images import decode_image
+    from spade_batch.formats.images import decode_image
+    from spade_batch.method import detector
 
     root = tmp_path_factory.mktemp("multinode")
     train = _images(root / "fit", 8, seed=0)
@@ -82,7 +82,7 @@ def _marking_stage(folder: str, delay_s: float) -> type:
 
     import ray
 
-    from spade_batch.pipeline.stages import ScoreStage
+    from spade_batch.engine.stages import ScoreStage
 
     class MarkingStage(ScoreStage):
         def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +113,7 @@ def _scenario(model: str, spread_images: str, spread_out: str, remove_images: st
     import ray
     from ray.cluster_utils import Cluster
 
-    from spade_batch.pipeline.score import run_score
+    from spade_batch.engine.score import run_score
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     try:
@@ -148,7 +148,7 @@ def _timed(run: Any) -> dict[str, Any]:
 
 
 def _score_removing_a_node(cluster: Any, victim: Any, model: str, images: str, out: str) -> tuple[Any, dict[str, Any]]:
-    from spade_batch.pipeline.score import run_score
+    from spade_batch.engine.score import run_score
 
     result: dict[str, Any] = {}
     markers = Path(out).parent / "markers-remove"

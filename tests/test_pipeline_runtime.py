@@ -11,7 +11,7 @@ import ray.data
 import torch
 
 from spade_batch.config import Settings
-from spade_batch.pipeline.runtime import ModelStage
+from spade_batch.engine.runtime import ModelStage
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

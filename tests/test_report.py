@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_batch.report import (
+from spade_batch.reports.figures import (
     Example,
     example_grid,
     html_page,

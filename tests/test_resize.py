@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spade_batch.resize import resize_bilinear, resize_nearest_exact, resize_uint8_antialias
+from spade_batch.formats.resize import resize_bilinear, resize_nearest_exact, resize_uint8_antialias
 
 RNG = np.random.default_rng(7)
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from spade_batch import cli
 from spade_batch.exit_codes import ExitCode
-from spade_batch.run_report import TOP_N
+from spade_batch.reports.run_report import TOP_N
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -230,9 +230,9 @@ def test_the_report_renders_in_headless_chromium_with_every_section_in_the_scree
 
 
 def test_the_report_of_a_run_on_s3_is_written_there_with_the_same_sections(alarmed: Night, s3, s3_bucket: str) -> None:
-    from spade_batch import storage
     from spade_batch.config import Settings
-    from spade_batch.run_report import write_run_report
+    from spade_batch.formats import storage
+    from spade_batch.reports.run_report import write_run_report
 
     settings = Settings(storage_options=s3.storage_options)
     fs, bucket = storage.filesystem(s3_bucket, settings.fsspec_options())

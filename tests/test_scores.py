@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import flip_data_bytes
 
-from spade_batch.scores import SCHEMA, ScoreRow, read_scores, write_scores
-from spade_batch.storage import DamagedPartError
+from spade_batch.formats.scores import SCHEMA, ScoreRow, read_scores, write_scores
+from spade_batch.formats.storage import DamagedPartError
 
 ROWS = [
     ScoreRow(

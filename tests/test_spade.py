@@ -7,7 +7,7 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
-from spade_batch import spade
+from spade_batch.method import spade
 
 
 def reference_knn_distance(queries: np.ndarray, gallery: np.ndarray, kappa: int) -> np.ndarray:

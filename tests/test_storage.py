@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spade_batch import storage
+from spade_batch.formats import storage
 
 if TYPE_CHECKING:
     from conftest import FaultyS3, StorageRoot

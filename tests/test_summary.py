@@ -15,14 +15,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from spade_batch import cli, storage
+from spade_batch import cli
 from spade_batch.config import Settings
-from spade_batch.datasets import make_demo_data
-from spade_batch.model import load_card
-from spade_batch.pipeline.fit import run_fit
-from spade_batch.pipeline.score import run_score
-from spade_batch.scores import read_scores
-from spade_batch.summary import failure_reason, failures_by_reason
+from spade_batch.engine.fit import run_fit
+from spade_batch.engine.score import run_score
+from spade_batch.formats import storage
+from spade_batch.formats.datasets import make_demo_data
+from spade_batch.formats.model import load_card
+from spade_batch.formats.scores import read_scores
+from spade_batch.reports.summary import failure_reason, failures_by_reason
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_batch import calibrate
 from spade_batch.config import Settings
-from spade_batch.datasets import make_demo_data
-from spade_batch.model import CARD_NAME, SpadeModel
-from spade_batch.trainset import AREA_FACTOR, ASPECT_FACTOR, calibration_warnings, size_outliers
+from spade_batch.formats.datasets import make_demo_data
+from spade_batch.formats.model import CARD_NAME, SpadeModel
+from spade_batch.method import calibrate
+from spade_batch.method.trainset import AREA_FACTOR, ASPECT_FACTOR, calibration_warnings, size_outliers
 
 # ---------------------------------------------------------------- size outliers
 
@@ -109,7 +109,7 @@ def test_degenerate_training_images_are_left_out_and_calibration_is_as_without_t
     _gray(1, 5000, 0).save(dirty / strip)
     (dirty / broken).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
 
-    from spade_batch.pipeline.fit import run_fit
+    from spade_batch.engine.fit import run_fit
 
     reference = run_fit(str(clean), str(tmp_path / "model-clean"), settings)
     summary = run_fit(str(dirty), str(tmp_path / "model-dirty"), settings)

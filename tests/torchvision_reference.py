@@ -7,7 +7,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from spade_batch.images import Preprocessing
+from spade_batch.formats.images import Preprocessing
 
 
 def torchvision_geometry(image: np.ndarray, spec: Preprocessing, nearest: bool = False) -> np.ndarray:

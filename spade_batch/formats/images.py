@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from spade_batch.resize import resize_bilinear, resize_nearest_exact, resize_uint8_antialias
+from spade_batch.formats.resize import resize_bilinear, resize_nearest_exact, resize_uint8_antialias
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

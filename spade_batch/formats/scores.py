@@ -25,11 +25,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spade_batch import storage
+from spade_batch.formats import storage
 
 if TYPE_CHECKING:
     from spade_batch.config import Settings
-    from spade_batch.model import ModelCard
+    from spade_batch.formats.model import ModelCard
 
 SCHEMA = pa.schema(
     [

@@ -342,7 +342,7 @@ def create_exclusive(uri: str, data: bytes, options: StorageOptions = None) -> b
     (``link`` fails if the name exists). Object stores get a conditional PUT
     (``If-None-Match: *``, s3fs ``mode="create"``): AWS S3, MinIO and moto
     honour it. A store that ignores the condition lets the last writer win;
-    :func:`spade_batch.locks.acquire_lock` reads its lock back to catch that.
+    :func:`spade_batch.formats.locks.acquire_lock` reads its lock back to catch that.
     A retried PUT whose first try did land answers False: callers that need
     to know compare the content (the lock keeps a unique token for this).
     """

@@ -38,9 +38,9 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 from fsspec.utils import glob_translate
 
-from spade_batch import storage
-from spade_batch.images import IMAGE_SUFFIXES
-from spade_batch.storage import StorageOptions
+from spade_batch.formats import storage
+from spade_batch.formats.images import IMAGE_SUFFIXES
+from spade_batch.formats.storage import StorageOptions
 
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 OUTPUT_SUFFIXES = (".png", ".npy")

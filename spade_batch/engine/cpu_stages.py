@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from spade_batch import storage
 from spade_batch.config import Settings
-from spade_batch.features import FeatureTable, LayerShape, write_features
-from spade_batch.images import Preprocessing, decode_for_model, decode_image, resize_for_model, resize_map
-from spade_batch.masks import mask_from_map, png_bytes
-from spade_batch.pipeline.layout import Outputs, part_name
-from spade_batch.scores import ScoreRow, Thresholds, result_row, write_scores
+from spade_batch.formats import storage
+from spade_batch.formats.features import FeatureTable, LayerShape, write_features
+from spade_batch.formats.images import Preprocessing, decode_for_model, decode_image, resize_for_model, resize_map
+from spade_batch.formats.layout import Outputs, part_name
+from spade_batch.formats.scores import ScoreRow, Thresholds, result_row, write_scores
+from spade_batch.method.masks import mask_from_map, png_bytes
 
 Batch = dict[str, np.ndarray]
 
@@ -145,7 +145,7 @@ def write_score_outputs(
 
 def _write_overlay(uri: str, target: str, anomaly_map: np.ndarray, pixel_threshold: float | None, settings: Settings) -> None:
     """Heat map over the original image (read again: only this optional output needs it)."""
-    from spade_batch.report import overlay  # matplotlib: imported only by the workers that draw
+    from spade_batch.formats.heatmap import overlay  # matplotlib: imported only by the workers that draw
 
     options = settings.fsspec_options()
     image = decode_image(storage.read_bytes(uri, options), uri, settings.max_pixels)

@@ -28,8 +28,8 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from spade_batch.images import IMAGENET_MEAN, IMAGENET_STD
-from spade_batch.storage import read_bytes
+from spade_batch.formats.images import IMAGENET_MEAN, IMAGENET_STD
+from spade_batch.formats.storage import read_bytes
 
 SUPPORTED_BACKBONES: tuple[str, ...] = ("wide_resnet50_2", "resnet18", "resnet50", "efficientnet_lite0")
 

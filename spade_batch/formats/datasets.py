@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
-from spade_batch.images import IMAGE_SUFFIXES, ImageError
+from spade_batch.formats.images import IMAGE_SUFFIXES, ImageError
 
 DEFECT_TYPES = ("scratch", "spot", "crack")
 

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from spade_batch import storage
-from spade_batch.manifest import output_stem
+from spade_batch.formats import storage
+from spade_batch.formats.manifest import output_stem
 
 
 def part_name(ids: Sequence[str]) -> str:

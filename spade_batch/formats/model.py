@@ -38,9 +38,10 @@ from typing import Any
 import faiss
 import numpy as np
 
-from spade_batch import __version__, storage
+from spade_batch import __version__
 from spade_batch.config import MODEL_KEYS, ConfigError, Settings
-from spade_batch.features import LayerShape
+from spade_batch.formats import storage
+from spade_batch.formats.features import LayerShape
 
 MODEL_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)

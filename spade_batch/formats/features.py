@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spade_batch import storage
+from spade_batch.formats import storage
 
 SCHEMA_VERSION = 2
 

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from spade_batch import storage
 from spade_batch.config import Settings
-from spade_batch.drift import DriftCheck, check_drift
-from spade_batch.images import decode_image, resize_map
-from spade_batch.model import load_card
-from spade_batch.pipeline.layout import Outputs, part_files, read_columns
-from spade_batch.report import STYLE, Example, example_grid, html_table, score_histogram
+from spade_batch.formats import storage
+from spade_batch.formats.images import decode_image, resize_map
+from spade_batch.formats.layout import Outputs, part_files, read_columns
+from spade_batch.formats.model import load_card
+from spade_batch.reports.drift import DriftCheck, check_drift
+from spade_batch.reports.figures import STYLE, Example, example_grid, html_table, score_histogram
 
 REPORT_NAME = "report.html"
 TOP_N = 8

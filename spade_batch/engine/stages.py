@@ -14,13 +14,13 @@ import numpy as np
 import ray
 import torch
 
-from spade_batch import calibrate
 from spade_batch.config import Settings
-from spade_batch.detector import Extractor, Features, Scorer, backbone_loads
-from spade_batch.features import read_features
-from spade_batch.images import Preprocessing
-from spade_batch.model import ModelCard, SpadeModel, load_count
-from spade_batch.pipeline.cpu_stages import PASSED_ON, Batch, object_column, usable_mask, worker_columns
+from spade_batch.engine.cpu_stages import PASSED_ON, Batch, object_column, usable_mask, worker_columns
+from spade_batch.formats.features import read_features
+from spade_batch.formats.images import Preprocessing
+from spade_batch.formats.model import ModelCard, SpadeModel, load_count
+from spade_batch.method import calibrate
+from spade_batch.method.detector import Extractor, Features, Scorer, backbone_loads
 
 
 class ExtractStage:

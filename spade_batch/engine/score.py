@@ -18,16 +18,17 @@ import ray
 import ray.data
 import torch
 
-from spade_batch import __version__, storage
+from spade_batch import __version__
 from spade_batch.config import Settings
-from spade_batch.locks import LOCK_NAME, holding_lock
-from spade_batch.manifest import Manifest, build_manifest
-from spade_batch.model import ModelCard, load_card
-from spade_batch.pipeline.cpu_stages import RETRYABLE, read_images, write_score_outputs
-from spade_batch.pipeline.layout import Outputs, done_ids, part_files, part_name, read_columns, record_inputs
-from spade_batch.pipeline.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, init_ray, stream
-from spade_batch.pipeline.stages import ScoreStage
-from spade_batch.scores import ScoreRow, Thresholds, write_scores
+from spade_batch.engine.cpu_stages import RETRYABLE, read_images, write_score_outputs
+from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, init_ray, stream
+from spade_batch.engine.stages import ScoreStage
+from spade_batch.formats import storage
+from spade_batch.formats.layout import Outputs, done_ids, part_files, part_name, read_columns, record_inputs
+from spade_batch.formats.locks import LOCK_NAME, holding_lock
+from spade_batch.formats.manifest import Manifest, build_manifest
+from spade_batch.formats.model import ModelCard, load_card
+from spade_batch.formats.scores import ScoreRow, Thresholds, write_scores
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from spade_batch.formats.heatmap import overlay
+
 _DPI = 100
 
 
@@ -113,31 +115,6 @@ class Example:
     predicted_mask: np.ndarray  # H x W bool, or float in [0, 1] (a mask scaled from the map)
     ground_truth: np.ndarray | None  # H x W bool
     title: str  # e.g. "crack/003.png  score 4.21"
-
-
-def overlay(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float, alpha: float = 0.5) -> np.ndarray:
-    """Jet heat map blended over the image.
-
-    image: H x W x 3 uint8; anomaly_map: H x W float, normalised to [0, 1] over [low, high] and clipped.
-    Each pixel is blended with weight alpha * normalised score, so pixels at or
-    below `low` keep the image unchanged and pixels at `high` get weight alpha.
-    Returns H x W x 3 uint8.
-    """
-    image = np.asarray(image)
-    anomaly_map = np.asarray(anomaly_map)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be H x W x 3 uint8, got shape {image.shape} dtype {image.dtype}")
-    if anomaly_map.shape != image.shape[:2]:
-        raise ValueError(f"anomaly_map must be H x W = {image.shape[:2]}, got {anomaly_map.shape}")
-    if not low < high:
-        raise ValueError(f"overlay needs low < high, got low={low}, high={high}")
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"overlay alpha must be in [0, 1], got {alpha}")
-    level = np.clip((anomaly_map.astype(np.float64) - low) / (high - low), 0.0, 1.0)
-    heat = matplotlib.colormaps["jet"](level)[..., :3] * 255.0
-    weight = alpha * level[..., None]
-    blended = (1.0 - weight) * image + weight * heat
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
 def _panel(axes: Axes, picture: np.ndarray, title: str) -> None:

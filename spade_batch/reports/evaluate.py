@@ -25,27 +25,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from spade_batch import storage
 from spade_batch.config import Settings
-from spade_batch.datasets import Sample, read_mask, read_mvtec_category
-from spade_batch.images import (
+from spade_batch.engine.score import run_score
+from spade_batch.formats import storage
+from spade_batch.formats.datasets import Sample, read_mask, read_mvtec_category
+from spade_batch.formats.images import (
     Preprocessing,
     decode_image,
     preprocess_mask,
     resize_for_model,
     resize_map,
 )
-from spade_batch.metrics import (
-    PixelMetrics,
-    f1_optimal_image_threshold,
-    f1_optimal_pixel_threshold,
-    image_rocauc,
-    roc_curve_points,
-)
-from spade_batch.model import load_card
-from spade_batch.pipeline.layout import Outputs
-from spade_batch.pipeline.score import run_score
-from spade_batch.report import (
+from spade_batch.formats.layout import Outputs
+from spade_batch.formats.model import load_card
+from spade_batch.formats.scores import Thresholds, read_scores
+from spade_batch.reports.figures import (
     Example,
     example_grid,
     html_page,
@@ -53,7 +47,13 @@ from spade_batch.report import (
     roc_plot,
     score_histogram,
 )
-from spade_batch.scores import Thresholds, read_scores
+from spade_batch.reports.metrics import (
+    PixelMetrics,
+    f1_optimal_image_threshold,
+    f1_optimal_pixel_threshold,
+    image_rocauc,
+    roc_curve_points,
+)
 
 log = logging.getLogger(__name__)
 

@@ -19,20 +19,20 @@ from typing import Any
 import numpy as np
 import ray.data
 
-from spade_batch import storage
-from spade_batch.calibrate import Normalisation, calibrate_from_samples, layer_scales
 from spade_batch.config import Settings
-from spade_batch.detector import Extractor, Scorer, new_card, split_fit_ids
-from spade_batch.features import SCHEMA_VERSION as FEATURE_SCHEMA_VERSION
-from spade_batch.features import read_features
-from spade_batch.locks import LOCK_NAME, holding_lock
-from spade_batch.manifest import Manifest, build_manifest
-from spade_batch.model import CARD_NAME, Centre, GalleryWriter, ModelCard, SpadeModel, build_model, cache_root
-from spade_batch.pipeline.cpu_stages import RETRYABLE, Batch, object_column, read_images, write_feature_part
-from spade_batch.pipeline.layout import done_ids, part_files, read_columns, record_inputs
-from spade_batch.pipeline.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, init_ray, stream
-from spade_batch.pipeline.stages import CalibrationStage, ExtractStage, calibration_batch
-from spade_batch.trainset import size_outliers
+from spade_batch.engine.cpu_stages import RETRYABLE, Batch, object_column, read_images, write_feature_part
+from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, init_ray, stream
+from spade_batch.engine.stages import CalibrationStage, ExtractStage, calibration_batch
+from spade_batch.formats import storage
+from spade_batch.formats.features import SCHEMA_VERSION as FEATURE_SCHEMA_VERSION
+from spade_batch.formats.features import read_features
+from spade_batch.formats.layout import done_ids, part_files, read_columns, record_inputs
+from spade_batch.formats.locks import LOCK_NAME, holding_lock
+from spade_batch.formats.manifest import Manifest, build_manifest
+from spade_batch.formats.model import CARD_NAME, Centre, GalleryWriter, ModelCard, SpadeModel, build_model, cache_root
+from spade_batch.method.calibrate import Normalisation, calibrate_from_samples, layer_scales
+from spade_batch.method.detector import Extractor, Scorer, new_card, split_fit_ids
+from spade_batch.method.trainset import size_outliers
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """One run per output location: a lock file created atomically next to the outputs.
 
 ``acquire_lock(join(out_uri, LOCK_NAME), owner)`` creates the lock file with
-:func:`spade_batch.storage.create_exclusive`, so of concurrent runs exactly
+:func:`spade_batch.formats.storage.create_exclusive`, so of concurrent runs exactly
 one gets it; the others get a :class:`LockHeldError` that names the lock
 file, its holder and since when. ``release_lock`` removes it at the end.
 
@@ -25,8 +25,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 
-from spade_batch import storage
-from spade_batch.storage import StorageOptions
+from spade_batch.formats import storage
+from spade_batch.formats.storage import StorageOptions
 
 LOCK_NAME = ".spade-batch.lock"
 """The lock file's name inside an output location."""

@@ -16,17 +16,16 @@ import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from spade_batch.trainset import calibration_warnings
+from spade_batch.method.scoring import ImageScore, Normalisation, image_scores
+from spade_batch.method.trainset import calibration_warnings
 
 if TYPE_CHECKING:
     from spade_batch.config import Settings
-    from spade_batch.detector import ImageScore
-    from spade_batch.model import SpadeModel
+    from spade_batch.formats.model import SpadeModel
 
 PIXEL_SAMPLE = 4096
 
@@ -48,32 +47,6 @@ def pixel_threshold(normal_pixel_samples: Sequence[np.ndarray], quantile: float)
     if not normal_pixel_samples:
         raise ValueError("no calibration maps: hold out some normal images (calibration_fraction > 0)")
     return float(np.quantile(np.concatenate(normal_pixel_samples), quantile, method="higher"))
-
-
-@dataclass(frozen=True)
-class Normalisation:
-    """Scales learnt from the calibration images, recorded in the model card (None: not learnt).
-
-    Attributes:
-        layer_scales: per pyramid layer, the standard deviation of its pixel distances (squared feature units).
-        knn: (mean, standard deviation) of the calibration images' kNN image scores.
-        map: (mean, standard deviation) of their map scores (spade.map_scores).
-    """
-
-    layer_scales: list[float] | None = None
-    knn: tuple[float, float] | None = None
-    map: tuple[float, float] | None = None
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Normalisation:
-        return cls(
-            values.get("layer_scales"),
-            tuple(values["knn"]) if values.get("knn") else None,  # type: ignore[arg-type]
-            tuple(values["map"]) if values.get("map") else None,  # type: ignore[arg-type]
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
 
 
 def layer_moments(layer_maps: Sequence[np.ndarray]) -> np.ndarray:
@@ -98,22 +71,6 @@ def score_statistics(scores: np.ndarray, name: str) -> tuple[float, float]:
         raise ValueError(f"the calibration images' {name} scores do not vary ({scores.size} images); "
                          "hold out more normal images (calibration_fraction) or use another image_score")
     return float(np.mean(scores)), spread
-
-
-def image_scores(knn_scores: np.ndarray, map_scores: np.ndarray, mode: str, normalisation: Normalisation) -> np.ndarray:
-    """The image score of config image_score `mode` from B kNN and B map scores (B float64).
-
-    combined: the mean of the two scores, each standardised by the calibration images' mean and standard
-    deviation; NaN while the model has not learnt them (during fit's calibration).
-    """
-    if mode == "knn":
-        return np.asarray(knn_scores, np.float64)
-    if mode == "map":
-        return np.asarray(map_scores, np.float64)
-    if normalisation.knn is None or normalisation.map is None:
-        return np.full(len(knn_scores), np.nan)
-    (knn_mean, knn_std), (map_mean, map_std) = normalisation.knn, normalisation.map
-    return ((np.asarray(knn_scores, np.float64) - knn_mean) / knn_std + (np.asarray(map_scores, np.float64) - map_mean) / map_std) / 2
 
 
 def calibrate_from_samples(

@@ -1,6 +1,6 @@
 """The in-process API: fit on images, score images. No Ray, no storage.
 
-    from spade_batch.detector import fit, score
+    from spade_batch.method.detector import fit, score
     model = fit(normal_images, Settings(backbone="resnet18", weights="random", k=5))
     results = score(model, test_images)          # list[ImageScore]
 
@@ -21,12 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spade_batch import calibrate, spade
-from spade_batch.backbone import FeaturePyramid, load_backbone
 from spade_batch.config import Settings
-from spade_batch.features import LayerShape
-from spade_batch.images import Preprocessing, resize_for_model
-from spade_batch.model import Centre, GalleryWriter, ModelCard, SpadeModel, build_model
+from spade_batch.formats.features import LayerShape
+from spade_batch.formats.images import Preprocessing, resize_for_model
+from spade_batch.formats.model import Centre, GalleryWriter, ModelCard, SpadeModel, build_model
+from spade_batch.method import calibrate, spade
+from spade_batch.method.backbone import FeaturePyramid, load_backbone
+from spade_batch.method.scoring import ImageScore, Normalisation, image_scores
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -192,32 +193,12 @@ def fit(images: Sequence[np.ndarray], settings: Settings, ids: Sequence[str] | N
     held_features = Features(features.global_features[held], [layer[held] for layer in features.layers])
     if settings.layer_normalise:
         moments = Scorer(model, extractor, settings.chunk_mib * 2**20, settings.precision).layer_moments(held_features)
-        model = model.with_normalisation(calibrate.Normalisation(layer_scales=calibrate.layer_scales(moments)).to_dict())
+        model = model.with_normalisation(Normalisation(layer_scales=calibrate.layer_scales(moments)).to_dict())
     results = Scorer(model, extractor, settings.chunk_mib * 2**20, settings.precision).score_features(held_features)
     return calibrate.calibrate(model, results, settings)
 
 
 # ---------------------------------------------------------------- score
-
-
-@dataclass(frozen=True)
-class ImageScore:
-    """Result for one image.
-
-    Attributes:
-        score: image anomaly score, of the model's image_score (calibrate.image_scores).
-        neighbours: K int64 indices into model.train_ids, nearest first.
-        anomaly_map: S x S float32 pixel scores at the working size (squared feature distance, divided by
-            the layer scales when the model normalises layers).
-        knn_score: mean squared distance to the K nearest normal images (the paper's image score).
-        map_score: the map's highest pixel, or mean of its highest map_top fraction (spade.map_scores).
-    """
-
-    score: float
-    neighbours: np.ndarray
-    anomaly_map: np.ndarray
-    knn_score: float = math.nan
-    map_score: float = math.nan
 
 
 class Scorer:
@@ -239,7 +220,7 @@ class Scorer:
         self.model, self.extractor = model, extractor
         self.k, self.kappa, self.sigma = settings["k"], settings["kappa"], settings["sigma"]
         self.image_score, self.map_top = settings["image_score"], settings["map_top"]
-        self.normalisation = calibrate.Normalisation.from_dict(model.card.normalisation)
+        self.normalisation = Normalisation.from_dict(model.card.normalisation)
         self.layer_scales = self.normalisation.layer_scales if settings["layer_normalise"] else None
         self.chunk_bytes, self.precision = chunk_bytes, precision
         device = extractor.device
@@ -271,7 +252,7 @@ class Scorer:
         for chunk, layer_maps in self._layer_distances(features, neighbours):
             maps = spade.combine_layer_maps(layer_maps, size, self.sigma, self.layer_scales)
             map_scores = spade.map_scores(maps, self.map_top).cpu().numpy()
-            scores = calibrate.image_scores(knn_scores[chunk], map_scores, self.image_score, self.normalisation)
+            scores = image_scores(knn_scores[chunk], map_scores, self.image_score, self.normalisation)
             for offset, anomaly_map in enumerate(maps.cpu().numpy()):
                 row = chunk.start + offset
                 results.append(ImageScore(float(scores[offset]), neighbours[row], anomaly_map,

@@ -13,9 +13,9 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from spade_batch import storage
 from spade_batch.config import group_values
-from spade_batch.model import CARD_NAME, load_card
+from spade_batch.formats import storage
+from spade_batch.formats.model import CARD_NAME, load_card
 
 RUN_NAME = "run.json"
 TOP_COLUMNS = ["id", "image_score", "is_anomalous", "max_pixel_score", "anomalous_fraction", "mask_uri"]
@@ -65,7 +65,7 @@ def model_summary(uri: str, options: storage.StorageOptions = None) -> dict[str,
 
 def run_summary(uri: str, options: storage.StorageOptions = None, top: int = 10) -> dict[str, Any]:
     """Counts, anomaly rate, failures by reason, thresholds, timings and the `top` highest-scoring images."""
-    from spade_batch.pipeline.layout import part_files, read_columns
+    from spade_batch.formats.layout import part_files, read_columns
 
     run = json.loads(storage.read_text(storage.join(uri, RUN_NAME), options))
     failed: list[tuple[str, str]] = []

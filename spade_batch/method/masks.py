@@ -11,7 +11,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from spade_batch.images import resize_map
+from spade_batch.formats.images import resize_map
 
 
 def mask_from_map(anomaly_map: np.ndarray, height: int, width: int, threshold: float | None) -> np.ndarray:
