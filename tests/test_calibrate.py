@@ -13,7 +13,6 @@ from spade_batch.formats.features import LayerShape
 from spade_batch.formats.model import Centre, GalleryWriter, ModelCard, build_model
 from spade_batch.method.calibrate import (
     PIXEL_SAMPLE,
-    calibrate,
     calibrate_from_samples,
     image_threshold,
     is_held_out,
@@ -22,7 +21,7 @@ from spade_batch.method.calibrate import (
     pixel_sample,
     pixel_threshold,
 )
-from spade_batch.method.scoring import ImageScore, Normalisation, image_scores
+from spade_batch.method.scoring import Normalisation, image_scores
 
 NORMAL_SCORES = stats.chi2(df=8)  # a skewed, positive stand-in for normal images' kNN scores
 
@@ -111,22 +110,18 @@ def tiny_model(folder, **settings):
     return build_model(writer, card, Settings(backbone="resnet18", weights="random", k=2))
 
 
-def test_calibrate_sets_the_model_thresholds_from_results(tmp_path):
+def test_calibrate_sets_the_model_thresholds_from_held_out_scores(tmp_path):
     rng = np.random.default_rng(4)
-    results = [ImageScore(float(s), np.array([0, 1]), rng.random((80, 80), dtype=np.float32), float(s), float(m))
-               for s, m in rng.random((50, 2))]
+    knn, maps = rng.random((2, 50))
+    samples = [pixel_sample(rng.random((80, 80), dtype=np.float32)) for _ in range(50)]
     settings = Settings(image_fpr=0.1, pixel_quantile=0.99, image_score="knn")
     model = tiny_model(tmp_path, image_score="knn")
-    calibrated = calibrate(model, results, settings)
-    scores = np.array([r.score for r in results])
-    samples = [pixel_sample(r.anomaly_map) for r in results]
-    assert calibrated.card.thresholds == {"image": image_threshold(scores, 0.1), "pixel": pixel_threshold(samples, 0.99)}
+    calibrated = calibrate_from_samples(model, knn, maps, samples, settings)
+    assert calibrated.card.thresholds == {"image": image_threshold(knn, 0.1), "pixel": pixel_threshold(samples, 0.99)}
     assert calibrated.card.calibration["count"] == 50
     assert calibrated.card.calibration["image_fpr"] == 0.1
     assert model.card.thresholds == {"image": None, "pixel": None}  # the input model is unchanged
     assert calibrated.train_ids == model.train_ids and calibrated.index is model.index
-    direct = calibrate_from_samples(model, scores, np.array([r.map_score for r in results]), samples, settings)
-    assert direct.card.thresholds == calibrated.card.thresholds
 
 
 def test_layer_scales_are_each_layers_standard_deviation_over_all_batches():

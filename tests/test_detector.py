@@ -20,7 +20,9 @@ from spade_batch.formats.features import LayerShape
 from spade_batch.formats.images import Preprocessing, decode_image, resize_for_model
 from spade_batch.formats.model import CARD_NAME, KEYS_ADDED_LATER, Centre, GalleryWriter, ModelCard, SpadeModel, build_model
 from spade_batch.method import calibrate, scoring, spade
-from spade_batch.method.detector import Extractor, Features, Scorer, fit, new_card, normalise, score, split_fit_ids
+from spade_batch.method.detector import Extractor, Features, Scorer, fit, score
+from spade_batch.method.extractor import normalise
+from spade_batch.method.recipe import new_card, split_fit_ids
 
 SIZE = 64
 SETTINGS = Settings(backbone="resnet18", weights="random", image_size=SIZE, k=2, kappa=1, sigma=2.0, device="cpu", batch_size=4)
@@ -370,12 +372,14 @@ def test_fit_holds_out_images_by_id_and_calibrates_on_them(data, tmp_path):
     assert model.card.train_count == len(ids) - len(held) and model.card.settings == settings.model_dict()
     assert model.card.calibration["count"] == len(held)
 
-    # The thresholds are the quantiles of the held-out images' own scores.
+    # The thresholds are the quantiles of the held-out images' own scores. Calibration scores their
+    # stored float16 features (as the pipeline does, without a second extraction); score() extracts
+    # float32 afresh, hence the float16 tolerance.
     held_results = score(model, [images[ids.index(i)] for i in held])
     image_threshold = np.quantile([r.score for r in held_results], 1 - 0.5, method="higher")
     pixel_threshold = np.quantile(np.concatenate([r.anomaly_map.ravel() for r in held_results]), 0.9, method="higher")
-    assert model.card.thresholds["image"] == pytest.approx(image_threshold, rel=1e-5)
-    assert model.card.thresholds["pixel"] == pytest.approx(pixel_threshold, rel=1e-5)
+    assert model.card.thresholds["image"] == pytest.approx(image_threshold, rel=1e-3)
+    assert model.card.thresholds["pixel"] == pytest.approx(pixel_threshold, rel=1e-3)
 
     results = score(model, data["test"])
     assert len(results) == len(data["test"])

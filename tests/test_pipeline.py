@@ -280,6 +280,44 @@ def test_learnt_scales_and_thresholds_equal_the_in_process_fit(
         assert card["thresholds"][kind] == pytest.approx(reference.thresholds[kind], rel=FLOAT16_RTOL, abs=1e-3)
 
 
+def test_the_pipeline_fit_and_the_in_process_fit_are_one_recipe(fitted: Fitted, tmp_path: Any) -> None:
+    """The same training images, among them a size outlier, and a calibration hold-out: fit on Ray and fit
+    in this process give the same gallery, the same left-out and held-out images, the same learnt scales
+    and thresholds, and the same scores on the test images (float16 features, extracted in other batches)."""
+    train = tmp_path / "train"
+    os.makedirs(train)
+    for image_id in fitted.ids("train"):
+        (train / image_id.replace("/", "-")).write_bytes(fitted.file("train", image_id))
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (12, 400, 3), dtype=np.uint8)).save(train / "strip.png")  # aspect 33:1
+    ids = sorted(os.listdir(train))
+    settings = fitted.settings.replace(calibration_fraction=0.6, layer_normalise=True, image_score="combined", image_fpr=0.5,
+                                       storage_options={})
+    held = {i for i in ids if calibrate.is_held_out(i, 0.6, settings.seed)}
+    assert "strip.png" not in held and 2 <= len(held) <= len(ids) - settings.k - 1  # a hold-out, and a gallery besides
+
+    summary = run_fit(str(train), str(tmp_path / "model"), settings)
+    on_ray = SpadeModel.load(str(tmp_path / "model"))
+    in_process = detector.fit([decode_image((train / i).read_bytes(), i) for i in ids], settings, ids=ids)
+
+    assert [entry["id"] for entry in summary.left_out] == ["strip.png"]
+    assert on_ray.train_ids == in_process.train_ids == sorted(set(ids) - held - {"strip.png"})
+    assert on_ray.card.calibration["count"] == in_process.card.calibration["count"] == len(held)
+    for layer_on_ray, layer_in_process in zip(on_ray.gallery, in_process.gallery):
+        np.testing.assert_allclose(layer_on_ray.astype(np.float32), layer_in_process.astype(np.float32), rtol=FLOAT16_RTOL, atol=1e-3)
+    learnt, expected = (scoring.Normalisation.from_dict(m.card.normalisation) for m in (on_ray, in_process))
+    np.testing.assert_allclose(learnt.layer_scales, expected.layer_scales, rtol=FLOAT16_RTOL)
+    np.testing.assert_allclose([*learnt.knn, *learnt.map], [*expected.knn, *expected.map], rtol=FLOAT16_RTOL)
+    for kind in ("image", "pixel"):
+        assert on_ray.card.thresholds[kind] == pytest.approx(in_process.card.thresholds[kind], rel=FLOAT16_RTOL, abs=1e-3)
+
+    test_images = [fitted.image("test", i) for i in fitted.ids("test")]
+    for a, b in zip(detector.score(on_ray, test_images, settings), detector.score(in_process, test_images, settings)):
+        assert a.neighbours.tolist() == b.neighbours.tolist()
+        assert a.score == pytest.approx(b.score, rel=FLOAT16_RTOL, abs=1e-3)
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=FLOAT16_RTOL, atol=1e-3)
+
+
 def test_run_json_counts(fitted: Fitted, scored: Scored, model: SpadeModel) -> None:
     run = read_json(scored.out.run_json, fitted.settings)
     rows = read_rows(scored.out.root, fitted.settings)

@@ -1,43 +1,37 @@
 """fit on Ray: normal images stream through decode (CPU tasks) -> backbone actors -> feature part files;
-then the gallery is written from the parts holding gallery images, and held-out images calibrate the thresholds
-(scored from their stored features: in the driver on a single CPU-only node, else on model actors).
+then the one fit recipe (method.recipe) builds the model from the parts: gallery, hold-out, calibration.
+Held-out images are scored from their stored features, in the driver on a single CPU-only node, else on
+model actors (ActorsHeldOut).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import ray.data
 
 from spade_batch.config import Settings
-from spade_batch.engine.cpu_stages import RETRYABLE, Batch, object_column, read_images, write_feature_part
+from spade_batch.engine.cpu_stages import RETRYABLE, Batch, read_images, write_feature_part
 from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, init_ray, stream
-from spade_batch.engine.stages import CalibrationStage, ExtractStage, calibration_batch
+from spade_batch.engine.stages import CalibrationStage, ExtractStage
 from spade_batch.formats import storage
 from spade_batch.formats.features import SCHEMA_VERSION as FEATURE_SCHEMA_VERSION
-from spade_batch.formats.features import read_features
-from spade_batch.formats.layout import done_ids, part_files, read_columns, record_inputs
+from spade_batch.formats.layout import FEATURES_FOLDER, done_ids, part_files, record_inputs
 from spade_batch.formats.locks import LOCK_NAME, holding_lock
 from spade_batch.formats.manifest import Manifest, build_manifest
-from spade_batch.formats.model import CARD_NAME, Centre, GalleryWriter, ModelCard, SpadeModel, build_model, cache_root
-from spade_batch.method.calibrate import Normalisation, calibrate_from_samples, layer_scales
-from spade_batch.method.detector import Extractor, Scorer, new_card, split_fit_ids
-from spade_batch.method.trainset import size_outliers
+from spade_batch.formats.model import CARD_NAME, SpadeModel, cache_root
+from spade_batch.method.extractor import Extractor
+from spade_batch.method.recipe import HeldOutScorer, HeldOutScores, InProcessHeldOut, StoredFeatures, fit_from_features
 
 log = logging.getLogger(__name__)
-
-GALLERY_THREADS = 4
-"""Part files read and written into the gallery at once: Parquet decoding and centring release the GIL."""
 
 
 class RetryableInputError(RuntimeError):
@@ -75,7 +69,7 @@ def _fit_locked(manifest: Manifest, model_uri: str, settings: Settings, started:
     options = settings.fsspec_options()
     init_ray(settings.ray_address)
     extractor = Extractor(settings, options)  # weights identity and layer shapes for the card
-    features_uri = storage.join(model_uri, "features")
+    features_uri = storage.join(model_uri, FEATURES_FOLDER)
     if settings.overwrite:
         # The old card goes first: no reader may pair it with the new arrays being written.
         storage.remove(storage.join(model_uri, CARD_NAME), options)
@@ -87,56 +81,32 @@ def _fit_locked(manifest: Manifest, model_uri: str, settings: Settings, started:
     _extract(manifest.ids, manifest.uris, features_uri, extractor, settings)
     extracted = time.perf_counter()
 
-    parts = part_files(features_uri, options)
-    located, sizes = {}, {}
-    for part, columns in read_columns(parts, ["id", "error", "height", "width"], options):
-        for i, error, height, width in zip(columns["id"], columns["error"], columns["height"], columns["width"]):
-            located[i] = (part, error)
-            if error is None:
-                sizes[i] = (height, width)
-    failures = [{"id": i, "error": error} for i, (_, error) in sorted(located.items()) if error is not None]
-    failures += [{"id": uri, "error": reason} for uri, reason in manifest.rejected]
-    left_out = _size_outliers(sizes, settings)
-    gallery_ids, calibration_ids = split_fit_ids(sorted(set(sizes) - {entry["id"] for entry in left_out}), settings)
-    card = new_card(extractor, settings, len(gallery_ids), manifest.sha256(), failures)
+    features = StoredFeatures.index(part_files(features_uri, options), options)
+    rejected = [{"id": uri, "error": reason} for uri, reason in manifest.rejected]
     # A local model's gallery is written in place; a remote one's is staged on this node, then uploaded once.
     local = storage.is_local(model_uri)
     folder = storage.filesystem(model_uri, options)[1] if local else tempfile.mkdtemp(prefix="gallery-", dir=_staging_root())
     try:
-        model = _write_gallery(folder, located, gallery_ids, card, settings)
-        model.publish_arrays(model_uri, options)  # calibration actors load it from there; the card comes last
-        if calibration_ids:
-            model = _calibrate(model, model_uri, extractor, located, calibration_ids, settings)
-        else:
-            log.warning("fit: no images held out for calibration; thresholds stay unset (set calibration_fraction > 0)")
-        model.write_card(model_uri, options)
+        held_out = _held_out_scorer(features, extractor, model_uri, settings)
+        fitted = fit_from_features(features, extractor, settings, folder, manifest.sha256(), rejected, held_out)
+        fitted.model.publish_arrays(model_uri, options)
+        fitted.model.write_card(model_uri, options)  # last: its presence marks the model complete
     finally:
         if not local:
             shutil.rmtree(folder, ignore_errors=True)
+    card = fitted.model.card
     return FitSummary(
         model_uri=model_uri,
         train_images=len(manifest),
-        gallery_images=len(gallery_ids),
-        calibration_images=len(calibration_ids),
-        failed_images=len(failures),
-        failures=failures,
-        thresholds=model.card.thresholds,
-        left_out=left_out,
-        warnings=list(model.card.calibration.get("warnings", [])),
+        gallery_images=len(fitted.gallery_ids),
+        calibration_images=len(fitted.calibration_ids),
+        failed_images=len(card.failed_train_images),
+        failures=card.failed_train_images,
+        thresholds=card.thresholds,
+        left_out=fitted.left_out,
+        warnings=list(card.calibration.get("warnings", [])),
         seconds={"extract": extracted - started, "total": time.perf_counter() - started},
     )
-
-
-def _size_outliers(sizes: dict[str, tuple[int, int]], settings: Settings) -> list[dict[str, str]]:
-    """The training images to leave out for their size (none with keep_size_outliers), each logged."""
-    ids = sorted(sizes)
-    outliers = size_outliers(ids, [sizes[i][0] for i in ids], [sizes[i][1] for i in ids])
-    if not outliers:
-        return []
-    verb = "kept (keep_size_outliers)" if settings.keep_size_outliers else "left out of the gallery and calibration"
-    for image_id, reason in outliers.items():
-        log.warning("fit: training image %s %s: %s", image_id, verb, reason)
-    return [] if settings.keep_size_outliers else [{"id": i, "reason": r} for i, r in outliers.items()]
 
 
 def _extract(ids: tuple[str, ...], uris: tuple[str, ...], features_uri: str, extractor: Extractor, settings: Settings) -> None:
@@ -170,87 +140,20 @@ def _extract(ids: tuple[str, ...], uris: tuple[str, ...], features_uri: str, ext
         )
 
 
-def _write_gallery(
-    folder: str, located: dict[str, tuple[str, Any]], gallery_ids: list[str], card: ModelCard, settings: Settings
-) -> SpadeModel:
-    """The model in folder, its gallery written from the part files holding gallery images, several at a time
-    (the cores are free by now)."""
-    options = settings.fsspec_options()
-    first = read_features([located[gallery_ids[0]][0]], options)
-    row = first.ids.index(gallery_ids[0])
-    centre = Centre.of_image(first.global_features[row], [layer[row] for layer in first.layers])
-    writer = GalleryWriter(folder, gallery_ids, card.layer_shapes, card.global_dim, centre)
-
-    def add(part: str) -> None:
-        table = read_features([part], options)
-        writer.add(table.ids, table.global_features, table.layers)
-
-    with concurrent.futures.ThreadPoolExecutor(min(GALLERY_THREADS, os.cpu_count() or 1)) as pool:
-        list(pool.map(add, sorted({located[image_id][0] for image_id in gallery_ids})))
-    return build_model(writer, card, settings)
-
-
 def _staging_root() -> str:
     root = os.path.join(cache_root(), "staging")
     os.makedirs(root, exist_ok=True)
     return root
 
 
-def _calibrate(
-    model: SpadeModel, model_uri: str, extractor: Extractor, located: dict[str, tuple[str, Any]], calibration_ids: list[str],
-    settings: Settings,
-) -> SpadeModel:
-    """Thresholds from the held-out images' stored features (no second extraction).
-
-    With layer_normalise the held-out images are searched twice: once for the layers' spreads, then
-    for the thresholds of the maps those scales give.
-    """
-    by_part: dict[str, list[str]] = {}
-    for image_id in calibration_ids:
-        by_part.setdefault(located[image_id][0], []).append(image_id)
-    items = [{"part": p, "ids": i} for p, i in sorted(by_part.items())]
+def _held_out_scorer(features: StoredFeatures, extractor: Extractor, model_uri: str, settings: Settings) -> HeldOutScorer:
+    """Where fit scores its held-out images: in the driver on a single CPU-only node, else on model actors."""
     plan = ModelStage.plan(settings)
-    actors = None if _calibrates_in_driver(plan, settings) else plan
-    log.info("fit: calibrating on %d held-out images %s", len(calibration_ids),
-             f"on {plan.workers} model actors" if actors else "in the driver (a single CPU-only node)")
-
-    def batches(model: SpadeModel, moments: bool) -> Iterator[Batch]:
-        return _calibration_batches(items, model, model_uri, extractor, settings, actors, moments)
-
-    if settings.layer_normalise:
-        moments = sum(batch["moments"].sum(axis=0) for batch in batches(model, moments=True))
-        model = model.with_normalisation(Normalisation(layer_scales=layer_scales(moments)).to_dict())
-    scored: dict[str, tuple[float, float, np.ndarray]] = {}
-    with Progress("calibrate", len(calibration_ids)) as progress:
-        for batch in batches(model, moments=False):
-            progress.advance(len(batch["id"]))
-            scored.update({str(i): (float(k), float(m), np.asarray(p)) for i, k, m, p in
-                           zip(batch["id"], batch["knn_score"], batch["map_score"], batch["pixel_sample"])})
-    ordered = [scored[i] for i in calibration_ids]
-    model = calibrate_from_samples(
-        model, np.array([k for k, _, _ in ordered]), np.array([m for _, m, _ in ordered]), [p for _, _, p in ordered], settings
-    )
-    for warning in model.card.calibration["warnings"]:
-        log.warning("fit: calibration: %s", warning)
-    return model
-
-
-def _calibration_batches(
-    items: list[dict[str, Any]], model: SpadeModel, model_uri: str, extractor: Extractor, settings: Settings,
-    actors: ModelStage | None, moments: bool,
-) -> Iterator[Batch]:
-    """calibration_batch over the part files holding the held-out images, one part per call: on the
-    model actors of `actors` (CalibrationStage), or in this process when it is None."""
-    if actors is None:
-        scorer = Scorer(model, extractor, settings.chunk_mib * 2**20, settings.precision)
-        options = settings.fsspec_options()
-        return (calibration_batch(scorer, {"part": np.array([item["part"]]), "ids": object_column([item["ids"]])}, options, moments)
-                for item in items)
-    return ray.data.from_items(items).map_batches(
-        CalibrationStage,
-        fn_constructor_kwargs={"model_uri": model_uri, "settings": settings, "card": dataclasses.asdict(model.card), "moments": moments},
-        batch_size=1, batch_format="numpy", compute=actors.compute(), **actors.resources,
-    ).iter_batches(batch_size=None, batch_format="numpy")
+    if _calibrates_in_driver(plan, settings):
+        log.info("fit: held-out images are scored in the driver (a single CPU-only node)")
+        return _Counted(InProcessHeldOut(features, extractor, settings))
+    log.info("fit: held-out images are scored on %d model actors", plan.workers)
+    return _Counted(ActorsHeldOut(features, model_uri, settings, plan))
 
 
 def _calibrates_in_driver(plan: ModelStage, settings: Settings) -> bool:
@@ -261,3 +164,53 @@ def _calibrates_in_driver(plan: ModelStage, settings: Settings) -> bool:
     or model_workers set, model actors do it."""
     nodes = [node for node in ray.nodes() if node["Alive"]]
     return len(nodes) == 1 and not plan.gpus and not settings.model_workers
+
+
+@dataclass(frozen=True)
+class ActorsHeldOut:
+    """Scores held-out images on model actors (CalibrationStage), one part file per call.
+
+    The actors load the model from model_uri, so its arrays are published there first; the card
+    comes last (run_fit), so no reader takes the half-made model for a complete one.
+    """
+
+    features: StoredFeatures
+    model_uri: str
+    settings: Settings
+    plan: ModelStage
+
+    def moments(self, model: SpadeModel, ids: Sequence[str]) -> np.ndarray:
+        return sum(batch["moments"].sum(axis=0) for batch in self._batches(model, ids, moments=True))
+
+    def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterator[HeldOutScores]:
+        for batch in self._batches(model, ids, moments=False):
+            yield HeldOutScores([str(i) for i in batch["id"]], batch["knn_score"], batch["map_score"],
+                                [np.asarray(sample) for sample in batch["pixel_sample"]])
+
+    def _batches(self, model: SpadeModel, ids: Sequence[str], moments: bool) -> Iterator[Batch]:
+        model.publish_arrays(self.model_uri, self.settings.fsspec_options())
+        wanted = set(ids)
+        items = [{"part": part, "ids": sorted(i for i, p in self.features.parts.items() if p == part and i in wanted)}
+                 for part in self.features.parts_of(wanted)]
+        return ray.data.from_items(items).map_batches(
+            CalibrationStage,
+            fn_constructor_kwargs={"model_uri": self.model_uri, "settings": self.settings, "card": dataclasses.asdict(model.card),
+                                   "moments": moments},
+            batch_size=1, batch_format="numpy", compute=self.plan.compute(), **self.plan.resources,
+        ).iter_batches(batch_size=None, batch_format="numpy")
+
+
+@dataclass(frozen=True)
+class _Counted:
+    """A HeldOutScorer whose scoring pass shows progress."""
+
+    inner: HeldOutScorer
+
+    def moments(self, model: SpadeModel, ids: Sequence[str]) -> np.ndarray:
+        return self.inner.moments(model, ids)
+
+    def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterator[HeldOutScores]:
+        with Progress("calibrate", len(ids)) as progress:
+            for batch in self.inner.scores(model, ids):
+                progress.advance(len(batch.ids))
+                yield batch

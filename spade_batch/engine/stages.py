@@ -1,7 +1,7 @@
 """The model stages Ray Data runs as actors: backbone (fit), scorer (score), calibration (fit's hold-out).
 
 Each is a callable class that loads its big read-only state once in __init__ (backbone, faiss
-index, memory-mapped gallery) and then serves many batches; everything it computes is detector.py's.
+index, memory-mapped gallery) and then serves many batches; everything it computes is the method's (extractor, scorer, recipe).
 Batches and their columns are described in cpu_stages.py, which runs before and after these.
 """
 
@@ -12,15 +12,14 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 
 from spade_batch.config import Settings
 from spade_batch.engine.cpu_stages import PASSED_ON, Batch, object_column, usable_mask, worker_columns
-from spade_batch.formats.features import read_features
 from spade_batch.formats.images import Preprocessing
 from spade_batch.formats.model import ModelCard, SpadeModel, load_count
-from spade_batch.method import calibrate
-from spade_batch.method.detector import Extractor, Features, Scorer, backbone_loads
+from spade_batch.method.extractor import Extractor, backbone_loads
+from spade_batch.method.recipe import held_out_moments, read_block, score_held_out
+from spade_batch.method.scorer import Scorer
 
 
 class ExtractStage:
@@ -69,11 +68,12 @@ class ScoreStage:
 
 
 class CalibrationStage:
-    """Scores held-out normal images from their stored features (no second extraction): calibration_batch
-    on a model actor.
+    """Scores held-out normal images from their stored features (no second extraction), on a model actor:
+    the recipe's score_held_out (or, with moments, held_out_moments) on each part's held-out rows.
 
-    moments: return each part's summed per-layer distance moments (Scorer.layer_moments, for the layer
-    scales) instead of per-image scores.
+    Batches: part (str), ids (list of str: the held-out images in that part) -> id, knn_score, map_score,
+    pixel_sample (calibrate.pixel_sample of each map); with moments, one row per part of its summed
+    L x 3 distance moments instead.
     """
 
     def __init__(self, model_uri: str, settings: Settings, card: dict[str, Any], moments: bool = False):
@@ -81,32 +81,11 @@ class CalibrationStage:
         self.options, self.moments = settings.fsspec_options(), moments
 
     def __call__(self, batch: Batch) -> Batch:
-        return calibration_batch(self.scorer, batch, self.options, self.moments)
-
-
-def calibration_batch(scorer: Scorer, batch: Batch, options: dict[str, Any], moments: bool) -> Batch:
-    """part (str), ids (list of str: the held-out images in that part) -> id, knn_score, map_score,
-    pixel_sample (calibrate.pixel_sample of each map); with moments, one row per part of its summed
-    L x 3 distance moments instead."""
-    ids, knn_scores, map_scores, samples, summed = [], [], [], [], []
-    for part, wanted in zip(batch["part"], batch["ids"]):
-        table = read_features([str(part)], options)
-        keep = np.isin(np.array(table.ids, dtype=object), np.array(list(wanted), dtype=object))
-        table = table.select(keep)
-        layers = [
-            torch.from_numpy(layer.astype(np.float32)).view(len(table), s.height, s.width, s.channels).permute(0, 3, 1, 2)
-            for layer, s in zip(table.layers, table.layer_shapes)
-        ]
-        features = Features(torch.from_numpy(table.global_features), layers)
-        if moments:
-            summed.append(scorer.layer_moments(features))
-            continue
-        results = scorer.score_features(features)
-        ids += table.ids
-        knn_scores += [r.knn_score for r in results]
-        map_scores += [r.map_score for r in results]
-        samples += [calibrate.pixel_sample(r.anomaly_map) for r in results]
-    if moments:
-        return {"moments": np.stack(summed)}
-    return {"id": object_column(ids), "knn_score": np.array(knn_scores, np.float64),
-            "map_score": np.array(map_scores, np.float64), "pixel_sample": object_column(samples)}
+        blocks = [read_block(str(part), list(ids), self.options) for part, ids in zip(batch["part"], batch["ids"])]
+        if self.moments:
+            return {"moments": np.stack([held_out_moments(self.scorer, block) for block in blocks])}
+        scored = [score_held_out(self.scorer, block) for block in blocks]
+        return {"id": object_column([i for s in scored for i in s.ids]),
+                "knn_score": np.concatenate([s.knn_scores for s in scored]),
+                "map_score": np.concatenate([s.map_scores for s in scored]),
+                "pixel_sample": object_column([p for s in scored for p in s.pixel_samples])}

@@ -88,3 +88,7 @@ def record_inputs(root: str, inputs_uri: str, inputs: dict[str, Any], options: s
                 "pass --overwrite to replace it or choose another output URI"
             )
     storage.write_text(inputs_uri, json.dumps(inputs, indent=2), options)
+
+
+FEATURES_FOLDER = "features"
+"""Under a model folder: the feature part files fit extracted (formats.features)."""

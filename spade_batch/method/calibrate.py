@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from spade_batch.method.scoring import ImageScore, Normalisation, image_scores
+from spade_batch.method.scoring import Normalisation, image_scores
 from spade_batch.method.trainset import calibration_warnings
 
 if TYPE_CHECKING:
@@ -103,17 +103,6 @@ def calibrate_from_samples(
         image_threshold(scores, settings.image_fpr),
         pixel_threshold(list(pixel_samples), settings.pixel_quantile),
         summary,
-    )
-
-
-def calibrate(model: SpadeModel, results: Sequence[ImageScore], settings: Settings) -> SpadeModel:
-    """calibrate_from_samples over in-process scoring results."""
-    return calibrate_from_samples(
-        model,
-        np.array([r.knn_score for r in results], dtype=np.float64),
-        np.array([r.map_score for r in results], dtype=np.float64),
-        [pixel_sample(r.anomaly_map) for r in results],
-        settings,
     )
 
 

@@ -1,0 +1,278 @@
+"""The one fit recipe: training features in part files in, a calibrated model out.
+
+Both fits run it: `detector.fit` (in this process) and `engine.fit` (on Ray). They differ only in how
+the feature part files were made and where the held-out images are scored (`HeldOutScorer`);
+everything that decides what the model is happens here, in this order:
+
+1. training hygiene: readable images whose size is far from the rest are left out (trainset.size_outliers);
+2. the hold-out: calibration_fraction of the rest, by id hash (calibrate.is_held_out);
+3. the card, the centre (one gallery image's features) and the gallery, written part by part;
+4. with layer_normalise, a first pass over the held-out images for each layer's spread;
+5. the held-out images' scores give the thresholds (calibrate.calibrate_from_samples).
+
+The training set is never whole in memory: one part file per thread at a time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from spade_batch.config import Settings
+from spade_batch.formats import storage
+from spade_batch.formats.features import FeatureTable, read_features
+from spade_batch.formats.layout import read_columns
+from spade_batch.formats.model import Centre, GalleryWriter, ModelCard, SpadeModel, build_model
+from spade_batch.method import calibrate
+from spade_batch.method.extractor import Extractor, Features
+from spade_batch.method.scorer import Scorer
+from spade_batch.method.scoring import Normalisation
+from spade_batch.method.trainset import size_outliers
+
+log = logging.getLogger(__name__)
+
+GALLERY_THREADS = 4
+"""Part files read and written into the gallery at once: Parquet decoding and centring release the GIL."""
+
+
+@dataclass(frozen=True)
+class StoredFeatures:
+    """Training features in part files (formats.features): which part holds each readable image, and its size.
+
+    Attributes:
+        parts: id -> the part file holding its row.
+        sizes: id -> original (height, width) in pixels.
+        failures: {"id", "error"} of the images that could not be read, by id.
+        options: storage options that reach the parts.
+    """
+
+    parts: dict[str, str]
+    sizes: dict[str, tuple[int, int]]
+    failures: list[dict[str, str]]
+    options: storage.StorageOptions = None
+
+    @classmethod
+    def index(cls, part_uris: Iterable[str], options: storage.StorageOptions = None) -> StoredFeatures:
+        """Read only the id, error and size columns of the parts."""
+        parts, sizes, errors = {}, {}, {}
+        for part, columns in read_columns(part_uris, ["id", "error", "height", "width"], options):
+            for image_id, error, height, width in zip(columns["id"], columns["error"], columns["height"], columns["width"]):
+                parts[image_id] = part
+                if error is None:
+                    sizes[image_id] = (height, width)
+                    errors.pop(image_id, None)
+                else:
+                    errors[image_id] = error
+                    sizes.pop(image_id, None)
+        failures = [{"id": image_id, "error": error} for image_id, error in sorted(errors.items())]
+        return cls({i: p for i, p in parts.items() if i in sizes}, sizes, failures, options)
+
+    def parts_of(self, ids: Iterable[str]) -> list[str]:
+        """The part files holding these images, sorted."""
+        return sorted({self.parts[image_id] for image_id in ids})
+
+    def block(self, part: str, ids: Iterable[str]) -> FeatureTable:
+        """The rows of these images in one part file, in the part's order."""
+        return read_block(part, ids, self.options)
+
+    def blocks(self, ids: Sequence[str]) -> Iterator[FeatureTable]:
+        """These images' rows, one part file at a time."""
+        for part in self.parts_of(ids):
+            yield self.block(part, ids)
+
+
+def read_block(part: str, ids: Iterable[str], options: storage.StorageOptions = None) -> FeatureTable:
+    """The rows of these images in one feature part file, in the part's order."""
+    table = read_features([part], options)
+    wanted = set(ids)
+    return table.select(np.array([image_id in wanted for image_id in table.ids], dtype=bool))
+
+
+@dataclass(frozen=True)
+class HeldOutScores:
+    """What scoring B held-out normal images gives calibration.
+
+    Attributes:
+        ids: B image ids.
+        knn_scores: B float64 kNN image scores; map_scores: B float64 map scores (scoring.ImageScore).
+        pixel_samples: B float32 vectors of at most calibrate.PIXEL_SAMPLE pixel scores each.
+    """
+
+    ids: list[str]
+    knn_scores: np.ndarray
+    map_scores: np.ndarray
+    pixel_samples: list[np.ndarray]
+
+
+def score_held_out(scorer: Scorer, block: FeatureTable) -> HeldOutScores:
+    """The one way held-out images are scored: from their stored features, with the model's scorer."""
+    results = scorer.score_features(Features.of_table(block))
+    return HeldOutScores(
+        list(block.ids),
+        np.array([r.knn_score for r in results], np.float64),
+        np.array([r.map_score for r in results], np.float64),
+        [calibrate.pixel_sample(r.anomaly_map) for r in results],
+    )
+
+
+def held_out_moments(scorer: Scorer, block: FeatureTable) -> np.ndarray:
+    """L x 3 summed (count, sum, sum of squares) of each layer's pixel distances over a block (calibrate.layer_moments)."""
+    return scorer.layer_moments(Features.of_table(block))
+
+
+class HeldOutScorer(Protocol):
+    """Where the held-out images are scored: in this process (`InProcessHeldOut`) or on model actors (engine.fit)."""
+
+    def moments(self, model: SpadeModel, ids: Sequence[str]) -> np.ndarray:
+        """L x 3 layer moments summed over these held-out images (held_out_moments)."""
+
+    def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterable[HeldOutScores]:
+        """These held-out images' scores (score_held_out), in blocks of any order."""
+
+
+@dataclass(frozen=True)
+class InProcessHeldOut:
+    """Scores held-out images in this process, part by part."""
+
+    features: StoredFeatures
+    extractor: Extractor
+    settings: Settings
+
+    def _scorer(self, model: SpadeModel) -> Scorer:
+        return Scorer(model, self.extractor, self.settings.chunk_mib * 2**20, self.settings.precision)
+
+    def moments(self, model: SpadeModel, ids: Sequence[str]) -> np.ndarray:
+        scorer = self._scorer(model)
+        return sum((held_out_moments(scorer, block) for block in self.features.blocks(ids)), np.zeros((len(model.gallery), 3)))
+
+    def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterator[HeldOutScores]:
+        scorer = self._scorer(model)
+        return (score_held_out(scorer, block) for block in self.features.blocks(ids))
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A fitted model and how its training images were used.
+
+    Attributes:
+        gallery_ids, calibration_ids: sorted.
+        left_out: {"id", "reason"} of the readable images kept out of both for their size.
+    """
+
+    model: SpadeModel
+    gallery_ids: list[str]
+    calibration_ids: list[str]
+    left_out: list[dict[str, str]]
+
+
+def split_fit_ids(ids: Sequence[str], settings: Settings) -> tuple[list[str], list[str]]:
+    """(gallery ids, calibration ids), both sorted: the deterministic hold-out by id hash (calibrate.is_held_out).
+
+    Raises ValueError when the settings learn scales from calibration images but none was held out.
+    """
+    held = {i for i in ids if calibrate.is_held_out(i, settings.calibration_fraction, settings.seed)}
+    learnt = [name for name, on in (("layer_normalise", settings.layer_normalise), ("image_score combined", settings.image_score == "combined")) if on]
+    if learnt and not held:
+        raise ValueError(
+            f"{' and '.join(learnt)}: scales are learnt from calibration images, but calibration_fraction "
+            f"{settings.calibration_fraction} held out none of the {len(ids)} training images; raise calibration_fraction or add images"
+        )
+    return sorted(set(ids) - held), sorted(held)
+
+
+def new_card(
+    extractor: Extractor, settings: Settings, train_count: int, manifest_sha256: str, failed: Sequence[dict[str, str]]
+) -> ModelCard:
+    """The card of a model fitted with this extractor and settings (no thresholds yet)."""
+    if train_count < settings.k:
+        raise ValueError(
+            f"k={settings.k} nearest normal images requested but only {train_count} usable training images "
+            f"({len(failed)} failed); lower k or add normal images"
+        )
+    return ModelCard(
+        settings=settings.model_dict(),
+        preprocessing=extractor.preprocessing.to_dict(),
+        weights_sha256=extractor.weights_sha256,
+        layers=[vars(shape) for shape in extractor.layer_shapes],
+        global_dim=extractor.global_dim,
+        train_count=train_count,
+        train_manifest_sha256=manifest_sha256,
+        failed_train_images=list(failed),
+    )
+
+
+def fit_from_features(
+    features: StoredFeatures,
+    extractor: Extractor,
+    settings: Settings,
+    folder: str,
+    manifest_sha256: str,
+    failures: Sequence[dict[str, str]] = (),
+    held_out: HeldOutScorer | None = None,
+) -> FitResult:
+    """The model of these training features, its gallery files written to the local `folder` (card not saved).
+
+    failures: images that were never extracted (beside features.failures), recorded in the card.
+    held_out: where held-out images are scored (default: in this process).
+    """
+    left_out = _size_outliers(features.sizes, settings)
+    gallery_ids, calibration_ids = split_fit_ids(sorted(set(features.sizes) - {entry["id"] for entry in left_out}), settings)
+    card = new_card(extractor, settings, len(gallery_ids), manifest_sha256, [*features.failures, *failures])
+    model = _write_gallery(features, gallery_ids, card, settings, folder)
+    if calibration_ids:
+        model = _calibrate(model, calibration_ids, held_out or InProcessHeldOut(features, extractor, settings), settings)
+    else:
+        log.warning("fit: no images held out for calibration; thresholds stay unset (set calibration_fraction > 0)")
+    return FitResult(model, gallery_ids, calibration_ids, left_out)
+
+
+def _size_outliers(sizes: dict[str, tuple[int, int]], settings: Settings) -> list[dict[str, str]]:
+    """The training images to leave out for their size (none with keep_size_outliers), each logged."""
+    ids = sorted(sizes)
+    outliers = size_outliers(ids, [sizes[i][0] for i in ids], [sizes[i][1] for i in ids])
+    verb = "kept (keep_size_outliers)" if settings.keep_size_outliers else "left out of the gallery and calibration"
+    for image_id, reason in outliers.items():
+        log.warning("fit: training image %s %s: %s", image_id, verb, reason)
+    return [] if settings.keep_size_outliers else [{"id": i, "reason": r} for i, r in outliers.items()]
+
+
+def _write_gallery(features: StoredFeatures, gallery_ids: list[str], card: ModelCard, settings: Settings, folder: str) -> SpadeModel:
+    """The model in folder, its gallery written from the parts holding gallery images, several at a time."""
+    first = features.block(features.parts[gallery_ids[0]], gallery_ids[:1])
+    centre = Centre.of_image(first.global_features[0], [layer[0] for layer in first.layers])
+    writer = GalleryWriter(folder, gallery_ids, card.layer_shapes, card.global_dim, centre)
+
+    def add(part: str) -> None:
+        table = read_features([part], features.options)
+        writer.add(table.ids, table.global_features, table.layers)  # rows of images outside the gallery are skipped
+
+    with concurrent.futures.ThreadPoolExecutor(min(GALLERY_THREADS, os.cpu_count() or 1)) as pool:
+        list(pool.map(add, features.parts_of(gallery_ids)))
+    return build_model(writer, card, settings)
+
+
+def _calibrate(model: SpadeModel, calibration_ids: list[str], held_out: HeldOutScorer, settings: Settings) -> SpadeModel:
+    """Thresholds (and learnt scales) from the held-out images' scores.
+
+    With layer_normalise the held-out images are searched twice: once for the layers' spreads, then
+    for the thresholds of the maps those scales give.
+    """
+    if settings.layer_normalise:
+        scales = calibrate.layer_scales(held_out.moments(model, calibration_ids))
+        model = model.with_normalisation(Normalisation(layer_scales=scales).to_dict())
+    scored: dict[str, tuple[float, float, np.ndarray]] = {}
+    for batch in held_out.scores(model, calibration_ids):
+        scored.update(zip(batch.ids, zip(batch.knn_scores.tolist(), batch.map_scores.tolist(), batch.pixel_samples)))
+    ordered = [scored[i] for i in calibration_ids]
+    model = calibrate.calibrate_from_samples(
+        model, np.array([k for k, _, _ in ordered]), np.array([m for _, m, _ in ordered]), [p for _, _, p in ordered], settings
+    )
+    for warning in model.card.calibration["warnings"]:
+        log.warning("fit: calibration: %s", warning)
+    return model

@@ -1,0 +1,93 @@
+"""Scoring images against a fitted model: image kNN, then the pixel search against the K retrieved images."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from spade_batch.formats.model import SpadeModel
+from spade_batch.method import calibrate, spade
+from spade_batch.method.extractor import Extractor, Features
+from spade_batch.method.scoring import ImageScore, Normalisation, image_scores
+
+
+class Scorer:
+    """Scores images against a fitted model.
+
+    On a GPU the gallery is kept on the device when it fits in half its free memory; otherwise
+    (and on CPU) the K retrieved images' rows are gathered from the (memory-mapped) gallery.
+    """
+
+    def __init__(
+        self,
+        model: SpadeModel,
+        extractor: Extractor,
+        chunk_bytes: int = spade.DEFAULT_CHUNK_BYTES,
+        precision: str = "float32",
+        images_per_call: int | None = None,
+    ):
+        settings = model.card.settings
+        self.model, self.extractor = model, extractor
+        self.k, self.kappa, self.sigma = settings["k"], settings["kappa"], settings["sigma"]
+        self.image_score, self.map_top = settings["image_score"], settings["map_top"]
+        self.normalisation = Normalisation.from_dict(model.card.normalisation)
+        self.layer_scales = self.normalisation.layer_scales if settings["layer_normalise"] else None
+        self.chunk_bytes, self.precision = chunk_bytes, precision
+        device = extractor.device
+        # Several images per kernel call pay off on a GPU; on a CPU one image already fills the cores.
+        self.images_per_call = images_per_call or (extractor.batch_size if device.type == "cuda" else 1)
+        self.global_centre = torch.from_numpy(model.centre.global_mean).to(device)
+        self.layer_centres = [torch.from_numpy(mean).to(device) for mean in model.centre.layer_means]
+        self.gallery: list[np.ndarray | torch.Tensor] = list(model.gallery)
+        if device.type == "cuda" and model.gallery_bytes < torch.cuda.mem_get_info(device)[0] // 2:
+            self.gallery = [torch.from_numpy(np.ascontiguousarray(bank)).to(device) for bank in model.gallery]
+
+    def score(self, images: Sequence[np.ndarray]) -> list[ImageScore]:
+        """Scores of H x W x 3 uint8 images."""
+        if not images:
+            return []
+        return self.score_prepared(np.stack([self.extractor.prepare(image) for image in images]))
+
+    def score_prepared(self, prepared: np.ndarray) -> list[ImageScore]:
+        """Scores of B x S x S x 3 uint8 images already at the working size."""
+        if not len(prepared):
+            return []
+        return self.score_features(self.extractor.forward(prepared))
+
+    def score_features(self, features: Features) -> list[ImageScore]:
+        """Scores from raw (uncentred) features: image kNN, then the pixel maps, images_per_call at a time."""
+        knn_scores, neighbours = self._image_knn(features)
+        size = (self.extractor.preprocessing.size, self.extractor.preprocessing.size)
+        results = []
+        for chunk, layer_maps in self._layer_distances(features, neighbours):
+            maps = spade.combine_layer_maps(layer_maps, size, self.sigma, self.layer_scales)
+            map_scores = spade.map_scores(maps, self.map_top).cpu().numpy()
+            scores = image_scores(knn_scores[chunk], map_scores, self.image_score, self.normalisation)
+            for offset, anomaly_map in enumerate(maps.cpu().numpy()):
+                row = chunk.start + offset
+                results.append(ImageScore(float(scores[offset]), neighbours[row], anomaly_map,
+                                          float(knn_scores[row]), float(map_scores[offset])))
+        return results
+
+    def layer_moments(self, features: Features) -> np.ndarray:
+        """L x 3 (count, sum, sum of squares) of each layer's pixel distances over these images (calibrate.layer_moments)."""
+        _, neighbours = self._image_knn(features)
+        return sum(
+            (calibrate.layer_moments([m.cpu().numpy() for m in layer_maps]) for _, layer_maps in self._layer_distances(features, neighbours)),
+            np.zeros((len(features.layers), 3)),
+        )
+
+    def _image_knn(self, features: Features) -> tuple[np.ndarray, np.ndarray]:
+        queries = spade.centre(features.global_features, self.global_centre).cpu().numpy()
+        return spade.image_knn(self.model.index, queries, self.k)
+
+    def _layer_distances(self, features: Features, neighbours: np.ndarray) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+        """Per images_per_call images: their slice, and per layer their B x h_l x w_l squared distance maps."""
+        device = self.extractor.device
+        for start in range(0, len(neighbours), self.images_per_call):
+            chunk = slice(start, min(start + self.images_per_call, len(neighbours)))
+            layers = [spade.centre(layer[chunk].to(device), mean, dim=1) for layer, mean in zip(features.layers, self.layer_centres)]
+            galleries = [spade.gather_galleries(bank, neighbours[chunk], device=device) for bank in self.gallery]
+            yield chunk, spade.layer_distance_maps(layers, galleries, self.kappa, self.chunk_bytes, self.precision)
