@@ -1,6 +1,6 @@
 """Accuracy on real data: fit and evaluate named configurations on one MVTec-layout category.
 
-Each configuration runs the path users run: spade_batch.pipeline.run_fit on train/good, then
+Each configuration runs the path users run: spade_batch.engine.fit.run_fit on train/good, then
 spade_batch.reports.evaluate.run_evaluate on the test split (local Ray, local storage). Prints one markdown
 table (config, image ROCAUC, pixel ROCAUC, PRO, scoring images/s, settings); the headline is the last line.
 
