@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/spade-batch: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,efficientnet]'
+	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(BIN)/spade-batch
 
 venv: $(BIN)/spade-batch

