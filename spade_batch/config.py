@@ -93,7 +93,9 @@ class Settings:
     image_score: str = _key("method", "map", "Image score: map (mean of the anomaly map's highest map_top pixels; beat knn by 0.06 image ROCAUC on Magnetic Tile), knn (the paper: mean squared distance to the K nearest normal images) or combined (knn and map each standardised by the calibration images' scores, then averaged).")
     map_top: float = _key("method", 0.01, "Fraction of an anomaly map's highest pixels averaged into its map score (image_score map or combined); 0: the single highest pixel.")
     layer_normalise: bool = _key("method", False, "Divide each layer's pixel distances by their standard deviation on the calibration images before averaging the layers (the paper: a plain average).")
-    calibration_fraction: float = _key("calibration", 0.1, "Fraction of the normal images held out of the gallery to calibrate thresholds (0 disables).")
+    calibration_images: str = _key("calibration", "held_out", "Which normal images set the thresholds: held_out (calibration_fraction of them, kept out of the gallery) or leave_one_out (gallery images, each scored against the others: every image stays in the gallery).")
+    calibration_fraction: float = _key("calibration", 0.1, "held_out: fraction of the normal images held out of the gallery to calibrate thresholds (0 disables).")
+    calibration_sample: int = _key("calibration", 1000, "leave_one_out: at most this many gallery images are scored to calibrate, the same ones on every fit (by id hash); 0 scores them all.")
     keep_size_outliers: bool = _key("calibration", False, "Keep training images whose size or aspect ratio is far from the rest in the gallery and calibration (by default they are reported and left out).")
     image_fpr: float = _key("calibration", 0.01, "Target false-positive rate of the image threshold on normal images.")
     pixel_quantile: float = _key("calibration", 0.999, "Quantile of normal pixel scores used as the pixel threshold.")
@@ -179,6 +181,7 @@ _CHOICES = {
     "preprocess": ("full", "paper"),
     "index": ("flat", "ivf"),
     "image_score": ("knn", "map", "combined"),
+    "calibration_images": ("held_out", "leave_one_out"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("float32", "tf32", "bfloat16"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -216,8 +219,11 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"calibration_fraction: must be in [0, 1), got {settings.calibration_fraction}")
     if not 0 <= settings.map_top <= 1:
         raise ConfigError(f"map_top: must be a fraction in [0, 1] (0: the highest pixel), got {settings.map_top}")
+    if settings.calibration_sample < 0:
+        raise ConfigError(f"calibration_sample: must be >= 0 (0: every gallery image), got {settings.calibration_sample}")
     for needs_calibration in ("layer_normalise", "image_score"):
-        if getattr(settings, needs_calibration) in (True, "combined") and settings.calibration_fraction == 0:
+        held_out_none = settings.calibration_images == "held_out" and settings.calibration_fraction == 0
+        if getattr(settings, needs_calibration) in (True, "combined") and held_out_none:
             raise ConfigError(
                 f"{needs_calibration}: {getattr(settings, needs_calibration)!r} learns its scales from the calibration images; "
                 "set calibration_fraction > 0"

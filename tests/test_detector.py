@@ -18,11 +18,12 @@ from spade_batch.config import Settings
 from spade_batch.formats.datasets import make_demo_data, read_mvtec_category
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.images import Preprocessing, decode_image, resize_for_model
+from spade_batch.formats.layout import FEATURES_FOLDER, part_files
 from spade_batch.formats.model import CARD_NAME, KEYS_ADDED_LATER, Centre, GalleryWriter, ModelCard, SpadeModel, build_model
 from spade_batch.method import calibrate, scoring, spade
 from spade_batch.method.detector import Extractor, Features, Scorer, fit, score
 from spade_batch.method.extractor import normalise
-from spade_batch.method.recipe import new_card, split_fit_ids
+from spade_batch.method.recipe import StoredFeatures, new_card, split_fit_ids
 
 SIZE = 64
 SETTINGS = Settings(backbone="resnet18", weights="random", image_size=SIZE, k=2, kappa=1, sigma=2.0, device="cpu", batch_size=4)
@@ -358,6 +359,43 @@ def test_split_fit_ids_is_the_hash_hold_out_and_stable():
     more_gallery, more_held = split_fit_ids(ids + [f"new/{i}.png" for i in range(20)], settings)
     assert set(gallery) <= set(more_gallery) and set(held) <= set(more_held)
     assert split_fit_ids(ids, settings.replace(calibration_fraction=0)) == (ids, [])
+
+
+def test_leave_one_out_calibration_scores_each_image_as_a_fit_without_it_would(data, tmp_path):
+    """Every image stays in the gallery; each calibration score is the score a model fitted on the other
+    images gives the same stored features (brute force: one refit per image)."""
+    settings = SETTINGS.replace(calibration_images="leave_one_out", calibration_sample=0, image_fpr=0.2, pixel_quantile=0.9,
+                                image_score="map", map_top=0.05)
+    images = data["train"] + data["test"][:2]  # 8 normal images
+    ids = [f"img-{i}" for i in range(len(images))]
+    model = fit(images, settings, ids=ids, folder=str(tmp_path / "loo"))
+    assert model.train_ids == sorted(ids)
+    assert model.card.calibration["count"] == len(ids) and model.card.calibration["images"] == "leave_one_out"
+
+    stored = StoredFeatures.index(part_files(str(tmp_path / "loo" / FEATURES_FOLDER), None))
+    scorer_settings = settings.replace(calibration_images="held_out", calibration_fraction=0)
+    expected, samples = [], []
+    for image_id in ids:
+        others = [i for i in ids if i != image_id]
+        without = fit([images[ids.index(i)] for i in others], scorer_settings, ids=others)
+        block = stored.block(stored.parts[image_id], [image_id])
+        result = Scorer(without, Extractor(settings)).score_features(Features.of_table(block))[0]
+        expected.append(result.score)
+        samples.append(calibrate.pixel_sample(result.anomaly_map))
+    assert model.card.calibration["image_scores"] == pytest.approx(sorted(expected), rel=1e-3)
+    assert model.card.thresholds["image"] == pytest.approx(calibrate.image_threshold(np.array(expected), 0.2), rel=1e-3)
+    assert model.card.thresholds["pixel"] == pytest.approx(calibrate.pixel_threshold(samples, 0.9), rel=1e-3)
+
+
+def test_leave_one_out_calibrates_on_a_deterministic_sample(data):
+    ids = [f"img-{i}" for i in range(40)]
+    settings = SETTINGS.replace(calibration_images="leave_one_out", calibration_sample=10)
+    gallery, calibration = split_fit_ids(ids, settings)
+    assert gallery == sorted(ids) and len(calibration) == 10 and set(calibration) <= set(ids)
+    assert split_fit_ids(list(reversed(ids)), settings) == (gallery, calibration)  # the order given does not matter
+    ranked = sorted(ids, key=lambda i: calibrate.id_hash(i, settings.seed))
+    assert calibration == sorted(ranked[:10])
+    assert split_fit_ids(ids, settings.replace(calibration_sample=0))[1] == sorted(ids)
 
 
 def test_fit_holds_out_images_by_id_and_calibrates_on_them(data, tmp_path):

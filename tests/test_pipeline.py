@@ -280,10 +280,12 @@ def test_learnt_scales_and_thresholds_equal_the_in_process_fit(
         assert card["thresholds"][kind] == pytest.approx(reference.thresholds[kind], rel=FLOAT16_RTOL, abs=1e-3)
 
 
-def test_the_pipeline_fit_and_the_in_process_fit_are_one_recipe(fitted: Fitted, tmp_path: Any) -> None:
-    """The same training images, among them a size outlier, and a calibration hold-out: fit on Ray and fit
-    in this process give the same gallery, the same left-out and held-out images, the same learnt scales
-    and thresholds, and the same scores on the test images (float16 features, extracted in other batches)."""
+@pytest.mark.parametrize("calibration_images", ["held_out", "leave_one_out"])
+def test_the_pipeline_fit_and_the_in_process_fit_are_one_recipe(fitted: Fitted, tmp_path: Any, calibration_images: str) -> None:
+    """The same training images, among them a size outlier, and calibration images (held out, or scored
+    leave-one-out): fit on Ray and fit in this process give the same gallery, the same left-out and
+    calibration images, the same learnt scales and thresholds, and the same scores on the test images
+    (float16 features, extracted in other batches)."""
     train = tmp_path / "train"
     os.makedirs(train)
     for image_id in fitted.ids("train"):
@@ -291,18 +293,23 @@ def test_the_pipeline_fit_and_the_in_process_fit_are_one_recipe(fitted: Fitted, 
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (12, 400, 3), dtype=np.uint8)).save(train / "strip.png")  # aspect 33:1
     ids = sorted(os.listdir(train))
-    settings = fitted.settings.replace(calibration_fraction=0.6, layer_normalise=True, image_score="combined", image_fpr=0.5,
-                                       storage_options={})
-    held = {i for i in ids if calibrate.is_held_out(i, 0.6, settings.seed)}
-    assert "strip.png" not in held and 2 <= len(held) <= len(ids) - settings.k - 1  # a hold-out, and a gallery besides
+    settings = fitted.settings.replace(calibration_images=calibration_images, calibration_fraction=0.6, calibration_sample=5,
+                                       layer_normalise=True, image_score="combined", image_fpr=0.5, storage_options={})
+    if calibration_images == "held_out":
+        held = {i for i in ids if calibrate.is_held_out(i, 0.6, settings.seed)}
+        assert "strip.png" not in held and 2 <= len(held) <= len(ids) - settings.k - 1  # a hold-out, and a gallery besides
+        gallery, calibrated = sorted(set(ids) - held - {"strip.png"}), len(held)
+    else:
+        held, gallery, calibrated = set(), sorted(set(ids) - {"strip.png"}), 5
 
     summary = run_fit(str(train), str(tmp_path / "model"), settings)
     on_ray = SpadeModel.load(str(tmp_path / "model"))
     in_process = detector.fit([decode_image((train / i).read_bytes(), i) for i in ids], settings, ids=ids)
 
     assert [entry["id"] for entry in summary.left_out] == ["strip.png"]
-    assert on_ray.train_ids == in_process.train_ids == sorted(set(ids) - held - {"strip.png"})
-    assert on_ray.card.calibration["count"] == in_process.card.calibration["count"] == len(held)
+    assert on_ray.train_ids == in_process.train_ids == gallery
+    assert on_ray.card.calibration["count"] == in_process.card.calibration["count"] == calibrated
+    assert on_ray.card.calibration["image_scores"] == pytest.approx(in_process.card.calibration["image_scores"], rel=FLOAT16_RTOL)
     for layer_on_ray, layer_in_process in zip(on_ray.gallery, in_process.gallery):
         np.testing.assert_allclose(layer_on_ray.astype(np.float32), layer_in_process.astype(np.float32), rtol=FLOAT16_RTOL, atol=1e-3)
     learnt, expected = (scoring.Normalisation.from_dict(m.card.normalisation) for m in (on_ray, in_process))

@@ -99,6 +99,24 @@ def test_image_knn_scores_are_mean_squared_distances() -> None:
         np.testing.assert_array_equal(neighbours, brute_order)
 
 
+def test_image_knn_leaving_one_out_equals_a_search_without_that_image() -> None:
+    rng = np.random.default_rng(5)
+    train = rng.normal(size=(30, 16)).astype(np.float32)
+    index = faiss.IndexFlatL2(16)
+    index.add(train)
+    queries = np.concatenate([train[[4, 17, 29]], rng.normal(size=(1, 16)).astype(np.float32)])
+    exclude = np.array([4, 17, 29, -1])
+    for k in (1, 5, 29):
+        scores, neighbours = spade.image_knn(index, queries, k, exclude)
+        for row, own in enumerate(exclude):  # brute force over the other images (all of them for -1)
+            others = np.array([n for n in range(30) if n != own])
+            distances = ((train[others] - queries[row]) ** 2).sum(1)
+            np.testing.assert_array_equal(neighbours[row], others[np.argsort(distances)[:k]])
+            assert scores[row] == pytest.approx(np.sort(distances)[:k].mean(), rel=1e-4)
+    with pytest.raises(ValueError, match="k=30 .* holds 30 .*itself"):
+        spade.image_knn(index, queries, 30, exclude)
+
+
 def test_image_knn_k_above_train_size_is_a_clear_error() -> None:
     index = faiss.IndexFlatL2(4)
     index.add(np.zeros((3, 4), dtype=np.float32))

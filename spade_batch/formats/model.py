@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -144,6 +145,11 @@ class SpadeModel:
 
     def with_normalisation(self, normalisation: dict[str, Any]) -> SpadeModel:
         return dataclasses.replace(self, card=dataclasses.replace(self.card, normalisation=normalisation))
+
+    @functools.cached_property
+    def row_of(self) -> dict[str, int]:
+        """Gallery image id -> its row in the index and the gallery files."""
+        return {image_id: row for row, image_id in enumerate(self.train_ids)}
 
     @property
     def gallery_bytes(self) -> int:
@@ -388,6 +394,7 @@ def _centred_float16(values: np.ndarray, mean: np.ndarray) -> np.ndarray:
 def build_model(writer: GalleryWriter, card: ModelCard, settings: Settings) -> SpadeModel:
     """The model whose gallery `writer` has written: index over the centred global features, arrays mapped."""
     ids, global_features = writer.close()
-    index = build_index(global_features, settings.index, settings.ivf_lists, settings.seed, settings.k)
+    # k + 1: leave-one-out calibration searches one neighbour more, its own row then dropped.
+    index = build_index(global_features, settings.index, settings.ivf_lists, settings.seed, settings.k + 1)
     _write_arrays(writer.folder, ids, index, writer.centre, writer.shapes)
     return _load_folder(writer.folder, card)

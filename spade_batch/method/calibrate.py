@@ -92,6 +92,7 @@ def calibrate_from_samples(
     warnings = calibration_warnings(scores, settings.image_fpr)
     summary = {
         "count": int(scores.size),
+        "images": settings.calibration_images,  # held_out or leave_one_out; cards fitted before hold out
         "image_fpr": settings.image_fpr,
         "pixel_quantile": settings.pixel_quantile,
         "image_score_quantiles": {q: float(np.quantile(scores, float(q))) for q in ("0.5", "0.9", "0.99")},
@@ -106,7 +107,19 @@ def calibrate_from_samples(
     )
 
 
+def id_hash(image_id: str, seed: int = 0) -> float:
+    """A number in [0, 1) fixed by the id and seed alone: who calibrates does not depend on the other images."""
+    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def is_held_out(image_id: str, fraction: float, seed: int = 0) -> bool:
     """Deterministic hold-out by id hash: stable when other images are added or removed."""
-    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return id_hash(image_id, seed) < fraction
+
+
+def leave_one_out_sample(ids: Sequence[str], size: int, seed: int = 0) -> list[str]:
+    """The gallery images that calibrate leave-one-out, sorted: all of them, or (size > 0) the `size` with the smallest id_hash."""
+    if not size or size >= len(ids):
+        return sorted(ids)
+    return sorted(sorted(ids, key=lambda image_id: id_hash(image_id, seed))[:size])

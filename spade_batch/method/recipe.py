@@ -111,8 +111,9 @@ class HeldOutScores:
 
 
 def score_held_out(scorer: Scorer, block: FeatureTable) -> HeldOutScores:
-    """The one way held-out images are scored: from their stored features, with the model's scorer."""
-    results = scorer.score_features(Features.of_table(block))
+    """The one way calibration images are scored: from their stored features, with the model's scorer;
+    an image that is in the gallery (leave-one-out) against the others only."""
+    results = scorer.score_features(Features.of_table(block), _own_rows(scorer.model, block.ids))
     return HeldOutScores(
         list(block.ids),
         np.array([r.knn_score for r in results], np.float64),
@@ -123,7 +124,13 @@ def score_held_out(scorer: Scorer, block: FeatureTable) -> HeldOutScores:
 
 def held_out_moments(scorer: Scorer, block: FeatureTable) -> np.ndarray:
     """L x 3 summed (count, sum, sum of squares) of each layer's pixel distances over a block (calibrate.layer_moments)."""
-    return scorer.layer_moments(Features.of_table(block))
+    return scorer.layer_moments(Features.of_table(block), _own_rows(scorer.model, block.ids))
+
+
+def _own_rows(model: SpadeModel, ids: Sequence[str]) -> np.ndarray | None:
+    """Each image's gallery row (-1 when it is not in the gallery), or None when none is."""
+    rows = np.array([model.row_of.get(image_id, -1) for image_id in ids], np.int64)
+    return rows if (rows >= 0).any() else None
 
 
 class HeldOutScorer(Protocol):
@@ -172,10 +179,15 @@ class FitResult:
 
 
 def split_fit_ids(ids: Sequence[str], settings: Settings) -> tuple[list[str], list[str]]:
-    """(gallery ids, calibration ids), both sorted: the deterministic hold-out by id hash (calibrate.is_held_out).
+    """(gallery ids, calibration ids), both sorted.
 
+    held_out: the calibration images leave the gallery, chosen by id hash (calibrate.is_held_out).
+    leave_one_out: every image is in the gallery, and calibration_sample of them (by id hash) are
+    scored against the others.
     Raises ValueError when the settings learn scales from calibration images but none was held out.
     """
+    if settings.calibration_images == "leave_one_out":
+        return sorted(ids), calibrate.leave_one_out_sample(ids, settings.calibration_sample, settings.seed)
     held = {i for i in ids if calibrate.is_held_out(i, settings.calibration_fraction, settings.seed)}
     learnt = [name for name, on in (("layer_normalise", settings.layer_normalise), ("image_score combined", settings.image_score == "combined")) if on]
     if learnt and not held:
@@ -190,10 +202,12 @@ def new_card(
     extractor: Extractor, settings: Settings, train_count: int, manifest_sha256: str, failed: Sequence[dict[str, str]]
 ) -> ModelCard:
     """The card of a model fitted with this extractor and settings (no thresholds yet)."""
-    if train_count < settings.k:
+    needed = settings.k + (settings.calibration_images == "leave_one_out")  # an image is not its own neighbour
+    if train_count < needed:
         raise ValueError(
             f"k={settings.k} nearest normal images requested but only {train_count} usable training images "
-            f"({len(failed)} failed); lower k or add normal images"
+            f"({len(failed)} failed){'; leave-one-out calibration needs k + 1' if needed > settings.k else ''}; "
+            "lower k or add normal images"
         )
     return ModelCard(
         settings=settings.model_dict(),
@@ -217,6 +231,8 @@ def fit_from_features(
     held_out: HeldOutScorer | None = None,
 ) -> FitResult:
     """The model of these training features, its gallery files written to the local `folder` (card not saved).
+
+    Calibration images are held out of the gallery or scored leave-one-out (settings.calibration_images).
 
     failures: images that were never extracted (beside features.failures), recorded in the card.
     held_out: where held-out images are scored (default: in this process).

@@ -56,9 +56,12 @@ class Scorer:
             return []
         return self.score_features(self.extractor.forward(prepared))
 
-    def score_features(self, features: Features) -> list[ImageScore]:
-        """Scores from raw (uncentred) features: image kNN, then the pixel maps, images_per_call at a time."""
-        knn_scores, neighbours = self._image_knn(features)
+    def score_features(self, features: Features, exclude: np.ndarray | None = None) -> list[ImageScore]:
+        """Scores from raw (uncentred) features: image kNN, then the pixel maps, images_per_call at a time.
+
+        exclude: B gallery rows, each image's own, to score gallery images leave-one-out (spade.image_knn).
+        """
+        knn_scores, neighbours = self._image_knn(features, exclude)
         size = (self.extractor.preprocessing.size, self.extractor.preprocessing.size)
         results = []
         for chunk, layer_maps in self._layer_distances(features, neighbours):
@@ -71,17 +74,17 @@ class Scorer:
                                           float(knn_scores[row]), float(map_scores[offset])))
         return results
 
-    def layer_moments(self, features: Features) -> np.ndarray:
+    def layer_moments(self, features: Features, exclude: np.ndarray | None = None) -> np.ndarray:
         """L x 3 (count, sum, sum of squares) of each layer's pixel distances over these images (calibrate.layer_moments)."""
-        _, neighbours = self._image_knn(features)
+        _, neighbours = self._image_knn(features, exclude)
         return sum(
             (calibrate.layer_moments([m.cpu().numpy() for m in layer_maps]) for _, layer_maps in self._layer_distances(features, neighbours)),
             np.zeros((len(features.layers), 3)),
         )
 
-    def _image_knn(self, features: Features) -> tuple[np.ndarray, np.ndarray]:
+    def _image_knn(self, features: Features, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         queries = spade.centre(features.global_features, self.global_centre).cpu().numpy()
-        return spade.image_knn(self.model.index, queries, self.k)
+        return spade.image_knn(self.model.index, queries, self.k, exclude)
 
     def _layer_distances(self, features: Features, neighbours: np.ndarray) -> Iterator[tuple[slice, list[torch.Tensor]]]:
         """Per images_per_call images: their slice, and per layer their B x h_l x w_l squared distance maps."""

@@ -27,25 +27,43 @@ class NearestNeighbourIndex(Protocol):
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def image_knn(index: NearestNeighbourIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def image_knn(
+    index: NearestNeighbourIndex, queries: np.ndarray, k: int, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Image-level anomaly scores: mean squared L2 distance to the K nearest normal images.
 
     Args:
         index: squared-L2 index over the N normal global features (D-dim).
         queries: M x D float32 global features of the test images.
-        k: number of nearest normal images, 1 <= k <= N.
+        k: number of nearest normal images, 1 <= k <= N (k < N with exclude).
+        exclude: M int64 index rows, each query's own (leave-one-out: a gallery image scored against the
+            others), or -1 for none. An excluded row is never a neighbour, so it is absent from the pixel
+            search too, which only visits the K retrieved images.
 
     Returns:
         scores: M float32, mean of the K squared distances.
         neighbours: M x K int64 indices into the normal images, nearest first.
     """
-    if not 1 <= k <= index.ntotal:
+    usable = index.ntotal - (exclude is not None)
+    if not 1 <= k <= usable:
         raise ValueError(
-            f"k={k} nearest normal images requested but the model holds {index.ntotal}; "
-            f"use k between 1 and {index.ntotal} or fit on more normal images"
+            f"k={k} nearest normal images requested but the model holds {index.ntotal}"
+            + (" (one of them the image itself)" if exclude is not None else "")
+            + f"; use k between 1 and {usable} or fit on more normal images"
         )
-    distances, neighbours = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if exclude is None:
+        distances, neighbours = index.search(queries, k)
+    else:
+        distances, neighbours = _without_rows(*index.search(queries, k + 1), np.asarray(exclude, np.int64), k)
     return distances.mean(axis=1, dtype=np.float64).astype(np.float32), neighbours.astype(np.int64)
+
+
+def _without_rows(distances: np.ndarray, neighbours: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest of M x (k + 1) search results once each query's excluded row is taken out (else its farthest)."""
+    keep = neighbours != exclude[:, None]
+    keep[keep.all(axis=1), -1] = False
+    return distances[keep].reshape(-1, k), neighbours[keep].reshape(-1, k)
 
 
 PRECISIONS = ("float32", "tf32", "bfloat16")
