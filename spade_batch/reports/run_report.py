@@ -30,7 +30,6 @@ from spade_batch.formats.model import load_card
 from spade_batch.reports.drift import DriftCheck, check_drift
 from spade_batch.reports.figures import STYLE, Example, example_grid, html_table, score_histogram
 
-REPORT_NAME = "report.html"
 TOP_N = 8
 THUMBNAIL = 192
 """Longest side, in pixels, of each picture of the top anomalies."""
@@ -90,7 +89,7 @@ def write_run_report(summary: dict[str, Any], settings: Settings) -> tuple[str, 
                                     "band": dataclasses.asdict(check.band) if check.band else None}}
     storage.write_text(Outputs(out_uri).run_json, json.dumps(summary, indent=2), options)
     examples = _examples(run.top, out_uri, summary["thresholds"]["pixel"], settings)
-    uri = storage.join(out_uri, REPORT_NAME)
+    uri = Outputs(out_uri).report
     storage.write_text(uri, render_run_report(summary, calibration, run, check, examples), options)
     return uri, check
 

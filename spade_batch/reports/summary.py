@@ -15,9 +15,9 @@ from typing import Any
 
 from spade_batch.config import group_values
 from spade_batch.formats import storage
-from spade_batch.formats.model import CARD_NAME, load_card
+from spade_batch.formats.layout import ModelLayout, Outputs, part_files, read_columns
+from spade_batch.formats.model import load_card
 
-RUN_NAME = "run.json"
 TOP_COLUMNS = ["id", "image_score", "is_anomalous", "max_pixel_score", "anomalous_fraction", "mask_uri"]
 
 
@@ -28,13 +28,13 @@ def summarise(uri: str, options: storage.StorageOptions = None, top: int = 10) -
     """
     if top < 0:
         raise ValueError(f"top must be >= 0 (how many images to list), got {top}")
-    if storage.exists(storage.join(uri, CARD_NAME), options):
+    if storage.exists(ModelLayout(uri).card, options):
         return model_summary(uri, options)
-    if storage.exists(storage.join(uri, RUN_NAME), options):
+    if storage.exists(Outputs(uri).run_json, options):
         return run_summary(uri, options, top)
     raise FileNotFoundError(
-        f"{uri} holds neither a model ({CARD_NAME}) nor a finished run ({RUN_NAME}): give a MODEL_URI written by fit "
-        "or an OUT_URI written by score (evaluate's run is OUT/scores)"
+        f"{uri} holds neither a model ({ModelLayout.CARD}) nor a finished run ({Outputs.RUN_NAME}): give a MODEL_URI written by fit "
+        f"or an OUT_URI written by score (evaluate's run is OUT/{Outputs.SCORES})"
     )
 
 
@@ -65,12 +65,11 @@ def model_summary(uri: str, options: storage.StorageOptions = None) -> dict[str,
 
 def run_summary(uri: str, options: storage.StorageOptions = None, top: int = 10) -> dict[str, Any]:
     """Counts, anomaly rate, failures by reason, thresholds, timings and the `top` highest-scoring images."""
-    from spade_batch.formats.layout import part_files, read_columns
-
-    run = json.loads(storage.read_text(storage.join(uri, RUN_NAME), options))
+    outputs = Outputs(uri)
+    run = json.loads(storage.read_text(outputs.run_json, options))
     failed: list[tuple[str, str]] = []
     best: list[dict[str, Any]] = []
-    for _, columns in read_columns(part_files(storage.join(uri, "scores"), options), [*TOP_COLUMNS, "error"], options):
+    for _, columns in read_columns(part_files(outputs.scores, options), [*TOP_COLUMNS, "error"], options):
         rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
         failed += [(row["id"], row["error"]) for row in rows if row["error"] is not None]
         scored = (row for row in rows if row["error"] is None)
