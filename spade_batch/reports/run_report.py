@@ -29,6 +29,7 @@ from spade_batch.formats.layout import Outputs, part_files, read_columns
 from spade_batch.formats.model import load_card
 from spade_batch.reports.drift import DriftCheck, check_drift
 from spade_batch.reports.figures import STYLE, Example, example_grid, html_table, score_histogram
+from spade_batch.reports.summary import FailureGroup, group_failures
 
 TOP_N = 8
 THUMBNAIL = 192
@@ -43,18 +44,13 @@ class RunScores:
 
     scores: (m,) float64 image scores of the scored images; top: up to TOP_N rows (id, uri,
     image_score, mask_uri), highest score first, anomalous ones only when a threshold is known;
-    failures: reason -> ids.
+    failures: grouped by reason (summary.group_failures, as `spade-batch show` groups them).
     """
 
     scores: np.ndarray
     anomalous: int
     top: list[dict[str, Any]]
-    failures: dict[str, list[str]] = field(default_factory=dict)
-
-
-def failure_reason(error: str, uri: str) -> str:
-    """An error's first line with the image's own URI taken out, so that images failing alike group together."""
-    return (error.strip().splitlines() or ["unknown error"])[0].replace(uri, "IMAGE")
+    failures: list[FailureGroup] = field(default_factory=list)
 
 
 def read_run_scores(out_uri: str, options: storage.StorageOptions, top_n: int = TOP_N) -> RunScores:
@@ -63,18 +59,18 @@ def read_run_scores(out_uri: str, options: storage.StorageOptions, top_n: int = 
     scores: list[float] = []
     anomalous = 0
     candidates: list[tuple[float, str, dict[str, Any]]] = []
-    failures: dict[str, list[str]] = {}
+    failed: list[tuple[str, str]] = []
     for _, table in read_columns(part_files(Outputs(out_uri).scores, options), columns, options):
         for row in (dict(zip(columns, values)) for values in zip(*(table[name] for name in columns))):
             if row["error"] is not None:
-                failures.setdefault(failure_reason(row["error"], row["uri"]), []).append(row["id"])
+                failed.append((row["id"], row["error"]))
                 continue
             scores.append(row["image_score"])
             anomalous += bool(row["is_anomalous"])
             if row["is_anomalous"] is not False:  # None: no threshold, every image is a candidate
                 candidates.append((row["image_score"], row["id"], row))
     top = [row for _, _, row in heapq.nlargest(top_n, candidates, key=lambda item: (item[0], item[1]))]
-    return RunScores(np.array(scores, dtype=np.float64), anomalous, top, failures)
+    return RunScores(np.array(scores, dtype=np.float64), anomalous, top, group_failures(failed, EXAMPLE_IDS))
 
 
 def write_run_report(summary: dict[str, Any], settings: Settings) -> tuple[str, DriftCheck]:
@@ -158,8 +154,7 @@ def _drift_section(check: DriftCheck, calibration: dict[str, Any]) -> str:
 
 def _failures_section(run: RunScores, summary: dict[str, Any]) -> str:
     rows: list[dict[str, object]] = [
-        {"reason": reason, "images": len(ids), "e.g.": ", ".join(ids[:EXAMPLE_IDS])}
-        for reason, ids in sorted(run.failures.items(), key=lambda item: (-len(item[1]), item[0]))
+        {"reason": group.reason, "images": group.count, "e.g.": ", ".join(group.examples)} for group in run.failures
     ]
     if summary["retryable"]:
         examples = ", ".join(failure["id"] for failure in summary["retryable_failures"][:EXAMPLE_IDS])

@@ -9,8 +9,8 @@ from __future__ import annotations
 import heapq
 import json
 import re
-from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from spade_batch.config import group_values
@@ -91,23 +91,42 @@ def run_summary(uri: str, options: storage.StorageOptions = None, top: int = 10)
     }
 
 
-def failures_by_reason(failures: Iterable[tuple[str, str]]) -> list[dict[str, Any]]:
-    """(id, error) pairs -> [{reason, count, example}], most frequent first.
+@dataclass
+class FailureGroup:
+    """The failures that share a reason: how many, and the ids of the first few (in reading order)."""
 
-    The reason is the error's first sentence with the image's URI and numbers taken out, so that
-    "cannot decode s3://b/a.png: the file is empty (0 bytes)" groups with every other empty file.
+    reason: str
+    count: int
+    examples: list[str]
+
+
+def group_failures(failures: Iterable[tuple[str, str]], examples: int = 1) -> list[FailureGroup]:
+    """(id, error) pairs -> one group per failure_reason, most frequent first, ties by reason; keeps `examples` ids each.
+
+    The one grouping of failures: `spade-batch show` and the run report both use it.
     """
-    counts: Counter[str] = Counter()
-    examples: dict[str, str] = {}
+    groups: dict[str, FailureGroup] = {}
     for image_id, error in failures:
         reason = failure_reason(image_id, error)
-        counts[reason] += 1
-        examples.setdefault(reason, image_id)
-    return [{"reason": reason, "count": count, "example": examples[reason]} for reason, count in counts.most_common()]
+        group = groups.setdefault(reason, FailureGroup(reason, 0, []))
+        group.count += 1
+        if len(group.examples) < examples:
+            group.examples.append(image_id)
+    return sorted(groups.values(), key=lambda group: (-group.count, group.reason))
+
+
+def failures_by_reason(failures: Iterable[tuple[str, str]]) -> list[dict[str, Any]]:
+    """(id, error) pairs -> [{reason, count, example}] (group_failures), as `show` prints them."""
+    return [{"reason": group.reason, "count": group.count, "example": group.examples[0]} for group in group_failures(failures)]
 
 
 def failure_reason(image_id: str, error: str) -> str:
-    """The error's first sentence, without the image's URI (any token ending in its id) or numbers."""
-    text = re.sub(r"\S*" + re.escape(image_id), "<image>", error)
+    """The error's first sentence of its first line, with the image's URI (any token ending in its id) and numbers taken out.
+
+    So that "cannot decode s3://b/a.png: the file is empty (0 bytes)" groups with every other empty file,
+    and a multi-line error (a traceback) by its first line.
+    """
+    text = (error.strip().splitlines() or ["unknown error"])[0]
+    text = re.sub(r"\S*" + re.escape(image_id), "<image>", text)
     text = re.split(r"\.\s", text, maxsplit=1)[0].rstrip(".")
     return re.sub(r"\d+", "N", text)
