@@ -28,7 +28,7 @@ from spade_batch.formats.images import decode_image, resize_map
 from spade_batch.formats.layout import Outputs, part_files, read_columns
 from spade_batch.formats.model import load_card
 from spade_batch.reports.drift import DriftCheck, check_drift
-from spade_batch.reports.figures import STYLE, Example, example_grid, html_table, score_histogram
+from spade_batch.reports.figures import STYLE, Example, example_grid, html_document, html_table, score_histogram
 from spade_batch.reports.summary import FailureGroup, group_failures
 
 TOP_N = 8
@@ -220,22 +220,9 @@ td { text-align: left; }
 
 
 def _page(title: str, subtitle: str, sections: dict[str, tuple[str, str]]) -> str:
-    """A self-contained page: one <section id=...> with a heading per entry of sections (id -> (heading, HTML body))."""
+    """A run report or plan page: one <section id=...> with a heading per entry of sections (id -> (heading, HTML body))."""
     body = "\n".join(f'<section id="{key}">\n<h2>{html.escape(heading)}</h2>\n{content}\n</section>' for key, (heading, content) in sections.items())
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{html.escape(title)}</title>
-<style>{_REPORT_STYLE}</style>
-</head>
-<body>
-<h1>{html.escape(title)}</h1>
-<p>{html.escape(subtitle)}</p>
-{body}
-</body>
-</html>
-"""
+    return html_document(title, f"<p>{html.escape(subtitle)}</p>\n{body}", _REPORT_STYLE)
 
 
 def report_link(page_uri: str, report_uri: str) -> str:
