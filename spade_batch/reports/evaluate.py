@@ -29,6 +29,7 @@ from spade_batch.config import Settings
 from spade_batch.engine.score import run_score
 from spade_batch.formats import storage
 from spade_batch.formats.datasets import Sample, read_mask, read_mvtec_category
+from spade_batch.formats.heatmap import colour_range
 from spade_batch.formats.images import (
     Preprocessing,
     decode_image,
@@ -310,8 +311,7 @@ def _write_report(
     calibrated, f1_optimal = metrics["thresholds"]["calibrated"], metrics["thresholds"]["f1_optimal"]
     marks = {"calibrated": calibrated["image"], "F1-optimal": f1_optimal["image"]}
     # Heat-map scale: from the typical normal pixel to as far again past the mask threshold (mid-scale).
-    low = _normal_median(pixels)
-    colours = (low, max(2 * mask_threshold[1] - low, float(np.nextafter(low, np.inf))))
+    colours = colour_range(mask_threshold[1], float(pixels.edges[-1]), _normal_median(pixels))
     figures = {
         out.ROC: roc_plot(curves),
         out.PRO: pro_plot(*pixels.pro_curve(), overall["pro"], pixels.max_fpr),

@@ -132,7 +132,7 @@ def example_grid(examples: list[Example], low: float, high: float) -> bytes:
     """One row per example: image | ground truth | overlay | predicted mask; PNG bytes.
 
     The ground-truth column is left out when no example has one (a scoring run's images).
-    low, high: the anomaly-map range mapped onto the colour scale (see `overlay`).
+    low, high: the anomaly-map range mapped onto the colour scale (heatmap.colour_range).
     """
     if not examples:
         raise ValueError("example_grid needs at least one Example")

@@ -24,6 +24,7 @@ from PIL import Image
 
 from spade_batch.config import Settings
 from spade_batch.formats import storage
+from spade_batch.formats.heatmap import colour_range
 from spade_batch.formats.images import decode_image, resize_map
 from spade_batch.formats.layout import Outputs, part_files, read_columns
 from spade_batch.formats.model import load_card
@@ -115,10 +116,9 @@ def _examples(top: list[dict[str, Any]], out_uri: str, pixel_threshold: float | 
         if storage.exists(map_uri, options):
             anomaly_map = resize_map(storage.read_npy(map_uri, options).astype(np.float32), height, width)
         else:
-            anomaly_map = mask * (pixel_threshold * 2 if pixel_threshold is not None else 1.0)
+            anomaly_map = mask * colour_range(pixel_threshold, 1.0)[1]  # the top of the scale where the mask is set
         examples.append(Example(image, anomaly_map, mask, None, f"{row['id']}  score {row['image_score']:.4g}"))
-    high = pixel_threshold * 2 if pixel_threshold is not None else max(float(e.anomaly_map.max()) for e in examples)
-    return example_grid(examples, 0.0, max(high, 1e-12))
+    return example_grid(examples, *colour_range(pixel_threshold, max(float(e.anomaly_map.max()) for e in examples)))
 
 
 def _embedded(png: bytes, alt: str) -> str:
