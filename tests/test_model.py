@@ -340,6 +340,15 @@ def test_check_compatible_names_only_mismatched_explicit_model_keys(tmp_path):
         card.check_compatible(request, frozenset({"k", "sigma"}))
 
 
+
+def test_settings_for_a_request_take_the_models_method_settings_and_keep_the_rest(tmp_path):
+    card = make_model(tmp_path, raw_features(5)).card
+    request = Settings(backbone="resnet18", weights="random", k=5, sigma=2.0, batch_size=3)
+    merged = card.settings_for(request)
+    assert merged.model_dict() == card.settings and merged.batch_size == 3
+    with pytest.raises(ConfigError, match=r"k=5 \(model: 3\)"):
+        card.settings_for(request, frozenset({"k"}))
+
 # ---------------------------------------------------------------- index
 
 

@@ -104,8 +104,7 @@ def run_score(
     options = settings.fsspec_options()
     started = time.perf_counter()
     card = load_card(model_uri, options)  # the gallery is loaded by the actors, once the request is known to be valid
-    card.check_compatible(settings, explicit)
-    settings = settings.replace(**card.settings)
+    settings = card.settings_for(settings, explicit)
     if settings.preprocess != "full":
         log.warning("score: '%s' preprocessing leaves the image border unscored; masks are written at the working size", settings.preprocess)
     manifest = build_manifest(images_source, options)

@@ -74,6 +74,14 @@ class ModelCard:
     def layer_shapes(self) -> list[LayerShape]:
         return [LayerShape(**layer) for layer in self.layers]
 
+    def settings_for(self, settings: Settings, explicit_keys: frozenset[str] = frozenset()) -> Settings:
+        """The request's settings with the model's method settings over them: the one place a model's card sets them.
+
+        explicit_keys: the keys the request set itself; one that differs from the model's is refused (check_compatible).
+        """
+        self.check_compatible(settings, explicit_keys)
+        return settings.replace(**self.settings)
+
     def check_compatible(self, settings: Settings, explicit_keys: frozenset[str]) -> None:
         """Refuse a request whose model settings differ from those the model was fitted with."""
         mismatched = [

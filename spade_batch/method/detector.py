@@ -283,6 +283,6 @@ class Scorer:
 
 def score(model: SpadeModel, images: Sequence[np.ndarray], settings: Settings | None = None) -> list[ImageScore]:
     """Score H x W x 3 uint8 images; settings give the device and batch size, the model keys are the model's own."""
-    settings = (settings or Settings()).replace(**model.card.settings)
+    settings = model.card.settings_for(settings or Settings())
     extractor = Extractor(settings, preprocessing=Preprocessing.from_dict(model.card.preprocessing))
     return Scorer(model, extractor, settings.chunk_mib * 2**20, settings.precision).score(images)
