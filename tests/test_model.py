@@ -405,6 +405,6 @@ def test_model_layout_paths_are_under_the_root_and_name_every_saved_file(tmp_pat
     paths = [files.card, files.pyramid, files.index, files.features, files.features_inputs, files.lock,
              *(files.layer(shape.name) for shape in SHAPES)]
     assert all(path.startswith(uri + "/") for path in paths) and len(set(paths)) == len(paths)
-    written = [files.file(name) for name in [files.CARD, *ModelLayout.array_names([shape.name for shape in SHAPES])]]
+    written = [files.file(name) for name in [ModelLayout.card, *ModelLayout.array_names([shape.name for shape in SHAPES])]]
     assert sorted(storage.list_files(uri)) == sorted(written)
-    assert ModelLayout.array_names(["layer1"], centre=False) == [files.TRAIN_IDS, files.INDEX, "pyramid/layer1.npy"]
+    assert ModelLayout.array_names(["layer1"], centre=False) == ["train_ids.json", "global.faiss", "pyramid/layer1.npy"]

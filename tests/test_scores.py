@@ -134,5 +134,5 @@ def test_a_runs_paths_are_under_its_root_and_clear_removes_exactly_the_runs_file
 
     evaluation, plan = EvaluationOutputs(root), PlanOutputs(root)
     paths = [evaluation.test_images, evaluation.run.root, evaluation.metrics_json, evaluation.report, plan.report, plan.plan_json,
-             *(evaluation.figure(name) for name in (evaluation.ROC, evaluation.PRO, evaluation.HISTOGRAM, evaluation.BEST, evaluation.WORST))]
+             evaluation.roc, evaluation.pro, evaluation.histogram, evaluation.best, evaluation.worst]
     assert all(path.startswith(root + "/") for path in paths)

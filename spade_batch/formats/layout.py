@@ -51,56 +51,44 @@ def done_ids(folder: str, options: storage.StorageOptions) -> set[str]:
     return {i for _, columns in read_columns(part_files(folder, options), ["id"], options) for i in columns["id"]}
 
 
+class _Name:
+    """A file or folder under a layout's root, spelled once: read on the class it is the name relative to
+    the root (`Outputs.run_json == "run.json"`), on an instance the path (`Outputs(out).run_json`)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, layout: Any, owner: type | None = None) -> str:
+        return self.name if layout is None else storage.join(layout.root, self.name)
+
+
 @dataclass(frozen=True)
 class Outputs:
     """Where a scoring run writes, under OUT_URI."""
 
     root: str
 
-    MASKS, MAPS, OVERLAYS, SCORES = "masks", "maps", "overlays", "scores"
-    RUN_NAME = "run.json"
+    masks, maps, overlays, scores = _Name("masks"), _Name("maps"), _Name("overlays"), _Name("scores")
+    run_json = _Name("run.json")
+    """The run's summary, written last: its presence marks the run finished."""
+    inputs_json, report, lock = _Name(INPUTS_NAME), _Name(REPORT_NAME), _Name(LOCK_NAME)
 
     def mask(self, image_id: str) -> str:
         return storage.join(self.masks, output_stem(image_id) + ".png")
 
     def map(self, image_id: str) -> str:
-        return storage.join(self.root, self.MAPS, output_stem(image_id) + ".npy")
+        return storage.join(self.maps, output_stem(image_id) + ".npy")
 
     def overlay(self, image_id: str) -> str:
-        return storage.join(self.root, self.OVERLAYS, output_stem(image_id) + ".png")
-
-    @property
-    def masks(self) -> str:
-        return storage.join(self.root, self.MASKS)
-
-    @property
-    def scores(self) -> str:
-        return storage.join(self.root, self.SCORES)
-
-    @property
-    def run_json(self) -> str:
-        """The run's summary, written last: its presence marks the run finished."""
-        return storage.join(self.root, self.RUN_NAME)
-
-    @property
-    def inputs_json(self) -> str:
-        return storage.join(self.root, INPUTS_NAME)
-
-    @property
-    def report(self) -> str:
-        return storage.join(self.root, REPORT_NAME)
-
-    @property
-    def lock(self) -> str:
-        return storage.join(self.root, LOCK_NAME)
+        return storage.join(self.overlays, output_stem(image_id) + ".png")
 
     def clear(self, options: storage.StorageOptions) -> None:
         """Remove a previous run's outputs, masks and report too: none may stay behind beside a new run's.
 
         The lock is left alone: the run that clears holds it.
         """
-        for folder in (self.SCORES, self.MASKS, self.MAPS, self.OVERLAYS):
-            storage.remove(storage.join(self.root, folder), options, recursive=True)
+        for folder in (self.scores, self.masks, self.maps, self.overlays):
+            storage.remove(folder, options, recursive=True)
         for uri in (self.inputs_json, self.run_json, self.report):
             storage.remove(uri, options)
 
@@ -109,57 +97,34 @@ class Outputs:
 class ModelLayout:
     """Where a model's files are, under MODEL_URI (or the local folder that holds a copy of its arrays).
 
-    The class attributes are the names relative to the root (the artifact's files are copied by them).
+    On the class, the names relative to the root (the artifact's files are copied by them).
     """
 
     root: str
 
-    CARD = "spade.json"
-    TRAIN_IDS, INDEX, CENTRE, PYRAMID = "train_ids.json", "global.faiss", "centre.npz", "pyramid"
-    FEATURES = "features"
+    card = _Name("spade.json")
+    """The card, written last: its presence marks the model complete."""
+    train_ids, index, centre, pyramid = _Name("train_ids.json"), _Name("global.faiss"), _Name("centre.npz"), _Name("pyramid")
+    features = _Name("features")
+    """fit's Parquet feature parts (features.py); a re-run resumes from them."""
+    features_inputs, lock = _Name(f"features/{INPUTS_NAME}"), _Name(LOCK_NAME)
 
     @classmethod
     def layer_name(cls, layer: str) -> str:
         """pyramid/<layer>.npy: a layer's pixel gallery, relative to the root."""
-        return f"{cls.PYRAMID}/{layer}.npy"
+        return f"{cls.pyramid}/{layer}.npy"
 
     @classmethod
     def array_names(cls, layers: Iterable[str], centre: bool = True) -> list[str]:
         """The files besides the card, relative to the root (schema 1 models have no centre)."""
-        return [cls.TRAIN_IDS, cls.INDEX, *([cls.CENTRE] if centre else []), *(cls.layer_name(layer) for layer in layers)]
+        return [cls.train_ids, cls.index, *([cls.centre] if centre else []), *(cls.layer_name(layer) for layer in layers)]
 
     def file(self, name: str) -> str:
         """A file given by its name relative to the root."""
         return storage.join(self.root, name)
 
-    @property
-    def card(self) -> str:
-        """The card, written last: its presence marks the model complete."""
-        return self.file(self.CARD)
-
-    @property
-    def pyramid(self) -> str:
-        return self.file(self.PYRAMID)
-
     def layer(self, layer: str) -> str:
         return self.file(self.layer_name(layer))
-
-    @property
-    def index(self) -> str:
-        return self.file(self.INDEX)
-
-    @property
-    def features(self) -> str:
-        """fit's Parquet feature parts (features.py); a re-run resumes from them."""
-        return self.file(self.FEATURES)
-
-    @property
-    def features_inputs(self) -> str:
-        return storage.join(self.features, INPUTS_NAME)
-
-    @property
-    def lock(self) -> str:
-        return self.file(LOCK_NAME)
 
 
 @dataclass(frozen=True)
@@ -168,27 +133,14 @@ class EvaluationOutputs:
 
     root: str
 
-    ROC, PRO, HISTOGRAM, BEST, WORST = "roc.png", "pro.png", "score_histogram.png", "examples_best.png", "examples_worst.png"
-
-    @property
-    def test_images(self) -> str:
-        return storage.join(self.root, "test_images.txt")
+    test_images, metrics_json, report = _Name("test_images.txt"), _Name("metrics.json"), _Name(REPORT_NAME)
+    roc, pro, histogram = _Name("roc.png"), _Name("pro.png"), _Name("score_histogram.png")
+    best, worst = _Name("examples_best.png"), _Name("examples_worst.png")
 
     @property
     def run(self) -> Outputs:
         """The scoring run of the test images."""
-        return Outputs(storage.join(self.root, Outputs.SCORES))
-
-    @property
-    def metrics_json(self) -> str:
-        return storage.join(self.root, "metrics.json")
-
-    def figure(self, name: str) -> str:
-        return storage.join(self.root, name)
-
-    @property
-    def report(self) -> str:
-        return storage.join(self.root, REPORT_NAME)
+        return Outputs(storage.join(self.root, Outputs.scores))
 
 
 @dataclass(frozen=True)
@@ -197,13 +149,7 @@ class PlanOutputs:
 
     root: str
 
-    @property
-    def report(self) -> str:
-        return storage.join(self.root, REPORT_NAME)
-
-    @property
-    def plan_json(self) -> str:
-        return storage.join(self.root, "plan.json")
+    report, plan_json = _Name(REPORT_NAME), _Name("plan.json")
 
 
 def record_inputs(root: str, inputs_uri: str, inputs: dict[str, Any], options: storage.StorageOptions) -> None:

@@ -46,7 +46,7 @@ from spade_batch.formats.layout import ModelLayout
 
 MODEL_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
-CARD_NAME = ModelLayout.CARD
+CARD_NAME = ModelLayout.card
 KEYS_ADDED_LATER = {"image_score": "knn", "map_top": 0.0, "layer_normalise": False}
 """MODEL_KEYS that older cards lack, with the value those models were fitted with (the paper's); load_card fills them in."""
 
@@ -193,11 +193,11 @@ def _array_names(card: ModelCard) -> list[str]:
 def _write_arrays(folder: str, ids: list[str], index: faiss.Index, centre: Centre, shapes: Sequence[LayerShape]) -> None:
     """train ids, index and centre into folder (the gallery files are written by GalleryWriter)."""
     files = ModelLayout(folder)
-    with open(files.file(files.TRAIN_IDS), "w") as f:
+    with open(files.train_ids, "w") as f:
         json.dump(ids, f)
     faiss.write_index(index, files.index)
     layers = {f"layer:{shape.name}": mean for shape, mean in zip(shapes, centre.layer_means)}
-    np.savez(files.file(files.CENTRE), **{"global": centre.global_mean, **layers})
+    np.savez(files.centre, **{"global": centre.global_mean, **layers})
 
 
 _LOADS = [0]
@@ -222,12 +222,12 @@ def _load_folder(folder: str, card: ModelCard, source: str | None = None) -> Spa
         except (OSError, ValueError, RuntimeError, KeyError, EOFError, zipfile.BadZipFile) as error:
             raise ValueError(f"model file {named.file(name)} is missing or damaged ({error}); fit the model again") from error
 
-    train_ids = read(local.TRAIN_IDS, _read_json)
-    index = read(local.INDEX, faiss.read_index)
-    gallery = [read(local.layer_name(s.name), lambda path: np.load(path, mmap_mode="r")) for s in shapes]
-    centre = Centre.zero(card.global_dim, shapes) if card.schema_version == 1 else read(local.CENTRE, lambda path: _read_centre(path, shapes))
+    train_ids = read(ModelLayout.train_ids, _read_json)
+    index = read(ModelLayout.index, faiss.read_index)
+    gallery = [read(ModelLayout.layer_name(s.name), lambda path: np.load(path, mmap_mode="r")) for s in shapes]
+    centre = Centre.zero(card.global_dim, shapes) if card.schema_version == 1 else read(ModelLayout.centre, lambda path: _read_centre(path, shapes))
     if not isinstance(train_ids, list) or len(train_ids) != card.train_count:
-        raise ValueError(f"model file {named.file(named.TRAIN_IDS)} does not list the {card.train_count} "
+        raise ValueError(f"model file {named.train_ids} does not list the {card.train_count} "
                          f"gallery images its {CARD_NAME} records; fit the model again")
     for shape, layer in zip(shapes, gallery):
         expected = (card.train_count, shape.height * shape.width, shape.channels)

@@ -61,11 +61,11 @@ log = logging.getLogger(__name__)
 BINS = 4096
 EXAMPLE_ROWS = 4
 FIGURES = {
-    "ROC curves (image and pixel)": EvaluationOutputs.ROC,
-    "PRO curve": EvaluationOutputs.PRO,
-    "image scores, normal vs defective": EvaluationOutputs.HISTOGRAM,
-    "best examples: highest-scored defective, lowest-scored good": EvaluationOutputs.BEST,
-    "worst examples: lowest-scored defective, highest-scored good": EvaluationOutputs.WORST,
+    "ROC curves (image and pixel)": EvaluationOutputs.roc,
+    "PRO curve": EvaluationOutputs.pro,
+    "image scores, normal vs defective": EvaluationOutputs.histogram,
+    "best examples: highest-scored defective, lowest-scored good": EvaluationOutputs.best,
+    "worst examples: lowest-scored defective, highest-scored good": EvaluationOutputs.worst,
 }
 
 
@@ -313,16 +313,16 @@ def _write_report(
     # Heat-map scale: from the typical normal pixel to as far again past the mask threshold (mid-scale).
     colours = colour_range(mask_threshold[1], float(pixels.edges[-1]), _normal_median(pixels))
     figures = {
-        out.ROC: roc_plot(curves),
-        out.PRO: pro_plot(*pixels.pro_curve(), overall["pro"], pixels.max_fpr),
-        out.HISTOGRAM: score_histogram(
+        out.roc: roc_plot(curves),
+        out.pro: pro_plot(*pixels.pro_curve(), overall["pro"], pixels.max_fpr),
+        out.histogram: score_histogram(
             {"normal": scores[~labels], "defect": scores[labels]}, {name: value for name, value in marks.items() if value is not None}
         ),
-        out.BEST: example_grid([_example(e, mask_threshold[1]) for e in best], *colours),
-        out.WORST: example_grid([_example(e, mask_threshold[1]) for e in worst], *colours),
+        out.best: example_grid([_example(e, mask_threshold[1]) for e in best], *colours),
+        out.worst: example_grid([_example(e, mask_threshold[1]) for e in worst], *colours),
     }
-    for name, png in figures.items():
-        storage.write_bytes(out.figure(name), png, options)
+    for uri, png in figures.items():
+        storage.write_bytes(uri, png, options)
     notes = _notes(metrics, mask_threshold, colours)
     page = html_page(f"SPADE evaluation: {metrics['data']}", _table_rows(metrics), FIGURES, notes)
     storage.write_text(out.report, page, options)

@@ -33,8 +33,8 @@ def summarise(uri: str, options: storage.StorageOptions = None, top: int = 10) -
     if storage.exists(Outputs(uri).run_json, options):
         return run_summary(uri, options, top)
     raise FileNotFoundError(
-        f"{uri} holds neither a model ({ModelLayout.CARD}) nor a finished run ({Outputs.RUN_NAME}): give a MODEL_URI written by fit "
-        f"or an OUT_URI written by score (evaluate's run is OUT/{Outputs.SCORES})"
+        f"{uri} holds neither a model ({ModelLayout.card}) nor a finished run ({Outputs.run_json}): give a MODEL_URI written by fit "
+        f"or an OUT_URI written by score (evaluate's run is OUT/{Outputs.scores})"
     )
 
 
