@@ -15,8 +15,9 @@ import yaml
 from spade_batch.config import GROUPS, Settings, describe, load_settings
 from spade_batch.exit_codes import ExitCode, score_exit_code
 from spade_batch.formats import storage
+from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs
 from spade_batch.formats.manifest import build_manifest
-from spade_batch.formats.model import CARD_NAME, load_card
+from spade_batch.formats.model import load_card
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def _print_run(summary: dict[str, Any]) -> None:
             ("anomalous", "unknown (no image threshold)" if rate is None else f"{counts['anomalous']} ({rate:.2%} of scored)"),
             ("image threshold", thresholds["image"]),
             ("pixel threshold", thresholds["pixel"]),
-            ("masks", summary["mask_kind"]),
+            (Outputs.masks, summary["mask_kind"]),
             ("seconds", f"{timings['seconds']:.1f}"),
             ("images/s", f"{timings['images_per_second']:.2f}"),
         ],
@@ -144,7 +145,7 @@ def _dry_run(source: str, settings: Settings, outputs: list[str], model_uri: str
 
 
 def _describe_model(model_uri: str, settings: Settings) -> str:
-    if not storage.exists(storage.join(model_uri, CARD_NAME), settings.fsspec_options()):
+    if not storage.exists(ModelLayout(model_uri).card, settings.fsspec_options()):
         return f"{model_uri}: no model there yet (fit one first)"
     card = load_card(model_uri, settings.fsspec_options())
     model = card.settings
@@ -156,7 +157,8 @@ def _describe_model(model_uri: str, settings: Settings) -> str:
 
 def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -> int:
     if dry_run:
-        return _dry_run(train, settings, [storage.join(model_uri, name) for name in ("features/", "pyramid/", "global.faiss", CARD_NAME)])
+        files = ModelLayout(model_uri)
+        return _dry_run(train, settings, [files.features, files.pyramid, files.index, files.card])
     from spade_batch.engine.fit import RetryableInputError, run_fit
 
     try:
@@ -195,14 +197,15 @@ def score(
 ) -> int:
     """Score the archive, write its run report; the exit status says what happened (exit_codes.py)."""
     if dry_run:
-        outputs = ("masks/", "scores/", "run.json", "report.html")
-        return _dry_run(images, settings, [storage.join(out_uri, name) for name in outputs], model_uri)
+        outputs = Outputs(out_uri)
+        return _dry_run(images, settings, [outputs.masks, outputs.scores, outputs.run_json, outputs.report], model_uri)
     from dataclasses import asdict
 
     from spade_batch.engine.score import run_score
     from spade_batch.reports.run_report import write_run_report
 
     summary = run_score(model_uri, images, out_uri, settings, explicit)
+    outputs = Outputs(out_uri)
     report, drift = write_run_report(asdict(summary), settings)
     print_table(
         "score",
@@ -214,9 +217,9 @@ def score(
             ("retryable", f"{summary.retryable} (transient read failures: re-run the same command)" if summary.retryable else 0),
             ("resumed (already done)", summary.resumed),
             ("model workers", summary.model_workers),
-            ("masks", storage.join(out_uri, "masks/") + f"  [{summary.mask_kind}]"),
-            ("scores table", storage.join(out_uri, "scores/")),
-            ("run summary", storage.join(out_uri, "run.json")),
+            (Outputs.masks, f"{outputs.masks}  [{summary.mask_kind}]"),
+            ("scores table", outputs.scores),
+            ("run summary", outputs.run_json),
             ("report", report),
             ("drift", "; ".join(drift.reasons) if drift.drifted else "none"),
             ("seconds", f"{summary.seconds:.1f}"),
@@ -237,7 +240,7 @@ def nightly(
     """Fit when MODEL_URI has no model yet, then score the archive of `date` ({date} in images and out)."""
     day = run_date(date)
     images, out = images.replace("{date}", day), out.replace("{date}", day)
-    if not storage.exists(storage.join(model_uri, CARD_NAME), settings.fsspec_options()):
+    if not storage.exists(ModelLayout(model_uri).card, settings.fsspec_options()):
         log.info("nightly: no model at %s yet; fitting it from %s", model_uri, train)
         status = fit(train, model_uri, settings, dry_run)
         if status != 0:
@@ -268,8 +271,9 @@ def evaluate(
     model_uri: str, data: str, out: str, settings: Settings, explicit: frozenset[str], original_resolution: bool,
     every: int = 1, dry_run: bool = False,
 ) -> int:
+    written = EvaluationOutputs(out)
     if dry_run:
-        return _dry_run(storage.join(data, "test"), settings, [storage.join(out, name) for name in ("metrics.json", "report.html")], model_uri)
+        return _dry_run(storage.join(data, "test"), settings, [written.metrics_json, written.report], model_uri)
     from spade_batch.reports.evaluate import run_evaluate
 
     metrics = run_evaluate(model_uri, data, out, settings, explicit, original_resolution, every)
@@ -283,10 +287,10 @@ def evaluate(
             ("pixel ROCAUC", f"{overall['pixel_rocauc']:.4f}"),
             ("PRO (FPR <= 0.3)", f"{overall['pro']:.4f}"),
             ("images/s", f"{metrics['images_per_second']:.2f}"),
-            ("masks", storage.join(out, "scores", "masks/")),
-            ("scores table", storage.join(out, "scores", "scores/")),
-            ("metrics", storage.join(out, "metrics.json")),
-            ("report", storage.join(out, "report.html")),
+            (Outputs.masks, written.run.masks),
+            ("scores table", written.run.scores),
+            ("metrics", written.metrics_json),
+            ("report", written.report),
         ],
     )
     return 0

@@ -29,8 +29,9 @@ import yaml
 from spade_batch.config import ConfigError, Settings
 from spade_batch.exit_codes import MEANING, ExitCode, plan_exit_code
 from spade_batch.formats import storage
+from spade_batch.formats.layout import Outputs, PlanOutputs
 from spade_batch.logs import redact, secret_values
-from spade_batch.reports.run_report import REPORT_NAME, render_plan_report, report_link
+from spade_batch.reports.run_report import render_plan_report, report_link
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def run_plan(
 
 
 def _run_json(line: Line, day: str) -> dict[str, Any]:
-    uri = storage.join(line.out.replace("{date}", day), "run.json")
+    uri = Outputs(line.out.replace("{date}", day)).run_json
     options = line.settings.fsspec_options()
     return json.loads(storage.read_text(uri, options)) if storage.exists(uri, options) else {}
 
@@ -164,12 +165,12 @@ def format_table(rows: list[dict[str, object]]) -> str:
 
 
 def _write_plan_outputs(results: list[LineResult], rows: list[dict[str, object]], out: str, day: str, options: storage.StorageOptions) -> None:
-    page_uri = storage.join(out, REPORT_NAME)
+    page_uri = PlanOutputs(out).report
     reports = {}
     for result in results:
-        report = storage.join(result.line.out.replace("{date}", day), REPORT_NAME)
+        report = Outputs(result.line.out.replace("{date}", day)).report
         if result.run and storage.exists(report, result.line.settings.fsspec_options()):
             reports[result.line.name] = report_link(page_uri, report)
     storage.write_text(page_uri, render_plan_report(f"spade-batch nightly plan, {day}", rows, reports), options)
-    storage.write_text(storage.join(out, "plan.json"), json.dumps({"date": day, "lines": rows, "reports": reports}, indent=2), options)
+    storage.write_text(PlanOutputs(out).plan_json, json.dumps({"date": day, "lines": rows, "reports": reports}, indent=2), options)
     print(f"plan report: {page_uri}")

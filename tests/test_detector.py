@@ -18,7 +18,7 @@ from spade_batch.config import Settings
 from spade_batch.formats.datasets import make_demo_data, read_mvtec_category
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.images import Preprocessing, decode_image, resize_for_model
-from spade_batch.formats.layout import FEATURES_FOLDER, part_files
+from spade_batch.formats.layout import ModelLayout, part_files
 from spade_batch.formats.model import CARD_NAME, KEYS_ADDED_LATER, Centre, GalleryWriter, ModelCard, SpadeModel, build_model
 from spade_batch.method import calibrate, scoring, spade
 from spade_batch.method.detector import Extractor, Features, Scorer, fit, score
@@ -372,7 +372,7 @@ def test_leave_one_out_calibration_scores_each_image_as_a_fit_without_it_would(d
     assert model.train_ids == sorted(ids)
     assert model.card.calibration["count"] == len(ids) and model.card.calibration["images"] == "leave_one_out"
 
-    stored = StoredFeatures.index(part_files(str(tmp_path / "loo" / FEATURES_FOLDER), None))
+    stored = StoredFeatures.index(part_files(ModelLayout(str(tmp_path / "loo")).features, None))
     scorer_settings = settings.replace(calibration_images="held_out", calibration_fraction=0)
     expected, samples = [], []
     for image_id in ids:

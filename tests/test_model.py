@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from spade_batch.config import ConfigError, Settings
+from spade_batch.formats import storage
 from spade_batch.formats.features import LayerShape
+from spade_batch.formats.layout import ModelLayout
 from spade_batch.formats.model import (
     CARD_NAME,
     MODEL_SCHEMA_VERSION,
@@ -338,6 +340,15 @@ def test_check_compatible_names_only_mismatched_explicit_model_keys(tmp_path):
         card.check_compatible(request, frozenset({"k", "sigma"}))
 
 
+
+def test_settings_for_a_request_take_the_models_method_settings_and_keep_the_rest(tmp_path):
+    card = make_model(tmp_path, raw_features(5)).card
+    request = Settings(backbone="resnet18", weights="random", k=5, sigma=2.0, batch_size=3)
+    merged = card.settings_for(request)
+    assert merged.model_dict() == card.settings and merged.batch_size == 3
+    with pytest.raises(ConfigError, match=r"k=5 \(model: 3\)"):
+        card.settings_for(request, frozenset({"k"}))
+
 # ---------------------------------------------------------------- index
 
 
@@ -385,3 +396,15 @@ def test_small_ivf_index_always_returns_k_neighbours(count, k):
     assert (neighbours >= 0).all()
     assert np.all(np.sort(neighbours, axis=1)[:, 1:] != np.sort(neighbours, axis=1)[:, :-1])  # k distinct images
     assert scores.max() < 100  # squared distances of unit normals in 16-d are about 32
+
+
+def test_model_layout_paths_are_under_the_root_and_name_every_saved_file(tmp_path):
+    uri = str(tmp_path / "model")
+    make_model(tmp_path / "built", raw_features(6)).save(uri)
+    files = ModelLayout(uri)
+    paths = [files.card, files.pyramid, files.index, files.features, files.features_inputs, files.lock,
+             *(files.layer(shape.name) for shape in SHAPES)]
+    assert all(path.startswith(uri + "/") for path in paths) and len(set(paths)) == len(paths)
+    written = [files.file(name) for name in [ModelLayout.card, *ModelLayout.array_names([shape.name for shape in SHAPES])]]
+    assert sorted(storage.list_files(uri)) == sorted(written)
+    assert ModelLayout.array_names(["layer1"], centre=False) == ["train_ids.json", "global.faiss", "pyramid/layer1.npy"]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from spade_batch.formats.heatmap import colour_range
 from spade_batch.reports.figures import (
     Example,
     example_grid,
@@ -91,6 +92,16 @@ def test_overlay_changes_pixels_only_where_the_map_is_high():
     expected = np.rint(0.5 * 100 + 0.5 * top_colour).astype(np.uint8)
     np.testing.assert_array_equal(blended[:, 24:], np.broadcast_to(expected, (32, 24, 3)))
     np.testing.assert_array_equal(overlay(image, anomaly_map, 0.0, 2.0, alpha=0.0), image)
+
+
+def test_the_colour_range_puts_the_pixel_threshold_at_mid_scale():
+    assert colour_range(1.5, peak=9.0) == (0.0, 3.0)  # a scoring run's pictures start at 0
+    assert colour_range(1.5, peak=9.0, low=1.0) == (1.0, 2.0)  # evaluate's start at the median normal pixel
+    assert colour_range(None, peak=9.0) == (0.0, 9.0)  # no threshold: up to the largest value shown
+    low, high = colour_range(None, peak=0.0)
+    assert low < high  # a flat map still draws (overlay refuses low >= high)
+    low, high = colour_range(1.0, peak=9.0, low=5.0)
+    assert low < high
 
 
 def test_overlay_rejects_bad_input():

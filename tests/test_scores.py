@@ -10,6 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import flip_data_bytes
 
+from spade_batch.formats import storage
+from spade_batch.formats.layout import EvaluationOutputs, Outputs, PlanOutputs, part_name
 from spade_batch.formats.scores import SCHEMA, ScoreRow, read_scores, write_scores
 from spade_batch.formats.storage import DamagedPartError
 
@@ -115,3 +117,22 @@ def test_a_part_with_damaged_values_is_named(tmp_path):
     with pytest.raises(DamagedPartError, match="part file .*part-00005.parquet is damaged .*CRC"):
         read_scores([uri])
 
+
+
+def test_a_runs_paths_are_under_its_root_and_clear_removes_exactly_the_runs_files(tmp_path):
+    root = str(tmp_path / "out")
+    outputs = Outputs(root)
+    files = [outputs.mask("a/1.png"), outputs.map("a/1.png"), outputs.overlay("a/1.png"),
+             storage.join(outputs.scores, part_name(["a/1.png"])), outputs.run_json, outputs.inputs_json, outputs.report]
+    kept = [outputs.lock, storage.join(root, "notes.txt")]  # the lock is the clearing run's; other files are not the run's
+    folders = [outputs.masks, outputs.scores]
+    assert all(path.startswith(root + "/") for path in [*files, *kept, *folders]) and len(set(files + kept)) == len(files + kept)
+    for path in files + kept:
+        storage.write_text(path, "x")
+    outputs.clear(None)
+    assert storage.list_files(root) == sorted(kept)
+
+    evaluation, plan = EvaluationOutputs(root), PlanOutputs(root)
+    paths = [evaluation.test_images, evaluation.run.root, evaluation.metrics_json, evaluation.report, plan.report, plan.plan_json,
+             evaluation.roc, evaluation.pro, evaluation.histogram, evaluation.best, evaluation.worst]
+    assert all(path.startswith(root + "/") for path in paths)

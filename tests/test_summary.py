@@ -21,9 +21,12 @@ from spade_batch.engine.fit import run_fit
 from spade_batch.engine.score import run_score
 from spade_batch.formats import storage
 from spade_batch.formats.datasets import make_demo_data
+from spade_batch.formats.layout import Outputs as RunOutputs
+from spade_batch.formats.layout import part_name
 from spade_batch.formats.model import load_card
-from spade_batch.formats.scores import read_scores
-from spade_batch.reports.summary import failure_reason, failures_by_reason
+from spade_batch.formats.scores import ScoreRow, read_scores, write_scores
+from spade_batch.reports.run_report import read_run_scores
+from spade_batch.reports.summary import failure_reason, failures_by_reason, run_summary
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -163,3 +166,35 @@ def test_failure_reasons_group_errors_without_uris_or_numbers():
          "count": 1, "example": "c.png"},
     ]
     assert failure_reason(os.path.join("x", "y.png"), "name rejected: x/y.png collides") == "name rejected: <image> collides"
+
+
+def test_show_and_the_run_report_group_the_same_failures_identically(tmp_path):
+    root = str(tmp_path / "run")
+    outputs = RunOutputs(root)
+    big = "ImageError: cannot decode {}: image is {} pixels, over the max_pixels setting (100). Downscale it"
+    failures = [  # (id, uri, error), over two part files
+        [("a/1.png", "s3://b/x/a/1.png", "ImageError: cannot decode s3://b/x/a/1.png: the file is empty (0 bytes). Re-export it."),
+         ("b/2.png", "s3://b/x/b/2.png", big.format("s3://b/x/b/2.png", "10 x 20 = 200")),
+         ("s3://b/x/c?.png", "s3://b/x/c?.png", "name rejected: s3://b/x/c?.png has a '?'")],
+        [("d/3.png", "s3://b/x/d/3.png", big.format("x/d/3.png", "30 x 40 = 1200")),  # the URI without its scheme
+         ("e/4.png", "s3://b/x/e/4.png", "ImageError: cannot decode s3://b/x/e/4.png: the file is empty (0 bytes). Re-export it."),
+         ("f/5.png", "s3://b/x/f/5.png", "OSError: read failed\nTraceback (most recent call last): ...")],
+    ]
+    for part in failures:
+        rows = [ScoreRow(id=image_id, uri=uri, error=error) for image_id, uri, error in part]
+        write_scores(storage.join(outputs.scores, part_name([row.id for row in rows])), rows)
+    run = {"model_uri": "m", "images": 6, "scored": 0, "failed": 6, "retryable": 0, "resumed": 0, "anomalous": None,
+           "thresholds": {"image": None, "pixel": None}, "mask_kind": "binary", "seconds": 1.0, "images_per_second": 6.0,
+           "settings": {}, "versions": {}}
+    storage.write_text(outputs.run_json, json.dumps(run))
+
+    shown = [(f["reason"], f["count"], f["example"]) for f in run_summary(root, top=0)["failures"]]
+    reported = [(group.reason, group.count, group.examples[0]) for group in read_run_scores(root, None).failures]
+
+    assert shown == reported
+    assert [(reason, count) for reason, count, _ in shown] == [
+        ("ImageError: cannot decode <image>: image is N x N = N pixels, over the max_pixels setting (N)", 2),
+        ("ImageError: cannot decode <image>: the file is empty (N bytes)", 2),
+        ("OSError: read failed", 1),
+        ("name rejected: <image> has a '?'", 1),
+    ]

@@ -145,10 +145,9 @@ def write_score_outputs(
 
 def _write_overlay(uri: str, target: str, anomaly_map: np.ndarray, pixel_threshold: float | None, settings: Settings) -> None:
     """Heat map over the original image (read again: only this optional output needs it)."""
-    from spade_batch.formats.heatmap import overlay  # matplotlib: imported only by the workers that draw
+    from spade_batch.formats.heatmap import colour_range, overlay  # matplotlib: imported only by the workers that draw
 
     options = settings.fsspec_options()
     image = decode_image(storage.read_bytes(uri, options), uri, settings.max_pixels)
     full = resize_map(anomaly_map, *image.shape[:2])
-    high = pixel_threshold * 2 if pixel_threshold is not None else float(full.max())
-    storage.write_bytes(target, png_bytes(overlay(image, full, 0.0, max(high, 1e-12))), options)
+    storage.write_bytes(target, png_bytes(overlay(image, full, *colour_range(pixel_threshold, float(full.max())))), options)

@@ -24,10 +24,10 @@ from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Pro
 from spade_batch.engine.stages import CalibrationStage, ExtractStage
 from spade_batch.formats import storage
 from spade_batch.formats.features import SCHEMA_VERSION as FEATURE_SCHEMA_VERSION
-from spade_batch.formats.layout import FEATURES_FOLDER, done_ids, part_files, record_inputs
-from spade_batch.formats.locks import LOCK_NAME, holding_lock
+from spade_batch.formats.layout import ModelLayout, done_ids, part_files, record_inputs
+from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.manifest import Manifest, build_manifest
-from spade_batch.formats.model import CARD_NAME, SpadeModel, cache_root
+from spade_batch.formats.model import SpadeModel, cache_root
 from spade_batch.method.extractor import Extractor
 from spade_batch.method.recipe import HeldOutScorer, HeldOutScores, InProcessHeldOut, StoredFeatures, fit_from_features
 
@@ -57,10 +57,10 @@ def run_fit(train_source: str, model_uri: str, settings: Settings) -> FitSummary
     """Extract features of the normal images on Ray, build the model, calibrate it, save it."""
     options = settings.fsspec_options()
     started = time.perf_counter()
-    if storage.exists(storage.join(model_uri, CARD_NAME), options) and not settings.overwrite:
+    if storage.exists(ModelLayout(model_uri).card, options) and not settings.overwrite:
         raise FileExistsError(f"a model already exists at {model_uri}; pass --overwrite to refit it")
     manifest = build_manifest(train_source, options)
-    with holding_lock(storage.join(model_uri, LOCK_NAME), f"spade-batch fit into {model_uri}", options):
+    with holding_lock(ModelLayout(model_uri).lock, f"spade-batch fit into {model_uri}", options):
         return _fit_locked(manifest, model_uri, settings, started)
 
 
@@ -69,15 +69,15 @@ def _fit_locked(manifest: Manifest, model_uri: str, settings: Settings, started:
     options = settings.fsspec_options()
     init_ray(settings.ray_address)
     extractor = Extractor(settings, options)  # weights identity and layer shapes for the card
-    features_uri = storage.join(model_uri, FEATURES_FOLDER)
+    features_uri = ModelLayout(model_uri).features
     if settings.overwrite:
         # The old card goes first: no reader may pair it with the new arrays being written.
-        storage.remove(storage.join(model_uri, CARD_NAME), options)
+        storage.remove(ModelLayout(model_uri).card, options)
         storage.remove(features_uri, options, recursive=True)
     # Part files of a killed fit are reused only for the same images and feature extractor.
     extraction = {"images": manifest.sha256(), "backbone": settings.backbone, "weights": extractor.weights_sha256,
                   "preprocessing": extractor.preprocessing.to_dict(), "feature_schema": FEATURE_SCHEMA_VERSION}
-    record_inputs(features_uri, storage.join(features_uri, "inputs.json"), extraction, options)
+    record_inputs(features_uri, ModelLayout(model_uri).features_inputs, extraction, options)
     _extract(manifest.ids, manifest.uris, features_uri, extractor, settings)
     extracted = time.perf_counter()
 

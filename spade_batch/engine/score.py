@@ -25,7 +25,7 @@ from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Pro
 from spade_batch.engine.stages import ScoreStage
 from spade_batch.formats import storage
 from spade_batch.formats.layout import Outputs, done_ids, part_files, part_name, read_columns, record_inputs
-from spade_batch.formats.locks import LOCK_NAME, holding_lock
+from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.manifest import Manifest, build_manifest
 from spade_batch.formats.model import ModelCard, load_card
 from spade_batch.formats.scores import ScoreRow, Thresholds, write_scores
@@ -104,13 +104,12 @@ def run_score(
     options = settings.fsspec_options()
     started = time.perf_counter()
     card = load_card(model_uri, options)  # the gallery is loaded by the actors, once the request is known to be valid
-    card.check_compatible(settings, explicit)
-    settings = settings.replace(**card.settings)
+    settings = card.settings_for(settings, explicit)
     if settings.preprocess != "full":
         log.warning("score: '%s' preprocessing leaves the image border unscored; masks are written at the working size", settings.preprocess)
     manifest = build_manifest(images_source, options)
     outputs = Outputs(out_uri)
-    with holding_lock(storage.join(out_uri, LOCK_NAME), f"spade-batch score into {out_uri}", options):
+    with holding_lock(outputs.lock, f"spade-batch score into {out_uri}", options):
         summary = _score_locked(model_uri, card, manifest, outputs, settings, stage, plan, started)
     if summary.retryable:
         log.error("score: %d images could not be read for a transient reason (e.g. %s); re-run the same command to retry exactly those",

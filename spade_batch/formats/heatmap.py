@@ -1,10 +1,25 @@
 """The heat-map picture of an anomaly map: one colour scale for every overlay the product draws
-(written overlays, report examples). Needs matplotlib's colormaps only, not its figures."""
+(written overlays, the run report's and evaluate's examples). Needs matplotlib's colormaps only, not its figures.
+
+The scale: `colour_range` picks the map values drawn as no colour (low) and full colour (high) from the
+pixel threshold, `overlay` maps values onto jet between them.
+"""
 
 from __future__ import annotations
 
 import matplotlib
 import numpy as np
+
+
+def colour_range(pixel_threshold: float | None, peak: float, low: float = 0.0) -> tuple[float, float]:
+    """(low, high) of the colour scale: the pixel threshold at mid-scale, high = 2 * threshold - low.
+
+    Without a threshold, high is `peak` (the largest map value shown). low is 0 for a scoring run's
+    pictures; evaluate, which knows the normal pixels, starts at the median normal pixel score. high is
+    always above low (by 1e-12, relative), so a flat map still draws.
+    """
+    high = 2 * pixel_threshold - low if pixel_threshold is not None else peak
+    return low, max(high, low + 1e-12 * max(1.0, abs(low)))
 
 
 def overlay(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float, alpha: float = 0.5) -> np.ndarray:

@@ -1,4 +1,7 @@
-"""Output layout and the resume contract: where each run writes, which ids are done, inputs.json.
+"""Where everything is written, and the resume contract: the one module that spells file and folder names.
+
+`Outputs` is a scoring run's OUT_URI, `ModelLayout` a model's MODEL_URI, `EvaluationOutputs` evaluate's
+OUT and `PlanOutputs` a nightly plan's PLAN_OUT; every reader and writer takes its paths from them.
 
 Part files (scores or features) are written by whole batches, last and atomically, after
 everything their rows point to; a part's name is the hash of its ids, so a retried batch
@@ -16,6 +19,12 @@ from typing import Any
 
 from spade_batch.formats import storage
 from spade_batch.formats.manifest import output_stem
+
+LOCK_NAME = ".spade-batch.lock"
+"""The lock file's name inside an output location (a run's OUT_URI, a model's MODEL_URI)."""
+INPUTS_NAME = "inputs.json"
+"""What a resumable output (a run, a model's features) was computed from; see record_inputs."""
+REPORT_NAME = "report.html"
 
 
 def part_name(ids: Sequence[str]) -> str:
@@ -42,39 +51,105 @@ def done_ids(folder: str, options: storage.StorageOptions) -> set[str]:
     return {i for _, columns in read_columns(part_files(folder, options), ["id"], options) for i in columns["id"]}
 
 
+class _Name:
+    """A file or folder under a layout's root, spelled once: read on the class it is the name relative to
+    the root (`Outputs.run_json == "run.json"`), on an instance the path (`Outputs(out).run_json`)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, layout: Any, owner: type | None = None) -> str:
+        return self.name if layout is None else storage.join(layout.root, self.name)
+
+
 @dataclass(frozen=True)
 class Outputs:
     """Where a scoring run writes, under OUT_URI."""
 
     root: str
 
+    masks, maps, overlays, scores = _Name("masks"), _Name("maps"), _Name("overlays"), _Name("scores")
+    run_json = _Name("run.json")
+    """The run's summary, written last: its presence marks the run finished."""
+    inputs_json, report, lock = _Name(INPUTS_NAME), _Name(REPORT_NAME), _Name(LOCK_NAME)
+
     def mask(self, image_id: str) -> str:
-        return storage.join(self.root, "masks", output_stem(image_id) + ".png")
+        return storage.join(self.masks, output_stem(image_id) + ".png")
 
     def map(self, image_id: str) -> str:
-        return storage.join(self.root, "maps", output_stem(image_id) + ".npy")
+        return storage.join(self.maps, output_stem(image_id) + ".npy")
 
     def overlay(self, image_id: str) -> str:
-        return storage.join(self.root, "overlays", output_stem(image_id) + ".png")
-
-    @property
-    def scores(self) -> str:
-        return storage.join(self.root, "scores")
-
-    @property
-    def run_json(self) -> str:
-        return storage.join(self.root, "run.json")
-
-    @property
-    def inputs_json(self) -> str:
-        return storage.join(self.root, "inputs.json")
+        return storage.join(self.overlays, output_stem(image_id) + ".png")
 
     def clear(self, options: storage.StorageOptions) -> None:
-        """Remove a previous run's outputs, masks too: none may stay behind beside a new run's."""
-        for folder in ("scores", "masks", "maps", "overlays"):
-            storage.remove(storage.join(self.root, folder), options, recursive=True)
-        storage.remove(self.inputs_json, options)
-        storage.remove(self.run_json, options)
+        """Remove a previous run's outputs, masks and report too: none may stay behind beside a new run's.
+
+        The lock is left alone: the run that clears holds it.
+        """
+        for folder in (self.scores, self.masks, self.maps, self.overlays):
+            storage.remove(folder, options, recursive=True)
+        for uri in (self.inputs_json, self.run_json, self.report):
+            storage.remove(uri, options)
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Where a model's files are, under MODEL_URI (or the local folder that holds a copy of its arrays).
+
+    On the class, the names relative to the root (the artifact's files are copied by them).
+    """
+
+    root: str
+
+    card = _Name("spade.json")
+    """The card, written last: its presence marks the model complete."""
+    train_ids, index, centre, pyramid = _Name("train_ids.json"), _Name("global.faiss"), _Name("centre.npz"), _Name("pyramid")
+    features = _Name("features")
+    """fit's Parquet feature parts (features.py); a re-run resumes from them."""
+    features_inputs, lock = _Name(f"features/{INPUTS_NAME}"), _Name(LOCK_NAME)
+
+    @classmethod
+    def layer_name(cls, layer: str) -> str:
+        """pyramid/<layer>.npy: a layer's pixel gallery, relative to the root."""
+        return f"{cls.pyramid}/{layer}.npy"
+
+    @classmethod
+    def array_names(cls, layers: Iterable[str], centre: bool = True) -> list[str]:
+        """The files besides the card, relative to the root (schema 1 models have no centre)."""
+        return [cls.train_ids, cls.index, *([cls.centre] if centre else []), *(cls.layer_name(layer) for layer in layers)]
+
+    def file(self, name: str) -> str:
+        """A file given by its name relative to the root."""
+        return storage.join(self.root, name)
+
+    def layer(self, layer: str) -> str:
+        return self.file(self.layer_name(layer))
+
+
+@dataclass(frozen=True)
+class EvaluationOutputs:
+    """Where evaluate writes, under OUT: the test image list, a scoring run, metrics, figures and the page."""
+
+    root: str
+
+    test_images, metrics_json, report = _Name("test_images.txt"), _Name("metrics.json"), _Name(REPORT_NAME)
+    roc, pro, histogram = _Name("roc.png"), _Name("pro.png"), _Name("score_histogram.png")
+    best, worst = _Name("examples_best.png"), _Name("examples_worst.png")
+
+    @property
+    def run(self) -> Outputs:
+        """The scoring run of the test images."""
+        return Outputs(storage.join(self.root, Outputs.scores))
+
+
+@dataclass(frozen=True)
+class PlanOutputs:
+    """Where a nightly plan writes its own files, under PLAN_OUT (each line's run writes under its own out)."""
+
+    root: str
+
+    report, plan_json = _Name(REPORT_NAME), _Name("plan.json")
 
 
 def record_inputs(root: str, inputs_uri: str, inputs: dict[str, Any], options: storage.StorageOptions) -> None:
@@ -88,7 +163,3 @@ def record_inputs(root: str, inputs_uri: str, inputs: dict[str, Any], options: s
                 "pass --overwrite to replace it or choose another output URI"
             )
     storage.write_text(inputs_uri, json.dumps(inputs, indent=2), options)
-
-
-FEATURES_FOLDER = "features"
-"""Under a model folder: the feature part files fit extracted (formats.features)."""

@@ -26,10 +26,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 
 from spade_batch.formats import storage
+from spade_batch.formats.layout import LOCK_NAME as LOCK_NAME  # the name is spelled in layout.py
 from spade_batch.formats.storage import StorageOptions
-
-LOCK_NAME = ".spade-batch.lock"
-"""The lock file's name inside an output location."""
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The fitted model artifact: card (spade.json), faiss image index, centre, pixel gallery.
 
-Layout under MODEL_URI (spade.json is written last: a model without it is incomplete):
+Layout under MODEL_URI (names in layout.ModelLayout; spade.json is written last: a model without it is incomplete):
 
     spade.json            the card: settings, weights identity, shapes, thresholds, provenance
     train_ids.json        ids of the gallery images, in index order
@@ -43,11 +43,11 @@ from spade_batch import __version__
 from spade_batch.config import MODEL_KEYS, ConfigError, Settings
 from spade_batch.formats import storage
 from spade_batch.formats.features import LayerShape
+from spade_batch.formats.layout import ModelLayout
 
 MODEL_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
-CARD_NAME = "spade.json"
-ARRAY_FILES = ("train_ids.json", "global.faiss", "centre.npz")
+CARD_NAME = ModelLayout.card
 KEYS_ADDED_LATER = {"image_score": "knn", "map_top": 0.0, "layer_normalise": False}
 """MODEL_KEYS that older cards lack, with the value those models were fitted with (the paper's); load_card fills them in."""
 
@@ -74,6 +74,14 @@ class ModelCard:
     @property
     def layer_shapes(self) -> list[LayerShape]:
         return [LayerShape(**layer) for layer in self.layers]
+
+    def settings_for(self, settings: Settings, explicit_keys: frozenset[str] = frozenset()) -> Settings:
+        """The request's settings with the model's method settings over them: the one place a model's card sets them.
+
+        explicit_keys: the keys the request set itself; one that differs from the model's is refused (check_compatible).
+        """
+        self.check_compatible(settings, explicit_keys)
+        return settings.replace(**self.settings)
 
     def check_compatible(self, settings: Settings, explicit_keys: frozenset[str]) -> None:
         """Refuse a request whose model settings differ from those the model was fitted with."""
@@ -157,7 +165,7 @@ class SpadeModel:
 
     def save(self, uri: str, options: storage.StorageOptions = None) -> None:
         """Write the artifact; an existing card is removed first, so no reader pairs it with new arrays."""
-        storage.remove(storage.join(uri, CARD_NAME), options)
+        storage.remove(ModelLayout(uri).card, options)
         self.publish_arrays(uri, options)
         self.write_card(uri, options)
 
@@ -166,11 +174,11 @@ class SpadeModel:
         if storage.is_local(uri) and os.path.abspath(storage.filesystem(uri, options)[1]) == os.path.abspath(self.folder):
             return
         for name in _array_names(self.card):
-            storage.put_file(os.path.join(self.folder, name), storage.join(uri, name), options)
+            storage.put_file(os.path.join(self.folder, name), ModelLayout(uri).file(name), options)
 
     def write_card(self, uri: str, options: storage.StorageOptions = None) -> None:
         """spade.json, last: its presence marks the model complete."""
-        storage.write_text(storage.join(uri, CARD_NAME), json.dumps(dataclasses.asdict(self.card), indent=2), options)
+        storage.write_text(ModelLayout(uri).card, json.dumps(dataclasses.asdict(self.card), indent=2), options)
 
     @classmethod
     def load(cls, uri: str, options: storage.StorageOptions = None, card: ModelCard | None = None) -> SpadeModel:
@@ -185,17 +193,17 @@ class SpadeModel:
 
 def _array_names(card: ModelCard) -> list[str]:
     """The artifact's files besides the card, relative to the model folder."""
-    files = ARRAY_FILES if card.schema_version > 1 else ARRAY_FILES[:2]  # schema 1 had no centre
-    return [*files, *(f"pyramid/{shape.name}.npy" for shape in card.layer_shapes)]
+    return ModelLayout.array_names([shape.name for shape in card.layer_shapes], centre=card.schema_version > 1)
 
 
 def _write_arrays(folder: str, ids: list[str], index: faiss.Index, centre: Centre, shapes: Sequence[LayerShape]) -> None:
     """train ids, index and centre into folder (the gallery files are written by GalleryWriter)."""
-    with open(os.path.join(folder, "train_ids.json"), "w") as f:
+    files = ModelLayout(folder)
+    with open(files.train_ids, "w") as f:
         json.dump(ids, f)
-    faiss.write_index(index, os.path.join(folder, "global.faiss"))
+    faiss.write_index(index, files.index)
     layers = {f"layer:{shape.name}": mean for shape, mean in zip(shapes, centre.layer_means)}
-    np.savez(os.path.join(folder, "centre.npz"), **{"global": centre.global_mean, **layers})
+    np.savez(files.centre, **{"global": centre.global_mean, **layers})
 
 
 _LOADS = [0]
@@ -212,26 +220,28 @@ def _load_folder(folder: str, card: ModelCard, source: str | None = None) -> Spa
     shapes = card.layer_shapes
     source = source or folder
 
+    local, named = ModelLayout(folder), ModelLayout(source)
+
     def read(name: str, reader: Callable[[str], Any]) -> Any:
         try:
-            return reader(os.path.join(folder, name))
+            return reader(local.file(name))
         except (OSError, ValueError, RuntimeError, KeyError, EOFError, zipfile.BadZipFile) as error:
-            raise ValueError(f"model file {storage.join(source, name)} is missing or damaged ({error}); fit the model again") from error
+            raise ValueError(f"model file {named.file(name)} is missing or damaged ({error}); fit the model again") from error
 
-    train_ids = read("train_ids.json", _read_json)
-    index = read("global.faiss", faiss.read_index)
-    gallery = [read(f"pyramid/{s.name}.npy", lambda path: np.load(path, mmap_mode="r")) for s in shapes]
-    centre = Centre.zero(card.global_dim, shapes) if card.schema_version == 1 else read("centre.npz", lambda path: _read_centre(path, shapes))
+    train_ids = read(ModelLayout.train_ids, _read_json)
+    index = read(ModelLayout.index, faiss.read_index)
+    gallery = [read(ModelLayout.layer_name(s.name), lambda path: np.load(path, mmap_mode="r")) for s in shapes]
+    centre = Centre.zero(card.global_dim, shapes) if card.schema_version == 1 else read(ModelLayout.centre, lambda path: _read_centre(path, shapes))
     if not isinstance(train_ids, list) or len(train_ids) != card.train_count:
-        raise ValueError(f"model file {storage.join(source, 'train_ids.json')} does not list the {card.train_count} "
+        raise ValueError(f"model file {named.train_ids} does not list the {card.train_count} "
                          f"gallery images its {CARD_NAME} records; fit the model again")
     for shape, layer in zip(shapes, gallery):
         expected = (card.train_count, shape.height * shape.width, shape.channels)
         if layer.shape != expected:
-            raise ValueError(f"model file {storage.join(source, 'pyramid', shape.name + '.npy')} holds {layer.shape}, "
+            raise ValueError(f"model file {named.layer(shape.name)} holds {layer.shape}, "
                              f"its {CARD_NAME} records {expected}; fit the model again")
     if index.ntotal != card.train_count or index.d != card.global_dim:
-        raise ValueError(f"model file {storage.join(source, 'global.faiss')} indexes {index.ntotal} x {index.d} features, "
+        raise ValueError(f"model file {named.index} indexes {index.ntotal} x {index.d} features, "
                          f"its {CARD_NAME} records {card.train_count} x {card.global_dim}; fit the model again")
     return SpadeModel(card=card, train_ids=train_ids, index=index, centre=centre, gallery=gallery, folder=folder)
 
@@ -270,7 +280,7 @@ def local_copy(uri: str, card: ModelCard, options: storage.StorageOptions = None
                 for name in _array_names(card):
                     target = os.path.join(partial, name)
                     os.makedirs(os.path.dirname(target), exist_ok=True)
-                    storage.get_file(storage.join(uri, name), target, options)
+                    storage.get_file(ModelLayout(uri).file(name), target, options)
                 os.replace(partial, folder)
             finally:
                 with contextlib.suppress(FileNotFoundError):
@@ -280,7 +290,7 @@ def local_copy(uri: str, card: ModelCard, options: storage.StorageOptions = None
 
 def load_card(uri: str, options: storage.StorageOptions = None) -> ModelCard:
     """The model's spade.json only (cheap: no gallery)."""
-    card_uri = storage.join(uri, CARD_NAME)
+    card_uri = ModelLayout(uri).card
     if not storage.exists(card_uri, options):
         raise FileNotFoundError(f"no model at {uri}: {CARD_NAME} is missing; run `spade-batch fit` first")
     try:
@@ -336,10 +346,11 @@ class GalleryWriter:
             raise ValueError("gallery ids must be unique")
         self.written = np.zeros(len(self.ids), dtype=bool)
         self.global_features = np.zeros((len(self.ids), global_dim), np.float32)
-        os.makedirs(os.path.join(folder, "pyramid"), exist_ok=True)
+        files = ModelLayout(folder)
+        os.makedirs(files.pyramid, exist_ok=True)
         self.files, self.row_bytes, self.offsets = [], [], []
         for shape in self.shapes:
-            handle = open(os.path.join(folder, "pyramid", f"{shape.name}.npy"), "w+b")
+            handle = open(files.layer(shape.name), "w+b")
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
                       "shape": (len(self.ids), shape.height * shape.width, shape.channels)}
             np.lib.format.write_array_header_2_0(handle, header)

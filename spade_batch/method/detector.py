@@ -19,7 +19,7 @@ import numpy as np
 from spade_batch.config import Settings
 from spade_batch.formats.features import FeatureTable, write_features
 from spade_batch.formats.images import Preprocessing
-from spade_batch.formats.layout import FEATURES_FOLDER, part_files, part_name
+from spade_batch.formats.layout import ModelLayout, part_files, part_name
 from spade_batch.formats.model import SpadeModel
 from spade_batch.method.extractor import Extractor, Features
 from spade_batch.method.recipe import StoredFeatures, fit_from_features
@@ -42,7 +42,7 @@ def fit(images: Sequence[np.ndarray], settings: Settings, ids: Sequence[str] | N
         raise ValueError(f"{len(ids)} ids given for {len(images)} images")
     folder = folder or tempfile.mkdtemp(prefix="spade-model-")
     extractor = Extractor(settings)
-    features_folder = os.path.join(folder, FEATURES_FOLDER)
+    features_folder = ModelLayout(folder).features
     for start in range(0, len(images), settings.shard_size):
         shard = range(start, min(start + settings.shard_size, len(images)))
         table = _feature_table(extractor, [images[i] for i in shard], [ids[i] for i in shard])
@@ -67,6 +67,6 @@ def _feature_table(extractor: Extractor, images: Sequence[np.ndarray], ids: list
 
 def score(model: SpadeModel, images: Sequence[np.ndarray], settings: Settings | None = None) -> list[ImageScore]:
     """Score H x W x 3 uint8 images; settings give the device and batch size, the model keys are the model's own."""
-    settings = (settings or Settings()).replace(**model.card.settings)
+    settings = model.card.settings_for(settings or Settings())
     extractor = Extractor(settings, preprocessing=Preprocessing.from_dict(model.card.preprocessing))
     return Scorer(model, extractor, settings.chunk_mib * 2**20, settings.precision).score(images)

@@ -1,6 +1,6 @@
 """Evaluate a model on an MVTec-layout test split: score it on Ray, then metrics.json and a report.
 
-Everything is written under OUT (local or any fsspec URI):
+Everything is written under OUT (local or any fsspec URI; names in layout.EvaluationOutputs):
 
     test_images.txt         the evaluated test images (one absolute path a line)
     scores/                 the scoring run (scores table, masks, float16 maps at the working size)
@@ -29,6 +29,7 @@ from spade_batch.config import Settings
 from spade_batch.engine.score import run_score
 from spade_batch.formats import storage
 from spade_batch.formats.datasets import Sample, read_mask, read_mvtec_category
+from spade_batch.formats.heatmap import colour_range
 from spade_batch.formats.images import (
     Preprocessing,
     decode_image,
@@ -36,7 +37,7 @@ from spade_batch.formats.images import (
     resize_for_model,
     resize_map,
 )
-from spade_batch.formats.layout import Outputs
+from spade_batch.formats.layout import EvaluationOutputs, Outputs
 from spade_batch.formats.model import load_card
 from spade_batch.formats.scores import Thresholds, read_scores
 from spade_batch.reports.figures import (
@@ -60,11 +61,11 @@ log = logging.getLogger(__name__)
 BINS = 4096
 EXAMPLE_ROWS = 4
 FIGURES = {
-    "ROC curves (image and pixel)": "roc.png",
-    "PRO curve": "pro.png",
-    "image scores, normal vs defective": "score_histogram.png",
-    "best examples: highest-scored defective, lowest-scored good": "examples_best.png",
-    "worst examples: lowest-scored defective, highest-scored good": "examples_worst.png",
+    "ROC curves (image and pixel)": EvaluationOutputs.roc,
+    "PRO curve": EvaluationOutputs.pro,
+    "image scores, normal vs defective": EvaluationOutputs.histogram,
+    "best examples: highest-scored defective, lowest-scored good": EvaluationOutputs.best,
+    "worst examples: lowest-scored defective, highest-scored good": EvaluationOutputs.worst,
 }
 
 
@@ -120,11 +121,10 @@ def run_evaluate(
     samples = subsample(read_mvtec_category(data).test, every)
     _check_ground_truth(samples, data)
 
-    manifest_uri = storage.join(out, "test_images.txt")
-    storage.write_text(manifest_uri, "".join(os.path.abspath(s.path) + "\n" for s in samples), options)
-    scores_uri = storage.join(out, "scores")
-    summary = run_score(model_uri, manifest_uri, scores_uri, settings.replace(save_maps=True, overwrite=True), explicit)
-    table = read_scores(storage.list_files(storage.join(scores_uri, "scores"), (".parquet",), options), options)
+    written = EvaluationOutputs(out)
+    storage.write_text(written.test_images, "".join(os.path.abspath(s.path) + "\n" for s in samples), options)
+    summary = run_score(model_uri, written.test_images, written.run.root, settings.replace(save_maps=True, overwrite=True), explicit)
+    table = read_scores(storage.list_files(written.run.scores, (".parquet",), options), options)
     images, failures = _test_images(table, samples)
 
     scores = np.array([i.score for i in images])
@@ -134,7 +134,7 @@ def run_evaluate(
     wanted = {i.id for i in best + worst}
     high = float(table.column("max_pixel_score").drop_null().to_numpy().max(initial=0.0))
     working, original, examples = _pixel_pass(
-        images, Outputs(scores_uri), spec, high, defect_types, wanted, original_resolution, options
+        images, written.run, spec, high, defect_types, wanted, original_resolution, options
     )
 
     image_f1, image_f1_score = f1_optimal_image_threshold(scores, labels)
@@ -179,10 +179,10 @@ def run_evaluate(
         "images_per_second": summary.images / max(summary.seconds, 1e-9),
         "scoring_seconds": summary.seconds,
     }
-    storage.write_text(storage.join(out, "metrics.json"), json.dumps(metrics, indent=2), options)
+    storage.write_text(written.metrics_json, json.dumps(metrics, indent=2), options)
     mask_threshold = ("calibrated", thresholds.pixel) if thresholds.pixel is not None else ("F1-optimal", pixel_f1)
     _write_report(
-        out, metrics, scores, labels, working["overall"],
+        written, metrics, scores, labels, working["overall"],
         [examples[i.id] for i in best], [examples[i.id] for i in worst], mask_threshold, options,
     )
     log.info("evaluate: %d images, image ROCAUC %.4f -> %s", len(images), metrics["overall"]["image_rocauc"], out)
@@ -294,7 +294,7 @@ def _calibrated_rates(scores: np.ndarray, labels: np.ndarray, threshold: float |
 
 
 def _write_report(
-    out: str,
+    out: EvaluationOutputs,
     metrics: dict,
     scores: np.ndarray,
     labels: np.ndarray,
@@ -304,29 +304,28 @@ def _write_report(
     mask_threshold: tuple[str, float],
     options: storage.StorageOptions,
 ) -> None:
-    """The figures of FIGURES and report.html, written under out."""
+    """The figures of FIGURES and the report page, written under out."""
     overall = metrics["overall"]
     fpr, tpr, _ = roc_curve_points(scores, labels)
     curves = {"image": (fpr, tpr, overall["image_rocauc"]), "pixel": (*pixels.roc_curve(), overall["pixel_rocauc"])}
     calibrated, f1_optimal = metrics["thresholds"]["calibrated"], metrics["thresholds"]["f1_optimal"]
     marks = {"calibrated": calibrated["image"], "F1-optimal": f1_optimal["image"]}
     # Heat-map scale: from the typical normal pixel to as far again past the mask threshold (mid-scale).
-    low = _normal_median(pixels)
-    colours = (low, max(2 * mask_threshold[1] - low, float(np.nextafter(low, np.inf))))
+    colours = colour_range(mask_threshold[1], float(pixels.edges[-1]), _normal_median(pixels))
     figures = {
-        "roc.png": roc_plot(curves),
-        "pro.png": pro_plot(*pixels.pro_curve(), overall["pro"], pixels.max_fpr),
-        "score_histogram.png": score_histogram(
+        out.roc: roc_plot(curves),
+        out.pro: pro_plot(*pixels.pro_curve(), overall["pro"], pixels.max_fpr),
+        out.histogram: score_histogram(
             {"normal": scores[~labels], "defect": scores[labels]}, {name: value for name, value in marks.items() if value is not None}
         ),
-        "examples_best.png": example_grid([_example(e, mask_threshold[1]) for e in best], *colours),
-        "examples_worst.png": example_grid([_example(e, mask_threshold[1]) for e in worst], *colours),
+        out.best: example_grid([_example(e, mask_threshold[1]) for e in best], *colours),
+        out.worst: example_grid([_example(e, mask_threshold[1]) for e in worst], *colours),
     }
-    for name, png in figures.items():
-        storage.write_bytes(storage.join(out, name), png, options)
+    for uri, png in figures.items():
+        storage.write_bytes(uri, png, options)
     notes = _notes(metrics, mask_threshold, colours)
     page = html_page(f"SPADE evaluation: {metrics['data']}", _table_rows(metrics), FIGURES, notes)
-    storage.write_text(storage.join(out, "report.html"), page, options)
+    storage.write_text(out.report, page, options)
 
 
 def _normal_median(metrics: PixelMetrics) -> float:

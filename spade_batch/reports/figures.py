@@ -132,7 +132,7 @@ def example_grid(examples: list[Example], low: float, high: float) -> bytes:
     """One row per example: image | ground truth | overlay | predicted mask; PNG bytes.
 
     The ground-truth column is left out when no example has one (a scoring run's images).
-    low, high: the anomaly-map range mapped onto the colour scale (see `overlay`).
+    low, high: the anomaly-map range mapped onto the colour scale (heatmap.colour_range).
     """
     if not examples:
         raise ValueError("example_grid needs at least one Example")
@@ -179,8 +179,25 @@ img { max-width: 100%; }
 """
 
 
+def html_document(title: str, body: str, style: str = STYLE) -> str:
+    """The one page skeleton: a self-contained HTML document (inline CSS) whose body starts with the title as <h1>."""
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{html.escape(title)}</title>
+<style>{style}</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+{body}
+</body>
+</html>
+"""
+
+
 def html_page(title: str, metrics_table: list[dict[str, object]], images: dict[str, str], notes: list[str]) -> str:
-    """A self-contained HTML page (inline CSS): a metrics table, then each image, then notes.
+    """evaluate's page: a metrics table, then each image, then notes.
 
     metrics_table: rows of {column: value}; floats are shown to 4 decimals.
     images: caption -> file name relative to the page.
@@ -191,23 +208,11 @@ def html_page(title: str, metrics_table: list[dict[str, object]], images: dict[s
         for caption, path in images.items()
     )
     note_items = "\n".join(f"<li>{html.escape(note)}</li>" for note in notes)
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{html.escape(title)}</title>
-<style>{STYLE}</style>
-</head>
-<body>
-<h1>{html.escape(title)}</h1>
-<h2>Metrics</h2>
+    return html_document(title, f"""<h2>Metrics</h2>
 {html_table(metrics_table)}
 <h2>Figures</h2>
 {figures}
 <h2>Notes</h2>
 <ul>
 {note_items}
-</ul>
-</body>
-</html>
-"""
+</ul>""")

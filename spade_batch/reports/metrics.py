@@ -13,19 +13,28 @@ from scipy.stats import rankdata
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
-def _check_scores_labels(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validate (N,) finite scores and (N,) bool labels with both classes present."""
-    scores = np.asarray(scores)
-    labels = np.asarray(labels)
-    if scores.ndim != 1 or labels.shape != scores.shape:
-        raise ValueError(
-            f"scores and labels must be 1-D arrays of equal length, got shapes {scores.shape} and {labels.shape}"
-        )
+def _checked(
+    scores: np.ndarray, labels: np.ndarray, ndim: int, names: tuple[str, str], shape: str, true_means: str, fix: str, unit: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 scores, labels) once both are `ndim`-D of one shape, the labels bool and every score finite.
+
+    names: what the caller calls scores and labels; shape, true_means, fix, unit: the words of the errors.
+    """
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    if scores.ndim != ndim or labels.shape != scores.shape:
+        raise ValueError(f"{names[0]} and {names[1]} must {shape}, got shapes {scores.shape} and {labels.shape}")
     if labels.dtype != bool:
-        raise ValueError(f"labels must be bool (True = anomalous), got dtype {labels.dtype}; use labels.astype(bool)")
+        raise ValueError(f"{names[1]} must be bool (True = {true_means}), got dtype {labels.dtype}; use {fix}")
     scores = scores.astype(np.float64)
     if not np.all(np.isfinite(scores)):
-        raise ValueError("scores contain NaN or infinity; every image needs a finite score")
+        raise ValueError(f"{names[0]} contain NaN or infinity; every {unit} needs a finite score")
+    return scores, labels
+
+
+def _check_scores_labels(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate (N,) finite scores and (N,) bool labels with both classes present."""
+    scores, labels = _checked(scores, labels, 1, ("scores", "labels"), "be 1-D arrays of equal length", "anomalous",
+                              "labels.astype(bool)", "image")
     n_pos = int(labels.sum())
     if n_pos == 0 or n_pos == labels.size:
         kind = "anomalous" if n_pos else "normal"
@@ -133,18 +142,8 @@ class PixelMetrics:
         masks: (N, H, W) bool ground truth, True = defect. Regions are the
         8-connected components of each image's mask.
         """
-        anomaly_maps = np.asarray(anomaly_maps)
-        masks = np.asarray(masks)
-        if anomaly_maps.ndim != 3 or masks.shape != anomaly_maps.shape:
-            raise ValueError(
-                "anomaly_maps and masks must both be N x H x W with equal shapes, "
-                f"got {anomaly_maps.shape} and {masks.shape}"
-            )
-        if masks.dtype != bool:
-            raise ValueError(f"masks must be bool (True = defect), got dtype {masks.dtype}; use masks > 0")
-        scores = anomaly_maps.astype(np.float64)
-        if not np.all(np.isfinite(scores)):
-            raise ValueError("anomaly_maps contain NaN or infinity; every pixel needs a finite score")
+        scores, masks = _checked(anomaly_maps, masks, 3, ("anomaly_maps", "masks"), "both be N x H x W with equal shapes", "defect",
+                                 "masks > 0", "pixel")
         # Bin k holds edges[k] <= s < edges[k+1], so "bin >= k" is exactly "s >= edges[k]".
         bin_index = np.clip(np.searchsorted(self.edges, scores, side="right") - 1, 0, self.bins - 1)
         self.normal_hist += np.bincount(bin_index[~masks], minlength=self.bins)

@@ -24,13 +24,14 @@ from PIL import Image
 
 from spade_batch.config import Settings
 from spade_batch.formats import storage
+from spade_batch.formats.heatmap import colour_range
 from spade_batch.formats.images import decode_image, resize_map
 from spade_batch.formats.layout import Outputs, part_files, read_columns
 from spade_batch.formats.model import load_card
 from spade_batch.reports.drift import DriftCheck, check_drift
-from spade_batch.reports.figures import STYLE, Example, example_grid, html_table, score_histogram
+from spade_batch.reports.figures import STYLE, Example, example_grid, html_document, html_table, score_histogram
+from spade_batch.reports.summary import FailureGroup, group_failures
 
-REPORT_NAME = "report.html"
 TOP_N = 8
 THUMBNAIL = 192
 """Longest side, in pixels, of each picture of the top anomalies."""
@@ -44,18 +45,13 @@ class RunScores:
 
     scores: (m,) float64 image scores of the scored images; top: up to TOP_N rows (id, uri,
     image_score, mask_uri), highest score first, anomalous ones only when a threshold is known;
-    failures: reason -> ids.
+    failures: grouped by reason (summary.group_failures, as `spade-batch show` groups them).
     """
 
     scores: np.ndarray
     anomalous: int
     top: list[dict[str, Any]]
-    failures: dict[str, list[str]] = field(default_factory=dict)
-
-
-def failure_reason(error: str, uri: str) -> str:
-    """An error's first line with the image's own URI taken out, so that images failing alike group together."""
-    return (error.strip().splitlines() or ["unknown error"])[0].replace(uri, "IMAGE")
+    failures: list[FailureGroup] = field(default_factory=list)
 
 
 def read_run_scores(out_uri: str, options: storage.StorageOptions, top_n: int = TOP_N) -> RunScores:
@@ -64,18 +60,18 @@ def read_run_scores(out_uri: str, options: storage.StorageOptions, top_n: int = 
     scores: list[float] = []
     anomalous = 0
     candidates: list[tuple[float, str, dict[str, Any]]] = []
-    failures: dict[str, list[str]] = {}
+    failed: list[tuple[str, str]] = []
     for _, table in read_columns(part_files(Outputs(out_uri).scores, options), columns, options):
         for row in (dict(zip(columns, values)) for values in zip(*(table[name] for name in columns))):
             if row["error"] is not None:
-                failures.setdefault(failure_reason(row["error"], row["uri"]), []).append(row["id"])
+                failed.append((row["id"], row["error"]))
                 continue
             scores.append(row["image_score"])
             anomalous += bool(row["is_anomalous"])
             if row["is_anomalous"] is not False:  # None: no threshold, every image is a candidate
                 candidates.append((row["image_score"], row["id"], row))
     top = [row for _, _, row in heapq.nlargest(top_n, candidates, key=lambda item: (item[0], item[1]))]
-    return RunScores(np.array(scores, dtype=np.float64), anomalous, top, failures)
+    return RunScores(np.array(scores, dtype=np.float64), anomalous, top, group_failures(failed, EXAMPLE_IDS))
 
 
 def write_run_report(summary: dict[str, Any], settings: Settings) -> tuple[str, DriftCheck]:
@@ -90,7 +86,7 @@ def write_run_report(summary: dict[str, Any], settings: Settings) -> tuple[str, 
                                     "band": dataclasses.asdict(check.band) if check.band else None}}
     storage.write_text(Outputs(out_uri).run_json, json.dumps(summary, indent=2), options)
     examples = _examples(run.top, out_uri, summary["thresholds"]["pixel"], settings)
-    uri = storage.join(out_uri, REPORT_NAME)
+    uri = Outputs(out_uri).report
     storage.write_text(uri, render_run_report(summary, calibration, run, check, examples), options)
     return uri, check
 
@@ -120,10 +116,9 @@ def _examples(top: list[dict[str, Any]], out_uri: str, pixel_threshold: float | 
         if storage.exists(map_uri, options):
             anomaly_map = resize_map(storage.read_npy(map_uri, options).astype(np.float32), height, width)
         else:
-            anomaly_map = mask * (pixel_threshold * 2 if pixel_threshold is not None else 1.0)
+            anomaly_map = mask * colour_range(pixel_threshold, 1.0)[1]  # the top of the scale where the mask is set
         examples.append(Example(image, anomaly_map, mask, None, f"{row['id']}  score {row['image_score']:.4g}"))
-    high = pixel_threshold * 2 if pixel_threshold is not None else max(float(e.anomaly_map.max()) for e in examples)
-    return example_grid(examples, 0.0, max(high, 1e-12))
+    return example_grid(examples, *colour_range(pixel_threshold, max(float(e.anomaly_map.max()) for e in examples)))
 
 
 def _embedded(png: bytes, alt: str) -> str:
@@ -159,8 +154,7 @@ def _drift_section(check: DriftCheck, calibration: dict[str, Any]) -> str:
 
 def _failures_section(run: RunScores, summary: dict[str, Any]) -> str:
     rows: list[dict[str, object]] = [
-        {"reason": reason, "images": len(ids), "e.g.": ", ".join(ids[:EXAMPLE_IDS])}
-        for reason, ids in sorted(run.failures.items(), key=lambda item: (-len(item[1]), item[0]))
+        {"reason": group.reason, "images": group.count, "e.g.": ", ".join(group.examples)} for group in run.failures
     ]
     if summary["retryable"]:
         examples = ", ".join(failure["id"] for failure in summary["retryable_failures"][:EXAMPLE_IDS])
@@ -226,22 +220,9 @@ td { text-align: left; }
 
 
 def _page(title: str, subtitle: str, sections: dict[str, tuple[str, str]]) -> str:
-    """A self-contained page: one <section id=...> with a heading per entry of sections (id -> (heading, HTML body))."""
+    """A run report or plan page: one <section id=...> with a heading per entry of sections (id -> (heading, HTML body))."""
     body = "\n".join(f'<section id="{key}">\n<h2>{html.escape(heading)}</h2>\n{content}\n</section>' for key, (heading, content) in sections.items())
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{html.escape(title)}</title>
-<style>{_REPORT_STYLE}</style>
-</head>
-<body>
-<h1>{html.escape(title)}</h1>
-<p>{html.escape(subtitle)}</p>
-{body}
-</body>
-</html>
-"""
+    return html_document(title, f"<p>{html.escape(subtitle)}</p>\n{body}", _REPORT_STYLE)
 
 
 def report_link(page_uri: str, report_uri: str) -> str:

@@ -9,15 +9,15 @@ from __future__ import annotations
 import heapq
 import json
 import re
-from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from spade_batch.config import group_values
 from spade_batch.formats import storage
-from spade_batch.formats.model import CARD_NAME, load_card
+from spade_batch.formats.layout import ModelLayout, Outputs, part_files, read_columns
+from spade_batch.formats.model import load_card
 
-RUN_NAME = "run.json"
 TOP_COLUMNS = ["id", "image_score", "is_anomalous", "max_pixel_score", "anomalous_fraction", "mask_uri"]
 
 
@@ -28,13 +28,13 @@ def summarise(uri: str, options: storage.StorageOptions = None, top: int = 10) -
     """
     if top < 0:
         raise ValueError(f"top must be >= 0 (how many images to list), got {top}")
-    if storage.exists(storage.join(uri, CARD_NAME), options):
+    if storage.exists(ModelLayout(uri).card, options):
         return model_summary(uri, options)
-    if storage.exists(storage.join(uri, RUN_NAME), options):
+    if storage.exists(Outputs(uri).run_json, options):
         return run_summary(uri, options, top)
     raise FileNotFoundError(
-        f"{uri} holds neither a model ({CARD_NAME}) nor a finished run ({RUN_NAME}): give a MODEL_URI written by fit "
-        "or an OUT_URI written by score (evaluate's run is OUT/scores)"
+        f"{uri} holds neither a model ({ModelLayout.card}) nor a finished run ({Outputs.run_json}): give a MODEL_URI written by fit "
+        f"or an OUT_URI written by score (evaluate's run is OUT/{Outputs.scores})"
     )
 
 
@@ -65,12 +65,11 @@ def model_summary(uri: str, options: storage.StorageOptions = None) -> dict[str,
 
 def run_summary(uri: str, options: storage.StorageOptions = None, top: int = 10) -> dict[str, Any]:
     """Counts, anomaly rate, failures by reason, thresholds, timings and the `top` highest-scoring images."""
-    from spade_batch.formats.layout import part_files, read_columns
-
-    run = json.loads(storage.read_text(storage.join(uri, RUN_NAME), options))
+    outputs = Outputs(uri)
+    run = json.loads(storage.read_text(outputs.run_json, options))
     failed: list[tuple[str, str]] = []
     best: list[dict[str, Any]] = []
-    for _, columns in read_columns(part_files(storage.join(uri, "scores"), options), [*TOP_COLUMNS, "error"], options):
+    for _, columns in read_columns(part_files(outputs.scores, options), [*TOP_COLUMNS, "error"], options):
         rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
         failed += [(row["id"], row["error"]) for row in rows if row["error"] is not None]
         scored = (row for row in rows if row["error"] is None)
@@ -92,23 +91,42 @@ def run_summary(uri: str, options: storage.StorageOptions = None, top: int = 10)
     }
 
 
-def failures_by_reason(failures: Iterable[tuple[str, str]]) -> list[dict[str, Any]]:
-    """(id, error) pairs -> [{reason, count, example}], most frequent first.
+@dataclass
+class FailureGroup:
+    """The failures that share a reason: how many, and the ids of the first few (in reading order)."""
 
-    The reason is the error's first sentence with the image's URI and numbers taken out, so that
-    "cannot decode s3://b/a.png: the file is empty (0 bytes)" groups with every other empty file.
+    reason: str
+    count: int
+    examples: list[str]
+
+
+def group_failures(failures: Iterable[tuple[str, str]], examples: int = 1) -> list[FailureGroup]:
+    """(id, error) pairs -> one group per failure_reason, most frequent first, ties by reason; keeps `examples` ids each.
+
+    The one grouping of failures: `spade-batch show` and the run report both use it.
     """
-    counts: Counter[str] = Counter()
-    examples: dict[str, str] = {}
+    groups: dict[str, FailureGroup] = {}
     for image_id, error in failures:
         reason = failure_reason(image_id, error)
-        counts[reason] += 1
-        examples.setdefault(reason, image_id)
-    return [{"reason": reason, "count": count, "example": examples[reason]} for reason, count in counts.most_common()]
+        group = groups.setdefault(reason, FailureGroup(reason, 0, []))
+        group.count += 1
+        if len(group.examples) < examples:
+            group.examples.append(image_id)
+    return sorted(groups.values(), key=lambda group: (-group.count, group.reason))
+
+
+def failures_by_reason(failures: Iterable[tuple[str, str]]) -> list[dict[str, Any]]:
+    """(id, error) pairs -> [{reason, count, example}] (group_failures), as `show` prints them."""
+    return [{"reason": group.reason, "count": group.count, "example": group.examples[0]} for group in group_failures(failures)]
 
 
 def failure_reason(image_id: str, error: str) -> str:
-    """The error's first sentence, without the image's URI (any token ending in its id) or numbers."""
-    text = re.sub(r"\S*" + re.escape(image_id), "<image>", error)
+    """The error's first sentence of its first line, with the image's URI (any token ending in its id) and numbers taken out.
+
+    So that "cannot decode s3://b/a.png: the file is empty (0 bytes)" groups with every other empty file,
+    and a multi-line error (a traceback) by its first line.
+    """
+    text = (error.strip().splitlines() or ["unknown error"])[0]
+    text = re.sub(r"\S*" + re.escape(image_id), "<image>", text)
     text = re.split(r"\.\s", text, maxsplit=1)[0].rstrip(".")
     return re.sub(r"\d+", "N", text)
