@@ -15,9 +15,9 @@ import yaml
 from spade_batch.config import GROUPS, Settings, describe, load_settings
 from spade_batch.exit_codes import ExitCode, score_exit_code
 from spade_batch.formats import storage
+from spade_batch.formats.card import load_card
 from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs
 from spade_batch.formats.manifest import build_manifest
-from spade_batch.formats.model import load_card
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +148,10 @@ def _describe_model(model_uri: str, settings: Settings) -> str:
     if not storage.exists(ModelLayout(model_uri).card, settings.fsspec_options()):
         return f"{model_uri}: no model there yet (fit one first)"
     card = load_card(model_uri, settings.fsspec_options())
-    model = card.settings
+    method, thresholds = card.settings, card.thresholds
     return (
-        f"{model_uri}: {model['backbone']} ({model['weights']}), K={model['k']}, "
-        f"{card.train_count} gallery images, thresholds {card.thresholds}"
+        f"{model_uri}: {method.backbone} ({method.weights}), K={method.k}, "
+        f"{card.train_count} gallery images, thresholds image {thresholds.image}, pixel {thresholds.pixel}"
     )
 
 

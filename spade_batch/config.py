@@ -130,9 +130,20 @@ class Settings:
             options["client_kwargs"] = client_kwargs
         return options
 
-    def model_dict(self) -> dict[str, Any]:
-        """The method group (MODEL_KEYS), as recorded in spade.json."""
-        return {key: getattr(self, key) for key in MODEL_KEYS}
+    @property
+    def method(self) -> MethodSettings:
+        """The method group, as a model card records it."""
+        return _group_of(MethodSettings, self)
+
+    @property
+    def calibration(self) -> CalibrationSettings:
+        """The calibration group: what fit's calibration uses."""
+        return _group_of(CalibrationSettings, self)
+
+    @property
+    def outputs(self) -> OutputSettings:
+        """The outputs group: what score writes besides masks and scores."""
+        return _group_of(OutputSettings, self)
 
     def replace(self, **changes: Any) -> Settings:
         return load_settings(None, {**self.to_dict(), **changes})
@@ -147,6 +158,53 @@ class Settings:
     def grouped(self, redact: bool = False) -> dict[str, dict[str, Any]]:
         """{group: {key: value}}: the YAML file's layout."""
         return group_values(self.to_dict(redact))
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """The method group (see Settings): fixed at fit, recorded in the model card, read by scoring."""
+
+    backbone: str
+    weights: str
+    seed: int
+    image_size: int
+    preprocess: str
+    k: int
+    kappa: int
+    sigma: float
+    index: str
+    ivf_lists: int
+    image_score: str
+    map_top: float
+    layer_normalise: bool
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """The calibration group (see Settings): which normal images fit keeps and how it sets thresholds."""
+
+    calibration_images: str
+    calibration_fraction: float
+    calibration_sample: int
+    keep_size_outliers: bool
+    image_fpr: float
+    pixel_quantile: float
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """The outputs group (see Settings): what score writes besides masks and scores."""
+
+    save_maps: bool
+    save_overlays: bool
+
+
+GROUP_TYPES = {"method": MethodSettings, "calibration": CalibrationSettings, "outputs": OutputSettings}
+"""The groups passed to modules as typed values (tests check their fields are the group's keys)."""
+
+
+def _group_of(kind: type, settings: Settings) -> Any:
+    return kind(**{spec.name: getattr(settings, spec.name) for spec in dataclasses.fields(kind)})
 
 
 def group_of(key: str) -> Group:

@@ -22,9 +22,10 @@ from PIL import Image
 
 from spade_batch.config import ConfigError, Settings, load_settings
 from spade_batch.engine.score import run_score
+from spade_batch.formats.card import load_card
 from spade_batch.formats.images import decode_image
 from spade_batch.formats.layout import Outputs
-from spade_batch.formats.model import SpadeModel, load_card
+from spade_batch.formats.model import SpadeModel
 from spade_batch.method import detector
 
 MAX_PIXELS = 100_000

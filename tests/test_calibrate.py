@@ -9,8 +9,10 @@ import pytest
 from scipy import stats
 
 from spade_batch.config import Settings
+from spade_batch.formats.card import ModelCard, Normalisation, Thresholds
 from spade_batch.formats.features import LayerShape
-from spade_batch.formats.model import Centre, GalleryWriter, ModelCard, build_model
+from spade_batch.formats.images import Preprocessing
+from spade_batch.formats.model import Centre, GalleryWriter, build_model
 from spade_batch.method.calibrate import (
     PIXEL_SAMPLE,
     calibrate_from_samples,
@@ -21,7 +23,7 @@ from spade_batch.method.calibrate import (
     pixel_sample,
     pixel_threshold,
 )
-from spade_batch.method.scoring import Normalisation, image_scores
+from spade_batch.method.scoring import image_scores
 
 NORMAL_SCORES = stats.chi2(df=8)  # a skewed, positive stand-in for normal images' kNN scores
 
@@ -103,8 +105,8 @@ def tiny_model(folder, **settings):
     rng = np.random.default_rng(3)
     global_features = rng.standard_normal((3, 4)).astype(np.float32)
     layers = [rng.standard_normal((3, 4, 3)).astype(np.float16)]
-    card = ModelCard(settings=Settings(backbone="resnet18", weights="random", k=2, **settings).model_dict(), preprocessing={},
-                     weights_sha256="sha256:0", layers=[vars(shape)], global_dim=4, train_count=3, train_manifest_sha256="0")
+    card = ModelCard(settings=Settings(backbone="resnet18", weights="random", k=2, **settings).method, preprocessing=Preprocessing(),
+                     weights_sha256="sha256:0", layers=[shape], global_dim=4, train_count=3, train_manifest_sha256="0")
     writer = GalleryWriter(str(folder), ["a", "b", "c"], [shape], 4, Centre.of_image(global_features[0], [layers[0][0]]))
     writer.add(["a", "b", "c"], global_features, layers)
     return build_model(writer, card, Settings(backbone="resnet18", weights="random", k=2))
@@ -116,11 +118,11 @@ def test_calibrate_sets_the_model_thresholds_from_held_out_scores(tmp_path):
     samples = [pixel_sample(rng.random((80, 80), dtype=np.float32)) for _ in range(50)]
     settings = Settings(image_fpr=0.1, pixel_quantile=0.99, image_score="knn")
     model = tiny_model(tmp_path, image_score="knn")
-    calibrated = calibrate_from_samples(model, knn, maps, samples, settings)
-    assert calibrated.card.thresholds == {"image": image_threshold(knn, 0.1), "pixel": pixel_threshold(samples, 0.99)}
-    assert calibrated.card.calibration["count"] == 50
-    assert calibrated.card.calibration["image_fpr"] == 0.1
-    assert model.card.thresholds == {"image": None, "pixel": None}  # the input model is unchanged
+    calibrated = calibrate_from_samples(model, knn, maps, samples, settings.calibration)
+    assert calibrated.card.thresholds == Thresholds(image_threshold(knn, 0.1), pixel_threshold(samples, 0.99))
+    assert calibrated.card.calibration.count == 50
+    assert calibrated.card.calibration.image_fpr == 0.1
+    assert model.card.thresholds == Thresholds(None, None)  # the input model is unchanged
     assert calibrated.train_ids == model.train_ids and calibrated.index is model.index
 
 
@@ -151,10 +153,10 @@ def test_calibrate_learns_the_combined_scores_statistics_and_thresholds_them(tmp
     samples = [rng.random(16, dtype=np.float32) for _ in range(40)]
     settings = Settings(image_score="combined", image_fpr=0.1)
     model = tiny_model(tmp_path, image_score="combined")
-    calibrated = calibrate_from_samples(model, knn, maps, samples, settings)
-    normalisation = Normalisation.from_dict(calibrated.card.normalisation)
+    calibrated = calibrate_from_samples(model, knn, maps, samples, settings.calibration)
+    normalisation = calibrated.card.normalisation
     assert normalisation.knn == pytest.approx((knn.mean(), knn.std())) and normalisation.map == pytest.approx((maps.mean(), maps.std()))
     combined = ((knn - knn.mean()) / knn.std() + (maps - maps.mean()) / maps.std()) / 2
-    assert calibrated.card.thresholds["image"] == pytest.approx(np.quantile(combined, 0.9, method="higher"), rel=1e-12)
+    assert calibrated.card.thresholds.image == pytest.approx(np.quantile(combined, 0.9, method="higher"), rel=1e-12)
     with pytest.raises(ValueError, match="map scores do not vary"):
-        calibrate_from_samples(model, knn, np.ones(40), samples, settings)
+        calibrate_from_samples(model, knn, np.ones(40), samples, settings.calibration)

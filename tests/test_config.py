@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import typing
 
 import pytest
 import yaml
 
 from spade_batch.config import (
+    GROUP_TYPES,
     GROUPS,
     MODEL_KEYS,
     ConfigError,
     Settings,
     describe,
+    field_types,
     group_of,
     keys_of,
     load_request,
@@ -172,8 +175,14 @@ def test_replace_validates_and_keeps_other_keys():
         settings.replace(kappa=0)
 
 
-def test_model_dict_holds_exactly_the_model_keys():
-    assert set(Settings().model_dict()) == set(MODEL_KEYS)
+def test_each_typed_group_holds_exactly_its_groups_keys_with_their_types():
+    settings = Settings(k=7, image_fpr=0.2, save_maps=True)
+    hints = field_types()
+    for name, kind in GROUP_TYPES.items():
+        assert [f.name for f in dataclasses.fields(kind)] == list(keys_of(name)), name
+        assert {f.name: typing.get_type_hints(kind)[f.name] for f in dataclasses.fields(kind)} == {k: hints[k] for k in keys_of(name)}
+    assert (settings.method.k, settings.calibration.image_fpr, settings.outputs.save_maps) == (7, 0.2, True)
+    assert list(dataclasses.asdict(settings.method)) == list(MODEL_KEYS)
     assert set(MODEL_KEYS) <= {spec.name for spec in dataclasses.fields(Settings)}
 
 
@@ -222,7 +231,7 @@ def test_a_mistyped_storage_options_value_is_not_echoed(tmp_path):
 
 def test_groups_partition_the_keys_and_the_method_group_is_what_the_model_records():
     assert sorted(key for group in GROUPS for key in keys_of(group.name)) == sorted(spec.name for spec in dataclasses.fields(Settings))
-    assert set(MODEL_KEYS) == set(keys_of("method")) == set(Settings().model_dict())
+    assert set(MODEL_KEYS) == set(keys_of("method")) == set(dataclasses.asdict(Settings().method))
     assert Settings(k=3).grouped()["method"]["k"] == 3
     assert [list(section) for section in Settings().grouped().values()] == [list(keys_of(group.name)) for group in GROUPS]
 

@@ -15,12 +15,13 @@ from scipy.ndimage import gaussian_filter
 from torchvision_reference import torchvision_input
 
 from spade_batch.config import Settings
+from spade_batch.formats.card import CARD_NAME, KEYS_ADDED_LATER, ModelCard
 from spade_batch.formats.datasets import make_demo_data, read_mvtec_category
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.images import Preprocessing, decode_image, resize_for_model
 from spade_batch.formats.layout import ModelLayout, part_files
-from spade_batch.formats.model import CARD_NAME, KEYS_ADDED_LATER, Centre, GalleryWriter, ModelCard, SpadeModel, build_model
-from spade_batch.method import calibrate, scoring, spade
+from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
+from spade_batch.method import calibrate, spade
 from spade_batch.method.detector import Extractor, Features, Scorer, fit, score
 from spade_batch.method.extractor import normalise
 from spade_batch.method.recipe import StoredFeatures, new_card, split_fit_ids
@@ -133,7 +134,7 @@ def test_a_model_keeps_the_convention_recorded_in_its_card(data, tmp_path):
     writer.add(ids, features.global_features.numpy(), rows)
     build_model(writer, new_card(extractor, LITE0, len(ids), "old", []), LITE0).save(str(tmp_path / "model"))
     old = SpadeModel.load(str(tmp_path / "model"))
-    assert old.card.preprocessing == {"size": SIZE, "mode": "full", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    assert old.card.preprocessing == Preprocessing(SIZE, "full", IMAGENET_MEAN, IMAGENET_STD)
 
     expected = Scorer(old, extractor).score(test)
     got = score(old, test)
@@ -143,7 +144,7 @@ def test_a_model_keeps_the_convention_recorded_in_its_card(data, tmp_path):
 
     # Fitted today, the model records the backbone's convention, and that gives other scores.
     new = fit(train, LITE0)
-    assert new.card.preprocessing["mean"] == new.card.preprocessing["std"] == [0.5, 0.5, 0.5]
+    assert new.card.preprocessing.mean == new.card.preprocessing.std == (0.5, 0.5, 0.5)
     unlike = [a.score / b.score for a, b in zip(score(new, test), expected)]
     assert min(abs(ratio - 1) for ratio in unlike) > 0.01
 
@@ -273,8 +274,8 @@ def synthetic(rng: np.random.Generator, count: int, offset: float, scale: float)
 
 def synthetic_card(settings: Settings, count: int, **changes) -> ModelCard:
     card = ModelCard(
-        settings=settings.model_dict(), preprocessing=Preprocessing(SIZE).to_dict(), weights_sha256="sha256:synthetic",
-        layers=[vars(s) for s in SYNTHETIC], global_dim=GLOBAL_DIM, train_count=count, train_manifest_sha256="synthetic",
+        settings=settings.method, preprocessing=Preprocessing(SIZE), weights_sha256="sha256:synthetic",
+        layers=list(SYNTHETIC), global_dim=GLOBAL_DIM, train_count=count, train_manifest_sha256="synthetic",
     )
     return dataclasses.replace(card, **changes)
 
@@ -332,7 +333,7 @@ def test_a_schema_1_uncentred_model_still_loads_and_scores(tmp_path):
     index = faiss.IndexFlatL2(GLOBAL_DIM)
     index.add(train.global_features.numpy())
     faiss.write_index(index, str(tmp_path / "global.faiss"))
-    card = dataclasses.asdict(synthetic_card(settings, 12, schema_version=1, package_version="0.1.0"))
+    card = synthetic_card(settings, 12, schema_version=1, package_version="0.1.0").to_dict()
     del card["normalisation"]
     for key in KEYS_ADDED_LATER:
         del card["settings"][key]
@@ -370,7 +371,7 @@ def test_leave_one_out_calibration_scores_each_image_as_a_fit_without_it_would(d
     ids = [f"img-{i}" for i in range(len(images))]
     model = fit(images, settings, ids=ids, folder=str(tmp_path / "loo"))
     assert model.train_ids == sorted(ids)
-    assert model.card.calibration["count"] == len(ids) and model.card.calibration["images"] == "leave_one_out"
+    assert model.card.calibration.count == len(ids) and model.card.calibration.images == "leave_one_out"
 
     stored = StoredFeatures.index(part_files(ModelLayout(str(tmp_path / "loo")).features, None))
     scorer_settings = settings.replace(calibration_images="held_out", calibration_fraction=0)
@@ -382,9 +383,9 @@ def test_leave_one_out_calibration_scores_each_image_as_a_fit_without_it_would(d
         result = Scorer(without, Extractor(settings)).score_features(Features.of_table(block))[0]
         expected.append(result.score)
         samples.append(calibrate.pixel_sample(result.anomaly_map))
-    assert model.card.calibration["image_scores"] == pytest.approx(sorted(expected), rel=1e-3)
-    assert model.card.thresholds["image"] == pytest.approx(calibrate.image_threshold(np.array(expected), 0.2), rel=1e-3)
-    assert model.card.thresholds["pixel"] == pytest.approx(calibrate.pixel_threshold(samples, 0.9), rel=1e-3)
+    assert model.card.calibration.image_scores == pytest.approx(sorted(expected), rel=1e-3)
+    assert model.card.thresholds.image == pytest.approx(calibrate.image_threshold(np.array(expected), 0.2), rel=1e-3)
+    assert model.card.thresholds.pixel == pytest.approx(calibrate.pixel_threshold(samples, 0.9), rel=1e-3)
 
 
 def test_leave_one_out_calibrates_on_a_deterministic_sample(data):
@@ -407,8 +408,8 @@ def test_fit_holds_out_images_by_id_and_calibrates_on_them(data, tmp_path):
     model = fit(images, settings, ids=ids, folder=str(tmp_path / "gallery"))
     assert model.folder == str(tmp_path / "gallery") and (tmp_path / "gallery" / "pyramid" / "layer1.npy").exists()
     assert model.train_ids == sorted(set(ids) - set(held))
-    assert model.card.train_count == len(ids) - len(held) and model.card.settings == settings.model_dict()
-    assert model.card.calibration["count"] == len(held)
+    assert model.card.train_count == len(ids) - len(held) and model.card.settings == settings.method
+    assert model.card.calibration.count == len(held)
 
     # The thresholds are the quantiles of the held-out images' own scores. Calibration scores their
     # stored float16 features (as the pipeline does, without a second extraction); score() extracts
@@ -416,8 +417,8 @@ def test_fit_holds_out_images_by_id_and_calibrates_on_them(data, tmp_path):
     held_results = score(model, [images[ids.index(i)] for i in held])
     image_threshold = np.quantile([r.score for r in held_results], 1 - 0.5, method="higher")
     pixel_threshold = np.quantile(np.concatenate([r.anomaly_map.ravel() for r in held_results]), 0.9, method="higher")
-    assert model.card.thresholds["image"] == pytest.approx(image_threshold, rel=1e-3)
-    assert model.card.thresholds["pixel"] == pytest.approx(pixel_threshold, rel=1e-3)
+    assert model.card.thresholds.image == pytest.approx(image_threshold, rel=1e-3)
+    assert model.card.thresholds.pixel == pytest.approx(pixel_threshold, rel=1e-3)
 
     results = score(model, data["test"])
     assert len(results) == len(data["test"])
@@ -441,7 +442,7 @@ def test_options_beyond_the_paper_equal_a_brute_force_recomputation(data):
     images = data["train"] + data["test"][:2]  # 8 normal images
     ids = [f"img-{i}" for i in range(len(images))]
     model = fit(images, settings, ids=ids)
-    assert model.card.settings == settings.model_dict()
+    assert model.card.settings == settings.method
 
     extractor = Extractor(settings)
     features = raw_features(extractor, images)
@@ -460,7 +461,7 @@ def test_options_beyond_the_paper_equal_a_brute_force_recomputation(data):
 
     plain, held_distances = knn_and_distances(held)
     scales = [np.std(np.concatenate([image[layer].ravel() for image in held_distances])) for layer in range(len(layers))]
-    learnt = scoring.Normalisation.from_dict(model.card.normalisation)
+    learnt = model.card.normalisation
     np.testing.assert_allclose(learnt.layer_scales, scales, rtol=1e-3)
     assert max(scales) / min(scales) > 2  # the layers' scales differ, so the normalisation matters here
 
@@ -472,7 +473,7 @@ def test_options_beyond_the_paper_equal_a_brute_force_recomputation(data):
     np.testing.assert_allclose(learnt.knn, (plain.scores.mean(), plain.scores.std()), rtol=1e-3)
     np.testing.assert_allclose(learnt.map, (held_map_scores.mean(), held_map_scores.std()), rtol=1e-3)
     combined = ((plain.scores - learnt.knn[0]) / learnt.knn[1] + (held_map_scores - learnt.map[0]) / learnt.map[1]) / 2
-    assert model.card.thresholds["image"] == pytest.approx(np.quantile(combined, 0.5, method="higher"), rel=1e-3, abs=1e-3)
+    assert model.card.thresholds.image == pytest.approx(np.quantile(combined, 0.5, method="higher"), rel=1e-3, abs=1e-3)
 
     defective = data["test"][2:]  # the first two are among the fitted images
     test_features = raw_features(extractor, defective)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from spade_batch.formats.card import CalibrationRecord
 from spade_batch.method.calibrate import image_threshold
 from spade_batch.reports.drift import check_drift, quantile_rank, rate_band, threshold_rank
 
@@ -50,7 +51,7 @@ def test_a_normal_night_raises_no_alarm_and_a_night_of_defects_does() -> None:
     rng = np.random.default_rng(2)
     calibration_scores = rng.normal(size=60)
     threshold = image_threshold(calibration_scores, 0.05)
-    calibration = {"count": 60, "image_fpr": 0.05, "image_scores": sorted(calibration_scores.tolist())}
+    calibration = CalibrationRecord(count=60, image_fpr=0.05, image_scores=sorted(calibration_scores.tolist()))
     normal = rng.normal(size=40)
     quiet = check_drift(normal, int((normal > threshold).sum()), calibration, threshold)
     assert not quiet.drifted and quiet.band is not None and quiet.ks_pvalue > 0.005
@@ -65,7 +66,7 @@ def test_a_shifted_distribution_alarms_even_when_the_rate_is_in_the_band() -> No
     rng = np.random.default_rng(3)
     calibration_scores = rng.normal(size=200)
     threshold = float(calibration_scores.max())
-    calibration = {"count": 200, "image_fpr": 0.005, "image_scores": sorted(calibration_scores.tolist())}
+    calibration = CalibrationRecord(count=200, image_fpr=0.005, image_scores=sorted(calibration_scores.tolist()))
     shifted = np.minimum(rng.normal(1.0, 0.3, size=200), threshold)  # none above the threshold: the rate is fine
     check = check_drift(shifted, 0, calibration, threshold)
     assert check.band is not None and check.band.low == 0
@@ -73,12 +74,12 @@ def test_a_shifted_distribution_alarms_even_when_the_rate_is_in_the_band() -> No
 
 
 def test_an_old_card_without_calibration_scores_still_gets_a_band_from_count_and_fpr() -> None:
-    check = check_drift(np.arange(20.0), 15, {"count": 10, "image_fpr": 0.1}, 10.5)
+    check = check_drift(np.arange(20.0), 15, CalibrationRecord(count=10, image_fpr=0.1), 10.5)
     assert check.ks_pvalue is None
     assert check.band == rate_band(20, 10, quantile_rank(10, 0.1), 0.005)
     assert check.drifted
 
 
 def test_without_a_threshold_there_is_no_band() -> None:
-    check = check_drift(np.arange(5.0), 0, {"count": 10, "image_fpr": 0.1}, None)
+    check = check_drift(np.arange(5.0), 0, CalibrationRecord(count=10, image_fpr=0.1), None)
     assert check.band is None and not check.drifted

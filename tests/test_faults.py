@@ -80,7 +80,7 @@ def archive(tiny_model: Any) -> Archive:
     model = SpadeModel.load(tiny_model.path)
     maps = {i: resize_map(result.anomaly_map, *image.shape[:2])
             for i, image, result in zip(ids, decoded, detector.score(model, decoded, Settings(**tiny_model.settings, device="cpu")))}
-    return Archive(tiny_model.path, images, maps, model.card.thresholds["pixel"])
+    return Archive(tiny_model.path, images, maps, model.card.thresholds.pixel)
 
 
 # ---------------------------------------------------------------- checks

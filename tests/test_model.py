@@ -13,24 +13,22 @@ import pytest
 
 from spade_batch.config import ConfigError, Settings
 from spade_batch.formats import storage
-from spade_batch.formats.features import LayerShape
-from spade_batch.formats.layout import ModelLayout
-from spade_batch.formats.model import (
+from spade_batch.formats.card import (
     CARD_NAME,
     MODEL_SCHEMA_VERSION,
     READABLE_SCHEMA_VERSIONS,
-    Centre,
-    GalleryWriter,
+    CalibrationRecord,
     ModelCard,
-    SpadeModel,
-    build_index,
-    build_model,
-    load_count,
+    Thresholds,
 )
+from spade_batch.formats.features import LayerShape
+from spade_batch.formats.images import Preprocessing
+from spade_batch.formats.layout import ModelLayout
+from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_index, build_model, load_count
 from spade_batch.method import spade
 
 SHAPES = [LayerShape("layer1", 4, 4, 3), LayerShape("layer2", 2, 2, 5)]
-PREPROCESSING = {"size": 64, "mode": "full", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+PREPROCESSING = Preprocessing(64, "full", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DIM = 8
 
 
@@ -59,8 +57,8 @@ def raw_features(count: int, seed: int = 0, offset: float = 0.0) -> Raw:
 
 def card_for(count: int, settings: Settings, **changes) -> ModelCard:
     card = ModelCard(
-        settings=settings.model_dict(), preprocessing=PREPROCESSING, weights_sha256="sha256:abc",
-        layers=[vars(s) for s in SHAPES], global_dim=DIM, train_count=count, train_manifest_sha256="f00d",
+        settings=settings.method, preprocessing=PREPROCESSING, weights_sha256="sha256:abc",
+        layers=list(SHAPES), global_dim=DIM, train_count=count, train_manifest_sha256="f00d",
     )
     return dataclasses.replace(card, **changes)
 
@@ -208,7 +206,7 @@ def assert_same_model(actual: SpadeModel, expected: SpadeModel, queries: np.ndar
 
 @pytest.mark.parametrize("index", ["flat", "ivf"])
 def test_save_load_round_trip(tmp_path, index):
-    model = make_model(tmp_path / "built", raw_features(120), index=index).with_thresholds(1.5, 0.25, {"count": 12})
+    model = make_model(tmp_path / "built", raw_features(120), index=index).with_thresholds(Thresholds(1.5, 0.25), CalibrationRecord(count=12))
     uri = str(tmp_path / "model")
     before = load_count()
     model.save(uri)
@@ -216,7 +214,7 @@ def test_save_load_round_trip(tmp_path, index):
     assert load_count() == before + 1
     assert loaded.folder == uri and all(isinstance(bank, np.memmap) for bank in loaded.gallery)
     assert_same_model(loaded, model, np.random.default_rng(2).standard_normal((10, DIM)))
-    assert loaded.card.thresholds == {"image": 1.5, "pixel": 0.25}
+    assert loaded.card.thresholds == Thresholds(1.5, 0.25) and loaded.card.calibration.count == 12
     card = json.loads((tmp_path / "model" / CARD_NAME).read_text())
     assert card["weights_sha256"] == "sha256:abc" and card["settings"]["index"] == index
     assert card["schema_version"] == MODEL_SCHEMA_VERSION
@@ -233,8 +231,8 @@ def test_load_with_a_card_uses_that_card(tmp_path):
     model = make_model(tmp_path, raw_features(6))
     model.publish_arrays(str(tmp_path))
     assert not (tmp_path / CARD_NAME).exists()
-    calibrated = model.with_thresholds(2.0, 0.5, {"count": 1})
-    assert SpadeModel.load(str(tmp_path), card=calibrated.card).card.thresholds == {"image": 2.0, "pixel": 0.5}
+    calibrated = model.with_thresholds(Thresholds(2.0, 0.5), CalibrationRecord(count=1))
+    assert SpadeModel.load(str(tmp_path), card=calibrated.card).card.thresholds == Thresholds(2.0, 0.5)
 
 
 def test_a_failed_save_over_a_model_leaves_no_card_to_mix_with_the_new_arrays(tmp_path):
@@ -280,7 +278,7 @@ def test_a_damaged_artifact_is_a_clear_error_naming_the_file(tmp_path, damage):
 def test_load_from_s3_memory_maps_a_node_local_copy_downloaded_once(tmp_path, s3, s3_bucket, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("SPADE_BATCH_CACHE", str(cache))
-    model = make_model(tmp_path / "built", raw_features(30, seed=4), index="ivf").with_thresholds(1.0, 2.0, {})
+    model = make_model(tmp_path / "built", raw_features(30, seed=4), index="ivf").with_thresholds(Thresholds(1.0, 2.0), CalibrationRecord())
     uri = f"{s3_bucket}/models/m1"
     model.save(uri, s3.storage_options)
     assert not cache.exists()
@@ -345,7 +343,7 @@ def test_settings_for_a_request_take_the_models_method_settings_and_keep_the_res
     card = make_model(tmp_path, raw_features(5)).card
     request = Settings(backbone="resnet18", weights="random", k=5, sigma=2.0, batch_size=3)
     merged = card.settings_for(request)
-    assert merged.model_dict() == card.settings and merged.batch_size == 3
+    assert merged.method == card.settings and merged.batch_size == 3
     with pytest.raises(ConfigError, match=r"k=5 \(model: 3\)"):
         card.settings_for(request, frozenset({"k"}))
 

@@ -31,13 +31,14 @@ from spade_batch.config import ConfigError, Settings
 from spade_batch.engine.fit import run_fit
 from spade_batch.engine.score import ScoreSummary, run_score
 from spade_batch.formats import storage
+from spade_batch.formats.card import CARD_NAME
 from spade_batch.formats.datasets import make_demo_data
 from spade_batch.formats.heatmap import overlay
 from spade_batch.formats.images import decode_image, resize_map
 from spade_batch.formats.layout import Outputs
 from spade_batch.formats.locks import LOCK_NAME, LockHeldError, acquire_lock, release_lock
-from spade_batch.formats.model import CARD_NAME, SpadeModel
-from spade_batch.method import calibrate, detector, scoring
+from spade_batch.formats.model import SpadeModel
+from spade_batch.method import calibrate, detector
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -210,7 +211,7 @@ def test_scores_and_maps_equal_the_in_process_api(fitted: Fitted, scored: Scored
     assert extractor.weights_sha256 == model.card.weights_sha256
     reference = detector.Scorer(model, extractor).score(images)
     rows = read_rows(scored.out.root, fitted.settings)
-    pixel_threshold = model.card.thresholds["pixel"]
+    pixel_threshold = model.card.thresholds.pixel
     for image_id, image, expected in zip(ids, images, reference):
         row = rows[image_id]
         assert row["image_score"] == pytest.approx(expected.score, rel=1e-5)
@@ -272,12 +273,12 @@ def test_learnt_scales_and_thresholds_equal_the_in_process_fit(
     card = read_json(storage.join(model_uri, CARD_NAME), settings)
     ids = fitted.ids("train")
     reference = detector.fit([fitted.image("train", i) for i in ids], settings, ids=ids).card
-    assert card["calibration"]["count"] == reference.calibration["count"] >= 2
-    assert card["normalisation"]["layer_scales"] == pytest.approx(reference.normalisation["layer_scales"], rel=FLOAT16_RTOL)
+    assert card["calibration"]["count"] == reference.calibration.count >= 2
+    assert card["normalisation"]["layer_scales"] == pytest.approx(reference.normalisation.layer_scales, rel=FLOAT16_RTOL)
     for statistic in ("knn", "map"):
-        assert card["normalisation"][statistic] == pytest.approx(reference.normalisation[statistic], rel=FLOAT16_RTOL)
+        assert card["normalisation"][statistic] == pytest.approx(getattr(reference.normalisation, statistic), rel=FLOAT16_RTOL)
     for kind in ("image", "pixel"):
-        assert card["thresholds"][kind] == pytest.approx(reference.thresholds[kind], rel=FLOAT16_RTOL, abs=1e-3)
+        assert card["thresholds"][kind] == pytest.approx(getattr(reference.thresholds, kind), rel=FLOAT16_RTOL, abs=1e-3)
 
 
 @pytest.mark.parametrize("calibration_images", ["held_out", "leave_one_out"])
@@ -308,15 +309,15 @@ def test_the_pipeline_fit_and_the_in_process_fit_are_one_recipe(fitted: Fitted, 
 
     assert [entry["id"] for entry in summary.left_out] == ["strip.png"]
     assert on_ray.train_ids == in_process.train_ids == gallery
-    assert on_ray.card.calibration["count"] == in_process.card.calibration["count"] == calibrated
-    assert on_ray.card.calibration["image_scores"] == pytest.approx(in_process.card.calibration["image_scores"], rel=FLOAT16_RTOL)
+    assert on_ray.card.calibration.count == in_process.card.calibration.count == calibrated
+    assert on_ray.card.calibration.image_scores == pytest.approx(in_process.card.calibration.image_scores, rel=FLOAT16_RTOL)
     for layer_on_ray, layer_in_process in zip(on_ray.gallery, in_process.gallery):
         np.testing.assert_allclose(layer_on_ray.astype(np.float32), layer_in_process.astype(np.float32), rtol=FLOAT16_RTOL, atol=1e-3)
-    learnt, expected = (scoring.Normalisation.from_dict(m.card.normalisation) for m in (on_ray, in_process))
+    learnt, expected = (m.card.normalisation for m in (on_ray, in_process))
     np.testing.assert_allclose(learnt.layer_scales, expected.layer_scales, rtol=FLOAT16_RTOL)
     np.testing.assert_allclose([*learnt.knn, *learnt.map], [*expected.knn, *expected.map], rtol=FLOAT16_RTOL)
     for kind in ("image", "pixel"):
-        assert on_ray.card.thresholds[kind] == pytest.approx(in_process.card.thresholds[kind], rel=FLOAT16_RTOL, abs=1e-3)
+        assert getattr(on_ray.card.thresholds, kind) == pytest.approx(getattr(in_process.card.thresholds, kind), rel=FLOAT16_RTOL, abs=1e-3)
 
     test_images = [fitted.image("test", i) for i in fitted.ids("test")]
     for a, b in zip(detector.score(on_ray, test_images, settings), detector.score(in_process, test_images, settings)):
@@ -332,7 +333,7 @@ def test_run_json_counts(fitted: Fitted, scored: Scored, model: SpadeModel) -> N
     assert (run["failed"], run["failures"], run["retryable"], run["resumed"]) == (0, [], 0, 0)
     assert run["anomalous"] == sum(row["is_anomalous"] for row in rows.values())
     assert run["mask_kind"] == "binary"
-    assert run["thresholds"] == model.card.thresholds
+    assert run["thresholds"] == asdict(model.card.thresholds)
     assert run["model_uri"] == fitted.model_uri
     assert run["settings"]["storage_options"] == {key: "***" for key in fitted.settings.storage_options}
     assert run == json.loads(json.dumps(asdict(scored.summary)))
@@ -366,7 +367,7 @@ def test_a_single_image(fitted: Fitted) -> None:
 def test_score_preprocesses_with_the_convention_recorded_in_the_model_card(fitted: Fitted, model: SpadeModel) -> None:
     """A card that records another mean/std than the backbone's own (a model fitted under another
     convention) is scored with the recorded one, as the in-process API does."""
-    recorded = dict(model.card.preprocessing, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+    recorded = dataclasses.replace(model.card.preprocessing, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     other = dataclasses.replace(model, card=dataclasses.replace(model.card, preprocessing=recorded))
     other_uri = f"{fitted.bucket}/model-other-convention"
     other.save(other_uri, fitted.settings.fsspec_options())
@@ -391,7 +392,7 @@ def test_overlays_are_the_heat_map_over_the_original_image(fitted: Fitted, model
     image = fitted.image("test", "spot/000.png")
     (expected,) = detector.score(model, [image], fitted.settings)
     full = resize_map(expected.anomaly_map, *image.shape[:2])
-    reference = overlay(image, full, 0.0, 2 * model.card.thresholds["pixel"])
+    reference = overlay(image, full, 0.0, 2 * model.card.thresholds.pixel)
     assert written.shape == image.shape
     assert np.abs(written.astype(int) - reference.astype(int)).max() <= 1  # float noise between processes
 
@@ -606,11 +607,11 @@ def test_options_beyond_the_paper_on_ray_equal_the_in_process_fit(fitted: Fitted
     model = SpadeModel.load(model_uri, settings.fsspec_options())
     ids = fitted.ids("train")
     in_process = detector.fit([fitted.image("train", i) for i in ids], settings, ids=ids)
-    learnt, expected = (scoring.Normalisation.from_dict(m.card.normalisation) for m in (model, in_process))
+    learnt, expected = (m.card.normalisation for m in (model, in_process))
     assert learnt.layer_scales is not None and learnt.knn is not None and learnt.map is not None
     np.testing.assert_allclose(learnt.layer_scales, expected.layer_scales, rtol=1e-2)
     np.testing.assert_allclose([*learnt.knn, *learnt.map], [*expected.knn, *expected.map], rtol=1e-2)
-    assert model.card.thresholds["image"] == pytest.approx(in_process.card.thresholds["image"], rel=1e-2, abs=1e-2)
+    assert model.card.thresholds.image == pytest.approx(in_process.card.thresholds.image, rel=1e-2, abs=1e-2)
 
     out = f"{fitted.bucket}/out-options"
     run_score(model_uri, fitted.test_uri, out, settings.replace(save_maps=True))

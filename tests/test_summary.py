@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -20,10 +20,10 @@ from spade_batch.config import Settings
 from spade_batch.engine.fit import run_fit
 from spade_batch.engine.score import run_score
 from spade_batch.formats import storage
+from spade_batch.formats.card import load_card
 from spade_batch.formats.datasets import make_demo_data
 from spade_batch.formats.layout import Outputs as RunOutputs
 from spade_batch.formats.layout import part_name
-from spade_batch.formats.model import load_card
 from spade_batch.formats.scores import ScoreRow, read_scores, write_scores
 from spade_batch.reports.run_report import read_run_scores
 from spade_batch.reports.summary import failure_reason, failures_by_reason, run_summary
@@ -87,7 +87,7 @@ def test_show_json_on_a_model_gives_the_cards_identity_counts_and_failures(outpu
     assert (summary["backbone"], summary["weights"]) == ("resnet18", "random")
     assert summary["weights_sha256"] == card.weights_sha256 and len(card.weights_sha256) == len("sha256:") + 64
     assert summary["settings"]["k"] == 3 and summary["settings"]["image_size"] == 64
-    assert summary["thresholds"] == card.thresholds and summary["thresholds"]["image"] is not None
+    assert summary["thresholds"] == asdict(card.thresholds) and summary["thresholds"]["image"] is not None
     training = summary["training"]
     assert training["gallery_images"] + training["calibration_images"] == 8  # the 8 good training images
     assert training["calibration_images"] >= 1 and training["failed_images"] == 1
@@ -108,7 +108,7 @@ def test_show_json_on_a_run_matches_the_scores_table(outputs, capsys):
     assert summary["counts"] == {"images": len(rows), "scored": len(scored), "failed": len(BAD_TEST), "retryable": 0,
                                  "resumed": 0, "anomalous": anomalous}
     assert summary["anomaly_rate"] == pytest.approx(anomalous / len(scored))
-    assert summary["thresholds"] == load_card(outputs.model, outputs.options).thresholds
+    assert summary["thresholds"] == asdict(load_card(outputs.model, outputs.options).thresholds)
     assert summary["timings"]["seconds"] > 0 and summary["timings"]["images_per_second"] > 0
     order = np.argsort([-row["image_score"] for row in scored], kind="stable")[:TOP]
     assert [row["id"] for row in summary["top"]] == [scored[i]["id"] for i in order]

@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 from spade_batch.config import Settings
+from spade_batch.formats.card import CARD_NAME
 from spade_batch.formats.datasets import make_demo_data
-from spade_batch.formats.model import CARD_NAME, SpadeModel
+from spade_batch.formats.model import SpadeModel
 from spade_batch.method import calibrate
 from spade_batch.method.trainset import AREA_FACTOR, ASPECT_FACTOR, calibration_warnings, size_outliers
 

@@ -19,10 +19,11 @@ import numpy as np
 
 from spade_batch.config import Settings
 from spade_batch.formats import storage
+from spade_batch.formats.card import Thresholds
 from spade_batch.formats.features import FeatureTable, LayerShape, write_features
 from spade_batch.formats.images import Preprocessing, decode_for_model, decode_image, resize_for_model, resize_map
 from spade_batch.formats.layout import Outputs, part_name
-from spade_batch.formats.scores import ScoreRow, Thresholds, result_row, write_scores
+from spade_batch.formats.scores import ScoreRow, result_row, write_scores
 from spade_batch.method.masks import mask_from_map, png_bytes
 
 Batch = dict[str, np.ndarray]
@@ -54,27 +55,26 @@ def worker_columns(count: int, worker: str, node: str, backbone_loads: int, gall
     }
 
 
-def read_images(batch: Batch, preprocessing: dict[str, Any], options: dict[str, Any], max_pixels: int) -> Batch:
+def read_images(batch: Batch, preprocessing: Preprocessing, options: dict[str, Any], max_pixels: int) -> Batch:
     """CPU stage: id, uri -> + image (S x S x 3 uint8), height, width, error, transient. Never raises for one image.
 
     A read that still failed for a transient reason (storage retries exhausted) is marked transient,
     never recorded as a bad image.
     """
-    spec = Preprocessing.from_dict(preprocessing)
     count = len(batch["id"])
-    images = np.zeros((count, spec.size, spec.size, 3), np.uint8)
+    images = np.zeros((count, preprocessing.size, preprocessing.size, 3), np.uint8)
     heights, widths = np.zeros(count, np.int32), np.zeros(count, np.int32)
     errors = [""] * count
     transient = np.zeros(count, bool)
     for i, uri in enumerate(batch["uri"]):
         try:
-            decoded = decode_for_model(storage.read_bytes(uri, options), uri, spec.resize_to, max_pixels)
+            decoded = decode_for_model(storage.read_bytes(uri, options), uri, preprocessing.resize_to, max_pixels)
         except Exception as error:  # noqa: BLE001 - every failure becomes this image's row, never the batch's
             errors[i] = f"{type(error).__name__}: {error}"
             transient[i] = storage.is_transient(error)
             continue
         heights[i], widths[i] = decoded.height, decoded.width
-        images[i] = resize_for_model(decoded.rgb, spec)
+        images[i] = resize_for_model(decoded.rgb, preprocessing)
     return {"id": batch["id"], "uri": batch["uri"], "image": images, "height": heights, "width": widths,
             "error": object_column(errors), "transient": transient}
 

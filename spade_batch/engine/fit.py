@@ -102,9 +102,9 @@ def _fit_locked(manifest: Manifest, model_uri: str, settings: Settings, started:
         calibration_images=len(fitted.calibration_ids),
         failed_images=len(card.failed_train_images),
         failures=card.failed_train_images,
-        thresholds=card.thresholds,
+        thresholds=dataclasses.asdict(card.thresholds),
         left_out=fitted.left_out,
-        warnings=list(card.calibration.get("warnings", [])),
+        warnings=list(card.calibration.warnings),
         seconds={"extract": extracted - started, "total": time.perf_counter() - started},
     )
 
@@ -120,7 +120,7 @@ def _extract(ids: tuple[str, ...], uris: tuple[str, ...], features_uri: str, ext
         return
     dataset = (
         ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // settings.batch_size, 10_000)))
-        .map_batches(read_images, fn_kwargs={"preprocessing": extractor.preprocessing.to_dict(), "options": options,
+        .map_batches(read_images, fn_kwargs={"preprocessing": extractor.preprocessing, "options": options,
                                                     "max_pixels": settings.max_pixels},
                      batch_size=settings.shard_size, batch_format="numpy", **DECODE_TASK)
         .map_batches(ExtractStage, fn_constructor_kwargs={"settings": settings}, batch_size=settings.batch_size,
@@ -194,7 +194,7 @@ class ActorsHeldOut:
                  for part in self.features.parts_of(wanted)]
         return ray.data.from_items(items).map_batches(
             CalibrationStage,
-            fn_constructor_kwargs={"model_uri": self.model_uri, "settings": self.settings, "card": dataclasses.asdict(model.card),
+            fn_constructor_kwargs={"model_uri": self.model_uri, "settings": self.settings, "card": model.card.to_dict(),
                                    "moments": moments},
             batch_size=1, batch_format="numpy", compute=self.plan.compute(), **self.plan.resources,
         ).iter_batches(batch_size=None, batch_format="numpy")

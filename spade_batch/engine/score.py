@@ -24,11 +24,12 @@ from spade_batch.engine.cpu_stages import RETRYABLE, read_images, write_score_ou
 from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, init_ray, stream
 from spade_batch.engine.stages import ScoreStage
 from spade_batch.formats import storage
+from spade_batch.formats.card import ModelCard, Thresholds, load_card
+from spade_batch.formats.images import Preprocessing
 from spade_batch.formats.layout import Outputs, done_ids, part_files, part_name, read_columns, record_inputs
 from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.manifest import Manifest, build_manifest
-from spade_batch.formats.model import ModelCard, load_card
-from spade_batch.formats.scores import ScoreRow, Thresholds, write_scores
+from spade_batch.formats.scores import ScoreRow, write_scores
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class ScoreSummary:
 
 def score_dataset(
     todo: list[dict[str, str]], model_uri: str, settings: Settings, outputs: Outputs, thresholds: Thresholds,
-    preprocessing: dict[str, Any], plan: ModelStage, stage: type = ScoreStage,
+    preprocessing: Preprocessing, plan: ModelStage, stage: type = ScoreStage,
 ) -> ray.data.Dataset:
     """The lazy dataset that scores `todo` ({"id", "uri"} rows) and writes their outputs; yields small status rows."""
     options = settings.fsspec_options()

@@ -15,8 +15,8 @@ import ray
 
 from spade_batch.config import Settings
 from spade_batch.engine.cpu_stages import PASSED_ON, Batch, object_column, usable_mask, worker_columns
-from spade_batch.formats.images import Preprocessing
-from spade_batch.formats.model import ModelCard, SpadeModel, load_count
+from spade_batch.formats.card import ModelCard
+from spade_batch.formats.model import SpadeModel, load_count
 from spade_batch.method.extractor import Extractor, backbone_loads
 from spade_batch.method.recipe import held_out_moments, read_block, score_held_out
 from spade_batch.method.scorer import Scorer
@@ -47,9 +47,8 @@ class ScoreStage:
 
     def __init__(self, model_uri: str, settings: Settings, card: dict[str, Any] | None = None):
         options = settings.fsspec_options()
-        self.model = SpadeModel.load(model_uri, options, ModelCard(**card) if card else None)
-        preprocessing = Preprocessing.from_dict(self.model.card.preprocessing)
-        extractor = Extractor(settings, options, preprocessing=preprocessing)
+        self.model = SpadeModel.load(model_uri, options, ModelCard.from_dict(card) if card else None)
+        extractor = Extractor(settings, options, preprocessing=self.model.card.preprocessing)
         self.scorer = Scorer(self.model, extractor, settings.chunk_mib * 2**20, settings.precision)
         self.worker, self.node = uuid.uuid4().hex[:12], ray.get_runtime_context().get_node_id()
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import fcntl
 import functools
 import hashlib
@@ -33,68 +32,17 @@ import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
 import numpy as np
 
-from spade_batch import __version__
-from spade_batch.config import MODEL_KEYS, ConfigError, Settings
+from spade_batch.config import Settings
 from spade_batch.formats import storage
+from spade_batch.formats.card import CARD_NAME, CalibrationRecord, ModelCard, Normalisation, Thresholds, load_card
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.layout import ModelLayout
-
-MODEL_SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
-CARD_NAME = ModelLayout.card
-KEYS_ADDED_LATER = {"image_score": "knn", "map_top": 0.0, "layer_normalise": False}
-"""MODEL_KEYS that older cards lack, with the value those models were fitted with (the paper's); load_card fills them in."""
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """Everything needed to reproduce and to check a model; saved as spade.json."""
-
-    settings: dict[str, Any]  # the config MODEL_KEYS used at fit
-    preprocessing: dict[str, Any]  # images.Preprocessing.to_dict()
-    weights_sha256: str
-    layers: list[dict[str, Any]]  # LayerShape fields per layer
-    global_dim: int
-    train_count: int
-    train_manifest_sha256: str
-    thresholds: dict[str, float | None] = field(default_factory=lambda: {"image": None, "pixel": None})
-    calibration: dict[str, Any] = field(default_factory=dict)
-    normalisation: dict[str, Any] = field(default_factory=dict)  # calibrate.Normalisation.to_dict(); {} before it
-    failed_train_images: list[dict[str, str]] = field(default_factory=list)
-    package_version: str = __version__
-    schema_version: int = MODEL_SCHEMA_VERSION
-    created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat())
-
-    @property
-    def layer_shapes(self) -> list[LayerShape]:
-        return [LayerShape(**layer) for layer in self.layers]
-
-    def settings_for(self, settings: Settings, explicit_keys: frozenset[str] = frozenset()) -> Settings:
-        """The request's settings with the model's method settings over them: the one place a model's card sets them.
-
-        explicit_keys: the keys the request set itself; one that differs from the model's is refused (check_compatible).
-        """
-        self.check_compatible(settings, explicit_keys)
-        return settings.replace(**self.settings)
-
-    def check_compatible(self, settings: Settings, explicit_keys: frozenset[str]) -> None:
-        """Refuse a request whose model settings differ from those the model was fitted with."""
-        mismatched = [
-            f"{key}={getattr(settings, key)!r} (model: {self.settings[key]!r})"
-            for key in sorted(explicit_keys & set(MODEL_KEYS))
-            if getattr(settings, key) != self.settings[key]
-        ]
-        if mismatched:
-            raise ConfigError(
-                "the request does not match the model: " + ", ".join(mismatched)
-                + "; drop these options to use the model's values, or fit a new model with them"
-            )
 
 
 @dataclass(frozen=True)
@@ -147,11 +95,11 @@ class SpadeModel:
     gallery: list[np.ndarray]
     folder: str
 
-    def with_thresholds(self, image: float | None, pixel: float | None, calibration: dict[str, Any]) -> SpadeModel:
-        card = dataclasses.replace(self.card, thresholds={"image": image, "pixel": pixel}, calibration=calibration)
+    def with_thresholds(self, thresholds: Thresholds, calibration: CalibrationRecord) -> SpadeModel:
+        card = dataclasses.replace(self.card, thresholds=thresholds, calibration=calibration)
         return dataclasses.replace(self, card=card)
 
-    def with_normalisation(self, normalisation: dict[str, Any]) -> SpadeModel:
+    def with_normalisation(self, normalisation: Normalisation) -> SpadeModel:
         return dataclasses.replace(self, card=dataclasses.replace(self.card, normalisation=normalisation))
 
     @functools.cached_property
@@ -178,7 +126,7 @@ class SpadeModel:
 
     def write_card(self, uri: str, options: storage.StorageOptions = None) -> None:
         """spade.json, last: its presence marks the model complete."""
-        storage.write_text(ModelLayout(uri).card, json.dumps(dataclasses.asdict(self.card), indent=2), options)
+        storage.write_text(ModelLayout(uri).card, json.dumps(self.card.to_dict(), indent=2), options)
 
     @classmethod
     def load(cls, uri: str, options: storage.StorageOptions = None, card: ModelCard | None = None) -> SpadeModel:
@@ -286,22 +234,6 @@ def local_copy(uri: str, card: ModelCard, options: storage.StorageOptions = None
                 with contextlib.suppress(FileNotFoundError):
                     shutil.rmtree(partial)
     return folder
-
-
-def load_card(uri: str, options: storage.StorageOptions = None) -> ModelCard:
-    """The model's spade.json only (cheap: no gallery)."""
-    card_uri = ModelLayout(uri).card
-    if not storage.exists(card_uri, options):
-        raise FileNotFoundError(f"no model at {uri}: {CARD_NAME} is missing; run `spade-batch fit` first")
-    try:
-        card = ModelCard(**json.loads(storage.read_text(card_uri, options)))
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"{card_uri} is not a spade-batch model card ({error}); fit the model again") from error
-    if card.schema_version not in READABLE_SCHEMA_VERSIONS:
-        raise ValueError(
-            f"model {uri} has schema version {card.schema_version}; this package reads {READABLE_SCHEMA_VERSIONS}"
-        )
-    return dataclasses.replace(card, settings={**KEYS_ADDED_LATER, **card.settings})
 
 
 def build_index(global_features: np.ndarray, kind: str = "flat", lists: int = 0, seed: int = 0, k: int = 1) -> faiss.Index:

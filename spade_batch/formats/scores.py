@@ -28,8 +28,7 @@ import pyarrow.parquet as pq
 from spade_batch.formats import storage
 
 if TYPE_CHECKING:
-    from spade_batch.config import Settings
-    from spade_batch.formats.model import ModelCard
+    from spade_batch.formats.card import Thresholds
 
 SCHEMA = pa.schema(
     [
@@ -61,21 +60,6 @@ class ScoreRow:
     height: int | None = None
     width: int | None = None
     error: str | None = None
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """The thresholds a scoring run applies (None: unknown)."""
-
-    image: float | None
-    pixel: float | None
-
-    @classmethod
-    def of(cls, card: ModelCard, settings: Settings) -> Thresholds:
-        """The settings' overrides, else the model's calibrated thresholds."""
-        image = settings.image_threshold if settings.image_threshold is not None else card.thresholds["image"]
-        pixel = settings.pixel_threshold if settings.pixel_threshold is not None else card.thresholds["pixel"]
-        return cls(image, pixel)
 
 
 def result_row(

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from spade_batch.method.scoring import Normalisation, image_scores
+from spade_batch.formats.card import CalibrationRecord, Thresholds
+from spade_batch.method.scoring import image_scores
 from spade_batch.method.trainset import calibration_warnings
 
 if TYPE_CHECKING:
-    from spade_batch.config import Settings
+    from spade_batch.config import CalibrationSettings
     from spade_batch.formats.model import SpadeModel
 
 PIXEL_SAMPLE = 4096
@@ -74,37 +75,32 @@ def score_statistics(scores: np.ndarray, name: str) -> tuple[float, float]:
 
 
 def calibrate_from_samples(
-    model: SpadeModel, knn_scores: np.ndarray, map_scores: np.ndarray, pixel_samples: Sequence[np.ndarray], settings: Settings
+    model: SpadeModel, knn_scores: np.ndarray, map_scores: np.ndarray, pixel_samples: Sequence[np.ndarray], settings: CalibrationSettings
 ) -> SpadeModel:
     """Model with thresholds (and, for image_score combined, the score statistics) from held-out normal images.
 
     Raises ValueError for scores that cannot give a threshold; the card's calibration lists what
     makes the hold-out weak for the target FPR (trainset.calibration_warnings) under "warnings".
     """
-    mode = model.card.settings["image_score"]
-    normalisation = Normalisation.from_dict(model.card.normalisation)
+    mode = model.card.settings.image_score
+    normalisation = model.card.normalisation
     if mode == "combined":
         normalisation = dataclasses.replace(
             normalisation, knn=score_statistics(knn_scores, "kNN"), map=score_statistics(map_scores, "map")
         )
-        model = model.with_normalisation(normalisation.to_dict())
+        model = model.with_normalisation(normalisation)
     scores = image_scores(knn_scores, map_scores, mode, normalisation)
-    warnings = calibration_warnings(scores, settings.image_fpr)
-    summary = {
-        "count": int(scores.size),
-        "images": settings.calibration_images,  # held_out or leave_one_out; cards fitted before hold out
-        "image_fpr": settings.image_fpr,
-        "pixel_quantile": settings.pixel_quantile,
-        "image_score_quantiles": {q: float(np.quantile(scores, float(q))) for q in ("0.5", "0.9", "0.99")},
-        # Kept for the run report's histogram and drift check (drift.py); cards fitted before lack them.
-        "image_scores": sorted(float(score) for score in scores),
-        "warnings": warnings,
-    }
-    return model.with_thresholds(
-        image_threshold(scores, settings.image_fpr),
-        pixel_threshold(list(pixel_samples), settings.pixel_quantile),
-        summary,
+    record = CalibrationRecord(
+        count=int(scores.size),
+        images=settings.calibration_images,
+        image_fpr=settings.image_fpr,
+        pixel_quantile=settings.pixel_quantile,
+        image_score_quantiles={q: float(np.quantile(scores, float(q))) for q in ("0.5", "0.9", "0.99")},
+        image_scores=sorted(float(score) for score in scores),
+        warnings=calibration_warnings(scores, settings.image_fpr),
     )
+    thresholds = Thresholds(image_threshold(scores, settings.image_fpr), pixel_threshold(list(pixel_samples), settings.pixel_quantile))
+    return model.with_thresholds(thresholds, record)
 
 
 def id_hash(image_id: str, seed: int = 0) -> float:

@@ -18,7 +18,6 @@ import numpy as np
 
 from spade_batch.config import Settings
 from spade_batch.formats.features import FeatureTable, write_features
-from spade_batch.formats.images import Preprocessing
 from spade_batch.formats.layout import ModelLayout, part_files, part_name
 from spade_batch.formats.model import SpadeModel
 from spade_batch.method.extractor import Extractor, Features
@@ -68,5 +67,5 @@ def _feature_table(extractor: Extractor, images: Sequence[np.ndarray], ids: list
 def score(model: SpadeModel, images: Sequence[np.ndarray], settings: Settings | None = None) -> list[ImageScore]:
     """Score H x W x 3 uint8 images; settings give the device and batch size, the model keys are the model's own."""
     settings = model.card.settings_for(settings or Settings())
-    extractor = Extractor(settings, preprocessing=Preprocessing.from_dict(model.card.preprocessing))
+    extractor = Extractor(settings, preprocessing=model.card.preprocessing)
     return Scorer(model, extractor, settings.chunk_mib * 2**20, settings.precision).score(images)

@@ -26,13 +26,13 @@ import numpy as np
 
 from spade_batch.config import Settings
 from spade_batch.formats import storage
+from spade_batch.formats.card import ModelCard, Normalisation
 from spade_batch.formats.features import FeatureTable, read_features
 from spade_batch.formats.layout import read_columns
-from spade_batch.formats.model import Centre, GalleryWriter, ModelCard, SpadeModel, build_model
+from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
 from spade_batch.method import calibrate
 from spade_batch.method.extractor import Extractor, Features
 from spade_batch.method.scorer import Scorer
-from spade_batch.method.scoring import Normalisation
 from spade_batch.method.trainset import size_outliers
 
 log = logging.getLogger(__name__)
@@ -210,10 +210,10 @@ def new_card(
             "lower k or add normal images"
         )
     return ModelCard(
-        settings=settings.model_dict(),
-        preprocessing=extractor.preprocessing.to_dict(),
+        settings=settings.method,
+        preprocessing=extractor.preprocessing,
         weights_sha256=extractor.weights_sha256,
-        layers=[vars(shape) for shape in extractor.layer_shapes],
+        layers=extractor.layer_shapes,
         global_dim=extractor.global_dim,
         train_count=train_count,
         train_manifest_sha256=manifest_sha256,
@@ -281,14 +281,14 @@ def _calibrate(model: SpadeModel, calibration_ids: list[str], held_out: HeldOutS
     """
     if settings.layer_normalise:
         scales = calibrate.layer_scales(held_out.moments(model, calibration_ids))
-        model = model.with_normalisation(Normalisation(layer_scales=scales).to_dict())
+        model = model.with_normalisation(Normalisation(layer_scales=scales))
     scored: dict[str, tuple[float, float, np.ndarray]] = {}
     for batch in held_out.scores(model, calibration_ids):
         scored.update(zip(batch.ids, zip(batch.knn_scores.tolist(), batch.map_scores.tolist(), batch.pixel_samples)))
     ordered = [scored[i] for i in calibration_ids]
     model = calibrate.calibrate_from_samples(
-        model, np.array([k for k, _, _ in ordered]), np.array([m for _, m, _ in ordered]), [p for _, _, p in ordered], settings
+        model, np.array([k for k, _, _ in ordered]), np.array([m for _, m, _ in ordered]), [p for _, _, p in ordered], settings.calibration
     )
-    for warning in model.card.calibration["warnings"]:
+    for warning in model.card.calibration.warnings:
         log.warning("fit: calibration: %s", warning)
     return model

@@ -10,7 +10,7 @@ import torch
 from spade_batch.formats.model import SpadeModel
 from spade_batch.method import calibrate, spade
 from spade_batch.method.extractor import Extractor, Features
-from spade_batch.method.scoring import ImageScore, Normalisation, image_scores
+from spade_batch.method.scoring import ImageScore, image_scores
 
 
 class Scorer:
@@ -28,12 +28,9 @@ class Scorer:
         precision: str = "float32",
         images_per_call: int | None = None,
     ):
-        settings = model.card.settings
-        self.model, self.extractor = model, extractor
-        self.k, self.kappa, self.sigma = settings["k"], settings["kappa"], settings["sigma"]
-        self.image_score, self.map_top = settings["image_score"], settings["map_top"]
-        self.normalisation = Normalisation.from_dict(model.card.normalisation)
-        self.layer_scales = self.normalisation.layer_scales if settings["layer_normalise"] else None
+        self.model, self.extractor, self.method = model, extractor, model.card.settings
+        self.normalisation = model.card.normalisation
+        self.layer_scales = self.normalisation.layer_scales if self.method.layer_normalise else None
         self.chunk_bytes, self.precision = chunk_bytes, precision
         device = extractor.device
         # Several images per kernel call pay off on a GPU; on a CPU one image already fills the cores.
@@ -65,9 +62,9 @@ class Scorer:
         size = (self.extractor.preprocessing.size, self.extractor.preprocessing.size)
         results = []
         for chunk, layer_maps in self._layer_distances(features, neighbours):
-            maps = spade.combine_layer_maps(layer_maps, size, self.sigma, self.layer_scales)
-            map_scores = spade.map_scores(maps, self.map_top).cpu().numpy()
-            scores = image_scores(knn_scores[chunk], map_scores, self.image_score, self.normalisation)
+            maps = spade.combine_layer_maps(layer_maps, size, self.method.sigma, self.layer_scales)
+            map_scores = spade.map_scores(maps, self.method.map_top).cpu().numpy()
+            scores = image_scores(knn_scores[chunk], map_scores, self.method.image_score, self.normalisation)
             for offset, anomaly_map in enumerate(maps.cpu().numpy()):
                 row = chunk.start + offset
                 results.append(ImageScore(float(scores[offset]), neighbours[row], anomaly_map,
@@ -84,7 +81,7 @@ class Scorer:
 
     def _image_knn(self, features: Features, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         queries = spade.centre(features.global_features, self.global_centre).cpu().numpy()
-        return spade.image_knn(self.model.index, queries, self.k, exclude)
+        return spade.image_knn(self.model.index, queries, self.method.k, exclude)
 
     def _layer_distances(self, features: Features, neighbours: np.ndarray) -> Iterator[tuple[slice, list[torch.Tensor]]]:
         """Per images_per_call images: their slice, and per layer their B x h_l x w_l squared distance maps."""
@@ -93,4 +90,4 @@ class Scorer:
             chunk = slice(start, min(start + self.images_per_call, len(neighbours)))
             layers = [spade.centre(layer[chunk].to(device), mean, dim=1) for layer, mean in zip(features.layers, self.layer_centres)]
             galleries = [spade.gather_galleries(bank, neighbours[chunk], device=device) for bank in self.gallery]
-            yield chunk, spade.layer_distance_maps(layers, galleries, self.kappa, self.chunk_bytes, self.precision)
+            yield chunk, spade.layer_distance_maps(layers, galleries, self.method.kappa, self.chunk_bytes, self.precision)

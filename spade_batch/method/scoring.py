@@ -1,17 +1,17 @@
 """Scoring rules: how an image's score comes from its kNN distance and its anomaly map.
 
-The rule is a model setting (image_score: knn, map or combined); `Normalisation` holds the scales the
-calibration images taught it. Scoring and calibration both use these; neither defines them.
+The rule is a model setting (image_score: knn, map or combined); the card's `Normalisation` holds the
+scales the calibration images taught it. Scoring and calibration both use these; neither defines them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+
+from spade_batch.formats.card import Normalisation
 
 
 @dataclass(frozen=True)
@@ -32,32 +32,6 @@ class ImageScore:
     anomaly_map: np.ndarray
     knn_score: float = math.nan
     map_score: float = math.nan
-
-
-@dataclass(frozen=True)
-class Normalisation:
-    """Scales learnt from the calibration images, recorded in the model card (None: not learnt).
-
-    Attributes:
-        layer_scales: per pyramid layer, the standard deviation of its pixel distances (squared feature units).
-        knn: (mean, standard deviation) of the calibration images' kNN image scores.
-        map: (mean, standard deviation) of their map scores (spade.map_scores).
-    """
-
-    layer_scales: list[float] | None = None
-    knn: tuple[float, float] | None = None
-    map: tuple[float, float] | None = None
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Normalisation:
-        return cls(
-            values.get("layer_scales"),
-            tuple(values["knn"]) if values.get("knn") else None,  # type: ignore[arg-type]
-            tuple(values["map"]) if values.get("map") else None,  # type: ignore[arg-type]
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
 
 
 def image_scores(knn_scores: np.ndarray, map_scores: np.ndarray, mode: str, normalisation: Normalisation) -> np.ndarray:

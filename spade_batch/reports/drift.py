@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
+from spade_batch.formats.card import CalibrationRecord
+
 FALSE_ALARM_RATE = 0.01
 """Largest probability that a night like the calibration images raises the drift alarm."""
 
@@ -79,19 +81,19 @@ def rate_band(images: int, calibration_count: int, rank: int, false_alarm: float
 
 
 def check_drift(
-    tonight_scores: np.ndarray, anomalous: int, calibration: dict, threshold: float | None, false_alarm: float = FALSE_ALARM_RATE
+    tonight_scores: np.ndarray, anomalous: int, calibration: CalibrationRecord, threshold: float | None, false_alarm: float = FALSE_ALARM_RATE
 ) -> DriftCheck:
     """Tonight's image scores (m,) and anomaly count against the model card's calibration summary.
 
-    calibration: the card's `calibration` ({"count", "image_fpr"} and, for models fitted since they
-    are kept, "image_scores"); threshold: the image threshold the run applied.
+    calibration: the card's (image_scores is empty for models fitted before they were kept);
+    threshold: the image threshold the run applied.
     """
     scores = np.asarray(tonight_scores, dtype=np.float64)
-    reference = np.asarray(calibration.get("image_scores", []), dtype=np.float64)
-    count = int(calibration.get("count", 0))
+    reference = np.asarray(calibration.image_scores, dtype=np.float64)
+    count = calibration.count
     band = None
     if threshold is not None and count > 0 and scores.size:
-        rank = threshold_rank(reference, threshold) if reference.size else quantile_rank(count, calibration["image_fpr"])
+        rank = threshold_rank(reference, threshold) if reference.size else quantile_rank(count, calibration.image_fpr)
         band = rate_band(scores.size, count, rank, false_alarm / 2)
     ks_pvalue = float(stats.ks_2samp(scores, reference).pvalue) if reference.size and scores.size else None
     reasons = []

@@ -28,6 +28,7 @@ import pyarrow as pa
 from spade_batch.config import Settings
 from spade_batch.engine.score import run_score
 from spade_batch.formats import storage
+from spade_batch.formats.card import Thresholds, load_card
 from spade_batch.formats.datasets import Sample, read_mask, read_mvtec_category
 from spade_batch.formats.heatmap import colour_range
 from spade_batch.formats.images import (
@@ -38,8 +39,7 @@ from spade_batch.formats.images import (
     resize_map,
 )
 from spade_batch.formats.layout import EvaluationOutputs, Outputs
-from spade_batch.formats.model import load_card
-from spade_batch.formats.scores import Thresholds, read_scores
+from spade_batch.formats.scores import read_scores
 from spade_batch.reports.figures import (
     Example,
     example_grid,
@@ -112,7 +112,7 @@ def run_evaluate(
     options = settings.fsspec_options()
     card = load_card(model_uri, options)
     thresholds = Thresholds.of(card, settings)
-    spec = Preprocessing.from_dict(card.preprocessing)
+    spec = card.preprocessing
     if original_resolution and spec.mode != "full":
         raise ValueError(
             f"model {model_uri} uses '{spec.mode}' preprocessing: its maps cover a centre crop, not the whole image, "
@@ -144,7 +144,7 @@ def run_evaluate(
         "data": data,
         "preprocessing": f"{spec.mode} {spec.size}px",
         "preprocessing_spec": spec.to_dict(),
-        "settings": card.settings,
+        "settings": asdict(card.settings),
         "every": every,
         "evaluation_resolution": f"working size {spec.size} x {spec.size}"
         + (", and each image's original size" if original_resolution else ""),

@@ -24,10 +24,10 @@ from PIL import Image
 
 from spade_batch.config import Settings
 from spade_batch.formats import storage
+from spade_batch.formats.card import CalibrationRecord, load_card
 from spade_batch.formats.heatmap import colour_range
 from spade_batch.formats.images import decode_image, resize_map
 from spade_batch.formats.layout import Outputs, part_files, read_columns
-from spade_batch.formats.model import load_card
 from spade_batch.reports.drift import DriftCheck, check_drift
 from spade_batch.reports.figures import STYLE, Example, example_grid, html_document, html_table, score_histogram
 from spade_batch.reports.summary import FailureGroup, group_failures
@@ -129,7 +129,7 @@ def _percent(count: int, total: int) -> str:
     return f"{count / total:.1%}" if total else "-"
 
 
-def _drift_section(check: DriftCheck, calibration: dict[str, Any]) -> str:
+def _drift_section(check: DriftCheck, calibration: CalibrationRecord) -> str:
     if check.band is None:
         verdict = '<p class="verdict">No band: the run has no image threshold, no calibration count, or no scored image.</p>'
         rows: list[dict[str, object]] = []
@@ -144,8 +144,8 @@ def _drift_section(check: DriftCheck, calibration: dict[str, Any]) -> str:
              "rate": f"{_percent(band.low, band.images)} - {_percent(band.high, band.images)}"},
         ]
     facts = [
-        {"": "calibration images", "value": calibration.get("count", "unknown")},
-        {"": "target image FPR", "value": calibration.get("image_fpr", "unknown")},
+        {"": "calibration images", "value": calibration.count},
+        {"": "target image FPR", "value": calibration.image_fpr if calibration.image_fpr is not None else "unknown"},
         {"": "score distribution, Kolmogorov-Smirnov p", "value": "no calibration scores in the model card" if check.ks_pvalue is None
          else f"{check.ks_pvalue:.3g}"},
     ]
@@ -174,7 +174,7 @@ def _throughput_section(summary: dict[str, Any]) -> str:
 
 
 def render_run_report(
-    summary: dict[str, Any], calibration: dict[str, Any], run: RunScores, check: DriftCheck, examples: bytes | None
+    summary: dict[str, Any], calibration: CalibrationRecord, run: RunScores, check: DriftCheck, examples: bytes | None
 ) -> str:
     """The report page; summary is the run's run.json, calibration the model card's calibration summary."""
     counts: list[dict[str, object]] = [
@@ -186,12 +186,12 @@ def render_run_report(
         {"": "retryable (transient)", "count": summary["retryable"], "share": _percent(summary["retryable"], summary["images"])},
     ]
     thresholds = {f"image threshold ({summary['thresholds']['image']:.4g})": summary["thresholds"]["image"]} if summary["thresholds"]["image"] is not None else {}
-    groups = {"calibration (normal)": np.asarray(calibration.get("image_scores", [])), "tonight": run.scores}
+    groups = {"calibration (normal)": np.asarray(calibration.image_scores), "tonight": run.scores}
     histogram = (
         _embedded(score_histogram(groups, thresholds, density=True), "image-score histogram: tonight over calibration")
         if run.scores.size else "<p>No image was scored.</p>"
     )
-    if "image_scores" not in calibration:
+    if not calibration.image_scores:
         histogram += "<p>The model card keeps no calibration scores (fitted before they were kept): tonight's scores only.</p>"
     anomalies = _embedded(examples, "top anomalies: image, anomaly map, mask") if examples else "<p>No anomalous image.</p>"
     top_rows: list[dict[str, object]] = [

@@ -15,8 +15,8 @@ from typing import Any
 
 from spade_batch.config import group_values
 from spade_batch.formats import storage
+from spade_batch.formats.card import load_card
 from spade_batch.formats.layout import ModelLayout, Outputs, part_files, read_columns
-from spade_batch.formats.model import load_card
 
 TOP_COLUMNS = ["id", "image_score", "is_anomalous", "max_pixel_score", "anomalous_fraction", "mask_uri"]
 
@@ -41,19 +41,17 @@ def summarise(uri: str, options: storage.StorageOptions = None, top: int = 10) -
 def model_summary(uri: str, options: storage.StorageOptions = None) -> dict[str, Any]:
     """Backbone, weights identity, method settings, thresholds, training counts and failures by reason."""
     card = load_card(uri, options)
+    stored = card.to_dict()
     return {
         "kind": "model",
         "uri": uri,
-        "backbone": card.settings["backbone"],
-        "weights": card.settings["weights"],
+        "backbone": card.settings.backbone,
+        "weights": card.settings.weights,
         "weights_sha256": card.weights_sha256,
-        "settings": card.settings,
-        "preprocessing": card.preprocessing,
-        "thresholds": card.thresholds,
-        "calibration": card.calibration,
+        **{key: stored[key] for key in ("settings", "preprocessing", "thresholds", "calibration")},
         "training": {
             "gallery_images": card.train_count,
-            "calibration_images": card.calibration.get("count", 0),
+            "calibration_images": card.calibration.count,
             "failed_images": len(card.failed_train_images),
             "manifest_sha256": card.train_manifest_sha256,
         },

@@ -1,0 +1,181 @@
+"""The model card (spade.json): everything needed to reproduce and to check a model, typed.
+
+No faiss, no torch: CPU workers read thresholds from it, and `show` reads a card without the arrays.
+JSON form: ModelCard.to_dict / from_dict; cards written by earlier versions still load (their method
+keys added since get the values those models were fitted with, KEYS_ADDED_LATER).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from spade_batch import __version__
+from spade_batch.config import MODEL_KEYS, ConfigError, MethodSettings, Settings
+from spade_batch.formats import storage
+from spade_batch.formats.features import LayerShape
+from spade_batch.formats.images import Preprocessing
+from spade_batch.formats.layout import ModelLayout
+
+MODEL_SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
+CARD_NAME = ModelLayout.card
+KEYS_ADDED_LATER = {"image_score": "knn", "map_top": 0.0, "layer_normalise": False}
+"""MODEL_KEYS that older cards lack, with the value those models were fitted with (the paper's); load_card fills them in."""
+
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Decision thresholds (None: unknown): anomalous when image score > image; a pixel is flagged when its score > pixel."""
+
+    image: float | None = None
+    pixel: float | None = None
+
+    @classmethod
+    def of(cls, card: ModelCard, settings: Settings) -> Thresholds:
+        """The settings' overrides, else the model's calibrated thresholds."""
+        image = settings.image_threshold if settings.image_threshold is not None else card.thresholds.image
+        pixel = settings.pixel_threshold if settings.pixel_threshold is not None else card.thresholds.pixel
+        return cls(image, pixel)
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Scales learnt from the calibration images (None: not learnt).
+
+    Attributes:
+        layer_scales: per pyramid layer, the standard deviation of its pixel distances (squared feature units).
+        knn: (mean, standard deviation) of the calibration images' kNN image scores.
+        map: (mean, standard deviation) of their map scores (spade.map_scores).
+    """
+
+    layer_scales: list[float] | None = None
+    knn: tuple[float, float] | None = None
+    map: tuple[float, float] | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Normalisation:
+        return cls(
+            values.get("layer_scales"),
+            tuple(values["knn"]) if values.get("knn") else None,  # type: ignore[arg-type]
+            tuple(values["map"]) if values.get("map") else None,  # type: ignore[arg-type]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    """How the thresholds were set (all defaults: not calibrated, or fields a card from before lacks).
+
+    Attributes:
+        count: calibration images scored.
+        images: held_out or leave_one_out (config calibration_images).
+        image_fpr, pixel_quantile: the targets the thresholds were set for.
+        image_score_quantiles: {"0.5", "0.9", "0.99"} quantiles of their image scores.
+        image_scores: their image scores, sorted (the run report's histogram and drift check).
+        warnings: what makes the calibration weak (trainset.calibration_warnings).
+    """
+
+    count: int = 0
+    images: str = "held_out"
+    image_fpr: float | None = None
+    pixel_quantile: float | None = None
+    image_score_quantiles: dict[str, float] = field(default_factory=dict)
+    image_scores: list[float] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything needed to reproduce and to check a model; saved as spade.json (to_dict / from_dict)."""
+
+    settings: MethodSettings  # the method group used at fit
+    preprocessing: Preprocessing
+    weights_sha256: str
+    layers: list[LayerShape]
+    global_dim: int
+    train_count: int
+    train_manifest_sha256: str
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    calibration: CalibrationRecord = field(default_factory=CalibrationRecord)
+    normalisation: Normalisation = field(default_factory=Normalisation)
+    failed_train_images: list[dict[str, str]] = field(default_factory=list)
+    package_version: str = __version__
+    schema_version: int = MODEL_SCHEMA_VERSION
+    created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (spade.json)."""
+        values = {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(self)}
+        return {
+            **values,
+            "settings": dataclasses.asdict(self.settings),
+            "preprocessing": self.preprocessing.to_dict(),
+            "layers": [dataclasses.asdict(shape) for shape in self.layers],
+            "thresholds": dataclasses.asdict(self.thresholds),
+            "calibration": dataclasses.asdict(self.calibration),
+            "normalisation": self.normalisation.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelCard:
+        """A card from its JSON form; method keys added since an old card was written get the values it was fitted with.
+
+        Raises TypeError or ValueError for a field that is missing, unknown or of the wrong shape.
+        """
+        return cls(**{
+            **values,
+            "settings": MethodSettings(**{**KEYS_ADDED_LATER, **values["settings"]}),
+            "preprocessing": Preprocessing.from_dict(values["preprocessing"]),
+            "layers": [LayerShape(**layer) for layer in values["layers"]],
+            "thresholds": Thresholds(**values.get("thresholds", {})),
+            "calibration": CalibrationRecord(**values.get("calibration", {})),
+            "normalisation": Normalisation.from_dict(values.get("normalisation", {})),
+        })
+
+    @property
+    def layer_shapes(self) -> list[LayerShape]:
+        return list(self.layers)
+
+    def settings_for(self, settings: Settings, explicit_keys: frozenset[str] = frozenset()) -> Settings:
+        """The request's settings with the model's method settings over them: the one place a model's card sets them.
+
+        explicit_keys: the keys the request set itself; one that differs from the model's is refused (check_compatible).
+        """
+        self.check_compatible(settings, explicit_keys)
+        return settings.replace(**dataclasses.asdict(self.settings))
+
+    def check_compatible(self, settings: Settings, explicit_keys: frozenset[str]) -> None:
+        """Refuse a request whose model settings differ from those the model was fitted with."""
+        mismatched = [
+            f"{key}={getattr(settings, key)!r} (model: {getattr(self.settings, key)!r})"
+            for key in sorted(explicit_keys & set(MODEL_KEYS))
+            if getattr(settings, key) != getattr(self.settings, key)
+        ]
+        if mismatched:
+            raise ConfigError(
+                "the request does not match the model: " + ", ".join(mismatched)
+                + "; drop these options to use the model's values, or fit a new model with them"
+            )
+
+
+def load_card(uri: str, options: storage.StorageOptions = None) -> ModelCard:
+    """The model's spade.json only (cheap: no gallery)."""
+    card_uri = ModelLayout(uri).card
+    if not storage.exists(card_uri, options):
+        raise FileNotFoundError(f"no model at {uri}: {CARD_NAME} is missing; run `spade-batch fit` first")
+    try:
+        card = ModelCard.from_dict(json.loads(storage.read_text(card_uri, options)))
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ValueError(f"{card_uri} is not a spade-batch model card ({error}); fit the model again") from error
+    if card.schema_version not in READABLE_SCHEMA_VERSIONS:
+        raise ValueError(
+            f"model {uri} has schema version {card.schema_version}; this package reads {READABLE_SCHEMA_VERSIONS}"
+        )
+    return card
