@@ -28,6 +28,7 @@ from spade_batch.engine.cpu_stages import PASSED_ON, object_column, worker_colum
 from spade_batch.engine.runtime import ModelStage, init_ray
 from spade_batch.engine.score import run_score
 from spade_batch.formats import storage
+from spade_batch.formats.card import Thresholds
 from spade_batch.formats.datasets import make_demo_data
 from spade_batch.formats.images import Preprocessing, decode_image, resize_for_model
 from spade_batch.formats.manifest import build_manifest
@@ -68,7 +69,7 @@ def old_design_shard(uris: list[str], out: str, seconds_per_image: float, size: 
         resize_for_model(image, spec)
         time.sleep(seconds_per_image)
         anomaly_map = rng.random((size, size), dtype=np.float32)
-        mask = mask_from_map(anomaly_map, *image.shape[:2], 0.5)
+        mask = mask_from_map(anomaly_map, *image.shape[:2], Thresholds(pixel=0.5))
         storage.write_bytes(storage.join(out, f"{index}-{os.path.basename(uri)}"), png_bytes(mask))
     return len(uris)
 

@@ -98,7 +98,10 @@ class Settings:
     calibration_sample: int = _key("calibration", 1000, "leave_one_out: at most this many gallery images are scored to calibrate, the same ones on every fit (by id hash); 0 scores them all.")
     keep_size_outliers: bool = _key("calibration", False, "Keep training images whose size or aspect ratio is far from the rest in the gallery and calibration (by default they are reported and left out).")
     image_fpr: float = _key("calibration", 0.01, "Target false-positive rate of the image threshold on normal images.")
-    pixel_quantile: float = _key("calibration", 0.999, "Quantile of normal pixel scores used as the pixel threshold.")
+    pixel_rule: str = _key("calibration", "quantile", "How the pixel threshold comes from the calibration images' maps: quantile (pixel_quantile of their pooled pixel scores), mean_3sigma (their mean + 3 standard deviations) or region (the level at which about image_fpr of them show a flagged region of at least min_region pixels).")
+    pixel_quantile: float = _key("calibration", 0.999, "pixel_rule quantile: quantile of normal pixel scores used as the pixel threshold.")
+    min_region: int = _key("calibration", 0, "Smallest flagged region a mask keeps, in pixels at the working size (scaled to each image's size); smaller ones are dropped. 0 keeps every flagged pixel. pixel_rule region counts regions of at least max(1, min_region) pixels.")
+    gate_masks: bool = _key("calibration", False, "An image that is not flagged anomalous gets an empty mask (its map is still written when asked for).")
     image_threshold: float | None = _key("thresholds", None, "Override the model's calibrated image threshold.")
     pixel_threshold: float | None = _key("thresholds", None, "Override the model's calibrated pixel threshold.")
     shard_size: int = _key("run", 64, "Images per decode task and per output part file (scores or features): the unit of CPU work, output and resume.")
@@ -188,7 +191,10 @@ class CalibrationSettings:
     calibration_sample: int
     keep_size_outliers: bool
     image_fpr: float
+    pixel_rule: str
     pixel_quantile: float
+    min_region: int
+    gate_masks: bool
 
 
 @dataclass(frozen=True)
@@ -240,6 +246,7 @@ _CHOICES = {
     "index": ("flat", "ivf"),
     "image_score": ("knn", "map", "combined"),
     "calibration_images": ("held_out", "leave_one_out"),
+    "pixel_rule": ("quantile", "mean_3sigma", "region"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("float32", "tf32", "bfloat16"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -277,6 +284,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"calibration_fraction: must be in [0, 1), got {settings.calibration_fraction}")
     if not 0 <= settings.map_top <= 1:
         raise ConfigError(f"map_top: must be a fraction in [0, 1] (0: the highest pixel), got {settings.map_top}")
+    if settings.min_region < 0:
+        raise ConfigError(f"min_region: must be >= 0 pixels, got {settings.min_region}")
     if settings.calibration_sample < 0:
         raise ConfigError(f"calibration_sample: must be >= 0 (0: every gallery image), got {settings.calibration_sample}")
     for needs_calibration in ("layer_normalise", "image_score"):

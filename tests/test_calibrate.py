@@ -15,6 +15,7 @@ from spade_batch.formats.images import Preprocessing
 from spade_batch.formats.model import Centre, GalleryWriter, build_model
 from spade_batch.method.calibrate import (
     PIXEL_SAMPLE,
+    CalibrationScores,
     calibrate_from_samples,
     image_threshold,
     is_held_out,
@@ -23,6 +24,7 @@ from spade_batch.method.calibrate import (
     pixel_sample,
     pixel_threshold,
 )
+from spade_batch.method.masks import drop_small_regions, region_score
 from spade_batch.method.scoring import image_scores
 
 NORMAL_SCORES = stats.chi2(df=8)  # a skewed, positive stand-in for normal images' kNN scores
@@ -112,13 +114,38 @@ def tiny_model(folder, **settings):
     return build_model(writer, card, Settings(backbone="resnet18", weights="random", k=2))
 
 
+def scores_of(knn: np.ndarray, maps: np.ndarray, samples: list[np.ndarray], regions: np.ndarray | None = None) -> CalibrationScores:
+    ids = [f"{i:03d}" for i in range(len(knn))]
+    return CalibrationScores(ids, knn, maps, samples, maps if regions is None else regions)
+
+
+@pytest.mark.parametrize("rule", ["quantile", "mean_3sigma", "region"])
+def test_each_pixel_rule_equals_its_direct_computation(tmp_path, rule):
+    rng = np.random.default_rng(8)
+    maps = [rng.gamma(2.0, 0.1, (24, 24)).astype(np.float32) for _ in range(30)]
+    samples = [pixel_sample(m) for m in maps]
+    regions = np.array([region_score(m, 5) for m in maps])
+    settings = Settings(image_score="knn", pixel_rule=rule, pixel_quantile=0.99, image_fpr=0.1, min_region=5, gate_masks=True)
+    calibrated = calibrate_from_samples(tiny_model(tmp_path, image_score="knn"), scores_of(rng.random(30), rng.random(30), samples, regions),
+                                        settings.calibration)
+    pooled = np.concatenate([m.ravel() for m in maps]).astype(np.float64)  # 576-pixel maps: the samples are the whole maps
+    expected = {"quantile": np.quantile(pooled, 0.99, method="higher"), "mean_3sigma": pooled.mean() + 3 * pooled.std(),
+                "region": np.sort(regions)[int(np.ceil(0.9 * (len(regions) - 1)))]}[rule]
+    thresholds = calibrated.card.thresholds
+    assert thresholds.pixel == pytest.approx(expected, rel=1e-6)
+    assert (thresholds.min_region, thresholds.gate_masks, calibrated.card.calibration.pixel_rule) == (5, True, rule)
+    if rule == "region":  # the promise: at most image_fpr of these normal maps show a region of 5 pixels at it
+        shown = [drop_small_regions(m > thresholds.pixel, 5).any() for m in maps]
+        assert np.mean(shown) <= 0.1 and np.mean([drop_small_regions(m > 0.99 * thresholds.pixel, 5).any() for m in maps]) > 0.05
+
+
 def test_calibrate_sets_the_model_thresholds_from_held_out_scores(tmp_path):
     rng = np.random.default_rng(4)
     knn, maps = rng.random((2, 50))
     samples = [pixel_sample(rng.random((80, 80), dtype=np.float32)) for _ in range(50)]
     settings = Settings(image_fpr=0.1, pixel_quantile=0.99, image_score="knn")
     model = tiny_model(tmp_path, image_score="knn")
-    calibrated = calibrate_from_samples(model, knn, maps, samples, settings.calibration)
+    calibrated = calibrate_from_samples(model, scores_of(knn, maps, samples), settings.calibration)
     assert calibrated.card.thresholds == Thresholds(image_threshold(knn, 0.1), pixel_threshold(samples, 0.99))
     assert calibrated.card.calibration.count == 50
     assert calibrated.card.calibration.image_fpr == 0.1
@@ -153,10 +180,10 @@ def test_calibrate_learns_the_combined_scores_statistics_and_thresholds_them(tmp
     samples = [rng.random(16, dtype=np.float32) for _ in range(40)]
     settings = Settings(image_score="combined", image_fpr=0.1)
     model = tiny_model(tmp_path, image_score="combined")
-    calibrated = calibrate_from_samples(model, knn, maps, samples, settings.calibration)
+    calibrated = calibrate_from_samples(model, scores_of(knn, maps, samples), settings.calibration)
     normalisation = calibrated.card.normalisation
     assert normalisation.knn == pytest.approx((knn.mean(), knn.std())) and normalisation.map == pytest.approx((maps.mean(), maps.std()))
     combined = ((knn - knn.mean()) / knn.std() + (maps - maps.mean()) / maps.std()) / 2
     assert calibrated.card.thresholds.image == pytest.approx(np.quantile(combined, 0.9, method="higher"), rel=1e-12)
     with pytest.raises(ValueError, match="map scores do not vary"):
-        calibrate_from_samples(model, knn, np.ones(40), samples, settings.calibration)
+        calibrate_from_samples(model, scores_of(knn, np.ones(40), samples), settings.calibration)

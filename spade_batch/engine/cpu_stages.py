@@ -105,14 +105,14 @@ def _status(batch: Batch) -> Batch:
 
 
 def write_score_outputs(
-    batch: Batch, out_root: str, thresholds: tuple[float | None, float | None], settings: Settings
+    batch: Batch, out_root: str, thresholds: Thresholds, settings: Settings
 ) -> Batch:
     """Output stage of score: masks (and maps, overlays) of each image, then the batch's scores part, last.
 
     Returns the small columns the driver summarises: id, status, error, is_anomalous, and who scored it.
     """
     options = settings.fsspec_options()
-    outputs, limits = Outputs(out_root), Thresholds(*thresholds)
+    outputs, limits = Outputs(out_root), thresholds
     rows: list[ScoreRow] = []
     anomalous: list[bool | None] = []
     for i, image_id in enumerate(batch["id"]):
@@ -127,9 +127,10 @@ def write_score_outputs(
         size = int(batch["height"][i]), int(batch["width"][i])
         anomaly_map = batch["map"][i]
         mask_size = size if settings.preprocess == "full" else anomaly_map.shape
-        mask = mask_from_map(anomaly_map, *mask_size, limits.pixel)
+        image_score = float(batch["image_score"][i])
+        mask = mask_from_map(anomaly_map, *mask_size, limits, limits.is_anomalous(image_score))
         storage.write_bytes(outputs.mask(image_id), png_bytes(mask), options)
-        row = result_row(image_id, uri, size, float(batch["image_score"][i]), anomaly_map,
+        row = result_row(image_id, uri, size, image_score, anomaly_map,
                          list(batch["neighbour_ids"][i]), mask, outputs.mask(image_id), limits)
         if settings.save_maps or row.is_anomalous:  # anomalous images' maps are drawn by the run report
             storage.write_npy(outputs.map(image_id), anomaly_map.astype(np.float16), options)

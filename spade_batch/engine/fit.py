@@ -28,8 +28,9 @@ from spade_batch.formats.layout import ModelLayout, done_ids, part_files, record
 from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.manifest import Manifest, build_manifest
 from spade_batch.formats.model import SpadeModel, cache_root
+from spade_batch.method.calibrate import CalibrationScores
 from spade_batch.method.extractor import Extractor
-from spade_batch.method.recipe import HeldOutScorer, HeldOutScores, InProcessHeldOut, StoredFeatures, fit_from_features
+from spade_batch.method.recipe import HeldOutScorer, InProcessHeldOut, StoredFeatures, fit_from_features
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +183,10 @@ class ActorsHeldOut:
     def moments(self, model: SpadeModel, ids: Sequence[str]) -> np.ndarray:
         return sum(batch["moments"].sum(axis=0) for batch in self._batches(model, ids, moments=True))
 
-    def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterator[HeldOutScores]:
+    def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterator[CalibrationScores]:
         for batch in self._batches(model, ids, moments=False):
-            yield HeldOutScores([str(i) for i in batch["id"]], batch["knn_score"], batch["map_score"],
-                                [np.asarray(sample) for sample in batch["pixel_sample"]])
+            yield CalibrationScores([str(i) for i in batch["id"]], batch["knn_score"], batch["map_score"],
+                                    [np.asarray(sample) for sample in batch["pixel_sample"]], batch["region_score"])
 
     def _batches(self, model: SpadeModel, ids: Sequence[str], moments: bool) -> Iterator[Batch]:
         model.publish_arrays(self.model_uri, self.settings.fsspec_options())
@@ -209,7 +210,7 @@ class _Counted:
     def moments(self, model: SpadeModel, ids: Sequence[str]) -> np.ndarray:
         return self.inner.moments(model, ids)
 
-    def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterator[HeldOutScores]:
+    def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterator[CalibrationScores]:
         with Progress("calibrate", len(ids)) as progress:
             for batch in self.inner.scores(model, ids):
                 progress.advance(len(batch.ids))

@@ -88,7 +88,7 @@ def score_dataset(
         .map_batches(stage, fn_constructor_kwargs={"model_uri": model_uri, "settings": settings},
                      batch_size=settings.batch_size, batch_format="numpy", compute=plan.compute(), **plan.resources)
         .map_batches(write_score_outputs,
-                     fn_kwargs={"out_root": outputs.root, "thresholds": (thresholds.image, thresholds.pixel), "settings": settings},
+                     fn_kwargs={"out_root": outputs.root, "thresholds": thresholds, "settings": settings},
                      batch_size=settings.shard_size, batch_format="numpy", **OUTPUT_TASK)
     )
 

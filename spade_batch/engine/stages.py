@@ -71,20 +71,21 @@ class CalibrationStage:
     the recipe's score_held_out (or, with moments, held_out_moments) on each part's held-out rows.
 
     Batches: part (str), ids (list of str: the held-out images in that part) -> id, knn_score, map_score,
-    pixel_sample (calibrate.pixel_sample of each map); with moments, one row per part of its summed
+    pixel_sample (calibrate.pixel_sample of each map), region_score; with moments, one row per part of its summed
     L x 3 distance moments instead.
     """
 
     def __init__(self, model_uri: str, settings: Settings, card: dict[str, Any], moments: bool = False):
         self.scorer = ScoreStage(model_uri, settings, card).scorer
-        self.options, self.moments = settings.fsspec_options(), moments
+        self.options, self.moments, self.min_region = settings.fsspec_options(), moments, settings.min_region
 
     def __call__(self, batch: Batch) -> Batch:
         blocks = [read_block(str(part), list(ids), self.options) for part, ids in zip(batch["part"], batch["ids"])]
         if self.moments:
             return {"moments": np.stack([held_out_moments(self.scorer, block) for block in blocks])}
-        scored = [score_held_out(self.scorer, block) for block in blocks]
+        scored = [score_held_out(self.scorer, block, self.min_region) for block in blocks]
         return {"id": object_column([i for s in scored for i in s.ids]),
                 "knn_score": np.concatenate([s.knn_scores for s in scored]),
                 "map_score": np.concatenate([s.map_scores for s in scored]),
-                "pixel_sample": object_column([p for s in scored for p in s.pixel_samples])}
+                "pixel_sample": object_column([p for s in scored for p in s.pixel_samples]),
+                "region_score": np.concatenate([s.region_scores for s in scored])}

@@ -30,17 +30,31 @@ KEYS_ADDED_LATER = {"image_score": "knn", "map_top": 0.0, "layer_normalise": Fal
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Decision thresholds (None: unknown): anomalous when image score > image; a pixel is flagged when its score > pixel."""
+    """The decisions a scoring run writes (None: unknown; the defaults are how models before these fields decided).
+
+    Attributes:
+        image: an image is anomalous when its score > image.
+        pixel: a mask pixel is flagged when its score > pixel.
+        min_region: flagged regions smaller than this many pixels at the working size (scaled to the
+            image's size) are dropped from masks; 0 keeps every flagged pixel.
+        gate_masks: an image that is not anomalous gets an empty mask.
+    """
 
     image: float | None = None
     pixel: float | None = None
+    min_region: int = 0
+    gate_masks: bool = False
 
     @classmethod
     def of(cls, card: ModelCard, settings: Settings) -> Thresholds:
-        """The settings' overrides, else the model's calibrated thresholds."""
+        """The settings' overrides, else the model's calibrated thresholds; the mask rules are the model's."""
         image = settings.image_threshold if settings.image_threshold is not None else card.thresholds.image
         pixel = settings.pixel_threshold if settings.pixel_threshold is not None else card.thresholds.pixel
-        return cls(image, pixel)
+        return dataclasses.replace(card.thresholds, image=image, pixel=pixel)
+
+    def is_anomalous(self, image_score: float) -> bool | None:
+        """The image verdict (None without an image threshold)."""
+        return None if self.image is None else bool(image_score > self.image)
 
 
 @dataclass(frozen=True)
@@ -76,7 +90,7 @@ class CalibrationRecord:
     Attributes:
         count: calibration images scored.
         images: held_out or leave_one_out (config calibration_images).
-        image_fpr, pixel_quantile: the targets the thresholds were set for.
+        image_fpr, pixel_rule, pixel_quantile: how the thresholds were set (config calibration group).
         image_score_quantiles: {"0.5", "0.9", "0.99"} quantiles of their image scores.
         image_scores: their image scores, sorted (the run report's histogram and drift check).
         warnings: what makes the calibration weak (trainset.calibration_warnings).
@@ -85,6 +99,7 @@ class CalibrationRecord:
     count: int = 0
     images: str = "held_out"
     image_fpr: float | None = None
+    pixel_rule: str = "quantile"
     pixel_quantile: float | None = None
     image_score_quantiles: dict[str, float] = field(default_factory=dict)
     image_scores: list[float] = field(default_factory=list)

@@ -71,7 +71,7 @@ def result_row(
         id=image_id,
         uri=uri,
         image_score=image_score,
-        is_anomalous=None if thresholds.image is None else image_score > thresholds.image,
+        is_anomalous=thresholds.is_anomalous(image_score),
         max_pixel_score=float(anomaly_map.max()),
         anomalous_fraction=None if thresholds.pixel is None else float((mask > 0).mean()),
         mask_uri=mask_uri,

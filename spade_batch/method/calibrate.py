@@ -1,11 +1,14 @@
 """Thresholds from normal images only (no defective examples needed).
 
-image threshold: the (1 - image_fpr) quantile of held-out normal image scores, so that about
-    image_fpr of normal images score above it ("is_anomalous" = score > threshold).
-pixel threshold: the pixel_quantile of held-out normal pixel scores; each map contributes an
-    evenly strided sample of at most PIXEL_SAMPLE values, which bounds memory for any set size.
+The calibration images are normal images held out of the gallery, or gallery images scored
+leave-one-out (recipe.split_fit_ids).
+image threshold: the (1 - image_fpr) quantile of their image scores, so that about image_fpr of
+    normal images score above it ("is_anomalous" = score > threshold).
+pixel threshold, by pixel_rule: the pixel_quantile of their pooled pixel scores (each map contributes
+    an evenly strided sample of at most PIXEL_SAMPLE values, which bounds memory for any set size),
+    their mean + 3 standard deviations, or the region rule (pixel_threshold_of).
 
-The same held-out images give the scales of the options beyond the paper (`Normalisation`): each
+The same calibration images give the scales of the options beyond the paper (`Normalisation`): each
 pyramid layer's spread of pixel distances (layer_normalise), and the mean and spread of the kNN and
 map image scores that image_score "combined" standardises before averaging them.
 """
@@ -16,6 +19,7 @@ import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -74,32 +78,66 @@ def score_statistics(scores: np.ndarray, name: str) -> tuple[float, float]:
     return float(np.mean(scores)), spread
 
 
-def calibrate_from_samples(
-    model: SpadeModel, knn_scores: np.ndarray, map_scores: np.ndarray, pixel_samples: Sequence[np.ndarray], settings: CalibrationSettings
-) -> SpadeModel:
-    """Model with thresholds (and, for image_score combined, the score statistics) from held-out normal images.
+@dataclass(frozen=True)
+class CalibrationScores:
+    """What scoring B normal calibration images gives calibration.
+
+    Attributes:
+        ids: B image ids.
+        knn_scores, map_scores: B float64 kNN and map image scores (scoring.ImageScore).
+        pixel_samples: B float32 vectors of at most PIXEL_SAMPLE pixel scores each (pixel_sample).
+        region_scores: B float64 masks.region_score of each map at the model's min_region.
+    """
+
+    ids: list[str]
+    knn_scores: np.ndarray
+    map_scores: np.ndarray
+    pixel_samples: list[np.ndarray]
+    region_scores: np.ndarray
+
+
+def pixel_threshold_of(scores: CalibrationScores, settings: CalibrationSettings) -> float:
+    """The pixel threshold of settings.pixel_rule from the calibration images' maps.
+
+    quantile: pixel_quantile of the pooled pixel samples; mean_3sigma: their mean + 3 standard deviations
+    (MVTec AD 2's baseline); region: the (1 - image_fpr) quantile of the region scores, so that about
+    image_fpr of normal images show a flagged region of at least min_region pixels.
+    """
+    if settings.pixel_rule == "region":
+        return image_threshold(np.asarray(scores.region_scores, np.float64), settings.image_fpr)
+    if settings.pixel_rule == "mean_3sigma":
+        pooled = np.concatenate(scores.pixel_samples).astype(np.float64)
+        return float(pooled.mean() + 3 * pooled.std())
+    return pixel_threshold(scores.pixel_samples, settings.pixel_quantile)
+
+
+def calibrate_from_samples(model: SpadeModel, scores: CalibrationScores, settings: CalibrationSettings) -> SpadeModel:
+    """Model with thresholds (and, for image_score combined, the score statistics) from normal calibration images.
 
     Raises ValueError for scores that cannot give a threshold; the card's calibration lists what
-    makes the hold-out weak for the target FPR (trainset.calibration_warnings) under "warnings".
+    makes the calibration weak for the target FPR (trainset.calibration_warnings) under "warnings".
     """
     mode = model.card.settings.image_score
     normalisation = model.card.normalisation
+    knn_scores, map_scores = scores.knn_scores, scores.map_scores
     if mode == "combined":
         normalisation = dataclasses.replace(
             normalisation, knn=score_statistics(knn_scores, "kNN"), map=score_statistics(map_scores, "map")
         )
         model = model.with_normalisation(normalisation)
-    scores = image_scores(knn_scores, map_scores, mode, normalisation)
+    image_scores_ = image_scores(knn_scores, map_scores, mode, normalisation)
     record = CalibrationRecord(
-        count=int(scores.size),
+        count=int(image_scores_.size),
         images=settings.calibration_images,
         image_fpr=settings.image_fpr,
+        pixel_rule=settings.pixel_rule,
         pixel_quantile=settings.pixel_quantile,
-        image_score_quantiles={q: float(np.quantile(scores, float(q))) for q in ("0.5", "0.9", "0.99")},
-        image_scores=sorted(float(score) for score in scores),
-        warnings=calibration_warnings(scores, settings.image_fpr),
+        image_score_quantiles={q: float(np.quantile(image_scores_, float(q))) for q in ("0.5", "0.9", "0.99")},
+        image_scores=sorted(float(score) for score in image_scores_),
+        warnings=calibration_warnings(image_scores_, settings.image_fpr),
     )
-    thresholds = Thresholds(image_threshold(scores, settings.image_fpr), pixel_threshold(list(pixel_samples), settings.pixel_quantile))
+    thresholds = Thresholds(image_threshold(image_scores_, settings.image_fpr), pixel_threshold_of(scores, settings),
+                            settings.min_region, settings.gate_masks)
     return model.with_thresholds(thresholds, record)
 
 

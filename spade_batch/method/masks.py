@@ -1,26 +1,79 @@
-"""Masks from anomaly maps, and their PNG encoding (the one place images are encoded as PNG).
+"""Masks from anomaly maps, flagged regions, and PNG encoding (the one place images are encoded as PNG).
 
 A mask is the anomaly map resized to the image's original size and thresholded at the pixel
-threshold (0 / 255). Without a known threshold it is the map scaled to 0-255 per image.
+threshold (0 / 255); regions smaller than the model's min_region are dropped, and with gate_masks an
+image that is not anomalous gets an empty mask. Without a known threshold it is the map scaled to
+0-255 per image. Regions are 8-connected.
 """
 
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
+from spade_batch.formats.card import Thresholds
 from spade_batch.formats.images import resize_map
 
+CONNECTIVITY = np.ones((3, 3), dtype=bool)
+"""8-connected regions: a diagonal step joins two flagged pixels."""
 
-def mask_from_map(anomaly_map: np.ndarray, height: int, width: int, threshold: float | None) -> np.ndarray:
-    """S x S float map -> height x width uint8 mask: 0/255 above threshold, or the map scaled per image without one."""
+
+def mask_from_map(anomaly_map: np.ndarray, height: int, width: int, rule: Thresholds, anomalous: bool | None = None) -> np.ndarray:
+    """S x S float map -> height x width uint8 mask: 0/255 where the rule flags a pixel, or the map scaled per image
+    when the rule has no pixel threshold.
+
+    anomalous: the image's verdict; with rule.gate_masks an image that is not anomalous gets an empty mask.
+    """
     full = resize_map(np.array(anomaly_map, dtype=np.float32), height, width)  # a writable copy: batches arrive read-only
-    if threshold is not None:
-        return np.where(full > threshold, 255, 0).astype(np.uint8)
-    low, high = float(full.min()), float(full.max())
-    return np.round(255 * (full - low) / max(high - low, 1e-12)).astype(np.uint8)
+    if rule.pixel is None:
+        low, high = float(full.min()), float(full.max())
+        return np.round(255 * (full - low) / max(high - low, 1e-12)).astype(np.uint8)
+    if rule.gate_masks and anomalous is False:
+        return np.zeros((height, width), np.uint8)
+    flagged = full > rule.pixel
+    if rule.min_region > 1:
+        flagged = drop_small_regions(flagged, math.ceil(rule.min_region * height * width / anomaly_map.size))
+    return flagged.astype(np.uint8) * 255
+
+
+def drop_small_regions(flagged: np.ndarray, min_pixels: int) -> np.ndarray:
+    """H x W bool with the regions of fewer than min_pixels pixels cleared."""
+    labels, count = ndimage.label(flagged, structure=CONNECTIVITY)
+    if not count:
+        return flagged
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_pixels
+    keep[0] = False
+    return keep[labels]
+
+
+def region_score(anomaly_map: np.ndarray, min_region: int) -> float:
+    """The score r such that `anomaly_map > t` holds a region of at least min_region pixels exactly when t < r.
+
+    An image's mask shows such a region exactly when the pixel threshold is below r, so a threshold set
+    on the calibration images' r bounds how many normal images show one. Exact: a binary search over the
+    map's own values (about 16 labellings of an S x S map).
+    """
+    values = np.unique(anomaly_map)
+    low, high = 0, len(values) - 1  # `anomaly_map >= values[low]` (the whole map) always holds such a region
+    if max(1, min_region) > anomaly_map.size:
+        raise ValueError(f"min_region {min_region} is larger than the {anomaly_map.size}-pixel map")
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _largest_region(anomaly_map >= values[middle]) >= max(1, min_region):
+            low = middle
+        else:
+            high = middle - 1
+    return float(values[low])
+
+
+def _largest_region(flagged: np.ndarray) -> int:
+    labels, count = ndimage.label(flagged, structure=CONNECTIVITY)
+    return int(np.bincount(labels.ravel())[1:].max()) if count else 0
 
 
 def png_bytes(image: np.ndarray) -> bytes:

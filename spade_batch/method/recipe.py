@@ -31,7 +31,9 @@ from spade_batch.formats.features import FeatureTable, read_features
 from spade_batch.formats.layout import read_columns
 from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
 from spade_batch.method import calibrate
+from spade_batch.method.calibrate import CalibrationScores
 from spade_batch.method.extractor import Extractor, Features
+from spade_batch.method.masks import region_score
 from spade_batch.method.scorer import Scorer
 from spade_batch.method.trainset import size_outliers
 
@@ -94,31 +96,16 @@ def read_block(part: str, ids: Iterable[str], options: storage.StorageOptions = 
     return table.select(np.array([image_id in wanted for image_id in table.ids], dtype=bool))
 
 
-@dataclass(frozen=True)
-class HeldOutScores:
-    """What scoring B held-out normal images gives calibration.
-
-    Attributes:
-        ids: B image ids.
-        knn_scores: B float64 kNN image scores; map_scores: B float64 map scores (scoring.ImageScore).
-        pixel_samples: B float32 vectors of at most calibrate.PIXEL_SAMPLE pixel scores each.
-    """
-
-    ids: list[str]
-    knn_scores: np.ndarray
-    map_scores: np.ndarray
-    pixel_samples: list[np.ndarray]
-
-
-def score_held_out(scorer: Scorer, block: FeatureTable) -> HeldOutScores:
+def score_held_out(scorer: Scorer, block: FeatureTable, min_region: int) -> CalibrationScores:
     """The one way calibration images are scored: from their stored features, with the model's scorer;
     an image that is in the gallery (leave-one-out) against the others only."""
     results = scorer.score_features(Features.of_table(block), _own_rows(scorer.model, block.ids))
-    return HeldOutScores(
+    return CalibrationScores(
         list(block.ids),
         np.array([r.knn_score for r in results], np.float64),
         np.array([r.map_score for r in results], np.float64),
         [calibrate.pixel_sample(r.anomaly_map) for r in results],
+        np.array([region_score(r.anomaly_map, min_region) for r in results], np.float64),
     )
 
 
@@ -139,7 +126,7 @@ class HeldOutScorer(Protocol):
     def moments(self, model: SpadeModel, ids: Sequence[str]) -> np.ndarray:
         """L x 3 layer moments summed over these held-out images (held_out_moments)."""
 
-    def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterable[HeldOutScores]:
+    def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterable[CalibrationScores]:
         """These held-out images' scores (score_held_out), in blocks of any order."""
 
 
@@ -158,9 +145,9 @@ class InProcessHeldOut:
         scorer = self._scorer(model)
         return sum((held_out_moments(scorer, block) for block in self.features.blocks(ids)), np.zeros((len(model.gallery), 3)))
 
-    def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterator[HeldOutScores]:
+    def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterator[CalibrationScores]:
         scorer = self._scorer(model)
-        return (score_held_out(scorer, block) for block in self.features.blocks(ids))
+        return (score_held_out(scorer, block, self.settings.min_region) for block in self.features.blocks(ids))
 
 
 @dataclass(frozen=True)
@@ -282,13 +269,17 @@ def _calibrate(model: SpadeModel, calibration_ids: list[str], held_out: HeldOutS
     if settings.layer_normalise:
         scales = calibrate.layer_scales(held_out.moments(model, calibration_ids))
         model = model.with_normalisation(Normalisation(layer_scales=scales))
-    scored: dict[str, tuple[float, float, np.ndarray]] = {}
-    for batch in held_out.scores(model, calibration_ids):
-        scored.update(zip(batch.ids, zip(batch.knn_scores.tolist(), batch.map_scores.tolist(), batch.pixel_samples)))
-    ordered = [scored[i] for i in calibration_ids]
-    model = calibrate.calibrate_from_samples(
-        model, np.array([k for k, _, _ in ordered]), np.array([m for _, m, _ in ordered]), [p for _, _, p in ordered], settings.calibration
+    batches = list(held_out.scores(model, calibration_ids))
+    row = {image_id: (n, i) for n, batch in enumerate(batches) for i, image_id in enumerate(batch.ids)}
+    order = [row[image_id] for image_id in calibration_ids]  # calibration_ids' order, whatever the blocks'
+    scores = calibrate.CalibrationScores(
+        list(calibration_ids),
+        np.array([batches[n].knn_scores[i] for n, i in order]),
+        np.array([batches[n].map_scores[i] for n, i in order]),
+        [batches[n].pixel_samples[i] for n, i in order],
+        np.array([batches[n].region_scores[i] for n, i in order]),
     )
+    model = calibrate.calibrate_from_samples(model, scores, settings.calibration)
     for warning in model.card.calibration.warnings:
         log.warning("fit: calibration: %s", warning)
     return model
