@@ -1,4 +1,4 @@
-"""Masks from anomaly maps, and their PNG encoding (the one place images are encoded as PNG).
+"""Masks from anomaly maps, and their PNG encoding (the one place images are encoded as PNG) and decoding.
 
 A mask is the anomaly map resized to the image's original size and thresholded at the pixel
 threshold (0 / 255). Without a known threshold it is the map scaled to 0-255 per image.
@@ -38,3 +38,18 @@ def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def flagged_pixels(png: bytes, source: str) -> np.ndarray:
+    """A written binary mask PNG (0/255) -> H x W bool, True where the mask flags a pixel (any nonzero value).
+
+    source: where the bytes came from, for the error.
+    """
+    try:
+        with Image.open(io.BytesIO(png)) as im:
+            array = np.asarray(im)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"cannot read the mask {source}: {e}; the scoring run's outputs are damaged, re-run it") from e
+    if array.ndim != 2:
+        raise ValueError(f"the mask {source} is not a single-channel PNG (shape {array.shape}); it was not written by score")
+    return array > 0
