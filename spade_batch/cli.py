@@ -116,7 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, metavar="MODEL_URI", help="a model written by fit")
     evaluate.add_argument("--data", required=True, metavar="ROOT/CATEGORY", help="an MVTec AD layout category folder")
     evaluate.add_argument("--out", required=True, metavar="OUT", help="where metrics.json, the report and the scores go")
-    evaluate.add_argument("--original-resolution", action="store_true", help="also compute pixel metrics at each image's original size")
+    resolution = evaluate.add_mutually_exclusive_group()
+    resolution.add_argument(
+        "--original-resolution", dest="original_resolution", action="store_const", const=True, default=None,
+        help="pixel metrics at each image's original size: the default with full preprocessing; refused for paper",
+    )
+    resolution.add_argument(
+        "--working-resolution-only", dest="original_resolution", action="store_const", const=False,
+        help="pixel ROCAUC and PRO at the working size only (faster); decisions still compare the masks as written",
+    )
     evaluate.add_argument("--every", type=int, default=1, metavar="N", help="evaluate every N-th test image of each label, for quick looks [default: 1]")
     _add_dry_run(evaluate)
     _add_settings_flags(evaluate, "evaluate")

@@ -105,6 +105,7 @@ def _print_run(summary: dict[str, Any]) -> None:
             ("image threshold", thresholds["image"]),
             ("pixel threshold", thresholds["pixel"]),
             (Outputs.masks, summary["mask_kind"]),
+            *([("paper crop", summary["paper_crop"]["message"])] if summary["paper_crop"] else []),
             ("seconds", f"{timings['seconds']:.1f}"),
             ("images/s", f"{timings['images_per_second']:.2f}"),
         ],
@@ -218,6 +219,7 @@ def score(
             ("resumed (already done)", summary.resumed),
             ("model workers", summary.model_workers),
             (Outputs.masks, f"{outputs.masks}  [{summary.mask_kind}]"),
+            *([("paper crop", summary.paper_crop["message"])] if summary.paper_crop else []),
             ("scores table", outputs.scores),
             ("run summary", outputs.run_json),
             ("report", report),
@@ -268,7 +270,7 @@ def nightly_plan(plan_uri: str, out: str, date: str | None, settings: Settings, 
 
 
 def evaluate(
-    model_uri: str, data: str, out: str, settings: Settings, explicit: frozenset[str], original_resolution: bool,
+    model_uri: str, data: str, out: str, settings: Settings, explicit: frozenset[str], original_resolution: bool | None = None,
     every: int = 1, dry_run: bool = False,
 ) -> int:
     written = EvaluationOutputs(out)
@@ -277,15 +279,26 @@ def evaluate(
     from spade_batch.reports.evaluate import run_evaluate
 
     metrics = run_evaluate(model_uri, data, out, settings, explicit, original_resolution, every)
-    overall = metrics["overall"]
+    overall, decisions = metrics["overall"], metrics["decisions"]
+    image, pixel = decisions["image"], decisions["pixel"]
     print_table(
         "evaluate",
         [
             ("preprocessing", metrics["preprocessing"]),
             ("test images", metrics["counts"]["images"]),
-            ("image ROCAUC", f"{overall['image_rocauc']:.4f}"),
-            ("pixel ROCAUC", f"{overall['pixel_rocauc']:.4f}"),
-            ("PRO (FPR <= 0.3)", f"{overall['pro']:.4f}"),
+            ("image ROCAUC", _metric(overall["image_rocauc"])),
+            ("pixel ROCAUC", _metric(overall["pixel_rocauc"])),
+            ("PRO (FPR <= 0.3)", _metric(overall["pro"])),
+            ("AU-PRO (FPR <= 0.05)", _metric(overall["au_pro_0.05"])),
+            ("pixel metrics at", metrics["evaluation_resolution"]),
+            (f"images flagged ({decisions['thresholds']['source']})",
+             "unknown (no image threshold)" if image is None else
+             f"{image['flagged_normal']} of {image['normal']} good, {image['flagged_defective']} of {image['defective']} defective"),
+            ("pixel SegF1 / TPR / FPR", "unknown (no pixel threshold)" if pixel is None else
+             f"{_metric(pixel['seg_f1'])} / {_metric(pixel['tpr'])} / {_metric(pixel['fpr'])}"),
+            ("good images with flagged pixels", "unknown (no pixel threshold)" if pixel is None else
+             f"{pixel['normal_images_flagged']} of {pixel['normal_images']}"),
+            *([("paper crop", metrics["paper_crop"]["message"])] if metrics["paper_crop"] else []),
             ("images/s", f"{metrics['images_per_second']:.2f}"),
             (Outputs.masks, written.run.masks),
             ("scores table", written.run.scores),
@@ -294,6 +307,10 @@ def evaluate(
         ],
     )
     return 0
+
+
+def _metric(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def demo(out: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False) -> int:
@@ -312,4 +329,4 @@ def demo(out: str, settings: Settings, explicit: frozenset[str], dry_run: bool =
     demo_settings = settings.replace(**defaults, overwrite=True)
     if fit(storage.join(data, "train"), model_uri, demo_settings, dry_run) != 0:
         return 1
-    return evaluate(model_uri, data, storage.join(out, "evaluation"), demo_settings, frozenset(), False, 1, dry_run)
+    return evaluate(model_uri, data, storage.join(out, "evaluation"), demo_settings, frozenset(), None, 1, dry_run)

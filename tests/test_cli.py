@@ -119,7 +119,7 @@ def offered_flags(command: str) -> set[str]:
 COMMAND_OPTIONS = {
     "fit": {"--train", "--model", "--dry-run"},
     "score": {"--model", "--images", "--out", "--fail-on-drift", "--dry-run"},
-    "evaluate": {"--model", "--data", "--out", "--original-resolution", "--every", "--dry-run"},
+    "evaluate": {"--model", "--data", "--out", "--original-resolution", "--working-resolution-only", "--every", "--dry-run"},
     "nightly": {"--train", "--model", "--images", "--out", "--plan", "--date", "--fail-on-drift", "--dry-run"},
     "demo": {"--out", "--dry-run"},
     "show": {"--json", "--top"},

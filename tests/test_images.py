@@ -18,6 +18,8 @@ from spade_batch.formats.images import (
     IMAGENET_STD,
     ImageError,
     Preprocessing,
+    crop_summary,
+    cropped_share,
     decode_for_model,
     decode_image,
     preprocess_mask,
@@ -273,6 +275,42 @@ def test_paper_mode_crops_the_sides_of_a_wide_image_and_full_mode_keeps_them():
     paper = red(resize_for_model(image, Preprocessing(size=32, mode="paper")))
     assert not paper.any()
     assert full[:, :3].all() and not full[:, 5:].any()
+
+
+@pytest.mark.parametrize("height, width", [(60, 100), (100, 60), (37, 37), (80, 80), (61, 97), (333, 517), (40, 400)])
+def test_cropped_share_is_the_area_torchvisions_resize_and_centre_crop_leave_out(height, width):
+    spec = Preprocessing(size=32, mode="paper")
+    # Direct: an image whose pixels hold their own row and column, through torchvision's paper transform (nearest).
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    index = Image.fromarray(np.stack([rows % 256, cols % 256, (rows // 256) * 16 + cols // 256], axis=2).astype(np.uint8))
+    resized = transforms.Resize(spec.resize_to, interpolation=transforms.InterpolationMode.NEAREST)(index)
+    kept = np.asarray(transforms.CenterCrop(spec.size)(resized)).astype(int)
+    seen_rows = kept[..., 0] + 256 * (kept[..., 2] // 16)
+    seen_cols = kept[..., 1] + 256 * (kept[..., 2] % 16)
+    # The crop keeps size/h' of the rows and size/w' of the columns of the resized image (h' x w', from torchvision).
+    resized_width, resized_height = resized.size
+    exact = 1 - spec.size**2 / (resized_height * resized_width)
+    assert cropped_share(height, width, spec) == pytest.approx(exact, abs=1e-12)
+    # ... which is the share of the original's rows x columns the crop spans, to a pixel at either scale per side.
+    spanned = (np.ptp(seen_rows) + 1) * (np.ptp(seen_cols) + 1) / (height * width)
+    slack = 1 / resized_height + 1 / height + 1 / resized_width + 1 / width
+    assert abs((1 - spanned) - cropped_share(height, width, spec)) <= slack
+    assert cropped_share(height, width, Preprocessing(size=32, mode="full")) == 0.0
+
+
+def test_square_images_lose_the_border_and_long_ones_more():
+    spec = Preprocessing(mode="paper")  # 224 of 256
+    assert cropped_share(900, 900, spec) == pytest.approx(1 - (224 / 256) ** 2)
+    assert cropped_share(900, 1800, spec) == pytest.approx(1 - 224 * 224 / (256 * 512))
+    summary = crop_summary([(900, 900), (900, 1800), (600, 400)], spec)
+    shares = [cropped_share(h, w, spec) for h, w in [(900, 900), (900, 1800), (600, 400)]]
+    assert summary["images"] == 3 and summary["images_losing_more_than_square"] == 2
+    assert summary["mean_dropped_share"] == pytest.approx(np.mean(shares))
+    assert summary["max_dropped_share"] == pytest.approx(max(shares)) and summary["min_dropped_share"] == pytest.approx(min(shares))
+    assert "use preprocess: full" in summary["message"] and "3 images" in summary["message"] and "2 non-square" in summary["message"]
+    assert crop_summary([(900, 1800)], Preprocessing(mode="full")) is None and crop_summary([], spec) is None
+    with pytest.raises(ValueError, match="positive"):
+        cropped_share(0, 10, spec)
 
 
 def nearest_exact_indices(n_in: int, n_out: int) -> np.ndarray:

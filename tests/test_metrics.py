@@ -3,12 +3,15 @@ import json
 import numpy as np
 import pytest
 from scipy import ndimage
-from sklearn.metrics import f1_score, roc_auc_score, roc_curve
+from skimage.measure import label as skimage_label
+from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score, roc_curve
 
 from spade_batch.reports.metrics import (
+    PixelDecisions,
     PixelMetrics,
     f1_optimal_image_threshold,
     f1_optimal_pixel_threshold,
+    image_decisions,
     image_rocauc,
     roc_curve_points,
 )
@@ -261,3 +264,125 @@ def test_f1_optimal_image_threshold_matches_brute_force():
     best = max(f1_score(labels, scores >= t) for t in np.unique(scores))
     assert f1 == pytest.approx(best)
     assert f1_score(labels, scores >= threshold) == pytest.approx(best)
+
+
+def skimage_pro(maps: np.ndarray, masks: np.ndarray, max_fpr: float) -> float:
+    """AU-PRO by an exact sweep over every distinct score, regions from skimage (8-connected), numpy's trapezoid.
+
+    Independent of PixelMetrics and of brute_force_pro: other region labelling, the curve cut at max_fpr by np.interp.
+    """
+    overlaps = []  # per region: its pixels' scores
+    for image_map, mask in zip(maps, masks):
+        regions = skimage_label(mask, connectivity=2)
+        overlaps += [image_map[regions == r] for r in range(1, regions.max() + 1)]
+    normal = maps[~masks]
+    thresholds = np.unique(maps)[::-1]
+    fpr = np.r_[0.0, [np.mean(normal >= t) for t in thresholds]]
+    pro = np.r_[0.0, [np.mean([np.mean(region >= t) for region in overlaps]) for t in thresholds]]
+    keep = fpr <= max_fpr
+    x = np.r_[fpr[keep], max_fpr]
+    y = np.r_[pro[keep], np.interp(max_fpr, fpr, pro)]  # fpr is non-decreasing: interp at the cut
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2) / max_fpr)
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_au_pro_at_005_and_pro_at_03_match_an_exact_sweep_from_one_pass(seed):
+    maps, masks = smooth_maps_and_blobs(seed)
+    metrics = metrics_for(maps, masks, bins=4096)  # constructed with the default max_fpr 0.3
+    for limit in (0.3, 0.05):
+        exact = skimage_pro(maps, masks, limit)
+        assert 0.02 < exact < 0.95, (limit, exact)  # non-trivial at both limits
+        assert abs(metrics.pro(limit) - exact) <= metrics.pro_error_bound(limit) + 1e-12
+        assert abs(metrics.pro(limit) - exact) < 1e-3
+    assert metrics.pro() == metrics.pro(0.3) and metrics.pro_error_bound() == metrics.error_bounds()["pro"]
+    assert metrics.pro(0.05) < metrics.pro(0.3)  # the PRO curve is increasing: its mean over a shorter start is lower
+
+
+def test_au_pro_is_exact_at_both_limits_when_each_bin_holds_one_value():
+    rng = np.random.default_rng(11)
+    masks = np.zeros((5, 24, 24), dtype=bool)
+    for image in masks[1:]:
+        top, left = rng.integers(0, 16, size=2)
+        image[top : top + rng.integers(3, 8), left : left + rng.integers(3, 8)] = True
+    levels = rng.integers(0, 200, size=masks.shape) + 60 * masks  # integer scores, many ties
+    maps = np.minimum(levels, 255).astype(np.float32)
+    metrics = PixelMetrics(0.0, 256.0, bins=256)  # one integer per bin, at its lower edge
+    metrics.update(maps, masks)
+    for limit in (0.3, 0.05):
+        assert metrics.pro(limit) == pytest.approx(skimage_pro(maps, masks, limit), abs=1e-12)
+        assert metrics.pro(limit) == pytest.approx(brute_force_pro(maps, masks, limit), abs=1e-12)
+
+
+def test_pro_limit_must_be_a_rate():
+    maps, masks = smooth_maps_and_blobs(1)
+    metrics = metrics_for(maps, masks, bins=64)
+    for limit in (0.0, 1.5):
+        with pytest.raises(ValueError, match="max_fpr"):
+            metrics.pro(limit)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pooled_pixel_decisions_equal_a_direct_computation_on_random_masks(seed):
+    rng = np.random.default_rng(seed)
+    sizes = [(int(h), int(w)) for h, w in rng.integers(5, 40, size=(9, 2))]  # every image its own size
+    normal = [True, True, True, False, False, False, False, True, False]
+    truths = [np.zeros(s, bool) if n else rng.random(s) < rng.uniform(0.05, 0.5) for s, n in zip(sizes, normal)]
+    flagged = [rng.random(s) < rng.uniform(0.0, 0.3) for s in sizes]
+    flagged[0][:] = False  # a clean normal image
+    decisions = PixelDecisions()
+    for f, t, n in zip(flagged, truths, normal):
+        decisions.update(f, t, n)
+    pooled_f, pooled_t = np.concatenate([f.ravel() for f in flagged]), np.concatenate([t.ravel() for t in truths])
+    tp, fp = np.sum(pooled_f & pooled_t), np.sum(pooled_f & ~pooled_t)
+    fn, tn = np.sum(~pooled_f & pooled_t), np.sum(~pooled_f & ~pooled_t)
+    result = decisions.to_dict()
+    assert (result["tp"], result["fp"], result["fn"], result["tn"]) == (tp, fp, fn, tn)
+    assert all(type(result[key]) is int for key in ("tp", "fp", "fn", "tn", "normal_images", "normal_images_flagged"))
+    assert result["seg_f1"] == pytest.approx(f1_score(pooled_t, pooled_f))
+    assert result["tpr"] == pytest.approx(recall_score(pooled_t, pooled_f))
+    assert result["fpr"] == pytest.approx(fp / (fp + tn))
+    flagged_normal = sum(f.any() for f, n in zip(flagged, normal) if n)
+    assert (result["normal_images"], result["normal_images_flagged"]) == (4, flagged_normal) and flagged_normal < 4
+    assert result["share_normal_images_flagged"] == pytest.approx(flagged_normal / 4)
+    assert json.loads(json.dumps(result)) == result
+
+
+def test_pixel_decisions_without_defects_leave_tpr_and_f1_undefined():
+    decisions = PixelDecisions()
+    decisions.update(np.zeros((4, 4), bool), np.zeros((4, 4), bool), True)
+    assert decisions.to_dict()["seg_f1"] is None and decisions.to_dict()["tpr"] is None
+    assert decisions.to_dict()["fpr"] == 0.0 and decisions.to_dict()["share_normal_images_flagged"] == 0.0
+    with pytest.raises(ValueError, match="bool"):
+        decisions.update(np.zeros((4, 4), np.uint8), np.zeros((4, 4), bool), True)
+    with pytest.raises(ValueError, match="one shape"):
+        decisions.update(np.zeros((4, 4), bool), np.zeros((4, 5), bool), True)
+
+
+def test_counts_at_a_bin_edge_match_the_thresholded_pixels():
+    maps, masks = smooth_maps_and_blobs(3)
+    metrics = metrics_for(maps, masks, bins=256)
+    threshold, f1 = f1_optimal_pixel_threshold(metrics)
+    tp, fp, fn, tn = metrics.counts_at(threshold)
+    predicted = maps >= threshold
+    assert (tp, fp, fn, tn) == (np.sum(predicted & masks), np.sum(predicted & ~masks), np.sum(~predicted & masks),
+                                np.sum(~predicted & ~masks))
+    assert 2 * tp / (2 * tp + fp + fn) == pytest.approx(f1)
+    with pytest.raises(ValueError, match="bin edges"):
+        metrics.counts_at(threshold + 1e-7)
+
+
+def test_image_decisions_match_sklearn():
+    rng = np.random.default_rng(5)
+    labels = random_labels(rng, 60)
+    flagged = rng.random(60) < np.where(labels, 0.7, 0.1)
+    result = image_decisions(flagged, labels)
+    assert result["tpr"] == pytest.approx(recall_score(labels, flagged))
+    assert result["precision"] == pytest.approx(precision_score(labels, flagged))
+    assert result["f1"] == pytest.approx(f1_score(labels, flagged))
+    assert result["fpr"] == pytest.approx(np.mean(flagged[~labels]))
+    assert (result["flagged_normal"], result["normal"]) == (np.sum(flagged & ~labels), np.sum(~labels))
+    assert (result["flagged_defective"], result["defective"]) == (np.sum(flagged & labels), np.sum(labels))
+    nothing = image_decisions(np.zeros(4, bool), np.array([True, False, False, True]))
+    assert nothing["precision"] is None and nothing["f1"] == 0.0 and nothing["tpr"] == 0.0
+    with pytest.raises(ValueError, match="1-D bool"):
+        image_decisions(np.zeros(4), np.zeros(4, bool))

@@ -160,3 +160,21 @@ def test_html_page_holds_table_images_and_notes_and_parses():
         assert text in parser.texts
     assert parser.image_sources == ["roc.png", "overlays/crack%20003.png"]
     assert page.index("0.9877") < page.index("roc.png") < page.index("K = 50")
+
+
+def test_html_page_puts_further_tables_under_their_headings_before_the_figures():
+    page = html_page(
+        "eval",
+        [{"subset": "all", "PRO (FPR <= 0.3)": 0.8}],
+        {"ROC curves": "roc.png"},
+        ["a note"],
+        {"Decisions at the calibrated thresholds vs F1-optimal (label-chosen)": [
+            {"measure": "pixel SegF1 (pooled)", "calibrated": 0.41234, "F1-optimal": "n/a"}]},
+    )
+    parser = PageParser()
+    parser.feed(page)
+    parser.close()
+    assert parser.errors == [] and parser.open_tags == []
+    for text in ["Decisions at the calibrated thresholds vs F1-optimal (label-chosen)", "pixel SegF1 (pooled)", "0.4123", "n/a"]:
+        assert text in parser.texts
+    assert page.index("PRO (FPR &lt;= 0.3)") < page.index("Decisions at") < page.index("0.4123") < page.index("roc.png")

@@ -25,7 +25,7 @@ from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Pro
 from spade_batch.engine.stages import ScoreStage
 from spade_batch.formats import storage
 from spade_batch.formats.card import ModelCard, Thresholds, load_card
-from spade_batch.formats.images import Preprocessing
+from spade_batch.formats.images import Preprocessing, crop_summary
 from spade_batch.formats.layout import Outputs, done_ids, part_files, part_name, read_columns, record_inputs
 from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.manifest import Manifest, build_manifest
@@ -71,6 +71,8 @@ class ScoreSummary:
     model_workers: int
     versions: dict[str, str]
     settings: dict[str, Any]
+    paper_crop: dict[str, Any] | None = None
+    """With 'paper' preprocessing: the share of each scored image's area the centre crop drops (images.crop_summary)."""
 
 
 def score_dataset(
@@ -106,12 +108,13 @@ def run_score(
     started = time.perf_counter()
     card = load_card(model_uri, options)  # the gallery is loaded by the actors, once the request is known to be valid
     settings = card.settings_for(settings, explicit)
-    if settings.preprocess != "full":
-        log.warning("score: '%s' preprocessing leaves the image border unscored; masks are written at the working size", settings.preprocess)
     manifest = build_manifest(images_source, options)
     outputs = Outputs(out_uri)
     with holding_lock(outputs.lock, f"spade-batch score into {out_uri}", options):
         summary = _score_locked(model_uri, card, manifest, outputs, settings, stage, plan, started)
+    if summary.paper_crop or settings.preprocess != "full":  # once per run, with what the crop dropped when any image was scored
+        crop = summary.paper_crop["message"] if summary.paper_crop else "paper preprocessing leaves the image border unscored"
+        log.warning("score: %s%s", crop, "; masks are written at the working size" if settings.preprocess != "full" else "")
     if summary.retryable:
         log.error("score: %d images could not be read for a transient reason (e.g. %s); re-run the same command to retry exactly those",
                   summary.retryable, summary.retryable_failures[0]["error"])
@@ -149,7 +152,8 @@ def _score_locked(
                 workers.add(batch)
                 retryable += [{"id": str(i), "error": str(e)} for i, s, e in zip(batch["id"], batch["status"], batch["error"]) if s == RETRYABLE]
     seconds = time.perf_counter() - started
-    summary = _summarise(model_uri, images, len(manifest) - len(todo), retryable, thresholds, outputs, settings, seconds)
+    summary = _summarise(model_uri, images, len(manifest) - len(todo), retryable, thresholds, outputs, settings, seconds,
+                         card.preprocessing)
     summary.workers, summary.model_workers = workers.by_worker, plan.workers
     storage.write_text(outputs.run_json, json.dumps(asdict(summary), indent=2), options)
     return summary
@@ -164,18 +168,22 @@ def _record_rejected(rejected: tuple[tuple[str, str], ...], outputs: Outputs, op
 
 def _summarise(
     model_uri: str, images: int, resumed: int, retryable: list[dict[str, str]], thresholds: Thresholds,
-    outputs: Outputs, settings: Settings, seconds: float,
+    outputs: Outputs, settings: Settings, seconds: float, spec: Preprocessing,
 ) -> ScoreSummary:
     """Counts over every part file of the run (this run's and resumed ones), read a few columns at a time."""
     options = settings.fsspec_options()
     scored = anomalous = 0
     failures: list[dict[str, str]] = []
     failed = 0
-    for _, columns in read_columns(part_files(outputs.scores, options), ["id", "error", "is_anomalous"], options):
-        for image_id, error, flag in zip(columns["id"], columns["error"], columns["is_anomalous"]):
+    sizes: list[tuple[int, int]] = []  # kept for paper preprocessing only, to measure its crop
+    columns_read = ["id", "error", "is_anomalous", "height", "width"]
+    for _, columns in read_columns(part_files(outputs.scores, options), columns_read, options):
+        for image_id, error, flag, height, width in zip(*(columns[name] for name in columns_read)):
             if error is None:
                 scored += 1
                 anomalous += bool(flag)
+                if spec.mode != "full":
+                    sizes.append((height, width))
             else:
                 failed += 1
                 if len(failures) < MAX_LISTED:
@@ -200,4 +208,5 @@ def _summarise(
         model_workers=0,
         versions={"spade_batch": __version__, "torch": torch.__version__, "ray": ray.__version__},
         settings=settings.to_dict(redact=True),
+        paper_crop=crop_summary(sizes, spec),
     )

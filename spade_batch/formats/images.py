@@ -11,7 +11,9 @@ shared by images, ground-truth masks and anomaly maps.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -234,6 +236,49 @@ def resize_for_model(image: np.ndarray, spec: Preprocessing) -> np.ndarray:
         raise ValueError(f"preprocess expects an H x W x 3 uint8 array, got shape {image.shape} {image.dtype}")
     resized = resize_uint8_antialias(image, *_resized_size(image.shape[0], image.shape[1], spec))
     return np.ascontiguousarray(_centre_crop(resized, spec.size))
+
+
+def cropped_share(height: int, width: int, spec: Preprocessing) -> float:
+    """Share of a height x width image's area that preprocessing never shows the backbone, in [0, 1).
+
+    ``full`` keeps every pixel (0). ``paper`` keeps the centre size x size of the image resized to
+    (h', w') (shorter side ``resize_to``), i.e. size^2 / (h' w') of the area: a square image loses
+    1 - (224/256)^2 = 23%, a non-square one more (its long sides' ends too).
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height} x {width}")
+    if spec.mode == "full":
+        return 0.0
+    resized_height, resized_width = _resized_size(height, width, spec)
+    return 1.0 - spec.size * spec.size / (resized_height * resized_width)
+
+
+def crop_summary(sizes: Iterable[tuple[int, int]], spec: Preprocessing) -> dict[str, Any] | None:
+    """What ``paper`` preprocessing drops of these (height, width) images, with a warning line; None for ``full`` or no image.
+
+    {"images", "mean_dropped_share", "min_dropped_share", "max_dropped_share", "square_dropped_share",
+    "images_losing_more_than_square", "message"}: the shares are of each image's own area.
+    """
+    if spec.mode == "full":
+        return None
+    shares = np.array([cropped_share(h, w, spec) for h, w in sizes], dtype=np.float64)
+    if shares.size == 0:
+        return None
+    square = cropped_share(spec.resize_to, spec.resize_to, spec)
+    more = int(np.sum(shares > square + 1e-9))
+    return {
+        "images": int(shares.size),
+        "mean_dropped_share": float(shares.mean()),
+        "min_dropped_share": float(shares.min()),
+        "max_dropped_share": float(shares.max()),
+        "square_dropped_share": square,
+        "images_losing_more_than_square": more,
+        "message": (
+            f"paper preprocessing crops {shares.mean():.0%} of each image's area on average over {shares.size} images "
+            f"(from {shares.min():.0%} to {shares.max():.0%}; every image loses {square:.0%} to the {spec.size}/{spec.resize_to} "
+            f"centre crop, and {more} non-square ones more); defects there are never scored; use preprocess: full"
+        ),
+    }
 
 
 def preprocess_mask(mask: np.ndarray, spec: Preprocessing) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Masks from anomaly maps, flagged regions, and PNG encoding (the one place images are encoded as PNG).
+"""Masks from anomaly maps, flagged regions, and PNG encoding (the one place images are encoded as PNG) and decoding.
 
 A mask is the anomaly map resized to the image's original size and thresholded at the pixel
 threshold (0 / 255); regions smaller than the model's min_region are dropped, and with gate_masks an
@@ -91,3 +91,18 @@ def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def flagged_pixels(png: bytes, source: str) -> np.ndarray:
+    """A written binary mask PNG (0/255) -> H x W bool, True where the mask flags a pixel (any nonzero value).
+
+    source: where the bytes came from, for the error.
+    """
+    try:
+        with Image.open(io.BytesIO(png)) as im:
+            array = np.asarray(im)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"cannot read the mask {source}: {e}; the scoring run's outputs are damaged, re-run it") from e
+    if array.ndim != 2:
+        raise ValueError(f"the mask {source} is not a single-channel PNG (shape {array.shape}); it was not written by score")
+    return array > 0

@@ -196,12 +196,16 @@ def html_document(title: str, body: str, style: str = STYLE) -> str:
 """
 
 
-def html_page(title: str, metrics_table: list[dict[str, object]], images: dict[str, str], notes: list[str]) -> str:
-    """evaluate's page: a metrics table, then each image, then notes.
+def html_page(
+    title: str, metrics_table: list[dict[str, object]], images: dict[str, str], notes: list[str],
+    tables: dict[str, list[dict[str, object]]] | None = None,
+) -> str:
+    """evaluate's page: a metrics table, then the other tables under their headings, then each image, then notes.
 
-    metrics_table: rows of {column: value}; floats are shown to 4 decimals.
+    metrics_table and each of tables: rows of {column: value}; floats are shown to 4 decimals.
     images: caption -> file name relative to the page.
     """
+    more = "".join(f"<h2>{html.escape(heading)}</h2>\n{html_table(rows)}\n" for heading, rows in (tables or {}).items())
     figures = "\n".join(
         f'<figure><img src="{html.escape(quote(path))}" alt="{html.escape(caption)}">'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
@@ -210,7 +214,7 @@ def html_page(title: str, metrics_table: list[dict[str, object]], images: dict[s
     note_items = "\n".join(f"<li>{html.escape(note)}</li>" for note in notes)
     return html_document(title, f"""<h2>Metrics</h2>
 {html_table(metrics_table)}
-<h2>Figures</h2>
+{more}<h2>Figures</h2>
 {figures}
 <h2>Notes</h2>
 <ul>

@@ -1,9 +1,11 @@
-"""Anomaly detection metrics: image ROCAUC, pixel ROCAUC and PRO.
+"""Anomaly detection metrics: image ROCAUC, pixel ROCAUC and PRO, and the quality of thresholded decisions.
 
 Pure numpy/scipy; knows nothing of Ray or storage.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -189,18 +191,45 @@ class PixelMetrics:
         fpr, tpr = self.roc_curve()
         return _area_up_to(fpr, tpr, 1.0)
 
-    def pro(self) -> float:
-        """Area under the PRO curve for FPR in [0, max_fpr], divided by max_fpr; in [0, 1]."""
+    def _limit(self, max_fpr: float | None) -> float:
+        if max_fpr is None:
+            return self.max_fpr
+        if not 0 < max_fpr <= 1:
+            raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
+        return float(max_fpr)
+
+    def pro(self, max_fpr: float | None = None) -> float:
+        """Area under the PRO curve for FPR in [0, max_fpr], divided by max_fpr; in [0, 1].
+
+        max_fpr: the integration limit, default the one given at construction (0.3, MVTec AD);
+        any limit reads the same histograms, so PRO to 0.3 and AU-PRO to 0.05 (MVTec AD 2) come from one pass.
+        """
+        limit = self._limit(max_fpr)
         fpr, pro = self.pro_curve()
-        return _area_up_to(fpr, pro, self.max_fpr) / self.max_fpr
+        return _area_up_to(fpr, pro, limit) / limit
+
+    def pro_error_bound(self, max_fpr: float | None = None) -> float:
+        """Upper bound on |binned - exact| of pro(max_fpr) (see the class docstring)."""
+        limit = self._limit(max_fpr)
+        fpr, pro = self.pro_curve()
+        return float(np.sum(np.diff(np.minimum(fpr, limit)) * np.diff(pro)) / limit)
 
     def error_bounds(self) -> dict[str, float]:
-        """Upper bounds on |binned - exact| for pixel_rocauc and pro (see the class docstring)."""
+        """Upper bounds on |binned - exact| for pixel_rocauc and pro at max_fpr (see the class docstring)."""
         fpr, tpr = self.roc_curve()
-        _, pro = self.pro_curve()
         roc_bound = 0.5 * np.sum(np.diff(fpr) * np.diff(tpr))
-        pro_bound = np.sum(np.diff(np.minimum(fpr, self.max_fpr)) * np.diff(pro)) / self.max_fpr
-        return {"pixel_rocauc": float(roc_bound), "pro": float(pro_bound)}
+        return {"pixel_rocauc": float(roc_bound), "pro": self.pro_error_bound()}
+
+    def counts_at(self, threshold: float) -> tuple[int, int, int, int]:
+        """(TP, FP, FN, TN) pixels of "defect when score >= threshold", for a threshold that is a bin edge.
+
+        Exact (a bin's pixels all lie on one side of an edge); e.g. at f1_optimal_pixel_threshold's threshold.
+        """
+        k = int(np.searchsorted(self.edges, threshold))
+        if k > self.bins or self.edges[k] != threshold:
+            raise ValueError(f"threshold {threshold} is not one of the bin edges; pixel counts are exact only there")
+        true_pos, false_pos = int(self.defect_hist[k:].sum()), int(self.normal_hist[k:].sum())
+        return true_pos, false_pos, int(self.defect_hist.sum()) - true_pos, int(self.normal_hist.sum()) - false_pos
 
     def to_dict(self) -> dict:
         """JSON-ready summary: metrics, binning settings, error bounds and pixel/region counts."""
@@ -245,3 +274,81 @@ def f1_optimal_pixel_threshold(metrics: PixelMetrics) -> tuple[float, float]:
     f1 = 2 * true_pos / (true_pos + false_pos + positives)
     best = int(np.argmax(f1))
     return float(metrics.edges[best]), float(f1[best])
+
+
+def _ratio(numerator: int, denominator: int) -> float | None:
+    return None if denominator == 0 else numerator / denominator
+
+
+@dataclass
+class PixelDecisions:
+    """Pooled pixel counts of binary decisions (a written mask) against the ground truth, streamed one image at a time.
+
+    Counts are integers summed over every pixel of every image (MVTec AD 2's pooled segmentation F1,
+    "SegF1" = 2 TP / (2 TP + FP + FN)); besides them, how many normal images have any flagged pixel.
+    Memory is a few integers whatever the number of images.
+    """
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+    normal_images: int = 0
+    normal_images_flagged: int = 0
+
+    def update(self, flagged: np.ndarray, truth: np.ndarray, normal_image: bool) -> None:
+        """Add one image: flagged and truth are H x W bool (True = defect); normal_image: a good test image."""
+        flagged, truth = np.asarray(flagged), np.asarray(truth)
+        if flagged.ndim != 2 or flagged.shape != truth.shape or flagged.dtype != bool or truth.dtype != bool:
+            raise ValueError(
+                f"flagged and truth must be H x W bool arrays of one shape, got {flagged.shape} {flagged.dtype} "
+                f"and {truth.shape} {truth.dtype}"
+            )
+        true_pos = int(np.count_nonzero(flagged & truth))
+        flagged_count, defect_count = int(np.count_nonzero(flagged)), int(np.count_nonzero(truth))
+        self.tp += true_pos
+        self.fp += flagged_count - true_pos
+        self.fn += defect_count - true_pos
+        self.tn += flagged.size - flagged_count - defect_count + true_pos
+        if normal_image:
+            self.normal_images += 1
+            self.normal_images_flagged += flagged_count > 0
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        """seg_f1, tpr, fpr (None where undefined: no defect or no normal pixel), the counts, and the normal images flagged."""
+        return {
+            "seg_f1": _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn),
+            "tpr": _ratio(self.tp, self.tp + self.fn),
+            "fpr": _ratio(self.fp, self.fp + self.tn),
+            "tp": self.tp, "fp": self.fp, "fn": self.fn, "tn": self.tn,
+            "normal_images_flagged": self.normal_images_flagged,
+            "normal_images": self.normal_images,
+            "share_normal_images_flagged": _ratio(self.normal_images_flagged, self.normal_images),
+        }
+
+
+def image_decisions(flagged: np.ndarray, labels: np.ndarray) -> dict[str, float | int | None]:
+    """Quality of image verdicts: FPR on normal images, TPR on defective ones, precision and F1, and their counts.
+
+    flagged: (N,) bool verdicts (True = anomalous); labels: (N,) bool truth (True = defective).
+    A ratio is None where its denominator is 0 (e.g. precision when nothing is flagged).
+    """
+    flagged, labels = np.asarray(flagged), np.asarray(labels)
+    if flagged.ndim != 1 or flagged.shape != labels.shape or flagged.dtype != bool or labels.dtype != bool:
+        raise ValueError(
+            f"flagged and labels must be 1-D bool arrays of equal length, got {flagged.shape} {flagged.dtype} "
+            f"and {labels.shape} {labels.dtype}"
+        )
+    true_pos, false_pos = int(np.sum(flagged & labels)), int(np.sum(flagged & ~labels))
+    defective = int(labels.sum())
+    normal = labels.size - defective
+    return {
+        "fpr": _ratio(false_pos, normal),
+        "tpr": _ratio(true_pos, defective),
+        "precision": _ratio(true_pos, true_pos + false_pos),
+        "f1": _ratio(2 * true_pos, true_pos + false_pos + defective),
+        "flagged_normal": false_pos,
+        "normal": normal,
+        "flagged_defective": true_pos,
+        "defective": defective,
+    }

@@ -81,6 +81,7 @@ def run_summary(uri: str, options: storage.StorageOptions = None, top: int = 10)
         "anomaly_rate": None if run["anomalous"] is None or not scored_count else run["anomalous"] / scored_count,
         "thresholds": run["thresholds"],
         "mask_kind": run["mask_kind"],
+        "paper_crop": run.get("paper_crop"),  # runs from before it was recorded have none
         "timings": {"seconds": run["seconds"], "images_per_second": run["images_per_second"]},
         "failures": failures_by_reason(failed),
         "top": best,
