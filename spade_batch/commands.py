@@ -86,6 +86,7 @@ def _print_model(summary: dict[str, Any]) -> None:
             ("failed images", training["failed_images"]),
             ("image threshold", thresholds["image"]),
             ("pixel threshold", thresholds["pixel"]),
+            *summary["decisions"].items(),
             ("created", f"{summary['created']} (spade-batch {summary['package_version']})"),
         ],
     )

@@ -7,6 +7,7 @@ training image.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -20,13 +21,14 @@ from spade_batch.config import Settings
 from spade_batch.engine.fit import run_fit
 from spade_batch.engine.score import run_score
 from spade_batch.formats import storage
-from spade_batch.formats.card import load_card
+from spade_batch.formats.card import CalibrationRecord, ModelCard, Thresholds, load_card
 from spade_batch.formats.datasets import make_demo_data
+from spade_batch.formats.images import Preprocessing
 from spade_batch.formats.layout import Outputs as RunOutputs
 from spade_batch.formats.layout import part_name
 from spade_batch.formats.scores import ScoreRow, read_scores, write_scores
 from spade_batch.reports.run_report import read_run_scores
-from spade_batch.reports.summary import failure_reason, failures_by_reason, run_summary
+from spade_batch.reports.summary import decision_rules, failure_reason, failures_by_reason, false_alarm_range, run_summary
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -198,3 +200,27 @@ def test_show_and_the_run_report_group_the_same_failures_identically(tmp_path):
         ("OSError: read failed", 1),
         ("name rejected: <image> has a '?'", 1),
     ]
+
+
+@pytest.mark.parametrize(("count", "target"), [(20, 0.05), (200, 0.01), (635, 0.01)])
+def test_the_false_alarm_range_is_what_thresholds_set_on_that_many_normal_images_give(count, target):
+    """Simulation: thresholds set on `count` uniform normal scores at the (1 - target) quantile ("higher"); the
+    false-positive rate each gives on new normal images is 1 - threshold. Its 5% and 95% points match the range."""
+    rng = np.random.default_rng(count)
+    thresholds = np.quantile(rng.random((20_000, count)), 1 - target, axis=1, method="higher")
+    simulated = np.quantile(1 - thresholds, [0.05, 0.95])
+    np.testing.assert_allclose(false_alarm_range(count, target), simulated, rtol=0.05, atol=2e-4)
+
+
+def test_decision_rules_say_how_thresholds_were_set_and_what_they_promise():
+    card = ModelCard(settings=Settings().method, preprocessing=Preprocessing(), weights_sha256="sha256:0", layers=[], global_dim=1,
+                     train_count=600, train_manifest_sha256="0",
+                     thresholds=Thresholds(image=2.5, pixel=1.25, min_region=16, gate_masks=True),
+                     calibration=CalibrationRecord(count=600, images="leave_one_out", image_fpr=0.01, pixel_rule="region"))
+    rules = decision_rules(card)
+    assert rules["calibration"] == "600 normal images (leave-one-out)"
+    low, high = false_alarm_range(600, 0.01)
+    assert rules["expected false alarms"].startswith("about 10 per 1,000 normal images") and f"{1000 * high:.3g}" in rules["expected false alarms"]
+    assert "1.0% of them show a flagged region of 16 pixels" in rules["pixel rule"] and "empty for images not flagged" in rules["masks"]
+    uncalibrated = dataclasses.replace(card, thresholds=Thresholds(), calibration=CalibrationRecord())
+    assert list(decision_rules(uncalibrated)) == ["calibration"]

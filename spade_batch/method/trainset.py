@@ -67,7 +67,8 @@ def calibration_warnings(image_scores: np.ndarray, image_fpr: float) -> list[str
         warnings.append(
             f"only {count} images held out for calibration; an image_fpr of {image_fpr:g} needs at least {needed}. "
             f"The image threshold is the largest held-out score, and its false-positive rate is only known to be "
-            f"below about 1/{count}. Add normal images, raise calibration_fraction or image_fpr, or pass --image-threshold."
+            f"below about 1/{count}. Add {needed - count} or more normal calibration images (calibration_images "
+            "leave_one_out calibrates on every normal image), raise image_fpr, or pass --image-threshold."
         )
     if count > 1 and float(image_scores.max()) == float(image_scores.min()):
         warnings.append(

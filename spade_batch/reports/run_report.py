@@ -24,13 +24,13 @@ from PIL import Image
 
 from spade_batch.config import Settings
 from spade_batch.formats import storage
-from spade_batch.formats.card import CalibrationRecord, load_card
+from spade_batch.formats.card import CalibrationRecord, ModelCard, load_card
 from spade_batch.formats.heatmap import colour_range
 from spade_batch.formats.images import decode_image, resize_map
 from spade_batch.formats.layout import Outputs, part_files, read_columns
 from spade_batch.reports.drift import DriftCheck, check_drift
 from spade_batch.reports.figures import STYLE, Example, example_grid, html_document, html_table, score_histogram
-from spade_batch.reports.summary import FailureGroup, group_failures
+from spade_batch.reports.summary import FailureGroup, decision_rules, group_failures
 
 TOP_N = 8
 THUMBNAIL = 192
@@ -78,16 +78,16 @@ def write_run_report(summary: dict[str, Any], settings: Settings) -> tuple[str, 
     """Write OUT/report.html for a finished run (its run.json as `summary`); returns its URI and the drift check."""
     options = settings.fsspec_options()
     out_uri = summary["out_uri"]
-    calibration = load_card(summary["model_uri"], options).calibration
+    card = load_card(summary["model_uri"], options)
     run = read_run_scores(out_uri, options)
-    check = check_drift(run.scores, run.anomalous, calibration, summary["thresholds"]["image"])
+    check = check_drift(run.scores, run.anomalous, card.calibration, summary["thresholds"]["image"])
     # run.json gains the verdict, for `nightly --plan`'s summary and for scripts.
     summary = {**summary, "drift": {"alarm": check.drifted, "reasons": check.reasons, "ks_pvalue": check.ks_pvalue,
                                     "band": dataclasses.asdict(check.band) if check.band else None}}
     storage.write_text(Outputs(out_uri).run_json, json.dumps(summary, indent=2), options)
     examples = _examples(run.top, out_uri, summary["thresholds"]["pixel"], settings)
     uri = Outputs(out_uri).report
-    storage.write_text(uri, render_run_report(summary, calibration, run, check, examples), options)
+    storage.write_text(uri, render_run_report(summary, card, run, check, examples), options)
     return uri, check
 
 
@@ -174,9 +174,10 @@ def _throughput_section(summary: dict[str, Any]) -> str:
 
 
 def render_run_report(
-    summary: dict[str, Any], calibration: CalibrationRecord, run: RunScores, check: DriftCheck, examples: bytes | None
+    summary: dict[str, Any], card: ModelCard, run: RunScores, check: DriftCheck, examples: bytes | None
 ) -> str:
-    """The report page; summary is the run's run.json, calibration the model card's calibration summary."""
+    """The report page; summary is the run's run.json, card the model's card."""
+    calibration = card.calibration
     counts: list[dict[str, object]] = [
         {"": "images", "count": summary["images"], "share": "100%"},
         {"": "scored", "count": summary["scored"], "share": _percent(summary["scored"], summary["images"])},
@@ -202,6 +203,7 @@ def render_run_report(
     sections = {
         "counts": ("Counts", html_table(counts)),
         "drift": ("Anomaly rate against the calibration", _drift_section(check, calibration)),
+        "decisions": ("What the model's thresholds decide", html_table([{"": key, "rule": value} for key, value in decision_rules(card).items()])),
         "histogram": ("Image scores, tonight over the calibration images", histogram),
         "anomalies": (f"Top {len(run.top)} anomalies", anomalies + ("\n" + html_table(top_rows) if top_rows else "")),
         "failures": ("Failures by reason", _failures_section(run, summary)),

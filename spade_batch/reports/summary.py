@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from scipy import stats
+
 from spade_batch.config import group_values
 from spade_batch.formats import storage
-from spade_batch.formats.card import load_card
+from spade_batch.formats.card import ModelCard, load_card
 from spade_batch.formats.layout import ModelLayout, Outputs, part_files, read_columns
 
 TOP_COLUMNS = ["id", "image_score", "is_anomalous", "max_pixel_score", "anomalous_fraction", "mask_uri"]
@@ -56,6 +59,7 @@ def model_summary(uri: str, options: storage.StorageOptions = None) -> dict[str,
             "manifest_sha256": card.train_manifest_sha256,
         },
         "failures": failures_by_reason((f["id"], f["error"]) for f in card.failed_train_images),
+        "decisions": decision_rules(card),
         "created": card.created,
         "package_version": card.package_version,
     }
@@ -129,3 +133,35 @@ def failure_reason(image_id: str, error: str) -> str:
     text = re.sub(r"\S*" + re.escape(image_id), "<image>", text)
     text = re.split(r"\.\s", text, maxsplit=1)[0].rstrip(".")
     return re.sub(r"\d+", "N", text)
+
+
+def decision_rules(card: ModelCard) -> dict[str, str]:
+    """What a model's thresholds decide and promise on normal images, in words: how they were set, the
+    expected false alarms per 1,000 normal images (with the range the calibration's size leaves), and what
+    masks show. Empty values for a model without thresholds."""
+    calibration, thresholds = card.calibration, card.thresholds
+    if thresholds.image is None or not calibration.count or calibration.image_fpr is None:
+        return {"calibration": "none: the model has no calibrated thresholds (masks are maps scaled per image)"}
+    count, target = calibration.count, calibration.image_fpr
+    low, high = false_alarm_range(count, target)
+    pixel = {"quantile": f"the {calibration.pixel_quantile} quantile of their pooled pixel scores",
+             "mean_3sigma": "their pixel scores' mean + 3 standard deviations",
+             "region": f"the level at which about {target:.1%} of them show a flagged region of {max(1, thresholds.min_region)} pixels"}
+    masks = "empty for images not flagged anomalous" if thresholds.gate_masks else "flagged pixels of every image"
+    regions = f", regions under {thresholds.min_region} pixels (at the working size) dropped" if thresholds.min_region > 1 else ""
+    return {
+        "calibration": f"{count} normal images ({calibration.images.replace('_', '-')})",
+        "image rule": f"anomalous when the image score > {thresholds.image:.4g}, the {1 - target:.1%} quantile of their scores",
+        "expected false alarms": f"about {1000 * target:.3g} per 1,000 normal images (90% range {1000 * low:.3g} - {1000 * high:.3g}, "
+                                 f"from {count} calibration images)",
+        "pixel rule": f"pixel score > {thresholds.pixel:.4g}: {pixel[calibration.pixel_rule]}",
+        "masks": masks + regions,
+    }
+
+
+def false_alarm_range(count: int, target: float, level: float = 0.9) -> tuple[float, float]:
+    """The `level` range of the false-positive rate a threshold set at the (1 - target) order statistic of `count`
+    normal scores has on new normal images: that rate is Beta(count + 1 - rank, rank) distributed."""
+    rank = min(count, math.ceil((1 - target) * (count - 1)) + 1)  # numpy's quantile method "higher", 1-based
+    distribution = stats.beta(count + 1 - rank, rank)
+    return float(distribution.ppf((1 - level) / 2)), float(distribution.ppf((1 + level) / 2))
