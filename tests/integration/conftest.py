@@ -103,25 +103,36 @@ def storage_root(request: pytest.FixtureRequest, tmp_path) -> StorageRoot:
     return StorageRoot(request.getfixturevalue("s3_bucket"), s3.storage_options)
 
 
+TEST_RETRY = "attempts=3,first_delay_s=0.01,max_delay_s=0.02"
+"""The storage retry policy (SPADE_BATCH_RETRY) of the session's Ray workers, and of the driver inside
+faulty_s3: retries milliseconds apart, so fault tests wait on no real backoff."""
+
+
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     """A local Ray on 127.0.0.1 with 2 CPUs and no dashboard, for the whole session.
 
     The pipeline's init_ray() reuses it. Its temp dir is short (unix socket paths are limited to
-    107 bytes) and private to this session, and is removed afterwards.
+    107 bytes) and private to this session, and is removed afterwards. Its workers, and processes
+    the tests start, inherit SPADE_BATCH_RETRY=TEST_RETRY from the environment set here before
+    ray.init (this process's storage.RETRY was read at import: faulty_s3 patches it).
     """
     import ray
 
+    from spade_batch.formats.storage import RETRY_ENV
+
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir)
-    try:
-        assert ray.util.get_node_ip_address() == "127.0.0.1", (
-            "the test Ray must stay on loopback: set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray is imported"
-        )
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(RETRY_ENV, TEST_RETRY)
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir)
+        try:
+            assert ray.util.get_node_ip_address() == "127.0.0.1", (
+                "the test Ray must stay on loopback: set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray is imported"
+            )
+            yield
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -139,12 +150,13 @@ def faulty_s3(s3: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> 
     """A fresh bucket reached through a :class:`FaultProxy`.
 
     botocore's own retries are off (one attempt per s3fs try), reads time out
-    after 0.5 s, and storage.RETRY waits milliseconds, so fault counts are
-    exact and tests stay fast; s3fs's own retries inside one attempt remain.
+    after 0.5 s, and storage.RETRY waits milliseconds (TEST_RETRY, which the
+    session's Ray workers have too), so fault counts are exact and tests stay
+    fast; s3fs's own retries inside one attempt remain.
     """
     from spade_batch.formats import storage
 
-    monkeypatch.setattr(storage, "RETRY", storage.RetryPolicy(attempts=3, first_delay_s=0.01, max_delay_s=0.02))
+    monkeypatch.setattr(storage, "RETRY", storage.retry_policy_from(TEST_RETRY))
     proxy = FaultProxy(s3.endpoint_url)
     options = s3.storage_options
     options["client_kwargs"]["endpoint_url"] = proxy.endpoint_url

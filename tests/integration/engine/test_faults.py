@@ -2,10 +2,10 @@
 
 Each scenario scores a small archive (demo images, 48-80 px, resnet18 with random weights at
 64 px) on the session's local Ray, under one fault: storage throttling, resets and slow reads
-from a fault-injecting proxy in front of the S3 server (tests/fault_proxy.py); a model actor's
+from a fault-injecting proxy in front of the S3 server (tests/integration/fault_proxy.py); a model actor's
 process SIGKILLed mid-run; the driver SIGKILLed mid-run, then the same command again; a second
 run started into an output a first run holds. (A node removed from a multi-node cluster is in
-tests/test_pipeline_multinode.py.) Each ends with every image's row present exactly once, masks
+tests/integration/engine/test_pipeline_multinode.py.) Each ends with every image's row present exactly once, masks
 that equal the in-process API's (spade_batch.method.detector) on the same images, and the exit status
 and message the operator acts on.
 """
@@ -157,8 +157,8 @@ def test_throttled_reset_and_slow_reads_are_retried_and_a_persistent_fault_is_re
     out = f"{faulty_s3.bucket}/out"
     throttled, reset, slow, down, mask_throttled = archive.ids[:5]
     proxy = faulty_s3.proxy
-    # Ray workers retry with storage.RETRY's defaults (4 attempts; s3fs retries a SlowDown 5 times
-    # within each): 7 SlowDowns and 2 resets pass; a key that answers SlowDown to every request does not.
+    # Ray workers retry under the session's SPADE_BATCH_RETRY (3 attempts, milliseconds apart; s3fs retries a
+    # SlowDown 5 times within each): 7 SlowDowns and 2 resets pass; a key that answers SlowDown to every request does not.
     proxy.inject(f"imgs/{throttled}", "slowdown", times=7)
     proxy.inject(f"imgs/{reset}", "reset", times=2)
     proxy.inject(f"imgs/{slow}", "delay", times=1, delay_s=2.0)

@@ -1,4 +1,5 @@
-"""The model stage's plan on a real local Ray (2 CPUs, no GPU): actors, resources, torch threads."""
+"""The model stage's plan on a real local Ray (2 CPUs, no GPU): actors, resources, torch threads; and the storage
+retry policy that the session's workers get from the environment."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 
 from spade_batch.config import Settings
 from spade_batch.engine.runtime import ModelStage
+from spade_batch.formats import storage
+from tests.integration.conftest import TEST_RETRY
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -46,3 +49,13 @@ def test_explicit_workers_share_the_cores_and_gpu_requests_ask_for_gpus() -> Non
     assert wide.resources["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "1"
     gpu = ModelStage.plan(Settings(gpus_per_task=0.5, cpus_per_task=2.0))
     assert gpu.resources == {"num_cpus": 2.0, "num_gpus": 0.5} and gpu.workers == 1
+
+
+def test_workers_retry_storage_calls_under_the_policy_the_environment_sets() -> None:
+    """SPADE_BATCH_RETRY reaches Ray's workers (the session sets TEST_RETRY before ray.init): fault tests wait milliseconds."""
+
+    @ray.remote
+    def worker_policy() -> storage.RetryPolicy:
+        return storage.RETRY
+
+    assert ray.get(worker_policy.remote()) == storage.retry_policy_from(TEST_RETRY) != storage.RetryPolicy()

@@ -97,3 +97,48 @@ def test_local_folder_is_not_a_file(tmp_path) -> None:
     with pytest.raises(IsADirectoryError, match="Is a folder") as info:
         storage.read_bytes(str(tmp_path))
     assert info.value.filename == str(tmp_path)
+
+
+# --- the retry policy from the environment ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, storage.RetryPolicy()),
+        ("", storage.RetryPolicy()),
+        ("  ", storage.RetryPolicy()),
+        ("attempts=3,first_delay_s=0.01,max_delay_s=0.02", storage.RetryPolicy(attempts=3, first_delay_s=0.01, max_delay_s=0.02)),
+        (" max_delay_s = 20 , attempts=6 ", storage.RetryPolicy(attempts=6, first_delay_s=0.5, max_delay_s=20.0)),
+        ("attempts=1", storage.RetryPolicy(attempts=1, first_delay_s=0.5, max_delay_s=8.0)),
+        ("first_delay_s=0,max_delay_s=0", storage.RetryPolicy(attempts=4, first_delay_s=0.0, max_delay_s=0.0)),
+    ],
+)
+def test_the_retry_policy_is_read_from_key_value_pairs_and_keys_left_out_keep_their_defaults(
+    text: str | None, expected: storage.RetryPolicy
+) -> None:
+    assert storage.retry_policy_from(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("attempts", r"'attempts' is not attempts=N, first_delay_s=S or max_delay_s=S"),
+        ("tries=3", r"'tries=3' is not attempts=N"),
+        ("attempts=3;first_delay_s=1", r"attempts must be an integer, got '3;first_delay_s=1'"),
+        ("attempts=3,", r"'' is not attempts=N"),
+        ("attempts=three", r"attempts must be an integer, got 'three'"),
+        ("attempts=2.5", r"attempts must be an integer, got '2.5'"),
+        ("first_delay_s=soon", r"first_delay_s must be a number of seconds, got 'soon'"),
+        ("max_delay_s=inf", r"max_delay_s must be finite, got 'inf'"),
+        ("first_delay_s=nan", r"first_delay_s must be finite, got 'nan'"),
+        ("attempts=2,attempts=3", r"attempts is given twice"),
+        ("attempts=0", r"needs attempts >= 1"),
+        ("first_delay_s=-1", r"0 <= first_delay_s <= max_delay_s"),
+        ("first_delay_s=10,max_delay_s=1", r"0 <= first_delay_s <= max_delay_s"),
+    ],
+)
+def test_a_malformed_retry_policy_is_an_error_naming_the_variable_and_its_value(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as error:
+        storage.retry_policy_from(text)
+    assert str(error.value).startswith(f"SPADE_BATCH_RETRY={text!r}: ")
