@@ -1,9 +1,9 @@
-# The two commands of the README: `make demo` and `make test`.
+# The commands of the README: `make demo`, `make test` and `make test-fast`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv browser clean
+.PHONY: demo test test-fast venv browser clean
 
 $(BIN)/spade-batch: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ browser:
 		{ command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
 		echo "chromium/chromedriver not installed (needs apt-get as root): the browser test will be skipped"
 
+# Both lanes: tests/unit, then tests/integration (a local Ray, an S3 server on loopback, command-line
+# processes, the browser). CI runs this (.ci/run).
 test: venv browser
 	$(BIN)/ruff check spade_batch tests benchmarks jobs scripts
 	$(BIN)/python -m pytest -q
+
+# The unit lane alone: in process, no Ray, S3 server, subprocess or browser; under a minute on 2 idle cores.
+test-fast: venv
+	$(BIN)/ruff check spade_batch tests benchmarks jobs scripts
+	$(BIN)/python -m pytest -q tests/unit

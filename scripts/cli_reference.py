@@ -2,7 +2,7 @@
 
     python scripts/cli_reference.py     # paste the output over the section in README.md
 
-tests/test_cli.py fails when README.md's section differs from this output.
+tests/unit/test_cli.py fails when README.md's section differs from this output.
 """
 
 from __future__ import annotations

@@ -18,6 +18,15 @@ backoff, :data:`RETRY` attempts in all (s3fs and botocore retry inside one
 attempt too). What still fails transiently raises
 :class:`TransientStorageError`: a plain re-run retries it, and it never means
 that the file is bad or missing.
+
+The environment variable ``SPADE_BATCH_RETRY`` sets that policy, as
+comma-separated ``key=value`` pairs of :class:`RetryPolicy`'s fields, e.g.
+``SPADE_BATCH_RETRY="attempts=3,first_delay_s=0.01,max_delay_s=0.02"`` (a key
+left out keeps its default; unset or empty: the defaults). Each process reads
+it once, when it imports this module, and a malformed value is an error naming
+the variable. Ray workers started by a local ``ray.init`` inherit the driver's
+environment; on a cluster, set it on every node or in the job's
+``runtime_env={"env_vars": ...}``.
 """
 
 from __future__ import annotations
@@ -94,8 +103,39 @@ class RetryPolicy:
         return min(self.first_delay_s * 2 ** (failed_attempts - 1), self.max_delay_s) * random.uniform(0.5, 1.0)
 
 
-RETRY = RetryPolicy()
-"""The policy every call in this module uses (about 7 s of waiting in all, on top of s3fs's own retries)."""
+RETRY_ENV = "SPADE_BATCH_RETRY"
+
+
+def retry_policy_from(text: str | None) -> RetryPolicy:
+    """The policy ``text`` (a ``SPADE_BATCH_RETRY`` value) asks for: ``key=value`` pairs, comma-separated,
+    of ``attempts`` (an integer), ``first_delay_s`` and ``max_delay_s`` (finite seconds); ``None`` or
+    blank: the defaults. ValueError naming the variable for anything else."""
+    if text is None or not text.strip():
+        return RetryPolicy()
+    types = {"attempts": int, "first_delay_s": float, "max_delay_s": float}
+    values: dict[str, Any] = {}
+    for item in text.split(","):
+        key, equals, value = (part.strip() for part in item.partition("="))
+        if not equals or key not in types:
+            raise ValueError(f"{RETRY_ENV}={text!r}: {item.strip()!r} is not attempts=N, first_delay_s=S or max_delay_s=S")
+        if key in values:
+            raise ValueError(f"{RETRY_ENV}={text!r}: {key} is given twice")
+        try:
+            values[key] = types[key](value)
+        except ValueError:
+            raise ValueError(f"{RETRY_ENV}={text!r}: {key} must be {'an integer' if key == 'attempts' else 'a number of seconds'}, "
+                             f"got {value!r}") from None
+        if not np.isfinite(values[key]):
+            raise ValueError(f"{RETRY_ENV}={text!r}: {key} must be finite, got {value!r}")
+    try:
+        return RetryPolicy(**values)
+    except ValueError as error:
+        raise ValueError(f"{RETRY_ENV}={text!r}: {error}") from None
+
+
+RETRY = retry_policy_from(os.environ.get(RETRY_ENV))
+"""The policy every call in this module uses: by default about 7 s of waiting in all, on top of s3fs's
+own retries; ``SPADE_BATCH_RETRY`` in the environment changes it (:func:`retry_policy_from`)."""
 
 _TRANSIENT_ERRNOS = frozenset(
     {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.EREMOTEIO}

@@ -1,0 +1,338 @@
+"""Faults through the real pipeline: what a nightly operator sees, and that nothing is lost or mixed.
+
+Each scenario scores a small archive (demo images, 48-80 px, resnet18 with random weights at
+64 px) on the session's local Ray, under one fault: storage throttling, resets and slow reads
+from a fault-injecting proxy in front of the S3 server (tests/integration/fault_proxy.py); a model actor's
+process SIGKILLed mid-run; the driver SIGKILLed mid-run, then the same command again; a second
+run started into an output a first run holds. (A node removed from a multi-node cluster is in
+tests/integration/engine/test_pipeline_multinode.py.) Each ends with every image's row present exactly once, masks
+that equal the in-process API's (spade_batch.method.detector) on the same images, and the exit status
+and message the operator acts on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from spade_batch import cli
+from spade_batch.config import Settings
+from spade_batch.engine.score import run_score
+from spade_batch.formats import storage
+from spade_batch.formats.images import decode_image, resize_map
+from spade_batch.formats.layout import Outputs
+from spade_batch.formats.locks import LOCK_NAME
+from spade_batch.formats.manifest import output_stem
+from spade_batch.formats.model import SpadeModel
+from spade_batch.method import detector
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+REPO = Path(__file__).resolve().parents[3]
+RUN_FLAGS = ["--device", "cpu", "--batch-size", "1", "--shard-size", "1"]
+"""Small batches and parts: many points at which a run can be interrupted."""
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A fitted model (local folder) and test images with the masks the in-process API gives them."""
+
+    model: str
+    images: Path
+    maps: dict[str, np.ndarray]  # id -> anomaly map at the image's original size
+    pixel_threshold: float
+
+    @property
+    def ids(self) -> list[str]:
+        return sorted(self.maps)
+
+    def files(self) -> dict[str, bytes]:
+        return {image_id: (self.images / image_id).read_bytes() for image_id in self.ids}
+
+    def settings(self, **overrides: Any) -> Settings:
+        """Run settings (the model's own come from its card)."""
+        return Settings(**{"device": "cpu", "batch_size": 1, "shard_size": 1, **overrides})
+
+
+@pytest.fixture(scope="module")
+def archive(tiny_model: Any) -> Archive:
+    images = Path(tiny_model.train) / "test"
+    ids = sorted(str(f.relative_to(images)) for f in images.rglob("*.png"))
+    decoded = [decode_image((images / i).read_bytes(), i) for i in ids]
+    model = SpadeModel.load(tiny_model.path)
+    maps = {i: resize_map(result.anomaly_map, *image.shape[:2])
+            for i, image, result in zip(ids, decoded, detector.score(model, decoded, Settings(**tiny_model.settings, device="cpu")))}
+    return Archive(tiny_model.path, images, maps, model.card.thresholds.pixel)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def read_rows(out: str, options: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Every row of every scores part under out, by id; fails when an id has more than one row."""
+    storage.filesystem(out, options)[0].invalidate_cache()  # other processes wrote there since this one last listed
+    parts = storage.list_files(storage.join(out, "scores"), (".parquet",), options)
+    rows = pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(p, options))) for p in parts]).to_pylist()
+    by_id = {row["id"]: row for row in rows}
+    assert len(by_id) == len(rows), f"an image has more than one row: {sorted(row['id'] for row in rows)}"
+    return by_id
+
+
+def assert_complete(archive: Archive, out: str, options: dict[str, Any] | None, ids: list[str] | None = None) -> None:
+    """Exactly one error-free row per image, and each mask equal to the in-process API's.
+
+    Pixels within float noise (1e-4 relative) of the threshold may go either way: batch
+    composition changes float rounding between processes.
+    """
+    ids = ids or archive.ids
+    rows = read_rows(out, options)
+    assert sorted(rows) == ids
+    assert [i for i, row in rows.items() if row["error"] is not None] == []
+    masks = storage.list_files(storage.join(out, "masks"), None, options)
+    assert masks == sorted(Outputs(out).mask(i) for i in ids), "a mask is missing, or one is left from another run"
+    for image_id in ids:
+        with Image.open(io.BytesIO(storage.read_bytes(Outputs(out).mask(image_id), options))) as im:
+            mask = np.asarray(im)
+        expected = archive.maps[image_id]
+        clear = np.abs(expected - archive.pixel_threshold) > 1e-4 * archive.pixel_threshold
+        assert mask.shape == expected.shape
+        np.testing.assert_array_equal(mask[clear] == 255, expected[clear] > archive.pixel_threshold, err_msg=image_id)
+
+
+def run_cli_here(argv: list[str]) -> int:
+    """`spade-batch argv` in this process (it joins the session's Ray); the root logger is restored after."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        return cli.main(argv)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def cli_process(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`spade-batch argv` as a new process, stdout and stderr together."""
+    return subprocess.Popen([sys.executable, "-m", "spade_batch.cli", *argv], cwd=str(REPO),
+                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def ray_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+def upload(files: dict[str, bytes], prefix: str, options: dict[str, Any]) -> str:
+    for image_id, data in files.items():
+        storage.write_bytes(storage.join(prefix, image_id), data, options)
+    return prefix
+
+
+# ---------------------------------------------------------------- storage faults
+
+
+def test_throttled_reset_and_slow_reads_are_retried_and_a_persistent_fault_is_retried_by_a_plain_rerun(
+    archive: Archive, faulty_s3: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = upload(archive.files(), f"{faulty_s3.bucket}/imgs", faulty_s3.direct_options)
+    out = f"{faulty_s3.bucket}/out"
+    throttled, reset, slow, down, mask_throttled = archive.ids[:5]
+    proxy = faulty_s3.proxy
+    # Ray workers retry under the session's SPADE_BATCH_RETRY (3 attempts, milliseconds apart; s3fs retries a
+    # SlowDown 5 times within each): 7 SlowDowns and 2 resets pass; a key that answers SlowDown to every request does not.
+    proxy.inject(f"imgs/{throttled}", "slowdown", times=7)
+    proxy.inject(f"imgs/{reset}", "reset", times=2)
+    proxy.inject(f"imgs/{slow}", "delay", times=1, delay_s=2.0)
+    proxy.inject(f"imgs/{down}", "slowdown", times=None)
+    proxy.inject(f"out/masks/{output_stem(mask_throttled)}.png", "slowdown", times=6, method="PUT")
+    argv = ["score", "--model", archive.model, "--images", images, "--out", out, *RUN_FLAGS,
+            "--storage-options", json.dumps(faulty_s3.options)]
+
+    status = run_cli_here(argv)
+
+    printed = capsys.readouterr()
+    assert status == 75, printed
+    assert "1 (transient read failures: re-run the same command)" in printed.out
+    assert "1 images could not be read for a transient reason (e.g. " in printed.err and "re-run the same command" in printed.err
+    for key in (f"imgs/{throttled}", f"imgs/{reset}", f"imgs/{slow}", f"out/masks/{output_stem(mask_throttled)}.png"):
+        assert proxy.faults_served[key] >= 1, key
+    assert down not in read_rows(out, faulty_s3.direct_options), "a transient failure is never recorded as a bad image"
+    run = json.loads(storage.read_text(f"{out}/run.json", faulty_s3.direct_options))
+    assert (run["retryable"], run["failed"], run["scored"]) == (1, 0, len(archive.ids) - 1)
+    assert [f["id"] for f in run["retryable_failures"]] == [down] and "Re-run the same command" in run["retryable_failures"][0]["error"]
+
+    for image_id in archive.ids:  # the faults pass; from now on count what the re-run reads
+        proxy.inject(f"imgs/{image_id}", "slowdown", times=0)
+    status = run_cli_here(argv)
+
+    printed = capsys.readouterr()
+    assert status == 0, printed
+    drawn = report_images(out, faulty_s3.direct_options)
+    assert {i: proxy.requests[f"imgs/{i}"] for i in archive.ids} == {i: int(i == down) + int(i in drawn) for i in archive.ids}, \
+        "a plain re-run reads exactly the images that failed transiently (and the run report the anomalies it draws)"
+    assert_complete(archive, out, faulty_s3.direct_options)
+    run = json.loads(storage.read_text(f"{out}/run.json", faulty_s3.direct_options))
+    assert (run["retryable"], run["resumed"], run["scored"]) == (0, len(archive.ids) - 1, len(archive.ids))
+
+
+def report_images(out: str, options: Any) -> set[str]:
+    """The ids whose original image the run report reads again, to draw them among the top anomalies."""
+    from spade_batch.reports.run_report import read_run_scores
+
+    return {str(row["id"]) for row in read_run_scores(out, options).top}
+
+
+# ---------------------------------------------------------------- killed processes
+
+
+def _killing_stage(calls_file: str, kill_on_call: int) -> type:
+    """The real ScoreStage, whose process SIGKILLs itself on its kill_on_call-th batch (once per run)."""
+    from spade_batch.engine.stages import ScoreStage
+
+    class KillingStage(ScoreStage):
+        def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+            with open(calls_file, "a") as calls:
+                calls.write(f"{os.getpid()}\n")
+            with open(calls_file) as calls:
+                if len(calls.read().split()) == kill_on_call:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return super().__call__(batch)
+
+    return KillingStage
+
+
+def test_a_model_worker_killed_mid_run_is_replaced_and_nothing_is_lost(archive: Archive, tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+    out = str(tmp_path / "out")
+
+    summary = run_score(archive.model, str(archive.images), out, archive.settings(), stage=_killing_stage(str(calls), 3))
+
+    pids = calls.read_text().split()
+    killed = pids[2]
+    assert len(set(pids)) >= 2 and pids[-1] != killed, "the killed actor's process was replaced by a new one"
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(killed), 0)
+    assert (summary.scored, summary.failed, summary.retryable) == (len(archive.ids), 0, 0)
+    assert_complete(archive, out, None)
+
+
+def test_a_driver_killed_mid_run_resumes_with_the_same_command(archive: Archive, faulty_s3: Any, tmp_path: Path) -> None:
+    """The driver (the spade-batch process) SIGKILLed once some scores parts are written; its lock is
+    left behind. The same command again breaks the dead process's lock and scores only what is missing."""
+    images = upload(archive.files(), f"{faulty_s3.bucket}/imgs", faulty_s3.direct_options)
+    for image_id in archive.ids[2:]:  # slow reads (not timeouts): the run is still under way when it is killed
+        faulty_s3.proxy.inject(f"imgs/{image_id}", "delay", times=None, delay_s=1.5)
+    options = {**faulty_s3.options, "config_kwargs": {"read_timeout": 10, "retries": {"total_max_attempts": 1}}}
+    out = tmp_path / "out"
+    argv = ["score", "--model", archive.model, "--images", images, "--out", str(out), *RUN_FLAGS,
+            "--storage-options", json.dumps(options), "--ray-address", ray_address()]
+
+    driver = cli_process(argv)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("scores/*.parquet")):
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[0]
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.communicate()
+    done_when_killed = len(read_rows(str(out), None))
+    assert 0 < done_when_killed < len(archive.ids) and (out / LOCK_NAME).exists()
+
+    for image_id in archive.ids:
+        faulty_s3.proxy.inject(f"imgs/{image_id}", "delay", times=0)
+    rerun = cli_process(argv)
+    printed = rerun.communicate(timeout=300)[0]
+
+    assert rerun.returncode == 0, printed
+    assert f"resumed (already done)  {done_when_killed}" in printed
+    assert f"{out / LOCK_NAME} was left by spade-batch score into {out} (pid {driver.pid} on this host, no longer running); breaking it" in printed
+    assert_complete(archive, str(out), None)
+    assert not (out / LOCK_NAME).exists()
+    drawn = report_images(str(out), None)
+    assert sum(faulty_s3.proxy.requests[f"imgs/{i}"] for i in archive.ids) == len(archive.ids) - done_when_killed + len(drawn), \
+        "the re-run reads only the images not yet scored (and the run report the anomalies it draws)"
+
+
+# ---------------------------------------------------------------- concurrent runs
+
+
+def _gated_stage(gate: str) -> type:
+    """The real ScoreStage, which waits until the file `gate` exists before its first batch."""
+    from spade_batch.engine.stages import ScoreStage
+
+    class GatedStage(ScoreStage):
+        def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+            while not os.path.exists(gate):
+                time.sleep(0.05)
+            return super().__call__(batch)
+
+    return GatedStage
+
+
+@contextlib.contextmanager
+def running(target: Any) -> Iterator[dict[str, Any]]:
+    """target() in a thread; yields a dict that holds its "result" or "error" once the block exits."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = target()
+        except BaseException as error:  # noqa: BLE001 - re-raised by the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield outcome
+    finally:
+        thread.join(300)
+
+
+def test_a_second_run_into_a_held_output_is_refused_and_nothing_is_mixed(archive: Archive, s3: Any, s3_bucket: str, tmp_path: Path) -> None:
+    options = s3.storage_options
+    files = archive.files()
+    first_ids, second_ids = archive.ids[:3], archive.ids[3:]
+    first = upload({i: files[i] for i in first_ids}, f"{s3_bucket}/first", options)
+    second = upload({i: files[i] for i in second_ids}, f"{s3_bucket}/second", options)
+    out = f"{s3_bucket}/out"
+    gate = tmp_path / "gate"
+    settings = archive.settings(storage_options=options)
+
+    with running(lambda: run_score(archive.model, first, out, settings, stage=_gated_stage(str(gate)))) as outcome:
+        deadline = time.monotonic() + 120
+        while not storage.exists(storage.join(out, LOCK_NAME), options):
+            assert time.monotonic() < deadline and not outcome, outcome
+            time.sleep(0.05)
+        region = json.dumps({"client_kwargs": {"region_name": options["client_kwargs"]["region_name"]}})
+        other = cli_process(["score", "--model", archive.model, "--images", second, "--out", out, *RUN_FLAGS,
+                             "--endpoint-url", s3.endpoint_url, "--storage-options", region])
+        printed = other.communicate(timeout=300)[0]
+        gate.touch()
+
+    assert other.returncode == 2, printed
+    assert f"spade-batch score: error: {out}/{LOCK_NAME} is held by spade-batch score into {out}" in printed
+    assert f"delete {out}/{LOCK_NAME} and start this run again" in printed
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"].scored == len(first_ids)
+    assert_complete(archive, out, options, first_ids)
+    run = json.loads(storage.read_text(f"{out}/run.json", options))
+    assert (run["images"], run["scored"]) == (len(first_ids), len(first_ids))
+    assert not storage.exists(storage.join(out, LOCK_NAME), options)

@@ -1,0 +1,115 @@
+"""`spade-batch show`'s errors, and how failures are grouped by reason, in process.
+
+`show` on a real model and run (fit and score on a local Ray, local and on the S3 test server) is in
+tests/integration/reports/test_summary.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from spade_batch import cli
+from spade_batch.config import Settings
+from spade_batch.formats import storage
+from spade_batch.formats.card import CalibrationRecord, ModelCard, Thresholds
+from spade_batch.formats.images import Preprocessing
+from spade_batch.formats.layout import Outputs as RunOutputs
+from spade_batch.formats.layout import part_name
+from spade_batch.formats.scores import ScoreRow, write_scores
+from spade_batch.reports.run_report import read_run_scores
+from spade_batch.reports.summary import decision_rules, failure_reason, failures_by_reason, false_alarm_range, run_summary
+
+
+def show(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(["show", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_show_on_a_folder_with_neither_is_a_one_line_error(tmp_path, capsys):
+    code, out, err = show(capsys, str(tmp_path))
+    assert code == 2 and out == ""
+    assert err == (
+        f"spade-batch show: error: {tmp_path} holds neither a model (spade.json) nor a finished run (run.json): "
+        "give a MODEL_URI written by fit or an OUT_URI written by score (evaluate's run is OUT/scores)\n"
+    )
+
+
+def test_show_takes_only_storage_settings(capsys):
+    code, _, err = show(capsys, "somewhere", "--k", "3")
+    assert code == 2 and "show does not take --k: a method setting" in err
+
+
+def test_failure_reasons_group_errors_without_uris_or_numbers():
+    failures = [
+        ("a/1.png", "ImageError: cannot decode s3://b/x/a/1.png: the file is empty (0 bytes). Re-export it."),
+        ("b/2.png", "ImageError: cannot decode s3://b/x/b/2.png: the file is empty (0 bytes). Re-export it."),
+        ("c.png", "ImageError: cannot decode /d/c.png: image is 10 x 20 = 200 pixels, over the max_pixels setting (100). Downscale"),
+    ]
+    assert failures_by_reason(failures) == [
+        {"reason": "ImageError: cannot decode <image>: the file is empty (N bytes)", "count": 2, "example": "a/1.png"},
+        {"reason": "ImageError: cannot decode <image>: image is N x N = N pixels, over the max_pixels setting (N)",
+         "count": 1, "example": "c.png"},
+    ]
+    assert failure_reason(os.path.join("x", "y.png"), "name rejected: x/y.png collides") == "name rejected: <image> collides"
+
+
+def test_show_and_the_run_report_group_the_same_failures_identically(tmp_path):
+    root = str(tmp_path / "run")
+    outputs = RunOutputs(root)
+    big = "ImageError: cannot decode {}: image is {} pixels, over the max_pixels setting (100). Downscale it"
+    failures = [  # (id, uri, error), over two part files
+        [("a/1.png", "s3://b/x/a/1.png", "ImageError: cannot decode s3://b/x/a/1.png: the file is empty (0 bytes). Re-export it."),
+         ("b/2.png", "s3://b/x/b/2.png", big.format("s3://b/x/b/2.png", "10 x 20 = 200")),
+         ("s3://b/x/c?.png", "s3://b/x/c?.png", "name rejected: s3://b/x/c?.png has a '?'")],
+        [("d/3.png", "s3://b/x/d/3.png", big.format("x/d/3.png", "30 x 40 = 1200")),  # the URI without its scheme
+         ("e/4.png", "s3://b/x/e/4.png", "ImageError: cannot decode s3://b/x/e/4.png: the file is empty (0 bytes). Re-export it."),
+         ("f/5.png", "s3://b/x/f/5.png", "OSError: read failed\nTraceback (most recent call last): ...")],
+    ]
+    for part in failures:
+        rows = [ScoreRow(id=image_id, uri=uri, error=error) for image_id, uri, error in part]
+        write_scores(storage.join(outputs.scores, part_name([row.id for row in rows])), rows)
+    run = {"model_uri": "m", "images": 6, "scored": 0, "failed": 6, "retryable": 0, "resumed": 0, "anomalous": None,
+           "thresholds": {"image": None, "pixel": None}, "mask_kind": "binary", "seconds": 1.0, "images_per_second": 6.0,
+           "settings": {}, "versions": {}}
+    storage.write_text(outputs.run_json, json.dumps(run))
+
+    shown = [(f["reason"], f["count"], f["example"]) for f in run_summary(root, top=0)["failures"]]
+    reported = [(group.reason, group.count, group.examples[0]) for group in read_run_scores(root, None).failures]
+
+    assert shown == reported
+    assert [(reason, count) for reason, count, _ in shown] == [
+        ("ImageError: cannot decode <image>: image is N x N = N pixels, over the max_pixels setting (N)", 2),
+        ("ImageError: cannot decode <image>: the file is empty (N bytes)", 2),
+        ("OSError: read failed", 1),
+        ("name rejected: <image> has a '?'", 1),
+    ]
+
+
+@pytest.mark.parametrize(("count", "target"), [(20, 0.05), (200, 0.01), (635, 0.01)])
+def test_the_false_alarm_range_is_what_thresholds_set_on_that_many_normal_images_give(count, target):
+    """Simulation: thresholds set on `count` uniform normal scores at the (1 - target) quantile ("higher"); the
+    false-positive rate each gives on new normal images is 1 - threshold. Its 5% and 95% points match the range."""
+    rng = np.random.default_rng(count)
+    thresholds = np.quantile(rng.random((20_000, count)), 1 - target, axis=1, method="higher")
+    simulated = np.quantile(1 - thresholds, [0.05, 0.95])
+    np.testing.assert_allclose(false_alarm_range(count, target), simulated, rtol=0.05, atol=2e-4)
+
+
+def test_decision_rules_say_how_thresholds_were_set_and_what_they_promise():
+    card = ModelCard(settings=Settings().method, preprocessing=Preprocessing(), weights_sha256="sha256:0", layers=[], global_dim=1,
+                     train_count=600, train_manifest_sha256="0",
+                     thresholds=Thresholds(image=2.5, pixel=1.25, min_region=16, gate_masks=True),
+                     calibration=CalibrationRecord(count=600, images="leave_one_out", image_fpr=0.01, pixel_rule="region"))
+    rules = decision_rules(card)
+    assert rules["calibration"] == "600 normal images (leave-one-out)"
+    low, high = false_alarm_range(600, 0.01)
+    assert rules["expected false alarms"].startswith("about 10 per 1,000 normal images") and f"{1000 * high:.3g}" in rules["expected false alarms"]
+    assert "1.0% of them show a flagged region of 16 pixels" in rules["pixel rule"] and "empty for images not flagged" in rules["masks"]
+    uncalibrated = dataclasses.replace(card, thresholds=Thresholds(), calibration=CalibrationRecord())
+    assert list(decision_rules(uncalibrated)) == ["calibration"]
