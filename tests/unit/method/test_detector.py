@@ -17,12 +17,13 @@ from spade_batch.config import Settings
 from spade_batch.formats.card import CARD_NAME, KEYS_ADDED_LATER, ModelCard
 from spade_batch.formats.datasets import make_demo_data, read_mvtec_category
 from spade_batch.formats.features import LayerShape
-from spade_batch.formats.images import Preprocessing, decode_image, resize_for_model
+from spade_batch.formats.images import Preprocessing, decode_image, resize_for_model, resize_map
 from spade_batch.formats.layout import ModelLayout, part_files
 from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
 from spade_batch.method import calibrate, spade
 from spade_batch.method.detector import Extractor, Features, Scorer, fit, score
 from spade_batch.method.extractor import normalise
+from spade_batch.method.masks import mask_from_map
 from spade_batch.method.recipe import StoredFeatures, new_card, split_fit_ids
 from tests.unit.torchvision_reference import torchvision_input
 
@@ -521,6 +522,25 @@ def test_a_card_from_before_the_options_scores_as_the_paper(data, tmp_path):
     for a, b in zip(score(old, data["test"]), score(fitted, data["test"])):
         assert a.score == b.score == a.knn_score
         np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_a_card_from_before_the_decision_rules_decides_as_it_did(data, tmp_path):
+    """Thresholds {image, pixel} and a calibration summary without the mode or pixel rule: the model holds out,
+    thresholds pixels by quantile, keeps every flagged pixel and does not gate masks, as models then did."""
+    fitted = fit(data["train"] + data["test"][:2], SETTINGS.replace(calibration_fraction=0.4))
+    fitted.save(str(tmp_path))
+    card = json.loads((tmp_path / CARD_NAME).read_text())
+    card["thresholds"] = {"image": card["thresholds"]["image"], "pixel": card["thresholds"]["pixel"]}
+    for key in ("images", "pixel_rule"):
+        del card["calibration"][key]
+    (tmp_path / CARD_NAME).write_text(json.dumps(card))
+    old = SpadeModel.load(str(tmp_path))
+    rule = old.card.thresholds
+    assert (rule.min_region, rule.gate_masks, old.card.calibration.images, old.card.calibration.pixel_rule) == (0, False, "held_out", "quantile")
+    result = score(old, data["test"][:1])[0]
+    height, width = data["test"][0].shape[:2]
+    expected = resize_map(result.anomaly_map, height, width) > rule.pixel
+    np.testing.assert_array_equal(mask_from_map(result.anomaly_map, height, width, rule, anomalous=False) > 0, expected)
 
 
 def test_k_above_the_usable_training_images_is_a_clear_error(data):
