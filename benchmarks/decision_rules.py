@@ -2,8 +2,8 @@
 
 For each calibration mode (held_out: 10% of the normal images leave the gallery; leave_one_out: every
 normal image stays and each is scored against the others), fits on train/good of an MVTec-layout
-category and scores the test split once. Then, for each pixel rule, it recalibrates from the same
-stored features (the one fit recipe) and applies the model's decisions as a scoring run writes them
+category and scores the test split once, and the calibration images once. Then, for each pixel rule,
+it sets the thresholds from those calibration scores (calibrate.calibrate_from_samples) and applies the model's decisions as a scoring run writes them
 (method.masks.mask_from_map at each image's original size, image verdict score > threshold), and
 prints per configuration: image FPR / TPR, pooled pixel SegF1 (MVTec AD 2), pixel TPR / FPR, and
 the share of normal test images with any flagged pixel. Rule-independent ranking metrics are in
@@ -25,9 +25,11 @@ from spade_batch.config import Settings
 from spade_batch.formats.datasets import read_mask, read_mvtec_category
 from spade_batch.formats.images import decode_image
 from spade_batch.formats.layout import ModelLayout, part_files
+from spade_batch.method.calibrate import CalibrationScores, calibrate_from_samples
 from spade_batch.method.detector import Extractor, Scorer, fit
 from spade_batch.method.masks import mask_from_map
-from spade_batch.method.recipe import StoredFeatures, fit_from_features
+from spade_batch.method.recipe import InProcessHeldOut, StoredFeatures, split_fit_ids
+from spade_batch.method.trainset import size_outliers
 from spade_batch.reports.metrics import PixelDecisions, image_decisions
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,21 +79,33 @@ def main() -> None:
     for mode in ("held_out", "leave_one_out"):
         started = time.perf_counter()
         folder = tempfile.mkdtemp(prefix=f"decision-rules-{mode}-")
-        settings = base.replace(calibration_images=mode)
+        settings = base.replace(calibration_images=mode, min_region=args.min_region)
         model = fit(train, settings, ids=train_ids, folder=folder)
         extractor = Extractor(settings, preprocessing=model.card.preprocessing)
         results = Scorer(model, extractor).score(images)  # the gallery, so the maps, do not depend on the pixel rule
+        # The calibration images' scores, once: each rule then only sets thresholds from them.
         stored = StoredFeatures.index(part_files(ModelLayout(folder).features, None))
-        print(f"<!-- {mode}: fit and scoring {time.perf_counter() - started:.0f} s -->", flush=True)
+        usable = sorted(stored.sizes)
+        outliers = size_outliers(usable, [stored.sizes[i][0] for i in usable], [stored.sizes[i][1] for i in usable])
+        _, calibration_ids = split_fit_ids([i for i in usable if i not in outliers], settings)
+        scores = _joined(list(InProcessHeldOut(stored, extractor, settings).scores(model, calibration_ids)))
+        print(f"<!-- {mode}: fit, scoring and calibration scores {time.perf_counter() - started:.0f} s -->", flush=True)
         for name, changes in RULES.items():
-            rule_settings = settings.replace(**{k: (args.min_region if v is None else v) for k, v in changes.items()})
-            calibrated = fit_from_features(stored, extractor, rule_settings, tempfile.mkdtemp(prefix="rule-"), "benchmark").model
-            assert calibrated.train_ids == model.train_ids
+            rule_settings = settings.replace(**{"min_region": 0, **{k: (args.min_region if v is None else v) for k, v in changes.items()}})
+            calibrated = calibrate_from_samples(model, scores, rule_settings.calibration)
             measured = decisions(results, images, truths, labels, calibrated.card.thresholds)
             image, pixel = measured["image"], measured["pixel"]
             print(f"| {mode} | {name} | {calibrated.card.calibration.count} | {image['fpr']:.3f} ({image['flagged_normal']}) | "
                   f"{image['tpr']:.3f} | {pixel['seg_f1']:.3f} | {pixel['tpr']:.3f} | {pixel['fpr']:.4f} | "
                   f"{pixel['normal_images_flagged'] / pixel['normal_images']:.3f} ({pixel['normal_images_flagged']}) |", flush=True)
+
+
+def _joined(batches: list[CalibrationScores]) -> CalibrationScores:
+    return CalibrationScores(
+        [i for b in batches for i in b.ids], np.concatenate([b.knn_scores for b in batches]),
+        np.concatenate([b.map_scores for b in batches]), [p for b in batches for p in b.pixel_samples],
+        np.concatenate([b.region_scores for b in batches]),
+    )
 
 
 if __name__ == "__main__":
