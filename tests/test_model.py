@@ -22,10 +22,13 @@ from spade_batch.formats.model import (
     Centre,
     GalleryWriter,
     ModelCard,
+    ModelError,
     SpadeModel,
     build_index,
     build_model,
+    load_card,
     load_count,
+    verify_model,
 )
 from spade_batch.method import spade
 
@@ -273,7 +276,7 @@ def test_a_damaged_artifact_is_a_clear_error_naming_the_file(tmp_path, damage):
     else:
         (folder / damage.split()[1]).unlink()
     broken = {"truncated layer1.npy": "pyramid/layer1.npy", "fewer train ids": "train_ids.json"}.get(damage, damage.split()[1])
-    with pytest.raises(ValueError, match=rf"model file {folder}/{broken} .*; fit the model again"):
+    with pytest.raises(ValueError, match=rf"model file {folder}/{broken} .*fit the model again"):
         SpadeModel.load(str(folder))
 
 
@@ -283,7 +286,7 @@ def test_load_from_s3_memory_maps_a_node_local_copy_downloaded_once(tmp_path, s3
     model = make_model(tmp_path / "built", raw_features(30, seed=4), index="ivf").with_thresholds(1.0, 2.0, {})
     uri = f"{s3_bucket}/models/m1"
     model.save(uri, s3.storage_options)
-    assert not cache.exists()
+    assert not cache.exists() or not [p for p in cache.iterdir() if p.is_dir()]  # no copy yet (a build leaves only a stamp)
 
     loaded = SpadeModel.load(uri, s3.storage_options)
     assert os.path.dirname(loaded.folder) == str(cache)
@@ -324,6 +327,140 @@ def test_a_damaged_s3_artifact_names_the_missing_file(tmp_path, s3, s3_bucket, m
     with pytest.raises(FileNotFoundError, match="global.faiss"):
         SpadeModel.load(uri, s3.storage_options)
     assert not list((tmp_path / "cache").glob("*.partial"))  # no half copy is left behind
+
+
+# ---------------------------------------------------------------- checksums and card fields
+
+
+def test_the_card_records_the_size_and_sha256_of_every_file(tmp_path):
+    import hashlib
+
+    uri = str(tmp_path / "model")
+    make_model(tmp_path / "built", raw_features(6)).save(uri)
+    files = json.loads((tmp_path / "model" / CARD_NAME).read_text())["files"]
+    names = ModelLayout.array_names([shape.name for shape in SHAPES])
+    assert sorted(files) == sorted(names)
+    for name in names:
+        data = (tmp_path / "model" / name).read_bytes()
+        assert files[name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def mix(folder, other, damage: str) -> str:
+    """Damage the model in folder with a file of the model in other (another fit of as many images), or cut one short."""
+    import shutil
+
+    name = {"global.faiss": "global.faiss", "centre.npz": "centre.npz", "train_ids.json": "train_ids.json",
+            "pyramid layer": "pyramid/layer2.npy", "truncated pyramid layer": "pyramid/layer1.npy"}[damage]
+    if damage.startswith("truncated"):
+        (folder / name).write_bytes((folder / name).read_bytes()[:-8])
+    else:
+        assert (folder / name).stat().st_size == (other / name).stat().st_size  # only a checksum tells them apart
+        shutil.copyfile(other / name, folder / name)
+    return name
+
+
+MIXES = ["global.faiss", "centre.npz", "pyramid layer", "truncated pyramid layer"]
+
+
+@pytest.mark.parametrize("damage", MIXES)
+def test_a_folder_mixed_from_two_fits_or_cut_short_is_refused_naming_the_file(tmp_path, monkeypatch, damage):
+    """Same N and D, same shapes: the arrays load; only the card's checksums tell the fits apart."""
+    monkeypatch.setenv("SPADE_BATCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    make_model(tmp_path / "built", raw_features(6, seed=1)).save(str(folder))
+    make_model(tmp_path / "other", raw_features(6, seed=2, offset=0.5)).save(str(tmp_path / "other-model"))
+    SpadeModel.load(str(folder))  # intact, it loads (and the gallery is verified once on this node)
+    name = mix(folder, tmp_path / "other-model", damage)
+    card = load_card(str(folder))
+    for load in (lambda: verify_model(str(folder), card), lambda: SpadeModel.load(str(folder))):
+        with pytest.raises(ModelError, match=rf"model file {folder}/{name} .*re-sync the whole model folder .*or fit the model again"):
+            load()
+
+
+@pytest.mark.parametrize("damage", MIXES)
+def test_a_half_synced_s3_model_is_refused_and_no_copy_of_it_is_kept(tmp_path, s3, s3_bucket, monkeypatch, damage):
+    """The driver's check (sizes, small files) catches all but a same-size gallery file; the node-local copy
+    catches that one before it is renamed into place."""
+    monkeypatch.setenv("SPADE_BATCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    make_model(tmp_path / "built", raw_features(6, seed=1)).save(str(folder))
+    make_model(tmp_path / "other", raw_features(6, seed=2, offset=0.5)).save(str(tmp_path / "other-model"))
+    name = mix(folder, tmp_path / "other-model", damage)
+    uri = f"{s3_bucket}/models/mixed"
+    for path in folder.rglob("*"):
+        if path.is_file():
+            storage.put_file(str(path), f"{uri}/{path.relative_to(folder)}", s3.storage_options)
+    message = rf"model file {uri}/{name} .*re-sync the whole model folder"
+    if damage == "pyramid layer":
+        verify_model(uri, load_card(uri, s3.storage_options), s3.storage_options)  # same size: the driver cannot tell
+    else:
+        with pytest.raises(ModelError, match=message):
+            verify_model(uri, load_card(uri, s3.storage_options), s3.storage_options)
+    with pytest.raises(ModelError, match=message):
+        SpadeModel.load(uri, s3.storage_options)
+    assert not [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()], "no damaged copy is kept, none half made"
+
+
+def test_the_gallery_is_hashed_once_per_node_until_a_file_changes(tmp_path, monkeypatch):
+    from spade_batch.formats import model as model_module
+
+    monkeypatch.setenv("SPADE_BATCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    make_model(tmp_path / "built", raw_features(6)).save(str(folder))
+    hashed: list[str] = []
+    real = model_module.file_sha256
+    monkeypatch.setattr(model_module, "file_sha256", lambda path: hashed.append(os.path.relpath(path, folder)) or real(path))
+    small = sorted(["train_ids.json", "global.faiss", "centre.npz"])
+
+    SpadeModel.load(str(folder))
+    assert sorted(hashed) == sorted([*small, "pyramid/layer1.npy", "pyramid/layer2.npy"])
+    hashed.clear()
+    SpadeModel.load(str(folder))  # another actor on the node: sizes and the small files only
+    assert sorted(hashed) == small
+    hashed.clear()
+    layer = folder / "pyramid" / "layer1.npy"
+    layer.write_bytes(layer.read_bytes())  # rewritten (same bytes): verified again
+    SpadeModel.load(str(folder))
+    assert "pyramid/layer1.npy" in hashed
+
+
+def test_an_old_card_without_checksums_still_loads_unverified(tmp_path):
+    folder = tmp_path / "model"
+    make_model(tmp_path / "built", raw_features(6)).save(str(folder))
+    card = json.loads((folder / CARD_NAME).read_text())
+    del card["files"]
+    (folder / CARD_NAME).write_text(json.dumps(card))
+    assert SpadeModel.load(str(folder)).card.files == {}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"thresholds": {"image": 1.0, "pixel": float("nan")}}, "thresholds.pixel is nan; a threshold is a finite number or null"),
+        ({"thresholds": {"image": float("inf"), "pixel": None}}, "thresholds.image is inf"),
+        ({"thresholds": {"image": "0.5", "pixel": None}}, r"thresholds.image is '0.5' \(str\); a threshold is a number or null"),
+        ({"thresholds": {"image": True, "pixel": None}}, "thresholds.image is True"),
+        ({"thresholds": {"image": 1.0}}, "thresholds is .*; it holds exactly 'image' and 'pixel'"),
+        ({"train_count": "6"}, "train_count is '6'; it is a positive whole number"),
+        ({"global_dim": 0}, "global_dim is 0"),
+        ({"settings": []}, r"settings is \[\] \(list\), not a JSON object"),
+        ({"layers": [{"name": "layer1", "height": 4, "width": 4}]}, r"layers\[0\] is"),
+        ({"files": {"global.faiss": {"bytes": "10", "sha256": "x"}}}, r"files\['global.faiss'\] is"),
+    ],
+)
+def test_a_card_field_of_the_wrong_type_is_a_clear_error_naming_it(tmp_path, change, message):
+    folder = tmp_path / "model"
+    make_model(tmp_path / "built", raw_features(6)).save(str(folder))
+    card = {**json.loads((folder / CARD_NAME).read_text()), **change}
+    (folder / CARD_NAME).write_text(json.dumps(card))  # NaN and Infinity as the bare literals json reads back
+    with pytest.raises(ModelError, match=rf"{folder}/spade.json is not a valid model card: {message}.*; fit the model again"):
+        load_card(str(folder))
+
+
+def test_a_non_finite_threshold_is_never_written_to_a_card(tmp_path):
+    model = make_model(tmp_path / "built", raw_features(6)).with_thresholds(float("nan"), None, {})
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        model.save(str(tmp_path / "model"))
 
 
 def test_check_compatible_names_only_mismatched_explicit_model_keys(tmp_path):

@@ -27,7 +27,7 @@ from spade_batch.formats import storage
 from spade_batch.formats.layout import Outputs, done_ids, part_files, part_name, read_columns, record_inputs
 from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.manifest import Manifest, build_manifest
-from spade_batch.formats.model import ModelCard, load_card
+from spade_batch.formats.model import ModelCard, load_card, verify_model
 from spade_batch.formats.scores import ScoreRow, Thresholds, write_scores
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ def run_score(
     started = time.perf_counter()
     card = load_card(model_uri, options)  # the gallery is loaded by the actors, once the request is known to be valid
     settings = card.settings_for(settings, explicit)
+    verify_model(model_uri, card, options)  # a damaged or mixed model is refused before any image is read
     if settings.preprocess != "full":
         log.warning("score: '%s' preprocessing leaves the image border unscored; masks are written at the working size", settings.preprocess)
     manifest = build_manifest(images_source, options)
