@@ -21,7 +21,7 @@ import torch
 from spade_batch import __version__
 from spade_batch.config import Settings
 from spade_batch.engine.cpu_stages import RETRYABLE, read_images, write_score_outputs
-from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, init_ray, stream
+from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, actor_stage, init_ray, stream, task_stage
 from spade_batch.engine.stages import ScoreStage
 from spade_batch.formats import storage
 from spade_batch.formats.layout import Outputs, done_ids, part_files, part_name, read_columns, record_inputs
@@ -81,12 +81,12 @@ def score_dataset(
     blocks = max(1, min(len(todo) // max(1, settings.batch_size), 10_000))
     return (
         ray.data.from_items(todo, override_num_blocks=blocks)
-        .map_batches(read_images, fn_kwargs={"preprocessing": preprocessing, "options": options,
+        .map_batches(task_stage(read_images), fn_kwargs={"preprocessing": preprocessing, "options": options,
                                                     "max_pixels": settings.max_pixels},
                      batch_size=settings.shard_size, batch_format="numpy", **DECODE_TASK)
-        .map_batches(stage, fn_constructor_kwargs={"model_uri": model_uri, "settings": settings},
+        .map_batches(actor_stage(stage), fn_constructor_kwargs={"model_uri": model_uri, "settings": settings},
                      batch_size=settings.batch_size, batch_format="numpy", compute=plan.compute(), **plan.resources)
-        .map_batches(write_score_outputs,
+        .map_batches(task_stage(write_score_outputs),
                      fn_kwargs={"out_root": outputs.root, "thresholds": (thresholds.image, thresholds.pixel), "settings": settings},
                      batch_size=settings.shard_size, batch_format="numpy", **OUTPUT_TASK)
     )

@@ -522,6 +522,9 @@ def card_problem(card: ModelCard) -> str | None:
         if not isinstance(layer, dict) or set(layer) != set(fields) or not isinstance(layer["name"], str) \
                 or not all(_is_int(layer[key]) and layer[key] > 0 for key in ("height", "width", "channels")):
             return f"layers[{number}] is {layer!r}; each layer is {{name, height, width, channels}} with positive sizes"
+    k = card.settings.get("k")
+    if k is not None and (not _is_int(k) or not 0 < k <= card.train_count):
+        return f"settings.k is {k!r}, but the gallery holds {card.train_count} images; k is a whole number from 1 to that"
     if set(card.thresholds) != {"image", "pixel"}:
         return f"thresholds is {card.thresholds!r}; it holds exactly 'image' and 'pixel'"
     for name in ("image", "pixel"):
