@@ -479,3 +479,53 @@ def test_a_read_only_output_folder_is_one_line_naming_it(archive: Archive, tmp_p
     assert re.fullmatch(rf"spade-batch score: failed: {folder}: permission denied; "
                         "give this job access there or choose another location", line), line
     assert not (out / "run.json").exists()
+
+
+# ---------------------------------------------------------------- an output path the store cannot take
+
+
+@pytest.mark.parametrize("where", ["local", "s3 (enforcing AWS's 1,024-byte keys)"])
+def test_an_image_whose_outputs_would_not_fit_the_store_fails_alone(
+    archive: Archive, tmp_path: Path, s3: Any, s3_bucket: str, where: str, capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+) -> None:
+    """A deep path: the image is readable, but its mask's key (or local path) under OUT would be over the
+    store's limit. It gets an error row naming the limit; the other images are scored (exit 3)."""
+    from fault_proxy import AWS_MAX_KEY_BYTES, FaultProxy
+
+    files = archive.files()
+    segment = "d" * 200
+    if where == "local":  # a 3,700-byte id: readable below imgs/, too long below a 500-byte OUT
+        deep = "/".join([segment] * 18) + "/x.png"
+        images, out, options = tmp_path / "imgs", tmp_path / ("o" * 250) / ("o" * 250), None
+        for image_id, data in {**files, deep: files[archive.ids[0]]}.items():
+            (images / image_id).parent.mkdir(parents=True, exist_ok=True)
+            (images / image_id).write_bytes(data)
+        images, out = str(images), str(out)
+        limit = "4,000 bytes a local file system allows"
+    else:  # an 814-byte id: its key below imgs/ fits, below a 205-byte OUT prefix it does not
+        proxy = FaultProxy(s3.endpoint_url, max_key_bytes=AWS_MAX_KEY_BYTES)
+        request.addfinalizer(proxy.close)
+        options = s3.storage_options
+        options["client_kwargs"]["endpoint_url"] = proxy.endpoint_url
+        deep = "deep/" + "/".join([segment] * 4) + "/x.png"
+        images = upload({**files, deep: files[archive.ids[0]]}, f"{s3_bucket}/imgs", options)
+        out = f"{s3_bucket}/out-{'o' * 200}"
+        limit = "1,024 bytes S3 allows"
+        with pytest.raises(OSError, match="KeyTooLong|too long"):  # the proxy enforces AWS's limit, as the test server does not
+            storage.write_bytes(Outputs(out).mask(deep), b"x", options)
+
+    status = run_cli_here(["score", "--model", archive.model, "--images", images, "--out", out, *RUN_FLAGS,
+                           "--storage-options", json.dumps(options or {})])
+
+    printed = capsys.readouterr()
+    assert status == 3, printed
+    rows = read_rows(out, options)
+    deep_uri = storage.join(images, deep)
+    assert sorted(rows) == sorted([*archive.ids, deep_uri])
+    assert [i for i, row in rows.items() if row["error"] is not None] == [deep_uri]
+    assert rows[deep_uri]["error"].startswith("name rejected: its output ") and f"over the {limit}" in rows[deep_uri]["error"]
+    run = json.loads(storage.read_text(Outputs(out).run_json, options))
+    assert (run["images"], run["scored"], run["failed"]) == (len(archive.ids) + 1, len(archive.ids), 1)
+    if where != "local":
+        assert proxy.keys_refused == [Outputs(out).mask(deep).split("/", 3)[3]], "no other request was refused"

@@ -26,7 +26,7 @@ from spade_batch.engine.stages import ScoreStage
 from spade_batch.formats import storage
 from spade_batch.formats.layout import Outputs, done_ids, part_files, part_name, read_columns, record_inputs
 from spade_batch.formats.locks import holding_lock
-from spade_batch.formats.manifest import Manifest, build_manifest
+from spade_batch.formats.manifest import Manifest, build_manifest, reject_long_outputs
 from spade_batch.formats.model import ModelCard, load_card, verify_model
 from spade_batch.formats.scores import ScoreRow, Thresholds, write_scores
 
@@ -108,8 +108,8 @@ def run_score(
     verify_model(model_uri, card, options)  # a damaged or mixed model is refused before any image is read
     if settings.preprocess != "full":
         log.warning("score: '%s' preprocessing leaves the image border unscored; masks are written at the working size", settings.preprocess)
-    manifest = build_manifest(images_source, options)
     outputs = Outputs(out_uri)
+    manifest = reject_long_outputs(build_manifest(images_source, options), outputs.files)
     with holding_lock(outputs.lock, f"spade-batch score into {out_uri}", options):
         summary = _score_locked(model_uri, card, manifest, outputs, settings, stage, plan, started)
     if summary.retryable:
