@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from spade_batch import __version__
-from spade_batch.config import ConfigError, KeyDoc, Settings, describe, field_types, groups_of, load_request
+from spade_batch.config import KeyDoc, Settings, describe, field_types, groups_of, load_request
+from spade_batch.exit_codes import explain
 from spade_batch.logs import configure_logging, redact, secret_values
 
 log = logging.getLogger("spade_batch")
@@ -167,23 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     secrets = set(secret_values(getattr(args, "storage_options", None)))
     try:
         return _run(args, secrets)
-    except (ConfigError, ValueError, OSError, RuntimeError) as error:
-        print(redact(f"spade-batch {args.command}: error: {_first_line(error)}", secrets), file=sys.stderr)
-        return 2
-    except Exception as error:  # a failed Ray task, a bug: one line here, the (redacted) traceback in the debug log
+    except Exception as error:  # one line here, the (redacted) traceback in the debug log
         log.debug("traceback", exc_info=True)
-        print(
-            redact(f"spade-batch {args.command}: failed: {type(error).__name__}: {_first_line(error)} ", secrets)
-            + "(--log-level DEBUG shows the traceback)",
-            file=sys.stderr,
-        )
-        return 1
-
-
-def _first_line(error: BaseException) -> str:
-    cause = getattr(error, "cause", None)  # a failed Ray task wraps the task's own exception
-    text = str(cause if isinstance(cause, BaseException) else error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        code, message = explain(error)
+        print(redact(f"spade-batch {args.command}: {message}", secrets), file=sys.stderr)
+        return int(code)
 
 
 def _run(args: argparse.Namespace, secrets: set[str]) -> int:

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from spade_batch.config import ConfigError, Settings
-from spade_batch.exit_codes import MEANING, ExitCode, plan_exit_code
+from spade_batch.exit_codes import MEANING, ExitCode, first_line, plan_exit_code, user_error
 from spade_batch.formats import storage
 from spade_batch.formats.layout import Outputs, PlanOutputs
 from spade_batch.logs import redact, secret_values
@@ -120,7 +120,8 @@ def run_plan(
         except Exception as failure:  # noqa: BLE001 - one line's failure must not stop the others
             log.debug("line %s failed", line.name, exc_info=True)
             secrets = secret_values(line.settings.fsspec_options())
-            code, error = ExitCode.FAILED, redact(f"{type(failure).__name__}: {(str(failure).strip().splitlines() or [''])[0]}", secrets)
+            cause = user_error(failure)  # a failed Ray task's own exception, not Ray's wrapper
+            code, error = ExitCode.FAILED, redact(f"{type(cause).__name__}: {first_line(cause)}", secrets)
             log.error("plan: line %s failed: %s", line.name, error)
         results.append(LineResult(line, code, error, {} if dry_run else _run_json(line, day)))
     status = plan_exit_code([result.code for result in results])

@@ -20,7 +20,7 @@ import ray.data
 
 from spade_batch.config import Settings
 from spade_batch.engine.cpu_stages import RETRYABLE, Batch, read_images, write_feature_part
-from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, init_ray, stream
+from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, actor_stage, init_ray, stream, task_stage
 from spade_batch.engine.stages import CalibrationStage, ExtractStage
 from spade_batch.formats import storage
 from spade_batch.formats.features import SCHEMA_VERSION as FEATURE_SCHEMA_VERSION
@@ -121,12 +121,12 @@ def _extract(ids: tuple[str, ...], uris: tuple[str, ...], features_uri: str, ext
         return
     dataset = (
         ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // settings.batch_size, 10_000)))
-        .map_batches(read_images, fn_kwargs={"preprocessing": extractor.preprocessing, "options": options,
+        .map_batches(task_stage(read_images), fn_kwargs={"preprocessing": extractor.preprocessing, "options": options,
                                                     "max_pixels": settings.max_pixels},
                      batch_size=settings.shard_size, batch_format="numpy", **DECODE_TASK)
-        .map_batches(ExtractStage, fn_constructor_kwargs={"settings": settings}, batch_size=settings.batch_size,
+        .map_batches(actor_stage(ExtractStage), fn_constructor_kwargs={"settings": settings}, batch_size=settings.batch_size,
                      batch_format="numpy", compute=plan.compute(), **plan.resources)
-        .map_batches(write_feature_part,
+        .map_batches(task_stage(write_feature_part),
                      fn_kwargs={"features_uri": features_uri, "layer_shapes": [vars(s) for s in extractor.layer_shapes], "options": options},
                      batch_size=settings.shard_size, batch_format="numpy", **OUTPUT_TASK)
     )
@@ -194,7 +194,7 @@ class ActorsHeldOut:
         items = [{"part": part, "ids": sorted(i for i, p in self.features.parts.items() if p == part and i in wanted)}
                  for part in self.features.parts_of(wanted)]
         return ray.data.from_items(items).map_batches(
-            CalibrationStage,
+            actor_stage(CalibrationStage),
             fn_constructor_kwargs={"model_uri": self.model_uri, "settings": self.settings, "card": model.card.to_dict(),
                                    "moments": moments},
             batch_size=1, batch_format="numpy", compute=self.plan.compute(), **self.plan.resources,

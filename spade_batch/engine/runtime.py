@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ import ray.data
 from tqdm import tqdm
 
 from spade_batch.config import Settings
+from spade_batch.engine.errors import user_error
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,73 @@ def init_ray(address: str | None = None) -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # our own progress counts images, on a terminal and in logs
     context.print_on_execution_start = False
+    # A stage's own exception reaches the driver as the cause of Ray's RayTaskError (a PermissionError
+    # naming the path), not as "UDF failed to process a data block" with the cause left as text.
+    context.raise_original_map_exception = True
+    ray_data_errors = logging.getLogger("ray.data.exceptions")
+    if not any(isinstance(f, _OwnErrorsFilter) for f in ray_data_errors.filters):
+        ray_data_errors.addFilter(_OwnErrorsFilter())
+
+
+class _OwnErrorsFilter(logging.Filter):
+    """Drops Ray Data's report of an exception one of our stages raised: passed on as itself (init_ray), it
+    looks to Ray Data like a bug in Ray ("please open an issue", a full traceback). The CLI prints it in
+    one line, and the traceback at --log-level DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        handled = sys.exc_info()[1]  # Ray Data logs from inside its `except` block
+        return handled is None or type(user_error(handled)).__module__.split(".")[0] == "ray"
+
+
+def _keep_path(error: BaseException) -> None:
+    """Record an OSError's path where it survives the trip to the driver: Ray Data appends its retry
+    note to the exception's args, which turns into the filename when Ray rebuilds it there."""
+    if isinstance(error, OSError) and error.filename is not None and not hasattr(error, "spade_path"):
+        error.spade_path = str(error.filename)  # type: ignore[attr-defined]
+
+
+def task_stage(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A CPU stage function (cpu_stages.py) as a Ray Data task runs it: its errors reach the driver whole."""
+
+    @functools.wraps(function)
+    def run(batch: Any, **kwargs: Any) -> Any:
+        try:
+            return function(batch, **kwargs)
+        except OSError as error:
+            _keep_path(error)
+            raise
+
+    return run
+
+
+def actor_stage(stage: type) -> type:
+    """The model stage class `stage` as Ray Data's actors run it: its errors reach the driver whole.
+
+    An exception in an actor's __init__ kills the actor: Ray keeps only its text (an ActorDiedError
+    with colour codes, after retrying the actor) and the driver cannot tell a damaged model from a
+    crash. Here it is raised by the actor's first batch instead, so it reaches the driver as itself
+    (init_ray), and the CLI names it (exit_codes.explain).
+    """
+
+    class Stage(stage):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._init_error: Exception | None = None
+            try:
+                super().__init__(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - raised again, as itself, by the first batch
+                self._init_error = error
+
+        def __call__(self, batch: Any) -> Any:
+            try:
+                if self._init_error is not None:
+                    raise self._init_error
+                return super().__call__(batch)
+            except OSError as error:
+                _keep_path(error)
+                raise
+
+    Stage.__name__ = Stage.__qualname__ = stage.__name__  # Ray Data names its operator after the class
+    return Stage
 
 
 DECODE_TASK: dict[str, Any] = {"num_cpus": 1, "max_retries": 3}

@@ -21,14 +21,15 @@ import torch
 from spade_batch import __version__
 from spade_batch.config import Settings
 from spade_batch.engine.cpu_stages import RETRYABLE, read_images, write_score_outputs
-from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, init_ray, stream
+from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, actor_stage, init_ray, stream, task_stage
 from spade_batch.engine.stages import ScoreStage
 from spade_batch.formats import storage
 from spade_batch.formats.card import ModelCard, Thresholds, load_card
 from spade_batch.formats.images import Preprocessing, crop_summary
 from spade_batch.formats.layout import Outputs, done_ids, part_files, part_name, read_columns, record_inputs
 from spade_batch.formats.locks import holding_lock
-from spade_batch.formats.manifest import Manifest, build_manifest
+from spade_batch.formats.manifest import Manifest, build_manifest, reject_long_outputs
+from spade_batch.formats.model import verify_model
 from spade_batch.formats.scores import ScoreRow, write_scores
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,12 @@ def score_dataset(
     blocks = max(1, min(len(todo) // max(1, settings.batch_size), 10_000))
     return (
         ray.data.from_items(todo, override_num_blocks=blocks)
-        .map_batches(read_images, fn_kwargs={"preprocessing": preprocessing, "options": options,
+        .map_batches(task_stage(read_images), fn_kwargs={"preprocessing": preprocessing, "options": options,
                                                     "max_pixels": settings.max_pixels},
                      batch_size=settings.shard_size, batch_format="numpy", **DECODE_TASK)
-        .map_batches(stage, fn_constructor_kwargs={"model_uri": model_uri, "settings": settings},
+        .map_batches(actor_stage(stage), fn_constructor_kwargs={"model_uri": model_uri, "settings": settings},
                      batch_size=settings.batch_size, batch_format="numpy", compute=plan.compute(), **plan.resources)
-        .map_batches(write_score_outputs,
+        .map_batches(task_stage(write_score_outputs),
                      fn_kwargs={"out_root": outputs.root, "thresholds": thresholds, "settings": settings},
                      batch_size=settings.shard_size, batch_format="numpy", **OUTPUT_TASK)
     )
@@ -108,8 +109,9 @@ def run_score(
     started = time.perf_counter()
     card = load_card(model_uri, options)  # the gallery is loaded by the actors, once the request is known to be valid
     settings = card.settings_for(settings, explicit)
-    manifest = build_manifest(images_source, options)
+    verify_model(model_uri, card, options)  # a damaged or mixed model is refused before any image is read
     outputs = Outputs(out_uri)
+    manifest = reject_long_outputs(build_manifest(images_source, options), outputs.files)
     with holding_lock(outputs.lock, f"spade-batch score into {out_uri}", options):
         summary = _score_locked(model_uri, card, manifest, outputs, settings, stage, plan, started)
     if summary.paper_crop or settings.preprocess != "full":  # once per run, with what the crop dropped when any image was scored

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,10 @@ CARD_NAME = ModelLayout.card
 KEYS_ADDED_LATER = {"image_score": "knn", "map_top": 0.0, "layer_normalise": False}
 """MODEL_KEYS that older cards lack, with the value those models were fitted with (the paper's); load_card fills them in."""
 
+
+
+class ModelError(ValueError):
+    """A model that is damaged, cut short, or mixed from two fits (a usage/input error: exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,8 @@ class ModelCard:
     calibration: CalibrationRecord = field(default_factory=CalibrationRecord)
     normalisation: Normalisation = field(default_factory=Normalisation)
     failed_train_images: list[dict[str, str]] = field(default_factory=list)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Every file besides the card, by name relative to the model root: {"bytes": size, "sha256": hex}; {} before checksums."""
     package_version: str = __version__
     schema_version: int = MODEL_SCHEMA_VERSION
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat())
@@ -181,16 +189,81 @@ class ModelCard:
 
 
 def load_card(uri: str, options: storage.StorageOptions = None) -> ModelCard:
-    """The model's spade.json only (cheap: no gallery)."""
+    """The model's spade.json only (cheap: no gallery); a card of the wrong shape is a ModelError naming what is wrong."""
     card_uri = ModelLayout(uri).card
     if not storage.exists(card_uri, options):
         raise FileNotFoundError(f"no model at {uri}: {CARD_NAME} is missing; run `spade-batch fit` first")
     try:
-        card = ModelCard.from_dict(json.loads(storage.read_text(card_uri, options)))
+        values = json.loads(storage.read_text(card_uri, options))
+    except ValueError as error:
+        raise ModelError(f"{card_uri} is not a spade-batch model card ({error}); fit the model again") from error
+    problem = card_problem(values) if isinstance(values, dict) else f"it holds a JSON {type(values).__name__}, not an object"
+    if problem:
+        raise ModelError(f"{card_uri} is not a valid model card: {problem}; fit the model again")
+    try:
+        card = ModelCard.from_dict(values)
     except (ValueError, TypeError, KeyError, AttributeError) as error:
-        raise ValueError(f"{card_uri} is not a spade-batch model card ({error}); fit the model again") from error
+        raise ModelError(f"{card_uri} is not a spade-batch model card ({error}); fit the model again") from error
     if card.schema_version not in READABLE_SCHEMA_VERSIONS:
         raise ValueError(
             f"model {uri} has schema version {card.schema_version}; this package reads {READABLE_SCHEMA_VERSIONS}"
         )
     return card
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _threshold_problem(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return f"thresholds.{name} is {value!r} ({type(value).__name__}); a threshold is a number or null"
+    if not math.isfinite(value):
+        return f"thresholds.{name} is {value!r}; a threshold is a finite number or null"
+    return None
+
+
+def card_problem(values: dict[str, Any]) -> str | None:
+    """What in a card's JSON has the wrong type or an impossible value (one thing, the first), or None.
+
+    A card is JSON anyone can edit or damage: every field a reader uses is checked before the card is built.
+    Fields a card from an earlier version lacks are not required.
+    """
+    required = {"settings": dict, "preprocessing": dict, "weights_sha256": str, "layers": list, "train_manifest_sha256": str}
+    optional = {"thresholds": dict, "calibration": dict, "normalisation": dict, "failed_train_images": list, "files": dict,
+                "package_version": str, "created": str}
+    for name, kind in {**required, **optional}.items():
+        if name not in values and name in optional:
+            continue
+        value = values.get(name)
+        if not isinstance(value, kind):
+            return f"{name} is {value!r} ({type(value).__name__}), not a JSON {_JSON_NAMES[kind]}"
+    for name in ("global_dim", "train_count", "schema_version"):
+        value = values.get(name, MODEL_SCHEMA_VERSION if name == "schema_version" else None)
+        if not _is_int(value) or value < 1:
+            return f"{name} is {value!r}; it is a positive whole number"
+    for number, layer in enumerate(values["layers"]):
+        fields = {"name": str, "height": int, "width": int, "channels": int}
+        if not isinstance(layer, dict) or set(layer) != set(fields) or not isinstance(layer["name"], str) \
+                or not all(_is_int(layer[key]) and layer[key] > 0 for key in ("height", "width", "channels")):
+            return f"layers[{number}] is {layer!r}; each layer is {{name, height, width, channels}} with positive sizes"
+    k = values["settings"].get("k")
+    if k is not None and (not _is_int(k) or not 0 < k <= values["train_count"]):
+        return f"settings.k is {k!r}, but the gallery holds {values['train_count']} images; k is a whole number from 1 to that"
+    thresholds = values.get("thresholds", {})
+    if not {"image", "pixel"} <= set(thresholds) <= {field.name for field in dataclasses.fields(Thresholds)}:
+        return f"thresholds is {thresholds!r}; it holds 'image' and 'pixel' (and the mask rules min_region, gate_masks)"
+    for name in ("image", "pixel"):
+        problem = _threshold_problem(name, thresholds[name])
+        if problem:
+            return problem
+    for name, entry in values.get("files", {}).items():
+        if not isinstance(entry, dict) or not _is_int(entry.get("bytes")) or entry["bytes"] < 0 \
+                or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64:
+            return f"files[{name!r}] is {entry!r}; each file is {{bytes, sha256}}"
+    return None
+
+
+_JSON_NAMES = {dict: "object", list: "array", str: "string"}

@@ -82,6 +82,10 @@ class Outputs:
     def overlay(self, image_id: str) -> str:
         return storage.join(self.overlays, output_stem(image_id) + ".png")
 
+    def files(self, image_id: str) -> list[str]:
+        """Every per-image output an image may get (mask, map, overlay)."""
+        return [self.mask(image_id), self.map(image_id), self.overlay(image_id)]
+
     def clear(self, options: storage.StorageOptions) -> None:
         """Remove a previous run's outputs, masks and report too: none may stay behind beside a new run's.
 

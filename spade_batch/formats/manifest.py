@@ -21,7 +21,9 @@ literally) or whose outputs would collide with another image's (same
 not processed but listed in ``Manifest.rejected`` with the reason, so that it
 gets an error row of its own and the run goes on. Of colliding images the
 first by (id, canonical name first, URI) is kept. An entry listed twice with
-the same URI is one image.
+the same URI is one image. Once the output location is known,
+:func:`reject_long_outputs` rejects the images whose output paths would not fit
+the store's limit (1,024 bytes for an S3 or GCS key, 4,000 for a local path).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import json
 import os
 import posixpath
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
@@ -47,6 +50,11 @@ OUTPUT_SUFFIXES = (".png", ".npy")
 """Suffixes of per-image outputs: masks/ and overlays/ ``<stem>.png``, maps/ ``<stem>.npy``."""
 MAX_SEGMENT_BYTES = 250
 """Longest part of an id between slashes, in UTF-8 bytes: file systems allow 255, outputs add a suffix."""
+MAX_KEY_BYTES = 1024
+"""Longest object key S3 and GCS accept, in UTF-8 bytes (AWS answers 400 KeyTooLongError past it)."""
+MAX_LOCAL_PATH_BYTES = 4000
+"""Longest local output path: Linux allows 4,095 bytes, and a write goes through a temp file named longer."""
+_KEY_LIMITED = ("s3", "s3a", "gs", "gcs")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -231,6 +239,44 @@ def _sorted_manifest(root: str, uris: list[str]) -> Manifest:
         else:
             kept.append((image_id, uri))
     return Manifest(root, tuple(i for i, _ in kept), tuple(u for _, u in kept), tuple(sorted(rejected)))
+
+
+def output_path_limit(uri: str) -> tuple[int, str, str]:
+    """(bytes, what is measured, the store) of the longest path the store at uri takes: an object key, a local path."""
+    protocol = storage.split_uri(uri)[0]
+    if protocol in _KEY_LIMITED:
+        return MAX_KEY_BYTES, "key", "S3" if protocol.startswith("s3") else "GCS"
+    return MAX_LOCAL_PATH_BYTES, "path", "a local file system"
+
+
+def _measured(uri: str) -> str:
+    """The part of an output URI the store limits: an object's key (below the bucket), a local absolute path."""
+    protocol, path = storage.split_uri(uri)
+    if protocol in _KEY_LIMITED:
+        return path.split("/", 1)[1] if "/" in path else ""
+    return os.path.abspath(path) if protocol in (None, "file", "local") else path
+
+
+def reject_long_outputs(manifest: Manifest, outputs_of: Callable[[str], Sequence[str]]) -> Manifest:
+    """The manifest less the images an output path of which would not fit the store's limit, each
+    rejected with the reason (an error row of its own; the others are processed).
+
+    outputs_of: an id's output URIs (mask, map and overlay under the run's output folder).
+    """
+    kept: list[tuple[str, str]] = []
+    rejected = list(manifest.rejected)
+    for image_id, uri in zip(manifest.ids, manifest.uris):
+        longest = max(outputs_of(image_id), key=lambda out: len(_measured(out).encode("utf-8")))
+        size = len(_measured(longest).encode("utf-8"))
+        limit, what, store = output_path_limit(longest)
+        if size > limit:
+            rejected.append((uri, f"its output {longest} would have a {size}-byte {what}, over the {limit:,} bytes "
+                                  f"{store} allows; shorten the name, or the output location"))
+        else:
+            kept.append((image_id, uri))
+    if len(kept) == len(manifest):
+        return manifest
+    return Manifest(manifest.root, tuple(i for i, _ in kept), tuple(u for _, u in kept), tuple(sorted(rejected)))
 
 
 def normalize_id(raw: str) -> str:

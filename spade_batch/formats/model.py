@@ -16,6 +16,14 @@ centre.
 
 The gallery is written row by row (`GalleryWriter`), never held whole in memory, and read memory-
 mapped: a scorer touches only the rows of the K images it retrieved.
+
+The card records the size and SHA-256 of every other file (`ModelCard.files`), computed once when
+the model is built. Loading checks them (`verify_files`): sizes and the small files' checksums at
+every load (one stat and a few MB per process), the gallery's checksums once per node: when the
+node-local copy of a remote model is downloaded (before it is renamed into place), or, for a local
+model folder, the first time a process on the node loads it (a stamp in the cache remembers the
+files it verified by size, mtime, ctime and inode). A file cut short, missing, or from another fit is
+a ModelError naming it. Cards without checksums (older models) load unverified.
 """
 
 from __future__ import annotations
@@ -26,10 +34,12 @@ import fcntl
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,9 +50,16 @@ import numpy as np
 
 from spade_batch.config import Settings
 from spade_batch.formats import storage
-from spade_batch.formats.card import CARD_NAME, CalibrationRecord, ModelCard, Normalisation, Thresholds, load_card
+from spade_batch.formats.card import CARD_NAME, CalibrationRecord, ModelCard, ModelError, Normalisation, Thresholds, load_card
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.layout import ModelLayout
+
+log = logging.getLogger(__name__)
+
+SHA256_CHUNK = 8 << 20
+"""Bytes read at a time when hashing a model file (the gallery is hashed streaming, never held whole)."""
+REMEDY = ("re-sync the whole model folder (every file with its spade.json) from where it was fitted, "
+          "or fit the model again")
 
 
 @dataclass(frozen=True)
@@ -126,16 +143,25 @@ class SpadeModel:
 
     def write_card(self, uri: str, options: storage.StorageOptions = None) -> None:
         """spade.json, last: its presence marks the model complete."""
-        storage.write_text(ModelLayout(uri).card, json.dumps(self.card.to_dict(), indent=2), options)
+        # allow_nan=False: a NaN or infinite threshold is a bug to stop here, not a card no reader can trust.
+        storage.write_text(ModelLayout(uri).card, json.dumps(self.card.to_dict(), indent=2, allow_nan=False), options)
 
     @classmethod
     def load(cls, uri: str, options: storage.StorageOptions = None, card: ModelCard | None = None) -> SpadeModel:
         """The model at uri, its gallery memory-mapped from a node-local copy (uri itself when local).
 
         card: use this card instead of uri's spade.json (fit's calibration, before the card is written).
+
+        Every file is checked against the card's sizes and checksums (verify_model's checks, on the
+        files the model is read from): a ModelError names one that does not match.
         """
         card = card or load_card(uri, options)
-        folder = storage.filesystem(uri, options)[1] if storage.is_local(uri) else local_copy(uri, card, options)
+        if storage.is_local(uri):
+            folder = storage.filesystem(uri, options)[1]
+            verify_local_folder(folder, card, uri)
+        else:
+            folder = local_copy(uri, card, options)  # the gallery's checksums are verified when the copy is made
+            verify_files(folder, card, uri, gallery=False)
         return _load_folder(folder, card, uri)
 
 
@@ -174,22 +200,22 @@ def _load_folder(folder: str, card: ModelCard, source: str | None = None) -> Spa
         try:
             return reader(local.file(name))
         except (OSError, ValueError, RuntimeError, KeyError, EOFError, zipfile.BadZipFile) as error:
-            raise ValueError(f"model file {named.file(name)} is missing or damaged ({error}); fit the model again") from error
+            raise ModelError(f"model file {named.file(name)} is missing or damaged ({error}); fit the model again") from error
 
     train_ids = read(ModelLayout.train_ids, _read_json)
     index = read(ModelLayout.index, faiss.read_index)
     gallery = [read(ModelLayout.layer_name(s.name), lambda path: np.load(path, mmap_mode="r")) for s in shapes]
     centre = Centre.zero(card.global_dim, shapes) if card.schema_version == 1 else read(ModelLayout.centre, lambda path: _read_centre(path, shapes))
     if not isinstance(train_ids, list) or len(train_ids) != card.train_count:
-        raise ValueError(f"model file {named.train_ids} does not list the {card.train_count} "
+        raise ModelError(f"model file {named.train_ids} does not list the {card.train_count} "
                          f"gallery images its {CARD_NAME} records; fit the model again")
     for shape, layer in zip(shapes, gallery):
         expected = (card.train_count, shape.height * shape.width, shape.channels)
         if layer.shape != expected:
-            raise ValueError(f"model file {named.layer(shape.name)} holds {layer.shape}, "
+            raise ModelError(f"model file {named.layer(shape.name)} holds {layer.shape}, "
                              f"its {CARD_NAME} records {expected}; fit the model again")
     if index.ntotal != card.train_count or index.d != card.global_dim:
-        raise ValueError(f"model file {named.index} indexes {index.ntotal} x {index.d} features, "
+        raise ModelError(f"model file {named.index} indexes {index.ntotal} x {index.d} features, "
                          f"its {CARD_NAME} records {card.train_count} x {card.global_dim}; fit the model again")
     return SpadeModel(card=card, train_ids=train_ids, index=index, centre=centre, gallery=gallery, folder=folder)
 
@@ -204,6 +230,152 @@ def _read_centre(path: str, shapes: Sequence[LayerShape]) -> Centre:
         return Centre(saved["global"], [saved[f"layer:{s.name}"] for s in shapes])
 
 
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a local file, read SHA256_CHUNK bytes at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(SHA256_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksum_files(folder: str, card: ModelCard) -> dict[str, dict[str, Any]]:
+    """ModelCard.files for the model files in folder: each one's size and SHA-256."""
+    return {name: {"bytes": os.path.getsize(os.path.join(folder, name)), "sha256": file_sha256(os.path.join(folder, name))}
+            for name in _array_names(card)}
+
+
+def _is_gallery(name: str) -> bool:
+    return name.startswith(ModelLayout.pyramid + "/")
+
+
+def verify_files(folder: str, card: ModelCard, source: str | None = None, gallery: bool = True, small: bool = True) -> None:
+    """Check the model files in the local folder against the card: every file's size, the SHA-256 of the
+    gallery's files (gallery) and of the others (small; the gallery is most of the bytes). Nothing to
+    check for a card without checksums. source (default: folder) is the URI the errors name."""
+    if not card.files:
+        return
+    named = ModelLayout(source or folder)
+    for name in _array_names(card):
+        path = os.path.join(folder, name)
+        try:
+            size = os.path.getsize(path)
+        except OSError as error:
+            raise ModelError(f"model file {named.file(name)} is missing ({error.strerror}); {REMEDY}") from error
+        expected = _recorded(card, named, name)
+        _check_size(named, name, size, expected)
+        if (gallery if _is_gallery(name) else small) and file_sha256(path) != expected["sha256"]:
+            raise _checksum_error(named, name)
+
+
+def _recorded(card: ModelCard, named: ModelLayout, name: str) -> dict[str, Any]:
+    if name not in card.files:
+        raise ModelError(f"{named.card} records no checksum of {name}; the card is damaged: {REMEDY}")
+    return card.files[name]
+
+
+def _check_size(named: ModelLayout, name: str, size: int, expected: dict[str, Any]) -> None:
+    if size != expected["bytes"]:
+        raise ModelError(f"model file {named.file(name)} is {size} bytes, its {CARD_NAME} records {expected['bytes']}: "
+                         f"it is cut short or from another fit; {REMEDY}")
+
+
+def _checksum_error(named: ModelLayout, name: str) -> ModelError:
+    return ModelError(f"model file {named.file(name)} does not match the checksum its {CARD_NAME} records: "
+                      f"it is damaged or from another fit; {REMEDY}")
+
+
+def _files_key(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+
+
+def _fingerprint(folder: str, names: Sequence[str]) -> dict[str, list[int]]:
+    """What changes when a file is rewritten, replaced or touched: size, mtime, ctime and inode of each."""
+    stats = {name: os.stat(os.path.join(folder, name)) for name in names}
+    return {name: [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino] for name, st in stats.items()}
+
+
+def _stamp_path(folder: str, card: ModelCard) -> str:
+    """Where this node records that the gallery files of the model in the local folder matched the card."""
+    files = json.dumps(card.files, sort_keys=True)
+    return os.path.join(cache_root(), f"verified-{_files_key(os.path.abspath(folder), files)}.json")
+
+
+def record_verified(folder: str, card: ModelCard) -> None:
+    """Remember on this node that folder's gallery files match the card's checksums (best effort)."""
+    if not card.files:
+        return
+    names = [name for name in _array_names(card) if _is_gallery(name)]
+    stamp = _stamp_path(folder, card)
+    try:
+        os.makedirs(os.path.dirname(stamp), exist_ok=True)
+        partial = f"{stamp}.{os.getpid()}.partial"
+        with open(partial, "w") as f:
+            json.dump(_fingerprint(folder, names), f)
+        os.replace(partial, stamp)
+    except OSError as error:  # an unwritable cache costs a re-verification per load, nothing more
+        log.debug("model: cannot record the verification of %s (%s)", folder, error)
+
+
+def verify_local_folder(folder: str, card: ModelCard, source: str | None = None) -> None:
+    """verify_files for a model read in place: sizes and small files at every load, the gallery's
+    checksums once per node (until one of its files changes), under a lock so that the actors of a
+    node hash it once between them."""
+    verify_files(folder, card, source, gallery=False)
+    if not card.files:
+        return
+    names = [name for name in _array_names(card) if _is_gallery(name)]
+    stamp = _stamp_path(folder, card)
+
+    def verified() -> bool:
+        try:
+            with open(stamp) as f:
+                return json.load(f) == json.loads(json.dumps(_fingerprint(folder, names)))
+        except (OSError, ValueError):
+            return False
+
+    if verified():
+        return
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(stamp), exist_ok=True)
+            lock = stack.enter_context(open(f"{stamp}.lock", "w"))
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if verified():  # another process on this node verified it while this one waited
+            return
+        started = time.perf_counter()
+        verify_files(folder, card, source, gallery=True, small=False)
+        log.info("model: verified the checksums of %s (%.1f GB) in %.1f s", source or folder,
+                 sum(card.files[name]["bytes"] for name in names) / 1e9, time.perf_counter() - started)
+        record_verified(folder, card)
+
+
+def verify_model(uri: str, card: ModelCard, options: storage.StorageOptions = None) -> None:
+    """What the driver checks before any image is read: the model at uri matches its card.
+
+    A local model: verify_local_folder (the gallery's checksums once per node). A remote one: every
+    file's size (one request each) and the small files' checksums (a few MB); the gallery's checksums
+    are verified where the actors' node-local copy is made (local_copy).
+    """
+    if storage.is_local(uri):
+        verify_local_folder(storage.filesystem(uri, options)[1], card, uri)
+        return
+    if not card.files:
+        return
+    named = ModelLayout(uri)
+    for name in _array_names(card):
+        expected = _recorded(card, named, name)
+        fs, path = storage.filesystem(named.file(name), options)
+        try:
+            fs.invalidate_cache(path)
+            size = int(fs.info(path)["size"])
+        except FileNotFoundError as error:
+            raise ModelError(f"model file {named.file(name)} is missing; {REMEDY}") from error
+        _check_size(named, name, size, expected)
+        if not _is_gallery(name) and hashlib.sha256(storage.read_bytes(named.file(name), options)).hexdigest() != expected["sha256"]:
+            raise _checksum_error(named, name)
+
+
 def cache_root() -> str:
     """Where node-local model copies live: $SPADE_BATCH_CACHE, else <tmp>/spade-batch-cache."""
     return os.environ.get("SPADE_BATCH_CACHE") or os.path.join(tempfile.gettempdir(), "spade-batch-cache")
@@ -214,9 +386,10 @@ def local_copy(uri: str, card: ModelCard, options: storage.StorageOptions = None
 
     Processes on one node share the copy: a file lock serialises the download, which lands in a
     temporary folder renamed into place, so no reader ever sees half a copy. A refit (new
-    `card.created`) gets a new folder.
+    `card.created`) gets a new folder. The copy's checksums are verified before it is renamed into
+    place (a ModelError names a file that does not match the card, and nothing is kept).
     """
-    key = hashlib.sha256(f"{storage.normalize(uri, options)}\0{card.created}".encode()).hexdigest()[:24]
+    key = _files_key(storage.normalize(uri, options), card.created, json.dumps(card.files, sort_keys=True))
     root = cache_root()
     os.makedirs(root, exist_ok=True)
     folder = os.path.join(root, key)
@@ -229,6 +402,7 @@ def local_copy(uri: str, card: ModelCard, options: storage.StorageOptions = None
                     target = os.path.join(partial, name)
                     os.makedirs(os.path.dirname(target), exist_ok=True)
                     storage.get_file(ModelLayout(uri).file(name), target, options)
+                verify_files(partial, card, uri)  # all of it, once: a copy that is in place has been verified
                 os.replace(partial, folder)
             finally:
                 with contextlib.suppress(FileNotFoundError):
@@ -340,4 +514,9 @@ def build_model(writer: GalleryWriter, card: ModelCard, settings: Settings) -> S
     # k + 1: leave-one-out calibration searches one neighbour more, its own row then dropped.
     index = build_index(global_features, settings.index, settings.ivf_lists, settings.seed, settings.k + 1)
     _write_arrays(writer.folder, ids, index, writer.centre, writer.shapes)
+    started = time.perf_counter()
+    card = dataclasses.replace(card, files=checksum_files(writer.folder, card))
+    log.info("fit: checksummed %.2f GB of model files in %.1f s",
+             sum(entry["bytes"] for entry in card.files.values()) / 1e9, time.perf_counter() - started)
+    record_verified(writer.folder, card)
     return _load_folder(writer.folder, card)

@@ -484,7 +484,10 @@ def _write_temp(path: str, data: bytes | BinaryIO) -> str:
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     # The ".tmp" suffix keeps half-written files out of suffix-filtered listings.
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as error:  # a folder that cannot be written: name it, not a temp file that never existed
+        raise type(error)(error.errno, error.strerror, folder) from None
     try:
         with os.fdopen(fd, "wb") as f:
             if hasattr(data, "read"):

@@ -8,6 +8,10 @@ the method and a decoded path ending with the key given to
 Faults: ``"slowdown"`` answers 503 with S3's SlowDown error body; ``"reset"``
 closes the connection with a TCP reset before answering; ``"delay"`` waits
 ``delay_s`` seconds before forwarding (longer than the client's read timeout).
+
+``max_key_bytes`` makes the proxy enforce AWS's limit on object keys, which the
+test server does not: a request for a key longer than that (in UTF-8 bytes) is
+answered 400 KeyTooLongError, as AWS answers one over 1,024 bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ _SLOWDOWN_BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
+_KEY_TOO_LONG_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>KeyTooLongError</Code>'
+    b"<Message>Your key is too long</Message></Error>"
+)
+AWS_MAX_KEY_BYTES = 1024
 
 
 @dataclass
@@ -39,7 +48,9 @@ class _Fault:
 class FaultProxy:
     """Threaded forwarding proxy; ``endpoint_url`` is what clients use instead of the upstream's."""
 
-    def __init__(self, upstream_url: str) -> None:
+    def __init__(self, upstream_url: str, max_key_bytes: int | None = None) -> None:
+        self.max_key_bytes = max_key_bytes
+        self.keys_refused: list[str] = []
         parsed = urllib.parse.urlsplit(upstream_url)
         self._upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self._faults: dict[str, _Fault] = {}
@@ -105,7 +116,14 @@ class FaultProxy:
 
             def _serve(self) -> None:
                 body = self._read_body()
-                fault = proxy._take_fault(self.command, urllib.parse.unquote(urllib.parse.urlsplit(self.path).path))
+                path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+                key = path.lstrip("/").split("/", 1)[1] if "/" in path.lstrip("/") else ""  # path style: /bucket/key
+                if proxy.max_key_bytes is not None and len(key.encode("utf-8")) > proxy.max_key_bytes:
+                    with proxy._lock:
+                        proxy.keys_refused.append(key)
+                    self._answer(400, [("Content-Type", "application/xml")], _KEY_TOO_LONG_BODY, head=self.command == "HEAD")
+                    return
+                fault = proxy._take_fault(self.command, path)
                 if fault is not None and fault.kind == "reset":
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.connection.close()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
 
-from spade_batch.exit_codes import MEANING, PRECEDENCE, ExitCode, markdown_table, plan_exit_code, score_exit_code
+from spade_batch.exit_codes import MEANING, PRECEDENCE, ExitCode, explain, markdown_table, plan_exit_code, score_exit_code
+from spade_batch.formats.model import ModelError
+from spade_batch.formats.storage import TransientStorageError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -45,3 +48,61 @@ def test_a_scoring_run_s_code(scored, failed, retryable, drifted, fail_on_drift,
 ])
 def test_a_plan_s_code(lines, expected) -> None:
     assert plan_exit_code(lines) == expected
+
+
+# ---------------------------------------------------------------- an error's exit status and line
+
+
+def ray_task_error(cause: BaseException) -> BaseException:
+    """What the driver gets when a Ray task raised `cause`: a RayTaskError that is also an instance of its type."""
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError("MapBatches(write_score_outputs)", "\x1b[36mray::MapBatches()\x1b[39m traceback", cause).as_instanceof_cause()
+
+
+@pytest.mark.parametrize("wrap", [lambda e: e, ray_task_error], ids=["driver", "ray task"])
+@pytest.mark.parametrize(
+    ("error", "code", "line"),
+    [
+        (PermissionError(errno.EACCES, "Permission denied", "/out/masks"), 1,
+         "failed: /out/masks: permission denied; give this job access there or choose another location"),
+        (OSError(errno.EROFS, "Read-only file system", "/out/run.json"), 1,
+         "failed: /out/run.json: read-only file system; choose a writable output location"),
+        (OSError(errno.ENOSPC, "No space left on device", "/out/maps/a.npy"), 1,
+         "failed: /out/maps/a.npy: no space left on the device; free space there or choose another output location"),
+        (IsADirectoryError(errno.EISDIR, "Is a directory", "/out/run.json"), 1,
+         "failed: /out/run.json: a folder is where a file is needed; remove or rename that folder, or choose another output location"),
+        (ModelError("model file m/global.faiss does not match the checksum"), 2, "error: model file m/global.faiss does not match the checksum"),
+        (FileNotFoundError(errno.ENOENT, "No such file", "/in/a.png"), 2, "error: [Errno 2] No such file: '/in/a.png'"),
+        (TransientStorageError("s3://b/a.png: SlowDown"), 75, "error: s3://b/a.png: SlowDown; re-run the same command"),
+        (KeyError("boom"), 1, "failed: KeyError: 'boom' (--log-level DEBUG shows the traceback)"),
+    ],
+)
+def test_an_error_maps_to_its_documented_status_and_one_clean_line(wrap, error, code, line) -> None:
+    assert explain(wrap(error)) == (code, line)
+
+
+def test_ray_data_s_retry_note_does_not_replace_the_path() -> None:
+    """Ray Data appends a note to a failed task's exception args, which Ray then rebuilds as the filename."""
+    error = NotADirectoryError(errno.ENOTDIR, "Not a directory", "Failed to apply UDF transform after 1/1 attempts.\nTo change ...")
+    error.spade_path = "/nowhere/out/masks/good"  # recorded by engine.runtime.task_stage before Ray saw it
+    assert explain(ray_task_error(error))[1].startswith("failed: /nowhere/out/masks/good: a file is where a folder is needed")
+    del error.spade_path
+    assert explain(error)[1].startswith("failed: [Errno 20] Not a directory")  # no path then, never Ray's note
+
+
+def test_a_file_in_the_way_is_named_rather_than_the_file_to_write(tmp_path) -> None:
+    (tmp_path / "masks").write_text("")
+    error = NotADirectoryError(errno.ENOTDIR, "Not a directory", str(tmp_path / "masks" / "good" / "a.png"))
+    assert explain(error)[1].startswith(f"failed: {tmp_path / 'masks'}: a file is where a folder is needed")
+
+
+def test_an_actor_that_died_is_named_by_the_error_in_its_text() -> None:
+    class RayActorError(Exception):  # as Ray's: only the text of the actor's error is left
+        pass
+
+    text = ("The actor died because of an error raised in its creation task, \x1b[36mray::MapWorker()\x1b[39m\n"
+            "  File \"x.py\", line 1\nspade_batch.formats.model.ModelError: model file m/pyramid/layer1.npy is 10 bytes")
+    assert explain(RayActorError(text)) == (2, "error: ModelError: model file m/pyramid/layer1.npy is 10 bytes")
+    code, line = explain(RayActorError("The actor died unexpectedly before finishing this task \x1b[36m(OOM)\x1b[39m"))
+    assert code == 1 and "\x1b" not in line

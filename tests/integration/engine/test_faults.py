@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -336,3 +337,195 @@ def test_a_second_run_into_a_held_output_is_refused_and_nothing_is_mixed(archive
     run = json.loads(storage.read_text(f"{out}/run.json", options))
     assert (run["images"], run["scored"]) == (len(first_ids), len(first_ids))
     assert not storage.exists(storage.join(out, LOCK_NAME), options)
+
+
+# ---------------------------------------------------------------- a model that is not what its card says
+
+MODEL_DAMAGES = {
+    "nan pixel threshold": "spade.json",
+    "string image threshold": "spade.json",
+    "global.faiss of another fit (same N and D)": "global.faiss",
+    "pyramid file cut short": "pyramid/layer1.npy",
+    "half-synced folder: a pyramid file of another fit": "pyramid/layer2.npy",
+}
+
+
+def damage_model(source: str, target: Path, damage: str) -> str:
+    """A copy of the model at source in target, with one damage of MODEL_DAMAGES; returns the damaged file's name."""
+    import shutil
+
+    import faiss
+
+    shutil.copytree(source, target)
+    name = MODEL_DAMAGES[damage]
+    path = target / name
+    if "threshold" in damage:
+        card = json.loads(path.read_text())
+        card["thresholds"] = {**card["thresholds"], **({"pixel": float("nan")} if "nan" in damage else {"image": "0.7"})}
+        path.write_text(json.dumps(card))  # json writes NaN as the bare literal NaN, which json reads back
+    elif name == "global.faiss":  # another fit of as many images: other vectors, the same N x D flat index
+        index = faiss.read_index(str(path))
+        vectors = index.reconstruct_n(0, index.ntotal) + 0.5
+        other = faiss.IndexFlatL2(index.d)
+        other.add(vectors)
+        faiss.write_index(other, str(path))
+        assert path.stat().st_size == (Path(source) / name).stat().st_size
+    elif "cut short" in damage:
+        path.write_bytes(path.read_bytes()[:-64])
+    else:  # another fit's gallery of the same shape: other rows
+        gallery = np.load(path)
+        np.save(path, gallery[::-1].copy())
+        assert path.stat().st_size == (Path(source) / name).stat().st_size
+    return name
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("damage", list(MODEL_DAMAGES))
+def test_a_model_that_is_not_what_its_card_says_is_refused_before_any_image_is_scored(
+    archive: Archive, tiny_model: Any, tmp_path: Path, s3: Any, s3_bucket: str, where: str, damage: str,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SPADE_BATCH_CACHE", str(tmp_path / "cache"))  # no copy verified by another test
+    name = damage_model(tiny_model.path, tmp_path / "model", damage)
+    model, out, options = str(tmp_path / "model"), str(tmp_path / "out"), s3.storage_options
+    flags = [*RUN_FLAGS, "--storage-options", json.dumps(options)]
+    if where == "s3":
+        model, out = f"{s3_bucket}/model", f"{s3_bucket}/out"
+        for file in (tmp_path / "model").rglob("*"):
+            if file.is_file():
+                storage.put_file(str(file), f"{model}/{file.relative_to(tmp_path / 'model')}", options)
+
+    status = run_cli_here(["score", "--model", model, "--images", str(archive.images), "--out", out, *flags])
+
+    printed = capsys.readouterr()
+    lines = [line for line in printed.err.strip().splitlines() if line.startswith("spade-batch")]  # less the logs
+    assert status == 2, printed
+    assert len(lines) == 1 and lines[0].startswith("spade-batch score: error: "), printed.err
+    assert printed.err.strip().endswith(lines[0]) and "\x1b[" not in lines[0]
+    assert f"{model}/{name}" in lines[0]
+    if "threshold" in damage:
+        assert "thresholds." in lines[0] and "fit the model again" in lines[0]
+    else:
+        assert "re-sync the whole model folder" in lines[0] and "fit the model again" in lines[0]
+    assert not storage.exists(storage.join(out, "scores"), options) and not storage.exists(storage.join(out, "masks"), options), \
+        "no image was scored"
+    assert not storage.exists(storage.join(out, "run.json"), options)
+    assert not [p.name for p in (tmp_path / "cache").glob("*") if p.is_dir()], "no damaged copy is kept"
+
+
+# ---------------------------------------------------------------- an output location that cannot be written
+
+
+def cli_without_root_powers(argv: list[str], ray_tmp: Path) -> subprocess.CompletedProcess:
+    """`spade-batch argv` as a new process with its own Ray, unable to write where permissions forbid it.
+
+    As root, permissions do not stop a write: the process, and so its Ray workers, run without the
+    capabilities that bypass them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)."""
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return subprocess.run([*prefix, sys.executable, "-m", "spade_batch.cli", *argv], cwd=str(REPO),
+                          env={**env, "PYTHONPATH": str(REPO), "RAY_TMPDIR": str(ray_tmp)},
+                          capture_output=True, text=True, timeout=400)
+
+
+def one_error_line(printed: str) -> str:
+    """The one line the CLI prints for a failed command: clean, and the only one of its kind (Ray's own
+    logs may come before and after it)."""
+    lines = [line for line in printed.strip().splitlines() if line.startswith("spade-batch score: ")]
+    assert len(lines) == 1, printed
+    assert "\x1b[" not in lines[0] and "UDF failed" not in lines[0] and "ActorDiedError" not in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("blocked", ["masks", "masks/good"])
+def test_a_file_where_an_output_folder_should_be_is_one_line_naming_it(archive: Archive, tmp_path: Path, blocked: str) -> None:
+    """The output stage (a Ray task) cannot create the folder: the CLI names the file in the way, exit 1."""
+    out = tmp_path / "out"
+    (out / blocked).parent.mkdir(parents=True)
+    (out / blocked).write_text("not a folder")
+
+    job = cli_process(["score", "--model", archive.model, "--images", str(archive.images), "--out", str(out), *RUN_FLAGS,
+                       "--ray-address", ray_address()])
+    printed = job.communicate(timeout=400)[0]
+
+    assert job.returncode == 1, printed
+    line = one_error_line(printed)
+    assert line == (f"spade-batch score: failed: {out / blocked}: a file is where a folder is needed; "
+                    "remove or rename that file, or choose another output location")
+    assert not (out / "run.json").exists()
+
+
+@pytest.mark.parametrize("read_only", ["out", "out/masks"])
+def test_a_read_only_output_folder_is_one_line_naming_it(archive: Archive, tmp_path: Path, read_only: str) -> None:
+    """out: the driver cannot take the output's lock. out/masks: the output stage (a Ray task) cannot write a mask."""
+    import shutil
+    import tempfile
+
+    out = tmp_path / "out"
+    (tmp_path / read_only).mkdir(parents=True)
+    (tmp_path / read_only).chmod(0o555)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths are limited to 107 bytes
+    try:
+        job = cli_without_root_powers(["score", "--model", archive.model, "--images", str(archive.images), "--out", str(out),
+                                       *RUN_FLAGS], ray_tmp)
+    finally:
+        (tmp_path / read_only).chmod(0o755)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    printed = job.stdout + job.stderr
+    assert job.returncode == 1, printed
+    line = one_error_line(job.stderr)
+    folder = re.escape(str(out)) if read_only == "out" else re.escape(str(out / "masks")) + r"/\w+"  # a defect's folder
+    assert re.fullmatch(rf"spade-batch score: failed: {folder}: permission denied; "
+                        "give this job access there or choose another location", line), line
+    assert not (out / "run.json").exists()
+
+
+# ---------------------------------------------------------------- an output path the store cannot take
+
+
+@pytest.mark.parametrize("where", ["local", "s3 (enforcing AWS's 1,024-byte keys)"])
+def test_an_image_whose_outputs_would_not_fit_the_store_fails_alone(
+    archive: Archive, tmp_path: Path, s3: Any, s3_bucket: str, where: str, capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+) -> None:
+    """A deep path: the image is readable, but its mask's key (or local path) under OUT would be over the
+    store's limit. It gets an error row naming the limit; the other images are scored (exit 3)."""
+    from fault_proxy import AWS_MAX_KEY_BYTES, FaultProxy
+
+    files = archive.files()
+    segment = "d" * 200
+    if where == "local":  # a 3,700-byte id: readable below imgs/, too long below a 500-byte OUT
+        deep = "/".join([segment] * 18) + "/x.png"
+        images, out, options = tmp_path / "imgs", tmp_path / ("o" * 250) / ("o" * 250), None
+        for image_id, data in {**files, deep: files[archive.ids[0]]}.items():
+            (images / image_id).parent.mkdir(parents=True, exist_ok=True)
+            (images / image_id).write_bytes(data)
+        images, out = str(images), str(out)
+        limit = "4,000 bytes a local file system allows"
+    else:  # an 814-byte id: its key below imgs/ fits, below a 205-byte OUT prefix it does not
+        proxy = FaultProxy(s3.endpoint_url, max_key_bytes=AWS_MAX_KEY_BYTES)
+        request.addfinalizer(proxy.close)
+        options = s3.storage_options
+        options["client_kwargs"]["endpoint_url"] = proxy.endpoint_url
+        deep = "deep/" + "/".join([segment] * 4) + "/x.png"
+        images = upload({**files, deep: files[archive.ids[0]]}, f"{s3_bucket}/imgs", options)
+        out = f"{s3_bucket}/out-{'o' * 200}"
+        limit = "1,024 bytes S3 allows"
+        with pytest.raises(OSError, match="KeyTooLong|too long"):  # the proxy enforces AWS's limit, as the test server does not
+            storage.write_bytes(Outputs(out).mask(deep), b"x", options)
+
+    status = run_cli_here(["score", "--model", archive.model, "--images", images, "--out", out, *RUN_FLAGS,
+                           "--storage-options", json.dumps(options or {})])
+
+    printed = capsys.readouterr()
+    assert status == 3, printed
+    rows = read_rows(out, options)
+    deep_uri = storage.join(images, deep)
+    assert sorted(rows) == sorted([*archive.ids, deep_uri])
+    assert [i for i, row in rows.items() if row["error"] is not None] == [deep_uri]
+    assert rows[deep_uri]["error"].startswith("name rejected: its output ") and f"over the {limit}" in rows[deep_uri]["error"]
+    run = json.loads(storage.read_text(Outputs(out).run_json, options))
+    assert (run["images"], run["scored"], run["failed"]) == (len(archive.ids) + 1, len(archive.ids), 1)
+    if where != "local":
+        assert proxy.keys_refused == [Outputs(out).mask(deep).split("/", 3)[3]], "no other request was refused"

@@ -8,9 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from spade_batch.formats.card import CalibrationRecord, Thresholds
-from spade_batch.formats.model import SpadeModel
-from tests.unit.formats.test_model import DIM, assert_same_model, make_model, raw_features
+from spade_batch.formats import storage
+from spade_batch.formats.card import CalibrationRecord, ModelError, Thresholds, load_card
+from spade_batch.formats.model import SpadeModel, verify_model
+from tests.unit.formats.test_model import DIM, MIXES, assert_same_model, make_model, mix, raw_features
 
 
 def test_load_from_s3_memory_maps_a_node_local_copy_downloaded_once(tmp_path, s3, s3_bucket, monkeypatch):
@@ -19,7 +20,7 @@ def test_load_from_s3_memory_maps_a_node_local_copy_downloaded_once(tmp_path, s3
     model = make_model(tmp_path / "built", raw_features(30, seed=4), index="ivf").with_thresholds(Thresholds(1.0, 2.0), CalibrationRecord())
     uri = f"{s3_bucket}/models/m1"
     model.save(uri, s3.storage_options)
-    assert not cache.exists()
+    assert not cache.exists() or not [p for p in cache.iterdir() if p.is_dir()]  # no copy yet (a build leaves only a stamp)
 
     loaded = SpadeModel.load(uri, s3.storage_options)
     assert os.path.dirname(loaded.folder) == str(cache)
@@ -60,3 +61,27 @@ def test_a_damaged_s3_artifact_names_the_missing_file(tmp_path, s3, s3_bucket, m
     with pytest.raises(FileNotFoundError, match="global.faiss"):
         SpadeModel.load(uri, s3.storage_options)
     assert not list((tmp_path / "cache").glob("*.partial"))  # no half copy is left behind
+
+
+@pytest.mark.parametrize("damage", MIXES)
+def test_a_half_synced_s3_model_is_refused_and_no_copy_of_it_is_kept(tmp_path, s3, s3_bucket, monkeypatch, damage):
+    """The driver's check (sizes, small files) catches all but a same-size gallery file; the node-local copy
+    catches that one before it is renamed into place."""
+    monkeypatch.setenv("SPADE_BATCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    make_model(tmp_path / "built", raw_features(6, seed=1)).save(str(folder))
+    make_model(tmp_path / "other", raw_features(6, seed=2, offset=0.5)).save(str(tmp_path / "other-model"))
+    name = mix(folder, tmp_path / "other-model", damage)
+    uri = f"{s3_bucket}/models/mixed"
+    for path in folder.rglob("*"):
+        if path.is_file():
+            storage.put_file(str(path), f"{uri}/{path.relative_to(folder)}", s3.storage_options)
+    message = rf"model file {uri}/{name} .*re-sync the whole model folder"
+    if damage == "pyramid layer":
+        verify_model(uri, load_card(uri, s3.storage_options), s3.storage_options)  # same size: the driver cannot tell
+    else:
+        with pytest.raises(ModelError, match=message):
+            verify_model(uri, load_card(uri, s3.storage_options), s3.storage_options)
+    with pytest.raises(ModelError, match=message):
+        SpadeModel.load(uri, s3.storage_options)
+    assert not [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()], "no damaged copy is kept, none half made"

@@ -133,3 +133,40 @@ def test_shard_size_below_one_is_an_error(size: int) -> None:
 def test_manifest_rejects_mismatched_lengths() -> None:
     with pytest.raises(ValueError, match="2 ids but 1 uris"):
         Manifest("r", ("a", "b"), ("r/a",))
+
+
+def deep_stem(size: int) -> str:
+    """A stem of exactly `size` bytes, in segments a file name can hold."""
+    segments, left = [], size
+    while left > 200:
+        segments.append("d" * 199)
+        left -= 200
+    return "/".join([*segments, "e" * left])
+
+
+@pytest.mark.parametrize("kind", ["s3", "local"])
+def test_an_image_whose_output_path_would_not_fit_the_store_is_rejected_alone(tmp_path, kind: str) -> None:
+    """The longest output (overlays/<stem>.png) counts: its key (below the bucket) or local path must fit."""
+    from spade_batch.formats.layout import Outputs
+    from spade_batch.formats.manifest import MAX_KEY_BYTES, MAX_LOCAL_PATH_BYTES, reject_long_outputs
+
+    out = "s3://bucket/run" if kind == "s3" else str(tmp_path / "run")
+    fixed = len("run/overlays/.png") if kind == "s3" else len(f"{tmp_path}/run/overlays/.png")
+    limit = MAX_KEY_BYTES if kind == "s3" else MAX_LOCAL_PATH_BYTES
+    fits, too_long = deep_stem(limit - fixed) + ".png", deep_stem(limit - fixed + 1) + ".png"
+    root = "s3://in" if kind == "s3" else "/in"
+    ids = sorted(["a.png", fits, too_long])
+    manifest = Manifest(root, tuple(ids), tuple(f"{root}/{i}" for i in ids), (("s3://in/bad?versionId=1", "earlier reason"),))
+
+    checked = reject_long_outputs(manifest, Outputs(out).files)
+
+    assert checked.ids == tuple(sorted(["a.png", fits]))
+    assert checked.uris == tuple(f"{root}/{i}" for i in checked.ids)
+    store = "S3" if kind == "s3" else "a local file system"
+    what = "key" if kind == "s3" else "path"
+    assert dict(checked.rejected) == {
+        "s3://in/bad?versionId=1": "earlier reason",
+        f"{root}/{too_long}": f"its output {Outputs(out).overlay(too_long)} would have a {limit + 1}-byte {what}, "
+                              f"over the {limit:,} bytes {store} allows; shorten the name, or the output location",
+    }
+    assert reject_long_outputs(checked, Outputs(out).files) == checked

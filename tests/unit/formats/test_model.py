@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import os
 
 import faiss
 import numpy as np
@@ -21,12 +22,14 @@ from spade_batch.formats.card import (
     READABLE_SCHEMA_VERSIONS,
     CalibrationRecord,
     ModelCard,
+    ModelError,
     Thresholds,
+    load_card,
 )
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.images import Preprocessing
 from spade_batch.formats.layout import ModelLayout
-from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_index, build_model, load_count
+from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_index, build_model, load_count, verify_model
 from spade_batch.method import spade
 
 SHAPES = [LayerShape("layer1", 4, 4, 3), LayerShape("layer2", 2, 2, 5)]
@@ -273,7 +276,7 @@ def test_a_damaged_artifact_is_a_clear_error_naming_the_file(tmp_path, damage):
     else:
         (folder / damage.split()[1]).unlink()
     broken = {"truncated layer1.npy": "pyramid/layer1.npy", "fewer train ids": "train_ids.json"}.get(damage, damage.split()[1])
-    with pytest.raises(ValueError, match=rf"model file {folder}/{broken} .*; fit the model again"):
+    with pytest.raises(ValueError, match=rf"model file {folder}/{broken} .*fit the model again"):
         SpadeModel.load(str(folder))
 
 
@@ -359,3 +362,110 @@ def test_model_layout_paths_are_under_the_root_and_name_every_saved_file(tmp_pat
     written = [files.file(name) for name in [ModelLayout.card, *ModelLayout.array_names([shape.name for shape in SHAPES])]]
     assert sorted(storage.list_files(uri)) == sorted(written)
     assert ModelLayout.array_names(["layer1"], centre=False) == ["train_ids.json", "global.faiss", "pyramid/layer1.npy"]
+
+
+def test_the_card_records_the_size_and_sha256_of_every_file(tmp_path):
+    import hashlib
+
+    uri = str(tmp_path / "model")
+    make_model(tmp_path / "built", raw_features(6)).save(uri)
+    files = json.loads((tmp_path / "model" / CARD_NAME).read_text())["files"]
+    names = ModelLayout.array_names([shape.name for shape in SHAPES])
+    assert sorted(files) == sorted(names)
+    for name in names:
+        data = (tmp_path / "model" / name).read_bytes()
+        assert files[name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def mix(folder, other, damage: str) -> str:
+    """Damage the model in folder with a file of the model in other (another fit of as many images), or cut one short."""
+    import shutil
+
+    name = {"global.faiss": "global.faiss", "centre.npz": "centre.npz", "train_ids.json": "train_ids.json",
+            "pyramid layer": "pyramid/layer2.npy", "truncated pyramid layer": "pyramid/layer1.npy"}[damage]
+    if damage.startswith("truncated"):
+        (folder / name).write_bytes((folder / name).read_bytes()[:-8])
+    else:
+        assert (folder / name).stat().st_size == (other / name).stat().st_size  # only a checksum tells them apart
+        shutil.copyfile(other / name, folder / name)
+    return name
+
+
+MIXES = ["global.faiss", "centre.npz", "pyramid layer", "truncated pyramid layer"]
+
+
+@pytest.mark.parametrize("damage", MIXES)
+def test_a_folder_mixed_from_two_fits_or_cut_short_is_refused_naming_the_file(tmp_path, monkeypatch, damage):
+    """Same N and D, same shapes: the arrays load; only the card's checksums tell the fits apart."""
+    monkeypatch.setenv("SPADE_BATCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    make_model(tmp_path / "built", raw_features(6, seed=1)).save(str(folder))
+    make_model(tmp_path / "other", raw_features(6, seed=2, offset=0.5)).save(str(tmp_path / "other-model"))
+    SpadeModel.load(str(folder))  # intact, it loads (and the gallery is verified once on this node)
+    name = mix(folder, tmp_path / "other-model", damage)
+    card = load_card(str(folder))
+    for load in (lambda: verify_model(str(folder), card), lambda: SpadeModel.load(str(folder))):
+        with pytest.raises(ModelError, match=rf"model file {folder}/{name} .*re-sync the whole model folder .*or fit the model again"):
+            load()
+
+
+def test_the_gallery_is_hashed_once_per_node_until_a_file_changes(tmp_path, monkeypatch):
+    from spade_batch.formats import model as model_module
+
+    monkeypatch.setenv("SPADE_BATCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    make_model(tmp_path / "built", raw_features(6)).save(str(folder))
+    hashed: list[str] = []
+    real = model_module.file_sha256
+    monkeypatch.setattr(model_module, "file_sha256", lambda path: hashed.append(os.path.relpath(path, folder)) or real(path))
+    small = sorted(["train_ids.json", "global.faiss", "centre.npz"])
+
+    SpadeModel.load(str(folder))
+    assert sorted(hashed) == sorted([*small, "pyramid/layer1.npy", "pyramid/layer2.npy"])
+    hashed.clear()
+    SpadeModel.load(str(folder))  # another actor on the node: sizes and the small files only
+    assert sorted(hashed) == small
+    hashed.clear()
+    layer = folder / "pyramid" / "layer1.npy"
+    layer.write_bytes(layer.read_bytes())  # rewritten (same bytes): verified again
+    SpadeModel.load(str(folder))
+    assert "pyramid/layer1.npy" in hashed
+
+
+def test_an_old_card_without_checksums_still_loads_unverified(tmp_path):
+    folder = tmp_path / "model"
+    make_model(tmp_path / "built", raw_features(6)).save(str(folder))
+    card = json.loads((folder / CARD_NAME).read_text())
+    del card["files"]
+    (folder / CARD_NAME).write_text(json.dumps(card))
+    assert SpadeModel.load(str(folder)).card.files == {}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"thresholds": {"image": 1.0, "pixel": float("nan")}}, "thresholds.pixel is nan; a threshold is a finite number or null"),
+        ({"thresholds": {"image": float("inf"), "pixel": None}}, "thresholds.image is inf"),
+        ({"thresholds": {"image": "0.5", "pixel": None}}, r"thresholds.image is '0.5' \(str\); a threshold is a number or null"),
+        ({"thresholds": {"image": True, "pixel": None}}, "thresholds.image is True"),
+        ({"thresholds": {"image": 1.0}}, "thresholds is .*; it holds 'image' and 'pixel'"),
+        ({"train_count": "6"}, "train_count is '6'; it is a positive whole number"),
+        ({"global_dim": 0}, "global_dim is 0"),
+        ({"settings": []}, r"settings is \[\] \(list\), not a JSON object"),
+        ({"layers": [{"name": "layer1", "height": 4, "width": 4}]}, r"layers\[0\] is"),
+        ({"files": {"global.faiss": {"bytes": "10", "sha256": "x"}}}, r"files\['global.faiss'\] is"),
+    ],
+)
+def test_a_card_field_of_the_wrong_type_is_a_clear_error_naming_it(tmp_path, change, message):
+    folder = tmp_path / "model"
+    make_model(tmp_path / "built", raw_features(6)).save(str(folder))
+    card = {**json.loads((folder / CARD_NAME).read_text()), **change}
+    (folder / CARD_NAME).write_text(json.dumps(card))  # NaN and Infinity as the bare literals json reads back
+    with pytest.raises(ModelError, match=rf"{folder}/spade.json is not a valid model card: {message}.*; fit the model again"):
+        load_card(str(folder))
+
+
+def test_a_non_finite_threshold_is_never_written_to_a_card(tmp_path):
+    model = make_model(tmp_path / "built", raw_features(6)).with_thresholds(Thresholds(float("nan"), None), CalibrationRecord())
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        model.save(str(tmp_path / "model"))
