@@ -105,9 +105,10 @@ def _status(batch: Batch) -> Batch:
 
 
 def write_score_outputs(
-    batch: Batch, out_root: str, thresholds: Thresholds, settings: Settings
+    batch: Batch, out_root: str, thresholds: Thresholds, settings: Settings, run: str | None = None,
 ) -> Batch:
-    """Output stage of score: masks (and maps, overlays) of each image, then the batch's scores part, last.
+    """Output stage of score: masks (and maps, overlays) of each image, then the batch's scores part, last
+    (named after the run: layout.part_name).
 
     Returns the small columns the driver summarises: id, status, error, is_anomalous, and who scored it.
     """
@@ -139,7 +140,7 @@ def write_score_outputs(
         rows.append(row)
         anomalous.append(row.is_anomalous)
     if rows:
-        write_scores(storage.join(outputs.scores, part_name([row.id for row in rows])), rows, options)
+        write_scores(storage.join(outputs.scores, part_name([row.id for row in rows], run)), rows, options)
     worker = {key: batch[key] for key in ("worker", "node", "backbone_loads", "gallery_loads")}
     return {**_status(batch), "is_anomalous": object_column(anomalous), **worker}
 

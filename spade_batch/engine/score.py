@@ -26,7 +26,7 @@ from spade_batch.engine.stages import ScoreStage
 from spade_batch.formats import storage
 from spade_batch.formats.card import ModelCard, Thresholds, load_card
 from spade_batch.formats.images import Preprocessing, crop_summary
-from spade_batch.formats.layout import Outputs, done_ids, part_files, part_name, read_columns, record_inputs
+from spade_batch.formats.layout import Outputs, part_name, read_columns, record_inputs, run_token
 from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.manifest import Manifest, build_manifest, reject_long_outputs
 from spade_batch.formats.model import verify_model
@@ -68,6 +68,8 @@ class ScoreSummary:
     images_per_second: float
     failures: list[dict[str, str]]
     retryable_failures: list[dict[str, str]]
+    strangers: list[str]
+    """Parquet files in scores/ that this run did not write: never read (see layout.Outputs.parts)."""
     workers: dict[str, dict[str, Any]]
     model_workers: int
     versions: dict[str, str]
@@ -78,7 +80,7 @@ class ScoreSummary:
 
 def score_dataset(
     todo: list[dict[str, str]], model_uri: str, settings: Settings, outputs: Outputs, thresholds: Thresholds,
-    preprocessing: Preprocessing, plan: ModelStage, stage: type = ScoreStage,
+    preprocessing: Preprocessing, plan: ModelStage, stage: type = ScoreStage, run: str | None = None,
 ) -> ray.data.Dataset:
     """The lazy dataset that scores `todo` ({"id", "uri"} rows) and writes their outputs; yields small status rows."""
     options = settings.fsspec_options()
@@ -91,7 +93,8 @@ def score_dataset(
         .map_batches(actor_stage(stage), fn_constructor_kwargs={"model_uri": model_uri, "settings": settings},
                      batch_size=settings.batch_size, batch_format="numpy", compute=plan.compute(), **plan.resources)
         .map_batches(task_stage(write_score_outputs),
-                     fn_kwargs={"out_root": outputs.root, "thresholds": thresholds, "settings": settings},
+                     fn_kwargs={"out_root": outputs.root, "thresholds": thresholds, "settings": settings,
+                                "run": run},
                      batch_size=settings.shard_size, batch_format="numpy", **OUTPUT_TASK)
     )
 
@@ -132,15 +135,17 @@ def _score_locked(
     thresholds = Thresholds.of(card, settings)
     if settings.overwrite:
         outputs.clear(options)
-    record_inputs(
-        outputs.root, outputs.inputs_json,
-        {"images": manifest.sha256(), "model": card.created, "thresholds": asdict(thresholds),
-         "save_maps": settings.save_maps, "save_overlays": settings.save_overlays},
-        options,
-    )
+    inputs = {"images": manifest.sha256(), "model": card.created, "thresholds": asdict(thresholds),
+              "save_maps": settings.save_maps, "save_overlays": settings.save_overlays}
+    record_inputs(outputs.root, outputs.inputs_json, inputs, options)
+    run = run_token(inputs)
     init_ray(settings.ray_address)
-    _record_rejected(manifest.rejected, outputs, options)
-    done = done_ids(outputs.scores, options)
+    _record_rejected(manifest.rejected, outputs, options, run)
+    parts = outputs.parts(options, run)
+    if parts.strangers:
+        log.warning("score: %d Parquet files in %s are not this run's parts (e.g. %s); they are not read: remove them",
+                    len(parts.strangers), outputs.scores, parts.strangers[0])
+    done = {i for _, columns in read_columns(parts.own, ["id"], options) for i in columns["id"]}
     todo = [{"id": i, "uri": u} for i, u in zip(manifest.ids, manifest.uris) if i not in done]
     images = len(manifest) + len(manifest.rejected)
     plan = plan or ModelStage.plan(settings)
@@ -148,39 +153,45 @@ def _score_locked(
              len(manifest), len(manifest) - len(todo), len(todo), plan.workers, outputs.root)
     workers, retryable = Workers(), []
     if todo:
-        dataset = score_dataset(todo, model_uri, settings, outputs, thresholds, card.preprocessing, plan, stage)
+        dataset = score_dataset(todo, model_uri, settings, outputs, thresholds, card.preprocessing, plan, stage, run)
         with Progress("score", len(todo)) as progress:
             for batch in stream(dataset, progress):
                 workers.add(batch)
                 retryable += [{"id": str(i), "error": str(e)} for i, s, e in zip(batch["id"], batch["status"], batch["error"]) if s == RETRYABLE]
     seconds = time.perf_counter() - started
     summary = _summarise(model_uri, images, len(manifest) - len(todo), retryable, thresholds, outputs, settings, seconds,
-                         card.preprocessing)
+                         card.preprocessing, run)
     summary.workers, summary.model_workers = workers.by_worker, plan.workers
     storage.write_text(outputs.run_json, json.dumps(asdict(summary), indent=2), options)
     return summary
 
 
-def _record_rejected(rejected: tuple[tuple[str, str], ...], outputs: Outputs, options: storage.StorageOptions) -> None:
+def _record_rejected(rejected: tuple[tuple[str, str], ...], outputs: Outputs, options: storage.StorageOptions, run: str) -> None:
     """An error row for each listed object whose name cannot be an output path (its id is its URI)."""
     if rejected:
         rows = [ScoreRow(id=uri, uri=uri, error=f"name rejected: {reason}") for uri, reason in rejected]
-        write_scores(storage.join(outputs.scores, part_name([row.id for row in rows])), rows, options)
+        write_scores(storage.join(outputs.scores, part_name([row.id for row in rows], run)), rows, options)
 
 
 def _summarise(
     model_uri: str, images: int, resumed: int, retryable: list[dict[str, str]], thresholds: Thresholds,
-    outputs: Outputs, settings: Settings, seconds: float, spec: Preprocessing,
+    outputs: Outputs, settings: Settings, seconds: float, spec: Preprocessing, run: str,
 ) -> ScoreSummary:
-    """Counts over every part file of the run (this run's and resumed ones), read a few columns at a time."""
+    """Counts over the run's own part files (this run's and resumed ones), read a few columns at a time;
+    an id is counted once, whatever holds it twice."""
     options = settings.fsspec_options()
     scored = anomalous = 0
     failures: list[dict[str, str]] = []
     failed = 0
     sizes: list[tuple[int, int]] = []  # kept for paper preprocessing only, to measure its crop
+    seen: set[str] = set()
+    parts = outputs.parts(options, run)
     columns_read = ["id", "error", "is_anomalous", "height", "width"]
-    for _, columns in read_columns(part_files(outputs.scores, options), columns_read, options):
+    for _, columns in read_columns(parts.own, columns_read, options):
         for image_id, error, flag, height, width in zip(*(columns[name] for name in columns_read)):
+            if image_id in seen:
+                continue
+            seen.add(image_id)
             if error is None:
                 scored += 1
                 anomalous += bool(flag)
@@ -206,6 +217,7 @@ def _summarise(
         images_per_second=(images - resumed) / max(seconds, 1e-9),
         failures=sorted(failures, key=lambda f: f["id"]),
         retryable_failures=retryable[:MAX_LISTED],
+        strangers=parts.strangers[:MAX_LISTED],
         workers={},
         model_workers=0,
         versions={"spade_batch": __version__, "torch": torch.__version__, "ray": ray.__version__},

@@ -7,12 +7,17 @@ Part files (scores or features) are written by whole batches, last and atomicall
 everything their rows point to; a part's name is the hash of its ids, so a retried batch
 replaces its own part. An id is done when some part holds its row; a re-run computes only the
 ids that are not done, so it never loses or duplicates a row.
+
+A scoring run's parts are named after the run too (`part-<run>-<ids>.parquet`, run_token: a hash of
+what inputs.json records), so the run reads only the parts it wrote: any other Parquet file in
+scores/ (a stray copy, another run's part) is a stranger, reported and never read (Outputs.parts).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +32,26 @@ INPUTS_NAME = "inputs.json"
 REPORT_NAME = "report.html"
 
 
-def part_name(ids: Sequence[str]) -> str:
-    """part-<16 hex>.parquet, from the batch's ids: deterministic, so a retried batch overwrites its own part."""
-    return f"part-{hashlib.sha256(chr(0).join(ids).encode()).hexdigest()[:16]}.parquet"
+def part_name(ids: Sequence[str], run: str | None = None) -> str:
+    """part-<16 hex>.parquet, from the batch's ids: deterministic, so a retried batch overwrites its own part.
+
+    run: a scoring run's run_token, named first (part-<run>-<16 hex>.parquet): the run's parts are those with it.
+    """
+    digest = hashlib.sha256(chr(0).join(ids).encode()).hexdigest()[:16]
+    return f"part-{run}-{digest}.parquet" if run else f"part-{digest}.parquet"
+
+
+def run_token(inputs: dict[str, Any]) -> str:
+    """8 hex of the inputs a run records (record_inputs): the same for a run and its resumptions, not for another run."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class RunParts:
+    """The Parquet files under a run's scores/: its own parts, and strangers (never read)."""
+
+    own: list[str]
+    strangers: list[str]
 
 
 def part_files(folder: str, options: storage.StorageOptions) -> list[str]:
@@ -85,6 +107,25 @@ class Outputs:
     def files(self, image_id: str) -> list[str]:
         """Every per-image output an image may get (mask, map, overlay)."""
         return [self.mask(image_id), self.map(image_id), self.overlay(image_id)]
+
+    def token(self, options: storage.StorageOptions) -> str | None:
+        """The run's run_token, from its inputs.json (None when there is none: a run older than inputs.json)."""
+        if not storage.exists(self.inputs_json, options):
+            return None
+        return run_token(json.loads(storage.read_text(self.inputs_json, options)))
+
+    def parts(self, options: storage.StorageOptions, token: str | None = None) -> RunParts:
+        """The run's own part files and the strangers beside them in scores/ (token: default self.token()).
+
+        Without a token (no inputs.json) every Parquet file is taken as the run's, as before parts were named.
+        """
+        token = token or self.token(options)
+        files = part_files(self.scores, options)
+        if token is None:
+            return RunParts(files, [])
+        own = re.compile(rf"part-{token}-[0-9a-f]{{16}}\.parquet")
+        mine = [uri for uri in files if own.fullmatch(uri.rsplit("/", 1)[-1])]
+        return RunParts(mine, [uri for uri in files if uri not in set(mine)])
 
     def clear(self, options: storage.StorageOptions) -> None:
         """Remove a previous run's outputs, masks and report too: none may stay behind beside a new run's.

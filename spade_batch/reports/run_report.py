@@ -27,7 +27,7 @@ from spade_batch.formats import storage
 from spade_batch.formats.card import CalibrationRecord, ModelCard, load_card
 from spade_batch.formats.heatmap import colour_range
 from spade_batch.formats.images import decode_image, resize_map
-from spade_batch.formats.layout import Outputs, part_files, read_columns
+from spade_batch.formats.layout import Outputs, read_columns
 from spade_batch.reports.drift import DriftCheck, check_drift
 from spade_batch.reports.figures import STYLE, Example, example_grid, html_document, html_table, score_histogram
 from spade_batch.reports.summary import FailureGroup, decision_rules, group_failures
@@ -61,7 +61,7 @@ def read_run_scores(out_uri: str, options: storage.StorageOptions, top_n: int = 
     anomalous = 0
     candidates: list[tuple[float, str, dict[str, Any]]] = []
     failed: list[tuple[str, str]] = []
-    for _, table in read_columns(part_files(Outputs(out_uri).scores, options), columns, options):
+    for _, table in read_columns(Outputs(out_uri).parts(options).own, columns, options):
         for row in (dict(zip(columns, values)) for values in zip(*(table[name] for name in columns))):
             if row["error"] is not None:
                 failed.append((row["id"], row["error"]))

@@ -19,7 +19,7 @@ from scipy import stats
 from spade_batch.config import group_values
 from spade_batch.formats import storage
 from spade_batch.formats.card import ModelCard, load_card
-from spade_batch.formats.layout import ModelLayout, Outputs, part_files, read_columns
+from spade_batch.formats.layout import ModelLayout, Outputs, read_columns
 
 TOP_COLUMNS = ["id", "image_score", "is_anomalous", "max_pixel_score", "anomalous_fraction", "mask_uri"]
 
@@ -71,7 +71,7 @@ def run_summary(uri: str, options: storage.StorageOptions = None, top: int = 10)
     run = json.loads(storage.read_text(outputs.run_json, options))
     failed: list[tuple[str, str]] = []
     best: list[dict[str, Any]] = []
-    for _, columns in read_columns(part_files(outputs.scores, options), [*TOP_COLUMNS, "error"], options):
+    for _, columns in read_columns(outputs.parts(options).own, [*TOP_COLUMNS, "error"], options):
         rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
         failed += [(row["id"], row["error"]) for row in rows if row["error"] is not None]
         scored = (row for row in rows if row["error"] is None)

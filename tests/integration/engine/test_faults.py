@@ -529,3 +529,52 @@ def test_an_image_whose_outputs_would_not_fit_the_store_fails_alone(
     assert (run["images"], run["scored"], run["failed"]) == (len(archive.ids) + 1, len(archive.ids), 1)
     if where != "local":
         assert proxy.keys_refused == [Outputs(out).mask(deep).split("/", 3)[3]], "no other request was refused"
+
+
+# ---------------------------------------------------------------- files in scores/ that the run did not write
+
+
+@pytest.mark.parametrize("when", ["before the run", "between a run and its re-run"])
+def test_stray_parquet_files_in_scores_are_reported_and_never_read(
+    archive: Archive, tmp_path: Path, when: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Another run's part (rows for every image: read, they would mark every image done, or count each twice),
+    a copy of a part under an older name, and a file that is not Parquet at all (read, it would be 'damaged')."""
+    from spade_batch.formats.layout import part_name
+    from spade_batch.formats.scores import ScoreRow, write_scores
+
+    out = tmp_path / "out"
+    argv = ["score", "--model", archive.model, "--images", str(archive.images), "--out", str(out), *RUN_FLAGS]
+    if when != "before the run":
+        assert run_cli_here(argv) == 0
+    scores = out / "scores"
+    scores.mkdir(parents=True, exist_ok=True)
+    foreign = [ScoreRow(id=i, uri=f"/elsewhere/{i}", image_score=1e9, is_anomalous=True) for i in archive.ids]
+    strangers = [scores / part_name(archive.ids, "0badc0de"), scores / "part-0123456789abcdef.parquet", scores / "notes.parquet"]
+    write_scores(str(strangers[0]), foreign)
+    if when == "before the run":
+        write_scores(str(strangers[1]), foreign)
+    else:  # a copy of one of the run's own parts, under a name of another form
+        strangers[1].write_bytes(sorted(scores.glob("part-*-*.parquet"))[0].read_bytes())
+    strangers[2].write_bytes(b"not Parquet: someone's notes")
+    capsys.readouterr()
+
+    status = run_cli_here(argv)
+
+    printed = capsys.readouterr()
+    assert status == 0, printed
+    assert f"3 Parquet files in {scores} are not this run's parts (e.g. " in printed.err
+    assert "they are not read: remove them" in printed.err and "damaged" not in printed.err
+    run = json.loads((out / "run.json").read_text())
+    assert (run["images"], run["scored"], run["failed"]) == (len(archive.ids), len(archive.ids), 0)
+    assert run["resumed"] == (0 if when == "before the run" else len(archive.ids))
+    assert run["strangers"] == sorted(str(p) for p in strangers)
+    own = Outputs(str(out)).parts(None)
+    assert sorted(own.strangers) == sorted(str(p) for p in strangers)
+    rows = [row for part in own.own for row in pq.read_table(part).to_pylist()]
+    assert sorted(row["id"] for row in rows) == archive.ids and all(row["image_score"] < 1e9 for row in rows)
+
+    assert run_cli_here(["show", str(out), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["counts"]["scored"] == len(archive.ids) and shown["failures"] == []
+    assert all(row["image_score"] < 1e9 for row in shown["top"]), "the run's page and summary read only its own parts"
