@@ -2,7 +2,7 @@
 
     python scripts/config_reference.py     # updates README.md in place
 
-tests/test_config.py fails when a key, type, default or meaning in README.md differs from the code.
+tests/unit/test_config.py fails when a key, type, default or meaning in README.md differs from the code.
 """
 
 from __future__ import annotations

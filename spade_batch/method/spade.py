@@ -200,7 +200,7 @@ def batch_nearest_sq_distances(
     Tolerance: a returned distance is never below the exact (float64) kappa-nearest mean by more than
     float32 rounding; it is above it only where the ranking pushed a true neighbour out of the candidates,
     and then by at most twice the ranking error of |g|^2 - 2 q.g (bfloat16: about 2^-8 |q| |g|). Measured
-    in tests/test_spade.py on centred post-ReLU-like features with near-duplicate gallery rows: float32,
+    in tests/unit/method/test_spade.py on centred post-ReLU-like features with near-duplicate gallery rows: float32,
     tf32 (CPU) and bfloat16 all within rtol 1e-5 of float64 on every query, bfloat16 bit-identical to
     float32 on every query; without the margin, bfloat16 put 7 of 256 queries (kappa 3) up to 0.5% high.
 

@@ -115,7 +115,7 @@ class PixelMetrics:
     pixel ROCAUC  |binned - exact| <= 1/2 * sum_k dFPR_k * dTPR_k,
     PRO           |binned - exact| <= sum_k dFPR_k * dPRO_k / max_fpr  (dFPR clipped to [0, max_fpr]).
     Refining the bins never raises them. Measured on random smooth 32 x 32
-    maps with blob masks (tests/test_metrics.py), bins=4096 over the maps'
+    maps with blob masks (tests/unit/reports/test_metrics.py), bins=4096 over the maps'
     range: errors below 5e-5 (ROCAUC) and 2e-4 (PRO), bounds below 1e-3.
     Where each bin holds at most one distinct score the metrics are exact.
     """
