@@ -491,7 +491,7 @@ def test_an_image_whose_outputs_would_not_fit_the_store_fails_alone(
 ) -> None:
     """A deep path: the image is readable, but its mask's key (or local path) under OUT would be over the
     store's limit. It gets an error row naming the limit; the other images are scored (exit 3)."""
-    from fault_proxy import AWS_MAX_KEY_BYTES, FaultProxy
+    from tests.integration.fault_proxy import AWS_MAX_KEY_BYTES, FaultProxy
 
     files = archive.files()
     segment = "d" * 200
