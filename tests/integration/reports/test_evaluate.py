@@ -187,7 +187,7 @@ def test_decision_counts_equal_a_recomputation_from_the_written_masks_and_verdic
     out, metrics = evaluated
     decisions = metrics["decisions"]
     card = json.loads(open(os.path.join(metrics["model"], "spade.json")).read())
-    assert {key: decisions["thresholds"][key] for key in ("image", "pixel")} == card["thresholds"]
+    assert {key: decisions["thresholds"][key] for key in ("image", "pixel")} == {key: card["thresholds"][key] for key in ("image", "pixel")}
     assert decisions["thresholds"]["sources"] == {"image": "calibrated", "pixel": "calibrated"}
     rows, labels = scored(out)
     anomalous = np.array([label != "good" for label in labels])

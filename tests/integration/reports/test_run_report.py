@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 REPO = Path(__file__).resolve().parents[3]
 SCREENSHOT = REPO / "test-output" / "run_report.png"
-SECTIONS = ("counts", "drift", "histogram", "anomalies", "failures", "throughput")
+SECTIONS = ("counts", "drift", "decisions", "histogram", "anomalies", "failures", "throughput")
 WIDTH = 1200
 
 
