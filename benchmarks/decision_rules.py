@@ -35,11 +35,11 @@ from spade_batch.reports.metrics import PixelDecisions, image_decisions
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPOSITORY, "..", "shared", "data", "magnetic_tile")
 RULES = {
-    "quantile": {"pixel_rule": "quantile"},
+    "quantile": {"pixel_rule": "quantile", "gate_masks": False},
     "quantile, gated": {"pixel_rule": "quantile", "gate_masks": True},
-    "mean_3sigma": {"pixel_rule": "mean_3sigma"},
+    "mean_3sigma": {"pixel_rule": "mean_3sigma", "gate_masks": False},
     "mean_3sigma, gated": {"pixel_rule": "mean_3sigma", "gate_masks": True},
-    "region": {"pixel_rule": "region", "min_region": None},
+    "region": {"pixel_rule": "region", "min_region": None, "gate_masks": False},
     "region, gated": {"pixel_rule": "region", "min_region": None, "gate_masks": True},
 }
 """Pixel rules compared; min_region None takes --min-region."""
@@ -88,7 +88,8 @@ def main() -> None:
         usable = sorted(stored.sizes)
         outliers = size_outliers(usable, [stored.sizes[i][0] for i in usable], [stored.sizes[i][1] for i in usable])
         _, calibration_ids = split_fit_ids([i for i in usable if i not in outliers], settings)
-        scores = _joined(list(InProcessHeldOut(stored, extractor, settings).scores(model, calibration_ids)))
+        with_regions = settings.replace(pixel_rule="region")  # every rule's scores, the region scores included
+        scores = CalibrationScores.joined(list(InProcessHeldOut(stored, extractor, with_regions).scores(model, calibration_ids)))
         print(f"<!-- {mode}: fit, scoring and calibration scores {time.perf_counter() - started:.0f} s -->", flush=True)
         for name, changes in RULES.items():
             rule_settings = settings.replace(**{"min_region": 0, **{k: (args.min_region if v is None else v) for k, v in changes.items()}})
@@ -98,14 +99,6 @@ def main() -> None:
             print(f"| {mode} | {name} | {calibrated.card.calibration.count} | {image['fpr']:.3f} ({image['flagged_normal']}) | "
                   f"{image['tpr']:.3f} | {pixel['seg_f1']:.3f} | {pixel['tpr']:.3f} | {pixel['fpr']:.4f} | "
                   f"{pixel['normal_images_flagged'] / pixel['normal_images']:.3f} ({pixel['normal_images_flagged']}) |", flush=True)
-
-
-def _joined(batches: list[CalibrationScores]) -> CalibrationScores:
-    return CalibrationScores(
-        [i for b in batches for i in b.ids], np.concatenate([b.knn_scores for b in batches]),
-        np.concatenate([b.map_scores for b in batches]), [p for b in batches for p in b.pixel_samples],
-        np.concatenate([b.region_scores for b in batches]),
-    )
 
 
 if __name__ == "__main__":

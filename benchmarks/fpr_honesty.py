@@ -67,7 +67,7 @@ def main() -> None:
     images, ids = load(fitted_on), [os.path.relpath(p, args.data) for p in fitted_on]
     unseen_images = load(unseen)
     base = Settings(backbone="efficientnet_lite0", weights="imagenet", k=args.k, device="cpu", calibration_fraction=0.2,
-                    calibration_sample=0, pixel_rule="region", min_region=args.min_region, log_level="WARNING")
+                    calibration_sample=0, pixel_rule="region", min_region=args.min_region, gate_masks=False, log_level="WARNING")
     print("| calibration | target | calibration images | image FPR | region share | 99% interval | within |")
     print("|---|---|---|---|---|---|---|")
     for mode in args.modes:
@@ -81,10 +81,7 @@ def main() -> None:
         usable = sorted(stored.sizes)
         outliers = size_outliers(usable, [stored.sizes[i][0] for i in usable], [stored.sizes[i][1] for i in usable])
         _, calibration_ids = split_fit_ids([i for i in usable if i not in outliers], settings)
-        scores = list(InProcessHeldOut(stored, extractor, settings).scores(model, calibration_ids))
-        joined = CalibrationScores([i for b in scores for i in b.ids], np.concatenate([b.knn_scores for b in scores]),
-                                   np.concatenate([b.map_scores for b in scores]), [p for b in scores for p in b.pixel_samples],
-                                   np.concatenate([b.region_scores for b in scores]))
+        joined = CalibrationScores.joined(list(InProcessHeldOut(stored, extractor, settings).scores(model, calibration_ids)))
         print(f"<!-- {mode}: fit, scoring and calibration scores {time.perf_counter() - started:.0f} s -->", flush=True)
         for target in args.targets:
             rule = calibrate_from_samples(model, joined, settings.replace(image_fpr=target).calibration).card.thresholds

@@ -186,7 +186,7 @@ class ActorsHeldOut:
     def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterator[CalibrationScores]:
         for batch in self._batches(model, ids, moments=False):
             yield CalibrationScores([str(i) for i in batch["id"]], batch["knn_score"], batch["map_score"],
-                                    [np.asarray(sample) for sample in batch["pixel_sample"]], batch["region_score"])
+                                    [np.asarray(sample) for sample in batch["pixel_sample"]], batch.get("region_score"))
 
     def _batches(self, model: SpadeModel, ids: Sequence[str], moments: bool) -> Iterator[Batch]:
         model.publish_arrays(self.model_uri, self.settings.fsspec_options())

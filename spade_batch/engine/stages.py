@@ -17,6 +17,7 @@ from spade_batch.config import Settings
 from spade_batch.engine.cpu_stages import PASSED_ON, Batch, object_column, usable_mask, worker_columns
 from spade_batch.formats.card import ModelCard
 from spade_batch.formats.model import SpadeModel, load_count
+from spade_batch.method.calibrate import CalibrationScores, region_size
 from spade_batch.method.extractor import Extractor, backbone_loads
 from spade_batch.method.recipe import held_out_moments, read_block, score_held_out
 from spade_batch.method.scorer import Scorer
@@ -71,21 +72,19 @@ class CalibrationStage:
     the recipe's score_held_out (or, with moments, held_out_moments) on each part's held-out rows.
 
     Batches: part (str), ids (list of str: the held-out images in that part) -> id, knn_score, map_score,
-    pixel_sample (calibrate.pixel_sample of each map), region_score; with moments, one row per part of its summed
+    pixel_sample (calibrate.pixel_sample of each map), and region_score under the region rule; with moments, one row per part of its summed
     L x 3 distance moments instead.
     """
 
     def __init__(self, model_uri: str, settings: Settings, card: dict[str, Any], moments: bool = False):
         self.scorer = ScoreStage(model_uri, settings, card).scorer
-        self.options, self.moments, self.min_region = settings.fsspec_options(), moments, settings.min_region
+        self.options, self.moments, self.min_region = settings.fsspec_options(), moments, region_size(settings.calibration)
 
     def __call__(self, batch: Batch) -> Batch:
         blocks = [read_block(str(part), list(ids), self.options) for part, ids in zip(batch["part"], batch["ids"])]
         if self.moments:
             return {"moments": np.stack([held_out_moments(self.scorer, block) for block in blocks])}
-        scored = [score_held_out(self.scorer, block, self.min_region) for block in blocks]
-        return {"id": object_column([i for s in scored for i in s.ids]),
-                "knn_score": np.concatenate([s.knn_scores for s in scored]),
-                "map_score": np.concatenate([s.map_scores for s in scored]),
-                "pixel_sample": object_column([p for s in scored for p in s.pixel_samples]),
-                "region_score": np.concatenate([s.region_scores for s in scored])}
+        scored = CalibrationScores.joined([score_held_out(self.scorer, block, self.min_region) for block in blocks])
+        columns = {"id": object_column(scored.ids), "knn_score": scored.knn_scores, "map_score": scored.map_scores,
+                   "pixel_sample": object_column(scored.pixel_samples)}
+        return columns if scored.region_scores is None else {**columns, "region_score": scored.region_scores}

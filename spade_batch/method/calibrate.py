@@ -86,14 +86,34 @@ class CalibrationScores:
         ids: B image ids.
         knn_scores, map_scores: B float64 kNN and map image scores (scoring.ImageScore).
         pixel_samples: B float32 vectors of at most PIXEL_SAMPLE pixel scores each (pixel_sample).
-        region_scores: B float64 masks.region_score of each map at the model's min_region.
+        region_scores: B float64 masks.region_score of each map at the model's min_region; None unless
+            the pixel rule is region (region_size).
     """
 
     ids: list[str]
     knn_scores: np.ndarray
     map_scores: np.ndarray
     pixel_samples: list[np.ndarray]
-    region_scores: np.ndarray
+    region_scores: np.ndarray | None = None
+
+    @classmethod
+    def joined(cls, batches: Sequence[CalibrationScores], ids: Sequence[str] | None = None) -> CalibrationScores:
+        """The batches as one, in the order of ids (default: the batches' order)."""
+        where = {image_id: (n, i) for n, batch in enumerate(batches) for i, image_id in enumerate(batch.ids)}
+        order = [where[image_id] for image_id in ids] if ids is not None else list(where.values())
+        return cls(
+            [batches[n].ids[i] for n, i in order],
+            np.array([batches[n].knn_scores[i] for n, i in order], np.float64),
+            np.array([batches[n].map_scores[i] for n, i in order], np.float64),
+            [batches[n].pixel_samples[i] for n, i in order],
+            None if any(b.region_scores is None for b in batches)
+            else np.array([batches[n].region_scores[i] for n, i in order], np.float64),
+        )
+
+
+def region_size(settings: CalibrationSettings) -> int | None:
+    """The min_region that calibration images' region scores are computed at; None when the pixel rule needs none."""
+    return settings.min_region if settings.pixel_rule == "region" else None
 
 
 def pixel_threshold_of(scores: CalibrationScores, settings: CalibrationSettings) -> float:
@@ -104,6 +124,8 @@ def pixel_threshold_of(scores: CalibrationScores, settings: CalibrationSettings)
     image_fpr of normal images show a flagged region of at least min_region pixels.
     """
     if settings.pixel_rule == "region":
+        if scores.region_scores is None:
+            raise ValueError("pixel_rule region: the calibration images were scored without region scores (region_size)")
         return image_threshold(np.asarray(scores.region_scores, np.float64), settings.image_fpr)
     if settings.pixel_rule == "mean_3sigma":
         pooled = np.concatenate(scores.pixel_samples).astype(np.float64)

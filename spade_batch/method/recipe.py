@@ -96,16 +96,19 @@ def read_block(part: str, ids: Iterable[str], options: storage.StorageOptions = 
     return table.select(np.array([image_id in wanted for image_id in table.ids], dtype=bool))
 
 
-def score_held_out(scorer: Scorer, block: FeatureTable, min_region: int) -> CalibrationScores:
+def score_held_out(scorer: Scorer, block: FeatureTable, min_region: int | None) -> CalibrationScores:
     """The one way calibration images are scored: from their stored features, with the model's scorer;
-    an image that is in the gallery (leave-one-out) against the others only."""
+    an image that is in the gallery (leave-one-out) against the others only.
+
+    min_region: the region scores' smallest region (calibrate.region_size); None computes none.
+    """
     results = scorer.score_features(Features.of_table(block), _own_rows(scorer.model, block.ids))
     return CalibrationScores(
         list(block.ids),
         np.array([r.knn_score for r in results], np.float64),
         np.array([r.map_score for r in results], np.float64),
         [calibrate.pixel_sample(r.anomaly_map) for r in results],
-        np.array([region_score(r.anomaly_map, min_region) for r in results], np.float64),
+        None if min_region is None else np.array([region_score(r.anomaly_map, min_region) for r in results], np.float64),
     )
 
 
@@ -147,7 +150,8 @@ class InProcessHeldOut:
 
     def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterator[CalibrationScores]:
         scorer = self._scorer(model)
-        return (score_held_out(scorer, block, self.settings.min_region) for block in self.features.blocks(ids))
+        min_region = calibrate.region_size(self.settings.calibration)
+        return (score_held_out(scorer, block, min_region) for block in self.features.blocks(ids))
 
 
 @dataclass(frozen=True)
@@ -269,16 +273,8 @@ def _calibrate(model: SpadeModel, calibration_ids: list[str], held_out: HeldOutS
     if settings.layer_normalise:
         scales = calibrate.layer_scales(held_out.moments(model, calibration_ids))
         model = model.with_normalisation(Normalisation(layer_scales=scales))
-    batches = list(held_out.scores(model, calibration_ids))
-    row = {image_id: (n, i) for n, batch in enumerate(batches) for i, image_id in enumerate(batch.ids)}
-    order = [row[image_id] for image_id in calibration_ids]  # calibration_ids' order, whatever the blocks'
-    scores = calibrate.CalibrationScores(
-        list(calibration_ids),
-        np.array([batches[n].knn_scores[i] for n, i in order]),
-        np.array([batches[n].map_scores[i] for n, i in order]),
-        [batches[n].pixel_samples[i] for n, i in order],
-        np.array([batches[n].region_scores[i] for n, i in order]),
-    )
+    # calibration_ids' order, whatever the blocks'
+    scores = CalibrationScores.joined(list(held_out.scores(model, calibration_ids)), calibration_ids)
     model = calibrate.calibrate_from_samples(model, scores, settings.calibration)
     for warning in model.card.calibration.warnings:
         log.warning("fit: calibration: %s", warning)

@@ -100,8 +100,8 @@ def test_null_is_accepted_for_optional_keys(tmp_path):
         ("map_top: 1.5\n", ["map_top", "[0, 1]", "1.5"]),
         ("map_top: -0.1\n", ["map_top", "[0, 1]"]),
         ("layer_normalise: 1\n", ["layer_normalise", "expected bool"]),
-        ("layer_normalise: true\ncalibration_fraction: 0\n", ["layer_normalise", "calibration images", "calibration_fraction > 0"]),
-        ("image_score: combined\ncalibration_fraction: 0\n", ["image_score", "combined", "calibration_fraction > 0"]),
+        ("layer_normalise: true\ncalibration_images: held_out\ncalibration_fraction: 0\n", ["layer_normalise", "calibration images", "calibration_fraction > 0"]),
+        ("image_score: combined\ncalibration_images: held_out\ncalibration_fraction: 0\n", ["image_score", "combined", "calibration_fraction > 0"]),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_key(tmp_path, text, words):

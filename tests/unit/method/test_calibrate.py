@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -23,6 +24,7 @@ from spade_batch.method.calibrate import (
     layer_scales,
     pixel_sample,
     pixel_threshold,
+    region_size,
 )
 from spade_batch.method.masks import drop_small_regions, region_score
 from spade_batch.method.scoring import image_scores
@@ -143,7 +145,7 @@ def test_calibrate_sets_the_model_thresholds_from_held_out_scores(tmp_path):
     rng = np.random.default_rng(4)
     knn, maps = rng.random((2, 50))
     samples = [pixel_sample(rng.random((80, 80), dtype=np.float32)) for _ in range(50)]
-    settings = Settings(image_fpr=0.1, pixel_quantile=0.99, image_score="knn")
+    settings = Settings(image_fpr=0.1, pixel_rule="quantile", pixel_quantile=0.99, image_score="knn", gate_masks=False)
     model = tiny_model(tmp_path, image_score="knn")
     calibrated = calibrate_from_samples(model, scores_of(knn, maps, samples), settings.calibration)
     assert calibrated.card.thresholds == Thresholds(image_threshold(knn, 0.1), pixel_threshold(samples, 0.99))
@@ -151,6 +153,41 @@ def test_calibrate_sets_the_model_thresholds_from_held_out_scores(tmp_path):
     assert calibrated.card.calibration.image_fpr == 0.1
     assert model.card.thresholds == Thresholds(None, None)  # the input model is unchanged
     assert calibrated.train_ids == model.train_ids and calibrated.index is model.index
+
+
+def test_joined_scores_follow_the_ids_order_whatever_the_batches():
+    rng = np.random.default_rng(5)
+    knn, maps, regions = rng.random((3, 6))
+    samples = [rng.random(4, dtype=np.float32) for _ in range(6)]
+    whole = scores_of(knn, maps, samples, regions)
+
+    def part(rows: list[int]) -> CalibrationScores:
+        return CalibrationScores([whole.ids[r] for r in rows], knn[rows], maps[rows], [samples[r] for r in rows], regions[rows])
+
+    joined = CalibrationScores.joined([part([4, 1]), part([0, 5, 2]), part([3])], whole.ids)
+    assert joined.ids == whole.ids
+    np.testing.assert_array_equal(np.stack([joined.knn_scores, joined.map_scores, joined.region_scores]), np.stack([knn, maps, regions]))
+    assert all(a is b for a, b in zip(joined.pixel_samples, samples))
+    unordered = CalibrationScores.joined([part([4, 1]), part([0])])
+    assert unordered.ids == ["004", "001", "000"] and unordered.knn_scores.tolist() == knn[[4, 1, 0]].tolist()
+    without_regions = dataclasses.replace(part([3]), region_scores=None)
+    assert CalibrationScores.joined([part([4]), without_regions]).region_scores is None
+
+
+def test_region_scores_are_computed_only_for_the_region_rule(tmp_path):
+    assert [region_size(Settings(pixel_rule=rule, min_region=7).calibration) for rule in ("quantile", "mean_3sigma", "region")] == [None, None, 7]
+    rng = np.random.default_rng(6)
+    scores = scores_of(rng.random(20), rng.random(20), [rng.random(9, dtype=np.float32) for _ in range(20)])
+    no_regions = dataclasses.replace(scores, region_scores=None)
+    settings = Settings(image_score="knn", pixel_rule="region", image_fpr=0.1).calibration
+    with pytest.raises(ValueError, match="without region scores"):
+        calibrate_from_samples(tiny_model(tmp_path, image_score="knn"), no_regions, settings)
+
+
+def test_the_default_decisions_are_leave_one_out_gated_mean_3sigma():
+    """The configuration measured best on Magnetic Tile (README, Decisions): a change here is a change of what every new model decides."""
+    defaults = Settings().calibration
+    assert (defaults.calibration_images, defaults.pixel_rule, defaults.gate_masks, defaults.min_region) == ("leave_one_out", "mean_3sigma", True, 0)
 
 
 def test_layer_scales_are_each_layers_standard_deviation_over_all_batches():

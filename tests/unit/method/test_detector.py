@@ -245,7 +245,7 @@ def test_scorer_equals_an_independent_recomputation(data):
 
 
 def test_batched_scoring_gives_the_same_results_as_one_image_per_call(data):
-    settings = SETTINGS.replace(k=3, calibration_fraction=0)
+    settings = SETTINGS.replace(k=3, calibration_images="held_out", calibration_fraction=0)
     model = fit(data["train"], settings)
     extractor = Extractor(settings)
     one = Scorer(model, extractor, images_per_call=1).score(data["test"])
@@ -352,7 +352,7 @@ def test_a_schema_1_uncentred_model_still_loads_and_scores(tmp_path):
 
 
 def test_split_fit_ids_is_the_hash_hold_out_and_stable():
-    settings = SETTINGS.replace(calibration_fraction=0.3, seed=5)
+    settings = SETTINGS.replace(calibration_images="held_out", calibration_fraction=0.3, seed=5)
     ids = [f"good/{i:03d}.png" for i in range(40)]
     gallery, held = split_fit_ids(list(reversed(ids)), settings)
     assert gallery == sorted(gallery) and held == sorted(held) and sorted(gallery + held) == ids
@@ -366,7 +366,7 @@ def test_split_fit_ids_is_the_hash_hold_out_and_stable():
 def test_leave_one_out_calibration_scores_each_image_as_a_fit_without_it_would(data, tmp_path):
     """Every image stays in the gallery; each calibration score is the score a model fitted on the other
     images gives the same stored features (brute force: one refit per image)."""
-    settings = SETTINGS.replace(calibration_images="leave_one_out", calibration_sample=0, image_fpr=0.2, pixel_quantile=0.9,
+    settings = SETTINGS.replace(calibration_images="leave_one_out", calibration_sample=0, image_fpr=0.2, pixel_rule="quantile", pixel_quantile=0.9,
                                 image_score="map", map_top=0.05)
     images = data["train"] + data["test"][:2]  # 8 normal images
     ids = [f"img-{i}" for i in range(len(images))]
@@ -401,7 +401,7 @@ def test_leave_one_out_calibrates_on_a_deterministic_sample(data):
 
 
 def test_fit_holds_out_images_by_id_and_calibrates_on_them(data, tmp_path):
-    settings = SETTINGS.replace(image_fpr=0.5, pixel_quantile=0.9, calibration_fraction=0.4)
+    settings = SETTINGS.replace(image_fpr=0.5, pixel_quantile=0.9, calibration_images="held_out", pixel_rule="quantile", calibration_fraction=0.4)
     images = data["train"] + data["test"][:2]  # 8 normal images
     ids = [f"img-{i}" for i in range(len(images))]
     held = [i for i in ids if calibrate.is_held_out(i, 0.4, settings.seed)]
@@ -439,7 +439,7 @@ def test_fit_holds_out_images_by_id_and_calibrates_on_them(data, tmp_path):
 def test_options_beyond_the_paper_equal_a_brute_force_recomputation(data):
     """layer_normalise + image_score combined (map score: mean of the top 5% pixels), fitted in process, against
     float64 brute force: layer scales and score statistics from the held-out images, thresholds, test scores and maps."""
-    settings = SETTINGS.replace(image_score="combined", map_top=0.05, layer_normalise=True, calibration_fraction=0.4, image_fpr=0.5)
+    settings = SETTINGS.replace(image_score="combined", map_top=0.05, layer_normalise=True, calibration_images="held_out", pixel_rule="quantile", calibration_fraction=0.4, image_fpr=0.5)
     images = data["train"] + data["test"][:2]  # 8 normal images
     ids = [f"img-{i}" for i in range(len(images))]
     model = fit(images, settings, ids=ids)
@@ -491,7 +491,7 @@ def test_options_beyond_the_paper_equal_a_brute_force_recomputation(data):
 
 
 def test_options_that_learn_scales_refuse_a_fit_that_holds_out_no_image(data):
-    settings = SETTINGS.replace(layer_normalise=True, calibration_fraction=0.01)
+    settings = SETTINGS.replace(layer_normalise=True, calibration_images="held_out", calibration_fraction=0.01)
     ids = [f"img-{i}" for i in range(len(data["train"]))]
     assert not any(calibrate.is_held_out(i, 0.01) for i in ids)
     with pytest.raises(ValueError, match="layer_normalise: scales are learnt from calibration images.*held out none of the 6 training images"):
@@ -527,7 +527,7 @@ def test_a_card_from_before_the_options_scores_as_the_paper(data, tmp_path):
 def test_a_card_from_before_the_decision_rules_decides_as_it_did(data, tmp_path):
     """Thresholds {image, pixel} and a calibration summary without the mode or pixel rule: the model holds out,
     thresholds pixels by quantile, keeps every flagged pixel and does not gate masks, as models then did."""
-    fitted = fit(data["train"] + data["test"][:2], SETTINGS.replace(calibration_fraction=0.4))
+    fitted = fit(data["train"] + data["test"][:2], SETTINGS.replace(calibration_images="held_out", pixel_rule="quantile", calibration_fraction=0.4))
     fitted.save(str(tmp_path))
     card = json.loads((tmp_path / CARD_NAME).read_text())
     card["thresholds"] = {"image": card["thresholds"]["image"], "pixel": card["thresholds"]["pixel"]}
@@ -544,7 +544,7 @@ def test_a_card_from_before_the_decision_rules_decides_as_it_did(data, tmp_path)
 
 
 def test_k_above_the_usable_training_images_is_a_clear_error(data):
-    settings = SETTINGS.replace(k=3, calibration_fraction=0)
+    settings = SETTINGS.replace(k=3, calibration_images="held_out", calibration_fraction=0)
     with pytest.raises(ValueError, match=r"k=3 .* only 2 usable training images \(1 failed\); lower k or add normal images"):
         new_card(Extractor(settings), settings, 2, "sha", [{"id": "x", "error": "bad"}])
     with pytest.raises(ValueError, match=r"k=3 .* only 2 usable training images \(0 failed\)"):
