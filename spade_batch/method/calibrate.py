@@ -156,7 +156,7 @@ def calibrate_from_samples(model: SpadeModel, scores: CalibrationScores, setting
         pixel_quantile=settings.pixel_quantile,
         image_score_quantiles={q: float(np.quantile(image_scores_, float(q))) for q in ("0.5", "0.9", "0.99")},
         image_scores=sorted(float(score) for score in image_scores_),
-        warnings=calibration_warnings(image_scores_, settings.image_fpr),
+        warnings=calibration_warnings(image_scores_, settings.image_fpr, settings.calibration_images),
     )
     thresholds = Thresholds(image_threshold(image_scores_, settings.image_fpr), pixel_threshold_of(scores, settings),
                             settings.min_region, settings.gate_masks)

@@ -48,9 +48,10 @@ def size_outliers(ids: Sequence[str], heights: Sequence[int], widths: Sequence[i
     return reasons
 
 
-def calibration_warnings(image_scores: np.ndarray, image_fpr: float) -> list[str]:
-    """What is wrong with a calibration hold-out's n image scores for the target FPR (empty: nothing).
+def calibration_warnings(image_scores: np.ndarray, image_fpr: float, images: str = "held_out") -> list[str]:
+    """What is wrong with n calibration image scores for the target FPR (empty: nothing).
 
+    images: how the calibration images were chosen (config calibration_images), for the advice.
     Raises ValueError when the scores cannot give a threshold at all (none, or not finite).
     """
     count = int(image_scores.size)
@@ -58,21 +59,26 @@ def calibration_warnings(image_scores: np.ndarray, image_fpr: float) -> list[str
         raise ValueError("no calibration scores: hold out some normal images (calibration_fraction > 0)")
     if not np.all(np.isfinite(image_scores)):
         raise ValueError(
-            f"{int((~np.isfinite(image_scores)).sum())} of {count} held-out image scores are not finite; "
+            f"{int((~np.isfinite(image_scores)).sum())} of {count} calibration image scores are not finite; "
             "check the training images (see the fit summary's failed and left-out lists)"
         )
     warnings = []
     needed = math.ceil(1 / image_fpr)
     if count < needed:
+        which, more = {
+            "held_out": ("held out for calibration", "normal images held out (raise calibration_fraction, or use calibration_images "
+                         "leave_one_out, which calibrates on every normal image)"),
+            "leave_one_out": ("scored leave-one-out for calibration", "normal training images (or raise calibration_sample if it "
+                              "is below the training set's size)"),
+        }[images]
         warnings.append(
-            f"only {count} images held out for calibration; an image_fpr of {image_fpr:g} needs at least {needed}. "
-            f"The image threshold is the largest held-out score, and its false-positive rate is only known to be "
-            f"below about 1/{count}. Add {needed - count} or more normal calibration images (calibration_images "
-            "leave_one_out calibrates on every normal image), raise image_fpr, or pass --image-threshold."
+            f"only {count} images {which}; an image_fpr of {image_fpr:g} needs at least {needed}. "
+            f"The image threshold is the largest calibration score, and its false-positive rate is only known to be "
+            f"below about 1/{count}. Add {needed - count} or more {more}, raise image_fpr, or pass --image-threshold."
         )
     if count > 1 and float(image_scores.max()) == float(image_scores.min()):
         warnings.append(
-            f"all {count} held-out images score {float(image_scores.max()):g}: they duplicate gallery images, "
+            f"all {count} calibration images score {float(image_scores.max()):g}: they duplicate gallery images, "
             "so the threshold says nothing about new normal images. Remove duplicates from the training set."
         )
     return warnings

@@ -59,7 +59,9 @@ def test_a_hold_out_large_enough_for_the_fpr_gives_no_warning() -> None:
 
 def test_a_hold_out_smaller_than_one_over_fpr_is_warned_about() -> None:
     (warning,) = calibration_warnings(np.arange(1.0, 21.0), 0.01)
-    assert "only 20 images held out" in warning and "at least 100" in warning
+    assert "only 20 images held out" in warning and "at least 100" in warning and "Add 80 or more normal images held out" in warning
+    (warning,) = calibration_warnings(np.arange(1.0, 31.0), 0.01, "leave_one_out")
+    assert "only 30 images scored leave-one-out" in warning and "Add 70 or more normal training images" in warning
     # The reason: below 1/fpr images the quantile is simply the largest held-out score.
     assert calibrate.image_threshold(np.arange(1.0, 21.0), 0.01) == 20.0
 
