@@ -1,6 +1,8 @@
 """The Ray pipeline end to end: a local Ray, a real S3 server (moto) on loopback, real PNG and Parquet.
 
-One model is fitted per module (8 normal images, shards of 3, 2 held out for calibration) and one
+One model is fitted per module (8 normal images, shards of 3, 2 held out for calibration: the held-out
+mode with the pooled-quantile pixel rule and ungated masks, whose thresholds a test recomputes from the
+held-out images; leave-one-out, the default, is compared with the in-process fit below) and one
 archive of 5 test images is scored into it (shards of 3: counts that do not divide). Scores and maps
 are compared with the in-process API (spade_batch.method.detector) on the same decoded images.
 """
@@ -94,7 +96,8 @@ def fitted(s3: S3Server, new_bucket: Callable[[], str], tmp_path_factory: pytest
     fs.put(local, f"{path}/data", recursive=True)
     settings = Settings(
         backbone="resnet18", weights="random", k=3, image_size=64, batch_size=4, shard_size=SHARD_SIZE,
-        calibration_fraction=0.2, device="cpu", storage_options=s3.storage_options,  # workers reach moto with these
+        calibration_images="held_out", calibration_fraction=0.2, pixel_rule="quantile", gate_masks=False,
+        device="cpu", storage_options=s3.storage_options,  # workers reach moto with these
     )
     model_uri = f"{bucket}/model"
     run_fit(f"{bucket}/data/train", model_uri, settings)

@@ -34,7 +34,7 @@ def _gray(height: int, width: int, value: int) -> Image.Image:
 @pytest.mark.usefixtures("ray_local")
 def test_degenerate_training_images_are_left_out_and_calibration_is_as_without_them(tmp_path: Path) -> None:
     settings = Settings(backbone="resnet18", weights="random", k=3, image_size=64, batch_size=4, shard_size=4,
-                        calibration_fraction=0.25, image_fpr=0.1, device="cpu")
+                        calibration_images="held_out", calibration_fraction=0.25, image_fpr=0.1, device="cpu")
     clean = Path(make_demo_data(str(tmp_path / "clean"), n_train=10, n_test_good=0, n_test_per_defect=0,
                                 min_size=48, max_size=80)) / "train"
     dirty = tmp_path / "dirty"

@@ -283,8 +283,10 @@ def test_overridden_thresholds_are_the_ones_measured(model_uri, category, tmp_pa
     decisions = metrics["decisions"]
     assert decisions["thresholds"]["source"] == "override" and decisions["thresholds"]["pixel"] == 0.0
     assert decisions["thresholds"]["sources"] == {"image": "calibrated", "pixel": "override"}
-    pixel = decisions["pixel"]
-    assert pixel["fn"] == 0 and pixel["tpr"] == 1.0 and pixel["normal_images_flagged"] == pixel["normal_images"] == 2
+    pixel, image = decisions["pixel"], decisions["image"]
+    # Masks are gated by the image verdict (the default): every pixel of a flagged image is flagged, none of the others.
+    assert pixel["normal_images_flagged"] == image["flagged_normal"] and pixel["normal_images"] == 2
+    assert (pixel["fn"] == 0) == (image["tpr"] == 1.0) and (pixel["tp"] > 0) == (image["flagged_defective"] > 0)
     assert metrics["thresholds"]["calibrated"]["pixel"] != 0.0  # still the model's own
     assert "Decisions at the override thresholds" in open(tmp_path / "report.html").read()
 

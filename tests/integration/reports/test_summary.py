@@ -60,7 +60,7 @@ def outputs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     write_bad_files(storage.join(local, "train"), BAD_TRAIN, options)
     write_bad_files(storage.join(local, "test"), BAD_TEST, options)
     settings = Settings(backbone="resnet18", weights="random", k=3, image_size=64, batch_size=4, shard_size=3,
-                        calibration_fraction=0.25, device="cpu", storage_options=options or {})
+                        device="cpu", storage_options=options or {})
     model, run = storage.join(root, "model"), storage.join(root, "run")
     run_fit(storage.join(local, "train"), model, settings)
     run_score(model, storage.join(local, "test"), run, settings)
@@ -78,8 +78,8 @@ def test_show_json_on_a_model_gives_the_cards_identity_counts_and_failures(outpu
     assert summary["settings"]["k"] == 3 and summary["settings"]["image_size"] == 64
     assert summary["thresholds"] == asdict(card.thresholds) and summary["thresholds"]["image"] is not None
     training = summary["training"]
-    assert training["gallery_images"] + training["calibration_images"] == 8  # the 8 good training images
-    assert training["calibration_images"] >= 1 and training["failed_images"] == 1
+    # The 8 good training images are all in the gallery, and each calibrates against the others (leave-one-out).
+    assert training["gallery_images"] == training["calibration_images"] == 8 and training["failed_images"] == 1
     [failure] = summary["failures"]
     assert failure["count"] == 1 and failure["example"] == "good/zz_corrupt.png"
     assert "not an image file" in failure["reason"] and "zz_corrupt" not in failure["reason"]
