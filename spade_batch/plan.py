@@ -17,13 +17,15 @@ the run.json this invocation's run of it wrote (its `started` time), never from 
 its out. A summary table ends the run, and PLAN_OUT gets report.html (linking each line's run report)
 and plan.json (the same rows). Every line's credentials are masked in every message and log line.
 
-A line's `log_level` applies to that line's run; the plan's own messages (which line runs, which
-failed) log at the plan's level.
+Refused before any line runs (ConfigError): two lines writing to one place, or a line's out that is PLAN_OUT, holds it or
+lies inside it (after {date} and {name} are replaced); anything malformed. A line's `log_level`
+applies to that line's run; the plan's own messages (which line runs, which failed) log at the plan's level.
 """
 
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import logging
 import re
@@ -88,6 +90,29 @@ def load_plan(uri: str, settings: Settings, explicit: frozenset[str]) -> list[Li
     if len(set(names)) != len(names):
         raise ConfigError(f"plan file {uri}: line names must be unique, got {', '.join(names)}")
     return lines
+
+
+def check_outputs(lines: list[Line], out: str, day: str) -> None:
+    """Refuse the plan (ConfigError naming both) when two of its writers share a place: the plan's out and every
+    line's out (its {date} replaced) must each be apart from the others, neither the same nor inside another."""
+    writers = [("the plan's --out", out), *((f"line {line.name}'s out", line.out.replace("{date}", day)) for line in lines)]
+    places = [(writer, uri, storage.location(uri)) for writer, uri in writers]
+    for (first, first_uri, first_place), (second, second_uri, second_place) in itertools.combinations(places, 2):
+        relation = _relation(second_place, first_place)
+        if relation:
+            raise ConfigError(f"{second} {second_uri} {relation} {first} {first_uri}: every line needs an out of its own, "
+                              "apart from the other lines' and from the plan's --out")
+
+
+def _relation(place: str, other: str) -> str:
+    """How place stands to other ("" when apart): the same place, inside it, or holding it."""
+    if place == other:
+        return "is the same place as"
+    if place.startswith(other.rstrip("/") + "/"):
+        return "is inside"
+    if other.startswith(place.rstrip("/") + "/"):
+        return "holds"
+    return ""
 
 
 def _line(entry: Any, index: int, uri: str, settings: Settings, explicit: frozenset[str]) -> Line:

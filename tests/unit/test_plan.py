@@ -15,7 +15,7 @@ from spade_batch import cli
 from spade_batch.config import ConfigError, Settings
 from spade_batch.exit_codes import ExitCode
 from spade_batch.logs import configure_logging
-from spade_batch.plan import Line, format_table, load_plan, run_plan
+from spade_batch.plan import Line, check_outputs, format_table, load_plan, run_plan
 
 DAY = "2026-01-02"
 
@@ -63,6 +63,44 @@ def test_plan_and_single_line_flags_do_not_mix(capsys: pytest.CaptureFixture) ->
 def test_the_summary_table_aligns_columns() -> None:
     text = format_table([{"line": "a", "exit": 0}, {"line": "longer", "exit": 75}])
     assert text.splitlines() == ["line    exit", "------  ----", "a       0", "longer  75"]
+
+
+def plan_lines(tmp_path: Path, outs: list[str]) -> list[Line]:
+    """Lines a, b, ... of a plan file under tmp_path, with these outs."""
+    entries = [line_entry(name=chr(ord("a") + i), out=out) for i, out in enumerate(outs)]
+    return load_plan(str(write_plan(tmp_path / "p.yaml", entries)), Settings(), frozenset())
+
+
+@pytest.mark.parametrize("outs, plan_out, message", [
+    (["{root}/r/{date}", "{root}/r/{date}/"], "{root}/p", r"line b's out \S+/r/2026-01-02/ is the same place as line a's out"),
+    (["{root}/r/x-{date}", "{root}/r/x-2026-01-02"], "{root}/p", r"line b's out \S+ is the same place as line a's out"),
+    (["file://{root}/r/a/../b", "{root}/r/b/{name}"], "{root}/p", r"line b's out \S+/r/b/b is inside line a's out file://"),
+    (["{root}/link/{name}", "{root}/real/a"], "{root}/p", r"line b's out \S+/real/a is the same place as line a's out \S+/link/a"),
+    (["s3://bucket/r/{name}", "s3a://bucket/r/a/"], "{root}/p", r"line b's out s3a://bucket/r/a/ is the same place as line a's out s3://"),
+    (["{root}/o/{name}", "{root}/p/"], "{root}/p", r"line b's out \S+/p/ is the same place as the plan's --out"),
+    (["{root}/o/{name}", "{root}/p/{name}/{date}"], "{root}/p", r"line b's out \S+/p/b/2026-01-02 is inside the plan's --out"),
+    (["{root}/o/{name}", "{root}"], "{root}/p", r"line b's out \S+ holds the plan's --out"),
+])
+def test_a_plan_whose_writers_share_a_place_is_refused_naming_both(tmp_path: Path, outs: list[str], plan_out: str, message: str) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    lines = plan_lines(tmp_path, [out.replace("{root}", str(tmp_path)) for out in outs])
+    with pytest.raises(ConfigError, match=message + ".*every line needs an out of its own"):
+        check_outputs(lines, plan_out.replace("{root}", str(tmp_path)), DAY)
+
+
+def test_outs_that_only_share_a_prefix_are_apart(tmp_path: Path) -> None:
+    lines = plan_lines(tmp_path, [str(tmp_path / "r" / "line1"), str(tmp_path / "r" / "line10"), str(tmp_path / "r" / "line1-{date}")])
+    check_outputs(lines, str(tmp_path / "r" / "line"), DAY)
+
+
+def test_a_plan_whose_lines_share_an_out_is_refused_before_any_line_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = str(tmp_path / "results" / "{date}")  # no {name}: both lines would write there
+    plan = write_plan(tmp_path / "p.yaml", [line_entry(name="first", out=out), line_entry(name="second", out=out)])
+    code = cli.main(["nightly", "--plan", str(plan), "--out", str(tmp_path / "plan"), "--date", DAY])
+    assert code == ExitCode.USAGE
+    assert "line second's out" in capsys.readouterr().err.replace(str(tmp_path), "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]  # no line ran, no plan page
 
 
 def write_run(out: Path, started: datetime.datetime, images: int) -> None:
