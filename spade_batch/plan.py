@@ -17,7 +17,8 @@ the run.json this invocation's run of it wrote (its `started` time), never from 
 its out. A summary table ends the run, and PLAN_OUT gets report.html (linking each line's run report)
 and plan.json (the same rows). Every line's credentials are masked in every message and log line.
 
-Refused before any line runs (ConfigError): two lines writing to one place, or a line's out that is PLAN_OUT, holds it or
+Refused before any line runs (ConfigError): YAML aliases (`*name`: a few lines could expand to
+billions of values); two lines writing to one place, or a line's out that is PLAN_OUT, holds it or
 lies inside it (after {date} and {name} are replaced); anything malformed. A line's `log_level`
 applies to that line's run; the plan's own messages (which line runs, which failed) log at the plan's level.
 """
@@ -78,7 +79,9 @@ def load_plan(uri: str, settings: Settings, explicit: frozenset[str]) -> list[Li
     Raises ConfigError naming the file, the line and the key for anything malformed.
     """
     try:
-        loaded = yaml.safe_load(storage.read_text(uri, settings.fsspec_options()))
+        text = storage.read_text(uri, settings.fsspec_options())
+        _refuse_aliases(text, uri)
+        loaded = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"plan file {uri} does not exist") from None
     except yaml.YAMLError as error:
@@ -90,6 +93,19 @@ def load_plan(uri: str, settings: Settings, explicit: frozenset[str]) -> list[Li
     if len(set(names)) != len(names):
         raise ConfigError(f"plan file {uri}: line names must be unique, got {', '.join(names)}")
     return lines
+
+
+def _refuse_aliases(text: str, uri: str) -> None:
+    """Raise ConfigError at the plan's first YAML alias: a 1 KB file of nested aliases expands to billions of values.
+
+    The file's events are read one by one (linear in its length); nothing is built from them.
+    """
+    alias = next((event for event in yaml.parse(text, Loader=yaml.SafeLoader) if isinstance(event, yaml.AliasEvent)), None)
+    if alias is not None:
+        raise ConfigError(
+            f"plan file {uri}: YAML alias *{alias.anchor} (text line {alias.start_mark.line + 1}): aliases are refused in a plan "
+            "(nested ones expand to billions of values); write each value out, and put settings every line shares in --config"
+        )
 
 
 def check_outputs(lines: list[Line], out: str, day: str) -> None:

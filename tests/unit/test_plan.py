@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,25 @@ def test_plan_and_single_line_flags_do_not_mix(capsys: pytest.CaptureFixture) ->
 def test_the_summary_table_aligns_columns() -> None:
     text = format_table([{"line": "a", "exit": 0}, {"line": "longer", "exit": 75}])
     assert text.splitlines() == ["line    exit", "------  ----", "a       0", "longer  75"]
+
+
+def nested_aliases(depth: int) -> str:
+    """A plan of a few hundred bytes whose line settings expand to 9 ** depth values through nested aliases."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, depth + 1)]
+    return "lines:\n  - {name: a, train: /t, model: /m, images: /i, out: /o, settings: {storage_options: {" + ", ".join(levels) + "}}}\n"
+
+
+@pytest.mark.parametrize("text, alias", [
+    (nested_aliases(9), "*a0 (text line 2)"),  # 387 million values
+    ("lines:\n  - {name: a, train: /t, model: /m, images: /i, out: /o, settings: &common {k: 5}}\n"
+     "  - {name: b, train: /t, model: /m, images: /i, out: /p, settings: *common}\n", "*common (text line 3)"),
+])
+def test_a_plan_with_yaml_aliases_is_refused_before_they_expand(tmp_path: Path, text: str, alias: str) -> None:
+    plan = tmp_path / "p.yaml"
+    plan.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"YAML alias {alias}: aliases are refused in a plan")):
+        load_plan(str(plan), Settings(), frozenset())
 
 
 def plan_lines(tmp_path: Path, outs: list[str]) -> list[Line]:
