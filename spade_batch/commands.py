@@ -260,12 +260,17 @@ def run_date(date: str | None) -> str:
 
 def nightly_plan(plan_uri: str, out: str, date: str | None, settings: Settings, explicit: frozenset[str],
                  dry_run: bool = False, fail_on_drift: bool = False) -> int:
-    """`nightly` for every line of the plan file; a plan page under `out` ({date} replaced) links each line's report."""
-    from spade_batch.plan import load_plan, run_plan
+    """`nightly` for every line of the plan file; a plan page under `out` ({date} replaced) links each line's report.
+
+    The whole plan is checked (its lines, and that each writes to a place of its own) before any line runs.
+    """
+    from spade_batch.plan import check_outputs, load_plan, run_plan
 
     plan = load_plan(plan_uri, settings, explicit)
     day = run_date(date)
-    return run_plan(plan, out.replace("{date}", day), day, settings.fsspec_options(), dry_run,
+    plan_out = out.replace("{date}", day)
+    check_outputs(plan, plan_out, day)
+    return run_plan(plan, plan_out, day, settings.fsspec_options(), dry_run,
                     lambda line: nightly(line.train, line.model, line.images, line.out, day, line.settings, line.explicit,
                                          dry_run, fail_on_drift))
 

@@ -10,10 +10,11 @@ and anything shaped like an AWS key id, session token or signature.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 QUIET_LOGGERS = ("botocore", "boto3", "aiobotocore", "s3fs", "fsspec", "s3transfer", "urllib3", "aiohttp", "asyncio")
@@ -78,7 +79,31 @@ def configure_logging(level: str, secrets: Iterable[str] = ()) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level)
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """The root logger at ``level``, QUIET_LOGGERS at WARNING or above."""
+    logging.getLogger().setLevel(level)
     quiet = max(logging.WARNING, logging.getLevelName(level))
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(quiet)
+
+
+@contextlib.contextmanager
+def logging_at(level: str) -> Iterator[None]:
+    """Inside the block, log at ``level`` (as :func:`set_level` sets it); after it, at the level before."""
+    before = logging.getLevelName(logging.getLogger().level)
+    set_level(level)
+    try:
+        yield
+    finally:
+        set_level(before)
+
+
+def add_secrets(secrets: Iterable[str]) -> None:
+    """Mask ``secrets`` too in every line that :func:`configure_logging`'s handler formats from now on
+    (credentials known only once the process has started, such as a plan's lines' own)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, RedactingFormatter):
+            handler.formatter.secrets |= frozenset(secrets)

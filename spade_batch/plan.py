@@ -11,12 +11,22 @@ A plan file lists the lines; `{date}` in any URI becomes the run date, `{name}` 
         settings: {image_fpr: 0.02}                # optional: over --config and the flags
 
 Each line is fitted if its model is missing, then scored, one after the other on the one cluster.
-A line that fails is recorded and the next one runs. A summary table ends the run, and PLAN_OUT
-gets report.html (linking each line's run report) and plan.json (the same rows).
+Everything about a line (its run, reading its run.json, linking its report) happens inside its own
+error handling: a line that fails is recorded and the next one runs. A line's figures come only from
+the run.json this invocation's run of it wrote (its `started` time), never from an older run found in
+its out. A summary table ends the run, and PLAN_OUT gets report.html (linking each line's run report)
+and plan.json (the same rows). Every line's credentials are masked in every message and log line.
+
+Refused before any line runs (ConfigError): YAML aliases (`*name`: a few lines could expand to
+billions of values); two lines writing to one place, or a line's out that is PLAN_OUT, holds it or
+lies inside it (after {date} and {name} are replaced); anything malformed. A line's `log_level`
+applies to that line's run; the plan's own messages (which line runs, which failed) log at the plan's level.
 """
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import json
 import logging
 import re
@@ -30,7 +40,7 @@ from spade_batch.config import ConfigError, Settings
 from spade_batch.exit_codes import MEANING, ExitCode, first_line, plan_exit_code, user_error
 from spade_batch.formats import storage
 from spade_batch.formats.layout import Outputs, PlanOutputs
-from spade_batch.logs import redact, secret_values
+from spade_batch.logs import add_secrets, logging_at, redact, secret_values
 from spade_batch.reports.run_report import render_plan_report, report_link
 
 log = logging.getLogger(__name__)
@@ -54,10 +64,13 @@ class Line:
 
 @dataclass(frozen=True)
 class LineResult:
+    """What one line did tonight."""
+
     line: Line
     code: ExitCode
     error: str  # why the line failed ("" when it ran)
-    run: dict[str, Any]  # its run.json, when it wrote one
+    run: dict[str, Any]  # the run.json its run wrote tonight ({} when none)
+    report: str  # how the plan page links its run report ("" when it wrote none tonight)
 
 
 def load_plan(uri: str, settings: Settings, explicit: frozenset[str]) -> list[Line]:
@@ -66,7 +79,9 @@ def load_plan(uri: str, settings: Settings, explicit: frozenset[str]) -> list[Li
     Raises ConfigError naming the file, the line and the key for anything malformed.
     """
     try:
-        loaded = yaml.safe_load(storage.read_text(uri, settings.fsspec_options()))
+        text = storage.read_text(uri, settings.fsspec_options())
+        _refuse_aliases(text, uri)
+        loaded = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"plan file {uri} does not exist") from None
     except yaml.YAMLError as error:
@@ -78,6 +93,42 @@ def load_plan(uri: str, settings: Settings, explicit: frozenset[str]) -> list[Li
     if len(set(names)) != len(names):
         raise ConfigError(f"plan file {uri}: line names must be unique, got {', '.join(names)}")
     return lines
+
+
+def _refuse_aliases(text: str, uri: str) -> None:
+    """Raise ConfigError at the plan's first YAML alias: a 1 KB file of nested aliases expands to billions of values.
+
+    The file's events are read one by one (linear in its length); nothing is built from them.
+    """
+    alias = next((event for event in yaml.parse(text, Loader=yaml.SafeLoader) if isinstance(event, yaml.AliasEvent)), None)
+    if alias is not None:
+        raise ConfigError(
+            f"plan file {uri}: YAML alias *{alias.anchor} (text line {alias.start_mark.line + 1}): aliases are refused in a plan "
+            "(nested ones expand to billions of values); write each value out, and put settings every line shares in --config"
+        )
+
+
+def check_outputs(lines: list[Line], out: str, day: str) -> None:
+    """Refuse the plan (ConfigError naming both) when two of its writers share a place: the plan's out and every
+    line's out (its {date} replaced) must each be apart from the others, neither the same nor inside another."""
+    writers = [("the plan's --out", out), *((f"line {line.name}'s out", line.out.replace("{date}", day)) for line in lines)]
+    places = [(writer, uri, storage.location(uri)) for writer, uri in writers]
+    for (first, first_uri, first_place), (second, second_uri, second_place) in itertools.combinations(places, 2):
+        relation = _relation(second_place, first_place)
+        if relation:
+            raise ConfigError(f"{second} {second_uri} {relation} {first} {first_uri}: every line needs an out of its own, "
+                              "apart from the other lines' and from the plan's --out")
+
+
+def _relation(place: str, other: str) -> str:
+    """How place stands to other ("" when apart): the same place, inside it, or holding it."""
+    if place == other:
+        return "is the same place as"
+    if place.startswith(other.rstrip("/") + "/"):
+        return "is inside"
+    if other.startswith(place.rstrip("/") + "/"):
+        return "holds"
+    return ""
 
 
 def _line(entry: Any, index: int, uri: str, settings: Settings, explicit: frozenset[str]) -> Line:
@@ -112,18 +163,10 @@ def run_plan(
     lines: list[Line], out: str, day: str, options: storage.StorageOptions, dry_run: bool, run_line: Callable[[Line], int]
 ) -> ExitCode:
     """Run every line with run_line (its exit status), whatever the others did; print the summary, write the plan page."""
-    results = []
-    for line in lines:
-        log.info("plan: line %s", line.name)
-        try:
-            code, error = ExitCode(run_line(line)), ""
-        except Exception as failure:  # noqa: BLE001 - one line's failure must not stop the others
-            log.debug("line %s failed", line.name, exc_info=True)
-            secrets = secret_values(line.settings.fsspec_options())
-            cause = user_error(failure)  # a failed Ray task's own exception, not Ray's wrapper
-            code, error = ExitCode.FAILED, redact(f"{type(cause).__name__}: {first_line(cause)}", secrets)
-            log.error("plan: line %s failed: %s", line.name, error)
-        results.append(LineResult(line, code, error, {} if dry_run else _run_json(line, day)))
+    secrets = secret_values(options).union(*(secret_values(line.settings.fsspec_options()) for line in lines))
+    add_secrets(secrets)
+    page = PlanOutputs(out).report
+    results = [_run_line(line, day, page, dry_run, run_line, secrets) for line in lines]
     status = plan_exit_code([result.code for result in results])
     rows = [summary_row(result) for result in results]
     print(f"\nplan: {len(lines)} lines, exit status {int(status)} ({MEANING[status].split(':')[0]})")
@@ -133,10 +176,32 @@ def run_plan(
     return status
 
 
-def _run_json(line: Line, day: str) -> dict[str, Any]:
-    uri = Outputs(line.out.replace("{date}", day)).run_json
-    options = line.settings.fsspec_options()
-    return json.loads(storage.read_text(uri, options)) if storage.exists(uri, options) else {}
+def _run_line(line: Line, day: str, page: str, dry_run: bool, run_line: Callable[[Line], int], secrets: frozenset[str]) -> LineResult:
+    """One line at its own log level, with all that is read about it (its run.json, its report's link) inside its
+    error handling: whatever fails is recorded as this line's failure, secrets masked, and the plan goes on."""
+    log.info("plan: line %s", line.name)
+    began = datetime.datetime.now(datetime.timezone.utc)
+    with logging_at(line.settings.log_level):
+        try:
+            code = ExitCode(run_line(line))
+            outputs = Outputs(line.out.replace("{date}", day))
+            run = {} if dry_run else _tonights_run(outputs.run_json, began, line.settings.fsspec_options())
+            return LineResult(line, code, "", run, redact(report_link(page, outputs.report), secrets) if run else "")
+        except Exception as failure:  # noqa: BLE001 - one line's failure must not stop the others
+            log.debug("line %s failed", line.name, exc_info=True)
+            cause = user_error(failure)  # a failed Ray task's own exception, not Ray's wrapper
+            error = redact(f"{type(cause).__name__}: {first_line(cause)}", secrets)
+            log.error("plan: line %s failed: %s", line.name, error)
+            return LineResult(line, ExitCode.FAILED, error, {}, "")
+
+
+def _tonights_run(uri: str, began: datetime.datetime, options: storage.StorageOptions) -> dict[str, Any]:
+    """The run.json at uri when a run started at or after `began` wrote it, else {} (none, or an older run's)."""
+    if not storage.exists(uri, options):
+        return {}
+    run = json.loads(storage.read_text(uri, options))
+    started = run.get("started")
+    return run if started and datetime.datetime.fromisoformat(started) >= began else {}
 
 
 def summary_row(result: LineResult) -> dict[str, object]:
@@ -167,11 +232,7 @@ def format_table(rows: list[dict[str, object]]) -> str:
 
 def _write_plan_outputs(results: list[LineResult], rows: list[dict[str, object]], out: str, day: str, options: storage.StorageOptions) -> None:
     page_uri = PlanOutputs(out).report
-    reports = {}
-    for result in results:
-        report = Outputs(result.line.out.replace("{date}", day)).report
-        if result.run and storage.exists(report, result.line.settings.fsspec_options()):
-            reports[result.line.name] = report_link(page_uri, report)
+    reports = {result.line.name: result.report for result in results if result.report}
     storage.write_text(page_uri, render_plan_report(f"spade-batch nightly plan, {day}", rows, reports), options)
     storage.write_text(PlanOutputs(out).plan_json, json.dumps({"date": day, "lines": rows, "reports": reports}, indent=2), options)
     print(f"plan report: {page_uri}")

@@ -7,6 +7,7 @@ holds only the manifest and counters.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import time
@@ -76,6 +77,8 @@ class ScoreSummary:
     settings: dict[str, Any]
     paper_crop: dict[str, Any] | None = None
     """With 'paper' preprocessing: the share of each scored image's area the centre crop drops (images.crop_summary)."""
+    started: str = ""
+    """When this invocation began the run (UTC, ISO 8601): `nightly --plan` tells tonight's run.json from an older one by it."""
 
 
 def score_dataset(
@@ -109,14 +112,14 @@ def run_score(
     benchmarks replace them by a simulated device.
     """
     options = settings.fsspec_options()
-    started = time.perf_counter()
+    started, began = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc).isoformat()
     card = load_card(model_uri, options)  # the gallery is loaded by the actors, once the request is known to be valid
     settings = card.settings_for(settings, explicit)
     verify_model(model_uri, card, options)  # a damaged or mixed model is refused before any image is read
     outputs = Outputs(out_uri)
     manifest = reject_long_outputs(build_manifest(images_source, options), outputs.files)
     with holding_lock(outputs.lock, f"spade-batch score into {out_uri}", options):
-        summary = _score_locked(model_uri, card, manifest, outputs, settings, stage, plan, started)
+        summary = _score_locked(model_uri, card, manifest, outputs, settings, stage, plan, started, began)
     if summary.paper_crop or settings.preprocess != "full":  # once per run, with what the crop dropped when any image was scored
         crop = summary.paper_crop["message"] if summary.paper_crop else "paper preprocessing leaves the image border unscored"
         log.warning("score: %s%s", crop, "; masks are written at the working size" if settings.preprocess != "full" else "")
@@ -128,9 +131,9 @@ def run_score(
 
 def _score_locked(
     model_uri: str, card: ModelCard, manifest: Manifest, outputs: Outputs, settings: Settings,
-    stage: type, plan: ModelStage | None, started: float,
+    stage: type, plan: ModelStage | None, started: float, began: str,
 ) -> ScoreSummary:
-    """run_score's work, once it holds the output location's lock."""
+    """run_score's work, once it holds the output location's lock (started: perf_counter; began: wall clock, ISO)."""
     options = settings.fsspec_options()
     thresholds = Thresholds.of(card, settings)
     if settings.overwrite:
@@ -161,7 +164,7 @@ def _score_locked(
     seconds = time.perf_counter() - started
     summary = _summarise(model_uri, images, len(manifest) - len(todo), retryable, thresholds, outputs, settings, seconds,
                          card.preprocessing, run)
-    summary.workers, summary.model_workers = workers.by_worker, plan.workers
+    summary.workers, summary.model_workers, summary.started = workers.by_worker, plan.workers, began
     storage.write_text(outputs.run_json, json.dumps(asdict(summary), indent=2), options)
     return summary
 

@@ -284,6 +284,20 @@ def normalize(uri: str, options: StorageOptions = None) -> str:
     return _to_uri(uri, filesystem(uri, options)[1])
 
 
+def location(uri: str) -> str:
+    """The place ``uri`` names, spelt one way for every spelling of it, to tell whether two URIs name the
+    same place or one lies inside the other (``location(a).startswith(location(b) + "/")``).
+
+    A local path (plain or ``file://``) is resolved: absolute, ``..`` and symlinks followed. An object
+    store's path is taken literally under its scheme, ``s3a`` spelt ``s3``. Trailing slashes are
+    dropped. No filesystem is opened, so no option is needed: ``s3://b/x`` on two endpoints is one place.
+    """
+    protocol, rest = split_uri(uri)
+    if protocol in _LOCAL_PROTOCOLS:
+        return os.path.realpath(rest)
+    return f"{'s3' if protocol in _S3_PROTOCOLS else protocol}://{rest.rstrip('/')}"
+
+
 def exists(uri: str, options: StorageOptions = None) -> bool:
     """True if ``uri`` names a file or a folder/prefix holding files."""
     fs, path = filesystem(uri, options)

@@ -16,6 +16,7 @@ import html
 import io
 import json
 import posixpath
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,17 +229,34 @@ def _page(title: str, subtitle: str, sections: dict[str, tuple[str, str]]) -> st
 
 
 def report_link(page_uri: str, report_uri: str) -> str:
-    """How the page at page_uri refers to report_uri: a relative path when both are local files, else the URI."""
+    """How the page at page_uri refers to report_uri: a relative path, percent-encoded, when both are local
+    files (so a name such as `javascript:x` is a path, never a scheme), else the URI."""
     if storage.is_local(page_uri) and storage.is_local(report_uri):
         page, report = (storage.normalize(uri) for uri in (page_uri, report_uri))
-        return posixpath.relpath(report, posixpath.dirname(page))
+        return urllib.parse.quote(posixpath.relpath(report, posixpath.dirname(page)))
     return report_uri
 
 
+LINKED_SCHEMES = ("http", "https", "file")
+"""The schemes a page links to; any other href (s3:, javascript:, data:, ...) is shown as text."""
+
+
+def is_safe_href(href: str) -> bool:
+    """True for an http(s) or file URL, or a path relative to the page: what a browser can follow without running anything."""
+    if any(character.isspace() or not character.isprintable() for character in href):
+        return False  # browsers drop tabs and newlines inside a URL: "java\tscript:" is a scheme to them
+    scheme = urllib.parse.urlsplit(href).scheme
+    return scheme.lower() in LINKED_SCHEMES if scheme else ":" not in href.split("/", 1)[0]
+
+
 def render_plan_report(title: str, rows: list[dict[str, object]], reports: dict[str, str]) -> str:
-    """A plan's page: the summary table (one row per line), then a link to each line's run report (name -> href)."""
-    links = "\n".join(
-        f'<li><a href="{html.escape(href)}">{html.escape(name)}</a></li>' for name, href in reports.items()
-    ) or "<li>No line wrote a report.</li>"
+    """A plan's page: the summary table (one row per line), then each line's run report (name -> href):
+    a link when the href is safe (is_safe_href), else the href as text."""
+    items = [
+        f'<a href="{html.escape(href)}">{html.escape(name)}</a>' if is_safe_href(href)
+        else f"{html.escape(name)}: <code>{html.escape(href)}</code>"
+        for name, href in reports.items()
+    ]
+    links = "\n".join(f"<li>{item}</li>" for item in items) or "<li>No line wrote a report.</li>"
     sections = {"lines": ("Lines", html_table(rows)), "reports": ("Run reports", f"<ul>\n{links}\n</ul>")}
     return _page(title, f"{len(rows)} lines", sections)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+from collections.abc import Iterator
 
 import pytest
+
+from spade_batch.logs import QUIET_LOGGERS
 
 SERVER_MODULES = ("ray", "moto", "boto3")
 """What the unit lane must not import: collecting tests/unit alone stays fast and needs no server."""
@@ -17,6 +21,18 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         imported = [name for name in SERVER_MODULES if name in sys.modules]
         if imported:
             raise pytest.UsageError(f"the unit lane imported {', '.join(imported)} while collecting: move that test to tests/integration")
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Put the root logger and the quiet loggers back as they were."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, {name: logging.getLogger(name).level for name in QUIET_LOGGERS})
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    for name, level in saved[2].items():
+        logging.getLogger(name).setLevel(level)
 
 
 def flip_data_bytes(path: str, column: str) -> None:

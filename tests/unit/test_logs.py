@@ -6,19 +6,7 @@ import logging
 
 import pytest
 
-from spade_batch.logs import MASK, QUIET_LOGGERS, configure_logging, redact, secret_values
-
-
-@pytest.fixture
-def restore_logging():
-    """Put the root logger and the quiet loggers back as they were."""
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level, {name: logging.getLogger(name).level for name in QUIET_LOGGERS})
-    yield
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
-    for name, level in saved[2].items():
-        logging.getLogger(name).setLevel(level)
+from spade_batch.logs import MASK, add_secrets, configure_logging, logging_at, redact, secret_values
 
 
 def test_secret_values_come_from_credential_keys_at_any_depth_and_from_the_environment():
@@ -62,3 +50,15 @@ def test_configure_logging_twice_does_not_duplicate_lines(restore_logging, capfd
     configure_logging("INFO")
     logging.getLogger("spade_batch.test").info("once")
     assert capfd.readouterr().err.count("once") == 1
+
+
+def test_secrets_added_later_are_masked_and_a_level_holds_only_inside_its_block(restore_logging, capfd):
+    configure_logging("INFO", {"first-secret"})
+    add_secrets({"later-secret"})
+    log = logging.getLogger("spade_batch.test")
+    with logging_at("DEBUG"):
+        log.debug("inside: later-secret and first-secret")
+    log.debug("after the block")
+    err = capfd.readouterr().err
+    assert "inside: *** and ***" in err and "secret" not in err
+    assert "after the block" not in err and logging.getLogger().level == logging.INFO

@@ -73,6 +73,15 @@ def test_normalize(tmp_path, monkeypatch) -> None:
     assert storage.normalize("rel/") == f"{tmp_path}/rel"
 
 
+def test_location_spells_every_spelling_of_a_place_one_way(tmp_path, monkeypatch) -> None:
+    (tmp_path / "link").symlink_to(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    spellings = ["out", "out/", f"{tmp_path}/x/../out", f"file://{tmp_path}/out", f"{tmp_path}/link/out"]
+    assert {storage.location(uri) for uri in spellings} == {f"{tmp_path}/out"}
+    assert {storage.location(uri) for uri in ("s3://b/out/", "s3a://b/out")} == {"s3://b/out"}
+    assert storage.location("s3://b/x/../out") == "s3://b/x/../out"  # a key is taken literally
+
+
 def test_error_messages_mask_passwords_in_uris() -> None:
     with pytest.raises(FileNotFoundError) as info:
         storage.read_bytes("memory://user:hunter2@host/x.png")
