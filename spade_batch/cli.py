@@ -1,4 +1,4 @@
-"""`spade-batch fit | score | nightly | evaluate | demo | make-demo-data | config | show`: parse arguments, call the library."""
+"""`spade-batch fit | add | score | nightly | evaluate | demo | make-demo-data | config | show`: parse arguments, call the library."""
 
 from __future__ import annotations
 
@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--model", required=True, metavar="MODEL_URI", help="where the model artifact is written")
     _add_dry_run(fit)
     _add_settings_flags(fit, "fit")
+
+    add = commands.add_parser("add", help="add normal images to a model: its next version, refitted from stored features")
+    add.add_argument("--model", required=True, metavar="MODEL_URI", help="a model written by fit; its current version grows")
+    add.add_argument("--images", required=True, metavar="URI",
+                     help="normal images: folder/prefix, glob, or manifest; only ids the model does not hold are extracted")
+    _add_settings_flags(add, "add")
 
     score = commands.add_parser("score", help="score an image archive: masks, scores table, run.json")
     score.add_argument("--model", required=True, metavar="MODEL_URI", help="a model written by fit")
@@ -191,6 +197,7 @@ def _run(args: argparse.Namespace, secrets: set[str]) -> int:
     configure_logging(settings.log_level, secrets)
     handlers: dict[str, Any] = {
         "fit": lambda: commands.fit(args.train, args.model, settings, args.dry_run),
+        "add": lambda: commands.add(args.images, args.model, settings, explicit),
         "score": lambda: commands.score(args.model, args.images, args.out, settings, explicit, args.dry_run, args.fail_on_drift),
         "evaluate": lambda: commands.evaluate(args.model, args.data, args.out, settings, explicit, args.original_resolution, args.every, args.dry_run),
         "nightly": lambda: (

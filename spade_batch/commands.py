@@ -193,6 +193,38 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
     return 0
 
 
+def add(images: str, model_uri: str, settings: Settings, explicit: frozenset[str]) -> int:
+    """Add the normal images to the model: its next version, published when something was new."""
+    from spade_batch.engine.add import run_add
+    from spade_batch.engine.fit import RetryableInputError
+
+    try:
+        summary = run_add(images, model_uri, settings, explicit)
+    except RetryableInputError as error:
+        log.error("add: %s", error)
+        return EXIT_RETRYABLE
+    print_table(
+        "add",
+        [
+            ("model", summary.model_uri),
+            ("version", f"{summary.version} (added to version {summary.parent})" if summary.published
+             else f"{summary.version} (unchanged: nothing new)"),
+            ("images listed", summary.images),
+            ("already in the model", summary.skipped),
+            ("added", summary.added),
+            ("extracted now", summary.extracted),
+            ("gallery images", summary.gallery_images),
+            ("calibration images", summary.calibration_images),
+            ("image threshold", summary.thresholds["image"]),
+            ("pixel threshold", summary.thresholds["pixel"]),
+            ("seconds", f"{summary.seconds:.1f}"),
+        ],
+    )
+    for warning in summary.warnings:
+        print(f"warning: calibration: {warning}")
+    return 0
+
+
 def score(
     model_uri: str, images: str, out_uri: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False,
     fail_on_drift: bool = False,
