@@ -1,4 +1,5 @@
-"""`spade-batch fit | add | score | nightly | evaluate | demo | make-demo-data | config | show`: parse arguments, call the library."""
+"""`spade-batch fit | add | model current | score | nightly | evaluate | demo | make-demo-data | config | show`: parse arguments,
+call the library."""
 
 from __future__ import annotations
 
@@ -98,10 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--model", required=True, metavar="MODEL_URI", help="a model written by fit; its current version grows")
     add.add_argument("--images", required=True, metavar="URI",
                      help="normal images: folder/prefix, glob, or manifest; only ids the model does not hold are extracted")
+    _add_dry_run(add)
     _add_settings_flags(add, "add")
+
+    model = commands.add_parser("model", help="manage a model's versions: `model current MODEL_URI N` makes version N current")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    current = model_commands.add_parser("current", help="make version N current (until a newer one is published); nothing is deleted")
+    current.add_argument("model_uri", metavar="MODEL_URI", help="a model written by fit")
+    current.add_argument("version", type=int, metavar="N", help="the version to make current (`spade-batch show MODEL_URI` lists them)")
+    _add_settings_flags(current, "model")
 
     score = commands.add_parser("score", help="score an image archive: masks, scores table, run.json")
     score.add_argument("--model", required=True, metavar="MODEL_URI", help="a model written by fit")
+    score.add_argument("--model-version", type=int, metavar="N",
+                       help="score against version N [default: the current one; a resumed run keeps the version it started with]")
     score.add_argument("--images", required=True, metavar="URI", help="images to score: folder/prefix, glob, or manifest")
     score.add_argument("--out", required=True, metavar="OUT_URI", help="where masks/, scores/, run.json and report.html are written")
     _add_drift_flag(score)
@@ -197,8 +208,10 @@ def _run(args: argparse.Namespace, secrets: set[str]) -> int:
     configure_logging(settings.log_level, secrets)
     handlers: dict[str, Any] = {
         "fit": lambda: commands.fit(args.train, args.model, settings, args.dry_run),
-        "add": lambda: commands.add(args.images, args.model, settings, explicit),
-        "score": lambda: commands.score(args.model, args.images, args.out, settings, explicit, args.dry_run, args.fail_on_drift),
+        "add": lambda: commands.add(args.images, args.model, settings, explicit, args.dry_run),
+        "model": lambda: commands.make_current(args.model_uri, args.version, settings),
+        "score": lambda: commands.score(args.model, args.images, args.out, settings, explicit, args.dry_run, args.fail_on_drift,
+                                        args.model_version),
         "evaluate": lambda: commands.evaluate(args.model, args.data, args.out, settings, explicit, args.original_resolution, args.every, args.dry_run),
         "nightly": lambda: (
             commands.nightly_plan(args.plan, args.out, args.date, settings, explicit, args.dry_run, args.fail_on_drift) if args.plan

@@ -18,6 +18,7 @@ from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs
 from spade_batch.formats.manifest import build_manifest
+from spade_batch.formats.versions import resolve
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def _print_model(summary: dict[str, Any]) -> None:
     print_table(
         "model",
         [
-            ("model", summary["uri"]),
+            ("model", f"{summary['uri']} (version {summary['version']}, the current one)"),
             ("backbone", f"{summary['backbone']} ({summary['weights']} weights, {summary['weights_sha256']})"),
             ("method", ", ".join(f"{key}={value}" for key, value in summary["settings"].items() if key not in ("backbone", "weights"))),
             ("gallery images", training["gallery_images"]),
@@ -91,6 +92,16 @@ def _print_model(summary: dict[str, Any]) -> None:
         ],
     )
     _print_failures(summary["failures"])
+    print("\nversions (current: *)")
+    print(f"{'':1} {'version':>7}  {'parent':>6}  {'added':>6}  {'gallery':>7}  {'image thr':>10}  {'pixel thr':>10}  created")
+    for row in summary["versions"]:
+        thresholds = row["thresholds"]
+        print(f"{'*' if row['current'] else ' '} {row['number']:>7}  {row['parent'] or '-':>6}  {row['images_added'] or '-':>6}  "
+              f"{row['gallery_images']:>7}  {_number(thresholds['image']):>10}  {_number(thresholds['pixel']):>10}  {row['created']}")
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _print_run(summary: dict[str, Any]) -> None:
@@ -100,7 +111,7 @@ def _print_run(summary: dict[str, Any]) -> None:
         "run",
         [
             ("run", summary["uri"]),
-            ("model", summary["model_uri"]),
+            ("model", f"{summary['model_uri']} (version {summary['model_version']})"),
             *[(name, counts[name]) for name in ("images", "scored", "failed", "retryable", "resumed")],
             ("anomalous", "unknown (no image threshold)" if rate is None else f"{counts['anomalous']} ({rate:.2%} of scored)"),
             ("image threshold", thresholds["image"]),
@@ -149,10 +160,11 @@ def _dry_run(source: str, settings: Settings, outputs: list[str], model_uri: str
 def _describe_model(model_uri: str, settings: Settings) -> str:
     if not storage.exists(ModelLayout(model_uri).card, settings.fsspec_options()):
         return f"{model_uri}: no model there yet (fit one first)"
-    card = load_card(model_uri, settings.fsspec_options())
+    current = resolve(model_uri, None, settings.fsspec_options())
+    card = load_card(current.uri, settings.fsspec_options())
     method, thresholds = card.settings, card.thresholds
     return (
-        f"{model_uri}: {method.backbone} ({method.weights}), K={method.k}, "
+        f"{model_uri}: version {current.number}, {method.backbone} ({method.weights}), K={method.k}, "
         f"{card.train_count} gallery images, thresholds image {thresholds.image}, pixel {thresholds.pixel}"
     )
 
@@ -171,7 +183,7 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
     print_table(
         "fit",
         [
-            ("model", summary.model_uri),
+            ("model", f"{summary.model_uri} (version 1)"),
             ("backbone", f"{settings.backbone} ({settings.weights} weights)"),
             ("training images", summary.train_images),
             ("gallery images", summary.gallery_images),
@@ -193,8 +205,10 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
     return 0
 
 
-def add(images: str, model_uri: str, settings: Settings, explicit: frozenset[str]) -> int:
+def add(images: str, model_uri: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False) -> int:
     """Add the normal images to the model: its next version, published when something was new."""
+    if dry_run:
+        return _dry_run(images, settings, [ModelLayout(model_uri).versions], model_uri)
     from spade_batch.engine.add import run_add
     from spade_batch.engine.fit import RetryableInputError
 
@@ -225,9 +239,18 @@ def add(images: str, model_uri: str, settings: Settings, explicit: frozenset[str
     return 0
 
 
+def make_current(model_uri: str, version: int, settings: Settings) -> int:
+    """Make an older (or any) version of the model current again; nothing is deleted."""
+    from spade_batch.formats.versions import make_current as make
+
+    made = make(model_uri, version, settings.fsspec_options())
+    print(f"version {made.number} of {model_uri} is current ({made.uri}); it stays current until a newer version is published")
+    return 0
+
+
 def score(
     model_uri: str, images: str, out_uri: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False,
-    fail_on_drift: bool = False,
+    fail_on_drift: bool = False, model_version: int | None = None,
 ) -> int:
     """Score the archive, write its run report; the exit status says what happened (exit_codes.py)."""
     if dry_run:
@@ -238,12 +261,13 @@ def score(
     from spade_batch.engine.score import run_score
     from spade_batch.reports.run_report import write_run_report
 
-    summary = run_score(model_uri, images, out_uri, settings, explicit)
+    summary = run_score(model_uri, images, out_uri, settings, explicit, model_version=model_version)
     outputs = Outputs(out_uri)
     report, drift = write_run_report(asdict(summary), settings)
     print_table(
         "score",
         [
+            ("model", f"{summary.model_uri} (version {summary.model_version})"),
             ("images", summary.images),
             ("scored", summary.scored),
             ("failed", summary.failed),

@@ -28,6 +28,7 @@ from spade_batch.formats.card import CalibrationRecord, ModelCard, load_card
 from spade_batch.formats.heatmap import colour_range
 from spade_batch.formats.images import decode_image, resize_map
 from spade_batch.formats.layout import Outputs, read_columns
+from spade_batch.formats.versions import resolve
 from spade_batch.reports.drift import DriftCheck, check_drift
 from spade_batch.reports.figures import STYLE, Example, example_grid, html_document, html_table, score_histogram
 from spade_batch.reports.summary import FailureGroup, decision_rules, group_failures
@@ -78,7 +79,7 @@ def write_run_report(summary: dict[str, Any], settings: Settings) -> tuple[str, 
     """Write OUT/report.html for a finished run (its run.json as `summary`); returns its URI and the drift check."""
     options = settings.fsspec_options()
     out_uri = summary["out_uri"]
-    card = load_card(summary["model_uri"], options)
+    card = load_card(resolve(summary["model_uri"], summary["model_version"], options).uri, options)  # the version scored
     run = read_run_scores(out_uri, options)
     check = check_drift(run.scores, run.anomalous, card.calibration, summary["thresholds"]["image"])
     # run.json gains the verdict, for `nightly --plan`'s summary and for scripts.

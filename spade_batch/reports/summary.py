@@ -20,6 +20,7 @@ from spade_batch.config import group_values
 from spade_batch.formats import storage
 from spade_batch.formats.card import ModelCard, load_card
 from spade_batch.formats.layout import ModelLayout, Outputs, read_columns
+from spade_batch.formats.versions import resolve, version_numbers
 
 TOP_COLUMNS = ["id", "image_score", "is_anomalous", "max_pixel_score", "anomalous_fraction", "mask_uri"]
 
@@ -42,12 +43,16 @@ def summarise(uri: str, options: storage.StorageOptions = None, top: int = 10) -
 
 
 def model_summary(uri: str, options: storage.StorageOptions = None) -> dict[str, Any]:
-    """Backbone, weights identity, method settings, thresholds, training counts and failures by reason."""
-    card = load_card(uri, options)
+    """The current version's backbone, weights identity, method settings, thresholds, training counts and failures by
+    reason; and every version, oldest first (versions_summary)."""
+    current = resolve(uri, None, options)
+    card = load_card(current.uri, options)
     stored = card.to_dict()
     return {
         "kind": "model",
         "uri": uri,
+        "version": current.number,
+        "versions": versions_summary(uri, current.number, options),
         "backbone": card.settings.backbone,
         "weights": card.settings.weights,
         "weights_sha256": card.weights_sha256,
@@ -63,6 +68,21 @@ def model_summary(uri: str, options: storage.StorageOptions = None) -> dict[str,
         "created": card.created,
         "package_version": card.package_version,
     }
+
+
+def versions_summary(uri: str, current: int, options: storage.StorageOptions = None) -> list[dict[str, Any]]:
+    """Each published version of the model at uri: number, parent, images added (count and manifest hash), gallery
+    and calibration images, thresholds, when it was made, and whether it is the current one."""
+    rows = []
+    for number in version_numbers(uri, options):
+        card = load_card(ModelLayout(uri).version(number).root, options)
+        rows.append({
+            "number": number, "current": number == current, "parent": card.version.parent, "created": card.created,
+            "images_added": card.version.images_added, "added_sha256": card.version.added_sha256,
+            "gallery_images": card.train_count, "calibration_images": card.calibration.count,
+            "thresholds": {"image": card.thresholds.image, "pixel": card.thresholds.pixel},
+        })
+    return rows
 
 
 def run_summary(uri: str, options: storage.StorageOptions = None, top: int = 10) -> dict[str, Any]:
@@ -81,6 +101,7 @@ def run_summary(uri: str, options: storage.StorageOptions = None, top: int = 10)
         "kind": "run",
         "uri": uri,
         "model_uri": run["model_uri"],
+        "model_version": run.get("model_version", 1),  # runs from before versions scored the only one
         "counts": {key: run[key] for key in ("images", "scored", "failed", "retryable", "resumed", "anomalous")},
         "anomaly_rate": None if run["anomalous"] is None or not scored_count else run["anomalous"] / scored_count,
         "thresholds": run["thresholds"],

@@ -8,6 +8,7 @@ add extracted, and replay the same add, an add of changed images and a killed ad
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -15,17 +16,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
+from spade_batch import cli
 from spade_batch.config import Settings
 from spade_batch.engine.add import AddSummary, run_add
 from spade_batch.engine.fit import run_fit
+from spade_batch.engine.score import run_score
 from spade_batch.formats import storage
+from spade_batch.formats.card import load_card
 from spade_batch.formats.datasets import make_demo_data
 from spade_batch.formats.images import decode_image
-from spade_batch.formats.layout import ModelLayout, part_files
+from spade_batch.formats.layout import ModelLayout, Outputs, part_files
 from spade_batch.formats.locks import LockHeldError, acquire_lock, release_lock
 from spade_batch.formats.manifest import pairs_sha256
 from spade_batch.formats.model import SpadeModel
-from spade_batch.formats.versions import version_numbers
+from spade_batch.formats.versions import current_number, make_current, version_numbers
 from spade_batch.method import calibrate, detector
 
 if TYPE_CHECKING:
@@ -67,8 +71,8 @@ class Grown:
             storage.write_bytes(storage.join(self.root, prefix, image_id), data, self.options)
         return storage.join(self.root, prefix)
 
-    def file(self, image_id: str) -> bytes:
-        with open(os.path.join(self.local, "train", image_id), "rb") as f:
+    def file(self, image_id: str, split: str = "train") -> bytes:
+        with open(os.path.join(self.local, split, image_id), "rb") as f:
             return f.read()
 
 
@@ -165,3 +169,37 @@ def test_a_killed_add_resumes_extracting_only_what_it_had_not(grown: Grown) -> N
     assert model.train_ids == complete.train_ids
     for kind in ("image", "pixel"):
         assert getattr(model.card.thresholds, kind) == pytest.approx(getattr(complete.card.thresholds, kind), rel=FLOAT16_RTOL)
+
+
+@pytest.mark.parametrize("grown", ["local"], indirect=True)
+def test_a_score_keeps_the_version_it_started_on_while_a_new_one_is_published(grown: Grown, capsys: pytest.CaptureFixture[str]) -> None:
+    """Version 1 made current again; a night scored on it is killed; an add publishes version 3 (now current); the
+    resumed night keeps version 1 to its end. A score pinned to version 2 scores version 2."""
+    options = grown.options
+    make_current(grown.grown, 1, options)
+    test_ids = sorted(os.path.relpath(os.path.join(d, f), os.path.join(grown.local, "test"))
+                      for d, _, files in os.walk(os.path.join(grown.local, "test")) for f in files)
+    night = grown.upload({i: grown.file(i, "test") for i in test_ids}, "night")
+    out = Outputs(storage.join(grown.root, "out"))
+    assert run_score(grown.grown, night, out.root, grown.settings).model_version == 1
+    lost = storage.read_part(out.parts(options).own[0], options, columns=["id"]).num_rows
+    storage.remove(out.parts(options).own[0], options)  # killed: a part and run.json never written
+    storage.remove(out.run_json, options)
+
+    published = run_add(grown.upload({"good/200.png": grown.file("good/003.png")}, "another"), grown.grown, grown.settings)
+    assert (published.version, current_number(grown.grown, options)) == (3, 3)
+    resumed = run_score(grown.grown, night, out.root, grown.settings)
+
+    version_1 = load_card(grown.grown, options)
+    assert (resumed.model_version, resumed.resumed, resumed.scored) == (1, len(test_ids) - lost, len(test_ids))
+    assert resumed.thresholds["image"] == version_1.thresholds.image
+    assert json.loads(storage.read_text(out.run_json, options))["model_version"] == 1
+
+    pinned = storage.join(grown.root, "pinned")
+    assert cli.main(["score", "--model", grown.grown, "--images", night, "--out", pinned, "--model-version", "2", "--device", "cpu"]) == 0
+    assert f"{grown.grown} (version 2)" in capsys.readouterr().out
+    run = json.loads(storage.read_text(Outputs(pinned).run_json, options))
+    assert run["model_version"] == 2 and run["thresholds"]["image"] == load_card(ModelLayout(grown.grown).version(2).root, options).thresholds.image
+
+    run_fit(storage.join(grown.root, "a"), grown.grown, grown.settings.replace(overwrite=True))
+    assert version_numbers(grown.grown, options) == [1], "a refit replaces the model: its versions go with it"

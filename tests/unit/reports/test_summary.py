@@ -23,6 +23,7 @@ from spade_batch.formats.layout import part_name
 from spade_batch.formats.scores import ScoreRow, write_scores
 from spade_batch.reports.run_report import read_run_scores
 from spade_batch.reports.summary import decision_rules, failure_reason, failures_by_reason, false_alarm_range, run_summary
+from tests.unit.formats.test_versions import publish
 
 
 def show(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -113,3 +114,21 @@ def test_decision_rules_say_how_thresholds_were_set_and_what_they_promise():
     assert "1.0% of them show a flagged region of 16 pixels" in rules["pixel rule"] and "empty for images not flagged" in rules["masks"]
     uncalibrated = dataclasses.replace(card, thresholds=Thresholds(), calibration=CalibrationRecord())
     assert list(decision_rules(uncalibrated)) == ["calibration"]
+
+
+def test_show_lists_the_versions_and_model_current_makes_an_older_one_current(tmp_path, capsys):
+    root = str(tmp_path)
+    for number, parent in ((1, None), (2, 1), (3, 2)):
+        publish(root, number, parent)
+    summary = json.loads(show(capsys, root, "--json")[1])
+    assert summary["version"] == 3 and [row["number"] for row in summary["versions"]] == [1, 2, 3]
+    assert [(row["parent"], row["images_added"], row["current"]) for row in summary["versions"]] == [(None, 5, False), (1, 5, False), (2, 5, True)]
+
+    assert cli.main(["model", "current", root, "2"]) == 0
+    assert capsys.readouterr().out.startswith(f"version 2 of {root} is current")
+    code, out, _ = show(capsys, root)
+    assert code == 0 and f"{root} (version 2, the current one)" in out
+    rows = out[out.index("versions (current: *)"):].splitlines()[2:]
+    assert [row.split()[:2] for row in rows] == [["1", "-"], ["*", "2"], ["3", "2"]]
+    assert cli.main(["model", "current", root, "9"]) == 2
+    assert "has no version 9; its versions are 1, 2, 3" in capsys.readouterr().err
