@@ -97,8 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add = commands.add_parser("add", help="add normal images to a model: its next version, refitted from stored features")
     add.add_argument("--model", required=True, metavar="MODEL_URI", help="a model written by fit; its current version grows")
-    add.add_argument("--images", required=True, metavar="URI",
-                     help="normal images: folder/prefix, glob, or manifest; only ids the model does not hold are extracted")
+    added = add.add_mutually_exclusive_group(required=True)
+    added.add_argument("--images", metavar="URI",
+                       help="normal images: folder/prefix, glob, or manifest; only ids the model does not hold are extracted")
+    added.add_argument("--verdicts", metavar="SHEET",
+                       help="a review sheet (`show OUT --format csv`, filled in): adds its rows marked normal, each named by its URI's path")
     _add_dry_run(add)
     _add_settings_flags(add, "add")
 
@@ -163,8 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("show", help="summarise a model or a run's outputs (local or s3://)")
     show.add_argument("uri", metavar="URI", help="a model (MODEL_URI, holding spade.json) or a run (OUT_URI, holding run.json)")
-    show.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    show.add_argument("--format", dest="output", choices=("table", "json", "csv"), default="table",
+                      help="tables; one JSON object; or csv: a run's review sheet of its N highest flagged images (id, uri, "
+                           "image_score, mask_uri and an empty verdict column for reviewers: normal or defect) [default: table]")
+    show.add_argument("--json", dest="output", action="store_const", const="json", help="the same as --format json")
     show.add_argument("--top", type=int, default=10, metavar="N", help="a run's N highest-scoring images [default: 10]")
+    show.add_argument("--verdicts", metavar="SHEET",
+                      help="a run's review sheet filled in: flagged images reviewed, confirmed defects, false alarms, precision")
     _add_settings_flags(show, "show")
     return parser
 
@@ -208,7 +216,7 @@ def _run(args: argparse.Namespace, secrets: set[str]) -> int:
     configure_logging(settings.log_level, secrets)
     handlers: dict[str, Any] = {
         "fit": lambda: commands.fit(args.train, args.model, settings, args.dry_run),
-        "add": lambda: commands.add(args.images, args.model, settings, explicit, args.dry_run),
+        "add": lambda: commands.add(args.images, args.model, settings, explicit, args.dry_run, args.verdicts),
         "model": lambda: commands.make_current(args.model_uri, args.version, settings),
         "score": lambda: commands.score(args.model, args.images, args.out, settings, explicit, args.dry_run, args.fail_on_drift,
                                         args.model_version),
@@ -219,7 +227,7 @@ def _run(args: argparse.Namespace, secrets: set[str]) -> int:
                                   args.fail_on_drift)
         ),
         "demo": lambda: commands.demo(args.out, settings, explicit, args.dry_run),
-        "show": lambda: commands.show(args.uri, settings, args.top, args.json),
+        "show": lambda: commands.show(args.uri, settings, args.top, args.output, args.verdicts),
     }
     return handlers[args.command]()
 

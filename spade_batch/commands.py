@@ -17,7 +17,7 @@ from spade_batch.exit_codes import ExitCode, score_exit_code
 from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs
-from spade_batch.formats.manifest import build_manifest
+from spade_batch.formats.manifest import Manifest, build_manifest
 from spade_batch.formats.versions import resolve
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,26 @@ def show_config(path: str | None, keys: bool) -> int:
     return 0
 
 
-def show(uri: str, settings: Settings, top: int, as_json: bool) -> int:
-    """Print what the model or the run at uri holds: tables, or one JSON object."""
-    from spade_batch.reports.summary import summarise
+def show(uri: str, settings: Settings, top: int, output: str = "table", verdicts: str | None = None) -> int:
+    """Print what the model or the run at uri holds (output: table, json, or csv: a run's review sheet of its top
+    flagged images); with verdicts (a filled-in sheet), the run as the reviewers judged it."""
+    from spade_batch.formats.review import read_sheet, sheet_csv
+    from spade_batch.reports.summary import review_rows, summarise, verdicts_summary
 
-    summary = summarise(uri, settings.fsspec_options(), top)
-    if as_json:
+    options = settings.fsspec_options()
+    if verdicts:
+        judged = verdicts_summary(uri, read_sheet(verdicts, options), options)
+        if output == "json":
+            print(json.dumps(judged, indent=2))
+        else:
+            _print_verdicts(judged)
+        return 0
+    summary = summarise(uri, options, top)
+    if output == "csv":
+        if summary["kind"] != "run":
+            raise ValueError(f"{uri} is a model: a review sheet (--format csv) is written for a run's OUT_URI")
+        print(sheet_csv(review_rows(summary)), end="")
+    elif output == "json":
         print(json.dumps(summary, indent=2))
     elif summary["kind"] == "model":
         _print_model(summary)
@@ -130,6 +144,22 @@ def _print_run(summary: dict[str, Any]) -> None:
             print(f"{row['image_score']:>12.4f}  {flag:<9}  {row['id']}  {row['mask_uri']}")
 
 
+def _print_verdicts(judged: dict[str, Any]) -> None:
+    precision = judged["precision"]
+    print_table(
+        "verdicts",
+        [
+            ("run", judged["uri"]),
+            ("flagged images", "unknown (no image threshold)" if judged["flagged"] is None else judged["flagged"]),
+            ("reviewed", judged["reviewed"]),
+            ("confirmed defects", judged["confirmed_defects"]),
+            ("false alarms", judged["false_alarms"]),
+            ("precision among reviewed", "n/a (none reviewed)" if precision is None else f"{precision:.1%}"),
+            *([("reviewed, not flagged", judged["reviewed_not_flagged"])] if judged["reviewed_not_flagged"] else []),
+        ],
+    )
+
+
 def _print_failures(failures: list[dict[str, Any]]) -> None:
     if failures:
         print("\nfailures by reason")
@@ -137,9 +167,9 @@ def _print_failures(failures: list[dict[str, Any]]) -> None:
             print(f"{failure['count']:>6}  {failure['reason']}  (e.g. {failure['example']})")
 
 
-def _dry_run(source: str, settings: Settings, outputs: list[str], model_uri: str | None = None) -> int:
-    """Print what a run would read and write; with model_uri, also what model it would use."""
-    manifest = build_manifest(source, settings.fsspec_options())
+def _dry_run(source: str | Manifest, settings: Settings, outputs: list[str], model_uri: str | None = None) -> int:
+    """Print what a run of the images at source (or of a manifest) would read and write; with model_uri, also what model it would use."""
+    manifest = source if isinstance(source, Manifest) else build_manifest(source, settings.fsspec_options())
     rows: list[tuple[str, Any]] = [
         ("images", len(manifest)),
         ("root", manifest.root),
@@ -205,15 +235,22 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
     return 0
 
 
-def add(images: str, model_uri: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False) -> int:
-    """Add the normal images to the model: its next version, published when something was new."""
+def add(
+    images: str | None, model_uri: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False, verdicts: str | None = None,
+) -> int:
+    """Add normal images to the model (those at `images`, or those a review sheet marks normal): its next version,
+    published when something was new."""
+    from spade_batch.formats.review import normal_images, read_sheet
+
+    options = settings.fsspec_options()
+    manifest = normal_images(read_sheet(verdicts, options)) if verdicts else build_manifest(images or "", options)
     if dry_run:
-        return _dry_run(images, settings, [ModelLayout(model_uri).versions], model_uri)
+        return _dry_run(manifest, settings, [ModelLayout(model_uri).versions], model_uri)
     from spade_batch.engine.add import run_add
     from spade_batch.engine.fit import RetryableInputError
 
     try:
-        summary = run_add(images, model_uri, settings, explicit)
+        summary = run_add(manifest, model_uri, settings, explicit)
     except RetryableInputError as error:
         log.error("add: %s", error)
         return EXIT_RETRYABLE

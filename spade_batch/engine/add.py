@@ -25,7 +25,7 @@ from spade_batch.formats.card import ModelCard
 from spade_batch.formats.features import SCHEMA_VERSION as FEATURE_SCHEMA_VERSION
 from spade_batch.formats.layout import ModelLayout, record_inputs
 from spade_batch.formats.locks import holding_lock
-from spade_batch.formats.manifest import Manifest, build_manifest, pairs_sha256
+from spade_batch.formats.manifest import Manifest, pairs_sha256
 from spade_batch.method.extractor import Extractor
 from spade_batch.method.recipe import Addition
 
@@ -62,14 +62,13 @@ class AddSummary:
         return self.version != self.parent
 
 
-def run_add(images_source: str, model_uri: str, settings: Settings, explicit: frozenset[str] = frozenset()) -> AddSummary:
-    """Add the normal images of images_source to the model at model_uri, holding its lock (one add or fit at a time).
+def run_add(manifest: Manifest, model_uri: str, settings: Settings, explicit: frozenset[str] = frozenset()) -> AddSummary:
+    """Add the manifest's normal images to the model at model_uri, holding its lock (one add or fit at a time).
 
     The model's method and calibration settings are used (ModelCard.training_settings); settings give the run's.
     """
     options = settings.fsspec_options()
     started = time.perf_counter()
-    manifest = build_manifest(images_source, options)
     with holding_lock(ModelLayout(model_uri).lock, f"spade-batch add to {model_uri}", options):
         return _add_locked(manifest, model_uri, settings, explicit, started)
 

@@ -16,6 +16,7 @@ import html
 import io
 import json
 import posixpath
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,17 +201,26 @@ def render_run_report(
         {"rank": rank, "id": row["id"], "image score": float(row["image_score"]), "mask": row["mask_uri"]}
         for rank, row in enumerate(run.top, 1)
     ]
+    review = (f"<p>Review sheet of the flagged images, for reviewers to mark each <code>normal</code> or <code>defect</code>: "
+              f"<code>{html.escape(_review_command(summary['out_uri'], len(run.top)))} &gt; review.csv</code>; then "
+              f"<code>spade-batch add --model {html.escape(summary['model_uri'])} --verdicts review.csv</code> adds the false "
+              "alarms to the model as its next version.</p>")
     title = f"spade-batch run: {summary['out_uri']}"
     sections = {
         "counts": ("Counts", html_table(counts)),
         "drift": ("Anomaly rate against the calibration", _drift_section(check, calibration)),
         "decisions": ("What the model's thresholds decide", html_table([{"": key, "rule": value} for key, value in decision_rules(card).items()])),
         "histogram": ("Image scores, tonight over the calibration images", histogram),
-        "anomalies": (f"Top {len(run.top)} anomalies", anomalies + ("\n" + html_table(top_rows) if top_rows else "")),
+        "anomalies": (f"Top {len(run.top)} anomalies", anomalies + ("\n" + html_table(top_rows) + review if top_rows else "")),
         "failures": ("Failures by reason", _failures_section(run, summary)),
         "throughput": ("Throughput", _throughput_section(summary)),
     }
-    return _page(title, f"model {summary['model_uri']}", sections)
+    return _page(title, f"model {summary['model_uri']} (version {summary['model_version']})", sections)
+
+
+def _review_command(out_uri: str, top: int) -> str:
+    """The command that writes the run's review sheet of its `top` highest flagged images (formats.review)."""
+    return f"spade-batch show {shlex.quote(out_uri)} --top {max(top, 1)} --format csv"
 
 
 _REPORT_STYLE = STYLE + """

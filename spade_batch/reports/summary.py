@@ -10,7 +10,7 @@ import heapq
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +20,10 @@ from spade_batch.config import group_values
 from spade_batch.formats import storage
 from spade_batch.formats.card import ModelCard, load_card
 from spade_batch.formats.layout import ModelLayout, Outputs, read_columns
+from spade_batch.formats.review import Verdict
 from spade_batch.formats.versions import resolve, version_numbers
 
-TOP_COLUMNS = ["id", "image_score", "is_anomalous", "max_pixel_score", "anomalous_fraction", "mask_uri"]
+TOP_COLUMNS = ["id", "uri", "image_score", "is_anomalous", "max_pixel_score", "anomalous_fraction", "mask_uri"]
 
 
 def summarise(uri: str, options: storage.StorageOptions = None, top: int = 10) -> dict[str, Any]:
@@ -112,6 +113,43 @@ def run_summary(uri: str, options: storage.StorageOptions = None, top: int = 10)
         "top": best,
         "settings": group_values(run["settings"]),
         "versions": run["versions"],
+    }
+
+
+def review_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The flagged images among a run summary's top ones (all of them when no threshold is known): a review sheet's rows.
+
+    Flagged means scoring above the image threshold, so the top N by score hold the N highest flagged ones first.
+    """
+    return [row for row in summary["top"] if row["is_anomalous"] is not False]
+
+
+def verdicts_summary(uri: str, sheet: Sequence[Verdict], options: storage.StorageOptions = None) -> dict[str, Any]:
+    """The run at uri as reviewers judged it: flagged images, how many were reviewed, confirmed defects (verdict defect),
+    false alarms (verdict normal) and the precision among the reviewed (None when none was).
+
+    A row whose id the run did not score is a ValueError naming its line (the sheet of another run); reviewed rows of
+    images the run did not flag are counted apart.
+    """
+    outputs = Outputs(uri)
+    run = json.loads(storage.read_text(outputs.run_json, options))
+    flagged = {i: bool(flag) for _, columns in read_columns(outputs.parts(options).own, ["id", "is_anomalous"], options)
+               for i, flag in zip(columns["id"], columns["is_anomalous"])}
+    stranger = next((row for row in sheet if row.id not in flagged), None)
+    if stranger:
+        raise ValueError(f"review sheet line {stranger.line}: {stranger.id} is not an image of the run at {uri}; "
+                         "give the sheet written for this run")
+    reviewed = [row for row in sheet if row.verdict and flagged[row.id]]
+    defects = sum(row.verdict == "defect" for row in reviewed)
+    return {
+        "kind": "verdicts",
+        "uri": uri,
+        "flagged": run["anomalous"],
+        "reviewed": len(reviewed),
+        "confirmed_defects": defects,
+        "false_alarms": len(reviewed) - defects,
+        "precision": defects / len(reviewed) if reviewed else None,
+        "reviewed_not_flagged": sum(bool(row.verdict) and not flagged[row.id] for row in sheet),
     }
 
 

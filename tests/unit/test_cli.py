@@ -114,12 +114,12 @@ def offered_flags(command: str) -> set[str]:
 
 COMMAND_OPTIONS = {
     "fit": {"--train", "--model", "--dry-run"},
-    "add": {"--model", "--images", "--dry-run"},
+    "add": {"--model", "--images", "--verdicts", "--dry-run"},
     "score": {"--model", "--model-version", "--images", "--out", "--fail-on-drift", "--dry-run"},
     "evaluate": {"--model", "--data", "--out", "--original-resolution", "--working-resolution-only", "--every", "--dry-run"},
     "nightly": {"--train", "--model", "--images", "--out", "--plan", "--date", "--fail-on-drift", "--dry-run"},
     "demo": {"--out", "--dry-run"},
-    "show": {"--json", "--top"},
+    "show": {"--json", "--format", "--top", "--verdicts"},
 }
 """Each command's own options besides --help, --config and its settings' flags."""
 

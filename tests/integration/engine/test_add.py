@@ -8,6 +8,8 @@ add extracted, and replay the same add, an add of changed images and a killed ad
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from spade_batch.formats.datasets import make_demo_data
 from spade_batch.formats.images import decode_image
 from spade_batch.formats.layout import ModelLayout, Outputs, part_files
 from spade_batch.formats.locks import LockHeldError, acquire_lock, release_lock
-from spade_batch.formats.manifest import pairs_sha256
+from spade_batch.formats.manifest import build_manifest, pairs_sha256
 from spade_batch.formats.model import SpadeModel
 from spade_batch.formats.versions import current_number, make_current, version_numbers
 from spade_batch.method import calibrate, detector
@@ -71,6 +73,10 @@ class Grown:
             storage.write_bytes(storage.join(self.root, prefix, image_id), data, self.options)
         return storage.join(self.root, prefix)
 
+    def add(self, source: str, settings: Settings | None = None) -> AddSummary:
+        """run_add of the images at source to the grown model."""
+        return run_add(build_manifest(source, self.options), self.grown, settings or self.settings)
+
     def file(self, image_id: str, split: str = "train") -> bytes:
         with open(os.path.join(self.local, split, image_id), "rb") as f:
             return f.read()
@@ -93,7 +99,7 @@ def grown(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     for name, ids in (("a", A), ("b", B), ("all", A + B)):
         grown.upload({image_id: grown.file(image_id) for image_id in ids}, name)
     run_fit(storage.join(root, "a"), grown.grown, settings)
-    added = run_add(storage.join(root, "b"), grown.grown, settings.replace(calibration_fraction=0.9))  # the model's own is used
+    added = grown.add(storage.join(root, "b"), settings.replace(calibration_fraction=0.9))  # the model's own is used
     run_fit(storage.join(root, "all"), grown.whole, settings)
     return Grown(local, root, settings, grown.grown, grown.whole, added)
 
@@ -126,7 +132,7 @@ def test_adding_m_images_extracts_m_and_the_same_add_again_nothing(grown: Grown)
     parts = part_files(ModelLayout(grown.grown).version(2).features, grown.options)
     assert sum(storage.read_part(p, grown.options, columns=["id"]).num_rows for p in parts) == 3, "version 2's features: the added images only"
 
-    again = run_add(storage.join(grown.root, "b"), grown.grown, grown.settings)
+    again = grown.add(storage.join(grown.root, "b"))
 
     assert (again.added, again.extracted, again.skipped, again.version, again.published) == (0, 0, 3, 2, False)
     assert version_numbers(grown.grown, grown.options) == [1, 2]
@@ -135,7 +141,7 @@ def test_adding_m_images_extracts_m_and_the_same_add_again_nothing(grown: Grown)
 def test_an_image_the_model_holds_with_other_bytes_is_refused_naming_it(grown: Grown) -> None:
     changed = grown.upload({"good/001.png": grown.file("good/006.png"), "good/100.png": grown.file("good/000.png")}, "changed")
     with pytest.raises(ValueError, match="1 images have the id of an image the model holds but other content .first: good/001.png."):
-        run_add(changed, grown.grown, grown.settings)
+        grown.add(changed)
     assert version_numbers(grown.grown, grown.options) == [1, 2]
 
 
@@ -143,7 +149,7 @@ def test_a_second_add_while_one_holds_the_model_is_refused_with_the_lock_message
     lock = acquire_lock(ModelLayout(grown.grown).lock, "another add", grown.options)
     try:
         with pytest.raises(LockHeldError, match="is held by another add"):
-            run_add(storage.join(grown.root, "b"), grown.grown, grown.settings)
+            grown.add(storage.join(grown.root, "b"))
     finally:
         release_lock(lock, grown.options)
 
@@ -153,7 +159,7 @@ def test_a_killed_add_resumes_extracting_only_what_it_had_not(grown: Grown) -> N
     """Killed after extracting, before publishing: no card for version 3 yet, one part lost."""
     more = grown.upload({"good/100.png": grown.file("good/000.png"), "good/101.png": grown.file("good/001.png"),
                          "good/102.png": grown.file("good/002.png")}, "more")
-    first = run_add(more, grown.grown, grown.settings)
+    first = grown.add(more)
     target = ModelLayout(grown.grown).version(3)
     complete = SpadeModel.load(target.root, grown.options)
     storage.remove(target.card, grown.options)
@@ -161,7 +167,7 @@ def test_a_killed_add_resumes_extracting_only_what_it_had_not(grown: Grown) -> N
     storage.remove(parts[0], grown.options)
     assert version_numbers(grown.grown, grown.options) == [1, 2], "a version without its card is not published"
 
-    resumed = run_add(more, grown.grown, grown.settings)
+    resumed = grown.add(more)
 
     assert (first.extracted, resumed.version, resumed.parent) == (3, 3, 2)
     assert 0 < resumed.extracted < 3
@@ -172,9 +178,12 @@ def test_a_killed_add_resumes_extracting_only_what_it_had_not(grown: Grown) -> N
 
 
 @pytest.mark.parametrize("grown", ["local"], indirect=True)
-def test_a_score_keeps_the_version_it_started_on_while_a_new_one_is_published(grown: Grown, capsys: pytest.CaptureFixture[str]) -> None:
-    """Version 1 made current again; a night scored on it is killed; an add publishes version 3 (now current); the
-    resumed night keeps version 1 to its end. A score pinned to version 2 scores version 2."""
+def test_the_loop_a_night_reviewed_its_false_alarm_added_and_the_night_kept_on_its_version(
+    grown: Grown, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Version 1 made current again; a night is scored on it; its review sheet is exported and filled in; the night's
+    rerun is killed; the false alarm is added (version 3, now current) while the night resumes, which keeps version 1
+    to its end. The verdicts are counted; a score pinned to version 2 scores version 2; a refit drops the versions."""
     options = grown.options
     make_current(grown.grown, 1, options)
     test_ids = sorted(os.path.relpath(os.path.join(d, f), os.path.join(grown.local, "test"))
@@ -182,18 +191,37 @@ def test_a_score_keeps_the_version_it_started_on_while_a_new_one_is_published(gr
     night = grown.upload({i: grown.file(i, "test") for i in test_ids}, "night")
     out = Outputs(storage.join(grown.root, "out"))
     assert run_score(grown.grown, night, out.root, grown.settings).model_version == 1
+    capsys.readouterr()
+    assert cli.main(["score", "--model", grown.grown, "--images", night, "--out", out.root, "--device", "cpu"]) == 0  # resumed: nothing left
+    report = storage.read_text(out.report, options)
+    assert f"model {grown.grown} (version 1)" in report and f"spade-batch show {out.root} --top" in report and "--verdicts review.csv" in report
+    capsys.readouterr()
+    assert cli.main(["show", out.root, "--top", "3", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) >= 2 and all(row["verdict"] == "" for row in rows)  # the night flagged some images
+    rows[0]["verdict"], rows[1]["verdict"] = "normal", "Defect"
+    filled = io.StringIO()
+    writer = csv.DictWriter(filled, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    sheet = storage.join(grown.root, "review.csv")
+    storage.write_text(sheet, filled.getvalue(), options)
+
     lost = storage.read_part(out.parts(options).own[0], options, columns=["id"]).num_rows
     storage.remove(out.parts(options).own[0], options)  # killed: a part and run.json never written
     storage.remove(out.run_json, options)
-
-    published = run_add(grown.upload({"good/200.png": grown.file("good/003.png")}, "another"), grown.grown, grown.settings)
-    assert (published.version, current_number(grown.grown, options)) == (3, 3)
+    assert cli.main(["add", "--model", grown.grown, "--verdicts", sheet, "--device", "cpu"]) == 0
+    assert (current_number(grown.grown, options), load_card(ModelLayout(grown.grown).version(3).root, options).version.images_added) == (3, 1)
     resumed = run_score(grown.grown, night, out.root, grown.settings)
 
-    version_1 = load_card(grown.grown, options)
     assert (resumed.model_version, resumed.resumed, resumed.scored) == (1, len(test_ids) - lost, len(test_ids))
-    assert resumed.thresholds["image"] == version_1.thresholds.image
+    assert resumed.thresholds["image"] == load_card(grown.grown, options).thresholds.image
     assert json.loads(storage.read_text(out.run_json, options))["model_version"] == 1
+    capsys.readouterr()
+    assert cli.main(["show", out.root, "--verdicts", sheet, "--json"]) == 0
+    judged = json.loads(capsys.readouterr().out)
+    assert (judged["flagged"], judged["reviewed"], judged["confirmed_defects"], judged["false_alarms"], judged["precision"]) == (
+        resumed.anomalous, 2, 1, 1, 0.5)
 
     pinned = storage.join(grown.root, "pinned")
     assert cli.main(["score", "--model", grown.grown, "--images", night, "--out", pinned, "--model-version", "2", "--device", "cpu"]) == 0
