@@ -86,7 +86,7 @@ def _add_locked(manifest: Manifest, model_uri: str, settings: Settings, explicit
         log.info("add: version %d of %s holds every image listed: nothing to add", addition.parent.number, model_uri)
         return _summary(addition, addition.parent.number, addition.card, len(manifest), [], 0, started)
 
-    extractor = Extractor(settings, options, preprocessing=addition.card.preprocessing)
+    extractor = Extractor(settings, options)  # as the extraction actors build theirs
     addition.check(extractor)
     target = addition.target
     if settings.overwrite:

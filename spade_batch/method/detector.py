@@ -64,7 +64,7 @@ def add(folder: str, images: Sequence[np.ndarray], ids: Sequence[str] | None = N
     new = set(addition.new_ids({image_id: content_sha256(image) for image_id, image in zip(ids, images)}))
     if not new:
         return SpadeModel.load(addition.parent.uri)
-    extractor = Extractor(settings, preprocessing=addition.card.preprocessing)
+    extractor = Extractor(settings)
     addition.check(extractor)
     added = [i for i, image_id in enumerate(ids) if image_id in new]
     added_ids, target = [ids[i] for i in added], addition.target.root

@@ -359,7 +359,8 @@ class Addition:
         return new_images({i: self.trained.sources[i][1] for i in self.trained.parts}, incoming)
 
     def check(self, extractor: Extractor) -> None:
-        """Refuse an extractor whose features would not be the parent's (other weights file, other preprocessing)."""
+        """Refuse an extractor whose features would not be the parent's: other weights found now, or another preprocessing
+        derived from the model's settings (a package whose backbone convention changed)."""
         if (extractor.weights_sha256, extractor.preprocessing) != (self.card.weights_sha256, self.card.preprocessing):
             raise ValueError(
                 f"the backbone weights or preprocessing found now differ from those of model {self.model_uri} "

@@ -616,6 +616,10 @@ def test_add_refuses_an_id_the_model_holds_with_other_pixels(data, tmp_path):
     with pytest.raises(ValueError, match="1 images have the id of an image the model holds but other content .first: 001.png."):
         add(str(tmp_path / "model"), [data["train"][3], data["train"][4]], ["001.png", "new.png"])
     assert not (tmp_path / "model" / "versions" / "2" / CARD_NAME).exists()
+    card = json.loads((tmp_path / "model" / CARD_NAME).read_text())
+    (tmp_path / "model" / CARD_NAME).write_text(json.dumps({**card, "weights_sha256": "sha256:" + "0" * 64}))  # fitted with other weights
+    with pytest.raises(ValueError, match="the backbone weights or preprocessing found now differ from those of model"):
+        add(str(tmp_path / "model"), [data["train"][4]], ["new.png"])
 
 
 def test_new_images_are_those_not_held_and_an_unknown_hash_is_taken_as_the_same():
