@@ -11,7 +11,7 @@ import contextlib
 import io
 import os
 
-COMMANDS = ("fit", "score", "evaluate", "nightly", "demo", "show", "make-demo-data", "config")
+COMMANDS = ("fit", "add", "model current", "score", "evaluate", "nightly", "demo", "show", "make-demo-data", "config")
 HEADING = "## Command-line reference"
 COLUMNS = "100"
 
@@ -23,7 +23,7 @@ def command_help(command: str) -> str:
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
-        build_parser().parse_args([command, "--help"])
+        build_parser().parse_args([*command.split(), "--help"])
     return out.getvalue()
 
 

@@ -1,4 +1,5 @@
-"""`spade-batch fit | score | nightly | evaluate | demo | make-demo-data | config | show`: parse arguments, call the library."""
+"""`spade-batch fit | add | model current | score | nightly | evaluate | demo | make-demo-data | config | show`: parse arguments,
+call the library."""
 
 from __future__ import annotations
 
@@ -94,8 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dry_run(fit)
     _add_settings_flags(fit, "fit")
 
+    add = commands.add_parser("add", help="add normal images to a model: its next version, refitted from stored features")
+    add.add_argument("--model", required=True, metavar="MODEL_URI", help="a model written by fit; its current version grows")
+    added = add.add_mutually_exclusive_group(required=True)
+    added.add_argument("--images", metavar="URI",
+                       help="normal images: folder/prefix, glob, or manifest; only ids the model does not hold are extracted")
+    added.add_argument("--verdicts", metavar="SHEET",
+                       help="a review sheet (`show OUT --format csv`, filled in): adds its rows marked normal, each named by its URI's path")
+    _add_dry_run(add)
+    _add_settings_flags(add, "add")
+
+    model = commands.add_parser("model", help="manage a model's versions: `model current MODEL_URI N` makes version N current")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    current = model_commands.add_parser("current", help="make version N current (until a newer one is published); nothing is deleted")
+    current.add_argument("model_uri", metavar="MODEL_URI", help="a model written by fit")
+    current.add_argument("version", type=int, metavar="N", help="the version to make current (`spade-batch show MODEL_URI` lists them)")
+    _add_settings_flags(current, "model")
+
     score = commands.add_parser("score", help="score an image archive: masks, scores table, run.json")
     score.add_argument("--model", required=True, metavar="MODEL_URI", help="a model written by fit")
+    score.add_argument("--model-version", type=int, metavar="N",
+                       help="score against version N [default: the current one; a resumed run keeps the version it started with]")
     score.add_argument("--images", required=True, metavar="URI", help="images to score: folder/prefix, glob, or manifest")
     score.add_argument("--out", required=True, metavar="OUT_URI", help="where masks/, scores/, run.json and report.html are written")
     _add_drift_flag(score)
@@ -146,8 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("show", help="summarise a model or a run's outputs (local or s3://)")
     show.add_argument("uri", metavar="URI", help="a model (MODEL_URI, holding spade.json) or a run (OUT_URI, holding run.json)")
-    show.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    show.add_argument("--format", dest="output", choices=("table", "json", "csv"), default="table",
+                      help="tables; one JSON object; or csv: a run's review sheet of its N highest flagged images (id, uri, "
+                           "image_score, mask_uri and an empty verdict column for reviewers: normal or defect) [default: table]")
+    show.add_argument("--json", dest="output", action="store_const", const="json", help="the same as --format json")
     show.add_argument("--top", type=int, default=10, metavar="N", help="a run's N highest-scoring images [default: 10]")
+    show.add_argument("--verdicts", metavar="SHEET",
+                      help="a run's review sheet filled in: flagged images reviewed, confirmed defects, false alarms, precision")
     _add_settings_flags(show, "show")
     return parser
 
@@ -191,7 +216,10 @@ def _run(args: argparse.Namespace, secrets: set[str]) -> int:
     configure_logging(settings.log_level, secrets)
     handlers: dict[str, Any] = {
         "fit": lambda: commands.fit(args.train, args.model, settings, args.dry_run),
-        "score": lambda: commands.score(args.model, args.images, args.out, settings, explicit, args.dry_run, args.fail_on_drift),
+        "add": lambda: commands.add(args.images, args.model, settings, explicit, args.dry_run, args.verdicts),
+        "model": lambda: commands.make_current(args.model_uri, args.version, settings),
+        "score": lambda: commands.score(args.model, args.images, args.out, settings, explicit, args.dry_run, args.fail_on_drift,
+                                        args.model_version),
         "evaluate": lambda: commands.evaluate(args.model, args.data, args.out, settings, explicit, args.original_resolution, args.every, args.dry_run),
         "nightly": lambda: (
             commands.nightly_plan(args.plan, args.out, args.date, settings, explicit, args.dry_run, args.fail_on_drift) if args.plan
@@ -199,7 +227,7 @@ def _run(args: argparse.Namespace, secrets: set[str]) -> int:
                                   args.fail_on_drift)
         ),
         "demo": lambda: commands.demo(args.out, settings, explicit, args.dry_run),
-        "show": lambda: commands.show(args.uri, settings, args.top, args.json),
+        "show": lambda: commands.show(args.uri, settings, args.top, args.output, args.verdicts),
     }
     return handlers[args.command]()
 

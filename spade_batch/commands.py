@@ -17,7 +17,8 @@ from spade_batch.exit_codes import ExitCode, score_exit_code
 from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs
-from spade_batch.formats.manifest import build_manifest
+from spade_batch.formats.manifest import Manifest, build_manifest
+from spade_batch.formats.versions import resolve
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,26 @@ def show_config(path: str | None, keys: bool) -> int:
     return 0
 
 
-def show(uri: str, settings: Settings, top: int, as_json: bool) -> int:
-    """Print what the model or the run at uri holds: tables, or one JSON object."""
-    from spade_batch.reports.summary import summarise
+def show(uri: str, settings: Settings, top: int, output: str = "table", verdicts: str | None = None) -> int:
+    """Print what the model or the run at uri holds (output: table, json, or csv: a run's review sheet of its top
+    flagged images); with verdicts (a filled-in sheet), the run as the reviewers judged it."""
+    from spade_batch.formats.review import read_sheet, sheet_csv
+    from spade_batch.reports.summary import review_rows, summarise, verdicts_summary
 
-    summary = summarise(uri, settings.fsspec_options(), top)
-    if as_json:
+    options = settings.fsspec_options()
+    if verdicts:
+        judged = verdicts_summary(uri, read_sheet(verdicts, options), options)
+        if output == "json":
+            print(json.dumps(judged, indent=2))
+        else:
+            _print_verdicts(judged)
+        return 0
+    summary = summarise(uri, options, top)
+    if output == "csv":
+        if summary["kind"] != "run":
+            raise ValueError(f"{uri} is a model: a review sheet (--format csv) is written for a run's OUT_URI")
+        print(sheet_csv(review_rows(summary)), end="")
+    elif output == "json":
         print(json.dumps(summary, indent=2))
     elif summary["kind"] == "model":
         _print_model(summary)
@@ -78,7 +93,7 @@ def _print_model(summary: dict[str, Any]) -> None:
     print_table(
         "model",
         [
-            ("model", summary["uri"]),
+            ("model", f"{summary['uri']} (version {summary['version']}, the current one)"),
             ("backbone", f"{summary['backbone']} ({summary['weights']} weights, {summary['weights_sha256']})"),
             ("method", ", ".join(f"{key}={value}" for key, value in summary["settings"].items() if key not in ("backbone", "weights"))),
             ("gallery images", training["gallery_images"]),
@@ -91,6 +106,16 @@ def _print_model(summary: dict[str, Any]) -> None:
         ],
     )
     _print_failures(summary["failures"])
+    print("\nversions (current: *)")
+    print(f"{'':1} {'version':>7}  {'parent':>6}  {'added':>6}  {'gallery':>7}  {'image thr':>10}  {'pixel thr':>10}  created")
+    for row in summary["versions"]:
+        thresholds = row["thresholds"]
+        print(f"{'*' if row['current'] else ' '} {row['number']:>7}  {row['parent'] or '-':>6}  {row['images_added'] or '-':>6}  "
+              f"{row['gallery_images']:>7}  {_number(thresholds['image']):>10}  {_number(thresholds['pixel']):>10}  {row['created']}")
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _print_run(summary: dict[str, Any]) -> None:
@@ -100,7 +125,7 @@ def _print_run(summary: dict[str, Any]) -> None:
         "run",
         [
             ("run", summary["uri"]),
-            ("model", summary["model_uri"]),
+            ("model", f"{summary['model_uri']} (version {summary['model_version']})"),
             *[(name, counts[name]) for name in ("images", "scored", "failed", "retryable", "resumed")],
             ("anomalous", "unknown (no image threshold)" if rate is None else f"{counts['anomalous']} ({rate:.2%} of scored)"),
             ("image threshold", thresholds["image"]),
@@ -119,6 +144,22 @@ def _print_run(summary: dict[str, Any]) -> None:
             print(f"{row['image_score']:>12.4f}  {flag:<9}  {row['id']}  {row['mask_uri']}")
 
 
+def _print_verdicts(judged: dict[str, Any]) -> None:
+    precision = judged["precision"]
+    print_table(
+        "verdicts",
+        [
+            ("run", judged["uri"]),
+            ("flagged images", "unknown (no image threshold)" if judged["flagged"] is None else judged["flagged"]),
+            ("reviewed", judged["reviewed"]),
+            ("confirmed defects", judged["confirmed_defects"]),
+            ("false alarms", judged["false_alarms"]),
+            ("precision among reviewed", "n/a (none reviewed)" if precision is None else f"{precision:.1%}"),
+            *([("reviewed, not flagged", judged["reviewed_not_flagged"])] if judged["reviewed_not_flagged"] else []),
+        ],
+    )
+
+
 def _print_failures(failures: list[dict[str, Any]]) -> None:
     if failures:
         print("\nfailures by reason")
@@ -126,9 +167,9 @@ def _print_failures(failures: list[dict[str, Any]]) -> None:
             print(f"{failure['count']:>6}  {failure['reason']}  (e.g. {failure['example']})")
 
 
-def _dry_run(source: str, settings: Settings, outputs: list[str], model_uri: str | None = None) -> int:
-    """Print what a run would read and write; with model_uri, also what model it would use."""
-    manifest = build_manifest(source, settings.fsspec_options())
+def _dry_run(source: str | Manifest, settings: Settings, outputs: list[str], model_uri: str | None = None) -> int:
+    """Print what a run of the images at source (or of a manifest) would read and write; with model_uri, also what model it would use."""
+    manifest = source if isinstance(source, Manifest) else build_manifest(source, settings.fsspec_options())
     rows: list[tuple[str, Any]] = [
         ("images", len(manifest)),
         ("root", manifest.root),
@@ -149,10 +190,11 @@ def _dry_run(source: str, settings: Settings, outputs: list[str], model_uri: str
 def _describe_model(model_uri: str, settings: Settings) -> str:
     if not storage.exists(ModelLayout(model_uri).card, settings.fsspec_options()):
         return f"{model_uri}: no model there yet (fit one first)"
-    card = load_card(model_uri, settings.fsspec_options())
+    current = resolve(model_uri, None, settings.fsspec_options())
+    card = load_card(current.uri, settings.fsspec_options())
     method, thresholds = card.settings, card.thresholds
     return (
-        f"{model_uri}: {method.backbone} ({method.weights}), K={method.k}, "
+        f"{model_uri}: version {current.number}, {method.backbone} ({method.weights}), K={method.k}, "
         f"{card.train_count} gallery images, thresholds image {thresholds.image}, pixel {thresholds.pixel}"
     )
 
@@ -171,7 +213,7 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
     print_table(
         "fit",
         [
-            ("model", summary.model_uri),
+            ("model", f"{summary.model_uri} (version 1)"),
             ("backbone", f"{settings.backbone} ({settings.weights} weights)"),
             ("training images", summary.train_images),
             ("gallery images", summary.gallery_images),
@@ -193,9 +235,59 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
     return 0
 
 
+def add(
+    images: str | None, model_uri: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False, verdicts: str | None = None,
+) -> int:
+    """Add normal images to the model (those at `images`, or those a review sheet marks normal): its next version,
+    published when something was new."""
+    from spade_batch.formats.review import normal_images, read_sheet
+
+    options = settings.fsspec_options()
+    manifest = normal_images(read_sheet(verdicts, options)) if verdicts else build_manifest(images or "", options)
+    if dry_run:
+        return _dry_run(manifest, settings, [ModelLayout(model_uri).versions], model_uri)
+    from spade_batch.engine.add import run_add
+    from spade_batch.engine.fit import RetryableInputError
+
+    try:
+        summary = run_add(manifest, model_uri, settings, explicit)
+    except RetryableInputError as error:
+        log.error("add: %s", error)
+        return EXIT_RETRYABLE
+    print_table(
+        "add",
+        [
+            ("model", summary.model_uri),
+            ("version", f"{summary.version} (added to version {summary.parent})" if summary.published
+             else f"{summary.version} (unchanged: nothing new)"),
+            ("images listed", summary.images),
+            ("already in the model", summary.skipped),
+            ("added", summary.added),
+            ("extracted now", summary.extracted),
+            ("gallery images", summary.gallery_images),
+            ("calibration images", summary.calibration_images),
+            ("image threshold", summary.thresholds["image"]),
+            ("pixel threshold", summary.thresholds["pixel"]),
+            ("seconds", f"{summary.seconds:.1f}"),
+        ],
+    )
+    for warning in summary.warnings:
+        print(f"warning: calibration: {warning}")
+    return 0
+
+
+def make_current(model_uri: str, version: int, settings: Settings) -> int:
+    """Make an older (or any) version of the model current again; nothing is deleted."""
+    from spade_batch.formats.versions import make_current as make
+
+    made = make(model_uri, version, settings.fsspec_options())
+    print(f"version {made.number} of {model_uri} is current ({made.uri}); it stays current until a newer version is published")
+    return 0
+
+
 def score(
     model_uri: str, images: str, out_uri: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False,
-    fail_on_drift: bool = False,
+    fail_on_drift: bool = False, model_version: int | None = None,
 ) -> int:
     """Score the archive, write its run report; the exit status says what happened (exit_codes.py)."""
     if dry_run:
@@ -206,12 +298,13 @@ def score(
     from spade_batch.engine.score import run_score
     from spade_batch.reports.run_report import write_run_report
 
-    summary = run_score(model_uri, images, out_uri, settings, explicit)
+    summary = run_score(model_uri, images, out_uri, settings, explicit, model_version=model_version)
     outputs = Outputs(out_uri)
     report, drift = write_run_report(asdict(summary), settings)
     print_table(
         "score",
         [
+            ("model", f"{summary.model_uri} (version {summary.model_version})"),
             ("images", summary.images),
             ("scored", summary.scored),
             ("failed", summary.failed),

@@ -5,14 +5,16 @@ instead of the five CPU-seconds torch and torchvision take to import, and holds 
 
 Each stage maps a batch, a dict of equal-length numpy columns, to another. Columns between stages:
 id, uri (str); height, width (int32, original size); image (B x S x S x 3 uint8 at the working size);
-error (str, "" when none: else the image is bad); transient (bool: it could not be read for a reason
-that may pass, e.g. throttling; it is retried by a re-run, never recorded as bad). The model stages
+error (str, "" when none: else the image is bad); sha256 (str: the file's content_sha256, "" when it was not read);
+transient (bool: it could not be read for a reason that may pass, e.g. throttling; it is retried by a
+re-run, never recorded as bad). The model stages
 (stages.py) add their results: features in fit; image_score, neighbour_ids, map and who computed
 them in score.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,7 +22,7 @@ import numpy as np
 from spade_batch.config import Settings
 from spade_batch.formats import storage
 from spade_batch.formats.card import Thresholds
-from spade_batch.formats.features import FeatureTable, LayerShape, write_features
+from spade_batch.formats.features import FeatureTable, LayerShape, content_sha256, write_features
 from spade_batch.formats.images import Preprocessing, decode_for_model, decode_image, resize_for_model, resize_map
 from spade_batch.formats.layout import Outputs, part_name
 from spade_batch.formats.scores import ScoreRow, result_row, write_scores
@@ -29,7 +31,7 @@ from spade_batch.method.masks import mask_from_map, png_bytes
 Batch = dict[str, np.ndarray]
 
 SCORED, FAILED, RETRYABLE = "scored", "failed", "retryable"
-PASSED_ON = ("id", "uri", "height", "width", "error", "transient")
+PASSED_ON = ("id", "uri", "height", "width", "error", "sha256", "transient")
 """The decode stage's columns that the model stages pass on to the output stages."""
 
 
@@ -56,7 +58,7 @@ def worker_columns(count: int, worker: str, node: str, backbone_loads: int, gall
 
 
 def read_images(batch: Batch, preprocessing: Preprocessing, options: dict[str, Any], max_pixels: int) -> Batch:
-    """CPU stage: id, uri -> + image (S x S x 3 uint8), height, width, error, transient. Never raises for one image.
+    """CPU stage: id, uri -> + image (S x S x 3 uint8), height, width, error, sha256, transient. Never raises for one image.
 
     A read that still failed for a transient reason (storage retries exhausted) is marked transient,
     never recorded as a bad image.
@@ -64,19 +66,37 @@ def read_images(batch: Batch, preprocessing: Preprocessing, options: dict[str, A
     count = len(batch["id"])
     images = np.zeros((count, preprocessing.size, preprocessing.size, 3), np.uint8)
     heights, widths = np.zeros(count, np.int32), np.zeros(count, np.int32)
-    errors = [""] * count
-    transient = np.zeros(count, bool)
-    for i, uri in enumerate(batch["uri"]):
+
+    def decode(i: int, uri: str, data: bytes) -> None:
+        decoded = decode_for_model(data, uri, preprocessing.resize_to, max_pixels)
+        heights[i], widths[i] = decoded.height, decoded.width
+        images[i] = resize_for_model(decoded.rgb, preprocessing)
+
+    read = _read_each(batch["uri"], options, decode)
+    return {"id": batch["id"], "uri": batch["uri"], "image": images, "height": heights, "width": widths, **read}
+
+
+def read_hashes(batch: Batch, options: dict[str, Any]) -> Batch:
+    """CPU stage of add, for images whose ids the model holds: id, uri -> id, error, sha256, transient (read, never decoded)."""
+    return {"id": batch["id"], **_read_each(batch["uri"], options, lambda i, uri, data: None)}
+
+
+def _read_each(uris: np.ndarray, options: dict[str, Any], use: Callable[[int, str, bytes], None]) -> Batch:
+    """Read each file, take its content_sha256, then use(i, uri, bytes): columns error, sha256 ("" when none), transient.
+
+    Any failure becomes that image's error, never the batch's; transient when it may pass (storage retries exhausted).
+    """
+    errors, hashes = [""] * len(uris), [""] * len(uris)
+    transient = np.zeros(len(uris), bool)
+    for i, uri in enumerate(uris):
         try:
-            decoded = decode_for_model(storage.read_bytes(uri, options), uri, preprocessing.resize_to, max_pixels)
+            data = storage.read_bytes(uri, options)
+            hashes[i] = content_sha256(data)
+            use(i, uri, data)
         except Exception as error:  # noqa: BLE001 - every failure becomes this image's row, never the batch's
             errors[i] = f"{type(error).__name__}: {error}"
             transient[i] = storage.is_transient(error)
-            continue
-        heights[i], widths[i] = decoded.height, decoded.width
-        images[i] = resize_for_model(decoded.rgb, preprocessing)
-    return {"id": batch["id"], "uri": batch["uri"], "image": images, "height": heights, "width": widths,
-            "error": object_column(errors), "transient": transient}
+    return {"error": object_column(errors), "sha256": object_column(hashes), "transient": transient}
 
 
 def write_feature_part(batch: Batch, features_uri: str, layer_shapes: list[dict[str, Any]], options: dict[str, Any]) -> Batch:
@@ -94,6 +114,7 @@ def write_feature_part(batch: Batch, features_uri: str, layer_shapes: list[dict[
             layers=[batch[f"layer{i}"][keep] for i in range(len(shapes))],
             layer_shapes=shapes,
             errors=[str(e) or None for e in batch["error"][keep]],
+            sha256=[str(h) or None for h in batch["sha256"][keep]],
         )
         write_features(storage.join(features_uri, part_name(ids)), table, options)
     return _status(batch)

@@ -1,7 +1,7 @@
 """fit on Ray: normal images stream through decode (CPU tasks) -> backbone actors -> feature part files;
 then the one fit recipe (method.recipe) builds the model from the parts: gallery, hold-out, calibration.
 Held-out images are scored from their stored features, in the driver on a single CPU-only node, else on
-model actors (ActorsHeldOut).
+model actors (ActorsHeldOut). add (engine.add) extracts and publishes through the same functions.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +30,7 @@ from spade_batch.formats.manifest import Manifest, build_manifest
 from spade_batch.formats.model import SpadeModel, cache_root
 from spade_batch.method.calibrate import CalibrationScores
 from spade_batch.method.extractor import Extractor
-from spade_batch.method.recipe import HeldOutScorer, InProcessHeldOut, StoredFeatures, fit_from_features
+from spade_batch.method.recipe import FitResult, HeldOutScorer, InProcessHeldOut, StoredFeatures, fit_from_features
 
 log = logging.getLogger(__name__)
 
@@ -70,31 +70,24 @@ def _fit_locked(manifest: Manifest, model_uri: str, settings: Settings, started:
     options = settings.fsspec_options()
     init_ray(settings.ray_address)
     extractor = Extractor(settings, options)  # weights identity and layer shapes for the card
-    features_uri = ModelLayout(model_uri).features
+    layout = ModelLayout(model_uri)
     if settings.overwrite:
-        # The old card goes first: no reader may pair it with the new arrays being written.
-        storage.remove(ModelLayout(model_uri).card, options)
-        storage.remove(features_uri, options, recursive=True)
+        # The old card goes first: no reader may pair it with the new arrays being written; then every version added to it.
+        storage.remove(layout.card, options)
+        storage.remove(layout.current, options)
+        storage.remove(layout.versions, options, recursive=True)
+        storage.remove(layout.features, options, recursive=True)
     # Part files of a killed fit are reused only for the same images and feature extractor.
     extraction = {"images": manifest.sha256(), "backbone": settings.backbone, "weights": extractor.weights_sha256,
                   "preprocessing": extractor.preprocessing.to_dict(), "feature_schema": FEATURE_SCHEMA_VERSION}
-    record_inputs(features_uri, ModelLayout(model_uri).features_inputs, extraction, options)
-    _extract(manifest.ids, manifest.uris, features_uri, extractor, settings)
+    record_inputs(layout.features, layout.features_inputs, extraction, options)
+    extract(manifest.ids, manifest.uris, layout.features, extractor, settings)
     extracted = time.perf_counter()
 
-    features = StoredFeatures.index(part_files(features_uri, options), options)
+    features = StoredFeatures.index(part_files(layout.features, options), options)
     rejected = [{"id": uri, "error": reason} for uri, reason in manifest.rejected]
-    # A local model's gallery is written in place; a remote one's is staged on this node, then uploaded once.
-    local = storage.is_local(model_uri)
-    folder = storage.filesystem(model_uri, options)[1] if local else tempfile.mkdtemp(prefix="gallery-", dir=_staging_root())
-    try:
-        held_out = _held_out_scorer(features, extractor, model_uri, settings)
-        fitted = fit_from_features(features, extractor, settings, folder, manifest.sha256(), rejected, held_out)
-        fitted.model.publish_arrays(model_uri, options)
-        fitted.model.write_card(model_uri, options)  # last: its presence marks the model complete
-    finally:
-        if not local:
-            shutil.rmtree(folder, ignore_errors=True)
+    held_out = held_out_scorer(features, extractor, model_uri, settings)
+    fitted = build_and_publish(model_uri, settings, lambda folder: fit_from_features(features, extractor, settings, folder, rejected, held_out))
     card = fitted.model.card
     return FitSummary(
         model_uri=model_uri,
@@ -110,15 +103,37 @@ def _fit_locked(manifest: Manifest, model_uri: str, settings: Settings, started:
     )
 
 
-def _extract(ids: tuple[str, ...], uris: tuple[str, ...], features_uri: str, extractor: Extractor, settings: Settings) -> None:
-    """Feature part files for every image not yet in one; raises RetryableInputError if some stayed unreadable."""
+def build_and_publish(uri: str, settings: Settings, build: Callable[[str], FitResult]) -> FitResult:
+    """Run build(folder) (the recipe, its gallery files written into the local folder), then publish the model at uri:
+    arrays, then the card, last.
+
+    A local model's gallery is written in place; a remote one's is staged on this node, then uploaded once.
+    """
+    options = settings.fsspec_options()
+    local = storage.is_local(uri)
+    folder = storage.filesystem(uri, options)[1] if local else tempfile.mkdtemp(prefix="gallery-", dir=_staging_root())
+    try:
+        fitted = build(folder)
+        fitted.model.publish_arrays(uri, options)
+        fitted.model.write_card(uri, options)  # last: its presence marks the model complete
+    finally:
+        if not local:
+            shutil.rmtree(folder, ignore_errors=True)
+    return fitted
+
+
+def extract(ids: Sequence[str], uris: Sequence[str], features_uri: str, extractor: Extractor, settings: Settings) -> int:
+    """Feature part files for every image not yet in one; returns how many were extracted now.
+
+    Raises RetryableInputError if some stayed unreadable for a transient reason.
+    """
     options = settings.fsspec_options()
     done = done_ids(features_uri, options)
     todo = [{"id": i, "uri": u} for i, u in zip(ids, uris) if i not in done]
     plan = ModelStage.plan(settings)
-    log.info("fit: %d images, %d already extracted, %d to extract on %d model workers", len(ids), len(done), len(todo), plan.workers)
+    log.info("extract: %d images, %d already extracted, %d to extract on %d model workers", len(ids), len(done), len(todo), plan.workers)
     if not todo:
-        return
+        return 0
     dataset = (
         ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // settings.batch_size, 10_000)))
         .map_batches(task_stage(read_images), fn_kwargs={"preprocessing": extractor.preprocessing, "options": options,
@@ -134,6 +149,12 @@ def _extract(ids: tuple[str, ...], uris: tuple[str, ...], features_uri: str, ext
     with Progress("extract", len(todo)) as progress:
         for batch in stream(dataset, progress):
             retryable += [f"{i}: {e}" for i, s, e in zip(batch["id"], batch["status"], batch["error"]) if s == RETRYABLE]
+    raise_retryable(retryable)
+    return len(todo)
+
+
+def raise_retryable(retryable: list[str]) -> None:
+    """RetryableInputError when some training images ("id: error") could not be read for a transient reason."""
     if retryable:
         raise RetryableInputError(
             f"{len(retryable)} training images could not be read for a transient reason (first: {retryable[0]}); "
@@ -147,7 +168,7 @@ def _staging_root() -> str:
     return root
 
 
-def _held_out_scorer(features: StoredFeatures, extractor: Extractor, model_uri: str, settings: Settings) -> HeldOutScorer:
+def held_out_scorer(features: StoredFeatures, extractor: Extractor, model_uri: str, settings: Settings) -> HeldOutScorer:
     """Where fit scores its held-out images: in the driver on a single CPU-only node, else on model actors."""
     plan = ModelStage.plan(settings)
     if _calibrates_in_driver(plan, settings):

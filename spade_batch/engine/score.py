@@ -32,6 +32,7 @@ from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.manifest import Manifest, build_manifest, reject_long_outputs
 from spade_batch.formats.model import verify_model
 from spade_batch.formats.scores import ScoreRow, write_scores
+from spade_batch.formats.versions import ModelVersion, resolve
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class Workers:
 class ScoreSummary:
     out_uri: str
     model_uri: str
+    model_version: int
+    """The model version scored against (formats.versions): the one resolved at the run's start, kept by its resumption."""
     images: int
     scored: int
     failed: int
@@ -104,22 +107,25 @@ def score_dataset(
 
 def run_score(
     model_uri: str, images_source: str, out_uri: str, settings: Settings, explicit: frozenset[str] = frozenset(),
-    stage: type = ScoreStage, plan: ModelStage | None = None,
+    stage: type = ScoreStage, plan: ModelStage | None = None, model_version: int | None = None,
 ) -> ScoreSummary:
     """Score an image set on Ray against the model at model_uri; writes masks, scores and run.json under out_uri.
 
+    model_version: the version to score against; default: the one the run at out_uri recorded when it started
+    (a resumption keeps it), else the current one. Whatever is published meanwhile, the run keeps that version.
     stage, plan: the model stage's callable class and its actors (default: ModelStage.plan(settings));
     benchmarks replace them by a simulated device.
     """
     options = settings.fsspec_options()
     started, began = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc).isoformat()
-    card = load_card(model_uri, options)  # the gallery is loaded by the actors, once the request is known to be valid
-    settings = card.settings_for(settings, explicit)
-    verify_model(model_uri, card, options)  # a damaged or mixed model is refused before any image is read
     outputs = Outputs(out_uri)
+    version = resolve(model_uri, model_version or _recorded_version(outputs, settings), options)
+    card = load_card(version.uri, options)  # the gallery is loaded by the actors, once the request is known to be valid
+    settings = card.settings_for(settings, explicit)
+    verify_model(version.uri, card, options)  # a damaged or mixed model is refused before any image is read
     manifest = reject_long_outputs(build_manifest(images_source, options), outputs.files)
     with holding_lock(outputs.lock, f"spade-batch score into {out_uri}", options):
-        summary = _score_locked(model_uri, card, manifest, outputs, settings, stage, plan, started, began)
+        summary = _score_locked(model_uri, version, card, manifest, outputs, settings, stage, plan, started, began)
     if summary.paper_crop or settings.preprocess != "full":  # once per run, with what the crop dropped when any image was scored
         crop = summary.paper_crop["message"] if summary.paper_crop else "paper preprocessing leaves the image border unscored"
         log.warning("score: %s%s", crop, "; masks are written at the working size" if settings.preprocess != "full" else "")
@@ -129,8 +135,16 @@ def run_score(
     return summary
 
 
+def _recorded_version(outputs: Outputs, settings: Settings) -> int | None:
+    """The model version the run at outputs recorded when it started (None: no run there, or --overwrite replaces it)."""
+    options = settings.fsspec_options()
+    if settings.overwrite or not storage.exists(outputs.inputs_json, options):
+        return None
+    return json.loads(storage.read_text(outputs.inputs_json, options)).get("model_version")
+
+
 def _score_locked(
-    model_uri: str, card: ModelCard, manifest: Manifest, outputs: Outputs, settings: Settings,
+    model_uri: str, version: ModelVersion, card: ModelCard, manifest: Manifest, outputs: Outputs, settings: Settings,
     stage: type, plan: ModelStage | None, started: float, began: str,
 ) -> ScoreSummary:
     """run_score's work, once it holds the output location's lock (started: perf_counter; began: wall clock, ISO)."""
@@ -138,7 +152,7 @@ def _score_locked(
     thresholds = Thresholds.of(card, settings)
     if settings.overwrite:
         outputs.clear(options)
-    inputs = {"images": manifest.sha256(), "model": card.created, "thresholds": asdict(thresholds),
+    inputs = {"images": manifest.sha256(), "model": card.created, "model_version": version.number, "thresholds": asdict(thresholds),
               "save_maps": settings.save_maps, "save_overlays": settings.save_overlays}
     record_inputs(outputs.root, outputs.inputs_json, inputs, options)
     run = run_token(inputs)
@@ -156,14 +170,14 @@ def _score_locked(
              len(manifest), len(manifest) - len(todo), len(todo), plan.workers, outputs.root)
     workers, retryable = Workers(), []
     if todo:
-        dataset = score_dataset(todo, model_uri, settings, outputs, thresholds, card.preprocessing, plan, stage, run)
+        dataset = score_dataset(todo, version.uri, settings, outputs, thresholds, card.preprocessing, plan, stage, run)
         with Progress("score", len(todo)) as progress:
             for batch in stream(dataset, progress):
                 workers.add(batch)
                 retryable += [{"id": str(i), "error": str(e)} for i, s, e in zip(batch["id"], batch["status"], batch["error"]) if s == RETRYABLE]
     seconds = time.perf_counter() - started
-    summary = _summarise(model_uri, images, len(manifest) - len(todo), retryable, thresholds, outputs, settings, seconds,
-                         card.preprocessing, run)
+    summary = _summarise(model_uri, version.number, images, len(manifest) - len(todo), retryable, thresholds, outputs, settings,
+                         seconds, card.preprocessing, run)
     summary.workers, summary.model_workers, summary.started = workers.by_worker, plan.workers, began
     storage.write_text(outputs.run_json, json.dumps(asdict(summary), indent=2), options)
     return summary
@@ -177,7 +191,7 @@ def _record_rejected(rejected: tuple[tuple[str, str], ...], outputs: Outputs, op
 
 
 def _summarise(
-    model_uri: str, images: int, resumed: int, retryable: list[dict[str, str]], thresholds: Thresholds,
+    model_uri: str, model_version: int, images: int, resumed: int, retryable: list[dict[str, str]], thresholds: Thresholds,
     outputs: Outputs, settings: Settings, seconds: float, spec: Preprocessing, run: str,
 ) -> ScoreSummary:
     """Counts over the run's own part files (this run's and resumed ones), read a few columns at a time;
@@ -207,6 +221,7 @@ def _summarise(
     return ScoreSummary(
         out_uri=outputs.root,
         model_uri=model_uri,
+        model_version=model_version,
         images=images,
         scored=scored,
         failed=failed,

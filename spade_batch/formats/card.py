@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spade_batch import __version__
-from spade_batch.config import MODEL_KEYS, ConfigError, MethodSettings, Settings
+from spade_batch.config import MODEL_KEYS, CalibrationSettings, ConfigError, MethodSettings, Settings
 from spade_batch.formats import storage
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.images import Preprocessing
@@ -113,6 +113,24 @@ class CalibrationRecord:
 
 
 @dataclass(frozen=True)
+class VersionRecord:
+    """Which version of its model a card is, and what it added (formats.versions).
+
+    Attributes:
+        number: 1 for what fit wrote (and for every model from before versions), then 2, 3, ... for each add.
+        parent: the version the images were added to (None for fit's).
+        images_added: how many images this version's own features/ hold: fit's every listed image, an add's new ones
+            (None: written before versions were recorded).
+        added_sha256: the SHA-256 of those images' (id, uri) list (manifest.pairs_sha256).
+    """
+
+    number: int = 1
+    parent: int | None = None
+    images_added: int | None = None
+    added_sha256: str | None = None
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """Everything needed to reproduce and to check a model; saved as spade.json (to_dict / from_dict)."""
 
@@ -127,6 +145,9 @@ class ModelCard:
     calibration: CalibrationRecord = field(default_factory=CalibrationRecord)
     normalisation: Normalisation = field(default_factory=Normalisation)
     failed_train_images: list[dict[str, str]] = field(default_factory=list)
+    version: VersionRecord = field(default_factory=VersionRecord)
+    calibration_settings: CalibrationSettings | None = None
+    """The calibration group the model was fitted with, which add keeps (None: written before it was recorded)."""
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Every file besides the card, by name relative to the model root: {"bytes": size, "sha256": hex}; {} before checksums."""
     package_version: str = __version__
@@ -144,6 +165,8 @@ class ModelCard:
             "thresholds": dataclasses.asdict(self.thresholds),
             "calibration": dataclasses.asdict(self.calibration),
             "normalisation": self.normalisation.to_dict(),
+            "version": dataclasses.asdict(self.version),
+            "calibration_settings": dataclasses.asdict(self.calibration_settings) if self.calibration_settings else {},
         }
 
     @classmethod
@@ -160,6 +183,8 @@ class ModelCard:
             "thresholds": Thresholds(**values.get("thresholds", {})),
             "calibration": CalibrationRecord(**values.get("calibration", {})),
             "normalisation": Normalisation.from_dict(values.get("normalisation", {})),
+            "version": VersionRecord(**values.get("version", {})),
+            "calibration_settings": CalibrationSettings(**values["calibration_settings"]) if values.get("calibration_settings") else None,
         })
 
     @property
@@ -173,6 +198,14 @@ class ModelCard:
         """
         self.check_compatible(settings, explicit_keys)
         return settings.replace(**dataclasses.asdict(self.settings))
+
+    def training_settings(self, settings: Settings, explicit_keys: frozenset[str] = frozenset()) -> Settings:
+        """settings_for, then the calibration group the model was fitted with (when its card records it) over the
+        request's: what add trains with, so that a grown model is the model one fit of all its images gives."""
+        settings = self.settings_for(settings, explicit_keys)
+        if self.calibration_settings is None:
+            return settings
+        return settings.replace(**dataclasses.asdict(self.calibration_settings))
 
     def check_compatible(self, settings: Settings, explicit_keys: frozenset[str]) -> None:
         """Refuse a request whose model settings differ from those the model was fitted with."""
@@ -233,7 +266,7 @@ def card_problem(values: dict[str, Any]) -> str | None:
     """
     required = {"settings": dict, "preprocessing": dict, "weights_sha256": str, "layers": list, "train_manifest_sha256": str}
     optional = {"thresholds": dict, "calibration": dict, "normalisation": dict, "failed_train_images": list, "files": dict,
-                "package_version": str, "created": str}
+                "package_version": str, "created": str, "version": dict, "calibration_settings": dict}
     for name, kind in {**required, **optional}.items():
         if name not in values and name in optional:
             continue
@@ -244,6 +277,9 @@ def card_problem(values: dict[str, Any]) -> str | None:
         value = values.get(name, MODEL_SCHEMA_VERSION if name == "schema_version" else None)
         if not _is_int(value) or value < 1:
             return f"{name} is {value!r}; it is a positive whole number"
+    version = values.get("version", {}).get("number", 1)
+    if not _is_int(version) or version < 1:
+        return f"version.number is {version!r}; it is a positive whole number"
     for number, layer in enumerate(values["layers"]):
         fields = {"name": str, "height": int, "width": int, "channels": int}
         if not isinstance(layer, dict) or set(layer) != set(fields) or not isinstance(layer["name"], str) \

@@ -11,6 +11,7 @@ One row per image:
 | global      | fixed_size_binary[4 * D]               | pooled last-block feature, float32             |
 | <layer>     | fixed_size_binary[2 * h * w * C]       | one per pyramid layer, float16, channels last  |
 | error       | string                                 | why the image was skipped; features are null   |
+| sha256      | string                                 | content_sha256 of the image: what `add` compares when an id comes again (null in parts written before it was recorded) |
 
 Feature values are little-endian bytes, one value per row: `np.frombuffer(row, "<f2").reshape(h, w, C)`.
 Stored as lists of floats instead, Parquet would encode a repetition level for every one of the
@@ -22,6 +23,7 @@ The schema metadata key `spade_batch` holds JSON: {"schema_version", "layers": [
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Sequence
@@ -34,6 +36,16 @@ import pyarrow.parquet as pq
 from spade_batch.formats import storage
 
 SCHEMA_VERSION = 2
+INDEX_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("error", pa.string()), ("height", pa.int32()),
+                          ("width", pa.int32()), ("sha256", pa.string())])
+"""The small columns of a part that say which images it holds (parts without sha256 read it as null)."""
+
+
+def content_sha256(content: bytes | np.ndarray) -> str:
+    """Hex SHA-256 of an image: its file's bytes, or (in process, where an image has no file) its H x W x 3 uint8 array."""
+    if isinstance(content, np.ndarray):
+        content = np.ascontiguousarray(content, np.uint8).tobytes() + repr(content.shape).encode()
+    return hashlib.sha256(content).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,7 @@ class FeatureTable:
             the Arrow buffers when read from a part without failed rows).
         layer_shapes: per layer (name, h, w, C).
         errors: per image, None or why it was skipped.
+        sha256: per image, its content_sha256 (None: unknown, failed images included).
     """
 
     ids: list[str]
@@ -70,6 +83,7 @@ class FeatureTable:
     layers: list[np.ndarray]
     layer_shapes: list[LayerShape]
     errors: list[str | None]
+    sha256: list[str | None]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -85,6 +99,7 @@ class FeatureTable:
             layers=[layer[keep] for layer in self.layers],
             layer_shapes=self.layer_shapes,
             errors=[e for e, k in zip(self.errors, keep) if k],
+            sha256=[h for h, k in zip(self.sha256, keep) if k],
         )
 
     def valid(self) -> FeatureTable:
@@ -104,6 +119,7 @@ def to_arrow(features: FeatureTable) -> pa.Table:
     for shape, layer in zip(features.layer_shapes, features.layers):
         columns[shape.name] = _binary_rows(np.asarray(layer, "<f2"), failed)
     columns["error"] = pa.array(features.errors, pa.string())
+    columns["sha256"] = pa.array(features.sha256, pa.string())
     metadata = {
         "schema_version": SCHEMA_VERSION,
         "layers": [vars(shape) for shape in features.layer_shapes],
@@ -134,6 +150,7 @@ def from_arrow(table: pa.Table) -> FeatureTable:
         layers=[_values(table, s.name, "<f2", s.size).reshape(count, s.height * s.width, s.channels) for s in shapes],
         layer_shapes=shapes,
         errors=table.column("error").to_pylist(),
+        sha256=table.column("sha256").to_pylist() if "sha256" in table.column_names else [None] * count,
     )
 
 
@@ -190,4 +207,5 @@ def concatenate(parts: Sequence[FeatureTable]) -> FeatureTable:
         layers=[np.concatenate(layer) for layer in zip(*(part.layers for part in parts))],
         layer_shapes=parts[0].layer_shapes,
         errors=[e for part in parts for e in part.errors],
+        sha256=[h for part in parts for h in part.sha256],
     )

@@ -22,6 +22,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+
 from spade_batch.formats import storage
 from spade_batch.formats.manifest import output_stem
 
@@ -61,10 +63,13 @@ def part_files(folder: str, options: storage.StorageOptions) -> list[str]:
     return storage.list_files(folder, (".parquet",), options)
 
 
-def read_columns(parts: Iterable[str], columns: list[str], options: storage.StorageOptions) -> Iterable[tuple[str, dict[str, list]]]:
-    """(part uri, {column: values}) for each part, reading only those columns."""
+def read_columns(
+    parts: Iterable[str], columns: list[str], options: storage.StorageOptions, schema: pa.Schema | None = None
+) -> Iterable[tuple[str, dict[str, list]]]:
+    """(part uri, {column: values}) for each part, reading only those columns (as `schema`, when given: a column of it
+    that a part lacks reads as nulls)."""
     for uri in parts:
-        table = storage.read_part(uri, options, columns=columns)
+        table = storage.read_part(uri, options, columns=columns, schema=schema)
         yield uri, {name: table.column(name).to_pylist() for name in columns}
 
 
@@ -151,8 +156,16 @@ class ModelLayout:
     """The card, written last: its presence marks the model complete."""
     train_ids, index, centre, pyramid = _Name("train_ids.json"), _Name("global.faiss"), _Name("centre.npz"), _Name("pyramid")
     features = _Name("features")
-    """fit's Parquet feature parts (features.py); a re-run resumes from them."""
+    """The Parquet feature parts (features.py) of the images this version brought: fit's all, an add's new ones; a re-run resumes from them."""
     features_inputs, lock = _Name(f"features/{INPUTS_NAME}"), _Name(LOCK_NAME)
+    versions = _Name("versions")
+    """versions/<N>/: the versions add published (formats.versions), each a model folder of this layout."""
+    current = _Name("current.json")
+    """Which version `spade-batch model current` made current, and the newest then (formats.versions)."""
+
+    def version(self, number: int) -> ModelLayout:
+        """The folder of version `number`: version 1 (fit's) is the root itself, the others versions/<N>/."""
+        return self if number == 1 else ModelLayout(storage.join(self.versions, str(number)))
 
     @classmethod
     def layer_name(cls, layer: str) -> str:

@@ -97,8 +97,7 @@ class Manifest:
 
         Rejected entries are not part of it: they have no outputs to resume.
         """
-        pairs = json.dumps(list(zip(self.ids, self.uris)), ensure_ascii=False, separators=(",", ":"))
-        return hashlib.sha256(pairs.encode("utf-8")).hexdigest()
+        return pairs_sha256(self.ids, self.uris)
 
     def shards(self, shard_size: int) -> list[Manifest]:
         """Consecutive slices of at most ``shard_size`` images, in order; the last may be smaller.
@@ -111,6 +110,12 @@ class Manifest:
             Manifest(self.root, self.ids[i : i + shard_size], self.uris[i : i + shard_size])
             for i in range(0, len(self), shard_size)
         ]
+
+
+def pairs_sha256(ids: Sequence[str], uris: Sequence[str]) -> str:
+    """Hex SHA-256 of the (id, uri) list, in the given order: the compact JSON ``[[id, uri], ...]`` in UTF-8."""
+    pairs = json.dumps(list(zip(ids, uris)), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(pairs.encode("utf-8")).hexdigest()
 
 
 def build_manifest(

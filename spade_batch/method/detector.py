@@ -1,31 +1,34 @@
-"""The in-process API: fit on images, score images. No Ray; storage only for the model's own files.
+"""The in-process API: fit on images, add images, score images. No Ray; storage only for the model's own files.
 
-    from spade_batch.method.detector import fit, score
+    from spade_batch.method.detector import add, fit, score
     model = fit(normal_images, Settings(backbone="resnet18", weights="random", k=5))
-    results = score(model, test_images)          # list[ImageScore]
+    grown = add(model.folder, more_normal_images)  # version 2, in model.folder/versions/2
+    results = score(grown, test_images)            # list[ImageScore]
 
 fit extracts features shard by shard into part files under the model folder, then runs the one fit
-recipe (recipe.fit_from_features) that the Ray pipeline runs too, so both give the same model.
+recipe (recipe.fit_from_features) that the Ray pipeline runs too, so both give the same model; add
+extracts only the images the model does not hold and runs the same recipe over all of them.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 
 from spade_batch.config import Settings
-from spade_batch.formats.features import FeatureTable, write_features
+from spade_batch.formats.features import FeatureTable, content_sha256, write_features
 from spade_batch.formats.layout import ModelLayout, part_files, part_name
 from spade_batch.formats.model import SpadeModel
 from spade_batch.method.extractor import Extractor, Features
-from spade_batch.method.recipe import StoredFeatures, fit_from_features
+from spade_batch.method.recipe import Addition, StoredFeatures, fit_from_features
 from spade_batch.method.scorer import Scorer
 from spade_batch.method.scoring import ImageScore
 
-__all__ = ["Extractor", "Features", "ImageScore", "Scorer", "fit", "score"]
+__all__ = ["Extractor", "Features", "ImageScore", "Scorer", "add", "fit", "score"]
 
 
 def fit(images: Sequence[np.ndarray], settings: Settings, ids: Sequence[str] | None = None, folder: str | None = None) -> SpadeModel:
@@ -33,20 +36,59 @@ def fit(images: Sequence[np.ndarray], settings: Settings, ids: Sequence[str] | N
 
     settings.calibration_fraction of the images (by id hash) are held out of the gallery to calibrate
     the thresholds; images whose size is far from the rest are left out (keep_size_outliers keeps them).
-    The features and gallery files go to the local `folder` (a new temp folder by default);
-    `model.save(uri)` publishes the model.
+    The features, gallery files and card go to the local `folder` (a new temp folder by default): a
+    complete model there, version 1 (`add` grows it); `model.save(uri)` publishes it elsewhere.
     """
+    ids = _ids(images, ids)
+    folder = folder or tempfile.mkdtemp(prefix="spade-model-")
+    extractor = Extractor(settings)
+    layout = ModelLayout(folder)
+    _extract(extractor, images, ids, layout.features, settings.shard_size)
+    model = fit_from_features(StoredFeatures.index(part_files(layout.features, None)), extractor, settings, folder).model
+    model.write_card(folder)
+    return model
+
+
+def add(folder: str, images: Sequence[np.ndarray], ids: Sequence[str] | None = None, settings: Settings | None = None) -> SpadeModel:
+    """Add normal H x W x 3 uint8 images to the model in the local `folder` (fit(..., folder=...)), as `spade-batch add` does.
+
+    Only images whose ids the current version does not hold are extracted; an id it holds is skipped
+    (same pixels) or refused (other pixels: ValueError naming it). The model's method and calibration
+    settings are kept (settings give the device and batch size). The grown model, the one recipe over
+    every training image, is published as the next version in folder/versions/<N>/ and returned; with
+    nothing new, the current version is returned.
+    """
+    ids = _ids(images, ids)
+    addition = Addition.plan(folder)
+    settings = addition.card.training_settings(settings or Settings())
+    new = set(addition.new_ids({image_id: content_sha256(image) for image_id, image in zip(ids, images)}))
+    if not new:
+        return SpadeModel.load(addition.parent.uri)
+    extractor = Extractor(settings)
+    addition.check(extractor)
+    added = [i for i, image_id in enumerate(ids) if image_id in new]
+    added_ids, target = [ids[i] for i in added], addition.target.root
+    shutil.rmtree(target, ignore_errors=True)  # what an earlier add left unpublished there
+    _extract(extractor, [images[i] for i in added], added_ids, ModelLayout(target).features, settings.shard_size)
+    model = addition.fit(addition.features(), extractor, settings, target, (added_ids, added_ids)).model
+    model.write_card(target)  # last: the version is published
+    return model
+
+
+def _ids(images: Sequence[np.ndarray], ids: Sequence[str] | None) -> list[str]:
+    """The images' ids: those given (one per image), else 000000, 000001, ..."""
     ids = list(ids) if ids is not None else [f"{i:06d}" for i in range(len(images))]
     if len(ids) != len(images):
         raise ValueError(f"{len(ids)} ids given for {len(images)} images")
-    folder = folder or tempfile.mkdtemp(prefix="spade-model-")
-    extractor = Extractor(settings)
-    features_folder = ModelLayout(folder).features
-    for start in range(0, len(images), settings.shard_size):
-        shard = range(start, min(start + settings.shard_size, len(images)))
+    return ids
+
+
+def _extract(extractor: Extractor, images: Sequence[np.ndarray], ids: list[str], features_folder: str, shard_size: int) -> None:
+    """Feature part files of these images in features_folder, shard_size images each."""
+    for start in range(0, len(images), shard_size):
+        shard = range(start, min(start + shard_size, len(images)))
         table = _feature_table(extractor, [images[i] for i in shard], [ids[i] for i in shard])
         write_features(os.path.join(features_folder, part_name(table.ids)), table)
-    return fit_from_features(StoredFeatures.index(part_files(features_folder, None)), extractor, settings, folder, "in-process").model
 
 
 def _feature_table(extractor: Extractor, images: Sequence[np.ndarray], ids: list[str]) -> FeatureTable:
@@ -61,6 +103,7 @@ def _feature_table(extractor: Extractor, images: Sequence[np.ndarray], ids: list
         layers=features.pixel_rows(),
         layer_shapes=extractor.layer_shapes,
         errors=[None] * len(ids),
+        sha256=[content_sha256(image) for image in images],
     )
 
 

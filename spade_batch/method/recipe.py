@@ -1,8 +1,10 @@
 """The one fit recipe: training features in part files in, a calibrated model out.
 
 Both fits run it: `detector.fit` (in this process) and `engine.fit` (on Ray). They differ only in how
-the feature part files were made and where the held-out images are scored (`HeldOutScorer`);
-everything that decides what the model is happens here, in this order:
+the feature part files were made and where the held-out images are scored (`HeldOutScorer`). `add`
+(in process and on Ray) runs it too, over the parts of every version it descends from plus those of
+the images it adds (`Addition`): so a model grown by add is the model one fit of all its images gives.
+Everything that decides what the model is happens here, in this order:
 
 1. training hygiene: readable images whose size is far from the rest are left out (trainset.size_outliers);
 2. the hold-out: calibration_fraction of the rest, by id hash (calibrate.is_held_out);
@@ -26,10 +28,12 @@ import numpy as np
 
 from spade_batch.config import Settings
 from spade_batch.formats import storage
-from spade_batch.formats.card import ModelCard, Normalisation
-from spade_batch.formats.features import FeatureTable, read_features
-from spade_batch.formats.layout import read_columns
+from spade_batch.formats.card import ModelCard, Normalisation, VersionRecord, load_card
+from spade_batch.formats.features import INDEX_SCHEMA, FeatureTable, read_features
+from spade_batch.formats.layout import ModelLayout, part_files, read_columns
+from spade_batch.formats.manifest import pairs_sha256
 from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
+from spade_batch.formats.versions import ModelVersion, lineage, next_number, resolve
 from spade_batch.method import calibrate
 from spade_batch.method.calibrate import CalibrationScores
 from spade_batch.method.extractor import Extractor, Features
@@ -51,21 +55,23 @@ class StoredFeatures:
         parts: id -> the part file holding its row.
         sizes: id -> original (height, width) in pixels.
         failures: {"id", "error"} of the images that could not be read, by id.
+        sources: id -> (uri, content_sha256 or None) of every image with a row, readable or not.
         options: storage options that reach the parts.
     """
 
     parts: dict[str, str]
     sizes: dict[str, tuple[int, int]]
     failures: list[dict[str, str]]
+    sources: dict[str, tuple[str, str | None]]
     options: storage.StorageOptions = None
 
     @classmethod
     def index(cls, part_uris: Iterable[str], options: storage.StorageOptions = None) -> StoredFeatures:
-        """Read only the id, error and size columns of the parts."""
-        parts, sizes, errors = {}, {}, {}
-        for part, columns in read_columns(part_uris, ["id", "error", "height", "width"], options):
-            for image_id, error, height, width in zip(columns["id"], columns["error"], columns["height"], columns["width"]):
-                parts[image_id] = part
+        """Read only the index columns of the parts (INDEX_SCHEMA); of two rows of one id, the later part's counts."""
+        parts, sizes, errors, sources = {}, {}, {}, {}
+        for part, columns in read_columns(part_uris, INDEX_SCHEMA.names, options, INDEX_SCHEMA):
+            for image_id, uri, error, height, width, sha256 in zip(*(columns[name] for name in INDEX_SCHEMA.names)):
+                parts[image_id], sources[image_id] = part, (uri, sha256)
                 if error is None:
                     sizes[image_id] = (height, width)
                     errors.pop(image_id, None)
@@ -73,7 +79,12 @@ class StoredFeatures:
                     errors[image_id] = error
                     sizes.pop(image_id, None)
         failures = [{"id": image_id, "error": error} for image_id, error in sorted(errors.items())]
-        return cls({i: p for i, p in parts.items() if i in sizes}, sizes, failures, options)
+        return cls({i: p for i, p in parts.items() if i in sizes}, sizes, failures, sources, options)
+
+    def manifest_sha256(self) -> str:
+        """The training manifest's hash (manifest.pairs_sha256 of every image with a row, by id): fit's Manifest.sha256."""
+        ids = sorted(self.sources)
+        return pairs_sha256(ids, [self.sources[image_id][0] for image_id in ids])
 
     def parts_of(self, ids: Iterable[str]) -> list[str]:
         """The part files holding these images, sorted."""
@@ -190,9 +201,10 @@ def split_fit_ids(ids: Sequence[str], settings: Settings) -> tuple[list[str], li
 
 
 def new_card(
-    extractor: Extractor, settings: Settings, train_count: int, manifest_sha256: str, failed: Sequence[dict[str, str]]
+    extractor: Extractor, settings: Settings, train_count: int, manifest_sha256: str, failed: Sequence[dict[str, str]],
+    version: VersionRecord | None = None,
 ) -> ModelCard:
-    """The card of a model fitted with this extractor and settings (no thresholds yet)."""
+    """The card of a model fitted with this extractor and settings (no thresholds yet); version: default fit's."""
     needed = settings.k + (settings.calibration_images == "leave_one_out")  # an image is not its own neighbour
     if train_count < needed:
         raise ValueError(
@@ -209,6 +221,8 @@ def new_card(
         train_count=train_count,
         train_manifest_sha256=manifest_sha256,
         failed_train_images=list(failed),
+        version=version or VersionRecord(),
+        calibration_settings=settings.calibration,
     )
 
 
@@ -217,9 +231,9 @@ def fit_from_features(
     extractor: Extractor,
     settings: Settings,
     folder: str,
-    manifest_sha256: str,
     failures: Sequence[dict[str, str]] = (),
     held_out: HeldOutScorer | None = None,
+    version: VersionRecord | None = None,
 ) -> FitResult:
     """The model of these training features, its gallery files written to the local `folder` (card not saved).
 
@@ -227,10 +241,11 @@ def fit_from_features(
 
     failures: images that were never extracted (beside features.failures), recorded in the card.
     held_out: where held-out images are scored (default: in this process).
+    version: what the card records of the model's version (default: fit's, version 1).
     """
     left_out = _size_outliers(features.sizes, settings)
     gallery_ids, calibration_ids = split_fit_ids(sorted(set(features.sizes) - {entry["id"] for entry in left_out}), settings)
-    card = new_card(extractor, settings, len(gallery_ids), manifest_sha256, [*features.failures, *failures])
+    card = new_card(extractor, settings, len(gallery_ids), features.manifest_sha256(), [*features.failures, *failures], version)
     model = _write_gallery(features, gallery_ids, card, settings, folder)
     if calibration_ids:
         model = _calibrate(model, calibration_ids, held_out or InProcessHeldOut(features, extractor, settings), settings)
@@ -279,3 +294,92 @@ def _calibrate(model: SpadeModel, calibration_ids: list[str], held_out: HeldOutS
     for warning in model.card.calibration.warnings:
         log.warning("fit: calibration: %s", warning)
     return model
+
+
+def new_images(held: dict[str, str | None], incoming: dict[str, str | None]) -> list[str]:
+    """The ids of `incoming` that the model does not hold, sorted.
+
+    held: id -> content_sha256 of the images the model holds (None: unknown, features written before it was recorded).
+    incoming: id -> content_sha256 of the images offered (read only for the ids the model holds).
+    An id it holds is skipped when its content is the same (or unknown); with other content it is a ValueError naming it.
+    """
+    changed = sorted(i for i, sha256 in incoming.items() if i in held and held[i] is not None and held[i] != sha256)
+    if changed:
+        raise ValueError(
+            f"{len(changed)} images have the id of an image the model holds but other content (first: {changed[0]}); "
+            "an id names one image: rename the new images, or fit a new model"
+        )
+    unknown = [i for i in incoming if i in held and held[i] is None]
+    if unknown:
+        log.warning("add: %d images the model holds have no recorded content hash (fitted before it was recorded), e.g. %s: "
+                    "skipped as the same images", len(unknown), unknown[0])
+    return sorted(set(incoming) - set(held))
+
+
+@dataclass(frozen=True)
+class Addition:
+    """An add to the model at model_uri: its current version (the parent), the stored features of the parent's
+    training images (the parts of the parent and its ancestors), and the version it publishes.
+
+    Attributes:
+        model_uri: the model's root.
+        parent: the current version, which the images are added to.
+        card: the parent's card.
+        parts: the feature parts of the parent and its ancestors, oldest version first.
+        trained: the parent's training images (StoredFeatures over those parts).
+        number: the version it publishes (versions.next_number).
+    """
+
+    model_uri: str
+    parent: ModelVersion
+    card: ModelCard
+    parts: list[str]
+    trained: StoredFeatures
+    number: int
+
+    @classmethod
+    def plan(cls, model_uri: str, options: storage.StorageOptions = None) -> Addition:
+        parent = resolve(model_uri, None, options)
+        parts = [part for version in lineage(model_uri, parent.number, options)
+                 for part in part_files(ModelLayout(version.uri).features, options)]
+        return cls(model_uri, parent, load_card(parent.uri, options), parts, StoredFeatures.index(parts, options),
+                   next_number(model_uri, options))
+
+    @property
+    def target(self) -> ModelLayout:
+        """The folder of the version this add publishes; its features/ gets the new images' parts."""
+        return ModelLayout(self.model_uri).version(self.number)
+
+    def new_ids(self, incoming: dict[str, str | None]) -> list[str]:
+        """new_images against the parent's readable training images."""
+        return new_images({i: self.trained.sources[i][1] for i in self.trained.parts}, incoming)
+
+    def check(self, extractor: Extractor) -> None:
+        """Refuse an extractor whose features would not be the parent's: other weights found now, or another preprocessing
+        derived from the model's settings (a package whose backbone convention changed)."""
+        if (extractor.weights_sha256, extractor.preprocessing) != (self.card.weights_sha256, self.card.preprocessing):
+            raise ValueError(
+                f"the backbone weights or preprocessing found now differ from those of model {self.model_uri} "
+                f"(weights sha256 {extractor.weights_sha256[:12]}... vs {self.card.weights_sha256[:12]}...): "
+                "new images' features would not be comparable; restore the weights, or fit a new model"
+            )
+
+    def features(self) -> StoredFeatures:
+        """Every training image of the grown model: the parent's parts, then those in target.features."""
+        options = self.trained.options
+        return StoredFeatures.index([*self.parts, *part_files(self.target.features, options)], options)
+
+    def fit(
+        self, features: StoredFeatures, extractor: Extractor, settings: Settings, folder: str,
+        added: tuple[Sequence[str], Sequence[str]], failures: Sequence[dict[str, str]] = (), held_out: HeldOutScorer | None = None,
+    ) -> FitResult:
+        """The one recipe over features (self.features()), gallery files in the local `folder` (card not saved).
+
+        added: (ids, uris) of the images this add extracted; failures: its images that were never extracted.
+        """
+        version = VersionRecord(self.number, self.parent.number, len(added[0]), pairs_sha256(*added))
+        return fit_from_features(features, extractor, settings, folder, [*self._rejected(), *failures], held_out, version)
+
+    def _rejected(self) -> list[dict[str, str]]:
+        """The parent's failed images that have no row in its parts (names the manifest rejected): the card keeps them."""
+        return [entry for entry in self.card.failed_train_images if entry["id"] not in self.trained.sources]

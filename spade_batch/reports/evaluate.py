@@ -47,6 +47,7 @@ from spade_batch.formats.images import (
 )
 from spade_batch.formats.layout import EvaluationOutputs, Outputs
 from spade_batch.formats.scores import read_scores
+from spade_batch.formats.versions import resolve
 from spade_batch.method.masks import flagged_pixels
 from spade_batch.reports.figures import (
     Example,
@@ -129,7 +130,7 @@ def run_evaluate(
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be a positive integer (1 = all test images), got {every!r}")
     options = settings.fsspec_options()
-    card = load_card(model_uri, options)
+    card = load_card(resolve(model_uri, None, options).uri, options)  # the current version, which run_score scores
     spec = card.preprocessing
     if original_resolution and spec.mode != "full":
         raise ValueError(
@@ -165,6 +166,7 @@ def run_evaluate(
     calibrated = {"image": card.thresholds.image, "pixel": card.thresholds.pixel}
     metrics = {
         "model": model_uri,
+        "model_version": summary.model_version,
         "data": data,
         "preprocessing": f"{spec.mode} {spec.size}px",
         "preprocessing_spec": spec.to_dict(),

@@ -16,6 +16,7 @@ import html
 import io
 import json
 import posixpath
+import shlex
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from spade_batch.formats.card import CalibrationRecord, ModelCard, load_card
 from spade_batch.formats.heatmap import colour_range
 from spade_batch.formats.images import decode_image, resize_map
 from spade_batch.formats.layout import Outputs, read_columns
+from spade_batch.formats.versions import resolve
 from spade_batch.reports.drift import DriftCheck, check_drift
 from spade_batch.reports.figures import STYLE, Example, example_grid, html_document, html_table, score_histogram
 from spade_batch.reports.summary import FailureGroup, decision_rules, group_failures
@@ -79,7 +81,7 @@ def write_run_report(summary: dict[str, Any], settings: Settings) -> tuple[str, 
     """Write OUT/report.html for a finished run (its run.json as `summary`); returns its URI and the drift check."""
     options = settings.fsspec_options()
     out_uri = summary["out_uri"]
-    card = load_card(summary["model_uri"], options)
+    card = load_card(resolve(summary["model_uri"], summary["model_version"], options).uri, options)  # the version scored
     run = read_run_scores(out_uri, options)
     check = check_drift(run.scores, run.anomalous, card.calibration, summary["thresholds"]["image"])
     # run.json gains the verdict, for `nightly --plan`'s summary and for scripts.
@@ -200,17 +202,26 @@ def render_run_report(
         {"rank": rank, "id": row["id"], "image score": float(row["image_score"]), "mask": row["mask_uri"]}
         for rank, row in enumerate(run.top, 1)
     ]
+    review = (f"<p>Review sheet of the flagged images, for reviewers to mark each <code>normal</code> or <code>defect</code>: "
+              f"<code>{html.escape(_review_command(summary['out_uri'], len(run.top)))} &gt; review.csv</code>; then "
+              f"<code>spade-batch add --model {html.escape(summary['model_uri'])} --verdicts review.csv</code> adds the false "
+              "alarms to the model as its next version.</p>")
     title = f"spade-batch run: {summary['out_uri']}"
     sections = {
         "counts": ("Counts", html_table(counts)),
         "drift": ("Anomaly rate against the calibration", _drift_section(check, calibration)),
         "decisions": ("What the model's thresholds decide", html_table([{"": key, "rule": value} for key, value in decision_rules(card).items()])),
         "histogram": ("Image scores, tonight over the calibration images", histogram),
-        "anomalies": (f"Top {len(run.top)} anomalies", anomalies + ("\n" + html_table(top_rows) if top_rows else "")),
+        "anomalies": (f"Top {len(run.top)} anomalies", anomalies + ("\n" + html_table(top_rows) + review if top_rows else "")),
         "failures": ("Failures by reason", _failures_section(run, summary)),
         "throughput": ("Throughput", _throughput_section(summary)),
     }
-    return _page(title, f"model {summary['model_uri']}", sections)
+    return _page(title, f"model {summary['model_uri']} (version {summary['model_version']})", sections)
+
+
+def _review_command(out_uri: str, top: int) -> str:
+    """The command that writes the run's review sheet of its `top` highest flagged images (formats.review)."""
+    return f"spade-batch show {shlex.quote(out_uri)} --top {max(top, 1)} --format csv"
 
 
 _REPORT_STYLE = STYLE + """

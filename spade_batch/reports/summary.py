@@ -10,7 +10,7 @@ import heapq
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +20,10 @@ from spade_batch.config import group_values
 from spade_batch.formats import storage
 from spade_batch.formats.card import ModelCard, load_card
 from spade_batch.formats.layout import ModelLayout, Outputs, read_columns
+from spade_batch.formats.review import Verdict
+from spade_batch.formats.versions import resolve, version_numbers
 
-TOP_COLUMNS = ["id", "image_score", "is_anomalous", "max_pixel_score", "anomalous_fraction", "mask_uri"]
+TOP_COLUMNS = ["id", "uri", "image_score", "is_anomalous", "max_pixel_score", "anomalous_fraction", "mask_uri"]
 
 
 def summarise(uri: str, options: storage.StorageOptions = None, top: int = 10) -> dict[str, Any]:
@@ -42,12 +44,16 @@ def summarise(uri: str, options: storage.StorageOptions = None, top: int = 10) -
 
 
 def model_summary(uri: str, options: storage.StorageOptions = None) -> dict[str, Any]:
-    """Backbone, weights identity, method settings, thresholds, training counts and failures by reason."""
-    card = load_card(uri, options)
+    """The current version's backbone, weights identity, method settings, thresholds, training counts and failures by
+    reason; and every version, oldest first (versions_summary)."""
+    current = resolve(uri, None, options)
+    card = load_card(current.uri, options)
     stored = card.to_dict()
     return {
         "kind": "model",
         "uri": uri,
+        "version": current.number,
+        "versions": versions_summary(uri, current.number, options),
         "backbone": card.settings.backbone,
         "weights": card.settings.weights,
         "weights_sha256": card.weights_sha256,
@@ -63,6 +69,21 @@ def model_summary(uri: str, options: storage.StorageOptions = None) -> dict[str,
         "created": card.created,
         "package_version": card.package_version,
     }
+
+
+def versions_summary(uri: str, current: int, options: storage.StorageOptions = None) -> list[dict[str, Any]]:
+    """Each published version of the model at uri: number, parent, images added (count and manifest hash), gallery
+    and calibration images, thresholds, when it was made, and whether it is the current one."""
+    rows = []
+    for number in version_numbers(uri, options):
+        card = load_card(ModelLayout(uri).version(number).root, options)
+        rows.append({
+            "number": number, "current": number == current, "parent": card.version.parent, "created": card.created,
+            "images_added": card.version.images_added, "added_sha256": card.version.added_sha256,
+            "gallery_images": card.train_count, "calibration_images": card.calibration.count,
+            "thresholds": {"image": card.thresholds.image, "pixel": card.thresholds.pixel},
+        })
+    return rows
 
 
 def run_summary(uri: str, options: storage.StorageOptions = None, top: int = 10) -> dict[str, Any]:
@@ -81,6 +102,7 @@ def run_summary(uri: str, options: storage.StorageOptions = None, top: int = 10)
         "kind": "run",
         "uri": uri,
         "model_uri": run["model_uri"],
+        "model_version": run.get("model_version", 1),  # runs from before versions scored the only one
         "counts": {key: run[key] for key in ("images", "scored", "failed", "retryable", "resumed", "anomalous")},
         "anomaly_rate": None if run["anomalous"] is None or not scored_count else run["anomalous"] / scored_count,
         "thresholds": run["thresholds"],
@@ -91,6 +113,43 @@ def run_summary(uri: str, options: storage.StorageOptions = None, top: int = 10)
         "top": best,
         "settings": group_values(run["settings"]),
         "versions": run["versions"],
+    }
+
+
+def review_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The flagged images among a run summary's top ones (all of them when no threshold is known): a review sheet's rows.
+
+    Flagged means scoring above the image threshold, so the top N by score hold the N highest flagged ones first.
+    """
+    return [row for row in summary["top"] if row["is_anomalous"] is not False]
+
+
+def verdicts_summary(uri: str, sheet: Sequence[Verdict], options: storage.StorageOptions = None) -> dict[str, Any]:
+    """The run at uri as reviewers judged it: flagged images, how many were reviewed, confirmed defects (verdict defect),
+    false alarms (verdict normal) and the precision among the reviewed (None when none was).
+
+    A row whose id the run did not score is a ValueError naming its line (the sheet of another run); reviewed rows of
+    images the run did not flag are counted apart.
+    """
+    outputs = Outputs(uri)
+    run = json.loads(storage.read_text(outputs.run_json, options))
+    flagged = {i: bool(flag) for _, columns in read_columns(outputs.parts(options).own, ["id", "is_anomalous"], options)
+               for i, flag in zip(columns["id"], columns["is_anomalous"])}
+    stranger = next((row for row in sheet if row.id not in flagged), None)
+    if stranger:
+        raise ValueError(f"review sheet line {stranger.line}: {stranger.id} is not an image of the run at {uri}; "
+                         "give the sheet written for this run")
+    reviewed = [row for row in sheet if row.verdict and flagged[row.id]]
+    defects = sum(row.verdict == "defect" for row in reviewed)
+    return {
+        "kind": "verdicts",
+        "uri": uri,
+        "flagged": run["anomalous"],
+        "reviewed": len(reviewed),
+        "confirmed_defects": defects,
+        "false_alarms": len(reviewed) - defects,
+        "precision": defects / len(reviewed) if reviewed else None,
+        "reviewed_not_flagged": sum(bool(row.verdict) and not flagged[row.id] for row in sheet),
     }
 
 

@@ -20,10 +20,11 @@ from spade_batch import cli
 from spade_batch.config import Settings, group_of, groups_of, keys_of, load_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-SETTINGS_COMMANDS = ("fit", "score", "evaluate", "nightly", "demo", "show")
+SETTINGS_COMMANDS = ("fit", "add", "score", "evaluate", "nightly", "demo", "show")
 REQUIRED = {
     "show": ["uri"],
     "fit": ["--train", "t", "--model", "m"],
+    "add": ["--model", "m", "--images", "i"],
     "score": ["--model", "m", "--images", "i", "--out", "o"],
     "evaluate": ["--model", "m", "--data", "d", "--out", "o"],
     "nightly": ["--train", "t", "--model", "m", "--images", "i", "--out", "o"],
@@ -113,11 +114,12 @@ def offered_flags(command: str) -> set[str]:
 
 COMMAND_OPTIONS = {
     "fit": {"--train", "--model", "--dry-run"},
-    "score": {"--model", "--images", "--out", "--fail-on-drift", "--dry-run"},
+    "add": {"--model", "--images", "--verdicts", "--dry-run"},
+    "score": {"--model", "--model-version", "--images", "--out", "--fail-on-drift", "--dry-run"},
     "evaluate": {"--model", "--data", "--out", "--original-resolution", "--working-resolution-only", "--every", "--dry-run"},
     "nightly": {"--train", "--model", "--images", "--out", "--plan", "--date", "--fail-on-drift", "--dry-run"},
     "demo": {"--out", "--dry-run"},
-    "show": {"--json", "--top"},
+    "show": {"--json", "--format", "--top", "--verdicts"},
 }
 """Each command's own options besides --help, --config and its settings' flags."""
 
@@ -301,7 +303,7 @@ def load_reference_script():
 def test_reference_script_covers_every_command(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")  # the script sets it; restored after the test
     reference = load_reference_script().reference()
-    for command in (*SETTINGS_COMMANDS, "make-demo-data", "config"):  # show is among SETTINGS_COMMANDS
+    for command in (*SETTINGS_COMMANDS, "model current", "make-demo-data", "config"):  # show is among SETTINGS_COMMANDS
         assert f"### spade-batch {command}\n\n```\nusage: spade-batch {command} " in reference
     assert "--image-size INT" in reference
     assert max(len(line) for line in reference.splitlines()) <= 100

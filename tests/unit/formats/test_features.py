@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -10,9 +11,11 @@ import pytest
 
 from spade_batch.formats import storage
 from spade_batch.formats.features import (
+    INDEX_SCHEMA,
     FeatureTable,
     LayerShape,
     concatenate,
+    content_sha256,
     from_arrow,
     read_features,
     to_arrow,
@@ -42,11 +45,13 @@ def make_table(errors: list[str | None], seed: int = 0, prefix: str = "img") -> 
         layers=layers,
         layer_shapes=SHAPES,
         errors=errors,
+        sha256=[None if e else f"{i:064x}" for i, e in enumerate(errors)],
     )
 
 
 def assert_tables_equal(actual: FeatureTable, expected: FeatureTable) -> None:
     assert actual.ids == expected.ids and actual.uris == expected.uris and actual.errors == expected.errors
+    assert actual.sha256 == expected.sha256
     assert actual.layer_shapes == expected.layer_shapes
     np.testing.assert_array_equal(actual.heights, expected.heights)
     np.testing.assert_array_equal(actual.widths, expected.widths)
@@ -109,6 +114,19 @@ def test_a_sliced_table_reads_its_own_rows():
     features = make_table(ERRORS)
     part = from_arrow(to_arrow(features).slice(2, 3))
     assert_tables_equal(part, features.select(np.arange(5) >= 2))
+
+
+def test_parts_written_before_content_hashes_read_them_as_unknown(tmp_path):
+    """A part without the sha256 column (fit before it was recorded) reads with None hashes, in full and by its index columns."""
+    features = make_table(ERRORS)
+    write_features(str(tmp_path / "part.parquet"), features)
+    pq.write_table(pq.read_table(tmp_path / "part.parquet").drop_columns(["sha256"]), tmp_path / "old.parquet")
+    assert read_features([str(tmp_path / "old.parquet")]).sha256 == [None] * 5
+    index = storage.read_part(str(tmp_path / "old.parquet"), columns=INDEX_SCHEMA.names, schema=INDEX_SCHEMA)
+    assert index.column("sha256").to_pylist() == [None] * 5 and index.column("id").to_pylist() == features.ids
+    assert content_sha256(b"abc") == hashlib.sha256(b"abc").hexdigest()
+    image = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    assert content_sha256(image) == content_sha256(image.copy()) != content_sha256(image.reshape(1, 4, 3))
 
 
 def test_other_schema_version_is_refused():

@@ -21,10 +21,10 @@ from spade_batch.formats.images import Preprocessing, decode_image, resize_for_m
 from spade_batch.formats.layout import ModelLayout, part_files
 from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
 from spade_batch.method import calibrate, spade
-from spade_batch.method.detector import Extractor, Features, Scorer, fit, score
+from spade_batch.method.detector import Extractor, Features, Scorer, add, fit, score
 from spade_batch.method.extractor import normalise
 from spade_batch.method.masks import mask_from_map
-from spade_batch.method.recipe import StoredFeatures, new_card, split_fit_ids
+from spade_batch.method.recipe import StoredFeatures, new_card, new_images, split_fit_ids
 from tests.unit.torchvision_reference import torchvision_input
 
 SIZE = 64
@@ -570,3 +570,60 @@ def test_a_training_image_scores_near_zero(data):
     relative = own.anomaly_map.max() / np.median(other.anomaly_map)
     print(f"training image: image score {own.score:.3g} vs {other.score:.3g}; max pixel score / other's median {relative:.2e}")
     assert relative < 1e-4
+
+
+# ---------------------------------------------------------------- add: a model that grows
+
+
+TRAIN_IDS = [f"{i:03d}.png" for i in range(6)]
+ADDED = ["002.png", "004.png"]  # with fraction 0.06 one is held out (002) and one joins the gallery (004)
+
+
+@pytest.mark.parametrize("calibration_images", ["held_out", "leave_one_out"])
+def test_fit_then_add_is_one_fit_of_all_the_images_and_extracts_only_the_added(data, tmp_path, monkeypatch, calibration_images):
+    settings = SETTINGS.replace(calibration_images=calibration_images, calibration_fraction=0.06, calibration_sample=0,
+                                image_fpr=0.5, pixel_quantile=0.9)
+    held = [i for i in TRAIN_IDS if calibrate.is_held_out(i, 0.06, settings.seed)]
+    assert set(held) & set(ADDED) and set(held) - set(ADDED) and len(set(TRAIN_IDS) - set(held) - set(ADDED)) >= settings.k
+    first = [i for i in TRAIN_IDS if i not in ADDED]
+    image = dict(zip(TRAIN_IDS, data["train"]))
+    fit([image[i] for i in first], settings, ids=first, folder=str(tmp_path / "model"))
+    extracted = []
+    forward = Extractor.forward
+    monkeypatch.setattr(Extractor, "forward", lambda self, prepared: extracted.append(len(prepared)) or forward(self, prepared))
+
+    grown = add(str(tmp_path / "model"), [image[i] for i in ADDED], ADDED, SETTINGS.replace(calibration_fraction=0.5))
+
+    assert sum(extracted) == len(ADDED), "adding m images extracts m"
+    whole = fit(data["train"], settings, ids=TRAIN_IDS)
+    assert grown.folder == str(tmp_path / "model" / "versions" / "2") and json.loads((tmp_path / "model" / "versions" / "2" / CARD_NAME).read_text())
+    assert grown.train_ids == whole.train_ids and grown.card.calibration.count == whole.card.calibration.count >= 2
+    assert grown.card.calibration_settings == whole.card.calibration_settings == settings.calibration  # the model's, not the request's
+    assert grown.card.thresholds == whole.card.thresholds  # the same float16 features, the same recipe
+    assert (grown.card.version.number, grown.card.version.parent, grown.card.version.images_added) == (2, 1, 2)
+    for a, b in zip(score(grown, data["test"]), score(whole, data["test"])):
+        assert a.neighbours.tolist() == b.neighbours.tolist() and a.score == pytest.approx(b.score, rel=1e-6)
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=1e-6)
+
+    extracted.clear()
+    again = add(str(tmp_path / "model"), [image[i] for i in ADDED], ADDED)
+    assert extracted == [] and again.folder == grown.folder, "the same add again extracts nothing and publishes nothing"
+
+
+def test_add_refuses_an_id_the_model_holds_with_other_pixels(data, tmp_path):
+    settings = SETTINGS.replace(calibration_fraction=0)
+    fit(data["train"][:3], settings, ids=TRAIN_IDS[:3], folder=str(tmp_path / "model"))
+    with pytest.raises(ValueError, match="1 images have the id of an image the model holds but other content .first: 001.png."):
+        add(str(tmp_path / "model"), [data["train"][3], data["train"][4]], ["001.png", "new.png"])
+    assert not (tmp_path / "model" / "versions" / "2" / CARD_NAME).exists()
+    card = json.loads((tmp_path / "model" / CARD_NAME).read_text())
+    (tmp_path / "model" / CARD_NAME).write_text(json.dumps({**card, "weights_sha256": "sha256:" + "0" * 64}))  # fitted with other weights
+    with pytest.raises(ValueError, match="the backbone weights or preprocessing found now differ from those of model"):
+        add(str(tmp_path / "model"), [data["train"][4]], ["new.png"])
+
+
+def test_new_images_are_those_not_held_and_an_unknown_hash_is_taken_as_the_same():
+    held = {"a.png": "1", "b.png": None}
+    assert new_images(held, {"a.png": "1", "b.png": "9", "c.png": None, "0.png": "7"}) == ["0.png", "c.png"]
+    with pytest.raises(ValueError, match=r"first: a.png\)"):
+        new_images(held, {"a.png": "2"})

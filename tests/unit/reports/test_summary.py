@@ -23,6 +23,7 @@ from spade_batch.formats.layout import part_name
 from spade_batch.formats.scores import ScoreRow, write_scores
 from spade_batch.reports.run_report import read_run_scores
 from spade_batch.reports.summary import decision_rules, failure_reason, failures_by_reason, false_alarm_range, run_summary
+from tests.unit.formats.test_versions import publish
 
 
 def show(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -113,3 +114,52 @@ def test_decision_rules_say_how_thresholds_were_set_and_what_they_promise():
     assert "1.0% of them show a flagged region of 16 pixels" in rules["pixel rule"] and "empty for images not flagged" in rules["masks"]
     uncalibrated = dataclasses.replace(card, thresholds=Thresholds(), calibration=CalibrationRecord())
     assert list(decision_rules(uncalibrated)) == ["calibration"]
+
+
+def test_show_lists_the_versions_and_model_current_makes_an_older_one_current(tmp_path, capsys):
+    root = str(tmp_path)
+    for number, parent in ((1, None), (2, 1), (3, 2)):
+        publish(root, number, parent)
+    summary = json.loads(show(capsys, root, "--json")[1])
+    assert summary["version"] == 3 and [row["number"] for row in summary["versions"]] == [1, 2, 3]
+    assert [(row["parent"], row["images_added"], row["current"]) for row in summary["versions"]] == [(None, 5, False), (1, 5, False), (2, 5, True)]
+
+    assert cli.main(["model", "current", root, "2"]) == 0
+    assert capsys.readouterr().out.startswith(f"version 2 of {root} is current")
+    code, out, _ = show(capsys, root)
+    assert code == 0 and f"{root} (version 2, the current one)" in out
+    rows = out[out.index("versions (current: *)"):].splitlines()[2:]
+    assert [row.split()[:2] for row in rows] == [["1", "-"], ["*", "2"], ["3", "2"]]
+    assert cli.main(["model", "current", root, "9"]) == 2
+    assert "has no version 9; its versions are 1, 2, 3" in capsys.readouterr().err
+
+
+def test_the_review_sheet_holds_the_top_flagged_images_and_the_verdicts_are_counted(tmp_path, capsys):
+    root = str(tmp_path / "run")
+    outputs = RunOutputs(root)
+    scores = {"a.png": 9.0, "b.png": 8.0, "c.png": 7.0, "d.png": 1.0, "e.png": 0.5}  # flagged above 5
+    rows = [ScoreRow(id=i, uri=f"/night/{i}", image_score=s, is_anomalous=s > 5, mask_uri=f"{root}/masks/{i}") for i, s in scores.items()]
+    write_scores(storage.join(outputs.scores, part_name([row.id for row in rows])), rows)
+    run = {"model_uri": "m", "images": 5, "scored": 5, "failed": 0, "retryable": 0, "resumed": 0, "anomalous": 3,
+           "thresholds": {"image": 5.0, "pixel": 1.0}, "mask_kind": "binary", "seconds": 1.0, "images_per_second": 5.0,
+           "settings": {}, "versions": {}}
+    storage.write_text(outputs.run_json, json.dumps(run))
+
+    code, out, _ = show(capsys, root, "--top", "4", "--format", "csv")
+    assert code == 0 and out.splitlines() == ["id,uri,image_score,mask_uri,verdict",
+                                              *(f"{i}.png,/night/{i}.png,{scores[i + '.png']},{root}/masks/{i}.png," for i in "abc")]
+    filled = out.splitlines()
+    filled[1], filled[2] = filled[1] + "normal", filled[2] + "defect"  # c.png is not reviewed
+    (tmp_path / "sheet.csv").write_text("\n".join(filled) + "\n")
+    code, out, _ = show(capsys, root, "--verdicts", str(tmp_path / "sheet.csv"), "--json")
+    assert code == 0 and json.loads(out) == {"kind": "verdicts", "uri": root, "flagged": 3, "reviewed": 2, "confirmed_defects": 1,
+                                             "false_alarms": 1, "precision": 0.5, "reviewed_not_flagged": 0}
+    code, out, _ = show(capsys, root, "--verdicts", str(tmp_path / "sheet.csv"))
+    assert "precision among reviewed  50.0%" in out
+
+    (tmp_path / "other.csv").write_text("id,uri,verdict\nz.png,/other/z.png,normal\n")
+    code, _, err = show(capsys, root, "--verdicts", str(tmp_path / "other.csv"))
+    assert code == 2 and "review sheet line 2: z.png is not an image of the run" in err
+    publish(str(tmp_path / "model"), 1, None)
+    code, _, err = show(capsys, str(tmp_path / "model"), "--format", "csv")
+    assert code == 2 and "is a model: a review sheet (--format csv) is written for a run's OUT_URI" in err

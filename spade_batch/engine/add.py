@@ -1,0 +1,143 @@
+"""add on Ray: normal images join a model as its next version, by the one fit recipe (method.recipe.Addition).
+
+Of the images listed, those whose ids the current version holds are only read, to compare their
+content hash with the one recorded at extraction (the same: skipped; other: an error naming the id);
+the others stream through fit's extraction (engine.fit.extract) into versions/<N>/features/. Then the
+recipe runs over the stored features of every training image, old and new (no re-extraction), and
+version N is published: arrays, then its card, last. A killed add resumes from its parts, like fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+import ray.data
+
+from spade_batch.config import Settings
+from spade_batch.engine.cpu_stages import read_hashes
+from spade_batch.engine.fit import build_and_publish, extract, held_out_scorer, raise_retryable
+from spade_batch.engine.runtime import DECODE_TASK, Progress, init_ray, stream, task_stage
+from spade_batch.formats import storage
+from spade_batch.formats.card import ModelCard
+from spade_batch.formats.features import SCHEMA_VERSION as FEATURE_SCHEMA_VERSION
+from spade_batch.formats.layout import ModelLayout, record_inputs
+from spade_batch.formats.locks import holding_lock
+from spade_batch.formats.manifest import Manifest, pairs_sha256
+from spade_batch.method.extractor import Extractor
+from spade_batch.method.recipe import Addition
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AddSummary:
+    """What an add did.
+
+    Attributes:
+        version: the version published (the current one when nothing was new).
+        parent: the version the images were added to.
+        images: listed; skipped: held by the parent already; added: new to it; extracted: by this run (a resumed
+            run extracts only what its killed run did not).
+        gallery_images, calibration_images, thresholds, warnings: of the version published.
+    """
+
+    model_uri: str
+    version: int
+    parent: int
+    images: int
+    skipped: int
+    added: int
+    extracted: int
+    gallery_images: int
+    calibration_images: int
+    thresholds: dict[str, float | None]
+    warnings: list[str]
+    seconds: float
+
+    @property
+    def published(self) -> bool:
+        return self.version != self.parent
+
+
+def run_add(manifest: Manifest, model_uri: str, settings: Settings, explicit: frozenset[str] = frozenset()) -> AddSummary:
+    """Add the manifest's normal images to the model at model_uri, holding its lock (one add or fit at a time).
+
+    The model's method and calibration settings are used (ModelCard.training_settings); settings give the run's.
+    """
+    options = settings.fsspec_options()
+    started = time.perf_counter()
+    with holding_lock(ModelLayout(model_uri).lock, f"spade-batch add to {model_uri}", options):
+        return _add_locked(manifest, model_uri, settings, explicit, started)
+
+
+def _add_locked(manifest: Manifest, model_uri: str, settings: Settings, explicit: frozenset[str], started: float) -> AddSummary:
+    """run_add's work, once it holds the model's lock."""
+    options = settings.fsspec_options()
+    addition = Addition.plan(model_uri, options)
+    settings = addition.card.training_settings(settings, explicit)
+    init_ray(settings.ray_address)
+    listed = dict(zip(manifest.ids, manifest.uris))
+    held = {i: u for i, u in listed.items() if i in addition.trained.parts}
+    new = addition.new_ids({**{i: None for i in listed if i not in held}, **_content_hashes(held, settings)})
+    if not new:
+        log.info("add: version %d of %s holds every image listed: nothing to add", addition.parent.number, model_uri)
+        return _summary(addition, addition.parent.number, addition.card, len(manifest), [], 0, started)
+
+    extractor = Extractor(settings, options)  # as the extraction actors build theirs
+    addition.check(extractor)
+    target = addition.target
+    if settings.overwrite:
+        storage.remove(target.root, options, recursive=True)  # an unfinished add of other images: never published
+    uris = [listed[i] for i in new]
+    # Part files of a killed add are reused only for the same images added to the same version.
+    record_inputs(target.features, target.features_inputs,
+                  {"parent": addition.parent.number, "images": pairs_sha256(new, uris), "weights": extractor.weights_sha256,
+                   "preprocessing": extractor.preprocessing.to_dict(), "feature_schema": FEATURE_SCHEMA_VERSION}, options)
+    extracted = extract(new, uris, target.features, extractor, settings)
+
+    features = addition.features()
+    rejected = [{"id": uri, "error": reason} for uri, reason in manifest.rejected]
+    held_out = held_out_scorer(features, extractor, target.root, settings)
+    fitted = build_and_publish(target.root, settings,
+                               lambda folder: addition.fit(features, extractor, settings, folder, (new, uris), rejected, held_out))
+    log.info("add: published version %d of %s (%d images added to version %d)", addition.number, model_uri, len(new), addition.parent.number)
+    return _summary(addition, addition.number, fitted.model.card, len(manifest), new, extracted, started)
+
+
+def _summary(addition: Addition, version: int, card: ModelCard, listed: int, new: list[str], extracted: int, started: float) -> AddSummary:
+    return AddSummary(
+        model_uri=addition.model_uri, version=version, parent=addition.parent.number, images=listed, skipped=listed - len(new),
+        added=len(new), extracted=extracted, gallery_images=card.train_count, calibration_images=card.calibration.count,
+        thresholds=dataclasses.asdict(card.thresholds), warnings=list(card.calibration.warnings), seconds=time.perf_counter() - started,
+    )
+
+
+def _content_hashes(images: dict[str, str], settings: Settings) -> dict[str, str]:
+    """id -> content_sha256 of these images (id -> uri), read by CPU tasks and never decoded.
+
+    An image that cannot be read is left out (the model holds it already), with a warning; raises
+    RetryableInputError when some could not be read for a transient reason.
+    """
+    if not images:
+        return {}
+    items = [{"id": i, "uri": u} for i, u in images.items()]
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // settings.shard_size, 10_000))).map_batches(
+        task_stage(read_hashes), fn_kwargs={"options": settings.fsspec_options()}, batch_size=settings.shard_size,
+        batch_format="numpy", **DECODE_TASK)
+    hashes, retryable, unreadable = {}, [], []
+    with Progress("compare", len(items)) as progress:
+        for batch in stream(dataset, progress):
+            for image_id, sha256, error, transient in zip(batch["id"], batch["sha256"], batch["error"], batch["transient"]):
+                if transient:
+                    retryable.append(f"{image_id}: {error}")
+                elif error:
+                    unreadable.append(f"{image_id}: {error}")
+                else:
+                    hashes[str(image_id)] = str(sha256)
+    raise_retryable(retryable)
+    if unreadable:
+        log.warning("add: %d images the model holds could not be read to compare them (first: %s); skipped", len(unreadable), unreadable[0])
+    return hashes

@@ -1,0 +1,91 @@
+"""A model's numbered versions under MODEL_URI, and which one is current.
+
+Version 1 is what fit wrote, at the root (a model from before versions is version 1 as it is). Each
+`add` publishes the next number at versions/<N>/: a complete model folder (layout.ModelLayout) whose
+features/ holds the parts of the images it added, and whose card names its parent. A version exists
+once its spade.json is written, last and atomically: a reader never sees half of one. Nothing is
+ever deleted.
+
+The current version is the newest, unless `spade-batch model current` made another one current:
+current.json records that choice with the newest version at the time, so the choice holds until a
+newer version is published. Writing current.json is atomic too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from spade_batch.formats import storage
+from spade_batch.formats.card import load_card
+from spade_batch.formats.layout import ModelLayout
+
+_VERSION_CARD = re.compile(rf"(\d+)/{re.escape(ModelLayout.card)}")
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One published version: its number and the URI of its folder (what SpadeModel.load and load_card take)."""
+
+    number: int
+    uri: str
+
+
+def version_numbers(model_uri: str, options: storage.StorageOptions = None) -> list[int]:
+    """The published versions, ascending (empty when there is no model at model_uri)."""
+    layout = ModelLayout(model_uri)
+    if not storage.exists(layout.card, options):
+        return []
+    folder = storage.normalize(layout.versions, options)
+    names = (uri[len(folder) + 1 :] for uri in storage.list_files(folder, (".json",), options))
+    return [1, *sorted(int(match.group(1)) for name in names if (match := _VERSION_CARD.fullmatch(name)) and int(match.group(1)) > 1)]
+
+
+def current_number(model_uri: str, options: storage.StorageOptions = None) -> int:
+    """The current version: the newest, or the one made current since the newest was published."""
+    numbers = _published(model_uri, options)
+    layout = ModelLayout(model_uri)
+    if storage.exists(layout.current, options):
+        chosen = json.loads(storage.read_text(layout.current, options))
+        if chosen.get("newest") == numbers[-1] and chosen.get("version") in numbers:
+            return int(chosen["version"])
+    return numbers[-1]
+
+
+def resolve(model_uri: str, number: int | None = None, options: storage.StorageOptions = None) -> ModelVersion:
+    """Version `number` of the model (default: the current one); an unpublished number is a ValueError naming those there are."""
+    numbers = _published(model_uri, options)
+    if number is None:
+        number = current_number(model_uri, options)
+    elif number not in numbers:
+        raise ValueError(f"model {model_uri} has no version {number}; its versions are {', '.join(map(str, numbers))}")
+    return ModelVersion(number, ModelLayout(model_uri).version(number).root)
+
+
+def make_current(model_uri: str, number: int, options: storage.StorageOptions = None) -> ModelVersion:
+    """Make version `number` current (until a newer version is published); nothing is deleted."""
+    version = resolve(model_uri, number, options)
+    newest = _published(model_uri, options)[-1]
+    storage.write_text(ModelLayout(model_uri).current, json.dumps({"version": number, "newest": newest}), options)
+    return version
+
+
+def next_number(model_uri: str, options: storage.StorageOptions = None) -> int:
+    """The number the next add publishes: one past the newest."""
+    return _published(model_uri, options)[-1] + 1
+
+
+def lineage(model_uri: str, number: int, options: storage.StorageOptions = None) -> list[ModelVersion]:
+    """Version `number` and its ancestors, oldest (version 1) first: whose features/ together hold its training images."""
+    chain = [resolve(model_uri, number, options)]
+    while (parent := load_card(chain[-1].uri, options).version.parent) is not None:
+        chain.append(resolve(model_uri, parent, options))
+    return chain[::-1]
+
+
+def _published(model_uri: str, options: storage.StorageOptions) -> list[int]:
+    numbers = version_numbers(model_uri, options)
+    if not numbers:
+        raise FileNotFoundError(f"no model at {model_uri}: {ModelLayout.card} is missing; run `spade-batch fit` first")
+    return numbers

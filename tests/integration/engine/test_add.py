@@ -1,0 +1,233 @@
+"""add on Ray, local and on the S3 test server: fit on A, then add B, is one fit on A and B.
+
+Per storage, one module fixture fits images A (5), adds images B (3) and fits A and B in one go, on
+the session's local Ray (resnet18, random weights, 64 px; a hold-out by id hash that takes images of
+both A and B, so that the thresholds depend on both). The tests compare the two models, count what
+add extracted, and replay the same add, an add of changed images and a killed add.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+
+from spade_batch import cli
+from spade_batch.config import Settings
+from spade_batch.engine.add import AddSummary, run_add
+from spade_batch.engine.fit import run_fit
+from spade_batch.engine.score import run_score
+from spade_batch.formats import storage
+from spade_batch.formats.card import load_card
+from spade_batch.formats.datasets import make_demo_data
+from spade_batch.formats.images import decode_image
+from spade_batch.formats.layout import ModelLayout, Outputs, part_files
+from spade_batch.formats.locks import LockHeldError, acquire_lock, release_lock
+from spade_batch.formats.manifest import build_manifest, pairs_sha256
+from spade_batch.formats.model import SpadeModel
+from spade_batch.formats.versions import current_number, make_current, version_numbers
+from spade_batch.method import calibrate, detector
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from tests.integration.conftest import S3Server
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+A = [f"good/{i:03d}.png" for i in range(5)]
+B = [f"good/{i:03d}.png" for i in range(5, 8)]
+# float16 features, extracted in other batches by the two fits: rounding differs by at most one step (2**-11).
+FLOAT16_RTOL = 2.0**-10
+
+
+@dataclass(frozen=True)
+class Grown:
+    """Where the images are, the model grown by add (A, then B) and the model fitted on A and B at once."""
+
+    local: str  # the demo category folder on local disk
+    root: str  # where images and models live (a local folder or a bucket)
+    settings: Settings
+    grown: str
+    whole: str
+    added: AddSummary
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.settings.fsspec_options()
+
+    def image(self, split: str, image_id: str) -> np.ndarray:
+        path = os.path.join(self.local, split, image_id)
+        with open(path, "rb") as f:
+            return decode_image(f.read(), path)
+
+    def upload(self, files: dict[str, bytes], prefix: str) -> str:
+        """Put files under root/prefix as the given ids; returns the prefix URI."""
+        for image_id, data in files.items():
+            storage.write_bytes(storage.join(self.root, prefix, image_id), data, self.options)
+        return storage.join(self.root, prefix)
+
+    def add(self, source: str, settings: Settings | None = None) -> AddSummary:
+        """run_add of the images at source to the grown model."""
+        return run_add(build_manifest(source, self.options), self.grown, settings or self.settings)
+
+    def file(self, image_id: str, split: str = "train") -> bytes:
+        with open(os.path.join(self.local, split, image_id), "rb") as f:
+            return f.read()
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def grown(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Grown:
+    local = make_demo_data(str(tmp_path_factory.mktemp("data")), n_train=8, n_test_good=1, n_test_per_defect=1, min_size=48, max_size=80)
+    if request.param == "local":
+        root, options = str(tmp_path_factory.mktemp("root")), {}
+    else:
+        s3: S3Server = request.getfixturevalue("s3")
+        new_bucket: Callable[[], str] = request.getfixturevalue("new_bucket")
+        root, options = new_bucket(), s3.storage_options
+    settings = Settings(backbone="resnet18", weights="random", k=2, image_size=64, batch_size=2, shard_size=2, device="cpu",
+                        calibration_fraction=0.25, image_fpr=0.5, storage_options=options)
+    held = [i for i in A + B if calibrate.is_held_out(i, settings.calibration_fraction, settings.seed)]
+    assert set(held) & set(A) and set(held) & set(B) and len(set(A) - set(held)) >= settings.k  # the setup the tests need
+    grown = Grown(local, root, settings, storage.join(root, "grown"), storage.join(root, "whole"), None)  # type: ignore[arg-type]
+    for name, ids in (("a", A), ("b", B), ("all", A + B)):
+        grown.upload({image_id: grown.file(image_id) for image_id in ids}, name)
+    run_fit(storage.join(root, "a"), grown.grown, settings)
+    added = grown.add(storage.join(root, "b"), settings.replace(calibration_fraction=0.9))  # the model's own is used
+    run_fit(storage.join(root, "all"), grown.whole, settings)
+    return Grown(local, root, settings, grown.grown, grown.whole, added)
+
+
+def test_fit_on_a_then_add_of_b_is_one_fit_on_a_and_b(grown: Grown) -> None:
+    """The same gallery ids, calibration images, thresholds and scores on test images, as version 2 of the model."""
+    assert version_numbers(grown.grown, grown.options) == [1, 2]
+    added = SpadeModel.load(ModelLayout(grown.grown).version(2).root, grown.options)
+    whole = SpadeModel.load(grown.whole, grown.options)
+    assert added.train_ids == whole.train_ids and set(added.train_ids) & set(B)
+    assert added.card.calibration.count == whole.card.calibration.count >= 2
+    assert added.card.calibration.image_scores == pytest.approx(whole.card.calibration.image_scores, rel=FLOAT16_RTOL)
+    for kind in ("image", "pixel"):
+        assert getattr(added.card.thresholds, kind) == pytest.approx(getattr(whole.card.thresholds, kind), rel=FLOAT16_RTOL)
+    assert added.card.thresholds != SpadeModel.load(grown.grown, grown.options).card.thresholds, "version 1's thresholds were recalibrated"
+    test_ids = ["good/000.png", "crack/000.png", "spot/000.png"]
+    images = [grown.image("test", i) for i in test_ids]
+    for a, b in zip(detector.score(added, images, grown.settings), detector.score(whole, images, grown.settings)):
+        assert a.neighbours.tolist() == b.neighbours.tolist()
+        assert a.score == pytest.approx(b.score, rel=FLOAT16_RTOL)
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=FLOAT16_RTOL, atol=1e-4)
+    uris = [storage.join(grown.root, "b", image_id) for image_id in B]
+    assert (added.card.version.number, added.card.version.parent) == (2, 1)
+    assert (added.card.version.images_added, added.card.version.added_sha256) == (3, pairs_sha256(B, [storage.normalize(u, grown.options) for u in uris]))
+
+
+def test_adding_m_images_extracts_m_and_the_same_add_again_nothing(grown: Grown) -> None:
+    summary = grown.added
+    assert (summary.images, summary.added, summary.extracted, summary.skipped, summary.version, summary.parent) == (3, 3, 3, 0, 2, 1)
+    parts = part_files(ModelLayout(grown.grown).version(2).features, grown.options)
+    assert sum(storage.read_part(p, grown.options, columns=["id"]).num_rows for p in parts) == 3, "version 2's features: the added images only"
+
+    again = grown.add(storage.join(grown.root, "b"))
+
+    assert (again.added, again.extracted, again.skipped, again.version, again.published) == (0, 0, 3, 2, False)
+    assert version_numbers(grown.grown, grown.options) == [1, 2]
+
+
+def test_an_image_the_model_holds_with_other_bytes_is_refused_naming_it(grown: Grown) -> None:
+    changed = grown.upload({"good/001.png": grown.file("good/006.png"), "good/100.png": grown.file("good/000.png")}, "changed")
+    with pytest.raises(ValueError, match="1 images have the id of an image the model holds but other content .first: good/001.png."):
+        grown.add(changed)
+    assert version_numbers(grown.grown, grown.options) == [1, 2]
+
+
+def test_a_second_add_while_one_holds_the_model_is_refused_with_the_lock_message(grown: Grown) -> None:
+    lock = acquire_lock(ModelLayout(grown.grown).lock, "another add", grown.options)
+    try:
+        with pytest.raises(LockHeldError, match="is held by another add"):
+            grown.add(storage.join(grown.root, "b"))
+    finally:
+        release_lock(lock, grown.options)
+
+
+@pytest.mark.parametrize("grown", ["s3"], indirect=True)  # the store where a kill leaves most behind; local resumes as fit does
+def test_a_killed_add_resumes_extracting_only_what_it_had_not(grown: Grown) -> None:
+    """Killed after extracting, before publishing: no card for version 3 yet, one part lost."""
+    more = grown.upload({"good/100.png": grown.file("good/000.png"), "good/101.png": grown.file("good/001.png"),
+                         "good/102.png": grown.file("good/002.png")}, "more")
+    first = grown.add(more)
+    target = ModelLayout(grown.grown).version(3)
+    complete = SpadeModel.load(target.root, grown.options)
+    storage.remove(target.card, grown.options)
+    parts = part_files(target.features, grown.options)
+    storage.remove(parts[0], grown.options)
+    assert version_numbers(grown.grown, grown.options) == [1, 2], "a version without its card is not published"
+
+    resumed = grown.add(more)
+
+    assert (first.extracted, resumed.version, resumed.parent) == (3, 3, 2)
+    assert 0 < resumed.extracted < 3
+    model = SpadeModel.load(target.root, grown.options)
+    assert model.train_ids == complete.train_ids
+    for kind in ("image", "pixel"):
+        assert getattr(model.card.thresholds, kind) == pytest.approx(getattr(complete.card.thresholds, kind), rel=FLOAT16_RTOL)
+
+
+@pytest.mark.parametrize("grown", ["local"], indirect=True)
+def test_the_loop_a_night_reviewed_its_false_alarm_added_and_the_night_kept_on_its_version(
+    grown: Grown, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Version 1 made current again; a night is scored on it; its review sheet is exported and filled in; the night's
+    rerun is killed; the false alarm is added (version 3, now current) while the night resumes, which keeps version 1
+    to its end. The verdicts are counted; a score pinned to version 2 scores version 2; a refit drops the versions."""
+    options = grown.options
+    make_current(grown.grown, 1, options)
+    test_ids = sorted(os.path.relpath(os.path.join(d, f), os.path.join(grown.local, "test"))
+                      for d, _, files in os.walk(os.path.join(grown.local, "test")) for f in files)
+    night = grown.upload({i: grown.file(i, "test") for i in test_ids}, "night")
+    out = Outputs(storage.join(grown.root, "out"))
+    assert run_score(grown.grown, night, out.root, grown.settings).model_version == 1
+    capsys.readouterr()
+    assert cli.main(["score", "--model", grown.grown, "--images", night, "--out", out.root, "--device", "cpu"]) == 0  # resumed: nothing left
+    report = storage.read_text(out.report, options)
+    assert f"model {grown.grown} (version 1)" in report and f"spade-batch show {out.root} --top" in report and "--verdicts review.csv" in report
+    capsys.readouterr()
+    assert cli.main(["show", out.root, "--top", "3", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) >= 2 and all(row["verdict"] == "" for row in rows)  # the night flagged some images
+    rows[0]["verdict"], rows[1]["verdict"] = "normal", "Defect"
+    filled = io.StringIO()
+    writer = csv.DictWriter(filled, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    sheet = storage.join(grown.root, "review.csv")
+    storage.write_text(sheet, filled.getvalue(), options)
+
+    lost = storage.read_part(out.parts(options).own[0], options, columns=["id"]).num_rows
+    storage.remove(out.parts(options).own[0], options)  # killed: a part and run.json never written
+    storage.remove(out.run_json, options)
+    assert cli.main(["add", "--model", grown.grown, "--verdicts", sheet, "--device", "cpu"]) == 0
+    assert (current_number(grown.grown, options), load_card(ModelLayout(grown.grown).version(3).root, options).version.images_added) == (3, 1)
+    resumed = run_score(grown.grown, night, out.root, grown.settings)
+
+    assert (resumed.model_version, resumed.resumed, resumed.scored) == (1, len(test_ids) - lost, len(test_ids))
+    assert resumed.thresholds["image"] == load_card(grown.grown, options).thresholds.image
+    assert json.loads(storage.read_text(out.run_json, options))["model_version"] == 1
+    capsys.readouterr()
+    assert cli.main(["show", out.root, "--verdicts", sheet, "--json"]) == 0
+    judged = json.loads(capsys.readouterr().out)
+    assert (judged["flagged"], judged["reviewed"], judged["confirmed_defects"], judged["false_alarms"], judged["precision"]) == (
+        resumed.anomalous, 2, 1, 1, 0.5)
+
+    pinned = storage.join(grown.root, "pinned")
+    assert cli.main(["score", "--model", grown.grown, "--images", night, "--out", pinned, "--model-version", "2", "--device", "cpu"]) == 0
+    assert f"{grown.grown} (version 2)" in capsys.readouterr().out
+    run = json.loads(storage.read_text(Outputs(pinned).run_json, options))
+    assert run["model_version"] == 2 and run["thresholds"]["image"] == load_card(ModelLayout(grown.grown).version(2).root, options).thresholds.image
+
+    run_fit(storage.join(grown.root, "a"), grown.grown, grown.settings.replace(overwrite=True))
+    assert version_numbers(grown.grown, options) == [1], "a refit replaces the model: its versions go with it"

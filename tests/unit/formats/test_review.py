@@ -1,0 +1,47 @@
+"""The review sheet: written with empty verdicts, read back filled in; unknown verdicts; the images marked normal."""
+
+from __future__ import annotations
+
+import pytest
+
+from spade_batch.formats.review import COLUMNS, Verdict, normal_images, read_sheet, sheet_csv
+
+ROWS = [
+    {"id": "cam1/001.png", "uri": "s3://line/2024-05-01/cam1/001.png", "image_score": 3.25, "mask_uri": "s3://out/masks/cam1/001.png"},
+    {"id": "a,b.png", "uri": "/data/night/a,b.png", "image_score": 2.5, "mask_uri": "/out/masks/a,b.png"},
+]
+
+
+def test_a_sheet_round_trips_with_empty_verdicts_and_reads_the_filled_in_ones(tmp_path):
+    text = sheet_csv(ROWS)
+    assert text.splitlines()[0] == ",".join(COLUMNS) and text.splitlines()[1].endswith(",")
+    (tmp_path / "empty.csv").write_text(text)
+    assert [(v.line, v.id, v.uri, v.verdict) for v in read_sheet(str(tmp_path / "empty.csv"))] == [
+        (2, "cam1/001.png", "s3://line/2024-05-01/cam1/001.png", ""), (3, "a,b.png", "/data/night/a,b.png", "")]
+    filled = text.splitlines()
+    filled[1] += " Normal "
+    filled[2] += "defect"
+    (tmp_path / "filled.csv").write_text("\ufeff" + "\n".join(filled) + "\n")  # a spreadsheet's byte-order mark
+    assert [v.verdict for v in read_sheet(str(tmp_path / "filled.csv"))] == ["normal", "defect"]
+
+
+def test_an_unknown_verdict_or_a_missing_column_is_an_error_naming_it(tmp_path):
+    lines = sheet_csv(ROWS).splitlines()
+    (tmp_path / "maybe.csv").write_text("\n".join([lines[0], lines[1] + "normal", lines[2] + "maybe"]) + "\n")
+    with pytest.raises(ValueError, match=r"maybe.csv line 3 \(id a,b.png\): verdict 'maybe' is not normal or defect"):
+        read_sheet(str(tmp_path / "maybe.csv"))
+    (tmp_path / "bare.csv").write_text("id,uri\nx.png,/x.png\n")
+    with pytest.raises(ValueError, match="bare.csv has no verdict column"):
+        read_sheet(str(tmp_path / "bare.csv"))
+
+
+def test_the_images_marked_normal_are_named_by_their_uris_path():
+    verdicts = [Verdict(2, "cam1/001.png", "s3://line/2024-05-01/cam1/001.png", "normal"),
+                Verdict(3, "cam1/001.png", "s3://line/2024-05-02/cam1/001.png", "normal"),  # the same name another night
+                Verdict(4, "cam1/002.png", "s3://line/2024-05-02/cam1/002.png", "defect"),
+                Verdict(5, "cam1/003.png", "s3://line/2024-05-02/cam1/003.png", ""),
+                Verdict(6, "cam1/001.png", "s3://line/2024-05-01/cam1/001.png", "normal")]  # listed twice: one image
+    manifest = normal_images(verdicts)
+    assert manifest.ids == ("line/2024-05-01/cam1/001.png", "line/2024-05-02/cam1/001.png")
+    assert manifest.uris == ("s3://line/2024-05-01/cam1/001.png", "s3://line/2024-05-02/cam1/001.png")
+    assert normal_images([Verdict(2, "x.png", "/data/x.png", "normal")]).ids == ("data/x.png",)
