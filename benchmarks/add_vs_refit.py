@@ -7,7 +7,8 @@ all). Prints both, and the ratio add / refit last; checks on the way that both g
 thresholds (the add contract).
 
     python benchmarks/add_vs_refit.py [--train 2000] [--add-fraction 0.1] [--backbone resnet18] [--weights random]
-        [--image-size 128] [--k 10] [--calibration-fraction 0.1] [--device auto|cpu|cuda]
+        [--image-size 128] [--k 10] [--calibration-images leave_one_out|held_out] [--calibration-sample 1000]
+        [--calibration-fraction 0.1] [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -46,12 +47,15 @@ def main() -> None:
     parser.add_argument("--weights", default="random")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--calibration-images", default=Settings.calibration_images, choices=["leave_one_out", "held_out"])
+    parser.add_argument("--calibration-sample", type=int, default=Settings.calibration_sample)
     parser.add_argument("--calibration-fraction", type=float, default=Settings.calibration_fraction)
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args()
     settings = Settings(backbone=args.backbone, weights=args.weights, image_size=args.image_size, k=args.k,
+                        calibration_images=args.calibration_images, calibration_sample=args.calibration_sample,
                         calibration_fraction=args.calibration_fraction, shard_size=args.shard_size, batch_size=args.batch_size,
                         device=args.device)
     added = max(1, round(args.train * args.add_fraction))
@@ -62,7 +66,7 @@ def main() -> None:
     extra = link_folder(paths[args.train :], os.path.join(work, "extra"))
     everything = link_folder(paths, os.path.join(work, "all"))
     print(f"config: {args.backbone} ({args.weights}) {args.image_size}px K={args.k}, {args.train} images + {added} added, "
-          f"calibration_fraction {args.calibration_fraction:g}, shard {args.shard_size}, {os.cpu_count()} CPUs")
+          f"calibration {args.calibration_images} (sample {args.calibration_sample}, fraction {args.calibration_fraction:g}), shard {args.shard_size}, {os.cpu_count()} CPUs")
 
     init_ray(None)  # started before timing: Ray's start-up is not the commands' cost
     grown, whole = os.path.join(work, "grown"), os.path.join(work, "whole")
