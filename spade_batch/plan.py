@@ -121,7 +121,8 @@ def run_plan(
             log.debug("line %s failed", line.name, exc_info=True)
             secrets = secret_values(line.settings.fsspec_options())
             cause = user_error(failure)  # a failed Ray task's own exception, not Ray's wrapper
-            code, error = ExitCode.FAILED, redact(f"{type(cause).__name__}: {first_line(cause)}", secrets)
+            code = ExitCode.RETRYABLE if storage.is_transient(cause) else ExitCode.FAILED  # a re-run may pass: not a failed line
+            error = redact(f"{type(cause).__name__}: {first_line(cause)}", secrets)
             log.error("plan: line %s failed: %s", line.name, error)
         results.append(LineResult(line, code, error, {} if dry_run else _run_json(line, day)))
     status = plan_exit_code([result.code for result in results])

@@ -578,3 +578,31 @@ def test_stray_parquet_files_in_scores_are_reported_and_never_read(
     shown = json.loads(capsys.readouterr().out)
     assert shown["counts"]["scored"] == len(archive.ids) and shown["failures"] == []
     assert all(row["image_score"] < 1e9 for row in shown["top"]), "the run's page and summary read only its own parts"
+
+
+# ---------------------------------------------------------------- storage down when the run starts
+
+
+@pytest.mark.parametrize("down", ["the endpoint refuses connections", "the model's files answer SlowDown"])
+def test_storage_down_at_the_start_is_retryable(
+    archive: Archive, faulty_s3: Any, down: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before any image is read: the model card (or the listing) cannot be reached, or the model's files are
+    throttled while the driver checks them against the card. Exit 75, never 'a damaged model' (2)."""
+    model = f"{faulty_s3.bucket}/model"
+    for file in Path(archive.model).rglob("*"):
+        if file.is_file():
+            storage.put_file(str(file), f"{model}/{file.relative_to(archive.model)}", faulty_s3.direct_options)
+    options = faulty_s3.options
+    if down == "the endpoint refuses connections":
+        faulty_s3.proxy.close()
+    else:
+        for method in ("HEAD", "GET"):
+            faulty_s3.proxy.inject("model/global.faiss", "slowdown", times=None, method=method)
+
+    status = run_cli_here(["score", "--model", model, "--images", str(archive.images), "--out", f"{faulty_s3.bucket}/out", *RUN_FLAGS,
+                           "--storage-options", json.dumps(options)])
+
+    line = one_error_line(capsys.readouterr().err)
+    assert status == 75, line
+    assert "for a transient reason" in line and line.endswith("; re-run the same command")
