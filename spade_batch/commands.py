@@ -101,7 +101,7 @@ def _print_run(summary: dict[str, Any]) -> None:
         [
             ("run", summary["uri"]),
             ("model", summary["model_uri"]),
-            *[(name, counts[name]) for name in ("images", "scored", "failed", "retryable", "resumed")],
+            *[(name, counts[name]) for name in ("images", "scored", "failed", "retryable", "resumed", "changed", "restored")],
             ("anomalous", "unknown (no image threshold)" if rate is None else f"{counts['anomalous']} ({rate:.2%} of scored)"),
             ("image threshold", thresholds["image"]),
             ("pixel threshold", thresholds["pixel"]),
@@ -207,7 +207,7 @@ def score(
     from spade_batch.reports.run_report import write_run_report
 
     summary = run_score(model_uri, images, out_uri, settings, explicit)
-    outputs = Outputs(out_uri)
+    outputs = Outputs(summary.out_uri)
     report, drift = write_run_report(asdict(summary), settings)
     print_table(
         "score",
@@ -218,6 +218,8 @@ def score(
             ("anomalous", summary.anomalous if summary.anomalous is not None else "unknown (no image threshold)"),
             ("retryable", f"{summary.retryable} (transient read failures: re-run the same command)" if summary.retryable else 0),
             ("resumed (already done)", summary.resumed),
+            ("re-scored: changed", f"{summary.changed} (changed since the last run: rows, masks, maps replaced)" if summary.changed else 0),
+            ("re-scored: no mask", f"{summary.restored} (their masks were gone: written again)" if summary.restored else 0),
             ("model workers", summary.model_workers),
             (Outputs.masks, f"{outputs.masks}  [{summary.mask_kind}]"),
             *([("paper crop", summary.paper_crop["message"])] if summary.paper_crop else []),

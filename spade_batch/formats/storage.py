@@ -364,6 +364,13 @@ def read_part(uri: str, options: StorageOptions = None, columns: list[str] | Non
         raise damaged_part(uri, error) from error
 
 
+def write_part(uri: str, table: pa.Table, options: StorageOptions = None) -> None:
+    """Write a part file atomically (see :func:`write_bytes`), its pages with the CRCs :func:`read_part` checks."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, write_page_checksum=True)
+    write_bytes(uri, buffer.getvalue(), options)
+
+
 def read_text(uri: str, options: StorageOptions = None) -> str:
     """The file ``uri`` decoded as UTF-8; undecodable bytes are a ValueError naming it."""
     data = read_bytes(uri, options)

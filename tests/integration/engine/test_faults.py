@@ -91,7 +91,8 @@ def read_rows(out: str, options: dict[str, Any] | None) -> dict[str, dict[str, A
     """Every row of every scores part under out, by id; fails when an id has more than one row."""
     storage.filesystem(out, options)[0].invalidate_cache()  # other processes wrote there since this one last listed
     parts = storage.list_files(storage.join(out, "scores"), (".parquet",), options)
-    rows = pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(p, options))) for p in parts]).to_pylist()
+    rows = pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(p, options))) for p in parts],
+                            promote_options="default").to_pylist()  # parts of an older version have fewer columns
     by_id = {row["id"]: row for row in rows}
     assert len(by_id) == len(rows), f"an image has more than one row: {sorted(row['id'] for row in rows)}"
     return by_id
@@ -578,6 +579,96 @@ def test_stray_parquet_files_in_scores_are_reported_and_never_read(
     shown = json.loads(capsys.readouterr().out)
     assert shown["counts"]["scored"] == len(archive.ids) and shown["failures"] == []
     assert all(row["image_score"] < 1e9 for row in shown["top"]), "the run's page and summary read only its own parts"
+
+
+# ---------------------------------------------------------------- an image whose content changed under its name
+
+
+def gallery_image(archive: Archive, tiny_model: Any) -> tuple[bytes, np.ndarray]:
+    """A training image in the model's gallery (a normal image: its own pixels match it) and its anomaly map
+    from the in-process API, at its size."""
+    model = SpadeModel.load(archive.model)
+    data = (Path(tiny_model.train) / "train" / model.train_ids[0]).read_bytes()
+    image = decode_image(data, model.train_ids[0])
+    (result,) = detector.score(model, [image], Settings(**tiny_model.settings, device="cpu"))
+    return data, resize_map(result.anomaly_map, *image.shape[:2])
+
+
+def images_at(archive: Archive, where: str, tmp_path: Path, s3: Any, bucket: str) -> tuple[str, str, dict[str, Any] | None]:
+    """The archive's images copied to a local folder or a bucket: (images, out, storage options)."""
+    if where == "local":
+        upload(archive.files(), str(tmp_path / "imgs"), None)
+        return str(tmp_path / "imgs"), str(tmp_path / "out"), None
+    return upload(archive.files(), f"{bucket}/imgs", s3.storage_options), f"{bucket}/out", s3.storage_options
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_image_rewritten_with_other_content_or_whose_mask_is_gone_is_scored_again_and_keeps_one_row(
+    archive: Archive, tiny_model: Any, tmp_path: Path, s3: Any, s3_bucket: str, where: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A camera uploads an image again with other pixels: the re-run scores it again (the listing's size and
+    modification time, or its ETag, changed) and replaces its row, mask and map. A mask deleted since the run
+    (its row still points at it) is written again the same way."""
+    images, out, options = images_at(archive, where, tmp_path, s3, s3_bucket)
+    argv = ["score", "--model", archive.model, "--images", images, "--out", out, *RUN_FLAGS, "--storage-options", json.dumps(options or {})]
+    assert run_cli_here(argv) == 0
+    before = read_rows(out, options)
+    flagged = max((i for i in archive.ids if before[i]["is_anomalous"]), key=lambda i: before[i]["image_score"])
+    assert storage.exists(Outputs(out).map(flagged), options)
+    normal, normal_map = gallery_image(archive, tiny_model)
+    storage.write_bytes(storage.join(images, flagged), normal, options)  # a normal image's pixels, under its name
+    unmasked = next(i for i in archive.ids if i != flagged)
+    storage.remove(Outputs(out).mask(unmasked), options)
+    capsys.readouterr()
+
+    status = run_cli_here(argv)
+
+    printed = capsys.readouterr()
+    assert status == 0, printed
+    assert re.search(r"\nre-scored: changed +1 \(changed since the last run: rows, masks, maps replaced\)\n", printed.out)
+    assert "1 images changed since they were scored" in printed.err
+    assert re.search(r"\nre-scored: no mask +1 \(their masks were gone: written again\)\n", printed.out)
+    assert "1 scored images have lost their mask" in printed.err
+    after = read_rows(out, options)  # one row per image
+    assert after[flagged]["image_score"] < before[flagged]["image_score"] and after[flagged]["is_anomalous"] is False
+    assert after[flagged]["fingerprint"] != before[flagged]["fingerprint"]
+    assert after[unmasked]["image_score"] == pytest.approx(before[unmasked]["image_score"], rel=1e-4)
+    assert {i: row for i, row in after.items() if i not in (flagged, unmasked)} == \
+        {i: row for i, row in before.items() if i not in (flagged, unmasked)}, "the other images are resumed, not scored again"
+    assert not storage.exists(Outputs(out).map(flagged), options), "the map of its old verdict is gone with it"
+    assert_complete(Archive(archive.model, archive.images, {**archive.maps, flagged: normal_map}, archive.pixel_threshold), out, options)
+    run = json.loads(storage.read_text(Outputs(out).run_json, options))
+    assert (run["changed"], run["restored"], run["resumed"], run["scored"]) == (1, 1, len(archive.ids) - 2, len(archive.ids))
+    assert run["anomalous"] == sum(row["is_anomalous"] for row in after.values())
+
+
+def test_a_re_run_over_a_killed_run_s_parts_and_an_older_version_s_scores_the_missing_and_the_changed(
+    archive: Archive, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What a re-run may find: a batch whose part was never written (the run was killed), a part written
+    before fingerprints were kept (taken as unchanged), and an image changed since it was scored."""
+    images, out, _ = images_at(archive, "local", tmp_path, None, "")
+    argv = ["score", "--model", archive.model, "--images", images, "--out", out, *RUN_FLAGS]
+    assert run_cli_here(argv) == 0
+    before = read_rows(out, None)
+    part_of = {pq.read_table(part).column("id")[0].as_py(): part for part in Outputs(out).parts(None).own}  # one image per part
+    unwritten, older, changed = archive.ids[:3]
+    os.remove(part_of[unwritten])
+    pq.write_table(pq.read_table(part_of[older]).drop_columns(["fingerprint"]), part_of[older], write_page_checksum=True)
+    (Path(images) / changed).write_bytes(archive.files()[unwritten])
+    capsys.readouterr()
+
+    status = run_cli_here(argv)
+
+    printed = capsys.readouterr()
+    assert status == 0, printed
+    run = json.loads((Path(out) / "run.json").read_text())
+    assert (run["changed"], run["restored"], run["resumed"], run["scored"]) == (1, 0, len(archive.ids) - 2, len(archive.ids))
+    after = read_rows(out, None)
+    assert after[older] == {**before[older], "fingerprint": None}, "a row without a fingerprint is resumed, as unchanged"
+    assert after[changed]["image_score"] == pytest.approx(before[unwritten]["image_score"], rel=1e-4)
+    assert_complete(Archive(archive.model, archive.images, {**archive.maps, changed: archive.maps[unwritten]}, archive.pixel_threshold),
+                    out, None)
 
 
 # ---------------------------------------------------------------- storage down when the run starts
