@@ -22,7 +22,7 @@ class ExitCode(IntEnum):
 
 
 MEANING: dict[ExitCode, str] = {
-    ExitCode.OK: "success: every image scored, and no drift alarm raised with `--fail-on-drift`",
+    ExitCode.OK: "success: every image scored, and with `--fail-on-drift` drift checked and no alarm raised",
     ExitCode.FAILED: "infrastructure error: a failed Ray task or a crash (`--log-level DEBUG` shows the traceback), "
     "a location that cannot be written (permission refused, read-only, disk full, a file where a folder is needed: "
     "the message names the path), no image could be scored, or every line of a plan failed",
@@ -32,7 +32,7 @@ MEANING: dict[ExitCode, str] = {
     ExitCode.IMAGES_FAILED: "some images failed: they are recorded with their error in the scores table, the others scored",
     ExitCode.LINES_FAILED: "partial plan: some lines of `nightly --plan` failed (see the summary table), the others completed",
     ExitCode.DRIFT: "drift (only with `--fail-on-drift`): tonight's anomaly rate or score distribution is outside "
-    "the calibration band",
+    "the calibration band, or drift cannot be checked (a model without calibration): the night is not vouched for",
     ExitCode.RETRYABLE: "retryable: storage failed for a transient reason (throttling, 5xx, reset, timeout, an endpoint "
     "down), at the start or for some images; re-run the same command",
 }

@@ -152,7 +152,7 @@ def summary_row(result: LineResult) -> dict[str, object]:
         "scored": run.get("scored", "-"),
         "failed": run.get("failed", "-"),
         "anomalous": run.get("anomalous", "-"),
-        "drift": ("ALARM" if drift["alarm"] else "no") if drift else "-",
+        "drift": ("ALARM" if drift["alarm"] else "no" if drift.get("checked", True) else "unknown") if drift else "-",
         "error": result.error,
     }
 

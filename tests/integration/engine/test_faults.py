@@ -639,7 +639,7 @@ def test_an_image_rewritten_with_other_content_or_whose_mask_is_gone_is_scored_a
     assert_complete(Archive(archive.model, archive.images, {**archive.maps, flagged: normal_map}, archive.pixel_threshold), out, options)
     run = json.loads(storage.read_text(Outputs(out).run_json, options))
     assert (run["changed"], run["restored"], run["resumed"], run["scored"]) == (1, 1, len(archive.ids) - 2, len(archive.ids))
-    assert run["anomalous"] == sum(row["is_anomalous"] for row in after.values())
+    assert run["anomalous"] == sum(row["is_anomalous"] for row in after.values()) and run["pictures_missing"] == []
 
 
 def test_a_re_run_over_a_killed_run_s_parts_and_an_older_version_s_scores_the_missing_and_the_changed(
@@ -669,6 +669,94 @@ def test_a_re_run_over_a_killed_run_s_parts_and_an_older_version_s_scores_the_mi
     assert after[changed]["image_score"] == pytest.approx(before[unwritten]["image_score"], rel=1e-4)
     assert_complete(Archive(archive.model, archive.images, {**archive.maps, changed: archive.maps[unwritten]}, archive.pixel_threshold),
                     out, None)
+
+
+# ---------------------------------------------------------------- the run report never fails a scored run
+
+
+def test_a_picture_gone_between_scoring_and_the_report_is_drawn_missing_and_the_run_exits_by_its_scoring(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """While the run scored, one source image was moved away and one mask deleted: the report draws them grey
+    with a note, and the run's status is what its scoring was (every image scored: 0)."""
+    from spade_batch.engine import score as engine_score
+
+    images, out, _ = images_at(archive, "local", tmp_path, None, "")
+    moved, unmasked = archive.ids[:2]
+    scoring = engine_score.run_score
+
+    def then_lose_two_pictures(*args: Any, **kwargs: Any) -> Any:
+        summary = scoring(*args, **kwargs)
+        (Path(images) / moved).rename(tmp_path / "moved.png")
+        Path(Outputs(out).mask(unmasked)).unlink()
+        return summary
+
+    monkeypatch.setattr(engine_score, "run_score", then_lose_two_pictures)
+    status = run_cli_here(["score", "--model", archive.model, "--images", images, "--out", out, *RUN_FLAGS])
+
+    printed = capsys.readouterr()
+    assert status == 0, printed
+    assert "[2 pictures missing]" in printed.out and re.search(rf"scored\s+{len(archive.ids)}\n", printed.out)
+    assert f"report: the image of {moved} could not be read, drawn as missing: FileNotFoundError: " in printed.err
+    assert f"report: the mask of {unmasked} could not be read, drawn as missing: FileNotFoundError: " in printed.err
+    run = json.loads((Path(out) / "run.json").read_text())
+    assert sorted((note["id"], note["picture"], note["transient"]) for note in run["pictures_missing"]) == \
+        sorted([(moved, "image", False), (unmasked, "mask", False)])
+    page = (Path(out) / "report.html").read_text()
+    assert "2 pictures could not be read and are drawn grey" in page and "the image is no longer where it was scored" in page
+
+
+def test_a_mask_that_cannot_be_read_for_a_transient_reason_is_retryable_and_the_re_run_draws_it(
+    archive: Archive, faulty_s3: Any, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The store throttles every read of one mask while the report draws it: the run prints its summary and
+    writes its report, the mask drawn grey, and exits 75; the re-run scores nothing and draws it."""
+    images = upload(archive.files(), f"{faulty_s3.bucket}/imgs", faulty_s3.direct_options)
+    out, image_id = f"{faulty_s3.bucket}/out", archive.ids[0]
+    faulty_s3.proxy.inject(f"out/masks/{output_stem(image_id)}.png", "slowdown", times=None)
+    argv = ["score", "--model", archive.model, "--images", images, "--out", out, *RUN_FLAGS, "--storage-options", json.dumps(faulty_s3.options)]
+
+    status = run_cli_here(argv)
+
+    printed = capsys.readouterr()
+    assert status == 75, printed
+    assert re.search(rf"scored\s+{len(archive.ids)}\n", printed.out) and "[1 pictures missing]" in printed.out
+    assert f"report: the mask of {image_id} could not be read, drawn as missing: TransientStorageError: " in printed.err
+    run = json.loads(storage.read_text(f"{out}/run.json", faulty_s3.direct_options))
+    assert [(note["id"], note["picture"], note["transient"]) for note in run["pictures_missing"]] == [(image_id, "mask", True)]
+    assert "re-run the same command to draw it" in storage.read_text(f"{out}/report.html", faulty_s3.direct_options)
+
+    faulty_s3.proxy.inject(f"out/masks/{output_stem(image_id)}.png", "slowdown", times=0)
+    assert run_cli_here(argv) == 0
+    run = json.loads(storage.read_text(f"{out}/run.json", faulty_s3.direct_options))
+    assert (run["resumed"], run["restored"], run["pictures_missing"]) == (len(archive.ids), 0, [])
+    assert faulty_s3.proxy.requests[f"out/masks/{output_stem(image_id)}.png"] == 1, "the re-run read the mask once: to draw it"
+
+
+def test_a_run_started_with_a_relative_out_resumes_from_another_folder(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Its rows name their masks by absolute paths; rows of an older version named them relative to where the
+    run started, and the re-run and its report find the masks by the run's layout, not by that name."""
+    images, _, _ = images_at(archive, "local", tmp_path, None, "")
+    (tmp_path / "started-here").mkdir()
+    monkeypatch.chdir(tmp_path / "started-here")
+    assert run_cli_here(["score", "--model", archive.model, "--images", images, "--out", "runs/night", *RUN_FLAGS]) == 0
+    out = tmp_path / "started-here" / "runs" / "night"
+    assert all(row["mask_uri"] == Outputs(str(out)).mask(i) for i, row in read_rows(str(out), None).items())
+    for part in Outputs(str(out)).parts(None).own:  # as an older version wrote them
+        table = pq.read_table(part)
+        relative = pa.array([os.path.relpath(uri) for uri in table.column("mask_uri").to_pylist()])
+        pq.write_table(table.set_column(table.schema.get_field_index("mask_uri"), "mask_uri", relative), part, write_page_checksum=True)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+
+    status = run_cli_here(["score", "--model", archive.model, "--images", images, "--out", "started-here/runs/night", *RUN_FLAGS])
+
+    printed = capsys.readouterr()
+    assert status == 0, printed
+    run = json.loads((out / "run.json").read_text())
+    assert (run["out_uri"], run["resumed"], run["restored"], run["pictures_missing"]) == (str(out), len(archive.ids), 0, [])
 
 
 # ---------------------------------------------------------------- storage down when the run starts
