@@ -24,7 +24,7 @@ import numpy as np
 import ray
 
 from spade_batch.config import Settings
-from spade_batch.engine.cpu_stages import PASSED_ON, object_column, worker_columns
+from spade_batch.engine.cpu_stages import object_column, passed_on, worker_columns
 from spade_batch.engine.runtime import ModelStage, init_ray
 from spade_batch.engine.score import run_score
 from spade_batch.formats import storage
@@ -53,7 +53,7 @@ class SimulatedDeviceStage:
         time.sleep(self.seconds_per_image * count)
         with open(self.log, "a") as log:
             log.write(f"{start} {time.time()}\n")
-        kept = {key: batch[key] for key in PASSED_ON}
+        kept = passed_on(batch)
         maps = np.random.default_rng(0).random((count, self.size, self.size), dtype=np.float32)
         return {**kept, "image_score": np.ones(count, np.float32), "neighbour_ids": object_column([["n"] * self.k] * count),
                 "map": maps, **worker_columns(count, "sim", "sim", 0, 0)}

@@ -54,8 +54,8 @@ def _add_dry_run(parser: argparse.ArgumentParser) -> None:
 
 def _add_drift_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fail-on-drift", action="store_true",
-                        help="exit with status 5 when the anomaly rate or the score distribution is outside the calibration band "
-                             "(without it, a warning line)")
+                        help="exit with status 5 when the anomaly rate or the score distribution is outside the calibration band, "
+                             "or when drift cannot be checked (a model without calibration); without it, a warning line")
 
 
 def _check_nightly_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

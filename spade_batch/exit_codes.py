@@ -22,18 +22,19 @@ class ExitCode(IntEnum):
 
 
 MEANING: dict[ExitCode, str] = {
-    ExitCode.OK: "success: every image scored, and no drift alarm raised with `--fail-on-drift`",
+    ExitCode.OK: "success: every image scored, and with `--fail-on-drift` drift checked and no alarm raised",
     ExitCode.FAILED: "infrastructure error: a failed Ray task or a crash (`--log-level DEBUG` shows the traceback), "
     "a location that cannot be written (permission refused, read-only, disk full, a file where a folder is needed: "
     "the message names the path), no image could be scored, or every line of a plan failed",
-    ExitCode.USAGE: "usage or input error: a bad flag, setting or plan file, an input, model or storage location "
+    ExitCode.USAGE: "usage or input error: a bad flag, setting, storage option or plan file, an input, model or storage location "
     "that cannot be read, or a model that is not what its card says (damaged, cut short, mixed from two fits); "
     "the one-line message names it",
     ExitCode.IMAGES_FAILED: "some images failed: they are recorded with their error in the scores table, the others scored",
     ExitCode.LINES_FAILED: "partial plan: some lines of `nightly --plan` failed (see the summary table), the others completed",
     ExitCode.DRIFT: "drift (only with `--fail-on-drift`): tonight's anomaly rate or score distribution is outside "
-    "the calibration band",
-    ExitCode.RETRYABLE: "retryable: some images could not be read for a transient reason; re-run the same command",
+    "the calibration band, or drift cannot be checked (a model without calibration): the night is not vouched for",
+    ExitCode.RETRYABLE: "retryable: storage failed for a transient reason (throttling, 5xx, reset, timeout, an endpoint "
+    "down), at the start or for some images; re-run the same command",
 }
 
 PRECEDENCE = (ExitCode.FAILED, ExitCode.LINES_FAILED, ExitCode.RETRYABLE, ExitCode.DRIFT, ExitCode.IMAGES_FAILED, ExitCode.OK)
@@ -69,7 +70,8 @@ def markdown_table() -> str:
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _TRACEBACK_LAST = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.+)$")
-_INPUT_ERRORS = {"ConfigError", "ValueError", "ModelError", "DamagedPartError", "ImageError", "FileNotFoundError", "LockHeldError"}
+_INPUT_ERRORS = {"ConfigError", "ValueError", "ModelError", "DamagedPartError", "ImageError", "FileNotFoundError", "LockHeldError",
+                 "StorageOptionError"}
 _PATH_PROBLEMS = {
     errno.EACCES: ("permission denied", "give this job access there or choose another location"),
     errno.EPERM: ("operation not permitted", "give this job access there or choose another location"),
@@ -86,10 +88,10 @@ _PATH_PROBLEMS = {
 def explain(error: BaseException) -> tuple[ExitCode, str]:
     """The exit status of a command that raised `error`, and its one-line message (after "spade-batch CMD: ")."""
     from spade_batch.config import ConfigError
-    from spade_batch.formats.storage import TransientStorageError
+    from spade_batch.formats.storage import is_transient
 
     cause = user_error(error)
-    if isinstance(cause, TransientStorageError):
+    if is_transient(cause):  # a TransientStorageError, or an error it caused (a model file that could not be read)
         return ExitCode.RETRYABLE, f"error: {first_line(cause)}; re-run the same command"
     if isinstance(cause, OSError) and cause.errno in _PATH_PROBLEMS:
         return ExitCode.FAILED, f"failed: {_path_problem(cause)}"

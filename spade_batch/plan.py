@@ -190,9 +190,10 @@ def _run_line(line: Line, day: str, page: str, dry_run: bool, run_line: Callable
         except Exception as failure:  # noqa: BLE001 - one line's failure must not stop the others
             log.debug("line %s failed", line.name, exc_info=True)
             cause = user_error(failure)  # a failed Ray task's own exception, not Ray's wrapper
+            code = ExitCode.RETRYABLE if storage.is_transient(cause) else ExitCode.FAILED  # a re-run may pass: not a failed line
             error = redact(f"{type(cause).__name__}: {first_line(cause)}", secrets)
             log.error("plan: line %s failed: %s", line.name, error)
-            return LineResult(line, ExitCode.FAILED, error, {}, "")
+            return LineResult(line, code, error, {}, "")
 
 
 def _tonights_run(uri: str, began: datetime.datetime, options: storage.StorageOptions) -> dict[str, Any]:
@@ -216,7 +217,7 @@ def summary_row(result: LineResult) -> dict[str, object]:
         "scored": run.get("scored", "-"),
         "failed": run.get("failed", "-"),
         "anomalous": run.get("anomalous", "-"),
-        "drift": ("ALARM" if drift["alarm"] else "no") if drift else "-",
+        "drift": ("ALARM" if drift["alarm"] else "no" if drift.get("checked", True) else "unknown") if drift else "-",
         "error": result.error,
     }
 

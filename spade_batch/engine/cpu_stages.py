@@ -4,12 +4,12 @@ They import no torch (a test checks): a worker process that runs them starts in 
 instead of the five CPU-seconds torch and torchvision take to import, and holds 300 MB less.
 
 Each stage maps a batch, a dict of equal-length numpy columns, to another. Columns between stages:
-id, uri (str); height, width (int32, original size); image (B x S x S x 3 uint8 at the working size);
-error (str, "" when none: else the image is bad); sha256 (str: the file's content_sha256, "" when it was not read);
-transient (bool: it could not be read for a reason that may pass, e.g. throttling; it is retried by a
-re-run, never recorded as bad). The model stages
-(stages.py) add their results: features in fit; image_score, neighbour_ids, map and who computed
-them in score.
+id, uri (str), and in score the fingerprint the image's listing gave (str, "" unknown); height, width
+(int32, original size); image (B x S x S x 3 uint8 at the working size); error (str, "" when none:
+else the image is bad); sha256 (str: the file's content_sha256, "" when it was not read); transient
+(bool: it could not be read for a reason that may pass, e.g. throttling; it is retried by a re-run,
+never recorded as bad). The model stages (stages.py) pass on every column but the image, and add their
+results: features in fit; image_score, neighbour_ids, map and who computed them in score.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from spade_batch.method.masks import mask_from_map, png_bytes
 Batch = dict[str, np.ndarray]
 
 SCORED, FAILED, RETRYABLE = "scored", "failed", "retryable"
-PASSED_ON = ("id", "uri", "height", "width", "error", "sha256", "transient")
-"""The decode stage's columns that the model stages pass on to the output stages."""
 
 
 def object_column(values: list[Any]) -> np.ndarray:
@@ -40,6 +38,11 @@ def object_column(values: list[Any]) -> np.ndarray:
     column = np.empty(len(values), dtype=object)
     column[:] = values
     return column
+
+
+def passed_on(batch: Batch) -> Batch:
+    """The decode stage's columns a model stage passes on to the output stage: all but the image."""
+    return {key: column for key, column in batch.items() if key != "image"}
 
 
 def usable_mask(batch: Batch) -> np.ndarray:
@@ -58,7 +61,8 @@ def worker_columns(count: int, worker: str, node: str, backbone_loads: int, gall
 
 
 def read_images(batch: Batch, preprocessing: Preprocessing, options: dict[str, Any], max_pixels: int) -> Batch:
-    """CPU stage: id, uri -> + image (S x S x 3 uint8), height, width, error, sha256, transient. Never raises for one image.
+    """CPU stage: id, uri (and any other column, passed on) -> + image (S x S x 3 uint8), height, width, error,
+    sha256, transient. Never raises for one image.
 
     A read that still failed for a transient reason (storage retries exhausted) is marked transient,
     never recorded as a bad image.
@@ -73,7 +77,7 @@ def read_images(batch: Batch, preprocessing: Preprocessing, options: dict[str, A
         images[i] = resize_for_model(decoded.rgb, preprocessing)
 
     read = _read_each(batch["uri"], options, decode)
-    return {"id": batch["id"], "uri": batch["uri"], "image": images, "height": heights, "width": widths, **read}
+    return {**batch, "image": images, "height": heights, "width": widths, **read}
 
 
 def read_hashes(batch: Batch, options: dict[str, Any]) -> Batch:
@@ -138,12 +142,12 @@ def write_score_outputs(
     rows: list[ScoreRow] = []
     anomalous: list[bool | None] = []
     for i, image_id in enumerate(batch["id"]):
-        image_id, uri, error = str(image_id), str(batch["uri"][i]), batch["error"][i]
+        image_id, uri, error, fingerprint = str(image_id), str(batch["uri"][i]), batch["error"][i], str(batch["fingerprint"][i]) or None
         if batch["transient"][i]:
             anomalous.append(None)
             continue
         if error:
-            rows.append(ScoreRow(id=image_id, uri=uri, error=str(error)))
+            rows.append(ScoreRow(id=image_id, uri=uri, error=str(error), fingerprint=fingerprint))
             anomalous.append(None)
             continue
         size = int(batch["height"][i]), int(batch["width"][i])
@@ -153,7 +157,7 @@ def write_score_outputs(
         mask = mask_from_map(anomaly_map, *mask_size, limits, limits.is_anomalous(image_score))
         storage.write_bytes(outputs.mask(image_id), png_bytes(mask), options)
         row = result_row(image_id, uri, size, image_score, anomaly_map,
-                         list(batch["neighbour_ids"][i]), mask, outputs.mask(image_id), limits)
+                         list(batch["neighbour_ids"][i]), mask, outputs.mask(image_id), limits, fingerprint)
         if settings.save_maps or row.is_anomalous:  # anomalous images' maps are drawn by the run report
             storage.write_npy(outputs.map(image_id), anomaly_map.astype(np.float16), options)
         if settings.save_overlays and settings.preprocess == "full":

@@ -3,6 +3,10 @@
 Ray Data's streaming executor gives backpressure (memory stays bounded for any archive size), actor
 reuse (the backbone and gallery load once per actor), retries and CPU/device overlap. The driver
 holds only the manifest and counters.
+
+A re-run scores the images with no row yet, and scores again an image whose row is out of date: its
+file changed since (the listing's fingerprint differs from the row's), or its mask is gone. Their old
+rows, masks and maps are taken out first (Outputs.drop_rows), so each image keeps one row.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from spade_batch.formats.layout import Outputs, part_name, read_columns, record_
 from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.manifest import Manifest, build_manifest, reject_long_outputs
 from spade_batch.formats.model import verify_model
-from spade_batch.formats.scores import ScoreRow, write_scores
+from spade_batch.formats.scores import SCHEMA, ScoreRow, write_scores
 from spade_batch.formats.versions import ModelVersion, resolve
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,11 @@ class ScoreSummary:
     retryable: int
     anomalous: int | None
     resumed: int
+    changed: int
+    """Images whose file changed since their row was written (another fingerprint): scored again, their row,
+    mask and map replaced."""
+    restored: int
+    """Scored images whose mask was gone: scored again, so their row points at a mask that exists."""
     mask_kind: str
     thresholds: dict[str, float | None]
     seconds: float
@@ -118,6 +127,7 @@ def run_score(
     """
     options = settings.fsspec_options()
     started, began = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc).isoformat()
+    out_uri = storage.normalize(out_uri, options)  # rows name their masks by it: absolute, wherever a re-run starts
     outputs = Outputs(out_uri)
     version = resolve(model_uri, model_version or _recorded_version(outputs, settings), options)
     card = load_card(version.uri, options)  # the gallery is loaded by the actors, once the request is known to be valid
@@ -162,8 +172,17 @@ def _score_locked(
     if parts.strangers:
         log.warning("score: %d Parquet files in %s are not this run's parts (e.g. %s); they are not read: remove them",
                     len(parts.strangers), outputs.scores, parts.strangers[0])
-    done = {i for _, columns in read_columns(parts.own, ["id"], options) for i in columns["id"]}
-    todo = [{"id": i, "uri": u} for i, u in zip(manifest.ids, manifest.uris) if i not in done]
+    done, again = _out_of_date(manifest, outputs, parts.own, options)
+    if again.changed:
+        log.warning("score: %d images changed since they were scored (e.g. %s); scoring them again: their rows, masks "
+                    "and maps are replaced", len(again.changed), again.changed[0])
+    if again.restored:
+        log.warning("score: %d scored images have lost their mask (e.g. %s); scoring them again", len(again.restored),
+                    outputs.mask(again.restored[0]))
+    if again.changed or again.restored:
+        outputs.drop_rows(parts.own, {*again.changed, *again.restored}, run, options)
+    fingerprints = manifest.fingerprint_of()
+    todo = [{"id": i, "uri": u, "fingerprint": fingerprints[i]} for i, u in zip(manifest.ids, manifest.uris) if i not in done]
     images = len(manifest) + len(manifest.rejected)
     plan = plan or ModelStage.plan(settings)
     log.info("score: %d images, %d already done, %d to score on %d model workers -> %s",
@@ -177,10 +196,37 @@ def _score_locked(
                 retryable += [{"id": str(i), "error": str(e)} for i, s, e in zip(batch["id"], batch["status"], batch["error"]) if s == RETRYABLE]
     seconds = time.perf_counter() - started
     summary = _summarise(model_uri, version.number, images, len(manifest) - len(todo), retryable, thresholds, outputs, settings,
-                         seconds, card.preprocessing, run)
+                         seconds, card.preprocessing, run, again)
     summary.workers, summary.model_workers, summary.started = workers.by_worker, plan.workers, began
     storage.write_text(outputs.run_json, json.dumps(asdict(summary), indent=2), options)
     return summary
+
+
+@dataclass(frozen=True)
+class OutOfDate:
+    """Images with a row that are scored again: their file changed since (changed), or their mask is gone (restored)."""
+
+    changed: list[str]
+    restored: list[str]
+
+
+def _out_of_date(manifest: Manifest, outputs: Outputs, parts: list[str], options: storage.StorageOptions) -> tuple[set[str], OutOfDate]:
+    """The ids whose row is up to date (done), and those whose row is not (OutOfDate), from the run's parts.
+
+    A row without a fingerprint (written before they were kept), or an image whose listing gives none,
+    counts as unchanged. Masks are checked against one listing of masks/, not a request per image.
+    """
+    now = manifest.fingerprint_of()
+    masks = set(storage.list_files(outputs.masks, None, options))
+    rows, changed, restored = set(), set(), set()
+    for _, columns in read_columns(parts, ["id", "error", "fingerprint"], options, schema=SCHEMA):
+        for image_id, error, fingerprint in zip(columns["id"], columns["error"], columns["fingerprint"]):
+            rows.add(image_id)
+            if fingerprint and now.get(image_id) and fingerprint != now[image_id]:
+                changed.add(image_id)
+            elif error is None and outputs.mask(image_id) not in masks:
+                restored.add(image_id)
+    return rows - changed - restored, OutOfDate(sorted(changed), sorted(restored - changed))
 
 
 def _record_rejected(rejected: tuple[tuple[str, str], ...], outputs: Outputs, options: storage.StorageOptions, run: str) -> None:
@@ -192,7 +238,7 @@ def _record_rejected(rejected: tuple[tuple[str, str], ...], outputs: Outputs, op
 
 def _summarise(
     model_uri: str, model_version: int, images: int, resumed: int, retryable: list[dict[str, str]], thresholds: Thresholds,
-    outputs: Outputs, settings: Settings, seconds: float, spec: Preprocessing, run: str,
+    outputs: Outputs, settings: Settings, seconds: float, spec: Preprocessing, run: str, again: OutOfDate,
 ) -> ScoreSummary:
     """Counts over the run's own part files (this run's and resumed ones), read a few columns at a time;
     an id is counted once, whatever holds it twice."""
@@ -228,6 +274,8 @@ def _summarise(
         retryable=len(retryable),
         anomalous=None if thresholds.image is None else anomalous,
         resumed=resumed,
+        changed=len(again.changed),
+        restored=len(again.restored),
         mask_kind=("binary" if thresholds.pixel is not None else "scaled_map_per_image (no pixel threshold known)")
         + ("" if settings.preprocess == "full" else f", at the working size ({settings.preprocess} preprocessing)"),
         thresholds=asdict(thresholds),

@@ -14,7 +14,7 @@ import numpy as np
 import ray
 
 from spade_batch.config import Settings
-from spade_batch.engine.cpu_stages import PASSED_ON, Batch, object_column, usable_mask, worker_columns
+from spade_batch.engine.cpu_stages import Batch, object_column, passed_on, usable_mask, worker_columns
 from spade_batch.formats.card import ModelCard
 from spade_batch.formats.model import SpadeModel, load_count
 from spade_batch.method.calibrate import CalibrationScores, region_size
@@ -39,7 +39,7 @@ class ExtractStage:
             global_features[usable] = features.global_features.cpu().numpy()
             for bank, rows in zip(layers, features.pixel_rows()):
                 bank[usable] = rows
-        kept = {key: batch[key] for key in PASSED_ON}
+        kept = passed_on(batch)
         return {**kept, "global": global_features, **{f"layer{i}": bank for i, bank in enumerate(layers)}}
 
 
@@ -62,7 +62,7 @@ class ScoreStage:
         for row, result in zip(rows, self.scorer.score_prepared(batch["image"][usable])):
             scores[row], maps[row] = result.score, result.anomaly_map
             neighbour_ids[row] = [self.model.train_ids[n] for n in result.neighbours]
-        kept = {key: batch[key] for key in PASSED_ON}
+        kept = passed_on(batch)
         return {**kept, "image_score": scores, "neighbour_ids": object_column(neighbour_ids), "map": maps,
                 **worker_columns(count, self.worker, self.node, backbone_loads(), load_count())}
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from spade_batch.formats import storage
 from spade_batch.formats.manifest import output_stem
@@ -64,10 +65,10 @@ def part_files(folder: str, options: storage.StorageOptions) -> list[str]:
 
 
 def read_columns(
-    parts: Iterable[str], columns: list[str], options: storage.StorageOptions, schema: pa.Schema | None = None
+    parts: Iterable[str], columns: list[str], options: storage.StorageOptions, schema: pa.Schema | None = None,
 ) -> Iterable[tuple[str, dict[str, list]]]:
-    """(part uri, {column: values}) for each part, reading only those columns (as `schema`, when given: a column of it
-    that a part lacks reads as nulls)."""
+    """(part uri, {column: values}) for each part, reading only those columns; with schema, a column of it
+    that a part lacks (written before the column existed) reads as nulls."""
     for uri in parts:
         table = storage.read_part(uri, options, columns=columns, schema=schema)
         yield uri, {name: table.column(name).to_pylist() for name in columns}
@@ -131,6 +132,25 @@ class Outputs:
         own = re.compile(rf"part-{token}-[0-9a-f]{{16}}\.parquet")
         mine = [uri for uri in files if own.fullmatch(uri.rsplit("/", 1)[-1])]
         return RunParts(mine, [uri for uri in files if uri not in set(mine)])
+
+    def drop_rows(self, parts: Iterable[str], ids: set[str], run: str, options: storage.StorageOptions) -> None:
+        """Take the masks, maps and overlays of ids, then their rows, out of the run: they are scored again.
+
+        A part holding some of those rows is written again without them (named after the ids it keeps),
+        then removed. A run killed on the way leaves rows whose mask is gone, or the kept rows in two parts:
+        its re-run finds the same ids to score again and drops them the same way.
+        """
+        for image_id in sorted(ids):
+            for uri in self.files(image_id):
+                storage.remove(uri, options)
+        for uri in parts:
+            table = storage.read_part(uri, options)
+            kept = table.filter(pc.invert(pc.is_in(table["id"], pa.array(sorted(ids), pa.string()))))
+            if kept.num_rows == table.num_rows:
+                continue
+            if kept.num_rows:
+                storage.write_part(storage.join(self.scores, part_name(kept["id"].to_pylist(), run)), kept, options)
+            storage.remove(uri, options)
 
     def clear(self, options: storage.StorageOptions) -> None:
         """Remove a previous run's outputs, masks and report too: none may stay behind beside a new run's.

@@ -24,6 +24,11 @@ first by (id, canonical name first, URI) is kept. An entry listed twice with
 the same URI is one image. Once the output location is known,
 :func:`reject_long_outputs` rejects the images whose output paths would not fit
 the store's limit (1,024 bytes for an S3 or GCS key, 4,000 for a local path).
+
+Each image comes with the fingerprint its listing gives (:func:`storage.fingerprint`: an
+ETag, or size and modification time), so a re-run sees an image whose content changed under
+the same name. Entries of a manifest file are not listed: local ones are fingerprinted by a
+stat, those on object storage not at all (that would cost a request per image).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import json
 import os
 import posixpath
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
@@ -73,10 +78,14 @@ class Manifest:
     uris: tuple[str, ...]
     rejected: tuple[tuple[str, str], ...] = ()
     """(uri, reason) of listed images that are not processed; each should become an error row."""
+    fingerprints: tuple[str, ...] = ()
+    """The fingerprint of each image (``fingerprints[i]`` of ``uris[i]``; "" where unknown), or () when none was taken."""
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.uris):
             raise ValueError(f"manifest has {len(self.ids)} ids but {len(self.uris)} uris")
+        if self.fingerprints and len(self.fingerprints) != len(self.ids):
+            raise ValueError(f"manifest has {len(self.ids)} ids but {len(self.fingerprints)} fingerprints")
         first_uri: dict[str, str] = {}
         for id_, uri in zip(self.ids, self.uris):
             # Ids become output paths (masks/<id>.png), so they must stay below the output folder.
@@ -92,10 +101,15 @@ class Manifest:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def fingerprint_of(self) -> dict[str, str]:
+        """id -> the image's fingerprint ("" where unknown)."""
+        return dict(zip(self.ids, self.fingerprints or ("",) * len(self.ids)))
+
     def sha256(self) -> str:
         """Hex SHA-256 of the ordered (id, uri) list: the compact JSON ``[[id, uri], ...]`` in UTF-8.
 
-        Rejected entries are not part of it: they have no outputs to resume.
+        Rejected entries are not part of it: they have no outputs to resume. Fingerprints are not either: an
+        image whose content changed is the same image of the same run, scored again (engine.score).
         """
         return pairs_sha256(self.ids, self.uris)
 
@@ -107,7 +121,8 @@ class Manifest:
         if shard_size < 1:
             raise ValueError(f"shard_size must be at least 1, got {shard_size}")
         return [
-            Manifest(self.root, self.ids[i : i + shard_size], self.uris[i : i + shard_size])
+            Manifest(self.root, self.ids[i : i + shard_size], self.uris[i : i + shard_size],
+                     fingerprints=self.fingerprints[i : i + shard_size])
             for i in range(0, len(self), shard_size)
         ]
 
@@ -139,15 +154,15 @@ def build_manifest(
 
 def _from_folder(source: str, options: StorageOptions, suffixes: tuple[str, ...]) -> Manifest:
     root = storage.normalize(source, options)
-    uris = storage.list_files(root, suffixes, options)
-    if uris == [root]:
+    entries = storage.list_entries(root, suffixes, options)
+    if list(entries) == [root]:
         raise ValueError(
             f"{source} is a single file; give a folder/prefix, a glob, or a manifest file "
             f"({', '.join(MANIFEST_SUFFIXES)})"
         )
-    if not uris:
+    if not entries:
         raise ValueError(f"no image files ({', '.join(suffixes)}) found under {source}; check the path")
-    return _sorted_manifest(root, uris)
+    return _sorted_manifest(root, entries)
 
 
 def _from_glob(source: str, options: StorageOptions, suffixes: tuple[str, ...]) -> Manifest:
@@ -157,10 +172,10 @@ def _from_glob(source: str, options: StorageOptions, suffixes: tuple[str, ...]) 
     root_path = "/".join(parts[:first_glob]) or ("/" if path.startswith("/") else ".")
     root = storage.normalize(f"{protocol}://{root_path}" if protocol else root_path, options)
     pattern = re.compile(glob_translate(storage.normalize(source, options)))
-    uris = [u for u in storage.list_files(root, suffixes, options) if pattern.match(u)]
-    if not uris:
+    entries = {u: f for u, f in storage.list_entries(root, suffixes, options).items() if pattern.match(u)}
+    if not entries:
         raise ValueError(f"no image files ({', '.join(suffixes)}) match {source}; check the pattern")
-    return _sorted_manifest(root, uris)
+    return _sorted_manifest(root, entries)
 
 
 def _from_manifest_file(source: str, options: StorageOptions) -> Manifest:
@@ -176,7 +191,18 @@ def _from_manifest_file(source: str, options: StorageOptions) -> Manifest:
     common = os.path.commonprefix([_path_part(u).split("/")[:-1] for u in uris])
     root_path = "/" if common == [""] else "/".join(common)
     protocol = storage.split_uri(uris[0])[0]
-    return _sorted_manifest(f"{protocol}://{root_path}" if protocol else root_path, uris)
+    listed = {uri: _local_fingerprint(uri, options) for uri in uris}
+    return _sorted_manifest(f"{protocol}://{root_path}" if protocol else root_path, listed)
+
+
+def _local_fingerprint(uri: str, options: StorageOptions) -> str:
+    """A local file's fingerprint (a stat, no request); "" for a remote one, or a file that is not there (its read says so)."""
+    if not storage.is_local(uri):
+        return ""
+    try:
+        return storage.fingerprint(storage.info(uri, options))
+    except (OSError, ValueError):  # ValueError: a name os.stat refuses (a NUL byte); the manifest rejects it
+        return ""
 
 
 def _read_entries(source: str, options: StorageOptions) -> list[str]:
@@ -222,12 +248,13 @@ def _resolve(entry: str, folder: str) -> str:
     return f"{protocol}://{path}" if protocol else path
 
 
-def _sorted_manifest(root: str, uris: list[str]) -> Manifest:
-    """The manifest of ``uris`` (all below ``root``), sorted by id, unsafe and colliding names rejected."""
+def _sorted_manifest(root: str, entries: Mapping[str, str]) -> Manifest:
+    """The manifest of ``entries`` (URI -> fingerprint, all below ``root``), sorted by id, unsafe and colliding
+    names rejected. An entry listed twice is one image (a mapping holds it once)."""
     root_path = _path_part(root).rstrip("/")
     candidates = []
     rejected = []
-    for uri in dict.fromkeys(uris):  # an entry listed twice is one image
+    for uri in entries:
         raw = _path_part(uri)[len(root_path) :]
         image_id = normalize_id(raw)
         problem = id_problem(image_id) or storage.name_problem(uri)
@@ -243,7 +270,8 @@ def _sorted_manifest(root: str, uris: list[str]) -> Manifest:
             rejected.append((uri, problem))
         else:
             kept.append((image_id, uri))
-    return Manifest(root, tuple(i for i, _ in kept), tuple(u for _, u in kept), tuple(sorted(rejected)))
+    return Manifest(root, tuple(i for i, _ in kept), tuple(u for _, u in kept), tuple(sorted(rejected)),
+                    tuple(entries[u] for _, u in kept))
 
 
 def output_path_limit(uri: str) -> tuple[int, str, str]:
@@ -270,6 +298,7 @@ def reject_long_outputs(manifest: Manifest, outputs_of: Callable[[str], Sequence
     """
     kept: list[tuple[str, str]] = []
     rejected = list(manifest.rejected)
+    fingerprints = manifest.fingerprint_of()
     for image_id, uri in zip(manifest.ids, manifest.uris):
         longest = max(outputs_of(image_id), key=lambda out: len(_measured(out).encode("utf-8")))
         size = len(_measured(longest).encode("utf-8"))
@@ -281,7 +310,8 @@ def reject_long_outputs(manifest: Manifest, outputs_of: Callable[[str], Sequence
             kept.append((image_id, uri))
     if len(kept) == len(manifest):
         return manifest
-    return Manifest(manifest.root, tuple(i for i, _ in kept), tuple(u for _, u in kept), tuple(sorted(rejected)))
+    return Manifest(manifest.root, tuple(i for i, _ in kept), tuple(u for _, u in kept), tuple(sorted(rejected)),
+                    tuple(fingerprints[i] for i, _ in kept))
 
 
 def normalize_id(raw: str) -> str:

@@ -365,10 +365,8 @@ def verify_model(uri: str, card: ModelCard, options: storage.StorageOptions = No
     named = ModelLayout(uri)
     for name in _array_names(card):
         expected = _recorded(card, named, name)
-        fs, path = storage.filesystem(named.file(name), options)
         try:
-            fs.invalidate_cache(path)
-            size = int(fs.info(path)["size"])
+            size = int(storage.info(named.file(name), options)["size"])
         except FileNotFoundError as error:
             raise ModelError(f"model file {named.file(name)} is missing; {REMEDY}") from error
         _check_size(named, name, size, expected)

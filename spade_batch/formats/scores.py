@@ -12,18 +12,19 @@
 | neighbour_ids       | list<string>   | ids of the K nearest normal images, nearest first                 |
 | height, width       | int32          | original image size in pixels                                     |
 | error               | string         | why the image could not be scored (all scores null)               |
+| fingerprint         | string         | the image's fingerprint when its row was written (storage.fingerprint: ETag, or size and modification time); a re-run scores an image again when its listing's differs. Null: unknown (parts written before it was kept) |
+
+A mask_uri is absolute (a local run's output folder is resolved when the run starts).
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from spade_batch.formats import storage
 
@@ -43,8 +44,10 @@ SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("error", pa.string()),
+        ("fingerprint", pa.string()),
     ]
 )
+"""Parts written before the fingerprint column read with it null (read_scores, layout.read_columns with schema=SCHEMA)."""
 
 
 @dataclass
@@ -60,13 +63,15 @@ class ScoreRow:
     height: int | None = None
     width: int | None = None
     error: str | None = None
+    fingerprint: str | None = None
 
 
 def result_row(
     image_id: str, uri: str, size: tuple[int, int], image_score: float, anomaly_map: np.ndarray,
-    neighbour_ids: list[str], mask: np.ndarray, mask_uri: str, thresholds: Thresholds,
+    neighbour_ids: list[str], mask: np.ndarray, mask_uri: str, thresholds: Thresholds, fingerprint: str | None = None,
 ) -> ScoreRow:
-    """The row of a scored image of size (height, width): its S x S map, and its uint8 mask written to mask_uri."""
+    """The row of a scored image of size (height, width): its S x S map, and its uint8 mask written to mask_uri;
+    fingerprint: the image's when it was listed ("" or None: unknown)."""
     return ScoreRow(
         id=image_id,
         uri=uri,
@@ -78,15 +83,13 @@ def result_row(
         neighbour_ids=neighbour_ids,
         height=size[0],
         width=size[1],
+        fingerprint=fingerprint or None,
     )
 
 
 def write_scores(uri: str, rows: Sequence[ScoreRow], options: storage.StorageOptions = None) -> None:
     """Write one part file atomically."""
-    table = pa.Table.from_pylist([asdict(row) for row in rows], schema=SCHEMA)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, write_page_checksum=True)
-    storage.write_bytes(uri, buffer.getvalue(), options)
+    storage.write_part(uri, pa.Table.from_pylist([asdict(row) for row in rows], schema=SCHEMA), options)
 
 
 def read_scores(uris: Sequence[str], options: storage.StorageOptions = None) -> pa.Table:

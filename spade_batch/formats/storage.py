@@ -72,6 +72,23 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+class StorageOptionError(ValueError):
+    """A storage option the filesystem does not take (a misspelt key of storage_options): the message names it."""
+
+
+def _option_error(error: TypeError, uri: str) -> Exception:
+    """A StorageOptionError naming the option that `error` (a filesystem's TypeError) refused; `error` itself
+    when it is not about an option (a bug, not a setting)."""
+    match = re.search(r"unexpected keyword argument '([^']+)'", str(error))
+    if not match:
+        return error
+    protocol = split_uri(uri)[0] or "local"
+    return StorageOptionError(
+        f"storage option {match.group(1)!r} is not one that {protocol}:// storage takes ({first_line(error)}); "
+        "check its spelling in storage_options (--storage-options or the config file's storage: section)"
+    )
+
+
 class TransientStorageError(OSError):
     """A storage call that still failed for a transient reason after every retry.
 
@@ -193,10 +210,12 @@ def _retrying(action: Callable[[], T], uri: str, what: str) -> T:
     for attempt in range(1, policy.attempts + 1):
         try:
             return action()
+        except TypeError as error:  # a filesystem connects on its first call: a misspelt option fails here
+            raise _option_error(error, uri) from error
         except Exception as error:
             if not is_transient(error):
                 raise
-            reason = f"{type(error).__name__}: {_first_line(error)}"
+            reason = f"{type(error).__name__}: {first_line(error)}"
             if attempt == policy.attempts:
                 raise TransientStorageError(
                     errno.EAGAIN,
@@ -210,7 +229,7 @@ def _retrying(action: Callable[[], T], uri: str, what: str) -> T:
     raise AssertionError("unreachable: RetryPolicy.attempts >= 1")
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else "no message"
 
@@ -249,7 +268,10 @@ def filesystem(uri: str, options: StorageOptions = None) -> tuple[fsspec.Abstrac
     problem = name_problem(uri)
     if problem:
         raise ValueError(f"{_redact(uri)}: {problem}")
-    fs = fsspec.filesystem(protocol, **dict(options or {}))
+    try:
+        fs = fsspec.filesystem(protocol, **dict(options or {}))
+    except TypeError as error:
+        raise _option_error(error, uri) from error
     return fs, fs._strip_protocol(f"{protocol}://{rest}")
 
 
@@ -337,7 +359,7 @@ class DamagedPartError(ValueError):
 
 def damaged_part(uri: str, error: BaseException) -> DamagedPartError:
     return DamagedPartError(
-        f"part file {_redact(uri)} is damaged ({type(error).__name__}: {_first_line(error)}); "
+        f"part file {_redact(uri)} is damaged ({type(error).__name__}: {first_line(error)}); "
         "delete it and re-run the same command: the images it held are processed again"
     )
 
@@ -354,6 +376,13 @@ def read_part(uri: str, options: StorageOptions = None, columns: list[str] | Non
         return pq.read_table(io.BytesIO(data), columns=columns, schema=schema, page_checksum_verification=True)
     except (pa.ArrowException, OSError, ValueError) as error:
         raise damaged_part(uri, error) from error
+
+
+def write_part(uri: str, table: pa.Table, options: StorageOptions = None) -> None:
+    """Write a part file atomically (see :func:`write_bytes`), its pages with the CRCs :func:`read_part` checks."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, write_page_checksum=True)
+    write_bytes(uri, buffer.getvalue(), options)
 
 
 def read_text(uri: str, options: StorageOptions = None) -> str:
@@ -435,27 +464,67 @@ def read_npy(uri: str, options: StorageOptions = None) -> np.ndarray:
 def list_files(
     uri: str, suffixes: tuple[str, ...] | None = None, options: StorageOptions = None
 ) -> list[str]:
-    """All files under the folder/prefix ``uri``, recursively, sorted.
+    """All files under the folder/prefix ``uri``, recursively, sorted: the URIs of :func:`list_entries`."""
+    return list(list_entries(uri, suffixes, options))
+
+
+def list_entries(uri: str, suffixes: tuple[str, ...] | None = None, options: StorageOptions = None) -> dict[str, str]:
+    """All files under the folder/prefix ``uri``, recursively, sorted, each with its :func:`fingerprint`.
 
     Results are full URIs in the form of :func:`normalize` (same scheme as
     ``uri``; absolute paths for local input). ``suffixes`` keeps only names
-    ending in one of them, ignoring case. A missing folder/prefix gives ``[]``
+    ending in one of them, ignoring case. A missing folder/prefix gives ``{}``
     (a missing bucket is a FileNotFoundError); a ``uri`` naming one file gives
-    that file.
+    that file. The fingerprints come with the listing: no request per file.
     """
     fs, path = filesystem(uri, options)
 
-    def find() -> list[str]:
+    def find() -> dict[str, dict[str, Any]]:
         try:
-            return fs.find(path)
+            return fs.find(path, detail=True)
         except FileNotFoundError as e:
             raise FileNotFoundError(errno.ENOENT, f"Cannot list ({e})", _redact(uri)) from None
 
     found = _retrying(find, uri, "list")
     if suffixes is not None:
         wanted = tuple(s.lower() for s in suffixes)
-        found = [p for p in found if p.lower().endswith(wanted)]
-    return sorted(_to_uri(uri, p) for p in found)
+        found = {p: info for p, info in found.items() if p.lower().endswith(wanted)}
+    return {_to_uri(uri, p): fingerprint(found[p]) for p in sorted(found)}
+
+
+_MODIFIED = ("mtime", "LastModified", "last_modified", "updated")
+"""Keys of a modification time in the file info of fsspec's filesystems (local, S3, Azure, GCS)."""
+
+
+def fingerprint(info: Mapping[str, Any]) -> str:
+    """A cheap sign of a file's content, from its fsspec info (a listing's entry): the ETag an object store
+    gives it, else its size and modification time; "" when the info holds neither (never treated as a change).
+
+    Another content under the same name gives another fingerprint (an ETag is the content's hash; a local
+    rewrite moves the modification time); rewriting the same bytes may too, which costs a re-score, nothing more.
+    """
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag {str(etag).strip(chr(34))}"
+    modified = next((info[key] for key in _MODIFIED if info.get(key) is not None), None)
+    if info.get("size") is None or modified is None:
+        return ""
+    return f"size {info['size']} modified {modified}"
+
+
+def info(uri: str, options: StorageOptions = None) -> dict[str, Any]:
+    """The fsspec info of the file ``uri`` (size, and what :func:`fingerprint` reads): one request on an
+    object store, a stat locally. A missing file is a FileNotFoundError naming it."""
+    fs, path = filesystem(uri, options)
+
+    def look() -> dict[str, Any]:
+        fs.invalidate_cache(path)  # a listing cached earlier in this process (s3fs keeps one) may be stale
+        try:
+            return fs.info(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "No such file", _redact(uri)) from None
+
+    return _retrying(look, uri, "check")
 
 
 def remove(uri: str, options: StorageOptions = None, recursive: bool = False) -> None:

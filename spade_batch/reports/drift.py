@@ -57,6 +57,22 @@ class DriftCheck:
     def rate(self) -> float:
         return self.anomalous / self.images if self.images else 0.0
 
+    @property
+    def checked(self) -> bool:
+        """Whether either check could run: not for a night without a scored image, nor for a model with neither
+        a band (image threshold and calibration count) nor calibration scores."""
+        return self.band is not None or self.ks_pvalue is not None
+
+    def verdict(self) -> str:
+        """In words: the alarm's reasons, "none", or why drift is unknown."""
+        if self.drifted:
+            return "; ".join(self.reasons)
+        if self.checked:
+            return "none"
+        if not self.images:
+            return "unknown: no image was scored"
+        return "unknown: the model has no calibration to compare tonight with (no image threshold and calibration count, no calibration scores)"
+
 
 def quantile_rank(count: int, image_fpr: float) -> int:
     """1-based rank r of np.quantile(scores, 1 - image_fpr, method="higher") among `count` scores."""

@@ -115,6 +115,7 @@ class Example:
     predicted_mask: np.ndarray  # H x W bool, or float in [0, 1] (a mask scaled from the map)
     ground_truth: np.ndarray | None  # H x W bool
     title: str  # e.g. "crack/003.png  score 4.21"
+    missing: tuple[str, ...] = ()  # "image", "mask": pictures that could not be read, drawn grey and titled so
 
 
 def _panel(axes: Axes, picture: np.ndarray, title: str) -> None:
@@ -142,14 +143,14 @@ def example_grid(examples: list[Example], low: float, high: float) -> bytes:
     grid = figure.subplots(len(examples), columns, squeeze=False)
     for row, example in zip(grid, examples):
         panels = list(row)
-        _panel(panels.pop(0), example.image, example.title)
+        _panel(panels.pop(0), example.image, example.title + ("\n(image missing)" if "image" in example.missing else ""))
         if with_truth:
             if example.ground_truth is None:
                 _panel(panels.pop(0), np.full(example.image.shape[:2], 0.85), "no ground truth")  # light gray
             else:
                 _panel(panels.pop(0), example.ground_truth, "ground truth")
         _panel(panels[0], overlay(example.image, example.anomaly_map, low, high), "anomaly map")
-        _panel(panels[1], example.predicted_mask, "predicted mask")
+        _panel(panels[1], example.predicted_mask, "mask missing" if "mask" in example.missing else "predicted mask")
     figure.tight_layout()
     return _png(figure)
 

@@ -5,6 +5,10 @@ opened from object storage alone. Its sections, by element id: `counts`, `drift`
 rate against the calibration band, see drift.py), `histogram` (tonight's image scores over the
 calibration scores), `anomalies` (the top-N images: image, map overlay, mask), `failures` (grouped
 by reason) and `throughput`.
+
+The report never fails a scored run: a picture it cannot read (an image moved since, a mask deleted,
+a read that failed for a transient reason) is drawn grey, marked missing and listed with why
+(RunReport.undrawn); the run's exit status stays its scoring outcome, 75 when a read was transient.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import json
 import posixpath
 import shlex
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -40,6 +45,35 @@ THUMBNAIL = 192
 """Longest side, in pixels, of each picture of the top anomalies."""
 EXAMPLE_IDS = 3
 """Image ids listed per failure reason."""
+MISSING_GREY = 0.85
+"""The grey a picture that could not be read is drawn in (on the 0-1 scale of masks)."""
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Undrawn:
+    """A picture of the top anomalies that could not be read: drawn as missing."""
+
+    id: str
+    picture: str
+    """"image", "mask" or "map"."""
+    reason: str
+    transient: bool
+    """It failed for a reason that may pass: a re-run of the same command draws it."""
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What writing a run's report found: where it is, the drift check, the pictures drawn as missing."""
+
+    uri: str
+    drift: DriftCheck
+    undrawn: list[Undrawn]
+
+    @property
+    def retryable(self) -> int:
+        """Pictures that could not be read for a transient reason."""
+        return sum(note.transient for note in self.undrawn)
 
 
 @dataclass
@@ -47,7 +81,7 @@ class RunScores:
     """What the report reads from a run's scores table.
 
     scores: (m,) float64 image scores of the scored images; top: up to TOP_N rows (id, uri,
-    image_score, mask_uri), highest score first, anomalous ones only when a threshold is known;
+    image_score, is_anomalous, height, width), highest score first, anomalous ones only when a threshold is known;
     failures: grouped by reason (summary.group_failures, as `spade-batch show` groups them).
     """
 
@@ -59,7 +93,7 @@ class RunScores:
 
 def read_run_scores(out_uri: str, options: storage.StorageOptions, top_n: int = TOP_N) -> RunScores:
     """Scores, anomaly count, top rows and failures over every part file under OUT/scores/ (a few columns at a time)."""
-    columns = ["id", "uri", "image_score", "is_anomalous", "mask_uri", "error"]
+    columns = ["id", "uri", "image_score", "is_anomalous", "height", "width", "error"]
     scores: list[float] = []
     anomalous = 0
     candidates: list[tuple[float, str, dict[str, Any]]] = []
@@ -77,21 +111,24 @@ def read_run_scores(out_uri: str, options: storage.StorageOptions, top_n: int = 
     return RunScores(np.array(scores, dtype=np.float64), anomalous, top, group_failures(failed, EXAMPLE_IDS))
 
 
-def write_run_report(summary: dict[str, Any], settings: Settings) -> tuple[str, DriftCheck]:
-    """Write OUT/report.html for a finished run (its run.json as `summary`); returns its URI and the drift check."""
+def write_run_report(summary: dict[str, Any], settings: Settings) -> RunReport:
+    """Write OUT/report.html for a finished run (its run.json as `summary`): its URI, the drift check, the pictures drawn as missing."""
     options = settings.fsspec_options()
     out_uri = summary["out_uri"]
     card = load_card(resolve(summary["model_uri"], summary["model_version"], options).uri, options)  # the version scored
     run = read_run_scores(out_uri, options)
     check = check_drift(run.scores, run.anomalous, card.calibration, summary["thresholds"]["image"])
-    # run.json gains the verdict, for `nightly --plan`'s summary and for scripts.
-    summary = {**summary, "drift": {"alarm": check.drifted, "reasons": check.reasons, "ks_pvalue": check.ks_pvalue,
-                                    "band": dataclasses.asdict(check.band) if check.band else None}}
+    undrawn: list[Undrawn] = []
+    examples = _examples(run.top, out_uri, summary["thresholds"]["pixel"], settings, undrawn)
+    # run.json gains the verdict and the pictures not drawn, for `nightly --plan`'s summary and for scripts.
+    summary = {**summary, "drift": {"alarm": check.drifted, "checked": check.checked, "verdict": check.verdict(),
+                                    "reasons": check.reasons, "ks_pvalue": check.ks_pvalue,
+                                    "band": dataclasses.asdict(check.band) if check.band else None},
+               "pictures_missing": [dataclasses.asdict(note) for note in undrawn]}
     storage.write_text(Outputs(out_uri).run_json, json.dumps(summary, indent=2), options)
-    examples = _examples(run.top, out_uri, summary["thresholds"]["pixel"], settings)
     uri = Outputs(out_uri).report
-    storage.write_text(uri, render_run_report(summary, card, run, check, examples), options)
-    return uri, check
+    storage.write_text(uri, render_run_report(summary, card, run, check, examples, undrawn), options)
+    return RunReport(uri, check, undrawn)
 
 
 def _thumbnail_size(height: int, width: int) -> tuple[int, int]:
@@ -99,29 +136,58 @@ def _thumbnail_size(height: int, width: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def _examples(top: list[dict[str, Any]], out_uri: str, pixel_threshold: float | None, settings: Settings) -> bytes | None:
+def _examples(
+    top: list[dict[str, Any]], out_uri: str, pixel_threshold: float | None, settings: Settings, undrawn: list[Undrawn],
+) -> bytes | None:
     """image | map overlay | mask of the top rows, at thumbnail size; PNG bytes, None without rows.
 
     The map is the one the output stage saved (every anomalous image's, or all with save_maps); a
-    row without one shows its mask as the map.
+    row without one shows its mask as the map. Masks and maps are read where the run's layout puts
+    them (not the row's mask_uri, which an old run may hold relative to where it started). A picture
+    that cannot be read is drawn grey and appended to undrawn.
     """
     if not top:
         return None
     options, outputs = settings.fsspec_options(), Outputs(out_uri)
     examples = []
     for row in top:
-        original = decode_image(storage.read_bytes(row["uri"], options), row["uri"], settings.max_pixels)
-        height, width = _thumbnail_size(*original.shape[:2])
-        image = np.asarray(Image.fromarray(original).resize((width, height), Image.Resampling.BILINEAR))
-        with Image.open(io.BytesIO(storage.read_bytes(row["mask_uri"], options))) as mask_png:
-            mask = np.asarray(mask_png.convert("L").resize((width, height), Image.Resampling.NEAREST), np.float32) / 255.0
-        map_uri = outputs.map(row["id"])
-        if storage.exists(map_uri, options):
-            anomaly_map = resize_map(storage.read_npy(map_uri, options).astype(np.float32), height, width)
-        else:
-            anomaly_map = mask * colour_range(pixel_threshold, 1.0)[1]  # the top of the scale where the mask is set
-        examples.append(Example(image, anomaly_map, mask, None, f"{row['id']}  score {row['image_score']:.4g}"))
+        def read(picture: str, reader: Callable[[], T]) -> T | None:
+            return _read_picture(row["id"], picture, reader, undrawn)
+
+        original = read("image", lambda: decode_image(storage.read_bytes(row["uri"], options), row["uri"], settings.max_pixels))
+        height, width = _thumbnail_size(*(original.shape[:2] if original is not None else (row["height"], row["width"])))
+        image = (np.full((height, width, 3), round(255 * MISSING_GREY), np.uint8) if original is None
+                 else np.asarray(Image.fromarray(original).resize((width, height), Image.Resampling.BILINEAR)))
+        mask = read("mask", lambda: _read_mask(outputs.mask(row["id"]), height, width, options))
+        saved = read("map", lambda: _read_map(outputs.map(row["id"]), options))
+        if saved is not None:
+            anomaly_map = resize_map(saved, height, width)
+        else:  # the top of the scale where the mask is set
+            anomaly_map = (mask if mask is not None else np.zeros((height, width), np.float32)) * colour_range(pixel_threshold, 1.0)[1]
+        missing = tuple(picture for picture, value in (("image", original), ("mask", mask)) if value is None)
+        examples.append(Example(image, anomaly_map, np.full((height, width), MISSING_GREY) if mask is None else mask, None,
+                                f"{row['id']}  score {row['image_score']:.4g}", missing))
     return example_grid(examples, *colour_range(pixel_threshold, max(float(e.anomaly_map.max()) for e in examples)))
+
+
+def _read_picture(image_id: str, picture: str, reader: Callable[[], T], undrawn: list[Undrawn]) -> T | None:
+    """reader()'s picture, or None when it cannot be read (noted in undrawn): the report goes on without it."""
+    try:
+        return reader()
+    except (OSError, ValueError) as error:  # missing, transient, undecodable: each is a note, never the run's failure
+        undrawn.append(Undrawn(image_id, picture, f"{type(error).__name__}: {storage.first_line(error)}", storage.is_transient(error)))
+        return None
+
+
+def _read_mask(uri: str, height: int, width: int, options: storage.StorageOptions) -> np.ndarray:
+    """The mask PNG at uri, at height x width, in [0, 1]."""
+    with Image.open(io.BytesIO(storage.read_bytes(uri, options))) as mask_png:
+        return np.asarray(mask_png.convert("L").resize((width, height), Image.Resampling.NEAREST), np.float32) / 255.0
+
+
+def _read_map(uri: str, options: storage.StorageOptions) -> np.ndarray | None:
+    """The anomaly map saved at uri (float32), None when none was saved."""
+    return storage.read_npy(uri, options).astype(np.float32) if storage.exists(uri, options) else None
 
 
 def _embedded(png: bytes, alt: str) -> str:
@@ -133,9 +199,12 @@ def _percent(count: int, total: int) -> str:
 
 
 def _drift_section(check: DriftCheck, calibration: CalibrationRecord) -> str:
-    if check.band is None:
-        verdict = '<p class="verdict">No band: the run has no image threshold, no calibration count, or no scored image.</p>'
+    if not check.checked:
+        verdict = f'<p class="verdict alarm">Drift {html.escape(check.verdict())}.</p>'
         rows: list[dict[str, object]] = []
+    elif check.band is None:
+        verdict = '<p class="verdict">No band: the run has no image threshold, no calibration count, or no scored image.</p>'
+        rows = []
     else:
         band = check.band
         status, text = ("alarm", "DRIFT: " + "; ".join(check.reasons)) if check.drifted else ("ok", "Tonight looks like the calibration images.")
@@ -165,11 +234,26 @@ def _failures_section(run: RunScores, summary: dict[str, Any]) -> str:
     return html_table(rows) if rows else "<p>No image failed.</p>"
 
 
+def _missing_pictures(undrawn: list[Undrawn]) -> str:
+    """The note under the top anomalies: which pictures are drawn grey, why, and what to do."""
+    if not undrawn:
+        return ""
+    todo = {"image": "the image is no longer where it was scored", "mask": "re-run the same command: it scores the image again and writes its mask",
+            "map": "re-run the same command to draw it"}
+    rows: list[dict[str, object]] = [
+        {"id": note.id, "picture": note.picture, "why": note.reason,
+         "what to do": "re-run the same command to draw it" if note.transient else todo[note.picture]} for note in undrawn
+    ]
+    return f'\n<p class="verdict alarm">{len(undrawn)} pictures could not be read and are drawn grey:</p>\n{html_table(rows)}'
+
+
 def _throughput_section(summary: dict[str, Any]) -> str:
     rows: list[dict[str, object]] = [
         {"": "seconds (whole run)", "value": f"{summary['seconds']:.1f}"},
         {"": "images per second", "value": f"{summary['images_per_second']:.2f}"},
         {"": "images resumed from an earlier run", "value": summary["resumed"]},
+        {"": "scored again: changed since the last run", "value": summary.get("changed", 0)},
+        {"": "scored again: their mask was missing", "value": summary.get("restored", 0)},
         {"": "model workers", "value": summary["model_workers"]},
     ]
     workers = [{"worker": name[:12], "node": entry["node"], "images": entry["images"]} for name, entry in sorted(summary["workers"].items())]
@@ -177,9 +261,9 @@ def _throughput_section(summary: dict[str, Any]) -> str:
 
 
 def render_run_report(
-    summary: dict[str, Any], card: ModelCard, run: RunScores, check: DriftCheck, examples: bytes | None
+    summary: dict[str, Any], card: ModelCard, run: RunScores, check: DriftCheck, examples: bytes | None, undrawn: list[Undrawn],
 ) -> str:
-    """The report page; summary is the run's run.json, card the model's card."""
+    """The report page; summary is the run's run.json, card the model's card, undrawn the pictures drawn as missing."""
     calibration = card.calibration
     counts: list[dict[str, object]] = [
         {"": "images", "count": summary["images"], "share": "100%"},
@@ -199,7 +283,7 @@ def render_run_report(
         histogram += "<p>The model card keeps no calibration scores (fitted before they were kept): tonight's scores only.</p>"
     anomalies = _embedded(examples, "top anomalies: image, anomaly map, mask") if examples else "<p>No anomalous image.</p>"
     top_rows: list[dict[str, object]] = [
-        {"rank": rank, "id": row["id"], "image score": float(row["image_score"]), "mask": row["mask_uri"]}
+        {"rank": rank, "id": row["id"], "image score": float(row["image_score"]), "mask": Outputs(summary["out_uri"]).mask(row["id"])}
         for rank, row in enumerate(run.top, 1)
     ]
     review = (f"<p>Review sheet of the flagged images, for reviewers to mark each <code>normal</code> or <code>defect</code>: "
@@ -212,7 +296,8 @@ def render_run_report(
         "drift": ("Anomaly rate against the calibration", _drift_section(check, calibration)),
         "decisions": ("What the model's thresholds decide", html_table([{"": key, "rule": value} for key, value in decision_rules(card).items()])),
         "histogram": ("Image scores, tonight over the calibration images", histogram),
-        "anomalies": (f"Top {len(run.top)} anomalies", anomalies + ("\n" + html_table(top_rows) + review if top_rows else "")),
+        "anomalies": (f"Top {len(run.top)} anomalies",
+                      anomalies + _missing_pictures(undrawn) + ("\n" + html_table(top_rows) + review if top_rows else "")),
         "failures": ("Failures by reason", _failures_section(run, summary)),
         "throughput": ("Throughput", _throughput_section(summary)),
     }

@@ -103,7 +103,8 @@ def run_summary(uri: str, options: storage.StorageOptions = None, top: int = 10)
         "uri": uri,
         "model_uri": run["model_uri"],
         "model_version": run.get("model_version", 1),  # runs from before versions scored the only one
-        "counts": {key: run[key] for key in ("images", "scored", "failed", "retryable", "resumed", "anomalous")},
+        "counts": {**{key: run[key] for key in ("images", "scored", "failed", "retryable", "resumed", "anomalous")},
+                   **{key: run.get(key, 0) for key in ("changed", "restored")}},  # runs from before they were counted have none
         "anomaly_rate": None if run["anomalous"] is None or not scored_count else run["anomalous"] / scored_count,
         "thresholds": run["thresholds"],
         "mask_kind": run["mask_kind"],

@@ -106,3 +106,23 @@ def test_an_actor_that_died_is_named_by_the_error_in_its_text() -> None:
     assert explain(RayActorError(text)) == (2, "error: ModelError: model file m/pyramid/layer1.npy is 10 bytes")
     code, line = explain(RayActorError("The actor died unexpectedly before finishing this task \x1b[36m(OOM)\x1b[39m"))
     assert code == 1 and "\x1b" not in line
+
+
+def test_an_error_a_transient_storage_failure_caused_is_retryable() -> None:
+    """E.g. a model file that could not be read because the endpoint was down: the store's fault, not the model's."""
+    try:
+        try:
+            raise TransientStorageError(11, "Cannot read: still failing for a transient reason", "s3://b/m/global.faiss")
+        except TransientStorageError as error:
+            raise ModelError("model file s3://b/m/global.faiss is missing or damaged (...)") from error
+    except ModelError as error:
+        assert explain(ray_task_error(error)) == (75, "error: model file s3://b/m/global.faiss is missing or damaged (...); re-run the same command")
+    throttled = OSError(errno.EBUSY, "Please reduce your request rate.")  # s3fs's SlowDown, had it escaped the retries
+    assert explain(throttled)[0] == 75
+
+
+def test_a_misspelt_storage_option_is_a_usage_error() -> None:
+    from spade_batch.formats.storage import StorageOptionError
+
+    error = StorageOptionError("storage option 'secrt' is not one that s3:// storage takes (...)")
+    assert explain(ray_task_error(error)) == (2, "error: storage option 'secrt' is not one that s3:// storage takes (...)")

@@ -184,3 +184,20 @@ def test_a_lines_log_level_holds_for_that_line_only(tmp_path: Path, capfd: pytes
     err = capfd.readouterr().err
     assert "detail of loud" in err and "detail of quiet" not in err
     assert logging.getLogger().level == logging.INFO
+
+
+def test_a_line_that_met_a_transient_storage_failure_is_retryable_not_failed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """E.g. its store was down when the line started: the plan exits 75, re-run it; another line's success stands."""
+    from spade_batch.formats.storage import TransientStorageError
+    from spade_batch.plan import run_plan
+
+    plan = write_plan(tmp_path / "p.yaml", [line_entry(out=str(tmp_path / "a")), line_entry(name="b", out=str(tmp_path / "b"))])
+    lines = load_plan(str(plan), Settings(), frozenset())
+
+    def run_line(line) -> int:
+        if line.name == "a":
+            raise TransientStorageError(11, "Cannot list: still failing for a transient reason", "s3://b/imgs")
+        return 0
+
+    assert run_plan(lines, str(tmp_path / "plan"), "2026-11-29", None, False, run_line) == ExitCode.RETRYABLE
+    assert "a     75    failed" in capsys.readouterr().out

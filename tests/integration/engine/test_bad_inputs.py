@@ -9,6 +9,7 @@ and configs that cannot be used at all are refused before any work: tests/unit/t
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -179,3 +180,35 @@ def test_animated_and_multi_page_images_are_scored_on_their_first_frame(corpus_r
     (first_frame,) = detector.score(model, [texture(48, 48)], Settings(**tiny_model.settings, device="cpu"))
     assert rows[name]["image_score"] == pytest.approx(first_frame.score, rel=1e-4)
     assert decode_image(IMAGES[name][0], name).shape == (48, 48, 3)
+
+
+@pytest.mark.parametrize("where", ["model", "images"])
+@pytest.mark.parametrize(("option", "name"), [({"secrt": "testing"}, "secrt"), ({"client_kwargs": {"endpont_url": "x"}}, "endpont_url")])
+def test_a_misspelt_storage_option_is_named_as_one_before_any_work(
+    tiny_model: Any, s3: Any, s3_bucket: str, tmp_path: Path, where: str, option: dict, name: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Whatever the run reads first on that store (the model's card, or the images' listing): exit 2, one line
+    naming the option, never 'not a spade-batch model card' nor a crash."""
+    from spade_batch import cli
+    from spade_batch.formats import storage
+
+    model, images = tiny_model.path, str(Path(tiny_model.train) / "test")
+    if where == "model":
+        model = f"{s3_bucket}/model"
+        for file in Path(tiny_model.path).rglob("*"):
+            if file.is_file():
+                storage.put_file(str(file), f"{model}/{file.relative_to(tiny_model.path)}", s3.storage_options)
+    else:
+        images = f"{s3_bucket}/imgs"
+        storage.write_bytes(f"{images}/a.png", GOOD, s3.storage_options)
+    options = {**s3.storage_options, **option}
+    if "client_kwargs" in option:
+        options["client_kwargs"] = {**s3.storage_options["client_kwargs"], **option["client_kwargs"]}
+
+    status = cli.main(["score", "--model", model, "--images", images, "--out", str(tmp_path / "out"), "--device", "cpu",
+                       "--storage-options", json.dumps(options)])
+
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("spade-batch score: ")]
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"spade-batch score: error: storage option '{name}' is not one that s3:// storage takes (")
+    assert "model card" not in lines[0] and not (tmp_path / "out").exists()

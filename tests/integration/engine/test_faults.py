@@ -91,7 +91,8 @@ def read_rows(out: str, options: dict[str, Any] | None) -> dict[str, dict[str, A
     """Every row of every scores part under out, by id; fails when an id has more than one row."""
     storage.filesystem(out, options)[0].invalidate_cache()  # other processes wrote there since this one last listed
     parts = storage.list_files(storage.join(out, "scores"), (".parquet",), options)
-    rows = pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(p, options))) for p in parts]).to_pylist()
+    rows = pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(p, options))) for p in parts],
+                            promote_options="default").to_pylist()  # parts of an older version have fewer columns
     by_id = {row["id"]: row for row in rows}
     assert len(by_id) == len(rows), f"an image has more than one row: {sorted(row['id'] for row in rows)}"
     return by_id
@@ -578,3 +579,209 @@ def test_stray_parquet_files_in_scores_are_reported_and_never_read(
     shown = json.loads(capsys.readouterr().out)
     assert shown["counts"]["scored"] == len(archive.ids) and shown["failures"] == []
     assert all(row["image_score"] < 1e9 for row in shown["top"]), "the run's page and summary read only its own parts"
+
+
+# ---------------------------------------------------------------- an image whose content changed under its name
+
+
+def gallery_image(archive: Archive, tiny_model: Any) -> tuple[bytes, np.ndarray]:
+    """A training image in the model's gallery (a normal image: its own pixels match it) and its anomaly map
+    from the in-process API, at its size."""
+    model = SpadeModel.load(archive.model)
+    data = (Path(tiny_model.train) / "train" / model.train_ids[0]).read_bytes()
+    image = decode_image(data, model.train_ids[0])
+    (result,) = detector.score(model, [image], Settings(**tiny_model.settings, device="cpu"))
+    return data, resize_map(result.anomaly_map, *image.shape[:2])
+
+
+def images_at(archive: Archive, where: str, tmp_path: Path, s3: Any, bucket: str) -> tuple[str, str, dict[str, Any] | None]:
+    """The archive's images copied to a local folder or a bucket: (images, out, storage options)."""
+    if where == "local":
+        upload(archive.files(), str(tmp_path / "imgs"), None)
+        return str(tmp_path / "imgs"), str(tmp_path / "out"), None
+    return upload(archive.files(), f"{bucket}/imgs", s3.storage_options), f"{bucket}/out", s3.storage_options
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_image_rewritten_with_other_content_or_whose_mask_is_gone_is_scored_again_and_keeps_one_row(
+    archive: Archive, tiny_model: Any, tmp_path: Path, s3: Any, s3_bucket: str, where: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A camera uploads an image again with other pixels: the re-run scores it again (the listing's size and
+    modification time, or its ETag, changed) and replaces its row, mask and map. A mask deleted since the run
+    (its row still points at it) is written again the same way."""
+    images, out, options = images_at(archive, where, tmp_path, s3, s3_bucket)
+    argv = ["score", "--model", archive.model, "--images", images, "--out", out, *RUN_FLAGS, "--storage-options", json.dumps(options or {})]
+    assert run_cli_here(argv) == 0
+    before = read_rows(out, options)
+    flagged = max((i for i in archive.ids if before[i]["is_anomalous"]), key=lambda i: before[i]["image_score"])
+    assert storage.exists(Outputs(out).map(flagged), options)
+    normal, normal_map = gallery_image(archive, tiny_model)
+    storage.write_bytes(storage.join(images, flagged), normal, options)  # a normal image's pixels, under its name
+    unmasked = next(i for i in archive.ids if i != flagged)
+    storage.remove(Outputs(out).mask(unmasked), options)
+    capsys.readouterr()
+
+    status = run_cli_here(argv)
+
+    printed = capsys.readouterr()
+    assert status == 0, printed
+    assert re.search(r"\nre-scored: changed +1 \(changed since the last run: rows, masks, maps replaced\)\n", printed.out)
+    assert "1 images changed since they were scored" in printed.err
+    assert re.search(r"\nre-scored: no mask +1 \(their masks were gone: written again\)\n", printed.out)
+    assert "1 scored images have lost their mask" in printed.err
+    after = read_rows(out, options)  # one row per image
+    assert after[flagged]["image_score"] < before[flagged]["image_score"] and after[flagged]["is_anomalous"] is False
+    assert after[flagged]["fingerprint"] != before[flagged]["fingerprint"]
+    assert after[unmasked]["image_score"] == pytest.approx(before[unmasked]["image_score"], rel=1e-4)
+    assert {i: row for i, row in after.items() if i not in (flagged, unmasked)} == \
+        {i: row for i, row in before.items() if i not in (flagged, unmasked)}, "the other images are resumed, not scored again"
+    assert not storage.exists(Outputs(out).map(flagged), options), "the map of its old verdict is gone with it"
+    assert_complete(Archive(archive.model, archive.images, {**archive.maps, flagged: normal_map}, archive.pixel_threshold), out, options)
+    run = json.loads(storage.read_text(Outputs(out).run_json, options))
+    assert (run["changed"], run["restored"], run["resumed"], run["scored"]) == (1, 1, len(archive.ids) - 2, len(archive.ids))
+    assert run["anomalous"] == sum(row["is_anomalous"] for row in after.values()) and run["pictures_missing"] == []
+
+
+def test_a_re_run_over_a_killed_run_s_parts_and_an_older_version_s_scores_the_missing_and_the_changed(
+    archive: Archive, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What a re-run may find: a batch whose part was never written (the run was killed), a part written
+    before fingerprints were kept (taken as unchanged), and an image changed since it was scored."""
+    images, out, _ = images_at(archive, "local", tmp_path, None, "")
+    argv = ["score", "--model", archive.model, "--images", images, "--out", out, *RUN_FLAGS]
+    assert run_cli_here(argv) == 0
+    before = read_rows(out, None)
+    part_of = {pq.read_table(part).column("id")[0].as_py(): part for part in Outputs(out).parts(None).own}  # one image per part
+    unwritten, older, changed = archive.ids[:3]
+    os.remove(part_of[unwritten])
+    pq.write_table(pq.read_table(part_of[older]).drop_columns(["fingerprint"]), part_of[older], write_page_checksum=True)
+    (Path(images) / changed).write_bytes(archive.files()[unwritten])
+    capsys.readouterr()
+
+    status = run_cli_here(argv)
+
+    printed = capsys.readouterr()
+    assert status == 0, printed
+    run = json.loads((Path(out) / "run.json").read_text())
+    assert (run["changed"], run["restored"], run["resumed"], run["scored"]) == (1, 0, len(archive.ids) - 2, len(archive.ids))
+    after = read_rows(out, None)
+    assert after[older] == {**before[older], "fingerprint": None}, "a row without a fingerprint is resumed, as unchanged"
+    assert after[changed]["image_score"] == pytest.approx(before[unwritten]["image_score"], rel=1e-4)
+    assert_complete(Archive(archive.model, archive.images, {**archive.maps, changed: archive.maps[unwritten]}, archive.pixel_threshold),
+                    out, None)
+
+
+# ---------------------------------------------------------------- the run report never fails a scored run
+
+
+def test_a_picture_gone_between_scoring_and_the_report_is_drawn_missing_and_the_run_exits_by_its_scoring(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """While the run scored, one source image was moved away and one mask deleted: the report draws them grey
+    with a note, and the run's status is what its scoring was (every image scored: 0)."""
+    from spade_batch.engine import score as engine_score
+
+    images, out, _ = images_at(archive, "local", tmp_path, None, "")
+    moved, unmasked = archive.ids[:2]
+    scoring = engine_score.run_score
+
+    def then_lose_two_pictures(*args: Any, **kwargs: Any) -> Any:
+        summary = scoring(*args, **kwargs)
+        (Path(images) / moved).rename(tmp_path / "moved.png")
+        Path(Outputs(out).mask(unmasked)).unlink()
+        return summary
+
+    monkeypatch.setattr(engine_score, "run_score", then_lose_two_pictures)
+    status = run_cli_here(["score", "--model", archive.model, "--images", images, "--out", out, *RUN_FLAGS])
+
+    printed = capsys.readouterr()
+    assert status == 0, printed
+    assert "[2 pictures missing]" in printed.out and re.search(rf"scored\s+{len(archive.ids)}\n", printed.out)
+    assert f"report: the image of {moved} could not be read, drawn as missing: FileNotFoundError: " in printed.err
+    assert f"report: the mask of {unmasked} could not be read, drawn as missing: FileNotFoundError: " in printed.err
+    run = json.loads((Path(out) / "run.json").read_text())
+    assert sorted((note["id"], note["picture"], note["transient"]) for note in run["pictures_missing"]) == \
+        sorted([(moved, "image", False), (unmasked, "mask", False)])
+    page = (Path(out) / "report.html").read_text()
+    assert "2 pictures could not be read and are drawn grey" in page and "the image is no longer where it was scored" in page
+
+
+def test_a_mask_that_cannot_be_read_for_a_transient_reason_is_retryable_and_the_re_run_draws_it(
+    archive: Archive, faulty_s3: Any, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The store throttles every read of one mask while the report draws it: the run prints its summary and
+    writes its report, the mask drawn grey, and exits 75; the re-run scores nothing and draws it."""
+    images = upload(archive.files(), f"{faulty_s3.bucket}/imgs", faulty_s3.direct_options)
+    out, image_id = f"{faulty_s3.bucket}/out", archive.ids[0]
+    faulty_s3.proxy.inject(f"out/masks/{output_stem(image_id)}.png", "slowdown", times=None)
+    argv = ["score", "--model", archive.model, "--images", images, "--out", out, *RUN_FLAGS, "--storage-options", json.dumps(faulty_s3.options)]
+
+    status = run_cli_here(argv)
+
+    printed = capsys.readouterr()
+    assert status == 75, printed
+    assert re.search(rf"scored\s+{len(archive.ids)}\n", printed.out) and "[1 pictures missing]" in printed.out
+    assert f"report: the mask of {image_id} could not be read, drawn as missing: TransientStorageError: " in printed.err
+    run = json.loads(storage.read_text(f"{out}/run.json", faulty_s3.direct_options))
+    assert [(note["id"], note["picture"], note["transient"]) for note in run["pictures_missing"]] == [(image_id, "mask", True)]
+    assert "re-run the same command to draw it" in storage.read_text(f"{out}/report.html", faulty_s3.direct_options)
+
+    faulty_s3.proxy.inject(f"out/masks/{output_stem(image_id)}.png", "slowdown", times=0)
+    assert run_cli_here(argv) == 0
+    run = json.loads(storage.read_text(f"{out}/run.json", faulty_s3.direct_options))
+    assert (run["resumed"], run["restored"], run["pictures_missing"]) == (len(archive.ids), 0, [])
+    assert faulty_s3.proxy.requests[f"out/masks/{output_stem(image_id)}.png"] == 1, "the re-run read the mask once: to draw it"
+
+
+def test_a_run_started_with_a_relative_out_resumes_from_another_folder(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Its rows name their masks by absolute paths; rows of an older version named them relative to where the
+    run started, and the re-run and its report find the masks by the run's layout, not by that name."""
+    images, _, _ = images_at(archive, "local", tmp_path, None, "")
+    (tmp_path / "started-here").mkdir()
+    monkeypatch.chdir(tmp_path / "started-here")
+    assert run_cli_here(["score", "--model", archive.model, "--images", images, "--out", "runs/night", *RUN_FLAGS]) == 0
+    out = tmp_path / "started-here" / "runs" / "night"
+    assert all(row["mask_uri"] == Outputs(str(out)).mask(i) for i, row in read_rows(str(out), None).items())
+    for part in Outputs(str(out)).parts(None).own:  # as an older version wrote them
+        table = pq.read_table(part)
+        relative = pa.array([os.path.relpath(uri) for uri in table.column("mask_uri").to_pylist()])
+        pq.write_table(table.set_column(table.schema.get_field_index("mask_uri"), "mask_uri", relative), part, write_page_checksum=True)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+
+    status = run_cli_here(["score", "--model", archive.model, "--images", images, "--out", "started-here/runs/night", *RUN_FLAGS])
+
+    printed = capsys.readouterr()
+    assert status == 0, printed
+    run = json.loads((out / "run.json").read_text())
+    assert (run["out_uri"], run["resumed"], run["restored"], run["pictures_missing"]) == (str(out), len(archive.ids), 0, [])
+
+
+# ---------------------------------------------------------------- storage down when the run starts
+
+
+@pytest.mark.parametrize("down", ["the endpoint refuses connections", "the model's files answer SlowDown"])
+def test_storage_down_at_the_start_is_retryable(
+    archive: Archive, faulty_s3: Any, down: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before any image is read: the model card (or the listing) cannot be reached, or the model's files are
+    throttled while the driver checks them against the card. Exit 75, never 'a damaged model' (2)."""
+    model = f"{faulty_s3.bucket}/model"
+    for file in Path(archive.model).rglob("*"):
+        if file.is_file():
+            storage.put_file(str(file), f"{model}/{file.relative_to(archive.model)}", faulty_s3.direct_options)
+    options = faulty_s3.options
+    if down == "the endpoint refuses connections":
+        faulty_s3.proxy.close()
+    else:
+        for method in ("HEAD", "GET"):
+            faulty_s3.proxy.inject("model/global.faiss", "slowdown", times=None, method=method)
+
+    status = run_cli_here(["score", "--model", model, "--images", str(archive.images), "--out", f"{faulty_s3.bucket}/out", *RUN_FLAGS,
+                           "--storage-options", json.dumps(options)])
+
+    line = one_error_line(capsys.readouterr().err)
+    assert status == 75, line
+    assert "for a transient reason" in line and line.endswith("; re-run the same command")

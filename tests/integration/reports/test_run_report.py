@@ -13,6 +13,7 @@ import base64
 import contextlib
 import io
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -102,6 +103,36 @@ def test_without_fail_on_drift_the_alarm_is_a_warning_line_and_the_failed_image_
     assert [line for line in rerun.stderr.splitlines() if "drift" in line] == [
         line for line in alarmed.stderr.splitlines() if "drift" in line
     ]
+
+
+@pytest.fixture(scope="module")
+def uncalibrated(line: Line, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The line's model fitted again in process without calibration images: no thresholds, no band, no calibration scores."""
+    from spade_batch.formats.images import decode_image
+    from spade_batch.method import detector
+    from tests.integration.nights import SETTINGS
+
+    pictures = sorted(line.train.glob("*.png"))
+    model = detector.fit([decode_image(p.read_bytes(), str(p)) for p in pictures], SETTINGS.replace(calibration_fraction=0.0),
+                         ids=[p.name for p in pictures])
+    path = tmp_path_factory.mktemp("uncalibrated") / "model"
+    model.save(str(path))
+    return path
+
+
+def test_fail_on_drift_with_a_model_without_calibration_says_drift_is_unknown_and_does_not_vouch_for_the_night(
+    line: Line, uncalibrated: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    night = score(uncalibrated, line.normal_night, tmp_path / "out", "--fail-on-drift")
+    assert night.exit_code == ExitCode.DRIFT, night.stderr
+    assert re.search(r"\ndrift\s+unknown: the model has no calibration to compare tonight with", capsys.readouterr().out)
+    assert "warning: drift unknown: the model has no calibration" in night.stderr and "--fail-on-drift vouches only" in night.stderr
+    assert (night.run["drift"]["alarm"], night.run["drift"]["checked"]) == (False, False)
+    assert "Drift unknown: the model has no calibration" in Page(night.page).sections["drift"]
+
+    rerun = score(uncalibrated, line.normal_night, tmp_path / "out")  # without the flag the run exits by its scoring
+    assert rerun.exit_code == ExitCode.OK and "warning: drift" not in rerun.stderr
+    assert re.search(r"\ndrift\s+unknown: ", capsys.readouterr().out), "never 'none'"
 
 
 # ---------------------------------------------------------------- the page's content
@@ -239,10 +270,11 @@ def test_the_report_of_a_run_on_s3_is_written_there_with_the_same_sections(alarm
     fs.put(str(alarmed.out), f"{bucket}/night", recursive=True)
     summary = {**alarmed.run, "out_uri": f"{s3_bucket}/night"}
 
-    uri, check = write_run_report(summary, settings)
+    report = write_run_report(summary, settings)
 
-    assert uri == f"{s3_bucket}/night/report.html" and check.drifted
+    uri = report.uri
+    assert uri == f"{s3_bucket}/night/report.html" and report.drift.drifted and report.undrawn == []
     remote, local = Page(storage.read_text(uri, settings.fsspec_options())), Page(alarmed.page)
-    for section in ("counts", "drift", "histogram", "anomalies", "failures"):
-        assert remote.sections[section] == local.sections[section], section
+    for section in ("counts", "drift", "histogram", "anomalies", "failures"):  # the anomalies' masks named where they now are
+        assert remote.sections[section] == local.sections[section].replace(str(alarmed.out), f"{s3_bucket}/night"), section
     assert json.loads(storage.read_text(f"{s3_bucket}/night/run.json", settings.fsspec_options()))["drift"]["alarm"] is True

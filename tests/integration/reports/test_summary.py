@@ -95,7 +95,7 @@ def test_show_json_on_a_run_matches_the_scores_table(outputs, capsys):
     anomalous = sum(row["is_anomalous"] for row in scored)
     assert summary["kind"] == "run" and summary["model_uri"] == outputs.model
     assert summary["counts"] == {"images": len(rows), "scored": len(scored), "failed": len(BAD_TEST), "retryable": 0,
-                                 "resumed": 0, "anomalous": anomalous}
+                                 "resumed": 0, "anomalous": anomalous, "changed": 0, "restored": 0}
     assert summary["anomaly_rate"] == pytest.approx(anomalous / len(scored))
     assert summary["thresholds"] == asdict(load_card(outputs.model, outputs.options).thresholds)
     assert summary["timings"]["seconds"] > 0 and summary["timings"]["images_per_second"] > 0

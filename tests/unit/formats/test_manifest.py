@@ -135,6 +135,29 @@ def test_manifest_rejects_mismatched_lengths() -> None:
         Manifest("r", ("a", "b"), ("r/a",))
 
 
+@pytest.mark.parametrize("source", ["folder", "glob", "manifest file"])
+def test_each_image_keeps_its_listing_s_fingerprint_through_rejections_and_shards(tmp_path, source: str) -> None:
+    """A folder or glob: the fingerprint its listing gave; a local manifest file's entries: their stat's."""
+    from spade_batch.formats.layout import Outputs
+    from spade_batch.formats.manifest import reject_long_outputs
+
+    names = ["a.png", "b.png", "x" * 240 + ".png", "c.png"]
+    for index, name in enumerate(names):
+        (tmp_path / "imgs" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "imgs" / name).write_bytes(b"x" * (index + 1))
+    (tmp_path / "list.txt").write_text("\n".join(f"imgs/{name}" for name in names))
+    given = {"folder": str(tmp_path / "imgs"), "glob": str(tmp_path / "imgs" / "*.png"), "manifest file": str(tmp_path / "list.txt")}
+    expected = {str(tmp_path / "imgs" / name): storage.fingerprint(storage.info(str(tmp_path / "imgs" / name))) for name in names}
+
+    manifest = build_manifest(given[source])
+    assert dict(zip(manifest.uris, manifest.fingerprints)) == expected and all(expected.values())
+    deep_out = str(tmp_path.joinpath(*["o" * 250] * 15, "run"))  # about 3,900 bytes: room for a.png's outputs, not the long name's
+    checked = reject_long_outputs(manifest, Outputs(deep_out).files)
+    assert len(checked.rejected) == 1 and checked.fingerprint_of() == {i: expected[u] for i, u in zip(checked.ids, checked.uris)}
+    assert [f for shard in checked.shards(2) for f in shard.fingerprints] == list(checked.fingerprints)
+    assert manifest.sha256() == Manifest(manifest.root, manifest.ids, manifest.uris).sha256(), "fingerprints are not the run's identity"
+
+
 def deep_stem(size: int) -> str:
     """A stem of exactly `size` bytes, in segments a file name can hold."""
     segments, left = [], size

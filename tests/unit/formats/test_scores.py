@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from spade_batch.formats import storage
-from spade_batch.formats.layout import EvaluationOutputs, Outputs, PlanOutputs, part_name
+from spade_batch.formats.layout import EvaluationOutputs, Outputs, PlanOutputs, part_name, read_columns
 from spade_batch.formats.scores import SCHEMA, ScoreRow, read_scores, write_scores
 from spade_batch.formats.storage import DamagedPartError
 from tests.unit.conftest import flip_data_bytes
@@ -136,3 +136,39 @@ def test_a_runs_paths_are_under_its_root_and_clear_removes_exactly_the_runs_file
     paths = [evaluation.test_images, evaluation.run.root, evaluation.metrics_json, evaluation.report, plan.report, plan.plan_json,
              evaluation.roc, evaluation.pro, evaluation.histogram, evaluation.best, evaluation.worst]
     assert all(path.startswith(root + "/") for path in paths)
+
+
+def test_a_part_written_before_fingerprints_were_kept_reads_them_as_null(tmp_path):
+    """Parts of runs from before the fingerprint column: read whole or by columns, the column is null (unknown)."""
+    uri = str(tmp_path / "part-old.parquet")
+    old = pa.Table.from_pylist([dataclasses.asdict(row) for row in ROWS], schema=SCHEMA).drop_columns(["fingerprint"])
+    pq.write_table(old, uri, write_page_checksum=True)
+    assert read_scores([uri]).column("fingerprint").to_pylist() == [None] * len(ROWS)
+    (_, columns), = read_columns([uri], ["id", "fingerprint"], None, schema=SCHEMA)
+    assert columns == {"id": [row.id for row in ROWS], "fingerprint": [None] * len(ROWS)}
+
+
+def test_dropping_rows_rewrites_their_parts_without_them_and_removes_their_outputs(tmp_path):
+    outputs, run = Outputs(str(tmp_path / "out")), "0123abcd"
+    rows = [ScoreRow(id=f"{i}.png", uri=f"/in/{i}.png", image_score=float(i), mask_uri=outputs.mask(f"{i}.png"), fingerprint=f"etag {i}")
+            for i in range(5)]
+    parts = [storage.join(outputs.scores, part_name([row.id for row in batch], run)) for batch in (rows[:3], rows[3:])]
+    write_scores(parts[0], rows[:3])
+    write_scores(parts[1], rows[3:])
+    for row in rows:
+        for path in (outputs.mask(row.id), outputs.map(row.id)):
+            storage.write_text(path, "x")
+
+    outputs.drop_rows(parts, {"1.png", "3.png", "4.png"}, run, None)
+
+    left = outputs.parts(None, run).own
+    assert left == [storage.join(outputs.scores, part_name(["0.png", "2.png"], run))], "a part without the rows, under its new name"
+    assert read_scores(left).to_pylist() == [dataclasses.asdict(rows[0]), dataclasses.asdict(rows[2])], "kept rows unchanged"
+    assert storage.list_files(outputs.masks) == [outputs.mask("0.png"), outputs.mask("2.png")]
+    assert storage.list_files(outputs.maps) == [outputs.map("0.png"), outputs.map("2.png")]
+
+    # Killed after writing the new part, before removing the old one: the kept rows are in two parts. The
+    # re-run drops the same ids again and one part is left.
+    write_scores(parts[0], rows[:3])
+    outputs.drop_rows(outputs.parts(None, run).own, {"1.png"}, run, None)
+    assert outputs.parts(None, run).own == left and [row["id"] for row in read_scores(left).to_pylist()] == ["0.png", "2.png"]

@@ -151,3 +151,38 @@ def test_a_malformed_retry_policy_is_an_error_naming_the_variable_and_its_value(
     with pytest.raises(ValueError, match=message) as error:
         storage.retry_policy_from(text)
     assert str(error.value).startswith(f"SPADE_BATCH_RETRY={text!r}: ")
+
+
+@pytest.mark.parametrize(("info", "expected"), [
+    ({"name": "b/k.png", "size": 10, "ETag": '"9e107d9d372bb6826bd81d3542a419d6"', "LastModified": "2026-11-29"},
+     "etag 9e107d9d372bb6826bd81d3542a419d6"),  # S3 (s3fs): the ETag, without its quotes
+    ({"name": "b/k.png", "size": 10, "etag": "CJ6TqLrA", "updated": "2026-11-29T01:02:03Z"}, "etag CJ6TqLrA"),  # GCS
+    ({"name": "/d/k.png", "size": 10, "mtime": 1764378123.25}, "size 10 modified 1764378123.25"),  # local
+    ({"name": "c/k.png", "size": 10, "last_modified": "2026-11-29 01:02:03"}, "size 10 modified 2026-11-29 01:02:03"),  # Azure
+    ({"name": "k.png", "size": 10}, ""),  # nothing that tells contents apart: unknown
+])
+def test_a_fingerprint_is_what_the_listing_says_of_the_content(info: dict, expected: str) -> None:
+    assert storage.fingerprint(info) == expected
+
+
+def test_a_local_file_rewritten_with_other_content_lists_with_another_fingerprint(tmp_path) -> None:
+    path = tmp_path / "imgs" / "001.png"
+    path.parent.mkdir()
+    path.write_bytes(b"first upload")
+    (uri, before), = storage.list_entries(str(tmp_path / "imgs")).items()
+    assert uri == str(path) and before == storage.fingerprint(storage.info(uri)) != ""
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))  # the same file, touched to its own time
+    assert storage.list_entries(str(tmp_path / "imgs")) == {uri: before}
+    path.write_bytes(b"second upload")
+    assert storage.list_entries(str(tmp_path / "imgs"))[uri] != before
+
+
+@pytest.mark.parametrize(("options", "name"), [
+    ({"secrt": "x"}, "secrt"),
+    ({"client_kwargs": {"endpont_url": "http://127.0.0.1:1"}}, "endpont_url"),
+    ({"config_kwargs": {"read_timeot": 5}}, "read_timeot"),
+])
+def test_a_misspelt_storage_option_is_named_as_a_storage_option(options: dict, name: str) -> None:
+    """s3fs takes any key and fails when it connects (before any request): the error names the key, never a file."""
+    with pytest.raises(storage.StorageOptionError, match=rf"storage option '{name}' is not one that s3:// storage takes .*storage_options"):
+        storage.exists("s3://bucket/model/spade.json", {"key": "k", "secret": "s", **options})

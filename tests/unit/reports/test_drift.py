@@ -83,3 +83,13 @@ def test_an_old_card_without_calibration_scores_still_gets_a_band_from_count_and
 def test_without_a_threshold_there_is_no_band() -> None:
     check = check_drift(np.arange(5.0), 0, CalibrationRecord(count=10, image_fpr=0.1), None)
     assert check.band is None and not check.drifted
+
+
+def test_drift_is_unknown_not_none_without_calibration() -> None:
+    """A model fitted without calibration images: no band, no calibration scores. Nothing was checked."""
+    check = check_drift(np.arange(5.0), 0, CalibrationRecord(count=0), None)
+    assert not check.drifted and not check.checked
+    assert check.verdict().startswith("unknown: the model has no calibration")
+    assert check_drift(np.array([]), 0, CalibrationRecord(count=10, image_fpr=0.1), 1.0).verdict() == "unknown: no image was scored"
+    known = check_drift(np.arange(20.0), 2, CalibrationRecord(count=10, image_fpr=0.1), 17.5)
+    assert known.checked and known.verdict() == "none"
