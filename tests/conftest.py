@@ -37,7 +37,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
 
     root = tmp_path_factory.mktemp("tiny-model")
     category = Path(make_demo_data(str(root / "data"), n_train=8, n_test_good=2, n_test_per_defect=1, min_size=48, max_size=80))
-    settings = {"backbone": "resnet18", "weights": "random", "k": 3, "image_size": 64, "calibration_fraction": 0.25}
+    settings = {"backbone": "resnet18", "weights": "random", "k": 3, "image_size": 64,
+                "calibration_images": "held_out", "calibration_fraction": 0.25}
     train = sorted(category.joinpath("train").rglob("*.png"))
     model = detector.fit([decode_image(f.read_bytes(), str(f)) for f in train], Settings(**settings, device="cpu"),
                          ids=[str(f.relative_to(category / "train")) for f in train])

@@ -113,7 +113,7 @@ def uncalibrated(line: Line, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.integration.nights import SETTINGS
 
     pictures = sorted(line.train.glob("*.png"))
-    model = detector.fit([decode_image(p.read_bytes(), str(p)) for p in pictures], SETTINGS.replace(calibration_fraction=0.0),
+    model = detector.fit([decode_image(p.read_bytes(), str(p)) for p in pictures], SETTINGS.replace(calibration_images="held_out", calibration_fraction=0.0),
                          ids=[p.name for p in pictures])
     path = tmp_path_factory.mktemp("uncalibrated") / "model"
     model.save(str(path))
