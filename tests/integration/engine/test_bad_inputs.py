@@ -26,18 +26,9 @@ from spade_batch.formats.images import decode_image
 from spade_batch.formats.layout import Outputs
 from spade_batch.formats.model import SpadeModel
 from spade_batch.method import detector
+from tests.unit.test_bad_inputs import encode, texture
 
 MAX_PIXELS = 100_000
-
-
-def encode(array: np.ndarray, fmt: str, **params: Any) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=fmt, **params)
-    return buffer.getvalue()
-
-
-def texture(height: int, width: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8)
 
 
 def frames(fmt: str) -> bytes:
