@@ -58,7 +58,8 @@ def main() -> None:
     train_paths = sorted(glob.glob(os.path.join(root, "train", "good", "*.png")))
     test_paths = sorted(glob.glob(os.path.join(root, "test", "*", "*.png")))
     print(f"config: {args.backbone} ({args.weights}) {args.image_size}px K={args.k}, {len(train_paths)} train "
-          f"({args.calibration_fraction:g} held out to calibrate), "
+          f"(calibration {settings.calibration_images}: sample {settings.calibration_sample}, held-out fraction "
+          f"{args.calibration_fraction:g}), "
           f"{len(test_paths)} test images, shard {args.shard_size}, {os.cpu_count()} CPUs")
 
     def in_process() -> tuple[float, float]:
