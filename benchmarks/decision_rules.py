@@ -25,10 +25,10 @@ from spade_batch.config import Settings
 from spade_batch.formats.datasets import read_mask, read_mvtec_category
 from spade_batch.formats.images import decode_image
 from spade_batch.formats.layout import ModelLayout, part_files
-from spade_batch.method.calibrate import CalibrationScores, calibrate_from_samples
+from spade_batch.method.calibrate import calibrate_from_samples, region_size
 from spade_batch.method.detector import Extractor, Scorer, fit
 from spade_batch.method.masks import mask_from_map
-from spade_batch.method.recipe import InProcessHeldOut, StoredFeatures, split_fit_ids
+from spade_batch.method.recipe import InProcessHeldOut, StoredFeatures, calibration_matches, calibration_scores, split_fit_ids
 from spade_batch.method.trainset import size_outliers
 from spade_batch.reports.metrics import PixelDecisions, image_decisions
 
@@ -89,7 +89,8 @@ def main() -> None:
         outliers = size_outliers(usable, [stored.sizes[i][0] for i in usable], [stored.sizes[i][1] for i in usable])
         _, calibration_ids = split_fit_ids([i for i in usable if i not in outliers], settings)
         with_regions = settings.replace(pixel_rule="region")  # every rule's scores, the region scores included
-        scores = CalibrationScores.joined(list(InProcessHeldOut(stored, extractor, with_regions).scores(model, calibration_ids)))
+        matched = calibration_matches(model, calibration_ids, stored, InProcessHeldOut(stored, extractor, with_regions), {})
+        scores = calibration_scores(model, calibration_ids, matched, region_size(with_regions.calibration))
         print(f"<!-- {mode}: fit, scoring and calibration scores {time.perf_counter() - started:.0f} s -->", flush=True)
         for name, changes in RULES.items():
             rule_settings = settings.replace(**{"min_region": 0, **{k: (args.min_region if v is None else v) for k, v in changes.items()}})

@@ -29,10 +29,10 @@ from spade_batch.config import Settings
 from spade_batch.formats.datasets import read_mvtec_category
 from spade_batch.formats.images import decode_image
 from spade_batch.formats.layout import ModelLayout, part_files
-from spade_batch.method.calibrate import CalibrationScores, calibrate_from_samples, id_hash
+from spade_batch.method.calibrate import calibrate_from_samples, id_hash, region_size
 from spade_batch.method.detector import Extractor, Scorer, fit
 from spade_batch.method.masks import mask_from_map
-from spade_batch.method.recipe import InProcessHeldOut, StoredFeatures, split_fit_ids
+from spade_batch.method.recipe import InProcessHeldOut, StoredFeatures, calibration_matches, calibration_scores, split_fit_ids
 from spade_batch.method.trainset import size_outliers
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +81,8 @@ def main() -> None:
         usable = sorted(stored.sizes)
         outliers = size_outliers(usable, [stored.sizes[i][0] for i in usable], [stored.sizes[i][1] for i in usable])
         _, calibration_ids = split_fit_ids([i for i in usable if i not in outliers], settings)
-        joined = CalibrationScores.joined(list(InProcessHeldOut(stored, extractor, settings).scores(model, calibration_ids)))
+        matched = calibration_matches(model, calibration_ids, stored, InProcessHeldOut(stored, extractor, settings), {})
+        joined = calibration_scores(model, calibration_ids, matched, region_size(settings.calibration))
         print(f"<!-- {mode}: fit, scoring and calibration scores {time.perf_counter() - started:.0f} s -->", flush=True)
         for target in args.targets:
             rule = calibrate_from_samples(model, joined, settings.replace(image_fpr=target).calibration).card.thresholds

@@ -12,25 +12,31 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import ray.data
 
 from spade_batch.config import Settings
-from spade_batch.engine.cpu_stages import RETRYABLE, Batch, read_images, write_feature_part
+from spade_batch.engine.cpu_stages import RETRYABLE, read_images, write_feature_part
 from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, actor_stage, init_ray, stream, task_stage
-from spade_batch.engine.stages import CalibrationStage, ExtractStage
+from spade_batch.engine.stages import CalibrationStage, ExtractStage, matches_of
 from spade_batch.formats import storage
 from spade_batch.formats.features import SCHEMA_VERSION as FEATURE_SCHEMA_VERSION
 from spade_batch.formats.layout import ModelLayout, done_ids, part_files, record_inputs
 from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.manifest import Manifest, build_manifest
+from spade_batch.formats.matches import PixelMatches
 from spade_batch.formats.model import SpadeModel, cache_root
-from spade_batch.method.calibrate import CalibrationScores
 from spade_batch.method.extractor import Extractor
-from spade_batch.method.recipe import FitResult, HeldOutScorer, InProcessHeldOut, StoredFeatures, fit_from_features
+from spade_batch.method.recipe import (
+    CalibrationMatches,
+    FitResult,
+    HeldOutScorer,
+    InProcessHeldOut,
+    StoredFeatures,
+    fit_from_features,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +196,7 @@ def _calibrates_in_driver(plan: ModelStage, settings: Settings) -> bool:
 
 @dataclass(frozen=True)
 class ActorsHeldOut:
-    """Scores held-out images on model actors (CalibrationStage), one part file per call.
+    """Searches calibration images on model actors (CalibrationStage), one part file per call.
 
     The actors load the model from model_uri, so its arrays are published there first; the card
     comes last (run_fit), so no reader takes the half-made model for a complete one.
@@ -201,38 +207,31 @@ class ActorsHeldOut:
     settings: Settings
     plan: ModelStage
 
-    def moments(self, model: SpadeModel, ids: Sequence[str]) -> np.ndarray:
-        return sum(batch["moments"].sum(axis=0) for batch in self._batches(model, ids, moments=True))
-
-    def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterator[CalibrationScores]:
-        for batch in self._batches(model, ids, moments=False):
-            yield CalibrationScores([str(i) for i in batch["id"]], batch["knn_score"], batch["map_score"],
-                                    [np.asarray(sample) for sample in batch["pixel_sample"]], batch.get("region_score"))
-
-    def _batches(self, model: SpadeModel, ids: Sequence[str], moments: bool) -> Iterator[Batch]:
+    def matches(self, model: SpadeModel, ids: Sequence[str], previous: Mapping[str, PixelMatches]) -> Iterator[CalibrationMatches]:
+        if not ids:
+            return
         model.publish_arrays(self.model_uri, self.settings.fsspec_options())
         wanted = set(ids)
         items = [{"part": part, "ids": sorted(i for i, p in self.features.parts.items() if p == part and i in wanted)}
                  for part in self.features.parts_of(wanted)]
-        return ray.data.from_items(items).map_batches(
+        batches = ray.data.from_items(items).map_batches(
             actor_stage(CalibrationStage),
             fn_constructor_kwargs={"model_uri": self.model_uri, "settings": self.settings, "card": model.card.to_dict(),
-                                   "moments": moments},
+                                   "previous": dict(previous)},
             batch_size=1, batch_format="numpy", compute=self.plan.compute(), **self.plan.resources,
         ).iter_batches(batch_size=None, batch_format="numpy")
+        for batch in batches:
+            yield matches_of(batch, len(model.gallery))
 
 
 @dataclass(frozen=True)
 class _Counted:
-    """A HeldOutScorer whose scoring pass shows progress."""
+    """A HeldOutScorer whose search shows progress."""
 
     inner: HeldOutScorer
 
-    def moments(self, model: SpadeModel, ids: Sequence[str]) -> np.ndarray:
-        return self.inner.moments(model, ids)
-
-    def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterator[CalibrationScores]:
+    def matches(self, model: SpadeModel, ids: Sequence[str], previous: Mapping[str, PixelMatches]) -> Iterator[CalibrationMatches]:
         with Progress("calibrate", len(ids)) as progress:
-            for batch in self.inner.scores(model, ids):
+            for batch in self.inner.matches(model, ids, previous):
                 progress.advance(len(batch.ids))
                 yield batch

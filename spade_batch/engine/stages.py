@@ -1,4 +1,4 @@
-"""The model stages Ray Data runs as actors: backbone (fit), scorer (score), calibration (fit's hold-out).
+"""The model stages Ray Data runs as actors: backbone (fit), scorer (score), calibration (fit's and add's).
 
 Each is a callable class that loads its big read-only state once in __init__ (backbone, faiss
 index, memory-mapped gallery) and then serves many batches; everything it computes is the method's (extractor, scorer, recipe).
@@ -16,10 +16,10 @@ import ray
 from spade_batch.config import Settings
 from spade_batch.engine.cpu_stages import Batch, object_column, passed_on, usable_mask, worker_columns
 from spade_batch.formats.card import ModelCard
+from spade_batch.formats.matches import PixelMatches
 from spade_batch.formats.model import SpadeModel, load_count
-from spade_batch.method.calibrate import CalibrationScores, region_size
 from spade_batch.method.extractor import Extractor, backbone_loads
-from spade_batch.method.recipe import held_out_moments, read_block, score_held_out
+from spade_batch.method.recipe import CalibrationMatches, match_held_out, read_block
 from spade_batch.method.scorer import Scorer
 
 
@@ -68,23 +68,34 @@ class ScoreStage:
 
 
 class CalibrationStage:
-    """Scores held-out normal images from their stored features (no second extraction), on a model actor:
-    the recipe's score_held_out (or, with moments, held_out_moments) on each part's held-out rows.
+    """Searches calibration images from their stored features (no second extraction), on a model actor: the
+    recipe's match_held_out on each part's calibration rows.
 
-    Batches: part (str), ids (list of str: the held-out images in that part) -> id, knn_score, map_score,
-    pixel_sample (calibrate.pixel_sample of each map), and region_score under the region rule; with moments, one row per part of its summed
-    L x 3 distance moments instead.
+    Batches: part (str), ids (list of str: the calibration images in that part) -> id, knn_score, and their
+    PixelMatches as neighbours (list of str) and, per layer l, distances<l> and sources<l> (h_l*w_l x kappa arrays).
+    previous: the matches an earlier version stored of some of them (recipe.calibration_matches).
     """
 
-    def __init__(self, model_uri: str, settings: Settings, card: dict[str, Any], moments: bool = False):
+    def __init__(self, model_uri: str, settings: Settings, card: dict[str, Any], previous: dict[str, PixelMatches]):
         self.scorer = ScoreStage(model_uri, settings, card).scorer
-        self.options, self.moments, self.min_region = settings.fsspec_options(), moments, region_size(settings.calibration)
+        self.options, self.previous = settings.fsspec_options(), previous
 
     def __call__(self, batch: Batch) -> Batch:
-        blocks = [read_block(str(part), list(ids), self.options) for part, ids in zip(batch["part"], batch["ids"])]
-        if self.moments:
-            return {"moments": np.stack([held_out_moments(self.scorer, block) for block in blocks])}
-        scored = CalibrationScores.joined([score_held_out(self.scorer, block, self.min_region) for block in blocks])
-        columns = {"id": object_column(scored.ids), "knn_score": scored.knn_scores, "map_score": scored.map_scores,
-                   "pixel_sample": object_column(scored.pixel_samples)}
-        return columns if scored.region_scores is None else {**columns, "region_score": scored.region_scores}
+        blocks = [match_held_out(self.scorer, read_block(str(part), list(ids), self.options), self.previous)
+                  for part, ids in zip(batch["part"], batch["ids"])]
+        matches = [m for block in blocks for m in block.matches]
+        layers = range(len(self.scorer.model.gallery))
+        return {
+            "id": object_column([i for block in blocks for i in block.ids]),
+            "knn_score": np.concatenate([block.knn_scores for block in blocks]),
+            "neighbours": object_column([m.neighbour_ids for m in matches]),
+            **{f"distances{n}": object_column([m.distances[n] for m in matches]) for n in layers},
+            **{f"sources{n}": object_column([m.sources[n] for m in matches]) for n in layers},
+        }
+
+
+def matches_of(batch: Batch, layers: int) -> CalibrationMatches:
+    """The CalibrationMatches of a CalibrationStage output batch."""
+    matches = [PixelMatches(list(batch["neighbours"][row]), [np.asarray(batch[f"distances{n}"][row]) for n in range(layers)],
+                            [np.asarray(batch[f"sources{n}"][row]) for n in range(layers)]) for row in range(len(batch["id"]))]
+    return CalibrationMatches([str(i) for i in batch["id"]], np.asarray(batch["knn_score"], np.float64), matches)

@@ -189,6 +189,12 @@ def read_features(uris: Sequence[str], options: storage.StorageOptions = None) -
     return concatenate([_read_part(uri, options) for uri in uris])
 
 
+def read_global_features(uri: str, options: storage.StorageOptions = None) -> tuple[list[str], np.ndarray]:
+    """The ids and N x D float32 global features of one part file, reading only those two columns (failed images: zero)."""
+    table = storage.read_part(uri, options, columns=["id", "global"])
+    return table.column("id").to_pylist(), _values(table, "global", "<f4", table.column("global").type.byte_width // 4).copy()
+
+
 def _read_part(uri: str, options: storage.StorageOptions) -> FeatureTable:
     table = storage.read_part(uri, options)
     try:

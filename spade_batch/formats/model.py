@@ -7,6 +7,7 @@ Layout under MODEL_URI (names in layout.ModelLayout; spade.json is written last:
     global.faiss          faiss index over the N x D centred global features (squared L2)
     centre.npz            the training-mean centre: "global" (D,) and one (C_l,) per layer, float32
     pyramid/<layer>.npy   N x (h * w) x C float16 centred pixel gallery per layer, channels last
+    calibration.parquet   what each calibration image's pixels matched (matches.py): read by add only
     features/             the Parquet part files fit extracted (see features.py)
 
 Features are stored and searched centred (minus a training mean). Squared distances do not change
@@ -119,6 +120,13 @@ class SpadeModel:
     def with_normalisation(self, normalisation: Normalisation) -> SpadeModel:
         return dataclasses.replace(self, card=dataclasses.replace(self.card, normalisation=normalisation))
 
+    def with_file(self, name: str) -> SpadeModel:
+        """The model with one more file of its folder recorded in the card (size and SHA-256) and published with it,
+        one that loading does not read (the calibration matches)."""
+        path = os.path.join(self.folder, name)
+        entry = {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+        return dataclasses.replace(self, card=dataclasses.replace(self.card, files={**self.card.files, name: entry}))
+
     @functools.cached_property
     def row_of(self) -> dict[str, int]:
         """Gallery image id -> its row in the index and the gallery files."""
@@ -138,7 +146,8 @@ class SpadeModel:
         """Copy the files of `folder` but the card to uri, streamed; nothing to do when uri is the folder."""
         if storage.is_local(uri) and os.path.abspath(storage.filesystem(uri, options)[1]) == os.path.abspath(self.folder):
             return
-        for name in _array_names(self.card):
+        arrays = _array_names(self.card)
+        for name in [*arrays, *(name for name in self.card.files if name not in arrays)]:
             storage.put_file(os.path.join(self.folder, name), ModelLayout(uri).file(name), options)
 
     def write_card(self, uri: str, options: storage.StorageOptions = None) -> None:
@@ -297,7 +306,7 @@ def _fingerprint(folder: str, names: Sequence[str]) -> dict[str, list[int]]:
 
 def _stamp_path(folder: str, card: ModelCard) -> str:
     """Where this node records that the gallery files of the model in the local folder matched the card."""
-    files = json.dumps(card.files, sort_keys=True)
+    files = json.dumps({name: entry for name, entry in card.files.items() if _is_gallery(name)}, sort_keys=True)
     return os.path.join(cache_root(), f"verified-{_files_key(os.path.abspath(folder), files)}.json")
 
 

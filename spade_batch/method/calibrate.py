@@ -96,20 +96,6 @@ class CalibrationScores:
     pixel_samples: list[np.ndarray]
     region_scores: np.ndarray | None = None
 
-    @classmethod
-    def joined(cls, batches: Sequence[CalibrationScores], ids: Sequence[str] | None = None) -> CalibrationScores:
-        """The batches as one, in the order of ids (default: the batches' order)."""
-        where = {image_id: (n, i) for n, batch in enumerate(batches) for i, image_id in enumerate(batch.ids)}
-        order = [where[image_id] for image_id in ids] if ids is not None else list(where.values())
-        return cls(
-            [batches[n].ids[i] for n, i in order],
-            np.array([batches[n].knn_scores[i] for n, i in order], np.float64),
-            np.array([batches[n].map_scores[i] for n, i in order], np.float64),
-            [batches[n].pixel_samples[i] for n, i in order],
-            None if any(b.region_scores is None for b in batches)
-            else np.array([batches[n].region_scores[i] for n, i in order], np.float64),
-        )
-
 
 def region_size(settings: CalibrationSettings) -> int | None:
     """The min_region that calibration images' region scores are computed at; None when the pixel rule needs none."""

@@ -18,23 +18,27 @@ The training set is never whole in memory: one part file per thread at a time.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import pyarrow as pa
+import torch
 
 from spade_batch.config import Settings
 from spade_batch.formats import storage
 from spade_batch.formats.card import ModelCard, Normalisation, VersionRecord, load_card
-from spade_batch.formats.features import INDEX_SCHEMA, FeatureTable, read_features
+from spade_batch.formats.features import INDEX_SCHEMA, FeatureTable, read_features, read_global_features
 from spade_batch.formats.layout import ModelLayout, part_files, read_columns
 from spade_batch.formats.manifest import pairs_sha256
+from spade_batch.formats.matches import PixelMatches, read_matches, write_matches
 from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
 from spade_batch.formats.versions import ModelVersion, lineage, next_number, resolve
-from spade_batch.method import calibrate
+from spade_batch.method import calibrate, spade
 from spade_batch.method.calibrate import CalibrationScores
 from spade_batch.method.extractor import Extractor, Features
 from spade_batch.method.masks import region_score
@@ -94,6 +98,13 @@ class StoredFeatures:
         """The rows of these images in one part file, in the part's order."""
         return read_block(part, ids, self.options)
 
+    def global_features(self, ids: Sequence[str]) -> np.ndarray:
+        """len(ids) x D float32 global features of these images, in their order, reading only the id and global columns."""
+        rows = {}
+        for part in self.parts_of(ids):
+            rows.update(zip(*read_global_features(part, self.options)))
+        return np.stack([rows[image_id] for image_id in ids])
+
     def blocks(self, ids: Sequence[str]) -> Iterator[FeatureTable]:
         """These images' rows, one part file at a time."""
         for part in self.parts_of(ids):
@@ -107,25 +118,22 @@ def read_block(part: str, ids: Iterable[str], options: storage.StorageOptions = 
     return table.select(np.array([image_id in wanted for image_id in table.ids], dtype=bool))
 
 
-def score_held_out(scorer: Scorer, block: FeatureTable, min_region: int | None) -> CalibrationScores:
-    """The one way calibration images are scored: from their stored features, with the model's scorer;
-    an image that is in the gallery (leave-one-out) against the others only.
+@dataclass(frozen=True)
+class CalibrationMatches:
+    """What searching B calibration images gives: their ids, kNN scores (B float64) and pixel matches (matching)."""
 
-    min_region: the region scores' smallest region (calibrate.region_size); None computes none.
-    """
-    results = scorer.score_features(Features.of_table(block), _own_rows(scorer.model, block.ids))
-    return CalibrationScores(
-        list(block.ids),
-        np.array([r.knn_score for r in results], np.float64),
-        np.array([r.map_score for r in results], np.float64),
-        [calibrate.pixel_sample(r.anomaly_map) for r in results],
-        None if min_region is None else np.array([region_score(r.anomaly_map, min_region) for r in results], np.float64),
-    )
+    ids: list[str]
+    knn_scores: np.ndarray
+    matches: list[PixelMatches]
 
 
-def held_out_moments(scorer: Scorer, block: FeatureTable) -> np.ndarray:
-    """L x 3 summed (count, sum, sum of squares) of each layer's pixel distances over a block (calibrate.layer_moments)."""
-    return scorer.layer_moments(Features.of_table(block), _own_rows(scorer.model, block.ids))
+def match_held_out(scorer: Scorer, block: FeatureTable, previous: Mapping[str, PixelMatches]) -> CalibrationMatches:
+    """The one way calibration images are searched: from their stored features, with the model's scorer; an
+    image that is in the gallery (leave-one-out) against the others only; an image in `previous` (its matches
+    with an earlier version's gallery) only where its retrieved images changed."""
+    knn_scores, matches = scorer.match_features(Features.of_table(block), _own_rows(scorer.model, block.ids),
+                                                [previous.get(image_id) for image_id in block.ids])
+    return CalibrationMatches(list(block.ids), knn_scores.astype(np.float64), matches)
 
 
 def _own_rows(model: SpadeModel, ids: Sequence[str]) -> np.ndarray | None:
@@ -135,34 +143,88 @@ def _own_rows(model: SpadeModel, ids: Sequence[str]) -> np.ndarray | None:
 
 
 class HeldOutScorer(Protocol):
-    """Where the held-out images are scored: in this process (`InProcessHeldOut`) or on model actors (engine.fit)."""
+    """Where the calibration images are searched: in this process (`InProcessHeldOut`) or on model actors (engine.fit)."""
 
-    def moments(self, model: SpadeModel, ids: Sequence[str]) -> np.ndarray:
-        """L x 3 layer moments summed over these held-out images (held_out_moments)."""
-
-    def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterable[CalibrationScores]:
-        """These held-out images' scores (score_held_out), in blocks of any order."""
+    def matches(self, model: SpadeModel, ids: Sequence[str], previous: Mapping[str, PixelMatches]) -> Iterable[CalibrationMatches]:
+        """These calibration images' matches (match_held_out), in blocks of any order."""
 
 
 @dataclass(frozen=True)
 class InProcessHeldOut:
-    """Scores held-out images in this process, part by part."""
+    """Searches calibration images in this process, part by part."""
 
     features: StoredFeatures
     extractor: Extractor
     settings: Settings
 
-    def _scorer(self, model: SpadeModel) -> Scorer:
-        return Scorer(model, self.extractor, self.settings.chunk_mib * 2**20, self.settings.precision)
+    def matches(self, model: SpadeModel, ids: Sequence[str], previous: Mapping[str, PixelMatches]) -> Iterator[CalibrationMatches]:
+        scorer = Scorer(model, self.extractor, self.settings.chunk_mib * 2**20, self.settings.precision)
+        return (match_held_out(scorer, block, previous) for block in self.features.blocks(ids))
 
-    def moments(self, model: SpadeModel, ids: Sequence[str]) -> np.ndarray:
-        scorer = self._scorer(model)
-        return sum((held_out_moments(scorer, block) for block in self.features.blocks(ids)), np.zeros((len(model.gallery), 3)))
 
-    def scores(self, model: SpadeModel, ids: Sequence[str]) -> Iterator[CalibrationScores]:
-        scorer = self._scorer(model)
-        min_region = calibrate.region_size(self.settings.calibration)
-        return (score_held_out(scorer, block, min_region) for block in self.features.blocks(ids))
+def calibration_matches(
+    model: SpadeModel, ids: Sequence[str], features: StoredFeatures, held_out: HeldOutScorer, previous: Mapping[str, PixelMatches],
+) -> dict[str, tuple[float, PixelMatches]]:
+    """id -> (kNN score, pixel matches) of every calibration image against the model's gallery.
+
+    previous: the matches an earlier version stored (add's parent). An image that retrieves the same K images
+    keeps its matches, found from its global features alone; the others are searched (held_out), each from its
+    previous matches when it has them.
+    """
+    matched = _unchanged(model, [image_id for image_id in ids if image_id in previous], features, previous)
+    searched = [image_id for image_id in ids if image_id not in matched]
+    if previous:
+        log.info("calibrate: %d of %d calibration images retrieve the images they did in the version added to: kept; "
+                 "%d searched", len(matched), len(ids), len(searched))
+    for block in held_out.matches(model, searched, {i: previous[i] for i in searched if i in previous}):
+        matched.update(zip(block.ids, zip(block.knn_scores.tolist(), block.matches)))
+    return matched
+
+
+def _unchanged(
+    model: SpadeModel, ids: Sequence[str], features: StoredFeatures, previous: Mapping[str, PixelMatches],
+) -> dict[str, tuple[float, PixelMatches]]:
+    """id -> (kNN score, previous matches) of the images whose K retrieved images are those of their previous matches."""
+    if not ids:
+        return {}
+    global_features = features.global_features(ids)
+    queries = spade.centre(torch.from_numpy(global_features), torch.from_numpy(model.centre.global_mean)).numpy()
+    knn_scores, neighbours = spade.image_knn(model.index, queries, model.card.settings.k, _own_rows(model, ids))
+    return {image_id: (float(score), previous[image_id]) for image_id, score, retrieved in zip(ids, knn_scores, neighbours)
+            if {model.train_ids[n] for n in retrieved} == set(previous[image_id].neighbour_ids)}
+
+
+CALIBRATION_MAPS = 64
+"""Calibration images whose maps are made at once from their matches (about 4 MB of maps at 128 px)."""
+
+
+def calibration_layer_maps(model: SpadeModel, ids: Sequence[str], matched: Mapping[str, tuple[float, PixelMatches]]) -> Iterator[list[torch.Tensor]]:
+    """Per CALIBRATION_MAPS images of ids, per layer their B x h_l x w_l float32 distance maps (PixelMatches.layer_maps)."""
+    shapes = model.card.layer_shapes
+    for start in range(0, len(ids), CALIBRATION_MAPS):
+        maps = [matched[image_id][1].layer_maps(shapes) for image_id in ids[start : start + CALIBRATION_MAPS]]
+        yield [torch.from_numpy(np.stack(layer)) for layer in zip(*maps)]
+
+
+def calibration_scores(
+    model: SpadeModel, ids: Sequence[str], matched: Mapping[str, tuple[float, PixelMatches]], min_region: int | None,
+) -> CalibrationScores:
+    """The calibration images' scores, in the order of ids, from their matches: each map is the scorer's
+    (spade.combine_layer_maps of the layer maps, with the model's layer scales), its score spade.map_scores.
+
+    min_region: the region scores' smallest region (calibrate.region_size); None computes none.
+    """
+    method, size = model.card.settings, model.card.preprocessing.size
+    scales = model.card.normalisation.layer_scales if method.layer_normalise else None
+    map_scores, samples, regions = [], [], []
+    for layer_maps in calibration_layer_maps(model, ids, matched):
+        maps = spade.combine_layer_maps(layer_maps, (size, size), method.sigma, scales)
+        map_scores += spade.map_scores(maps, method.map_top).tolist()
+        for anomaly_map in maps.numpy():
+            samples.append(calibrate.pixel_sample(anomaly_map))
+            regions.append(region_score(anomaly_map, min_region) if min_region is not None else 0.0)
+    return CalibrationScores(list(ids), np.array([matched[i][0] for i in ids], np.float64), np.array(map_scores, np.float64),
+                             samples, None if min_region is None else np.array(regions, np.float64))
 
 
 @dataclass(frozen=True)
@@ -234,6 +296,7 @@ def fit_from_features(
     failures: Sequence[dict[str, str]] = (),
     held_out: HeldOutScorer | None = None,
     version: VersionRecord | None = None,
+    previous: Mapping[str, PixelMatches] | None = None,
 ) -> FitResult:
     """The model of these training features, its gallery files written to the local `folder` (card not saved).
 
@@ -242,13 +305,14 @@ def fit_from_features(
     failures: images that were never extracted (beside features.failures), recorded in the card.
     held_out: where held-out images are scored (default: in this process).
     version: what the card records of the model's version (default: fit's, version 1).
+    previous: the calibration matches of the version added to (calibration_matches); none for a fit.
     """
     left_out = _size_outliers(features.sizes, settings)
     gallery_ids, calibration_ids = split_fit_ids(sorted(set(features.sizes) - {entry["id"] for entry in left_out}), settings)
     card = new_card(extractor, settings, len(gallery_ids), features.manifest_sha256(), [*features.failures, *failures], version)
     model = _write_gallery(features, gallery_ids, card, settings, folder)
     if calibration_ids:
-        model = _calibrate(model, calibration_ids, held_out or InProcessHeldOut(features, extractor, settings), settings)
+        model = _calibrate(model, calibration_ids, features, held_out or InProcessHeldOut(features, extractor, settings), previous or {}, settings)
     else:
         log.warning("fit: no images held out for calibration; thresholds stay unset (set calibration_fraction > 0)")
     return FitResult(model, gallery_ids, calibration_ids, left_out)
@@ -279,21 +343,26 @@ def _write_gallery(features: StoredFeatures, gallery_ids: list[str], card: Model
     return build_model(writer, card, settings)
 
 
-def _calibrate(model: SpadeModel, calibration_ids: list[str], held_out: HeldOutScorer, settings: Settings) -> SpadeModel:
-    """Thresholds (and learnt scales) from the held-out images' scores.
+def _calibrate(
+    model: SpadeModel, calibration_ids: list[str], features: StoredFeatures, held_out: HeldOutScorer,
+    previous: Mapping[str, PixelMatches], settings: Settings,
+) -> SpadeModel:
+    """Thresholds (and learnt scales) from the calibration images' scores; their matches stored in the model's folder.
 
-    With layer_normalise the held-out images are searched twice: once for the layers' spreads, then
-    for the thresholds of the maps those scales give.
+    With layer_normalise, each layer's spread is taken from the same matches' layer maps before the maps are made.
     """
+    matched = calibration_matches(model, calibration_ids, features, held_out, previous)
     if settings.layer_normalise:
-        scales = calibrate.layer_scales(held_out.moments(model, calibration_ids))
-        model = model.with_normalisation(Normalisation(layer_scales=scales))
-    # calibration_ids' order, whatever the blocks'
-    scores = CalibrationScores.joined(list(held_out.scores(model, calibration_ids)), calibration_ids)
+        moments = sum((calibrate.layer_moments([m.numpy() for m in layer_maps]) for layer_maps in calibration_layer_maps(model, calibration_ids, matched)),
+                      np.zeros((len(model.gallery), 3)))
+        model = model.with_normalisation(Normalisation(layer_scales=calibrate.layer_scales(moments)))
+    scores = calibration_scores(model, calibration_ids, matched, calibrate.region_size(settings.calibration))
     model = calibrate.calibrate_from_samples(model, scores, settings.calibration)
     for warning in model.card.calibration.warnings:
         log.warning("fit: calibration: %s", warning)
-    return model
+    write_matches(os.path.join(model.folder, ModelLayout.calibration_matches), calibration_ids,
+                  [matched[image_id][1] for image_id in calibration_ids], model.card.layer_shapes)
+    return model.with_file(ModelLayout.calibration_matches)
 
 
 def new_images(held: dict[str, str | None], incoming: dict[str, str | None]) -> list[str]:
@@ -378,7 +447,27 @@ class Addition:
         added: (ids, uris) of the images this add extracted; failures: its images that were never extracted.
         """
         version = VersionRecord(self.number, self.parent.number, len(added[0]), pairs_sha256(*added))
-        return fit_from_features(features, extractor, settings, folder, [*self._rejected(), *failures], held_out, version)
+        return fit_from_features(features, extractor, settings, folder, [*self._rejected(), *failures], held_out, version,
+                                 self.previous_matches())
+
+    def previous_matches(self) -> dict[str, PixelMatches]:
+        """The parent's calibration matches (formats.matches), checked against its card; none, so that every calibration
+        image is searched, when it has none (fitted before they were kept) or they cannot be read or do not match."""
+        name = ModelLayout.calibration_matches
+        recorded = self.card.files.get(name)
+        where = ModelLayout(self.parent.uri).file(name)
+        if recorded is None:
+            log.info("add: version %d keeps no calibration matches (fitted before they were kept): every calibration image is searched",
+                     self.parent.number)
+            return {}
+        try:
+            data = storage.read_bytes(where, self.trained.options)
+            if hashlib.sha256(data).hexdigest() != recorded["sha256"]:
+                raise ValueError("its SHA-256 is not the one the card records")
+            return read_matches(data, self.card.layer_shapes)
+        except (OSError, ValueError, pa.ArrowException) as error:
+            log.warning("add: %s cannot be used (%s): every calibration image is searched", where, error)
+            return {}
 
     def _rejected(self) -> list[dict[str, str]]:
         """The parent's failed images that have no row in its parts (names the manifest rejected): the card keeps them."""

@@ -7,8 +7,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from spade_batch.formats.matches import PixelMatches
 from spade_batch.formats.model import SpadeModel
-from spade_batch.method import calibrate, spade
+from spade_batch.method import matching, spade
 from spade_batch.method.extractor import Extractor, Features
 from spade_batch.method.scoring import ImageScore, image_scores
 
@@ -71,13 +72,28 @@ class Scorer:
                                           float(knn_scores[row]), float(map_scores[offset])))
         return results
 
-    def layer_moments(self, features: Features, exclude: np.ndarray | None = None) -> np.ndarray:
-        """L x 3 (count, sum, sum of squares) of each layer's pixel distances over these images (calibrate.layer_moments)."""
-        _, neighbours = self._image_knn(features, exclude)
-        return sum(
-            (calibrate.layer_moments([m.cpu().numpy() for m in layer_maps]) for _, layer_maps in self._layer_distances(features, neighbours)),
-            np.zeros((len(features.layers), 3)),
-        )
+    def match_features(
+        self, features: Features, exclude: np.ndarray | None = None, previous: Sequence[PixelMatches | None] | None = None,
+    ) -> tuple[np.ndarray, list[PixelMatches]]:
+        """Calibration's scoring: each image's kNN score (B float32) and its pixel matches (matching.match_pixels)
+        with its K retrieved images, updated from previous[b] (its matches with an earlier gallery) when given.
+
+        exclude: as score_features. The maps are combine_layer_maps of the matches' layer maps (calibration_maps).
+        """
+        knn_scores, neighbours = self._image_knn(features, exclude)
+        device = self.extractor.device
+        matches = []
+        for image, retrieved in enumerate(neighbours):
+            queries = [spade.centre(layer[image].to(device), mean, dim=0).flatten(1).T for layer, mean in zip(features.layers, self.layer_centres)]
+            matches.append(matching.match_pixels(
+                queries, [self.model.train_ids[n] for n in retrieved], self._gallery_rows, self.method.kappa,
+                previous[image] if previous is not None else None, self.chunk_bytes, self.precision))
+        return knn_scores, matches
+
+    def _gallery_rows(self, ids: Sequence[str], layer: int) -> torch.Tensor:
+        """matching.GalleryRows of this model's gallery, on the extractor's device."""
+        rows = np.array([[self.model.row_of[image_id] for image_id in ids]], np.int64)
+        return spade.gather_galleries(self.gallery[layer], rows, device=self.extractor.device)[0]
 
     def _image_knn(self, features: Features, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         queries = spade.centre(features.global_features, self.global_centre).cpu().numpy()

@@ -186,18 +186,34 @@ def batch_nearest_sq_distances(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     precision: str = "float32",
 ) -> torch.Tensor:
-    """Mean squared L2 distance from each query vector to its kappa nearest vectors in its own image's gallery.
+    """Mean squared L2 distance from each query vector to its kappa nearest vectors in its own image's gallery
+    (nearest_matches' distances, averaged).
+
+    Returns:
+        B x P float32 squared distances (non-negative, squared feature units).
+    """
+    return nearest_matches(queries, galleries, kappa, chunk_bytes, precision)[0].mean(dim=-1)
+
+
+def nearest_matches(
+    queries: torch.Tensor,
+    galleries: torch.Tensor,
+    kappa: int = 1,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    precision: str = "float32",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kappa nearest vectors of each query vector in its own image's gallery: their squared L2 distances and rows.
 
     Image b's queries are searched in galleries[b] only, all B images in one batched GEMM per gallery chunk
     ranking candidates by |g|^2 - 2 q.g. A chunk's B x P x rows float32 block stays under chunk_bytes (at
     least one row per chunk), and every gallery row is visited. Per query, the kappa best candidates
     (kappa + RERANK_MARGIN in low precision) are then recomputed exactly in float32, |q - g|^2 by
-    explicit differences, and the kappa smallest averaged: the GEMM only ranks, in any precision, and no
+    explicit differences, and the kappa smallest kept: the GEMM only ranks, in any precision, and no
     distance suffers the formula's cancellation (which costs ~1% on near-duplicate features even in float32).
 
     Inputs must be centred (see `centre`): the ranking GEMM's absolute error grows with |q| |g|.
 
-    Tolerance: a returned distance is never below the exact (float64) kappa-nearest mean by more than
+    Tolerance (of their mean): a returned distance is never below the exact (float64) kappa-nearest mean by more than
     float32 rounding; it is above it only where the ranking pushed a true neighbour out of the candidates,
     and then by at most twice the ranking error of |g|^2 - 2 q.g (bfloat16: about 2^-8 |q| |g|). Measured
     in tests/unit/method/test_spade.py on centred post-ReLU-like features with near-duplicate gallery rows: float32,
@@ -207,13 +223,14 @@ def batch_nearest_sq_distances(
     Args:
         queries: B x P x C float32, centred.
         galleries: B x G x C float32, centred, on the same device.
-        kappa: number of nearest gallery vectors averaged, 1 <= kappa <= G.
+        kappa: number of nearest gallery vectors kept, 1 <= kappa <= G.
         chunk_bytes: bound on one distance block, in bytes.
         precision: the ranking GEMM's, one of PRECISIONS: "float32" (TF32 off for the call), "tf32" (TF32 on
             for the call on CUDA; float32 on CPU), "bfloat16" (the cross term q.g in bfloat16, on any device).
 
     Returns:
-        B x P float32 squared distances (non-negative, squared feature units).
+        distances: B x P x kappa float32 squared distances (non-negative, squared feature units), ascending.
+        rows: B x P x kappa int64, the gallery row of each distance.
     """
     batch, pixels, _ = queries.shape
     num_gallery = galleries.shape[1]
@@ -227,7 +244,8 @@ def batch_nearest_sq_distances(
         margin = 0 if precision == "float32" else RERANK_MARGIN
         candidates = _ranked_candidates(queries, galleries, min(num_gallery, kappa + margin), rows, low)
     distances = _exact_sq_distances(queries, galleries, candidates, chunk_bytes)
-    return distances.topk(kappa, dim=-1, largest=False).values.mean(dim=-1)
+    nearest, order = distances.topk(kappa, dim=-1, largest=False)
+    return nearest, candidates.gather(-1, order)
 
 
 def layer_score_maps(

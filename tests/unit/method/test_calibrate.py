@@ -155,25 +155,6 @@ def test_calibrate_sets_the_model_thresholds_from_held_out_scores(tmp_path):
     assert calibrated.train_ids == model.train_ids and calibrated.index is model.index
 
 
-def test_joined_scores_follow_the_ids_order_whatever_the_batches():
-    rng = np.random.default_rng(5)
-    knn, maps, regions = rng.random((3, 6))
-    samples = [rng.random(4, dtype=np.float32) for _ in range(6)]
-    whole = scores_of(knn, maps, samples, regions)
-
-    def part(rows: list[int]) -> CalibrationScores:
-        return CalibrationScores([whole.ids[r] for r in rows], knn[rows], maps[rows], [samples[r] for r in rows], regions[rows])
-
-    joined = CalibrationScores.joined([part([4, 1]), part([0, 5, 2]), part([3])], whole.ids)
-    assert joined.ids == whole.ids
-    np.testing.assert_array_equal(np.stack([joined.knn_scores, joined.map_scores, joined.region_scores]), np.stack([knn, maps, regions]))
-    assert all(a is b for a, b in zip(joined.pixel_samples, samples))
-    unordered = CalibrationScores.joined([part([4, 1]), part([0])])
-    assert unordered.ids == ["004", "001", "000"] and unordered.knn_scores.tolist() == knn[[4, 1, 0]].tolist()
-    without_regions = dataclasses.replace(part([3]), region_scores=None)
-    assert CalibrationScores.joined([part([4]), without_regions]).region_scores is None
-
-
 def test_region_scores_are_computed_only_for_the_region_rule(tmp_path):
     assert [region_size(Settings(pixel_rule=rule, min_region=7).calibration) for rule in ("quantile", "mean_3sigma", "region")] == [None, None, 7]
     rng = np.random.default_rng(6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import re
 
 import faiss
 import numpy as np
@@ -19,8 +20,9 @@ from spade_batch.formats.datasets import make_demo_data, read_mvtec_category
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.images import Preprocessing, decode_image, resize_for_model, resize_map
 from spade_batch.formats.layout import ModelLayout, part_files
+from spade_batch.formats.matches import read_matches
 from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
-from spade_batch.method import calibrate, spade
+from spade_batch.method import calibrate, matching, spade
 from spade_batch.method.detector import Extractor, Features, Scorer, add, fit, score
 from spade_batch.method.extractor import normalise
 from spade_batch.method.masks import mask_from_map
@@ -588,13 +590,18 @@ def test_fit_then_add_is_one_fit_of_all_the_images_and_extracts_only_the_added(d
     first = [i for i in TRAIN_IDS if i not in ADDED]
     image = dict(zip(TRAIN_IDS, data["train"]))
     fit([image[i] for i in first], settings, ids=first, folder=str(tmp_path / "model"))
-    extracted = []
-    forward = Extractor.forward
+    extracted, searched = [], []
+    forward, match = Extractor.forward, matching.match_pixels
     monkeypatch.setattr(Extractor, "forward", lambda self, prepared: extracted.append(len(prepared)) or forward(self, prepared))
+    monkeypatch.setattr(matching, "match_pixels", lambda *args, **kwargs: searched.append(args[4] is None) or match(*args, **kwargs))
 
     grown = add(str(tmp_path / "model"), [image[i] for i in ADDED], ADDED, SETTINGS.replace(calibration_fraction=0.5))
 
     assert sum(extracted) == len(ADDED), "adding m images extracts m"
+    calibrated = [set(read_matches((folder / ModelLayout.calibration_matches).read_bytes(), grown.card.layer_shapes))
+                  for folder in (tmp_path / "model", tmp_path / "model" / "versions" / "2")]
+    assert searched.count(True) == len(calibrated[1] - calibrated[0]), "only images new to calibration are searched from nothing"
+    assert len(searched) <= len(calibrated[1]) and calibrated[0] & calibrated[1]
     whole = fit(data["train"], settings, ids=TRAIN_IDS)
     assert grown.folder == str(tmp_path / "model" / "versions" / "2") and json.loads((tmp_path / "model" / "versions" / "2" / CARD_NAME).read_text())
     assert grown.train_ids == whole.train_ids and grown.card.calibration.count == whole.card.calibration.count >= 2
@@ -608,6 +615,31 @@ def test_fit_then_add_is_one_fit_of_all_the_images_and_extracts_only_the_added(d
     extracted.clear()
     again = add(str(tmp_path / "model"), [image[i] for i in ADDED], ADDED)
     assert extracted == [] and again.folder == grown.folder, "the same add again extracts nothing and publishes nothing"
+
+
+@pytest.mark.parametrize("damage", ["missing", "other bytes"])
+def test_add_to_a_model_whose_calibration_matches_are_missing_or_damaged_searches_every_image(data, tmp_path, damage, caplog):
+    """Models fitted before the matches were kept have none; a damaged file is named and not trusted: either way
+    the grown model is still one fit of all the images."""
+    settings = SETTINGS.replace(calibration_images="leave_one_out", calibration_sample=0, image_fpr=0.5, pixel_quantile=0.9)
+    first = [i for i in TRAIN_IDS if i not in ADDED]
+    image = dict(zip(TRAIN_IDS, data["train"]))
+    fit([image[i] for i in first], settings, ids=first, folder=str(tmp_path / "model"))
+    stored = tmp_path / "model" / ModelLayout.calibration_matches
+    card = json.loads((tmp_path / "model" / CARD_NAME).read_text())
+    if damage == "missing":  # as a card from before the matches were kept
+        stored.unlink()
+        del card["files"][ModelLayout.calibration_matches]
+        (tmp_path / "model" / CARD_NAME).write_text(json.dumps(card))
+    else:
+        stored.write_bytes(stored.read_bytes()[:-1] + b"x")
+
+    with caplog.at_level("INFO", logger="spade_batch.method.recipe"):
+        grown = add(str(tmp_path / "model"), [image[i] for i in ADDED], ADDED)
+
+    expected = "keeps no calibration matches" if damage == "missing" else f"{stored} cannot be used .its SHA-256 is not the one the card records."
+    assert re.search(expected, caplog.text)
+    assert grown.card.thresholds == fit(data["train"], settings, ids=TRAIN_IDS).card.thresholds
 
 
 def test_add_refuses_an_id_the_model_holds_with_other_pixels(data, tmp_path):
