@@ -6,7 +6,8 @@ instead of the five CPU-seconds torch and torchvision take to import, and holds 
 Each stage maps a batch, a dict of equal-length numpy columns, to another. Columns between stages:
 id, uri (str), and in score the fingerprint the image's listing gave (str, "" unknown); height, width
 (int32, original size); image (B x S x S x 3 uint8 at the working size); error (str, "" when none:
-else the image is bad); sha256 (str: the file's content_sha256, "" when it was not read); transient
+else the image is bad); sha256 (str: the file's content_sha256, "" when it was not read, or in score, which
+needs none); transient
 (bool: it could not be read for a reason that may pass, e.g. throttling; it is retried by a re-run,
 never recorded as bad). The model stages (stages.py) pass on every column but the image, and add their
 results: features in fit; image_score, neighbour_ids, map and who computed them in score.
@@ -60,9 +61,9 @@ def worker_columns(count: int, worker: str, node: str, backbone_loads: int, gall
     }
 
 
-def read_images(batch: Batch, preprocessing: Preprocessing, options: dict[str, Any], max_pixels: int) -> Batch:
+def read_images(batch: Batch, preprocessing: Preprocessing, options: dict[str, Any], max_pixels: int, hash_content: bool) -> Batch:
     """CPU stage: id, uri (and any other column, passed on) -> + image (S x S x 3 uint8), height, width, error,
-    sha256, transient. Never raises for one image.
+    sha256 (with hash_content: fit and add record it, score does not pay for it), transient. Never raises for one image.
 
     A read that still failed for a transient reason (storage retries exhausted) is marked transient,
     never recorded as a bad image.
@@ -76,17 +77,17 @@ def read_images(batch: Batch, preprocessing: Preprocessing, options: dict[str, A
         heights[i], widths[i] = decoded.height, decoded.width
         images[i] = resize_for_model(decoded.rgb, preprocessing)
 
-    read = _read_each(batch["uri"], options, decode)
+    read = _read_each(batch["uri"], options, decode, hash_content)
     return {**batch, "image": images, "height": heights, "width": widths, **read}
 
 
 def read_hashes(batch: Batch, options: dict[str, Any]) -> Batch:
     """CPU stage of add, for images whose ids the model holds: id, uri -> id, error, sha256, transient (read, never decoded)."""
-    return {"id": batch["id"], **_read_each(batch["uri"], options, lambda i, uri, data: None)}
+    return {"id": batch["id"], **_read_each(batch["uri"], options, lambda i, uri, data: None, hash_content=True)}
 
 
-def _read_each(uris: np.ndarray, options: dict[str, Any], use: Callable[[int, str, bytes], None]) -> Batch:
-    """Read each file, take its content_sha256, then use(i, uri, bytes): columns error, sha256 ("" when none), transient.
+def _read_each(uris: np.ndarray, options: dict[str, Any], use: Callable[[int, str, bytes], None], hash_content: bool) -> Batch:
+    """Read each file, take its content_sha256 (with hash_content), then use(i, uri, bytes): columns error, sha256 ("" when none), transient.
 
     Any failure becomes that image's error, never the batch's; transient when it may pass (storage retries exhausted).
     """
@@ -95,7 +96,7 @@ def _read_each(uris: np.ndarray, options: dict[str, Any], use: Callable[[int, st
     for i, uri in enumerate(uris):
         try:
             data = storage.read_bytes(uri, options)
-            hashes[i] = content_sha256(data)
+            hashes[i] = content_sha256(data) if hash_content else ""
             use(i, uri, data)
         except Exception as error:  # noqa: BLE001 - every failure becomes this image's row, never the batch's
             errors[i] = f"{type(error).__name__}: {error}"

@@ -143,7 +143,7 @@ def extract(ids: Sequence[str], uris: Sequence[str], features_uri: str, extracto
     dataset = (
         ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // settings.batch_size, 10_000)))
         .map_batches(task_stage(read_images), fn_kwargs={"preprocessing": extractor.preprocessing, "options": options,
-                                                    "max_pixels": settings.max_pixels},
+                                                    "max_pixels": settings.max_pixels, "hash_content": True},
                      batch_size=settings.shard_size, batch_format="numpy", **DECODE_TASK)
         .map_batches(actor_stage(ExtractStage), fn_constructor_kwargs={"settings": settings}, batch_size=settings.batch_size,
                      batch_format="numpy", compute=plan.compute(), **plan.resources)

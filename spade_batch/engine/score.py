@@ -103,7 +103,7 @@ def score_dataset(
     return (
         ray.data.from_items(todo, override_num_blocks=blocks)
         .map_batches(task_stage(read_images), fn_kwargs={"preprocessing": preprocessing, "options": options,
-                                                    "max_pixels": settings.max_pixels},
+                                                    "max_pixels": settings.max_pixels, "hash_content": False},
                      batch_size=settings.shard_size, batch_format="numpy", **DECODE_TASK)
         .map_batches(actor_stage(stage), fn_constructor_kwargs={"model_uri": model_uri, "settings": settings},
                      batch_size=settings.batch_size, batch_format="numpy", compute=plan.compute(), **plan.resources)
