@@ -12,6 +12,9 @@ import csv
 import io
 import json
 import os
+import re
+import signal
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +30,13 @@ from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.datasets import make_demo_data
 from spade_batch.formats.images import decode_image
-from spade_batch.formats.layout import ModelLayout, Outputs, part_files
+from spade_batch.formats.layout import ModelLayout, Outputs, done_ids, part_files
 from spade_batch.formats.locks import LockHeldError, acquire_lock, release_lock
 from spade_batch.formats.manifest import build_manifest, pairs_sha256
 from spade_batch.formats.model import SpadeModel
 from spade_batch.formats.versions import current_number, make_current, version_numbers
 from spade_batch.method import calibrate, detector
+from tests.integration.engine.test_faults import cli_process, ray_address
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -84,7 +88,7 @@ class Grown:
 
 @pytest.fixture(scope="module", params=["local", "s3"])
 def grown(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Grown:
-    local = make_demo_data(str(tmp_path_factory.mktemp("data")), n_train=8, n_test_good=1, n_test_per_defect=1, min_size=48, max_size=80)
+    local = make_demo_data(str(tmp_path_factory.mktemp("data")), n_train=12, n_test_good=1, n_test_per_defect=1, min_size=48, max_size=80)
     if request.param == "local":
         root, options = str(tmp_path_factory.mktemp("root")), {}
     else:
@@ -155,26 +159,53 @@ def test_a_second_add_while_one_holds_the_model_is_refused_with_the_lock_message
 
 
 @pytest.mark.parametrize("grown", ["s3"], indirect=True)  # the store where a kill leaves most behind; local resumes as fit does
-def test_a_killed_add_resumes_extracting_only_what_it_had_not(grown: Grown) -> None:
-    """Killed after extracting, before publishing: no card for version 3 yet, one part lost."""
-    more = grown.upload({"good/100.png": grown.file("good/000.png"), "good/101.png": grown.file("good/001.png"),
-                         "good/102.png": grown.file("good/002.png")}, "more")
-    first = grown.add(more)
+def test_a_killed_add_resumes_extracting_only_what_it_had_not_and_publishes_what_one_add_would(grown: Grown, faulty_s3: Any) -> None:
+    """`spade-batch add` SIGKILLed once it has written a feature part, before publishing: version 3 is not
+    published and the lock is left. The same command again breaks the dead process's lock, extracts only
+    the images the killed one had not, and publishes version 3 as one uninterrupted add would: the
+    re-run searches its calibration images on a model actor (--model-workers 1), from version 2's
+    kept matches."""
+    new = {f"good/{n:03d}.png": grown.file(f"good/{n:03d}.png") for n in range(8, 12)}  # images the model has not seen
+    source = f"{faulty_s3.bucket}/killed-add"
+    for image_id, data in new.items():
+        storage.write_bytes(f"{source}/{image_id}", data, faulty_s3.direct_options)
+    for image_id in list(new)[1:]:  # slow reads: the add is still extracting when it is killed
+        faulty_s3.proxy.inject(f"killed-add/{image_id}", "delay", times=None, delay_s=1.5)
+    options = {**faulty_s3.options, "config_kwargs": {"read_timeout": 10, "retries": {"total_max_attempts": 1}}}
+    argv = ["add", "--model", grown.grown, "--images", source, "--shard-size", "1", "--batch-size", "1", "--device", "cpu",
+            "--storage-options", json.dumps(options), "--ray-address", ray_address()]
     target = ModelLayout(grown.grown).version(3)
-    complete = SpadeModel.load(target.root, grown.options)
-    storage.remove(target.card, grown.options)
-    parts = part_files(target.features, grown.options)
-    storage.remove(parts[0], grown.options)
+
+    killed = cli_process(argv)
+    deadline = time.monotonic() + 240
+    while not part_files(target.features, grown.options):
+        assert killed.poll() is None and time.monotonic() < deadline, killed.communicate()[0]
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
     assert version_numbers(grown.grown, grown.options) == [1, 2], "a version without its card is not published"
+    assert storage.exists(ModelLayout(grown.grown).lock, grown.options)
+    extracted_when_killed = len(done_ids(target.features, grown.options))
 
-    resumed = grown.add(more)
+    for image_id in new:
+        faulty_s3.proxy.inject(f"killed-add/{image_id}", "delay", times=0)
+    rerun = cli_process([*argv, "--model-workers", "1"])
+    printed = rerun.communicate(timeout=300)[0]
 
-    assert (first.extracted, resumed.version, resumed.parent) == (3, 3, 2)
-    assert 0 < resumed.extracted < 3
-    model = SpadeModel.load(target.root, grown.options)
-    assert model.train_ids == complete.train_ids
+    assert rerun.returncode == 0, printed
+    assert f"was left by spade-batch add to {grown.grown} (pid {killed.pid} on this host, no longer running); breaking it" in printed
+    assert 0 < extracted_when_killed < len(new)
+    assert re.search(rf"extracted now\s+{len(new) - extracted_when_killed}\b", printed), printed
+    assert "calibration images retrieve the images they did in the version added to" in printed
+    assert version_numbers(grown.grown, grown.options) == [1, 2, 3] and not storage.exists(ModelLayout(grown.grown).lock, grown.options)
+    resumed = SpadeModel.load(target.root, grown.options)
+    whole = storage.join(grown.root, "whole-after-kill")
+    grown.upload({**{i: grown.file(i) for i in A + B}, **new}, "all-after-kill")
+    run_fit(storage.join(grown.root, "all-after-kill"), whole, grown.settings)
+    refit = SpadeModel.load(whole, grown.options)
+    assert resumed.train_ids == refit.train_ids and set(new) <= set(resumed.train_ids)
     for kind in ("image", "pixel"):
-        assert getattr(model.card.thresholds, kind) == pytest.approx(getattr(complete.card.thresholds, kind), rel=FLOAT16_RTOL)
+        assert getattr(resumed.card.thresholds, kind) == pytest.approx(getattr(refit.card.thresholds, kind), rel=FLOAT16_RTOL)
 
 
 @pytest.mark.parametrize("grown", ["local"], indirect=True)
