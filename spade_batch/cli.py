@@ -58,11 +58,19 @@ def _add_drift_flag(parser: argparse.ArgumentParser) -> None:
                              "or when drift cannot be checked (a model without calibration); without it, a warning line")
 
 
+def _add_model_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-version", type=int, metavar="N",
+                        help="score against version N [default: the current one; a resumed run keeps the version it started with]")
+
+
 def _check_nightly_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """nightly takes either --plan or all of --train, --model and --images."""
     given = [flag for flag in ("train", "model", "images") if getattr(args, flag) is not None]
     if args.plan and given:
         parser.error(f"nightly: --plan replaces {', '.join('--' + flag for flag in given)} (each line of the plan names its own)")
+    if args.plan and args.model_version is not None:
+        parser.error("nightly: --model-version is not taken with --plan: each line scores its model's current version "
+                     "(`spade-batch model current` chooses it)")
     if not args.plan and len(given) < 3:
         parser.error("nightly: the arguments --train, --model and --images are required (or --plan)")
 
@@ -114,8 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser("score", help="score an image archive: masks, scores table, run.json")
     score.add_argument("--model", required=True, metavar="MODEL_URI", help="a model written by fit")
-    score.add_argument("--model-version", type=int, metavar="N",
-                       help="score against version N [default: the current one; a resumed run keeps the version it started with]")
+    _add_model_version(score)
     score.add_argument("--images", required=True, metavar="URI", help="images to score: folder/prefix, glob, or manifest")
     score.add_argument("--out", required=True, metavar="OUT_URI", help="where masks/, scores/, run.json and report.html are written")
     _add_drift_flag(score)
@@ -129,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     nightly.add_argument("--out", required=True, metavar="OUT_URI", help="output URI (with --plan: the plan's report); {date} becomes the run date")
     nightly.add_argument("--plan", metavar="YAML", help="many lines in one job: a plan file listing each line's name, train, model, images, out")
     nightly.add_argument("--date", metavar="YYYY-MM-DD", help="run date [default: today, UTC]")
+    _add_model_version(nightly)
     _add_drift_flag(nightly)
     _add_dry_run(nightly)
     _add_settings_flags(nightly, "nightly")
@@ -137,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, metavar="MODEL_URI", help="a model written by fit")
     evaluate.add_argument("--data", required=True, metavar="ROOT/CATEGORY", help="an MVTec AD layout category folder")
     evaluate.add_argument("--out", required=True, metavar="OUT", help="where metrics.json, the report and the scores go")
+    _add_model_version(evaluate)
     resolution = evaluate.add_mutually_exclusive_group()
     resolution.add_argument(
         "--original-resolution", dest="original_resolution", action="store_const", const=True, default=None,
@@ -220,11 +229,12 @@ def _run(args: argparse.Namespace, secrets: set[str]) -> int:
         "model": lambda: commands.make_current(args.model_uri, args.version, settings),
         "score": lambda: commands.score(args.model, args.images, args.out, settings, explicit, args.dry_run, args.fail_on_drift,
                                         args.model_version),
-        "evaluate": lambda: commands.evaluate(args.model, args.data, args.out, settings, explicit, args.original_resolution, args.every, args.dry_run),
+        "evaluate": lambda: commands.evaluate(args.model, args.data, args.out, settings, explicit, args.original_resolution, args.every, args.dry_run,
+                                              args.model_version),
         "nightly": lambda: (
             commands.nightly_plan(args.plan, args.out, args.date, settings, explicit, args.dry_run, args.fail_on_drift) if args.plan
             else commands.nightly(args.train, args.model, args.images, args.out, args.date, settings, explicit, args.dry_run,
-                                  args.fail_on_drift)
+                                  args.fail_on_drift, args.model_version)
         ),
         "demo": lambda: commands.demo(args.out, settings, explicit, args.dry_run),
         "show": lambda: commands.show(args.uri, settings, args.top, args.output, args.verdicts),

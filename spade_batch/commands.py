@@ -342,9 +342,10 @@ def score(
 
 def nightly(
     train: str, model_uri: str, images: str, out: str, date: str | None, settings: Settings, explicit: frozenset[str],
-    dry_run: bool = False, fail_on_drift: bool = False,
+    dry_run: bool = False, fail_on_drift: bool = False, model_version: int | None = None,
 ) -> int:
-    """Fit when MODEL_URI has no model yet, then score the archive of `date` ({date} in images and out)."""
+    """Fit when MODEL_URI has no model yet, then score the archive of `date` ({date} in images and out) with
+    model_version (default: the current one)."""
     day = run_date(date)
     images, out = images.replace("{date}", day), out.replace("{date}", day)
     if not storage.exists(ModelLayout(model_uri).card, settings.fsspec_options()):
@@ -352,7 +353,7 @@ def nightly(
         status = fit(train, model_uri, settings, dry_run)
         if status != 0:
             return status
-    return score(model_uri, images, out, settings, explicit, dry_run, fail_on_drift)
+    return score(model_uri, images, out, settings, explicit, dry_run, fail_on_drift, model_version)
 
 
 def run_date(date: str | None) -> str:
@@ -381,14 +382,14 @@ def nightly_plan(plan_uri: str, out: str, date: str | None, settings: Settings, 
 
 def evaluate(
     model_uri: str, data: str, out: str, settings: Settings, explicit: frozenset[str], original_resolution: bool | None = None,
-    every: int = 1, dry_run: bool = False,
+    every: int = 1, dry_run: bool = False, model_version: int | None = None,
 ) -> int:
     written = EvaluationOutputs(out)
     if dry_run:
         return _dry_run(storage.join(data, "test"), settings, [written.metrics_json, written.report], model_uri)
     from spade_batch.reports.evaluate import run_evaluate
 
-    metrics = run_evaluate(model_uri, data, out, settings, explicit, original_resolution, every)
+    metrics = run_evaluate(model_uri, data, out, settings, explicit, original_resolution, every, model_version)
     overall, decisions = metrics["overall"], metrics["decisions"]
     image, pixel = decisions["image"], decisions["pixel"]
     print_table(

@@ -118,10 +118,12 @@ def run_evaluate(
     explicit: frozenset[str] = frozenset(),
     original_resolution: bool | None = None,
     every: int = 1,
+    model_version: int | None = None,
 ) -> dict:
     """Score the test split of the MVTec-layout category `data` (local folder) and write metrics + report under `out`.
 
     every: keep every N-th test image of each label (sorted order), for quick looks at long runs.
+    model_version: the model version scored (default: the current one).
     original_resolution: pixel ranking metrics at each image's own size. None (default): yes with "full"
     preprocessing, the only one where it is possible; True: insist (refused for "paper"); False: the
     working size only (faster). Working-size numbers are always reported too, under "working_size".
@@ -130,7 +132,7 @@ def run_evaluate(
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be a positive integer (1 = all test images), got {every!r}")
     options = settings.fsspec_options()
-    card = load_card(resolve(model_uri, None, options).uri, options)  # the current version, which run_score scores
+    card = load_card(resolve(model_uri, model_version, options).uri, options)  # the version run_score scores
     spec = card.preprocessing
     if original_resolution and spec.mode != "full":
         raise ValueError(
@@ -143,7 +145,8 @@ def run_evaluate(
 
     written = EvaluationOutputs(out)
     storage.write_text(written.test_images, "".join(os.path.abspath(s.path) + "\n" for s in samples), options)
-    summary = run_score(model_uri, written.test_images, written.run.root, settings.replace(save_maps=True, overwrite=True), explicit)
+    summary = run_score(model_uri, written.test_images, written.run.root, settings.replace(save_maps=True, overwrite=True), explicit,
+                        model_version=model_version)
     table = read_scores(storage.list_files(written.run.scores, (".parquet",), options), options)
     images, failures = _test_images(table, samples)
 

@@ -116,8 +116,8 @@ COMMAND_OPTIONS = {
     "fit": {"--train", "--model", "--dry-run"},
     "add": {"--model", "--images", "--verdicts", "--dry-run"},
     "score": {"--model", "--model-version", "--images", "--out", "--fail-on-drift", "--dry-run"},
-    "evaluate": {"--model", "--data", "--out", "--original-resolution", "--working-resolution-only", "--every", "--dry-run"},
-    "nightly": {"--train", "--model", "--images", "--out", "--plan", "--date", "--fail-on-drift", "--dry-run"},
+    "evaluate": {"--model", "--data", "--out", "--original-resolution", "--working-resolution-only", "--every", "--model-version", "--dry-run"},
+    "nightly": {"--train", "--model", "--images", "--out", "--plan", "--date", "--fail-on-drift", "--model-version", "--dry-run"},
     "demo": {"--out", "--dry-run"},
     "show": {"--json", "--format", "--top", "--verdicts"},
 }

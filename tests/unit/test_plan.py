@@ -59,6 +59,12 @@ def test_plan_and_single_line_flags_do_not_mix(capsys: pytest.CaptureFixture) ->
     with pytest.raises(SystemExit):
         cli.main(["nightly", "--model", "/m", "--out", "/o"])
     assert "--train, --model and --images are required (or --plan)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["nightly", "--plan", "p.yaml", "--model-version", "2", "--out", "/o"])
+    assert "--model-version is not taken with --plan: each line scores its model's current version" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["nightly", "--model", "/m", "--images", "/i", "--model-version", "2", "--out", "/o"])
+    assert "--train, --model and --images are required (or --plan)" in capsys.readouterr().err
 
 
 def test_the_summary_table_aligns_columns() -> None:

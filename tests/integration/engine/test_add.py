@@ -30,7 +30,7 @@ from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.datasets import make_demo_data
 from spade_batch.formats.images import decode_image
-from spade_batch.formats.layout import ModelLayout, Outputs, done_ids, part_files
+from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs, done_ids, part_files
 from spade_batch.formats.locks import LockHeldError, acquire_lock, release_lock
 from spade_batch.formats.manifest import build_manifest, pairs_sha256
 from spade_batch.formats.model import SpadeModel
@@ -259,6 +259,14 @@ def test_the_loop_a_night_reviewed_its_false_alarm_added_and_the_night_kept_on_i
     assert f"{grown.grown} (version 2)" in capsys.readouterr().out
     run = json.loads(storage.read_text(Outputs(pinned).run_json, options))
     assert run["model_version"] == 2 and run["thresholds"]["image"] == load_card(ModelLayout(grown.grown).version(2).root, options).thresholds.image
+
+    nightly, evaluated = storage.join(grown.root, "nightly-pinned"), EvaluationOutputs(storage.join(grown.root, "evaluated"))
+    assert cli.main(["nightly", "--train", storage.join(grown.root, "a"), "--model", grown.grown, "--images", night, "--out", nightly,
+                     "--model-version", "2", "--device", "cpu"]) == 0
+    assert cli.main(["evaluate", "--model", grown.grown, "--data", grown.local, "--out", evaluated.root, "--model-version", "2",
+                     "--device", "cpu"]) == 0
+    assert json.loads(storage.read_text(Outputs(nightly).run_json, options))["model_version"] == 2
+    assert json.loads(storage.read_text(evaluated.metrics_json, options))["model_version"] == 2
 
     run_fit(storage.join(grown.root, "a"), grown.grown, grown.settings.replace(overwrite=True))
     assert version_numbers(grown.grown, options) == [1], "a refit replaces the model: its versions go with it"
