@@ -36,10 +36,11 @@ from spade_batch.formats.manifest import build_manifest, pairs_sha256
 from spade_batch.formats.model import SpadeModel
 from spade_batch.formats.versions import current_number, make_current, version_numbers
 from spade_batch.method import calibrate, detector
-from tests.integration.engine.test_faults import cli_process, ray_address
+from tests.integration.engine.test_faults import _gated_stage, cli_process, ray_address, running
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from tests.integration.conftest import S3Server
 
@@ -206,6 +207,29 @@ def test_a_killed_add_resumes_extracting_only_what_it_had_not_and_publishes_what
     assert resumed.train_ids == refit.train_ids and set(new) <= set(resumed.train_ids)
     for kind in ("image", "pixel"):
         assert getattr(resumed.card.thresholds, kind) == pytest.approx(getattr(refit.card.thresholds, kind), rel=FLOAT16_RTOL)
+
+
+@pytest.mark.parametrize("grown", ["local"], indirect=True)
+def test_a_score_under_way_while_add_publishes_a_version_keeps_the_version_it_started_with(grown: Grown, tmp_path: Path) -> None:
+    """The score has chosen its version and its model actors wait at a gate; add publishes the next version
+    (in process: the score's actors hold the session's CPUs); the gate opens and the score ends on the version it started with."""
+    options = grown.options
+    started_on = current_number(grown.grown, options)
+    night = grown.upload({i: grown.file(i, "test") for i in ("good/000.png", "crack/000.png")}, "night-during-add")
+    out, gate = Outputs(storage.join(grown.root, "out-during-add")), tmp_path / "gate"
+    with running(lambda: run_score(grown.grown, night, out.root, grown.settings, stage=_gated_stage(str(gate)))) as outcome:
+        deadline = time.monotonic() + 120
+        while not storage.exists(out.inputs_json, options):  # written once the run has chosen its version
+            assert time.monotonic() < deadline, "the score did not start"
+            time.sleep(0.05)
+        published = detector.add(grown.grown, [grown.image("train", "good/008.png")], ["good/008.png"], grown.settings)
+        assert published.card.version.number == current_number(grown.grown, options) == started_on + 1
+        gate.touch()
+    assert "error" not in outcome, outcome.get("error")
+    summary = outcome["result"]
+    assert summary.model_version == started_on and json.loads(storage.read_text(out.run_json, options))["model_version"] == started_on
+    assert summary.thresholds["image"] == load_card(ModelLayout(grown.grown).version(started_on).root, options).thresholds.image
+    assert summary.thresholds["image"] != published.card.thresholds.image
 
 
 @pytest.mark.parametrize("grown", ["local"], indirect=True)
