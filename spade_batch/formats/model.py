@@ -137,18 +137,28 @@ class SpadeModel:
         return sum(layer.nbytes for layer in self.gallery)
 
     def save(self, uri: str, options: storage.StorageOptions = None) -> None:
-        """Write the artifact; an existing card is removed first, so no reader pairs it with new arrays."""
+        """Write the artifact; an existing card is removed first, so no reader pairs it with new arrays.
+
+        A file beyond the arrays that this folder lacks (a node-local copy holds no calibration matches) is
+        left out, and out of the card written.
+        """
         storage.remove(ModelLayout(uri).card, options)
         self.publish_arrays(uri, options)
-        self.write_card(uri, options)
+        kept = {*_array_names(self.card), *self._extra_names()}
+        files = {name: entry for name, entry in self.card.files.items() if name in kept}
+        dataclasses.replace(self, card=dataclasses.replace(self.card, files=files)).write_card(uri, options)
 
     def publish_arrays(self, uri: str, options: storage.StorageOptions = None) -> None:
         """Copy the files of `folder` but the card to uri, streamed; nothing to do when uri is the folder."""
         if storage.is_local(uri) and os.path.abspath(storage.filesystem(uri, options)[1]) == os.path.abspath(self.folder):
             return
-        arrays = _array_names(self.card)
-        for name in [*arrays, *(name for name in self.card.files if name not in arrays)]:
+        for name in [*_array_names(self.card), *self._extra_names()]:
             storage.put_file(os.path.join(self.folder, name), ModelLayout(uri).file(name), options)
+
+    def _extra_names(self) -> list[str]:
+        """The files the card records beyond the arrays (with_file) that `folder` holds."""
+        arrays = _array_names(self.card)
+        return [name for name in self.card.files if name not in arrays and os.path.exists(os.path.join(self.folder, name))]
 
     def write_card(self, uri: str, options: storage.StorageOptions = None) -> None:
         """spade.json, last: its presence marks the model complete."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -230,6 +231,24 @@ def test_save_load_round_trip(tmp_path, index):
     # Saved into its own folder (the arrays are already there), the model is the same too.
     model.save(str(tmp_path / "built"))
     assert_same_model(SpadeModel.load(str(tmp_path / "built")), model, np.random.default_rng(3).standard_normal((10, DIM)))
+
+
+def test_a_recorded_file_beyond_the_arrays_is_saved_with_the_model_and_left_out_where_the_folder_lacks_it(tmp_path):
+    """The calibration matches: saved and checksummed with the model; a node-local copy holds none, and a model saved
+    from it records none (its card names no file it does not have)."""
+    built = tmp_path / "built"
+    model = make_model(built, raw_features(6))
+    (built / ModelLayout.calibration_matches).write_bytes(b"matches")
+    model = model.with_file(ModelLayout.calibration_matches)
+    assert model.card.files[ModelLayout.calibration_matches] == {"bytes": 7, "sha256": hashlib.sha256(b"matches").hexdigest()}
+    model.save(str(tmp_path / "with"))
+    assert (tmp_path / "with" / ModelLayout.calibration_matches).read_bytes() == b"matches"
+    assert ModelLayout.calibration_matches in SpadeModel.load(str(tmp_path / "with")).card.files
+
+    (built / ModelLayout.calibration_matches).unlink()
+    model.save(str(tmp_path / "without"))
+    assert not (tmp_path / "without" / ModelLayout.calibration_matches).exists()
+    assert ModelLayout.calibration_matches not in SpadeModel.load(str(tmp_path / "without")).card.files
 
 
 def test_load_with_a_card_uses_that_card(tmp_path):
