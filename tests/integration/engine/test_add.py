@@ -237,7 +237,7 @@ def test_the_loop_a_night_reviewed_its_false_alarm_added_and_the_night_kept_on_i
     grown: Grown, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Version 1 made current again; a night is scored on it; its review sheet is exported and filled in; the night's
-    rerun is killed; the false alarm is added (version 3, now current) while the night resumes, which keeps version 1
+    rerun is killed; the false alarm is added to version 1 (the next version, now current) while the night resumes, which keeps version 1
     to its end. The verdicts are counted; a score pinned to version 2 scores version 2; a refit drops the versions."""
     options = grown.options
     make_current(grown.grown, 1, options)
@@ -265,8 +265,10 @@ def test_the_loop_a_night_reviewed_its_false_alarm_added_and_the_night_kept_on_i
     lost = storage.read_part(out.parts(options).own[0], options, columns=["id"]).num_rows
     storage.remove(out.parts(options).own[0], options)  # killed: a part and run.json never written
     storage.remove(out.run_json, options)
+    next_version = version_numbers(grown.grown, options)[-1] + 1  # other tests of this module may have published versions
     assert cli.main(["add", "--model", grown.grown, "--verdicts", sheet, "--device", "cpu"]) == 0
-    assert (current_number(grown.grown, options), load_card(ModelLayout(grown.grown).version(3).root, options).version.images_added) == (3, 1)
+    added = load_card(ModelLayout(grown.grown).version(next_version).root, options).version
+    assert (current_number(grown.grown, options), added.parent, added.images_added) == (next_version, 1, 1)
     resumed = run_score(grown.grown, night, out.root, grown.settings)
 
     assert (resumed.model_version, resumed.resumed, resumed.scored) == (1, len(test_ids) - lost, len(test_ids))
