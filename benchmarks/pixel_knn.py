@@ -135,9 +135,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="test images per kernel call")
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--chunk-mib", type=int, default=spade.DEFAULT_CHUNK_BYTES // 2**20)
+    parser.add_argument("--chunk-mib", type=int, help="distance-block bound (default: the product's for the device)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    args.chunk_mib = args.chunk_mib or spade.chunk_bytes_for(device) // 2**20
     precisions = spade.PRECISIONS if args.precision == "all" else (args.precision,)
     print(
         f"device={device} batch={args.batch} K={args.k} threads={torch.get_num_threads()} "

@@ -50,7 +50,7 @@ class ScoreStage:
         options = settings.fsspec_options()
         self.model = SpadeModel.load(model_uri, options, ModelCard.from_dict(card) if card else None)
         extractor = Extractor(settings, options, preprocessing=self.model.card.preprocessing)
-        self.scorer = Scorer(self.model, extractor, settings.chunk_mib * 2**20, settings.precision)
+        self.scorer = Scorer(self.model, extractor, settings.chunk_bytes, settings.precision)
         self.worker, self.node = uuid.uuid4().hex[:12], ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: Batch) -> Batch:

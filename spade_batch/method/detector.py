@@ -111,4 +111,4 @@ def score(model: SpadeModel, images: Sequence[np.ndarray], settings: Settings | 
     """Score H x W x 3 uint8 images; settings give the device and batch size, the model keys are the model's own."""
     settings = model.card.settings_for(settings or Settings())
     extractor = Extractor(settings, preprocessing=model.card.preprocessing)
-    return Scorer(model, extractor, settings.chunk_mib * 2**20, settings.precision).score(images)
+    return Scorer(model, extractor, settings.chunk_bytes, settings.precision).score(images)

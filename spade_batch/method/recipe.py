@@ -158,7 +158,7 @@ class InProcessHeldOut:
     settings: Settings
 
     def matches(self, model: SpadeModel, ids: Sequence[str], previous: Mapping[str, PixelMatches]) -> Iterator[CalibrationMatches]:
-        scorer = Scorer(model, self.extractor, self.settings.chunk_mib * 2**20, self.settings.precision)
+        scorer = Scorer(model, self.extractor, self.settings.chunk_bytes, self.settings.precision)
         return (match_held_out(scorer, block, previous) for block in self.features.blocks(ids))
 
 

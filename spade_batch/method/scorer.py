@@ -25,15 +25,15 @@ class Scorer:
         self,
         model: SpadeModel,
         extractor: Extractor,
-        chunk_bytes: int = spade.DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
         precision: str = "float32",
         images_per_call: int | None = None,
     ):
         self.model, self.extractor, self.method = model, extractor, model.card.settings
         self.normalisation = model.card.normalisation
         self.layer_scales = self.normalisation.layer_scales if self.method.layer_normalise else None
-        self.chunk_bytes, self.precision = chunk_bytes, precision
         device = extractor.device
+        self.chunk_bytes, self.precision = chunk_bytes or spade.chunk_bytes_for(device), precision
         # Several images per kernel call pay off on a GPU; on a CPU one image already fills the cores.
         self.images_per_call = images_per_call or (extractor.batch_size if device.type == "cuda" else 1)
         self.global_centre = torch.from_numpy(model.centre.global_mean).to(device)

@@ -321,6 +321,21 @@ def test_a_centred_model_scores_the_raw_features_exactly(tmp_path, norm, images_
         assert error > 0.1
 
 
+def test_the_distance_block_is_the_devices_unless_chunk_mib_is_set_and_scores_do_not_depend_on_it(tmp_path):
+    """Unset chunk_mib: 16 MiB blocks on a CPU (256 MiB on a GPU); set, its MiB, with the same scores and maps."""
+    rng = np.random.default_rng(5)
+    settings = SETTINGS.replace(k=3, kappa=2)
+    train, test = synthetic(rng, 12, 1.0, 1.0), synthetic(rng, 4, 1.0, 1.0)
+    model = synthetic_model(tmp_path / "model", train, settings)
+    default = Scorer(model, Extractor(settings), settings.chunk_bytes)
+    tiny = Scorer(model, Extractor(settings), settings.replace(chunk_mib=1).chunk_bytes)
+    assert (settings.chunk_mib, default.chunk_bytes, tiny.chunk_bytes) == (None, 16 * 2**20, 2**20)
+    assert spade.chunk_bytes_for(torch.device("cuda")) == 256 * 2**20
+    for got, expected in zip(tiny.score_features(test), default.score_features(test)):
+        assert got.score == pytest.approx(expected.score, rel=1e-6)
+        np.testing.assert_allclose(got.anomaly_map, expected.anomaly_map, rtol=1e-5)
+
+
 def test_a_schema_1_uncentred_model_still_loads_and_scores(tmp_path):
     """Schema 1 models stored raw features (no centre.npz): they load with a zero centre and score as before."""
     rng = np.random.default_rng(11)
