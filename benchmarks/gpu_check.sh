@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (run once where a CUDA GPU is lent; about 10 minutes of device time):
+# One prepared GPU check (run once where a CUDA GPU is lent; 110 s on an H200, plus the machine's start):
 #   1. the pixel stage at the paper defaults, for each precision, against the GPU's own GEMM peak;
 #   2. end-to-end images/s per GPU at the paper defaults (wide_resnet50_2 with random weights:
 #      the GPU machine cannot download ImageNet weights) on the synthetic archive: the Ray
