@@ -22,6 +22,7 @@ import numpy as np
 from spade_batch.config import Settings
 from spade_batch.formats.features import FeatureTable, content_sha256, write_features
 from spade_batch.formats.layout import ModelLayout, part_files, part_name
+from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.model import SpadeModel
 from spade_batch.method.extractor import Extractor, Features
 from spade_batch.method.recipe import Addition, StoredFeatures, fit_from_features
@@ -56,9 +57,16 @@ def add(folder: str, images: Sequence[np.ndarray], ids: Sequence[str] | None = N
     (same pixels) or refused (other pixels: ValueError naming it). The model's method and calibration
     settings are kept (settings give the device and batch size). The grown model, the one recipe over
     every training image, is published as the next version in folder/versions/<N>/ and returned; with
-    nothing new, the current version is returned.
+    nothing new, the current version is returned. It holds the model's lock, as `spade-batch add` does:
+    an add or fit already under way there makes it raise LockHeldError.
     """
     ids = _ids(images, ids)
+    with holding_lock(ModelLayout(folder).lock, f"add to {folder} (in process)"):
+        return _add_locked(folder, images, ids, settings)
+
+
+def _add_locked(folder: str, images: Sequence[np.ndarray], ids: list[str], settings: Settings | None) -> SpadeModel:
+    """add's work, once it holds the model's lock."""
     addition = Addition.plan(folder)
     settings = addition.card.training_settings(settings or Settings())
     new = set(addition.new_ids({image_id: content_sha256(image) for image_id, image in zip(ids, images)}))

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import pathlib
 import re
+import threading
 
 import faiss
 import numpy as np
@@ -20,8 +21,10 @@ from spade_batch.formats.datasets import make_demo_data, read_mvtec_category
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.images import Preprocessing, decode_image, resize_for_model, resize_map
 from spade_batch.formats.layout import ModelLayout, part_files
+from spade_batch.formats.locks import LockHeldError
 from spade_batch.formats.matches import read_matches
 from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
+from spade_batch.formats.versions import resolve, version_numbers
 from spade_batch.method import calibrate, matching, spade
 from spade_batch.method.detector import Extractor, Features, Scorer, add, fit, score
 from spade_batch.method.extractor import normalise
@@ -667,6 +670,36 @@ def test_add_refuses_an_id_the_model_holds_with_other_pixels(data, tmp_path):
     (tmp_path / "model" / CARD_NAME).write_text(json.dumps({**card, "weights_sha256": "sha256:" + "0" * 64}))  # fitted with other weights
     with pytest.raises(ValueError, match="the backbone weights or preprocessing found now differ from those of model"):
         add(str(tmp_path / "model"), [data["train"][4]], ["new.png"])
+
+
+def test_two_adds_at_once_to_one_model_publish_one_version_and_refuse_the_other_with_the_lock_message(data, tmp_path):
+    """Two threads start an add to one model at the same moment: one publishes version 2, the other is refused
+    naming the lock (neither writes into the other's version); once the first is done, the refused one goes through."""
+    folder = str(tmp_path / "model")
+    fit(data["train"][:3], SETTINGS.replace(calibration_fraction=0), ids=TRAIN_IDS[:3], folder=folder)
+    start, outcomes = threading.Barrier(2), {}
+
+    def add_one(image_id: str, image: np.ndarray) -> None:
+        start.wait()
+        try:
+            outcomes[image_id] = add(folder, [image], [image_id])
+        except LockHeldError as error:
+            outcomes[image_id] = error
+
+    threads = [threading.Thread(target=add_one, args=(TRAIN_IDS[i], data["train"][i])) for i in (3, 4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    published = [image_id for image_id, outcome in outcomes.items() if isinstance(outcome, SpadeModel)]
+    refused = [image_id for image_id, outcome in outcomes.items() if isinstance(outcome, LockHeldError)]
+    assert len(published) == len(refused) == 1, outcomes
+    assert "is held by add to" in str(outcomes[refused[0]]) and "(in process)" in str(outcomes[refused[0]])
+    current = SpadeModel.load(resolve(folder).uri)
+    assert version_numbers(folder) == [1, 2] and current.train_ids == [*TRAIN_IDS[:3], *published]
+    again = add(folder, [data["train"][TRAIN_IDS.index(refused[0])]], refused)
+    assert again.card.version.number == 3 and set(again.train_ids) == set(TRAIN_IDS[:5])
 
 
 def test_new_images_are_those_not_held_and_an_unknown_hash_is_taken_as_the_same():
