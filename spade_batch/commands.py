@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from spade_batch.config import GROUPS, Settings, describe, load_settings
-from spade_batch.exit_codes import ExitCode, score_exit_code
+from spade_batch.exit_codes import ExitCode, add_exit_code, score_exit_code
 from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs
@@ -263,6 +263,7 @@ def add(
             ("images listed", summary.images),
             ("already in the model", summary.skipped),
             ("added", summary.added),
+            ("failed images", len(summary.failures)),
             ("extracted now", summary.extracted),
             ("gallery images", summary.gallery_images),
             ("calibration images", summary.calibration_images),
@@ -271,9 +272,11 @@ def add(
             ("seconds", f"{summary.seconds:.1f}"),
         ],
     )
+    for failure in summary.failures[:10]:
+        print(f"failed: {failure['id']}: {failure['error']}")
     for warning in summary.warnings:
         print(f"warning: calibration: {warning}")
-    return 0
+    return add_exit_code(summary.added, len(summary.failures))
 
 
 def make_current(model_uri: str, version: int, settings: Settings) -> int:

@@ -25,11 +25,12 @@ MEANING: dict[ExitCode, str] = {
     ExitCode.OK: "success: every image scored, and with `--fail-on-drift` drift checked and no alarm raised",
     ExitCode.FAILED: "infrastructure error: a failed Ray task or a crash (`--log-level DEBUG` shows the traceback), "
     "a location that cannot be written (permission refused, read-only, disk full, a file where a folder is needed: "
-    "the message names the path), no image could be scored, or every line of a plan failed",
+    "the message names the path), no image could be scored (or, for `add`, read), or every line of a plan failed",
     ExitCode.USAGE: "usage or input error: a bad flag, setting, storage option or plan file, an input, model or storage location "
     "that cannot be read, or a model that is not what its card says (damaged, cut short, mixed from two fits); "
     "the one-line message names it",
-    ExitCode.IMAGES_FAILED: "some images failed: they are recorded with their error in the scores table, the others scored",
+    ExitCode.IMAGES_FAILED: "some images failed: they are recorded with their error in the scores table, the others scored "
+    "(`add`: in the new version's card, the others added)",
     ExitCode.LINES_FAILED: "partial plan: some lines of `nightly --plan` failed (see the summary table), the others completed",
     ExitCode.DRIFT: "drift (only with `--fail-on-drift`): tonight's anomaly rate or score distribution is outside "
     "the calibration band, or drift cannot be checked (a model without calibration): the night is not vouched for",
@@ -52,6 +53,13 @@ def score_exit_code(scored: int, failed: int, retryable: int, drifted: bool, fai
         return ExitCode.FAILED
     outcomes = [ExitCode.RETRYABLE] * bool(retryable) + [ExitCode.DRIFT] * (drifted and fail_on_drift) + [ExitCode.IMAGES_FAILED] * bool(failed)
     return most_severe(outcomes)
+
+
+def add_exit_code(added: int, failed: int) -> ExitCode:
+    """An add's status: FAILED when images failed and none was added, IMAGES_FAILED when some failed."""
+    if failed:
+        return ExitCode.FAILED if added == 0 else ExitCode.IMAGES_FAILED
+    return ExitCode.OK
 
 
 def plan_exit_code(line_codes: Sequence[ExitCode]) -> ExitCode:

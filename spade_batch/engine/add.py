@@ -10,6 +10,7 @@ version N is published: arrays, then its card, last. A killed add resumes from i
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -39,8 +40,10 @@ class AddSummary:
     Attributes:
         version: the version published (the current one when nothing was new).
         parent: the version the images were added to.
-        images: listed; skipped: held by the parent already; added: new to it; extracted: by this run (a resumed
-            run extracts only what its killed run did not).
+        images: listed; skipped: held by the parent already; added: new to it and read (failed ones excluded);
+            extracted: by this run (a resumed run extracts only what its killed run did not).
+        failures: {"id", "error"} of the listed images that could not be read (or were rejected by name);
+            nothing is published when no new image could be read.
         gallery_images, calibration_images, thresholds, warnings: of the version published.
     """
 
@@ -56,6 +59,7 @@ class AddSummary:
     thresholds: dict[str, float | None]
     warnings: list[str]
     seconds: float
+    failures: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def published(self) -> bool:
@@ -82,36 +86,58 @@ def _add_locked(manifest: Manifest, model_uri: str, settings: Settings, explicit
     listed = dict(zip(manifest.ids, manifest.uris))
     held = {i: u for i, u in listed.items() if i in addition.trained.parts}
     new = addition.new_ids({**{i: None for i in listed if i not in held}, **_content_hashes(held, settings)})
+    rejected = [{"id": uri, "error": reason} for uri, reason in manifest.rejected]
     if not new:
         log.info("add: version %d of %s holds every image listed: nothing to add", addition.parent.number, model_uri)
-        return _summary(addition, addition.parent.number, addition.card, len(manifest), [], 0, started)
+        return _summary(addition, addition.parent.number, addition.card, len(manifest), len(manifest), [], rejected, 0, started)
 
     extractor = Extractor(settings, options)  # as the extraction actors build theirs
     addition.check(extractor)
     target = addition.target
-    if settings.overwrite:
-        storage.remove(target.root, options, recursive=True)  # an unfinished add of other images: never published
     uris = [listed[i] for i in new]
-    # Part files of a killed add are reused only for the same images added to the same version.
-    record_inputs(target.features, target.features_inputs,
-                  {"parent": addition.parent.number, "images": pairs_sha256(new, uris), "weights": extractor.weights_sha256,
-                   "preprocessing": extractor.preprocessing.to_dict(), "feature_schema": FEATURE_SCHEMA_VERSION}, options)
+    # Part files of a killed add are reused only for the same images added to the same version; those of
+    # other images are discarded: the version was never published, and this add holds the model's lock.
+    inputs = {"parent": addition.parent.number, "images": pairs_sha256(new, uris), "weights": extractor.weights_sha256,
+              "preprocessing": extractor.preprocessing.to_dict(), "feature_schema": FEATURE_SCHEMA_VERSION}
+    if settings.overwrite or _left_by_another_add(target, inputs, options):
+        storage.remove(target.root, options, recursive=True)
+    record_inputs(target.features, target.features_inputs, inputs, options)
     extracted = extract(new, uris, target.features, extractor, settings)
 
     features = addition.features()
-    rejected = [{"id": uri, "error": reason} for uri, reason in manifest.rejected]
+    failures = [*rejected, *(entry for entry in features.failures if entry["id"] in set(new))]
+    read = [i for i in new if i in features.sizes]
+    if not read:
+        storage.remove(target.root, options, recursive=True)
+        log.error("add: none of the %d new images could be read; nothing published, version %d of %s stays current",
+                  len(new), addition.parent.number, model_uri)
+        return _summary(addition, addition.parent.number, addition.card, len(manifest), len(held), [], failures, extracted, started)
     held_out = held_out_scorer(features, extractor, target.root, settings)
     fitted = build_and_publish(target.root, settings,
-                               lambda folder: addition.fit(features, extractor, settings, folder, (new, uris), rejected, held_out))
-    log.info("add: published version %d of %s (%d images added to version %d)", addition.number, model_uri, len(new), addition.parent.number)
-    return _summary(addition, addition.number, fitted.model.card, len(manifest), new, extracted, started)
+                               lambda folder: addition.fit(features, extractor, settings, folder, (read, [listed[i] for i in read]), rejected, held_out))
+    log.info("add: published version %d of %s (%d images added to version %d)", addition.number, model_uri, len(read), addition.parent.number)
+    return _summary(addition, addition.number, fitted.model.card, len(manifest), len(held), read, failures, extracted, started)
 
 
-def _summary(addition: Addition, version: int, card: ModelCard, listed: int, new: list[str], extracted: int, started: float) -> AddSummary:
+def _left_by_another_add(target: ModelLayout, inputs: dict[str, object], options: storage.StorageOptions) -> bool:
+    """Whether the unpublished version's folder holds the parts of an add of other images (or to another parent)."""
+    if not storage.exists(target.features_inputs, options):
+        return False
+    if json.loads(storage.read_text(target.features_inputs, options)) == inputs:
+        return False
+    log.warning("add: discarding %s, left unpublished by an add of other images", target.root)
+    return True
+
+
+def _summary(
+    addition: Addition, version: int, card: ModelCard, listed: int, skipped: int, added: list[str], failures: list[dict[str, str]],
+    extracted: int, started: float,
+) -> AddSummary:
     return AddSummary(
-        model_uri=addition.model_uri, version=version, parent=addition.parent.number, images=listed, skipped=listed - len(new),
-        added=len(new), extracted=extracted, gallery_images=card.train_count, calibration_images=card.calibration.count,
-        thresholds=dataclasses.asdict(card.thresholds), warnings=list(card.calibration.warnings), seconds=time.perf_counter() - started,
+        model_uri=addition.model_uri, version=version, parent=addition.parent.number, images=listed,
+        skipped=skipped, added=len(added), extracted=extracted, gallery_images=card.train_count,
+        calibration_images=card.calibration.count, thresholds=dataclasses.asdict(card.thresholds),
+        warnings=list(card.calibration.warnings), seconds=time.perf_counter() - started, failures=failures,
     )
 
 

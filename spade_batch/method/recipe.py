@@ -444,7 +444,7 @@ class Addition:
     ) -> FitResult:
         """The one recipe over features (self.features()), gallery files in the local `folder` (card not saved).
 
-        added: (ids, uris) of the images this add extracted; failures: its images that were never extracted.
+        added: (ids, uris) of the images this add extracted and could read; failures: its images that were never extracted.
         """
         version = VersionRecord(self.number, self.parent.number, len(added[0]), pairs_sha256(*added))
         return fit_from_features(features, extractor, settings, folder, [*self._rejected(), *failures], held_out, version,

@@ -26,11 +26,12 @@ from spade_batch.config import Settings
 from spade_batch.engine.add import AddSummary, run_add
 from spade_batch.engine.fit import run_fit
 from spade_batch.engine.score import run_score
+from spade_batch.exit_codes import ExitCode
 from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.datasets import make_demo_data
 from spade_batch.formats.images import decode_image
-from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs, done_ids, part_files
+from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs, done_ids, part_files, record_inputs
 from spade_batch.formats.locks import LockHeldError, acquire_lock, release_lock
 from spade_batch.formats.manifest import build_manifest, pairs_sha256
 from spade_batch.formats.model import SpadeModel
@@ -296,3 +297,37 @@ def test_the_loop_a_night_reviewed_its_false_alarm_added_and_the_night_kept_on_i
 
     run_fit(storage.join(grown.root, "a"), grown.grown, grown.settings.replace(overwrite=True))
     assert version_numbers(grown.grown, options) == [1], "a refit replaces the model: its versions go with it"
+
+
+@pytest.mark.parametrize("grown", ["local"], indirect=True)
+def test_an_add_names_the_images_it_could_not_read_and_publishes_nothing_when_it_read_none(
+    grown: Grown, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A corrupt file beside a good one: the good one is added, the corrupt one named, exit 3. The same add again has
+    only the corrupt one new: nothing is published (no version that adds nothing), exit 1. Parts left unpublished by
+    an add of other images (a killed one) are discarded by the next add instead of blocking it."""
+    options = grown.options
+    source = grown.upload({"good/corrupt.png": b"not an image", "good/009.png": grown.file("good/009.png")}, "with-a-corrupt-file")
+    argv = ["add", "--model", grown.grown, "--images", source, "--device", "cpu"]
+    capsys.readouterr()
+    assert cli.main(argv) == ExitCode.IMAGES_FAILED
+    printed = capsys.readouterr().out
+    assert re.search(r"added\s+1\b", printed) and re.search(r"failed images\s+1\b", printed) and "failed: good/corrupt.png: " in printed
+    published = version_numbers(grown.grown, options)[-1]
+    card = load_card(ModelLayout(grown.grown).version(published).root, options)
+    assert card.version.images_added == 1 and "good/corrupt.png" in {entry["id"] for entry in card.failed_train_images}
+    assert "good/009.png" in SpadeModel.load(ModelLayout(grown.grown).version(published).root, options).train_ids
+
+    assert cli.main(argv) == ExitCode.FAILED
+    captured = capsys.readouterr()
+    assert "unchanged" in captured.out and "failed: good/corrupt.png: " in captured.out
+    assert "none of the 1 new images could be read; nothing published" in captured.err
+    assert version_numbers(grown.grown, options)[-1] == published == current_number(grown.grown, options)
+    assert not storage.exists(ModelLayout(grown.grown).version(published + 1).root, options)
+
+    left = ModelLayout(grown.grown).version(published + 1)
+    record_inputs(left.features, left.features_inputs, {"parent": published, "images": "other images"}, options)
+    assert cli.main(["add", "--model", grown.grown, "--images", grown.upload({"good/010.png": grown.file("good/010.png")}, "after-a-kill"),
+                     "--device", "cpu"]) == ExitCode.OK
+    assert current_number(grown.grown, options) == published + 1
+    assert "good/010.png" in SpadeModel.load(left.root, options).train_ids
