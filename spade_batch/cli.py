@@ -59,7 +59,7 @@ def _add_drift_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_version(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-version", type=int, metavar="N",
+    parser.add_argument("--model-version", type=version_number, metavar="N",
                         help="score against version N [default: the current one; a resumed run keeps the version it started with]")
 
 
@@ -73,6 +73,17 @@ def _check_nightly_inputs(parser: argparse.ArgumentParser, args: argparse.Namesp
                      "(`spade-batch model current` chooses it)")
     if not args.plan and len(given) < 3:
         parser.error("nightly: the arguments --train, --model and --images are required (or --plan)")
+
+
+def version_number(text: str) -> int:
+    """A model version number: 1 or more."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version number (1, 2, ...; `spade-batch show MODEL_URI` lists them)")
+    return number
 
 
 def json_object(text: str) -> dict[str, Any]:
@@ -117,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     current = model_commands.add_parser("current", help="make version N current (until a newer one is published); nothing is deleted")
     current.add_argument("model_uri", metavar="MODEL_URI", help="a model written by fit")
-    current.add_argument("version", type=int, metavar="N", help="the version to make current (`spade-batch show MODEL_URI` lists them)")
+    current.add_argument("version", type=version_number, metavar="N", help="the version to make current (`spade-batch show MODEL_URI` lists them)")
     _add_settings_flags(current, "model")
 
     score = commands.add_parser("score", help="score an image archive: masks, scores table, run.json")

@@ -129,7 +129,7 @@ def run_score(
     started, began = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc).isoformat()
     out_uri = storage.normalize(out_uri, options)  # rows name their masks by it: absolute, wherever a re-run starts
     outputs = Outputs(out_uri)
-    version = resolve(model_uri, model_version or _recorded_version(outputs, settings), options)
+    version = resolve(model_uri, _recorded_version(outputs, settings) if model_version is None else model_version, options)
     card = load_card(version.uri, options)  # the gallery is loaded by the actors, once the request is known to be valid
     settings = card.settings_for(settings, explicit)
     verify_model(version.uri, card, options)  # a damaged or mixed model is refused before any image is read

@@ -10,7 +10,8 @@
 
 `spade-batch show OUT --top N --format csv` writes it (sheet_csv); `add --verdicts` adds the images
 marked normal (normal_images) and `show OUT --verdicts` counts the verdicts. Verdicts are read
-case-insensitively, spaces trimmed; any other verdict is an error naming its row.
+case-insensitively, spaces trimmed; any other verdict is an error naming its row, and so are two rows of
+one image with different verdicts.
 """
 
 from __future__ import annotations
@@ -53,13 +54,22 @@ def read_sheet(uri: str, options: storage.StorageOptions = None) -> list[Verdict
     reader = csv.DictReader(io.StringIO(storage.read_text(uri, options).removeprefix("\ufeff")))  # spreadsheets add a BOM
     missing = [column for column in ("id", "uri", "verdict") if column not in (reader.fieldnames or [])]
     if missing:
-        raise ValueError(f"review sheet {uri} has no {', '.join(missing)} column (a sheet is what `spade-batch show OUT --format csv` writes)")
-    verdicts = []
+        semicolons = " It looks separated by semicolons: save it as comma-separated CSV." if ";" in "".join(reader.fieldnames or []) else ""
+        raise ValueError(f"review sheet {uri} has no {', '.join(missing)} column (a sheet is what `spade-batch show OUT --format csv` "
+                         f"writes).{semicolons}")
+    verdicts: list[Verdict] = []
+    judged: dict[str, Verdict] = {}
     for line, row in enumerate(reader, start=2):
+        if not any(isinstance(value, str) and value.strip() for value in row.values()):
+            continue  # a blank row a spreadsheet left
         verdict = (row["verdict"] or "").strip().lower()
         if verdict and verdict not in VERDICTS:
             raise ValueError(f"review sheet {uri} line {line} (id {row['id']}): verdict {row['verdict']!r} is not "
                              f"{' or '.join(VERDICTS)} (or empty: not reviewed)")
+        earlier = judged.setdefault(row["id"], Verdict(line, row["id"], row["uri"], verdict)) if verdict else None
+        if earlier is not None and earlier.verdict != verdict:
+            raise ValueError(f"review sheet {uri} lines {earlier.line} and {line} (id {row['id']}): verdicts {earlier.verdict!r} and "
+                             f"{verdict!r} disagree; keep one")
         verdicts.append(Verdict(line, row["id"], row["uri"], verdict))
     return verdicts
 

@@ -140,7 +140,8 @@ def verdicts_summary(uri: str, sheet: Sequence[Verdict], options: storage.Storag
     if stranger:
         raise ValueError(f"review sheet line {stranger.line}: {stranger.id} is not an image of the run at {uri}; "
                          "give the sheet written for this run")
-    reviewed = [row for row in sheet if row.verdict and flagged[row.id]]
+    judged = {row.id: row for row in sheet if row.verdict}  # one per image: read_sheet refuses rows of one image that disagree
+    reviewed = [row for row in judged.values() if flagged[row.id]]
     defects = sum(row.verdict == "defect" for row in reviewed)
     return {
         "kind": "verdicts",
@@ -150,7 +151,7 @@ def verdicts_summary(uri: str, sheet: Sequence[Verdict], options: storage.Storag
         "confirmed_defects": defects,
         "false_alarms": len(reviewed) - defects,
         "precision": defects / len(reviewed) if reviewed else None,
-        "reviewed_not_flagged": sum(bool(row.verdict) and not flagged[row.id] for row in sheet),
+        "reviewed_not_flagged": sum(not flagged[image_id] for image_id in judged),
     }
 
 

@@ -236,6 +236,17 @@ def test_missing_required_arguments_exit_2(argv, capsys):
     assert "required" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("version", ["0", "-1", "two", "1.5"])
+@pytest.mark.parametrize("command", ["score", "evaluate", "model current"])
+def test_a_version_that_is_not_1_or_more_is_refused_before_anything_runs(command, version, capsys):
+    """--model-version 0 once scored the current version silently (0 read as unset)."""
+    argv = ["model", "current", "m", version] if command == "model current" else [command, *REQUIRED[command], "--model-version", version]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert f"{version!r} is not a version number (1, 2, ...;" in capsys.readouterr().err
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> pathlib.Path:
     """Five real RGB PNGs in two subfolders."""

@@ -35,6 +35,21 @@ def test_an_unknown_verdict_or_a_missing_column_is_an_error_naming_it(tmp_path):
         read_sheet(str(tmp_path / "bare.csv"))
 
 
+def test_two_rows_of_one_image_with_different_verdicts_are_an_error_naming_both_lines(tmp_path):
+    lines = sheet_csv(ROWS).splitlines()
+    (tmp_path / "twice.csv").write_text("\n".join([lines[0], lines[1] + "normal", lines[2], lines[1] + " Normal", lines[1] + "defect"]) + "\n")
+    with pytest.raises(ValueError, match=r"twice.csv lines 2 and 5 \(id cam1/001.png\): verdicts 'normal' and 'defect' disagree; keep one"):
+        read_sheet(str(tmp_path / "twice.csv"))
+    (tmp_path / "agree.csv").write_text("\n".join([lines[0], lines[1] + "normal", ",,,,", lines[1] + "NORMAL", lines[1]]) + "\n")
+    assert [(v.line, v.verdict) for v in read_sheet(str(tmp_path / "agree.csv"))] == [(2, "normal"), (4, "normal"), (5, "")]
+
+
+def test_a_semicolon_separated_sheet_gets_a_hint(tmp_path):
+    (tmp_path / "excel.csv").write_text("id;uri;image_score;mask_uri;verdict\nx.png;/x.png;1.0;/m.png;normal\n")
+    with pytest.raises(ValueError, match="excel.csv has no id, uri, verdict column .* separated by semicolons: save it as comma-separated CSV"):
+        read_sheet(str(tmp_path / "excel.csv"))
+
+
 def test_the_images_marked_normal_are_named_by_their_uris_path():
     verdicts = [Verdict(2, "cam1/001.png", "s3://line/2024-05-01/cam1/001.png", "normal"),
                 Verdict(3, "cam1/001.png", "s3://line/2024-05-02/cam1/001.png", "normal"),  # the same name another night
