@@ -43,6 +43,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.utils import glob_translate
 
@@ -217,7 +218,7 @@ def _read_entries(source: str, options: StorageOptions) -> list[str]:
         _require_uri_column(source, reader.fieldnames or [])
         column = [row["uri"] for row in reader]
     else:
-        parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(source, options)))
+        parquet = pq.ParquetFile(pa.BufferReader(storage.read_bytes(source, options)))  # not io.BytesIO: see storage.read_part
         _require_uri_column(source, parquet.schema_arrow.names)
         column = parquet.read(columns=["uri"]).column("uri").to_pylist()
     for row, value in enumerate(column, start=1):

@@ -373,7 +373,9 @@ def read_part(uri: str, options: StorageOptions = None, columns: list[str] | Non
     """
     data = read_bytes(uri, options)
     try:
-        return pq.read_table(io.BytesIO(data), columns=columns, schema=schema, page_checksum_verification=True)
+        # An Arrow buffer, not io.BytesIO: after a threaded read through a Python file object, pyarrow's thread pool
+        # can abort the interpreter at exit ("terminate called without an active exception", apache/arrow#50482).
+        return pq.read_table(pa.BufferReader(data), columns=columns, schema=schema, page_checksum_verification=True)
     except (pa.ArrowException, OSError, ValueError) as error:
         raise damaged_part(uri, error) from error
 
