@@ -57,7 +57,7 @@ class LockHeldError(RuntimeError):
         else:
             who = f"{holder.get('owner')} on host {holder.get('host')} (pid {holder.get('pid')}) since {holder.get('since')}"
         super().__init__(
-            f"{uri} is held by {who}: another run is writing to this output location. Wait for it to finish; "
+            f"{uri} is held by {who}: another run is writing there (to this output location or model). Wait for it to finish; "
             f"if it is no longer running (killed or crashed), delete {uri} and start this run again"
         )
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.layout import ModelLayout
+from spade_batch.formats.locks import holding_lock
 
 _VERSION_CARD = re.compile(rf"(\d+)/{re.escape(ModelLayout.card)}")
 
@@ -64,10 +65,15 @@ def resolve(model_uri: str, number: int | None = None, options: storage.StorageO
 
 
 def make_current(model_uri: str, number: int, options: storage.StorageOptions = None) -> ModelVersion:
-    """Make version `number` current (until a newer version is published); nothing is deleted."""
-    version = resolve(model_uri, number, options)
-    newest = _published(model_uri, options)[-1]
-    storage.write_text(ModelLayout(model_uri).current, json.dumps({"version": number, "newest": newest}), options)
+    """Make version `number` current (until a newer version is published); nothing is deleted.
+
+    It holds the model's lock for the moment it writes: while an add (or fit) runs there, it raises LockHeldError,
+    since that add would publish a newer version seconds later and the choice would be silently gone.
+    """
+    with holding_lock(ModelLayout(model_uri).lock, f"spade-batch model current {model_uri} {number}", options):
+        version = resolve(model_uri, number, options)
+        newest = _published(model_uri, options)[-1]
+        storage.write_text(ModelLayout(model_uri).current, json.dumps({"version": number, "newest": newest}), options)
     return version
 
 

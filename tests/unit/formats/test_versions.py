@@ -12,6 +12,7 @@ from spade_batch.formats import storage
 from spade_batch.formats.card import ModelCard, VersionRecord, load_card
 from spade_batch.formats.images import Preprocessing
 from spade_batch.formats.layout import ModelLayout
+from spade_batch.formats.locks import LockHeldError, acquire_lock, release_lock
 from spade_batch.formats.versions import current_number, lineage, make_current, next_number, resolve, version_numbers
 
 CARD = ModelCard(settings=Settings().method, preprocessing=Preprocessing(), weights_sha256="sha256:0", layers=[], global_dim=1,
@@ -63,3 +64,17 @@ def test_a_version_made_current_stays_current_until_a_newer_one_is_published(tmp
     with pytest.raises(ValueError, match="has no version 7"):
         make_current(root, 7)
     assert current_number(root) == 4
+
+
+def test_a_version_is_not_made_current_while_an_add_holds_the_model(tmp_path):
+    """The add would publish a newer version seconds later, and the choice would be gone without a word."""
+    root = str(tmp_path)
+    for number, parent in ((1, None), (2, 1)):
+        publish(root, number, parent)
+    lock = acquire_lock(ModelLayout(root).lock, "spade-batch add to the model")
+    with pytest.raises(LockHeldError, match="is held by spade-batch add to the model"):
+        make_current(root, 1)
+    release_lock(lock)
+    assert current_number(root) == 2
+    assert make_current(root, 1).number == 1 and current_number(root) == 1
+    assert not storage.exists(ModelLayout(root).lock), "the lock is released"
