@@ -14,7 +14,7 @@ from typing import Any
 
 from spade_batch import __version__
 from spade_batch.config import KeyDoc, Settings, describe, field_types, groups_of, load_request
-from spade_batch.exit_codes import explain
+from spade_batch.exit_codes import MEANING, ExitCode, explain
 from spade_batch.logs import configure_logging, redact, secret_values
 
 log = logging.getLogger("spade_batch")
@@ -213,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     secrets = set(secret_values(getattr(args, "storage_options", None)))
     try:
         return _run(args, secrets)
+    except KeyboardInterrupt:
+        print(f"spade-batch {args.command}: {MEANING[ExitCode.INTERRUPTED]}", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
     except Exception as error:  # one line here, the (redacted) traceback in the debug log
         log.debug("traceback", exc_info=True)
         code, message = explain(error)

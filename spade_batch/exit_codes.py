@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     LINES_FAILED = 4
     DRIFT = 5
     RETRYABLE = 75  # EX_TEMPFAIL
+    INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 MEANING: dict[ExitCode, str] = {
@@ -36,6 +37,7 @@ MEANING: dict[ExitCode, str] = {
     "the calibration band, or drift cannot be checked (a model without calibration): the night is not vouched for",
     ExitCode.RETRYABLE: "retryable: storage failed for a transient reason (throttling, 5xx, reset, timeout, an endpoint "
     "down), at the start or for some images; re-run the same command",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C, SIGINT): what was written is kept; re-run the same command to resume",
 }
 
 PRECEDENCE = (ExitCode.FAILED, ExitCode.LINES_FAILED, ExitCode.RETRYABLE, ExitCode.DRIFT, ExitCode.IMAGES_FAILED, ExitCode.OK)

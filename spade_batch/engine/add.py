@@ -27,6 +27,7 @@ from spade_batch.formats.features import SCHEMA_VERSION as FEATURE_SCHEMA_VERSIO
 from spade_batch.formats.layout import ModelLayout, record_inputs
 from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.manifest import Manifest, pairs_sha256
+from spade_batch.formats.versions import current_number
 from spade_batch.method.extractor import Extractor
 from spade_batch.method.recipe import Addition
 
@@ -73,6 +74,7 @@ def run_add(manifest: Manifest, model_uri: str, settings: Settings, explicit: fr
     """
     options = settings.fsspec_options()
     started = time.perf_counter()
+    current_number(model_uri, options)  # no model there: say so before the lock would create its folder
     with holding_lock(ModelLayout(model_uri).lock, f"spade-batch add to {model_uri}", options):
         return _add_locked(manifest, model_uri, settings, explicit, started)
 

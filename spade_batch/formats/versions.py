@@ -70,6 +70,7 @@ def make_current(model_uri: str, number: int, options: storage.StorageOptions = 
     It holds the model's lock for the moment it writes: while an add (or fit) runs there, it raises LockHeldError,
     since that add would publish a newer version seconds later and the choice would be silently gone.
     """
+    resolve(model_uri, number, options)  # no such model or version: say so before the lock would create a folder
     with holding_lock(ModelLayout(model_uri).lock, f"spade-batch model current {model_uri} {number}", options):
         version = resolve(model_uri, number, options)
         newest = _published(model_uri, options)[-1]

@@ -373,3 +373,12 @@ def test_a_json_typo_in_storage_options_is_reported_without_the_value(capsys):
         cli.main(["fit", *REQUIRED["fit"], "--storage-options", '["option-secret-value"]'])
     err = capsys.readouterr().err
     assert "must be a JSON object" in err and "option-secret-value" not in err
+
+
+def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(monkeypatch, capsys):
+    def interrupted(args, secrets):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", interrupted)
+    assert cli.main(["add", *REQUIRED["add"]]) == 130
+    assert capsys.readouterr().err == "spade-batch add: interrupted (Ctrl-C, SIGINT): what was written is kept; re-run the same command to resume\n"

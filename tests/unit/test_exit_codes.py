@@ -15,13 +15,13 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_every_code_is_documented_in_the_readme_table() -> None:
-    assert set(MEANING) == set(ExitCode) == set(PRECEDENCE) | {ExitCode.USAGE}
+    assert set(MEANING) == set(ExitCode) == set(PRECEDENCE) | {ExitCode.USAGE, ExitCode.INTERRUPTED}
     assert markdown_table() in README.read_text(), "regenerate the README's exit-code table from exit_codes.markdown_table()"
 
 
 def test_the_codes_are_distinct_and_keep_the_documented_numbers() -> None:
     assert {code.name: int(code) for code in ExitCode} == {
-        "OK": 0, "FAILED": 1, "USAGE": 2, "IMAGES_FAILED": 3, "LINES_FAILED": 4, "DRIFT": 5, "RETRYABLE": 75,
+        "OK": 0, "FAILED": 1, "USAGE": 2, "IMAGES_FAILED": 3, "LINES_FAILED": 4, "DRIFT": 5, "RETRYABLE": 75, "INTERRUPTED": 130,
     }
 
 

@@ -160,6 +160,15 @@ def test_a_second_add_while_one_holds_the_model_is_refused_with_the_lock_message
         release_lock(lock, grown.options)
 
 
+def test_an_add_to_where_no_model_is_says_so_and_leaves_no_folder(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"never read")
+    with pytest.raises(FileNotFoundError, match="no model at .*run `spade-batch fit` first"):
+        run_add(build_manifest(str(images)), str(tmp_path / "none"), Settings(device="cpu"))
+    assert not (tmp_path / "none").exists()
+
+
 @pytest.mark.parametrize("grown", ["s3"], indirect=True)  # the store where a kill leaves most behind; local resumes as fit does
 def test_a_killed_add_resumes_extracting_only_what_it_had_not_and_publishes_what_one_add_would(grown: Grown, faulty_s3: Any) -> None:
     """`spade-batch add` SIGKILLed once it has written a feature part, before publishing: version 3 is not

@@ -64,6 +64,9 @@ def test_a_version_made_current_stays_current_until_a_newer_one_is_published(tmp
     with pytest.raises(ValueError, match="has no version 7"):
         make_current(root, 7)
     assert current_number(root) == 4
+    with pytest.raises(FileNotFoundError, match="no model at"):
+        make_current(str(tmp_path / "none"), 1)
+    assert not (tmp_path / "none").exists(), "no folder is left where there was no model"
 
 
 def test_a_version_is_not_made_current_while_an_add_holds_the_model(tmp_path):
