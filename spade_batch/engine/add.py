@@ -25,9 +25,8 @@ from spade_batch.formats import storage
 from spade_batch.formats.card import ModelCard
 from spade_batch.formats.features import SCHEMA_VERSION as FEATURE_SCHEMA_VERSION
 from spade_batch.formats.layout import ModelLayout, record_inputs
-from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.manifest import Manifest, pairs_sha256
-from spade_batch.formats.versions import current_number
+from spade_batch.formats.versions import holding_model_lock
 from spade_batch.method.extractor import Extractor
 from spade_batch.method.recipe import Addition
 
@@ -74,8 +73,7 @@ def run_add(manifest: Manifest, model_uri: str, settings: Settings, explicit: fr
     """
     options = settings.fsspec_options()
     started = time.perf_counter()
-    current_number(model_uri, options)  # no model there: say so before the lock would create its folder
-    with holding_lock(ModelLayout(model_uri).lock, f"spade-batch add to {model_uri}", options):
+    with holding_model_lock(model_uri, f"spade-batch add to {model_uri}", options):
         return _add_locked(manifest, model_uri, settings, explicit, started)
 
 
@@ -107,7 +105,8 @@ def _add_locked(manifest: Manifest, model_uri: str, settings: Settings, explicit
     extracted = extract(new, uris, target.features, extractor, settings)
 
     features = addition.features()
-    failures = [*rejected, *(entry for entry in features.failures if entry["id"] in set(new))]
+    new_ids = set(new)
+    failures = [*rejected, *(entry for entry in features.failures if entry["id"] in new_ids)]
     read = [i for i in new if i in features.sizes]
     if not read:
         storage.remove(target.root, options, recursive=True)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from spade_batch.formats import storage
@@ -70,12 +72,22 @@ def make_current(model_uri: str, number: int, options: storage.StorageOptions = 
     It holds the model's lock for the moment it writes: while an add (or fit) runs there, it raises LockHeldError,
     since that add would publish a newer version seconds later and the choice would be silently gone.
     """
-    resolve(model_uri, number, options)  # no such model or version: say so before the lock would create a folder
-    with holding_lock(ModelLayout(model_uri).lock, f"spade-batch model current {model_uri} {number}", options):
+    with holding_model_lock(model_uri, f"spade-batch model current {model_uri} {number}", options):
         version = resolve(model_uri, number, options)
         newest = _published(model_uri, options)[-1]
         storage.write_text(ModelLayout(model_uri).current, json.dumps({"version": number, "newest": newest}), options)
     return version
+
+
+@contextmanager
+def holding_model_lock(model_uri: str, owner: str, options: storage.StorageOptions = None) -> Iterator[None]:
+    """Hold the lock of the existing model at model_uri (add, model current): one writer at a time.
+
+    Where there is no model, FileNotFoundError names the URI before the lock file would create a folder there.
+    """
+    _published(model_uri, options)
+    with holding_lock(ModelLayout(model_uri).lock, owner, options):
+        yield
 
 
 def next_number(model_uri: str, options: storage.StorageOptions = None) -> int:

@@ -22,8 +22,8 @@ import numpy as np
 from spade_batch.config import Settings
 from spade_batch.formats.features import FeatureTable, content_sha256, write_features
 from spade_batch.formats.layout import ModelLayout, part_files, part_name
-from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.model import SpadeModel
+from spade_batch.formats.versions import holding_model_lock
 from spade_batch.method.extractor import Extractor, Features
 from spade_batch.method.recipe import Addition, StoredFeatures, fit_from_features
 from spade_batch.method.scorer import Scorer
@@ -61,7 +61,7 @@ def add(folder: str, images: Sequence[np.ndarray], ids: Sequence[str] | None = N
     an add or fit already under way there makes it raise LockHeldError.
     """
     ids = _ids(images, ids)
-    with holding_lock(ModelLayout(folder).lock, f"add to {folder} (in process)"):
+    with holding_model_lock(folder, f"add to {folder} (in process)"):
         return _add_locked(folder, images, ids, settings)
 
 
