@@ -211,15 +211,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_nightly_inputs(parser, args)
     # Known before the settings load, so that even an error loading them is redacted; _run adds the file's.
     secrets = set(secret_values(getattr(args, "storage_options", None)))
+    command = " ".join(filter(None, (args.command, getattr(args, "model_command", None))))  # `model current`, in full
     try:
         return _run(args, secrets)
     except KeyboardInterrupt:
-        print(f"spade-batch {args.command}: {MEANING[ExitCode.INTERRUPTED]}", file=sys.stderr)
+        print(f"spade-batch {command}: {MEANING[ExitCode.INTERRUPTED]}", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
     except Exception as error:  # one line here, the (redacted) traceback in the debug log
         log.debug("traceback", exc_info=True)
         code, message = explain(error)
-        print(redact(f"spade-batch {args.command}: {message}", secrets), file=sys.stderr)
+        print(redact(f"spade-batch {command}: {message}", secrets), file=sys.stderr)
         return int(code)
 
 

@@ -16,8 +16,8 @@ from spade_batch.config import GROUPS, Settings, describe, load_settings
 from spade_batch.exit_codes import ExitCode, add_exit_code, score_exit_code
 from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
-from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs
-from spade_batch.formats.manifest import Manifest, build_manifest
+from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs, refuse_outputs
+from spade_batch.formats.manifest import Manifest, build_manifest, is_manifest_file
 from spade_batch.formats.versions import resolve
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,12 @@ def add(
     from spade_batch.formats.review import normal_images, read_sheet
 
     options = settings.fsspec_options()
-    manifest = normal_images(read_sheet(verdicts, options)) if verdicts else build_manifest(images or "", options)
+    if verdicts:
+        manifest = normal_images(read_sheet(verdicts, options))
+        refuse_outputs(f"review sheet {verdicts}", manifest, False, "add", options)
+    else:
+        manifest = build_manifest(images or "", options)
+        refuse_outputs(f"--images {images}", manifest, not is_manifest_file(images or ""), "add", options)
     if dry_run:
         return _dry_run(manifest, settings, [ModelLayout(model_uri).versions], model_uri)
     from spade_batch.engine.add import run_add
@@ -352,6 +357,9 @@ def nightly(
     day = run_date(date)
     images, out = images.replace("{date}", day), out.replace("{date}", day)
     if not storage.exists(ModelLayout(model_uri).card, settings.fsspec_options()):
+        if model_version not in (None, 1):
+            raise ValueError(f"no model at {model_uri} yet: nightly would fit its version 1, and --model-version {model_version} "
+                             "names a version that does not exist; drop --model-version (or give 1)")
         log.info("nightly: no model at %s yet; fitting it from %s", model_uri, train)
         status = fit(train, model_uri, settings, dry_run)
         if status != 0:

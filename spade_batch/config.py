@@ -244,6 +244,8 @@ def group_values(values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 _FIELDS = {spec.name: spec for spec in dataclasses.fields(Settings)}
 MODEL_KEYS = keys_of("method")
 """The method group: fixed at fit and recorded in spade.json; score takes the model's, and nightly refuses explicit ones that disagree."""
+CALIBRATION_KEYS = keys_of("calibration")
+"""The calibration group: applied at fit and recorded in spade.json; nightly refuses explicit ones that disagree with the model's."""
 
 
 _CHOICES = {

@@ -19,6 +19,9 @@ from typing import Any
 
 QUIET_LOGGERS = ("botocore", "boto3", "aiobotocore", "s3fs", "fsspec", "s3transfer", "urllib3", "aiohttp", "asyncio")
 """Loggers kept at WARNING or above: at DEBUG they print request headers (key ids, session tokens)."""
+CHATTY_LOGGERS = ("faiss.loader",)
+"""Loggers kept at WARNING or above except at DEBUG: their INFO lines say nothing an operator acts on (faiss's loader
+tries its AVX builds in turn, and says so in four lines per process, one of them a ModuleNotFoundError)."""
 
 MASK = "***"
 _SECRET_NAME = re.compile(r"key|secret|token|password|passwd|credential|auth", re.IGNORECASE)
@@ -83,11 +86,13 @@ def configure_logging(level: str, secrets: Iterable[str] = ()) -> None:
 
 
 def set_level(level: str) -> None:
-    """The root logger at ``level``, QUIET_LOGGERS at WARNING or above."""
+    """The root logger at ``level``, QUIET_LOGGERS at WARNING or above, CHATTY_LOGGERS too except at DEBUG."""
     logging.getLogger().setLevel(level)
     quiet = max(logging.WARNING, logging.getLevelName(level))
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(quiet)
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(level if level == "DEBUG" else quiet)
 
 
 @contextlib.contextmanager

@@ -112,23 +112,11 @@ def check_outputs(lines: list[Line], out: str, day: str) -> None:
     """Refuse the plan (ConfigError naming both) when two of its writers share a place: the plan's out and every
     line's out (its {date} replaced) must each be apart from the others, neither the same nor inside another."""
     writers = [("the plan's --out", out), *((f"line {line.name}'s out", line.out.replace("{date}", day)) for line in lines)]
-    places = [(writer, uri, storage.location(uri)) for writer, uri in writers]
-    for (first, first_uri, first_place), (second, second_uri, second_place) in itertools.combinations(places, 2):
-        relation = _relation(second_place, first_place)
+    for (first, first_uri), (second, second_uri) in itertools.combinations(writers, 2):
+        relation = storage.relation(second_uri, first_uri)
         if relation:
             raise ConfigError(f"{second} {second_uri} {relation} {first} {first_uri}: every line needs an out of its own, "
                               "apart from the other lines' and from the plan's --out")
-
-
-def _relation(place: str, other: str) -> str:
-    """How place stands to other ("" when apart): the same place, inside it, or holding it."""
-    if place == other:
-        return "is the same place as"
-    if place.startswith(other.rstrip("/") + "/"):
-        return "is inside"
-    if other.startswith(place.rstrip("/") + "/"):
-        return "holds"
-    return ""
 
 
 def _line(entry: Any, index: int, uri: str, settings: Settings, explicit: frozenset[str]) -> Line:

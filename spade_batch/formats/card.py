@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spade_batch import __version__
-from spade_batch.config import MODEL_KEYS, CalibrationSettings, ConfigError, MethodSettings, Settings
+from spade_batch.config import CALIBRATION_KEYS, MODEL_KEYS, CalibrationSettings, ConfigError, MethodSettings, Settings
 from spade_batch.formats import storage
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.images import Preprocessing
@@ -28,6 +28,8 @@ CARD_NAME = ModelLayout.card
 KEYS_ADDED_LATER = {"image_score": "knn", "map_top": 0.0, "layer_normalise": False}
 """MODEL_KEYS that older cards lack, with the value those models were fitted with (the paper's); load_card fills them in."""
 
+NOT_RECORDED: Any = object()
+"""A calibration setting of a card written before they were recorded: equal to no request's (check_compatible)."""
 
 
 class ModelError(ValueError):
@@ -201,23 +203,29 @@ class ModelCard:
 
     def training_settings(self, settings: Settings, explicit_keys: frozenset[str] = frozenset()) -> Settings:
         """settings_for, then the calibration group the model was fitted with (when its card records it) over the
-        request's: what add trains with, so that a grown model is the model one fit of all its images gives."""
+        request's: what add trains with, so that a grown model is the model one fit of all its images gives, and what
+        a scoring run records as applied."""
         settings = self.settings_for(settings, explicit_keys)
         if self.calibration_settings is None:
             return settings
         return settings.replace(**dataclasses.asdict(self.calibration_settings))
 
     def check_compatible(self, settings: Settings, explicit_keys: frozenset[str]) -> None:
-        """Refuse a request whose model settings differ from those the model was fitted with."""
+        """Refuse a request whose method or calibration settings differ from those the model was fitted with: they
+        would be recorded but never applied (nightly takes both groups, used only when it fits). A calibration key of
+        a card from before calibration_settings were recorded is refused too: it cannot be told applied."""
+        calibration = dataclasses.asdict(self.calibration_settings) if self.calibration_settings else dict.fromkeys(CALIBRATION_KEYS, NOT_RECORDED)
+        fitted = {**dataclasses.asdict(self.settings), **calibration}
         mismatched = [
-            f"{key}={getattr(settings, key)!r} (model: {getattr(self.settings, key)!r})"
-            for key in sorted(explicit_keys & set(MODEL_KEYS))
-            if getattr(settings, key) != getattr(self.settings, key)
+            f"{key}={getattr(settings, key)!r} (model: {'not recorded' if fitted[key] is NOT_RECORDED else repr(fitted[key])})"
+            for key in sorted(explicit_keys & {*MODEL_KEYS, *CALIBRATION_KEYS})
+            if getattr(settings, key) != fitted[key]
         ]
         if mismatched:
             raise ConfigError(
                 "the request does not match the model: " + ", ".join(mismatched)
-                + "; drop these options to use the model's values, or fit a new model with them"
+                + "; drop these options to use the model's values, or fit a new model with them (nightly applies method and "
+                "calibration settings only when it fits a missing model)"
             )
 
 

@@ -11,6 +11,9 @@ ids that are not done, so it never loses or duplicates a row.
 A scoring run's parts are named after the run too (`part-<run>-<ids>.parquet`, run_token: a hash of
 what inputs.json records), so the run reads only the parts it wrote: any other Parquet file in
 scores/ (a stray copy, another run's part) is a stranger, reported and never read (Outputs.parts).
+
+Outputs are never inputs: `find_output` finds the run, model or evaluation a listing of images holds or lies
+inside, so that fit and add refuse to take a run's masks (or an evaluation's figures) for normal images.
 """
 
 from __future__ import annotations
@@ -18,15 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from spade_batch.formats import storage
-from spade_batch.formats.manifest import output_stem
+from spade_batch.formats.manifest import Manifest, output_stem
 
 LOCK_NAME = ".spade-batch.lock"
 """The lock file's name inside an output location (a run's OUT_URI, a model's MODEL_URI)."""
@@ -243,3 +246,86 @@ def record_inputs(root: str, inputs_uri: str, inputs: dict[str, Any], options: s
                 "pass --overwrite to replace it or choose another output URI"
             )
     storage.write_text(inputs_uri, json.dumps(inputs, indent=2), options)
+
+
+def output_kind(folder: str, has: Callable[[str], bool]) -> str | None:
+    """What spade-batch output folder is: "a model" (its spade.json, or a killed fit's features/inputs.json), "a run"
+    (inputs.json or run.json beside masks/ or scores/), "an evaluation" (test_images.txt or metrics.json beside
+    scores/), or None. has(uri): whether a file or folder is there."""
+    model, run, evaluation = ModelLayout(folder), Outputs(folder), EvaluationOutputs(folder)
+    if has(model.card) or has(model.features_inputs):
+        return "a model"
+    if (has(run.inputs_json) or has(run.run_json)) and (has(run.masks) or has(run.scores)):
+        return "a run"
+    if (has(evaluation.test_images) or has(evaluation.metrics_json)) and has(evaluation.run.root):
+        return "an evaluation"
+    return None
+
+
+def find_output(manifest: Manifest, listed: bool, options: storage.StorageOptions) -> tuple[str, str] | None:
+    """(folder, kind: output_kind) of the spade-batch output nearest the top that holds an image of the manifest or
+    lies above its root; with listed (a folder or glob: everything below the root is its listing), any output below the
+    root too. None when there is none.
+
+    Below a listed root, one listing of it answers (no request per folder); above it, and for the entries of a
+    manifest file, a few existence checks per folder.
+    """
+    probe = _Probe(options)
+    if listed:
+        files = set(storage.list_entries(manifest.root, None, options))
+        below = {manifest.root, *(folder for uri in files for folder in _ancestors(uri) if _within(folder, manifest.root))}
+        for folder in sorted(below, key=len):
+            kind = output_kind(folder, lambda uri: uri in files or uri in below)
+            if kind:
+                return folder, kind
+        above = _ancestors(manifest.root)
+    else:
+        above = list({folder for uri in manifest.uris for folder in _ancestors(uri)})
+    for folder in sorted(above, key=len):
+        kind = output_kind(folder, probe)
+        if kind:
+            return folder, kind
+    return None
+
+
+def refuse_outputs(what: str, manifest: Manifest, listed: bool, command: str, options: storage.StorageOptions) -> None:
+    """Raise ValueError naming the output find_output finds among the images `what` (e.g. "--images URI") gives command:
+    a run's masks, a model's files or an evaluation's figures are never normal images."""
+    found = find_output(manifest, listed, options)
+    if found is None:
+        return
+    folder, kind = found
+    if not listed:
+        relation = "lists images inside"
+    else:
+        relation = "is" if folder == manifest.root else "holds" if _within(folder, manifest.root) else "lies inside"
+    raise ValueError(
+        f"{what} {relation} {kind} written by spade-batch ({folder}): its files are outputs, never normal images; "
+        f"give {command} a folder of images only (move the output out of it, or give the images' own folder)"
+    )
+
+
+@dataclass
+class _Probe:
+    """storage.exists, each URI asked once."""
+
+    options: storage.StorageOptions
+    seen: dict[str, bool] = field(default_factory=dict)
+
+    def __call__(self, uri: str) -> bool:
+        if uri not in self.seen:
+            self.seen[uri] = storage.exists(uri, self.options)
+        return self.seen[uri]
+
+
+def _ancestors(uri: str) -> list[str]:
+    """The folders holding uri, nearest first, up to a bucket or the file system's root."""
+    protocol, path = storage.split_uri(uri)
+    parts = path.rstrip("/").split("/")
+    prefix = f"{protocol}://" if protocol else ""
+    return [prefix + ("/".join(parts[:n]) or "/") for n in range(len(parts) - 1, 0, -1)]
+
+
+def _within(uri: str, root: str) -> bool:
+    """Whether uri is root or below it (both in storage.normalize's form)."""
+    return uri == root or uri.startswith(root.rstrip("/") + "/")

@@ -148,9 +148,15 @@ def build_manifest(
     """
     if _GLOB_CHARS.search(_path_part(source)):
         return _from_glob(source, options, suffixes)
-    if source.lower().endswith(MANIFEST_SUFFIXES):
+    if is_manifest_file(source):
         return _from_manifest_file(source, options)
     return _from_folder(source, options, suffixes)
+
+
+def is_manifest_file(source: str) -> bool:
+    """Whether build_manifest reads source as a manifest file (its entries taken as written, nothing listed),
+    rather than listing a folder/prefix or a glob's root."""
+    return not _GLOB_CHARS.search(_path_part(source)) and source.lower().endswith(MANIFEST_SUFFIXES)
 
 
 def _from_folder(source: str, options: StorageOptions, suffixes: tuple[str, ...]) -> Manifest:

@@ -11,7 +11,12 @@
 `spade-batch show OUT --top N --format csv` writes it (sheet_csv); `add --verdicts` adds the images
 marked normal (normal_images) and `show OUT --verdicts` counts the verdicts. Verdicts are read
 case-insensitively, spaces trimmed; any other verdict is an error naming its row, and so are two rows of
-one image with different verdicts.
+one image (one id, or one uri) with different verdicts, and a row whose id is not the path of its uri.
+
+A text cell that a spreadsheet would take for a formula (it begins with ``=``, ``+``, ``-``, ``@``, a tab or a
+carriage return) is written with a single quote before it, as OWASP recommends against CSV injection; so is one
+that begins with the quote itself, so that reading a cell back (one leading quote dropped before those) gives
+exactly the name written, whether or not a spreadsheet kept the quote.
 """
 
 from __future__ import annotations
@@ -39,13 +44,28 @@ class Verdict:
     verdict: str
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""What a spreadsheet takes a cell beginning with for a formula (OWASP, CSV injection)."""
+_QUOTED = (*FORMULA_STARTS, "'")
+
+
+def safe_cell(text: str) -> str:
+    """text as a cell no spreadsheet evaluates: a single quote before one that begins with FORMULA_STARTS or a quote."""
+    return "'" + text if text.startswith(_QUOTED) else text
+
+
+def read_cell(cell: str) -> str:
+    """The text safe_cell wrote: one leading quote dropped before FORMULA_STARTS or a quote; any other cell as it is."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(_QUOTED) else cell
+
+
 def sheet_csv(rows: Iterable[dict[str, Any]]) -> str:
-    """The sheet of these scores rows (id, uri, image_score, mask_uri), verdicts empty."""
+    """The sheet of these scores rows (id, uri, image_score, mask_uri), verdicts empty, text cells made safe (safe_cell)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(COLUMNS)
     for row in rows:
-        writer.writerow([row["id"], row["uri"], repr(float(row["image_score"])), row["mask_uri"], ""])
+        writer.writerow([safe_cell(row["id"]), safe_cell(row["uri"]), repr(float(row["image_score"])), safe_cell(row["mask_uri"]), ""])
     return out.getvalue()
 
 
@@ -58,20 +78,32 @@ def read_sheet(uri: str, options: storage.StorageOptions = None) -> list[Verdict
         raise ValueError(f"review sheet {uri} has no {', '.join(missing)} column (a sheet is what `spade-batch show OUT --format csv` "
                          f"writes).{semicolons}")
     verdicts: list[Verdict] = []
-    judged: dict[str, Verdict] = {}
+    judged: dict[tuple[str, str], Verdict] = {}  # ("id", id) and ("uri", uri) -> the first row that judged it
     for line, row in enumerate(reader, start=2):
         if not any(isinstance(value, str) and value.strip() for value in row.values()):
             continue  # a blank row a spreadsheet left
-        verdict = (row["verdict"] or "").strip().lower()
-        if verdict and verdict not in VERDICTS:
-            raise ValueError(f"review sheet {uri} line {line} (id {row['id']}): verdict {row['verdict']!r} is not "
+        here = Verdict(line, read_cell(row["id"] or ""), read_cell(row["uri"] or ""), (row["verdict"] or "").strip().lower())
+        if here.verdict and here.verdict not in VERDICTS:
+            raise ValueError(f"review sheet {uri} line {line} (id {here.id}): verdict {row['verdict']!r} is not "
                              f"{' or '.join(VERDICTS)} (or empty: not reviewed)")
-        earlier = judged.setdefault(row["id"], Verdict(line, row["id"], row["uri"], verdict)) if verdict else None
-        if earlier is not None and earlier.verdict != verdict:
-            raise ValueError(f"review sheet {uri} lines {earlier.line} and {line} (id {row['id']}): verdicts {earlier.verdict!r} and "
-                             f"{verdict!r} disagree; keep one")
-        verdicts.append(Verdict(line, row["id"], row["uri"], verdict))
+        if not names(here.id, here.uri):
+            raise ValueError(f"review sheet {uri} line {line}: id {here.id!r} is not the path of its uri {here.uri!r} "
+                             "(a row's id is its image's path below the run's images); the row was edited or mixed with another: "
+                             "write the sheet again (`spade-batch show OUT --format csv`) and copy the verdicts over")
+        for key in (("id", here.id), ("uri", here.uri)) if here.verdict else ():
+            earlier = judged.setdefault(key, here)
+            if earlier.verdict != here.verdict:
+                raise ValueError(f"review sheet {uri} lines {earlier.line} and {line} ({key[0]} {key[1]}): verdicts {earlier.verdict!r} "
+                                 f"and {here.verdict!r} disagree; keep one")
+        verdicts.append(here)
     return verdicts
+
+
+def names(image_id: str, uri: str) -> bool:
+    """Whether image_id is the path of uri below some root: its last segments, once both are normalised."""
+    path = normalize_id(storage.split_uri(uri)[1])
+    image_id = normalize_id(image_id)
+    return bool(image_id) and (path == image_id or path.endswith("/" + image_id))
 
 
 def normal_images(verdicts: Iterable[Verdict]) -> Manifest:

@@ -320,6 +320,19 @@ def location(uri: str) -> str:
     return f"{'s3' if protocol in _S3_PROTOCOLS else protocol}://{rest.rstrip('/')}"
 
 
+def relation(uri: str, other: str) -> str:
+    """How the place uri names stands to other's (:func:`location`): "is the same place as", "is inside",
+    "holds", or "" when they are apart."""
+    place, other_place = location(uri), location(other)
+    if place == other_place:
+        return "is the same place as"
+    if place.startswith(other_place.rstrip("/") + "/"):
+        return "is inside"
+    if other_place.startswith(place.rstrip("/") + "/"):
+        return "holds"
+    return ""
+
+
 def exists(uri: str, options: StorageOptions = None) -> bool:
     """True if ``uri`` names a file or a folder/prefix holding files."""
     fs, path = filesystem(uri, options)

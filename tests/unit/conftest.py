@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from spade_batch.logs import QUIET_LOGGERS
+from spade_batch.logs import CHATTY_LOGGERS, QUIET_LOGGERS
 
 SERVER_MODULES = ("ray", "moto", "boto3")
 """What the unit lane must not import: collecting tests/unit alone stays fast and needs no server."""
@@ -25,9 +25,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
-    """Put the root logger and the quiet loggers back as they were."""
+    """Put the root logger and the quiet and chatty loggers back as they were."""
     root = logging.getLogger()
-    saved = (list(root.handlers), root.level, {name: logging.getLogger(name).level for name in QUIET_LOGGERS})
+    saved = (list(root.handlers), root.level, {name: logging.getLogger(name).level for name in (*QUIET_LOGGERS, *CHATTY_LOGGERS)})
     yield
     root.handlers[:] = saved[0]
     root.setLevel(saved[1])

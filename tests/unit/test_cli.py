@@ -382,3 +382,19 @@ def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_run", interrupted)
     assert cli.main(["add", *REQUIRED["add"]]) == 130
     assert capsys.readouterr().err == "spade-batch add: interrupted (Ctrl-C, SIGINT): what was written is kept; re-run the same command to resume\n"
+
+
+def test_nightly_pinned_to_a_version_of_a_missing_model_is_refused_before_fitting(image_folder, tmp_path, capsys):
+    """nightly --model-version 2 on a missing model once fitted version 1 first, then refused to score version 2."""
+    model = tmp_path / "model"
+    argv = ["nightly", "--train", str(image_folder), "--model", str(model), "--images", str(image_folder), "--out", str(tmp_path / "out"),
+            "--model-version", "2", "--backbone", "resnet18", "--weights", "random", "--device", "cpu"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == (f"spade-batch nightly: error: no model at {model} yet: nightly would fit its version 1, and "
+                                       "--model-version 2 names a version that does not exist; drop --model-version (or give 1)\n")
+    assert not model.exists() and not (tmp_path / "out").exists()
+
+
+def test_errors_name_the_command_in_full(tmp_path, capsys):
+    assert cli.main(["model", "current", str(tmp_path / "none"), "2"]) == 2
+    assert capsys.readouterr().err.startswith(f"spade-batch model current: error: no model at {tmp_path / 'none'}")

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from spade_batch.logs import MASK, add_secrets, configure_logging, logging_at, redact, secret_values
+from spade_batch.logs import CHATTY_LOGGERS, MASK, add_secrets, configure_logging, logging_at, redact, secret_values
 
 
 def test_secret_values_come_from_credential_keys_at_any_depth_and_from_the_environment():
@@ -62,3 +62,18 @@ def test_secrets_added_later_are_masked_and_a_level_holds_only_inside_its_block(
     err = capfd.readouterr().err
     assert "inside: *** and ***" in err and "secret" not in err
     assert "after the block" not in err and logging.getLogger().level == logging.INFO
+
+
+def test_faiss_loaders_info_lines_are_silent_except_at_debug(restore_logging, capfd):
+    """Every command printed four faiss.loader INFO lines (one a ModuleNotFoundError), even on a usage error."""
+    assert "faiss.loader" in CHATTY_LOGGERS
+    configure_logging("INFO")
+    logging.getLogger("faiss.loader").info("Loading faiss with AVX2 support.")
+    logging.getLogger("faiss.loader").warning("a warning still shows")
+    logging.getLogger("spade_batch.test").info("own info line")
+    with logging_at("DEBUG"):
+        logging.getLogger("faiss.loader").info("shown at DEBUG")
+    logging.getLogger("faiss.loader").info("quiet again")
+    err = capfd.readouterr().err
+    assert "Loading faiss" not in err and "quiet again" not in err
+    assert "a warning still shows" in err and "own info line" in err and "shown at DEBUG" in err

@@ -314,6 +314,23 @@ def test_check_compatible_names_only_mismatched_explicit_model_keys(tmp_path):
 
 
 
+def test_calibration_settings_that_differ_from_the_models_are_refused_and_a_run_records_the_models(tmp_path):
+    """nightly takes the calibration group, applied only when it fits: on an existing model a value other than the one it was
+    fitted with would be recorded and never applied, so it is refused, as a method key is; a card from before they were
+    recorded cannot tell, so any explicit one is refused. The settings a run records are the model's."""
+    fitted = Settings(image_fpr=0.05, pixel_rule="quantile", min_region=4).calibration
+    card = dataclasses.replace(make_model(tmp_path, raw_features(5)).card, calibration_settings=fitted)
+    same = Settings(image_fpr=0.05, pixel_rule="quantile", batch_size=3)
+    card.check_compatible(same, frozenset({"image_fpr", "pixel_rule", "batch_size"}))
+    card.check_compatible(Settings(image_fpr=0.2), frozenset())  # not explicit: the model's are used
+    with pytest.raises(ConfigError, match=r"image_fpr=0.2 \(model: 0.05\), pixel_rule='mean_3sigma' \(model: 'quantile'\); drop these"):
+        card.check_compatible(Settings(image_fpr=0.2), frozenset({"image_fpr", "pixel_rule"}))
+    with pytest.raises(ConfigError, match=r"image_fpr=0.05 \(model: not recorded\)"):
+        dataclasses.replace(card, calibration_settings=None).check_compatible(same, frozenset({"image_fpr"}))
+    recorded = card.training_settings(Settings(image_fpr=0.2, batch_size=3))
+    assert (recorded.calibration, recorded.batch_size) == (fitted, 3)
+
+
 def test_settings_for_a_request_take_the_models_method_settings_and_keep_the_rest(tmp_path):
     card = make_model(tmp_path, raw_features(5)).card
     request = Settings(backbone="resnet18", weights="random", k=5, sigma=2.0, batch_size=3)

