@@ -9,6 +9,7 @@ add extracted, and replay the same add, an add of changed images and a killed ad
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -20,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+import yaml
 
 from spade_batch import cli
-from spade_batch.config import Settings
+from spade_batch.config import CALIBRATION_KEYS, Settings
 from spade_batch.engine.add import AddSummary, run_add
 from spade_batch.engine.fit import run_fit
 from spade_batch.engine.score import run_score
@@ -31,11 +33,11 @@ from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.datasets import make_demo_data
 from spade_batch.formats.images import decode_image
-from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs, done_ids, part_files, record_inputs
+from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs, PlanOutputs, done_ids, part_files, record_inputs
 from spade_batch.formats.locks import LockHeldError, acquire_lock, release_lock
 from spade_batch.formats.manifest import build_manifest, pairs_sha256
 from spade_batch.formats.model import SpadeModel
-from spade_batch.formats.versions import current_number, make_current, version_numbers
+from spade_batch.formats.versions import current_number, make_current, resolve, version_numbers
 from spade_batch.method import calibrate, detector
 from tests.integration.engine.test_faults import _gated_stage, cli_process, ray_address, running
 
@@ -340,3 +342,79 @@ def test_an_add_names_the_images_it_could_not_read_and_publishes_nothing_when_it
                      "--device", "cpu"]) == ExitCode.OK
     assert current_number(grown.grown, options) == published + 1
     assert "good/010.png" in SpadeModel.load(left.root, options).train_ids
+
+
+def _storage_flags(grown: Grown) -> list[str]:
+    """The command line's flags that reach grown's storage."""
+    return ["--storage-options", json.dumps(grown.options)] if grown.options else []
+
+
+def test_a_runs_masks_or_a_model_are_never_added_or_fitted_as_normal_images(grown: Grown, capsys: pytest.CaptureFixture[str]) -> None:
+    """`add --images OUT` once added a run's 31 mask PNGs as normal images (image threshold 1.93 -> 114.9). A listing that is,
+    lies inside or holds a run or a model is refused, exit 2, naming it; nothing is extracted or published."""
+    options = grown.options
+    night = grown.upload({i: grown.file(i, "test") for i in ("good/000.png", "crack/000.png")}, "night-outputs")
+    out = Outputs(storage.join(grown.root, "out-outputs"))
+    assert run_score(grown.grown, night, out.root, grown.settings).scored == 2
+    versions = version_numbers(grown.grown, options)
+    refused = {
+        ("add", out.root): f"--images {out.root} is a run written by spade-batch ({storage.normalize(out.root, options)})",
+        ("add", out.masks): f"--images {out.masks} lies inside a run written by spade-batch",
+        ("add", grown.root): f"--images {grown.root} holds a model written by spade-batch",
+        ("fit", out.root): f"--train {out.root} is a run written by spade-batch",
+    }
+    fitted = storage.join(grown.root, "fitted-on-masks")
+    for (command, source), message in refused.items():
+        argv = (["add", "--model", grown.grown, "--images", source] if command == "add" else ["fit", "--train", source, "--model", fitted])
+        capsys.readouterr()
+        assert cli.main([*argv, "--device", "cpu", *_storage_flags(grown)]) == ExitCode.USAGE
+        err = capsys.readouterr().err
+        assert err.startswith(f"spade-batch {command}: error: ") and message in err and "never normal images" in err
+    assert version_numbers(grown.grown, options) == versions and not storage.exists(fitted, options)
+
+
+def test_a_score_into_its_own_images_folder_is_refused_before_it_writes(grown: Grown, capsys: pytest.CaptureFixture[str]) -> None:
+    """`score --images night3 --out night3/results` worked once, then its re-run listed its own masks as images ("holds a run
+    with other images"): a killed run could not resume, and the next night scored the masks. --out and --images must be apart."""
+    options = grown.options
+    night = grown.upload({i: grown.file(i, "test") for i in ("good/000.png", "crack/000.png")}, "night-with-its-out")
+    for out, relation in ((storage.join(night, "results"), "is inside"), (night, "is the same place as")):
+        capsys.readouterr()
+        code = cli.main(["score", "--model", grown.grown, "--images", night, "--out", out, "--device", "cpu", *_storage_flags(grown)])
+        assert code == ExitCode.USAGE
+        assert f"--out {storage.normalize(out, options)} {relation} --images {night}: the run's masks would be listed" in capsys.readouterr().err
+    assert not storage.exists(storage.join(night, "results"), options) and not storage.exists(Outputs(night).inputs_json, options)
+
+
+@pytest.mark.parametrize("grown", ["local"], indirect=True)
+def test_nightly_and_plan_lines_refuse_calibration_settings_other_than_the_models_and_record_the_models(
+    grown: Grown, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`nightly --image-fpr 0.2 --pixel-rule quantile` on an existing model once scored with the model's thresholds and recorded
+    image_fpr 0.2 in run.json; a plan line's settings did the same from its second night. They are refused unless they are the
+    model's (what its fit applied), and run.json records the model's calibration settings."""
+    options = grown.options
+    fitted = load_card(resolve(grown.grown, None, options).uri, options).calibration_settings
+    assert fitted is not None and fitted.image_fpr == grown.settings.image_fpr == 0.5
+    night = grown.upload({i: grown.file(i, "test") for i in ("good/000.png", "crack/000.png")}, "night-settings")
+    nightly = ["nightly", "--train", storage.join(grown.root, "a"), "--model", grown.grown, "--images", night, "--device", "cpu"]
+    out = storage.join(grown.root, "nightly-settings")
+    capsys.readouterr()
+    assert cli.main([*nightly, "--out", out, "--image-fpr", "0.2", "--pixel-rule", "quantile"]) == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert f"image_fpr=0.2 (model: 0.5), pixel_rule='quantile' (model: {fitted.pixel_rule!r}); drop these options" in err
+    assert not storage.exists(out, options)
+    assert cli.main([*nightly, "--out", out, "--image-fpr", "0.5"]) == ExitCode.OK  # the model's own value: applied when it was fitted
+    recorded = json.loads(storage.read_text(Outputs(out).run_json, options))["settings"]
+    assert {key: recorded[key] for key in CALIBRATION_KEYS} == dataclasses.asdict(fitted)
+
+    line = {"train": storage.join(grown.root, "a"), "model": grown.grown, "images": night, "out": f"{grown.root}/plan-lines/{{name}}"}
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"lines": [{"name": "same", **line, "settings": {"image_fpr": 0.5}},
+                                              {"name": "other", **line, "settings": {"image_fpr": 0.02}}]}))
+    page = storage.join(grown.root, "plan-page")
+    assert cli.main(["nightly", "--plan", str(plan), "--out", page, "--device", "cpu"]) == ExitCode.LINES_FAILED
+    rows = {row["line"]: row for row in json.loads(storage.read_text(PlanOutputs(page).plan_json, options))["lines"]}
+    assert rows["same"]["exit"] == 0 and rows["same"]["scored"] == 2
+    assert rows["other"]["status"] == "failed" and "image_fpr=0.02 (model: 0.5)" in rows["other"]["error"]
+    assert not storage.exists(storage.join(grown.root, "plan-lines", "other"), options)
