@@ -34,8 +34,14 @@ def fitted(images: dict[str, np.ndarray], folder: str, **changes) -> SpadeModel:
     return fit([images[i] for i in ids], LOO.replace(**changes), ids=ids, folder=folder)
 
 
-def test_suspects_are_listed_and_kept_by_default(images, tmp_path):
-    model = fitted(images, str(tmp_path / "keep"))
+@pytest.fixture(scope="module")
+def kept(images, tmp_path_factory) -> SpadeModel:
+    """The model of every image, suspects kept (the default)."""
+    return fitted(images, str(tmp_path_factory.mktemp("keep")))
+
+
+def test_suspects_are_listed_and_kept_by_default(images, kept):
+    model = kept
     record = model.card.calibration
     assert [entry["id"] for entry in record.suspects][:1] == ["odd"] and not record.suspects_left_out
     assert "odd" in model.train_ids and record.count == len(images)
@@ -45,8 +51,7 @@ def test_suspects_are_listed_and_kept_by_default(images, tmp_path):
     assert record.image_estimator == "order_statistic" and record.fpr_law
 
 
-def test_leaving_suspects_out_gives_the_model_a_fit_without_them_gives(images, tmp_path):
-    kept = fitted(images, str(tmp_path / "keep"))
+def test_leaving_suspects_out_gives_the_model_a_fit_without_them_gives(images, kept, tmp_path):
     left = fitted(images, str(tmp_path / "leave_out"), suspects="leave_out")
     suspected = {entry["id"] for entry in kept.card.calibration.suspects}
     assert left.card.calibration.suspects == kept.card.calibration.suspects and left.card.calibration.suspects_left_out
@@ -60,8 +65,8 @@ def test_leaving_suspects_out_gives_the_model_a_fit_without_them_gives(images, t
     assert reloaded.card.calibration == left.card.calibration and reloaded.card.calibration_settings.suspects == "leave_out"
 
 
-def test_an_old_card_loads_as_the_order_statistic_with_no_suspects_and_the_same_thresholds(images, tmp_path):
-    model = fitted(images, str(tmp_path / "old"))
+def test_an_old_card_loads_as_the_order_statistic_with_no_suspects_and_the_same_thresholds(kept, tmp_path):
+    kept.save(str(tmp_path / "old"))
     card = json.loads((tmp_path / "old" / CARD_NAME).read_text())
     for key in ("image_estimator", "fpr_law", "suspects", "suspects_left_out"):
         del card["calibration"][key]
@@ -71,4 +76,4 @@ def test_an_old_card_loads_as_the_order_statistic_with_no_suspects_and_the_same_
     old = SpadeModel.load(str(tmp_path / "old")).card
     assert old.calibration.image_estimator == "order_statistic" and old.calibration.suspects == [] and old.calibration.fpr_law == []
     assert (old.calibration_settings.image_estimator, old.calibration_settings.suspects) == ("order_statistic", "keep")
-    assert old.thresholds == model.card.thresholds
+    assert old.thresholds == kept.card.thresholds
