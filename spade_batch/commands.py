@@ -219,7 +219,8 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
             ("gallery images", summary.gallery_images),
             ("calibration images", summary.calibration_images),
             ("failed images", summary.failed_images),
-            ("left out (size)", len(summary.left_out)),
+            ("left out", len(summary.left_out)),
+            ("suspect images", _suspects_count(summary.suspects, summary.suspects_left_out)),
             ("image threshold", summary.thresholds["image"]),
             ("pixel threshold", summary.thresholds["pixel"]),
             ("seconds", f"{summary.seconds['total']:.1f}"),
@@ -230,9 +231,23 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
         print(f"failed: {failure['id']}: {failure['error']}")
     for entry in summary.left_out[:10]:
         print(f"left out: {entry['id']}: {entry['reason']}")
+    _print_suspects(summary.suspects)
     for warning in summary.warnings:
         print(f"warning: calibration: {warning}")
     return 0
+
+
+def _suspects_count(suspects: list[dict[str, Any]], left_out: bool) -> str:
+    """The summary tables' suspect row: how many, and what became of them (calibration setting suspects)."""
+    if not suspects:
+        return "0"
+    return f"{len(suspects)} ({'left out of the gallery and calibration' if left_out else 'kept: --suspects leave_out leaves them out'})"
+
+
+def _print_suspects(suspects: list[dict[str, Any]]) -> None:
+    """One line per suspect training image (the first 10), highest score first."""
+    for entry in suspects[:10]:
+        print(f"suspect: {entry['id']}: image score {entry['score']:.4g}, far above the other calibration images")
 
 
 def add(
@@ -272,6 +287,7 @@ def add(
             ("extracted now", summary.extracted),
             ("gallery images", summary.gallery_images),
             ("calibration images", summary.calibration_images),
+            ("suspect images", _suspects_count(summary.suspects, summary.suspects_left_out)),
             ("image threshold", summary.thresholds["image"]),
             ("pixel threshold", summary.thresholds["pixel"]),
             ("seconds", f"{summary.seconds:.1f}"),
@@ -279,6 +295,7 @@ def add(
     )
     for failure in summary.failures[:10]:
         print(f"failed: {failure['id']}: {failure['error']}")
+    _print_suspects(summary.suspects)
     for warning in summary.warnings:
         print(f"warning: calibration: {warning}")
     return add_exit_code(summary.added, len(summary.failures))

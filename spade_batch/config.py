@@ -98,6 +98,8 @@ class Settings:
     calibration_sample: int = _key("calibration", 1000, "leave_one_out: at most this many gallery images are scored to calibrate, the same ones on every fit (by id hash); 0 scores them all.")
     keep_size_outliers: bool = _key("calibration", False, "Keep training images whose size or aspect ratio is far from the rest in the gallery and calibration (by default they are reported and left out).")
     image_fpr: float = _key("calibration", 0.01, "Target false-positive rate of the image threshold on normal images.")
+    image_estimator: str = _key("calibration", "order_statistic", "How the image threshold comes from the calibration scores: order_statistic (their 1 - image_fpr quantile: exact, but below 1/image_fpr images the largest score), pot (a generalised Pareto tail fitted to the highest scores, SPOT) or lognormal (a log-normal fitted by median and MAD). `show` states the expected false alarms and their range.")
+    suspects: str = _key("calibration", "keep", "Calibration images scoring far above the rest (log score beyond median + 3.5 MAD): keep (listed in the summary and card, used) or leave_out (also left out of the gallery and calibration, which are then made again without them).")
     pixel_rule: str = _key("calibration", "mean_3sigma", "How the pixel threshold comes from the calibration images' maps: quantile (pixel_quantile of their pooled pixel scores), mean_3sigma (their mean + 3 standard deviations) or region (the level at which about image_fpr of them show a flagged region of at least min_region pixels).")
     pixel_quantile: float = _key("calibration", 0.999, "pixel_rule quantile: quantile of normal pixel scores used as the pixel threshold.")
     min_region: int = _key("calibration", 0, "Smallest flagged region a mask keeps, in pixels at the working size (scaled to each image's size); smaller ones are dropped. 0 keeps every flagged pixel. pixel_rule region counts regions of at least max(1, min_region) pixels.")
@@ -196,6 +198,8 @@ class CalibrationSettings:
     calibration_sample: int
     keep_size_outliers: bool
     image_fpr: float
+    image_estimator: str
+    suspects: str
     pixel_rule: str
     pixel_quantile: float
     min_region: int
@@ -254,6 +258,8 @@ _CHOICES = {
     "image_score": ("knn", "map", "combined"),
     "calibration_images": ("held_out", "leave_one_out"),
     "pixel_rule": ("quantile", "mean_3sigma", "region"),
+    "image_estimator": ("order_statistic", "pot", "lognormal"),
+    "suspects": ("keep", "leave_out"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("float32", "tf32", "bfloat16"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),

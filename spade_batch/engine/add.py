@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import ray.data
 
@@ -60,6 +61,9 @@ class AddSummary:
     warnings: list[str]
     seconds: float
     failures: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    suspects: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """{"id", "score"} of the version's calibration images scoring far above the rest (card calibration.suspects)."""
+    suspects_left_out: bool = False
 
     @property
     def published(self) -> bool:
@@ -139,6 +143,7 @@ def _summary(
         skipped=skipped, added=len(added), extracted=extracted, gallery_images=card.train_count,
         calibration_images=card.calibration.count, thresholds=dataclasses.asdict(card.thresholds),
         warnings=list(card.calibration.warnings), seconds=time.perf_counter() - started, failures=failures,
+        suspects=list(card.calibration.suspects), suspects_left_out=card.calibration.suspects_left_out,
     )
 
 

@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import ray.data
 
@@ -58,6 +59,9 @@ class FitSummary:
     """Readable training images kept out of the gallery and calibration (sizes far from the rest), with why."""
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    suspects: list[dict[str, Any]] = field(default_factory=list)
+    """{"id", "score"} of the calibration images scoring far above the rest (card calibration.suspects)."""
+    suspects_left_out: bool = False
 
 
 def run_fit(train_source: str, model_uri: str, settings: Settings) -> FitSummary:
@@ -107,6 +111,8 @@ def _fit_locked(manifest: Manifest, model_uri: str, settings: Settings, started:
         left_out=fitted.left_out,
         warnings=list(card.calibration.warnings),
         seconds={"extract": extracted - started, "total": time.perf_counter() - started},
+        suspects=list(card.calibration.suspects),
+        suspects_left_out=card.calibration.suspects_left_out,
     )
 
 

@@ -27,6 +27,8 @@ READABLE_SCHEMA_VERSIONS = (1, 2)
 CARD_NAME = ModelLayout.card
 KEYS_ADDED_LATER = {"image_score": "knn", "map_top": 0.0, "layer_normalise": False}
 """MODEL_KEYS that older cards lack, with the value those models were fitted with (the paper's); load_card fills them in."""
+CALIBRATION_KEYS_ADDED_LATER = {"image_estimator": "order_statistic", "suspects": "keep"}
+"""Calibration keys that older cards' calibration_settings lack, with what those models did."""
 
 NOT_RECORDED: Any = object()
 """A calibration setting of a card written before they were recorded: equal to no request's (check_compatible)."""
@@ -101,7 +103,12 @@ class CalibrationRecord:
         image_fpr, pixel_rule, pixel_quantile: how the thresholds were set (config calibration group).
         image_score_quantiles: {"0.5", "0.9", "0.99"} quantiles of their image scores.
         image_scores: their image scores, sorted (the run report's histogram and drift check).
-        warnings: what makes the calibration weak (trainset.calibration_warnings).
+        warnings: what makes the calibration weak (trainset.calibration_warnings), and an estimator's fallback.
+        image_estimator: what set the image threshold (method.image_threshold; cards from before: order_statistic).
+        fpr_law: (a, b) of the Beta law of the image threshold's false-positive rate on new normal images
+            (image_threshold.FprLaw); empty: the order statistic's, from count and image_fpr (cards from before).
+        suspects: {"id", "score"} of the calibration images scoring far above the rest (image_threshold.suspects),
+            highest first; left out of the gallery and calibration when suspects_left_out.
     """
 
     count: int = 0
@@ -112,6 +119,10 @@ class CalibrationRecord:
     image_score_quantiles: dict[str, float] = field(default_factory=dict)
     image_scores: list[float] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    image_estimator: str = "order_statistic"
+    fpr_law: list[float] = field(default_factory=list)
+    suspects: list[dict[str, Any]] = field(default_factory=list)
+    suspects_left_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -186,7 +197,8 @@ class ModelCard:
             "calibration": CalibrationRecord(**values.get("calibration", {})),
             "normalisation": Normalisation.from_dict(values.get("normalisation", {})),
             "version": VersionRecord(**values.get("version", {})),
-            "calibration_settings": CalibrationSettings(**values["calibration_settings"]) if values.get("calibration_settings") else None,
+            "calibration_settings": CalibrationSettings(**{**CALIBRATION_KEYS_ADDED_LATER, **values["calibration_settings"]})
+            if values.get("calibration_settings") else None,
         })
 
     @property

@@ -2,8 +2,9 @@
 
 The calibration images are normal images held out of the gallery, or gallery images scored
 leave-one-out (recipe.split_fit_ids).
-image threshold: the (1 - image_fpr) quantile of their image scores, so that about image_fpr of
-    normal images score above it ("is_anomalous" = score > threshold).
+image threshold: by image_estimator (method.image_threshold), so that about image_fpr of normal images
+    score above it ("is_anomalous" = score > threshold); the card records the estimator, its promise (the
+    threshold's false-positive-rate law) and the suspect calibration images.
 pixel threshold, by pixel_rule: the pixel_quantile of their pooled pixel scores (each map contributes
     an evenly strided sample of at most PIXEL_SAMPLE values, which bounds memory for any set size),
     their mean + 3 standard deviations, or the region rule (pixel_threshold_of).
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from spade_batch.formats.card import CalibrationRecord, Thresholds
+from spade_batch.method.image_threshold import estimate_image_threshold, order_statistic, suspects
 from spade_batch.method.scoring import image_scores
 from spade_batch.method.trainset import calibration_warnings
 
@@ -42,10 +44,10 @@ def pixel_sample(anomaly_map: np.ndarray) -> np.ndarray:
 
 
 def image_threshold(normal_scores: np.ndarray, target_fpr: float) -> float:
-    """Score above which about target_fpr of normal images fall."""
+    """Score above which about target_fpr of normal images fall: the order statistic (image_threshold.order_statistic)."""
     if normal_scores.size == 0:
         raise ValueError("no calibration scores: hold out some normal images (calibration_fraction > 0)")
-    return float(np.quantile(normal_scores, 1.0 - target_fpr, method="higher"))
+    return order_statistic(np.asarray(normal_scores, np.float64), target_fpr).threshold
 
 
 def pixel_threshold(normal_pixel_samples: Sequence[np.ndarray], quantile: float) -> float:
@@ -134,6 +136,8 @@ def calibrate_from_samples(model: SpadeModel, scores: CalibrationScores, setting
         )
         model = model.with_normalisation(normalisation)
     image_scores_ = image_scores(knn_scores, map_scores, mode, normalisation)
+    warnings = calibration_warnings(image_scores_, settings.image_fpr, settings.calibration_images, settings.image_estimator)
+    estimate = estimate_image_threshold(image_scores_, settings.image_fpr, settings.image_estimator)
     record = CalibrationRecord(
         count=int(image_scores_.size),
         images=settings.calibration_images,
@@ -142,10 +146,12 @@ def calibrate_from_samples(model: SpadeModel, scores: CalibrationScores, setting
         pixel_quantile=settings.pixel_quantile,
         image_score_quantiles={q: float(np.quantile(image_scores_, float(q))) for q in ("0.5", "0.9", "0.99")},
         image_scores=sorted(float(score) for score in image_scores_),
-        warnings=calibration_warnings(image_scores_, settings.image_fpr, settings.calibration_images),
+        warnings=[*warnings, estimate.note] if estimate.note else warnings,
+        image_estimator=estimate.estimator,
+        fpr_law=[estimate.law.a, estimate.law.b],
+        suspects=[{"id": suspect.id, "score": suspect.score} for suspect in suspects(scores.ids, image_scores_)],
     )
-    thresholds = Thresholds(image_threshold(image_scores_, settings.image_fpr), pixel_threshold_of(scores, settings),
-                            settings.min_region, settings.gate_masks)
+    thresholds = Thresholds(estimate.threshold, pixel_threshold_of(scores, settings), settings.min_region, settings.gate_masks)
     return model.with_thresholds(thresholds, record)
 
 

@@ -18,10 +18,11 @@ The training set is never whole in memory: one part file per thread at a time.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -308,14 +309,46 @@ def fit_from_features(
     previous: the calibration matches of the version added to (calibration_matches); none for a fit.
     """
     left_out = _size_outliers(features.sizes, settings)
-    gallery_ids, calibration_ids = split_fit_ids(sorted(set(features.sizes) - {entry["id"] for entry in left_out}), settings)
-    card = new_card(extractor, settings, len(gallery_ids), features.manifest_sha256(), [*features.failures, *failures], version)
-    model = _write_gallery(features, gallery_ids, card, settings, folder)
+    held_out = held_out or InProcessHeldOut(features, extractor, settings)
+    manifest_sha256, failed = features.manifest_sha256(), [*features.failures, *failures]
+
+    def card(gallery_ids: Sequence[str]) -> ModelCard:
+        return new_card(extractor, settings, len(gallery_ids), manifest_sha256, failed, version)
+
+    kept = sorted(set(features.sizes) - {entry["id"] for entry in left_out})
+    fitted = _fit_ids(kept, features, card, settings, folder, held_out, previous or {})
+    record = fitted.model.card.calibration
+    if settings.suspects == "keep" or not record.suspects:
+        return FitResult(fitted.model, fitted.gallery_ids, fitted.calibration_ids, left_out)
+    # Leaving suspects out changes the gallery, so the others' scores are made again against it (their matches reused
+    # where their K retrieved images did not hold a suspect). Suspects are found once, on the first pass: the rule is not
+    # iterated, so that it never eats into the tail of the normal images.
+    suspected = {entry["id"] for entry in record.suspects}
+    for entry in record.suspects:
+        log.warning("fit: suspect training image %s (image score %.4g) left out of the gallery and calibration (suspects leave_out)",
+                    entry["id"], entry["score"])
+    first_matches = read_matches(storage.read_bytes(os.path.join(folder, ModelLayout.calibration_matches)), extractor.layer_shapes)
+    del fitted  # its gallery files are written again in the same folder
+    fitted = _fit_ids([i for i in kept if i not in suspected], features, card, settings, folder, held_out, first_matches)
+    model = fitted.model.with_thresholds(fitted.model.card.thresholds,
+                                         dataclasses.replace(fitted.model.card.calibration, suspects=record.suspects, suspects_left_out=True))
+    reasons = [{"id": entry["id"], "reason": f"suspect: image score {entry['score']:.4g} far above the other calibration images"}
+               for entry in record.suspects]
+    return FitResult(model, fitted.gallery_ids, fitted.calibration_ids, [*left_out, *reasons])
+
+
+def _fit_ids(
+    ids: Sequence[str], features: StoredFeatures, card: Callable[[Sequence[str]], ModelCard], settings: Settings, folder: str,
+    held_out: HeldOutScorer, previous: Mapping[str, PixelMatches],
+) -> FitResult:
+    """The gallery and calibration of these training images; card: the card of a gallery (new_card); left_out empty."""
+    gallery_ids, calibration_ids = split_fit_ids(ids, settings)
+    model = _write_gallery(features, gallery_ids, card(gallery_ids), settings, folder)
     if calibration_ids:
-        model = _calibrate(model, calibration_ids, features, held_out or InProcessHeldOut(features, extractor, settings), previous or {}, settings)
+        model = _calibrate(model, calibration_ids, features, held_out, previous, settings)
     else:
         log.warning("fit: no images held out for calibration; thresholds stay unset (set calibration_fraction > 0)")
-    return FitResult(model, gallery_ids, calibration_ids, left_out)
+    return FitResult(model, gallery_ids, calibration_ids, [])
 
 
 def _size_outliers(sizes: dict[str, tuple[int, int]], settings: Settings) -> list[dict[str, str]]:

@@ -48,10 +48,11 @@ def size_outliers(ids: Sequence[str], heights: Sequence[int], widths: Sequence[i
     return reasons
 
 
-def calibration_warnings(image_scores: np.ndarray, image_fpr: float, images: str = "held_out") -> list[str]:
+def calibration_warnings(image_scores: np.ndarray, image_fpr: float, images: str = "held_out", estimator: str = "order_statistic") -> list[str]:
     """What is wrong with n calibration image scores for the target FPR (empty: nothing).
 
-    images: how the calibration images were chosen (config calibration_images), for the advice.
+    images: how the calibration images were chosen (config calibration_images), for the advice;
+    estimator: what sets the image threshold (config image_estimator).
     Raises ValueError when the scores cannot give a threshold at all (none, or not finite).
     """
     count = int(image_scores.size)
@@ -71,10 +72,12 @@ def calibration_warnings(image_scores: np.ndarray, image_fpr: float, images: str
             "leave_one_out": ("scored leave-one-out for calibration", "normal training images (or raise calibration_sample if it "
                               "is below the training set's size)"),
         }[images]
+        threshold = (f"The image threshold is the largest calibration score, and its false-positive rate is only known to be "
+                     f"below about 1/{count}." if estimator == "order_statistic" else
+                     f"The image threshold extrapolates the {estimator} fit beyond the scores they show (`show` states its 90% range).")
         warnings.append(
             f"only {count} images {which}; an image_fpr of {image_fpr:g} needs at least {needed}. "
-            f"The image threshold is the largest calibration score, and its false-positive rate is only known to be "
-            f"below about 1/{count}. Add {needed - count} or more {more}, raise image_fpr, or pass --image-threshold."
+            f"{threshold} Add {needed - count} or more {more}, raise image_fpr, or pass --image-threshold."
         )
     if count > 1 and float(image_scores.max()) == float(image_scores.min()):
         warnings.append(

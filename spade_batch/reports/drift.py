@@ -1,9 +1,10 @@
 """Did tonight look like the calibration images? Tonight's anomaly rate against its band, and the score distribution.
 
-The band needs no assumption on how scores are distributed. The image threshold is the r-th
-smallest of the n calibration scores, so a new normal image exceeds it with a probability that
-is Beta(n - r + 1, r) distributed, and the count of m normal images above it is
-BetaBinomial(m, n - r + 1, r): wide when n (the calibration count in the model card) is small.
+The band is the image threshold's promise: a new normal image exceeds the threshold with a
+probability whose law the card records (image_threshold.FprLaw: Beta(r, n + 1 - r) for the r-th
+largest of n calibration scores, with no assumption on how scores are distributed; matched to a
+bootstrap for the fitted estimators), so the count of m normal images above it is
+BetaBinomial(m, a, b): wide when n (the calibration count in the model card) is small.
 Tonight's score distribution is compared with the calibration scores by a two-sample
 Kolmogorov-Smirnov test. Each check takes half of FALSE_ALARM_RATE, so a night of normal images
 raises the alarm at most that often.
@@ -13,13 +14,13 @@ Pure math: no storage, no Ray.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import stats
 
 from spade_batch.formats.card import CalibrationRecord
+from spade_batch.method.image_threshold import FprLaw, law_at
 
 FALSE_ALARM_RATE = 0.01
 """Largest probability that a night like the calibration images raises the drift alarm."""
@@ -74,43 +75,31 @@ class DriftCheck:
         return "unknown: the model has no calibration to compare tonight with (no image threshold and calibration count, no calibration scores)"
 
 
-def quantile_rank(count: int, image_fpr: float) -> int:
-    """1-based rank r of np.quantile(scores, 1 - image_fpr, method="higher") among `count` scores."""
-    return min(count, math.ceil((1.0 - image_fpr) * (count - 1)) + 1)
-
-
-def threshold_rank(calibration_scores: np.ndarray, threshold: float) -> int:
-    """How many calibration scores are <= threshold, clipped to [1, n] (an overridden threshold lies between two)."""
-    return int(np.clip(np.count_nonzero(np.asarray(calibration_scores) <= threshold), 1, len(calibration_scores)))
-
-
-def rate_band(images: int, calibration_count: int, rank: int, false_alarm: float = FALSE_ALARM_RATE / 2) -> RateBand:
-    """The central 1 - false_alarm of BetaBinomial(images, n - rank + 1, rank), n = calibration_count.
+def rate_band(images: int, law: FprLaw, false_alarm: float = FALSE_ALARM_RATE / 2) -> RateBand:
+    """The central 1 - false_alarm of BetaBinomial(images, law.a, law.b): the count of `images` normal images above a
+    threshold whose false-positive rate has that law (image_threshold.FprLaw).
 
     A night of normal images has fewer than `low` or more than `high` anomalies with probability at most false_alarm.
     """
-    if not 1 <= rank <= calibration_count:
-        raise ValueError(f"rank must be in [1, {calibration_count}], got {rank}")
-    a, b = calibration_count - rank + 1, rank
-    law = stats.betabinom(images, a, b)
-    return RateBand(images, a / (a + b), int(law.ppf(false_alarm / 2)), int(law.ppf(1 - false_alarm / 2)))
+    counts = stats.betabinom(images, law.a, law.b)
+    return RateBand(images, law.mean, int(counts.ppf(false_alarm / 2)), int(counts.ppf(1 - false_alarm / 2)))
 
 
 def check_drift(
-    tonight_scores: np.ndarray, anomalous: int, calibration: CalibrationRecord, threshold: float | None, false_alarm: float = FALSE_ALARM_RATE
+    tonight_scores: np.ndarray, anomalous: int, calibration: CalibrationRecord, threshold: float | None,
+    false_alarm: float = FALSE_ALARM_RATE, calibrated: float | None = None,
 ) -> DriftCheck:
     """Tonight's image scores (m,) and anomaly count against the model card's calibration summary.
 
     calibration: the card's (image_scores is empty for models fitted before they were kept);
-    threshold: the image threshold the run applied.
+    threshold: the image threshold the run applied; calibrated: the card's (image_threshold.law_at: the band of the
+    card's own threshold is the promise `show` states).
     """
     scores = np.asarray(tonight_scores, dtype=np.float64)
     reference = np.asarray(calibration.image_scores, dtype=np.float64)
     count = calibration.count
-    band = None
-    if threshold is not None and count > 0 and scores.size:
-        rank = threshold_rank(reference, threshold) if reference.size else quantile_rank(count, calibration.image_fpr)
-        band = rate_band(scores.size, count, rank, false_alarm / 2)
+    law = law_at(calibration, threshold, calibrated) if threshold is not None and count > 0 else None
+    band = rate_band(scores.size, law, false_alarm / 2) if law is not None and scores.size else None
     ks_pvalue = float(stats.ks_2samp(scores, reference).pvalue) if reference.size and scores.size else None
     reasons = []
     if band is not None and not band.low <= anomalous <= band.high:

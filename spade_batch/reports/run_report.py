@@ -117,7 +117,8 @@ def write_run_report(summary: dict[str, Any], settings: Settings) -> RunReport:
     out_uri = summary["out_uri"]
     card = load_card(resolve(summary["model_uri"], summary["model_version"], options).uri, options)  # the version scored
     run = read_run_scores(out_uri, options)
-    check = check_drift(run.scores, run.anomalous, card.calibration, summary["thresholds"]["image"])
+    check = check_drift(run.scores, run.anomalous, card.calibration, summary["thresholds"]["image"],
+                        calibrated=card.thresholds.image)
     undrawn: list[Undrawn] = []
     examples = _examples(run.top, out_uri, summary["thresholds"]["pixel"], settings, undrawn)
     # run.json gains the verdict and the pictures not drawn, for `nightly --plan`'s summary and for scripts.

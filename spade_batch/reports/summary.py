@@ -14,14 +14,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from scipy import stats
-
 from spade_batch.config import group_values
 from spade_batch.formats import storage
-from spade_batch.formats.card import ModelCard, load_card
+from spade_batch.formats.card import CalibrationRecord, ModelCard, load_card
 from spade_batch.formats.layout import ModelLayout, Outputs, read_columns
 from spade_batch.formats.review import Verdict
 from spade_batch.formats.versions import resolve, version_numbers
+from spade_batch.method.image_threshold import PotTail, order_statistic_rank, recorded_law
 
 TOP_COLUMNS = ["id", "uri", "image_score", "is_anomalous", "max_pixel_score", "anomalous_fraction", "mask_uri"]
 
@@ -197,32 +196,69 @@ def failure_reason(image_id: str, error: str) -> str:
 
 
 def decision_rules(card: ModelCard) -> dict[str, str]:
-    """What a model's thresholds decide and promise on normal images, in words: how they were set, the
-    expected false alarms per 1,000 normal images (with the range the calibration's size leaves), and what
-    masks show. Empty values for a model without thresholds."""
+    """What a model's thresholds decide and promise on normal images, in words: how they were set, the expected false
+    alarms per 1,000 normal images of the threshold actually chosen (image_promise), the suspect training images, and
+    what masks show. Empty values for a model without thresholds."""
     calibration, thresholds = card.calibration, card.thresholds
     if thresholds.image is None or not calibration.count or calibration.image_fpr is None:
         return {"calibration": "none: the model has no calibrated thresholds (masks are maps scaled per image)"}
     count, target = calibration.count, calibration.image_fpr
-    low, high = false_alarm_range(count, target)
     pixel = {"quantile": f"the {calibration.pixel_quantile} quantile of their pooled pixel scores",
              "mean_3sigma": "their pixel scores' mean + 3 standard deviations",
              "region": f"the level at which about {target:.1%} of them show a flagged region of {max(1, thresholds.min_region)} pixels"}
     masks = "empty for images not flagged anomalous" if thresholds.gate_masks else "flagged pixels of every image"
     regions = f", regions under {thresholds.min_region} pixels (at the working size) dropped" if thresholds.min_region > 1 else ""
+    suspects = {"suspect training images": suspects_line(calibration)} if calibration.suspects else {}
     return {
         "calibration": f"{count} normal images ({calibration.images.replace('_', '-')})",
-        "image rule": f"anomalous when the image score > {thresholds.image:.4g}, the {1 - target:.1%} quantile of their scores",
-        "expected false alarms": f"about {1000 * target:.3g} per 1,000 normal images (90% range {1000 * low:.3g} - {1000 * high:.3g}, "
-                                 f"from {count} calibration images)",
+        "image rule": f"anomalous when the image score > {thresholds.image:.4g}, {image_rule(calibration)}",
+        "expected false alarms": image_promise(calibration),
+        **suspects,
         "pixel rule": f"pixel score > {thresholds.pixel:.4g}: {pixel[calibration.pixel_rule]}",
         "masks": masks + regions,
     }
 
 
-def false_alarm_range(count: int, target: float, level: float = 0.9) -> tuple[float, float]:
-    """The `level` range of the false-positive rate a threshold set at the (1 - target) order statistic of `count`
-    normal scores has on new normal images: that rate is Beta(count + 1 - rank, rank) distributed."""
-    rank = min(count, math.ceil((1 - target) * (count - 1)) + 1)  # numpy's quantile method "higher", 1-based
-    distribution = stats.beta(count + 1 - rank, rank)
-    return float(distribution.ppf((1 - level) / 2)), float(distribution.ppf((1 + level) / 2))
+def image_rule(calibration: CalibrationRecord) -> str:
+    """How the calibrated image threshold was set, in words (the order statistic: which largest score it is)."""
+    count, target = calibration.count, calibration.image_fpr or 0.0
+    if calibration.image_estimator == "pot":
+        return (f"a generalised Pareto tail fitted to the highest {PotTail.tail_count(count)} of their {count} scores "
+                f"(peaks over threshold), at a target of {target:g}")
+    if calibration.image_estimator == "lognormal":
+        return f"a log-normal fitted to their {count} scores by median and MAD, at a target of {target:g}"
+    rank = order_statistic_rank(count, target)
+    return "the largest calibration score" if rank == 1 else f"the {_ordinal(rank)} largest of the {count} calibration scores"
+
+
+def image_promise(calibration: CalibrationRecord) -> str:
+    """The expected false alarms per 1,000 normal images of the calibrated image threshold and their 90% range (the
+    law the card records, image_threshold.recorded_law: what the run report's drift band predicts too), and the
+    target the calibration images support when they cannot support image_fpr."""
+    law = recorded_law(calibration)
+    if law is None:
+        return "unknown: the model has no calibration"
+    low, high = law.range()
+    count, target = calibration.count, calibration.image_fpr or 0.0
+    how = ("the order statistic's exact law" if calibration.image_estimator == "order_statistic"
+           else f"the {calibration.image_estimator} fit, bootstrapped")
+    text = (f"about {1000 * law.mean:.3g} per 1,000 normal images (90% range {1000 * low:.3g} - {1000 * high:.3g}; "
+            f"{how}, from {count} calibration images)")
+    supported = 1 / (count + 1)
+    if target < supported:
+        text += (f"; the target {1000 * target:.3g} per 1,000 (image_fpr) needs at least {math.ceil(1 / target)} images: "
+                 f"{count} support about {1000 * supported:.3g} per 1,000")
+    return text
+
+
+def suspects_line(calibration: CalibrationRecord) -> str:
+    """The suspect training images (ids and image scores, the first 5) and what became of them."""
+    shown = ", ".join(f"{entry['id']} ({entry['score']:.4g})" for entry in calibration.suspects[:5])
+    more = f" and {len(calibration.suspects) - 5} more" if len(calibration.suspects) > 5 else ""
+    fate = "left out of the gallery and calibration" if calibration.suspects_left_out else "kept (listed only; suspects leave_out leaves them out)"
+    return f"{len(calibration.suspects)}, scoring far above the other calibration images: {shown}{more}; {fate}"
+
+
+def _ordinal(number: int) -> str:
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"

@@ -48,6 +48,8 @@ NON_DEFAULTS = {
     "calibration_images": "held_out",
     "calibration_fraction": 0.25,
     "calibration_sample": 50,
+    "image_estimator": "pot",
+    "suspects": "leave_out",
     "pixel_rule": "region",
     "min_region": 12,
     "gate_masks": False,

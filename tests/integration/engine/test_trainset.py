@@ -67,3 +67,33 @@ def test_degenerate_training_images_are_left_out_and_calibration_is_as_without_t
     assert kept.left_out == [] and kept.calibration_images == reference.calibration_images + 2
     # What the left-out images would have done: a held-out 1 x 1 white image raises the image threshold.
     assert kept.thresholds["image"] > 2 * reference.thresholds["image"]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_suspect_training_image_is_listed_and_left_out_on_ray_as_in_process(tmp_path: Path) -> None:
+    """12 normal images and one of noise, leave-one-out, suspects leave_out, calibration searched on a model actor in both
+    passes: the Ray fit lists and leaves out what the in-process fit does, and calibrates as a fit without the suspects."""
+    from spade_batch.engine.fit import run_fit
+    from spade_batch.formats.images import decode_image
+    from spade_batch.method import detector
+
+    settings = Settings(backbone="resnet18", weights="random", k=3, image_size=64, batch_size=4, shard_size=4,
+                        calibration_images="leave_one_out", calibration_sample=0, image_fpr=0.1, device="cpu",
+                        suspects="leave_out", model_workers=1)
+    train = Path(make_demo_data(str(tmp_path / "data"), n_train=12, n_test_good=0, n_test_per_defect=0, min_size=64, max_size=64)) / "train"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(train / "good" / "noise.png")
+    summary = run_fit(str(train), str(tmp_path / "model"), settings)
+    on_ray = SpadeModel.load(str(tmp_path / "model"))
+    paths = sorted((train / "good").iterdir())
+    ids = [f"good/{path.name}" for path in paths]
+    in_process = detector.fit([decode_image(path.read_bytes(), str(path)) for path in paths], settings, ids=ids)
+
+    assert "good/noise.png" in [entry["id"] for entry in summary.suspects] and summary.suspects_left_out
+    found = [[(e["id"], e["score"]) for e in model.card.calibration.suspects] for model in (on_ray, in_process)]
+    assert [i for i, _ in found[0]] == [i for i, _ in found[1]]
+    assert [score for _, score in found[0]] == pytest.approx([score for _, score in found[1]], rel=1e-3)
+    suspected = {entry["id"] for entry in summary.suspects}
+    assert on_ray.train_ids == in_process.train_ids == sorted(set(ids) - suspected)
+    assert {entry["id"] for entry in summary.left_out} == suspected
+    assert on_ray.card.thresholds.image == pytest.approx(in_process.card.thresholds.image, rel=1e-3)
+    assert on_ray.card.calibration.image_scores == pytest.approx(in_process.card.calibration.image_scores, rel=1e-3)

@@ -12,8 +12,8 @@ import io
 import json
 import os
 
-import numpy as np
 import pytest
+from scipy import stats
 
 from spade_batch import cli
 from spade_batch.config import Settings
@@ -25,7 +25,7 @@ from spade_batch.formats.layout import part_name
 from spade_batch.formats.review import normal_images, read_sheet
 from spade_batch.formats.scores import ScoreRow, write_scores
 from spade_batch.reports.run_report import read_run_scores
-from spade_batch.reports.summary import decision_rules, failure_reason, failures_by_reason, false_alarm_range, run_summary
+from spade_batch.reports.summary import decision_rules, failure_reason, failures_by_reason, run_summary
 from tests.unit.formats.test_versions import publish
 
 
@@ -95,16 +95,6 @@ def test_show_and_the_run_report_group_the_same_failures_identically(tmp_path):
     ]
 
 
-@pytest.mark.parametrize(("count", "target"), [(20, 0.05), (200, 0.01), (635, 0.01)])
-def test_the_false_alarm_range_is_what_thresholds_set_on_that_many_normal_images_give(count, target):
-    """Simulation: thresholds set on `count` uniform normal scores at the (1 - target) quantile ("higher"); the
-    false-positive rate each gives on new normal images is 1 - threshold. Its 5% and 95% points match the range."""
-    rng = np.random.default_rng(count)
-    thresholds = np.quantile(rng.random((20_000, count)), 1 - target, axis=1, method="higher")
-    simulated = np.quantile(1 - thresholds, [0.05, 0.95])
-    np.testing.assert_allclose(false_alarm_range(count, target), simulated, rtol=0.05, atol=2e-4)
-
-
 def test_decision_rules_say_how_thresholds_were_set_and_what_they_promise():
     card = ModelCard(settings=Settings().method, preprocessing=Preprocessing(), weights_sha256="sha256:0", layers=[], global_dim=1,
                      train_count=600, train_manifest_sha256="0",
@@ -112,11 +102,37 @@ def test_decision_rules_say_how_thresholds_were_set_and_what_they_promise():
                      calibration=CalibrationRecord(count=600, images="leave_one_out", image_fpr=0.01, pixel_rule="region"))
     rules = decision_rules(card)
     assert rules["calibration"] == "600 normal images (leave-one-out)"
-    low, high = false_alarm_range(600, 0.01)
-    assert rules["expected false alarms"].startswith("about 10 per 1,000 normal images") and f"{1000 * high:.3g}" in rules["expected false alarms"]
+    # np.quantile "higher" at 0.99 of 600 is the 6th largest score: FPR Beta(6, 595), mean 6/601.
+    assert "the 6th largest of the 600 calibration scores" in rules["image rule"]
+    low, high = stats.beta(6, 595).ppf([0.05, 0.95])
+    assert rules["expected false alarms"].startswith(f"about {6000 / 601:.3g} per 1,000 normal images (90% range {1000 * low:.3g} - {1000 * high:.3g}")
+    assert "support" not in rules["expected false alarms"] and "suspect training images" not in rules
     assert "1.0% of them show a flagged region of 16 pixels" in rules["pixel rule"] and "empty for images not flagged" in rules["masks"]
     uncalibrated = dataclasses.replace(card, thresholds=Thresholds(), calibration=CalibrationRecord())
     assert list(decision_rules(uncalibrated)) == ["calibration"]
+
+
+def test_with_two_calibration_images_show_promises_what_their_largest_score_gives_inside_its_own_range():
+    """Found on main (issue 27, item 4): 'about 10 per 1,000 ... (90% range 25.3 - 776)' and 'the 99.0% quantile'."""
+    card = ModelCard(settings=Settings().method, preprocessing=Preprocessing(), weights_sha256="sha256:0", layers=[], global_dim=1,
+                     train_count=3, train_manifest_sha256="0", thresholds=Thresholds(image=2.5, pixel=1.25),
+                     calibration=CalibrationRecord(count=2, images="leave_one_out", image_fpr=0.01, image_scores=[1.0, 2.5]))
+    rules = decision_rules(card)
+    assert rules["image rule"] == "anomalous when the image score > 2.5, the largest calibration score"
+    assert rules["expected false alarms"].startswith("about 333 per 1,000 normal images (90% range 25.3 - 776;")  # Beta(1, 2)
+    assert "the target 10 per 1,000 (image_fpr) needs at least 100 images: 2 support about 333 per 1,000" in rules["expected false alarms"]
+
+
+def test_decision_rules_state_a_fitted_estimators_promise_and_the_suspects():
+    calibration = CalibrationRecord(count=200, images="leave_one_out", image_fpr=0.01, image_estimator="pot", fpr_law=[3.0, 297.0],
+                                    suspects=[{"id": "odd.png", "score": 91.5}], suspects_left_out=True)
+    card = ModelCard(settings=Settings().method, preprocessing=Preprocessing(), weights_sha256="sha256:0", layers=[], global_dim=1,
+                     train_count=200, train_manifest_sha256="0", thresholds=Thresholds(image=7.5, pixel=1.25), calibration=calibration)
+    rules = decision_rules(card)
+    assert "a generalised Pareto tail fitted to the highest 20 of their 200 scores" in rules["image rule"]
+    low, high = stats.beta(3, 297).ppf([0.05, 0.95])
+    assert rules["expected false alarms"].startswith(f"about 10 per 1,000 normal images (90% range {1000 * low:.3g} - {1000 * high:.3g}; the pot fit")
+    assert rules["suspect training images"] == "1, scoring far above the other calibration images: odd.png (91.5); left out of the gallery and calibration"
 
 
 def test_show_lists_the_versions_and_model_current_makes_an_older_one_current(tmp_path, capsys):

@@ -1,0 +1,106 @@
+"""Suspect training images: defect images mixed into train/good, are they caught, and what does leaving them out do?
+
+Fits on N normal images of an MVTec-layout category's train/good (every k-th by name) plus one defective test image
+of each of the first D defect types (the first by name), in process (method.detector.fit, leave-one-out calibration),
+then prints: which calibration images the suspect rule (method.image_threshold.suspects) flags, how many defects it
+catches and how many normal images it suspects wrongly, and the image threshold of each estimator (with its expected
+false-positive rate and 90% range) with the suspects kept, left out (calibration setting suspects leave_out: the
+recipe's second pass, from the same feature parts), and with no defect mixed in at all.
+
+    nice -n 10 python benchmarks/suspects.py [--data /work/shared/data/magnetic_tile] [--normal 100] [--defects 5] [--k 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from spade_batch.config import Settings
+from spade_batch.formats.images import decode_image
+from spade_batch.formats.layout import ModelLayout, part_files
+from spade_batch.method.detector import Extractor, fit
+from spade_batch.method.image_threshold import ESTIMATORS, estimate_image_threshold, suspect_limit
+from spade_batch.method.recipe import StoredFeatures, fit_from_features
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA = "/work/shared/data/magnetic_tile"
+
+
+def training_set(root: str, normal: int, defects: int) -> tuple[list[str], list[np.ndarray]]:
+    """(ids, H x W x 3 uint8 images): `normal` of train/good, evenly by name, as good/<name>; one defective test image of
+    each of the first `defects` defect types, as defect/<type>/<name>."""
+    good = sorted(os.listdir(os.path.join(root, "train", "good")))
+    chosen = [f"train/good/{name}" for name in good[:: max(1, len(good) // normal)][:normal]]
+    types = sorted(t for t in os.listdir(os.path.join(root, "test")) if t != "good")[:defects]
+    chosen += [f"test/{t}/{sorted(os.listdir(os.path.join(root, 'test', t)))[0]}" for t in types]
+    ids = [path.replace("train/good/", "good/").replace("test/", "defect/") for path in chosen]
+    images = []
+    for path in chosen:
+        with open(os.path.join(root, path), "rb") as handle:
+            images.append(decode_image(handle.read(), path))
+    return ids, images
+
+
+def thresholds(scores: np.ndarray, image_fpr: float) -> dict[str, str]:
+    """Each estimator's threshold on these calibration scores, with its expected FPR and 90% range."""
+    rows = {}
+    for estimator in ESTIMATORS:
+        found = estimate_image_threshold(scores, image_fpr, estimator)
+        low, high = found.fpr_range
+        used = "" if found.estimator == estimator else f" ({found.estimator})"
+        rows[estimator] = f"{found.threshold:10.4g}{used}  expected FPR {found.expected_fpr:.4f} (90% {low:.4f}-{high:.4f})"
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--normal", type=int, default=100)
+    parser.add_argument("--defects", type=int, default=5)
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--image-fpr", type=float, default=0.01)
+    args = parser.parse_args()
+    settings = Settings(backbone="efficientnet_lite0", weights="imagenet", k=args.k, image_fpr=args.image_fpr, calibration_sample=0)
+    started = time.perf_counter()
+    ids, images = training_set(args.data, args.normal, args.defects)
+    folder = tempfile.mkdtemp(prefix="suspects-")
+    kept = fit(images, settings, ids, folder=os.path.join(folder, "keep"))
+    features = StoredFeatures.index(part_files(ModelLayout(os.path.join(folder, "keep")).features, None))
+    extractor = Extractor(settings)
+    left = fit_from_features(features, extractor, settings.replace(suspects="leave_out"), os.path.join(folder, "leave_out")).model
+    normal_only = {i for i in features.sizes if i.startswith("good/")}
+    clean_features = dataclasses.replace(features, sizes={i: s for i, s in features.sizes.items() if i in normal_only},
+                                         parts={i: p for i, p in features.parts.items() if i in normal_only})
+    clean = fit_from_features(clean_features, extractor, settings, os.path.join(folder, "clean")).model
+
+    suspects = kept.card.calibration.suspects
+    caught = [s for s in suspects if s["id"].startswith("defect/")]
+    wrong = [s for s in suspects if s["id"].startswith("good/")]
+    defect_ids = [i for i in ids if i.startswith("defect/")]
+    calibration_scores = np.asarray(kept.card.calibration.image_scores)
+    print(f"{args.data}: {args.normal} normal + {len(defect_ids)} defect training images, efficientnet_lite0 imagenet, K={args.k}, "
+          f"leave-one-out, image_fpr {args.image_fpr} ({time.perf_counter() - started:.0f} s)")
+    print(f"calibration images: {kept.card.calibration.count} (keep), {left.card.calibration.count} (leave_out), "
+          f"{clean.card.calibration.count} (no defects)")
+    print(f"suspects: {len(suspects)}; defects caught {len(caught)} of {len(defect_ids)}; normal images wrongly suspected {len(wrong)} "
+          f"of {args.normal}")
+    print(f"median calibration score {np.median(calibration_scores):.4g}, suspect limit {suspect_limit(calibration_scores):.4g}")
+    ordered = sorted(calibration_scores.tolist(), reverse=True)
+    for entry in suspects:
+        print(f"  suspect {entry['id']}: {entry['score']:.4g} (rank {ordered.index(entry['score']) + 1} of {len(ordered)})")
+    print("image thresholds (order_statistic is the model's; the others on the same calibration scores):")
+    print(f"  model keep      : {kept.card.thresholds.image:.4g}")
+    print(f"  model leave_out : {left.card.thresholds.image:.4g}")
+    print(f"  model no defects: {clean.card.thresholds.image:.4g}")
+    for name, model in (("keep", kept), ("leave_out", left), ("no defects", clean)):
+        for estimator, row in thresholds(np.asarray(model.card.calibration.image_scores), args.image_fpr).items():
+            print(f"  {name:10s} {estimator:15s} {row}")
+
+
+if __name__ == "__main__":
+    main()
