@@ -16,7 +16,7 @@ from spade_batch.config import GROUPS, Settings, describe, load_settings
 from spade_batch.exit_codes import ExitCode, add_exit_code, score_exit_code
 from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
-from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs, refuse_outputs
+from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs, refuse_outputs, refuse_shared_place
 from spade_batch.formats.manifest import Manifest, build_manifest, is_manifest_file
 from spade_batch.formats.versions import resolve
 
@@ -264,6 +264,7 @@ def add(
     else:
         manifest = build_manifest(images or "", options)
         refuse_outputs(f"--images {images}", manifest, not is_manifest_file(images or ""), "add", options)
+        refuse_shared_place(("--model", model_uri), ("--images", images or ""), manifest.root, "the model's files")
     if dry_run:
         return _dry_run(manifest, settings, [ModelLayout(model_uri).versions], model_uri)
     from spade_batch.engine.add import run_add

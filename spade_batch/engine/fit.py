@@ -24,7 +24,7 @@ from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Pro
 from spade_batch.engine.stages import CalibrationStage, ExtractStage, matches_of
 from spade_batch.formats import storage
 from spade_batch.formats.features import SCHEMA_VERSION as FEATURE_SCHEMA_VERSION
-from spade_batch.formats.layout import ModelLayout, done_ids, part_files, record_inputs, refuse_outputs
+from spade_batch.formats.layout import ModelLayout, done_ids, part_files, record_inputs, refuse_outputs, refuse_shared_place
 from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.manifest import Manifest, build_manifest, is_manifest_file
 from spade_batch.formats.matches import PixelMatches
@@ -72,6 +72,7 @@ def run_fit(train_source: str, model_uri: str, settings: Settings) -> FitSummary
         raise FileExistsError(f"a model already exists at {model_uri}; pass --overwrite to refit it")
     manifest = build_manifest(train_source, options)
     refuse_outputs(f"--train {train_source}", manifest, not is_manifest_file(train_source), "fit", options)
+    refuse_shared_place(("--model", model_uri), ("--train", train_source), manifest.root, "the model's files")
     with holding_lock(ModelLayout(model_uri).lock, f"spade-batch fit into {model_uri}", options):
         return _fit_locked(manifest, model_uri, settings, started)
 

@@ -31,9 +31,9 @@ from spade_batch.engine.stages import ScoreStage
 from spade_batch.formats import storage
 from spade_batch.formats.card import ModelCard, Thresholds, load_card
 from spade_batch.formats.images import Preprocessing, crop_summary
-from spade_batch.formats.layout import Outputs, part_name, read_columns, record_inputs, run_token
+from spade_batch.formats.layout import Outputs, part_name, read_columns, record_inputs, refuse_shared_place, run_token
 from spade_batch.formats.locks import holding_lock
-from spade_batch.formats.manifest import Manifest, build_manifest, is_manifest_file, reject_long_outputs
+from spade_batch.formats.manifest import Manifest, build_manifest, reject_long_outputs
 from spade_batch.formats.model import verify_model
 from spade_batch.formats.scores import SCHEMA, ScoreRow, write_scores
 from spade_batch.formats.versions import ModelVersion, resolve
@@ -134,7 +134,7 @@ def run_score(
     settings = card.training_settings(settings, explicit)  # the model's method and calibration: run.json records what applies
     verify_model(version.uri, card, options)  # a damaged or mixed model is refused before any image is read
     manifest = reject_long_outputs(build_manifest(images_source, options), outputs.files)
-    _refuse_out_among_images(out_uri, images_source, manifest.root)
+    refuse_shared_place(("--out", out_uri), ("--images", images_source), manifest.root, "the run's masks")
     with holding_lock(outputs.lock, f"spade-batch score into {out_uri}", options):
         summary = _score_locked(model_uri, version, card, manifest, outputs, settings, stage, plan, started, began)
     if summary.paper_crop or settings.preprocess != "full":  # once per run, with what the crop dropped when any image was scored
@@ -144,18 +144,6 @@ def run_score(
         log.error("score: %d images could not be read for a transient reason (e.g. %s); re-run the same command to retry exactly those",
                   summary.retryable, summary.retryable_failures[0]["error"])
     return summary
-
-
-def _refuse_out_among_images(out_uri: str, images_source: str, root: str) -> None:
-    """ValueError when the run's output and the listing of its images (a folder or glob's root) share a place:
-    the run's own masks would be listed as images, so a re-run could not resume and the next night would score them.
-    The entries of a manifest file are taken as written: nothing there is listed."""
-    relation = "" if is_manifest_file(images_source) else storage.relation(out_uri, root)
-    if relation:
-        raise ValueError(
-            f"--out {out_uri} {relation} --images {images_source}: the run's masks would be listed as images "
-            "(a re-run could not resume, and the next run would score them); give an --out apart from the images"
-        )
 
 
 def _recorded_version(outputs: Outputs, settings: Settings) -> int | None:

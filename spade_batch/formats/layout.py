@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from spade_batch.formats import storage
-from spade_batch.formats.manifest import Manifest, output_stem
+from spade_batch.formats.manifest import Manifest, is_manifest_file, output_stem
 
 LOCK_NAME = ".spade-batch.lock"
 """The lock file's name inside an output location (a run's OUT_URI, a model's MODEL_URI)."""
@@ -303,6 +303,20 @@ def refuse_outputs(what: str, manifest: Manifest, listed: bool, command: str, op
         f"{what} {relation} {kind} written by spade-batch ({folder}): its files are outputs, never normal images; "
         f"give {command} a folder of images only (move the output out of it, or give the images' own folder)"
     )
+
+
+def refuse_shared_place(output: tuple[str, str], images: tuple[str, str], root: str, written: str) -> None:
+    """ValueError when an output location and the listing of a job's images share a place (the same, one inside the
+    other): what it writes (`written`, e.g. "the run's masks") would be listed as images by the next run, so a re-run
+    could not resume and the next night would take them in. output, images: (flag, URI as given); root: the listing's
+    root. The entries of a manifest file are taken as written (nothing is listed): never refused."""
+    (output_flag, output_uri), (images_flag, source) = output, images
+    relation = "" if is_manifest_file(source) else storage.relation(output_uri, root)
+    if relation:
+        raise ValueError(
+            f"{output_flag} {output_uri} {relation} {images_flag} {source}: {written} would be listed as images "
+            f"(a re-run could not resume, and the next run would take them in); give {output_flag} a place apart from the images"
+        )
 
 
 @dataclass

@@ -39,7 +39,8 @@ def test_a_line_whose_images_are_missing_does_not_stop_the_others_and_the_exit_c
     line.normal_night.rename(archive)
     out = str(tmp_path / "results" / "{name}" / "{date}")
     plan = write_plan(tmp_path / "lines.yaml", [
-        {"name": "line1", "train": str(line.train), "model": str(model), "images": str(tmp_path / "nowhere" / "{date}"), "out": out},
+        {"name": "line1", "train": str(line.train), "model": str(model), "images": str(tmp_path / "nowhere" / "{date}"), "out": out,
+         "settings": {"image_fpr": 0.05}},  # applied when it fits the model; line2 must agree (else that line is refused)
         {"name": "line2", "train": str(line.train), "model": str(model), "images": str(tmp_path / "archive" / "{date}"), "out": out,
          "settings": {"image_fpr": 0.05}},
     ])
@@ -54,7 +55,7 @@ def test_a_line_whose_images_are_missing_does_not_stop_the_others_and_the_exit_c
     ids = sorted(p.name for p in archive.glob("*.png"))
     assert (run["images"], run["scored"]) == (len(ids), len(ids))
     assert sorted(pq.read_table(second / "scores").column("id").to_pylist()) == ids
-    assert run["settings"]["image_fpr"] == 0.05  # the line's own setting
+    assert run["settings"]["image_fpr"] == 0.05 == json.loads((model / "spade.json").read_text())["calibration_settings"]["image_fpr"]
 
     printed = capsys.readouterr().out
     table = printed[printed.index("plan: 2 lines"):].splitlines()
