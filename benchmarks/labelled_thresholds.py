@@ -111,9 +111,10 @@ def check_command(model: str, samples: list, work: str, settings: Settings, expe
     folder = labelled_folder(samples, os.path.join(work, "labelled"))
     result = run_thresholds(model, folder, settings, dry_run=True)
     got = result.record.after
-    same = got == {"image": expected.image, "pixel": expected.pixel}
-    print(f"the command on {folder} (seed 0, dry run): image {got['image']:.4g}, pixel {got['pixel']:.4g}: "
-          f"{'the same thresholds' if same else 'DIFFERENT thresholds from ' + repr(expected)}")
+    gap = max(abs(got[key] - getattr(expected, key)) / abs(getattr(expected, key)) for key in ("image", "pixel"))
+    # The command scores the 10 images in a run of their own: other batches, so scores may differ in the last float32 digits.
+    print(f"the command on {folder} (seed 0, dry run): image {got['image']:.6g}, pixel {got['pixel']:.6g}; here: image "
+          f"{expected.image:.6g}, pixel {expected.pixel:.6g}: {'the same' if gap < 1e-4 else 'DIFFERENT'} (relative gap {gap:.1e})")
 
 
 if __name__ == "__main__":
