@@ -1,4 +1,4 @@
-"""`spade-batch fit | add | model current | score | nightly | evaluate | demo | make-demo-data | config | show`: parse arguments,
+"""`spade-batch fit | add | model current | thresholds | score | nightly | evaluate | demo | make-demo-data | config | show`: parse arguments,
 call the library."""
 
 from __future__ import annotations
@@ -170,6 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dry_run(evaluate)
     _add_settings_flags(evaluate, "evaluate")
 
+    thresholds = commands.add_parser("thresholds", help="set a model's thresholds from labelled images: its next version, before/after printed")
+    thresholds.add_argument("--model", required=True, metavar="MODEL_URI", help="a model written by fit; its current version's thresholds are set")
+    thresholds.add_argument("--labelled", required=True, metavar="DATA",
+                            help="labelled images: an MVTec-layout folder (test/good, test/<defect>, ground_truth/ masks; no train/ needed), "
+                                 "or a review sheet (.csv, `show OUT --format csv` filled in: image threshold only, no masks)")
+    thresholds.add_argument("--target", default="best_f1", metavar="TARGET",
+                            help="the image threshold's target: best_f1, or recall=R (the highest threshold flagging a share R of the "
+                                 "defective images; the FPR it costs is printed) [default: best_f1]; the pixel threshold is at best SegF1")
+    thresholds.add_argument("--out", metavar="OUT_URI",
+                            help="keep the labelled images' scoring run here [default: a temporary local folder, removed afterwards; "
+                                 "on a cluster of several nodes give a location every node reaches]")
+    thresholds.add_argument("--dry-run", action="store_true", help="score and print the decisions before and after; publish nothing")
+    _add_settings_flags(thresholds, "thresholds")
+
     demo = commands.add_parser("demo", help="generate a synthetic dataset, then fit, score and evaluate on a local Ray")
     demo.add_argument("--out", default="demo-output", metavar="DIR", help="working folder [default: demo-output]")
     _add_dry_run(demo)
@@ -251,6 +265,7 @@ def _run(args: argparse.Namespace, secrets: set[str]) -> int:
             else commands.nightly(args.train, args.model, args.images, args.out, args.date, settings, explicit, args.dry_run,
                                   args.fail_on_drift, args.model_version)
         ),
+        "thresholds": lambda: commands.thresholds(args.model, args.labelled, settings, explicit, args.target, args.out, args.dry_run),
         "demo": lambda: commands.demo(args.out, settings, explicit, args.dry_run),
         "show": lambda: commands.show(args.uri, settings, args.top, args.output, args.verdicts),
     }

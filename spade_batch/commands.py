@@ -101,17 +101,19 @@ def _print_model(summary: dict[str, Any]) -> None:
             ("failed images", training["failed_images"]),
             ("image threshold", thresholds["image"]),
             ("pixel threshold", thresholds["pixel"]),
+            ("thresholds set by", summary["thresholds_set_by"]),
             *summary["decisions"].items(),
             ("created", f"{summary['created']} (spade-batch {summary['package_version']})"),
         ],
     )
     _print_failures(summary["failures"])
     print("\nversions (current: *)")
-    print(f"{'':1} {'version':>7}  {'parent':>6}  {'added':>6}  {'gallery':>7}  {'image thr':>10}  {'pixel thr':>10}  created")
+    print(f"{'':1} {'version':>7}  {'parent':>6}  {'added':>6}  {'gallery':>7}  {'image thr':>10}  {'pixel thr':>10}  {'set by':<21}  created")
     for row in summary["versions"]:
         thresholds = row["thresholds"]
         print(f"{'*' if row['current'] else ' '} {row['number']:>7}  {row['parent'] or '-':>6}  {row['images_added'] or '-':>6}  "
-              f"{row['gallery_images']:>7}  {_number(thresholds['image']):>10}  {_number(thresholds['pixel']):>10}  {row['created']}")
+              f"{row['gallery_images']:>7}  {_number(thresholds['image']):>10}  {_number(thresholds['pixel']):>10}  "
+              f"{row['thresholds_set_by']:<21}  {row['created']}")
 
 
 def _number(value: float | None) -> str:
@@ -299,6 +301,10 @@ def add(
     _print_suspects(summary.suspects)
     for warning in summary.warnings:
         print(f"warning: calibration: {warning}")
+    parent = load_card(resolve(model_uri, summary.parent, options).uri, options)
+    if summary.published and parent.labelled is not None:
+        print(f"warning: version {summary.parent}'s thresholds were set from labels ({parent.labelled.source}); version {summary.version}'s "
+              f"are calibrated on normal images again. Run `spade-batch thresholds --model {model_uri} --labelled ...` to set them from labels")
     return add_exit_code(summary.added, len(summary.failures))
 
 
@@ -309,6 +315,53 @@ def make_current(model_uri: str, version: int, settings: Settings) -> int:
     made = make(model_uri, version, settings.fsspec_options())
     print(f"version {made.number} of {model_uri} is current ({made.uri}); it stays current until a newer version is published")
     return 0
+
+
+def thresholds(
+    model_uri: str, labelled: str, settings: Settings, explicit: frozenset[str], target: str = "best_f1", out: str | None = None,
+    dry_run: bool = False,
+) -> int:
+    """Set the model's thresholds from labelled images: a new version (none with dry_run); prints before and after."""
+    from spade_batch.reports.labelled import Target, run_thresholds
+
+    result = run_thresholds(model_uri, labelled, settings, explicit, Target.parse(target), out, dry_run)
+    record = result.record
+    published = "dry run: nothing published" if result.version is None else \
+        f"{result.version} (thresholds set from labels, on version {result.parent}; now the current one)"
+    print_table("thresholds", [
+        ("model", model_uri),
+        ("version", published),
+        ("labelled", f"{record.source} ({record.kind}): {record.normal_images} normal, {record.defective_images} defective images"
+                     + (f", {len(result.failures)} could not be scored" if result.failures else "")),
+        ("target", f"image threshold at {record.target}; " + ("pixel threshold at best SegF1" if record.pixel
+                   else "pixel threshold kept (a review sheet has no masks)")),
+    ])
+    print(f"\n{'on the labelled images':<34}  {'before (version ' + str(result.parent) + ')':>18}  {'after':>18}")
+    for name, measure in _DECISION_MEASURES.items():
+        print(f"{name:<34}  {measure(record.before, record.decisions['before']):>18}  {measure(record.after, record.decisions['after']):>18}")
+    print("\nmeasured on the images that set them (optimistic); masks at the size score writes them, with the model's mask rules")
+    for failure in result.failures[:10]:
+        print(f"failed: {failure['id']}: {failure['error']}")
+    return 0
+
+
+def _share(values: dict[str, Any] | None, ratio: str, count: str, total: str) -> str:
+    if values is None or values[ratio] is None:
+        return "-"
+    return f"{values[ratio]:.3f} ({values[count]} of {values[total]})"
+
+
+_DECISION_MEASURES: dict[str, Any] = {
+    "image threshold": lambda limits, _: _number(limits["image"]),
+    "pixel threshold": lambda limits, _: _number(limits["pixel"]),
+    "image FPR": lambda _, made: _share(made["image"], "fpr", "flagged_normal", "normal"),
+    "image TPR": lambda _, made: _share(made["image"], "tpr", "flagged_defective", "defective"),
+    "image F1": lambda _, made: _number(made["image"] and made["image"]["f1"]),
+    "SegF1": lambda _, made: _number(made["pixel"] and made["pixel"]["seg_f1"]),
+    "normal images with flagged pixels": lambda _, made: _share(made["pixel"], "share_normal_images_flagged", "normal_images_flagged",
+                                                               "normal_images"),
+}
+"""The rows of thresholds' before/after table: each from (thresholds, decisions) of one column."""
 
 
 def score(

@@ -62,9 +62,9 @@ GROUPS = (
     Group("method", "fixed at fit and recorded in the model card; score and evaluate use the model's", ("fit", "nightly", "demo")),
     Group("calibration", "which normal images fit keeps, and how it sets thresholds from held-out ones", ("fit", "nightly", "demo")),
     Group("thresholds", "override the model's calibrated thresholds", ("score", "nightly", "evaluate", "demo")),
-    Group("run", "how the job runs: cluster, shards, batches, devices, precision", ("fit", "add", "score", "nightly", "evaluate", "demo")),
+    Group("run", "how the job runs: cluster, shards, batches, devices, precision", ("fit", "add", "score", "nightly", "evaluate", "demo", "thresholds")),
     Group("outputs", "what score writes besides masks and scores", ("score", "nightly")),
-    Group("storage", "how URIs are reached: endpoint and fsspec options", ("fit", "add", "model", "score", "nightly", "evaluate", "show")),
+    Group("storage", "how URIs are reached: endpoint and fsspec options", ("fit", "add", "model", "score", "nightly", "evaluate", "show", "thresholds")),
 )
 GROUP_BY_NAME = {group.name: group for group in GROUPS}
 

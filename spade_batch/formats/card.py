@@ -144,6 +144,33 @@ class VersionRecord:
 
 
 @dataclass(frozen=True)
+class LabelRecord:
+    """How `spade-batch thresholds --labelled` set a version's thresholds from labelled images (a card without one:
+    its thresholds come from normal images only, as calibrated).
+
+    Attributes:
+        source: the labelled data: an MVTec-layout folder or a review sheet.
+        kind: "mvtec" (test/good, test/<defect> and ground-truth masks) or "sheet" (verdicts, no masks).
+        normal_images, defective_images: the labelled images scored (images that failed to decode left out).
+        target: the image threshold's target: "best_f1" or "recall=R".
+        image, pixel: which thresholds were set from the labels (a sheet has no masks: the pixel one is the parent's).
+        before, after: the parent's thresholds and this version's, {"image", "pixel"}.
+        decisions: the decisions on the labelled images at each, {"before", "after"}: image FPR / TPR / F1 and SegF1.
+    """
+
+    source: str
+    kind: str
+    normal_images: int
+    defective_images: int
+    target: str
+    image: bool
+    pixel: bool
+    before: dict[str, float | None]
+    after: dict[str, float | None]
+    decisions: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """Everything needed to reproduce and to check a model; saved as spade.json (to_dict / from_dict)."""
 
@@ -161,6 +188,8 @@ class ModelCard:
     version: VersionRecord = field(default_factory=VersionRecord)
     calibration_settings: CalibrationSettings | None = None
     """The calibration group the model was fitted with, which add keeps (None: written before it was recorded)."""
+    labelled: LabelRecord | None = None
+    """How `thresholds --labelled` set this version's thresholds (None: from normal images only, as every card before)."""
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Every file besides the card, by name relative to the model root: {"bytes": size, "sha256": hex}; {} before checksums."""
     package_version: str = __version__
@@ -168,8 +197,8 @@ class ModelCard:
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat())
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form (spade.json)."""
-        values = {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(self)}
+        """The JSON form (spade.json); "labelled" only for thresholds set from labels, so other cards read as before."""
+        values = {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(self) if spec.name != "labelled"}
         return {
             **values,
             "settings": dataclasses.asdict(self.settings),
@@ -180,7 +209,12 @@ class ModelCard:
             "normalisation": self.normalisation.to_dict(),
             "version": dataclasses.asdict(self.version),
             "calibration_settings": dataclasses.asdict(self.calibration_settings) if self.calibration_settings else {},
-        }
+        } | ({"labelled": dataclasses.asdict(self.labelled)} if self.labelled else {})
+
+    def to_json(self) -> str:
+        """The text of spade.json. allow_nan=False: a NaN or infinite threshold is a bug to stop here, not a card no
+        reader can trust."""
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelCard:
@@ -199,6 +233,7 @@ class ModelCard:
             "version": VersionRecord(**values.get("version", {})),
             "calibration_settings": CalibrationSettings(**{**CALIBRATION_KEYS_ADDED_LATER, **values["calibration_settings"]})
             if values.get("calibration_settings") else None,
+            "labelled": LabelRecord(**values["labelled"]) if values.get("labelled") else None,
         })
 
     @property
@@ -286,7 +321,7 @@ def card_problem(values: dict[str, Any]) -> str | None:
     """
     required = {"settings": dict, "preprocessing": dict, "weights_sha256": str, "layers": list, "train_manifest_sha256": str}
     optional = {"thresholds": dict, "calibration": dict, "normalisation": dict, "failed_train_images": list, "files": dict,
-                "package_version": str, "created": str, "version": dict, "calibration_settings": dict}
+                "package_version": str, "created": str, "version": dict, "calibration_settings": dict, "labelled": dict}
     for name, kind in {**required, **optional}.items():
         if name not in values and name in optional:
             continue

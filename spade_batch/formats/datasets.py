@@ -201,22 +201,25 @@ class MVTecCategory:
         return sorted({s.label for s in self.test if s.is_anomalous})
 
 
-def read_mvtec_category(root: str) -> MVTecCategory:
+def read_mvtec_category(root: str, train: bool = True) -> MVTecCategory:
     """List the images and masks of ``<dataset>/<category>`` (MVTec AD layout, local path).
 
+    train: False for a folder of labelled images only (test/ and ground_truth/; train/good is not needed).
+
     Raises:
-        ValueError: ``train/good`` or ``test`` is missing.
+        ValueError: ``train/good`` (when train) or ``test`` is missing.
     """
-    for folder in (os.path.join(root, "train", "good"), os.path.join(root, "test")):
+    folders = [os.path.join(root, "train", "good")] if train else []
+    for folder in (*folders, os.path.join(root, "test")):
         if not os.path.isdir(folder):
             raise ValueError(f"{folder} is not a folder; an MVTec-layout category needs {_LAYOUT}")
-    train = [Sample(p, "good", None) for p in _image_files(os.path.join(root, "train", "good"))]
+    normal = [Sample(p, "good", None) for p in _image_files(os.path.join(root, "train", "good"))] if train else []
     test = []
     for label in _subfolders(os.path.join(root, "test")):
         for path in _image_files(os.path.join(root, "test", label)):
             test.append(Sample(path, label, None if label == "good" else _mask_path(root, label, path)))
     test.sort(key=lambda s: (s.label, s.path))
-    return MVTecCategory(root=root, name=os.path.basename(os.path.normpath(root)), train=train, test=test)
+    return MVTecCategory(root=root, name=os.path.basename(os.path.normpath(root)), train=normal, test=test)
 
 
 def _subfolders(folder: str) -> list[str]:

@@ -162,8 +162,7 @@ class SpadeModel:
 
     def write_card(self, uri: str, options: storage.StorageOptions = None) -> None:
         """spade.json, last: its presence marks the model complete."""
-        # allow_nan=False: a NaN or infinite threshold is a bug to stop here, not a card no reader can trust.
-        storage.write_text(ModelLayout(uri).card, json.dumps(self.card.to_dict(), indent=2, allow_nan=False), options)
+        storage.write_text(ModelLayout(uri).card, self.card.to_json(), options)
 
     @classmethod
     def load(cls, uri: str, options: storage.StorageOptions = None, card: ModelCard | None = None) -> SpadeModel:

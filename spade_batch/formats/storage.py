@@ -646,6 +646,31 @@ def put_file(local_path: str, uri: str, options: StorageOptions = None) -> None:
     _retrying(lambda: fs.put_file(local_path, path), uri, "write")
 
 
+def copy_file(source: str, target: str, options: StorageOptions = None) -> None:
+    """Copy the file ``source`` to ``target`` on the same store, without bringing its bytes through this process where
+    the store allows: a local target is a hard link to the source (a copy across file systems), put in place
+    atomically; an object store copies server-side. For files never rewritten in place (a model version's arrays).
+    """
+    fs, path = filesystem(target, options)
+    source_path = filesystem(source, options)[1]
+    if is_local(target):
+
+        def link() -> None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.link.tmp")
+            _unlink_quietly(tmp)
+            try:
+                os.link(source_path, tmp)
+            except OSError:  # another file system, or one without hard links
+                with open(source_path, "rb") as data:
+                    tmp = _write_temp(path, data)
+            _replace_local(path, tmp)
+
+        _retrying(link, target, "write")
+        return
+    _retrying(lambda: fs.copy(source_path, path), target, "write")
+
+
 def get_file(uri: str, local_path: str, options: StorageOptions = None) -> None:
     """Copy the file ``uri`` to the local path ``local_path``, streamed; a missing file is a FileNotFoundError naming it."""
     fs, path = filesystem(uri, options)

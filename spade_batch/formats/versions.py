@@ -13,16 +13,20 @@ newer version is published. Writing current.json is atomic too.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from spade_batch import __version__
 from spade_batch.formats import storage
-from spade_batch.formats.card import load_card
+from spade_batch.formats.card import ModelCard, VersionRecord, load_card
 from spade_batch.formats.layout import ModelLayout
 from spade_batch.formats.locks import holding_lock
+from spade_batch.formats.manifest import pairs_sha256
 
 _VERSION_CARD = re.compile(rf"(\d+)/{re.escape(ModelLayout.card)}")
 
@@ -93,6 +97,24 @@ def holding_model_lock(model_uri: str, owner: str, options: storage.StorageOptio
 def next_number(model_uri: str, options: storage.StorageOptions = None) -> int:
     """The number the next add publishes: one past the newest."""
     return _published(model_uri, options)[-1] + 1
+
+
+def publish_same_arrays(model_uri: str, parent: ModelVersion, card: ModelCard, options: storage.StorageOptions = None) -> ModelVersion:
+    """Publish `card` (the parent's with other thresholds) as the next version, holding the parent's arrays unchanged.
+
+    Every file the card records is copied from the parent's folder with storage.copy_file (a hard link on a local
+    disk, a server-side copy on an object store: no byte passes through this process), so the version is an ordinary,
+    self-contained model folder that brought no images; its card is written last. The caller holds the model's lock.
+    """
+    number = next_number(model_uri, options)
+    source, target = ModelLayout(parent.uri), ModelLayout(model_uri).version(number)
+    storage.remove(target.root, options, recursive=True)  # what a killed publish left (no card: never published)
+    for name in card.files:
+        storage.copy_file(source.file(name), target.file(name), options)
+    record = VersionRecord(number=number, parent=parent.number, images_added=0, added_sha256=pairs_sha256([], []))
+    made = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    storage.write_text(target.card, dataclasses.replace(card, version=record, created=made, package_version=__version__).to_json(), options)
+    return ModelVersion(number, target.root)
 
 
 def lineage(model_uri: str, number: int, options: storage.StorageOptions = None) -> list[ModelVersion]:

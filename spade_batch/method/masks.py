@@ -40,6 +40,29 @@ def mask_from_map(anomaly_map: np.ndarray, height: int, width: int, rule: Thresh
     return flagged.astype(np.uint8) * 255
 
 
+def mask_scores(anomaly_map: np.ndarray, height: int, width: int, rule: Thresholds, anomalous: bool | None = None) -> np.ndarray:
+    """S x S float map -> height x width float32 scores s such that, for any pixel threshold t, the mask mask_from_map
+    writes under rule with pixel t flags exactly the pixels where s > t: the map at the image's size, each pixel
+    lowered to the highest level at which its region keeps min_region pixels (region_levels), and -inf everywhere
+    when rule.gate_masks and the image is not anomalous. So a pixel threshold is swept over these scores exactly.
+    """
+    full = resize_map(np.array(anomaly_map, dtype=np.float32), height, width)
+    if rule.gate_masks and anomalous is False:
+        return np.full((height, width), -np.inf, np.float32)
+    if rule.min_region > 1:
+        full = region_levels(full, math.ceil(rule.min_region * height * width / anomaly_map.size))
+    return full
+
+
+def region_levels(scores: np.ndarray, min_pixels: int) -> np.ndarray:
+    """H x W float scores -> H x W: each pixel's highest level v such that its 8-connected region of `scores >= v`
+    holds at least min_pixels pixels (a grey-level area opening). drop_small_regions(scores > t, min_pixels) is
+    exactly `region_levels(scores, min_pixels) > t` for every t."""
+    from skimage.morphology import area_opening  # a max-tree in C; imported here, so that writing masks needs no scikit-image
+
+    return area_opening(scores, area_threshold=max(1, min_pixels), connectivity=2).astype(scores.dtype, copy=False)
+
+
 def drop_small_regions(flagged: np.ndarray, min_pixels: int) -> np.ndarray:
     """H x W bool with the regions of fewer than min_pixels pixels cleared."""
     labels, count = ndimage.label(flagged, structure=CONNECTIVITY)

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from spade_batch.config import Settings
-from spade_batch.engine.score import run_score
+from spade_batch.engine.score import ScoreSummary, run_score
 from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.datasets import Sample, read_mask, read_mvtec_category
@@ -141,14 +141,11 @@ def run_evaluate(
         )
     at_original = spec.mode == "full" if original_resolution is None else original_resolution
     samples = subsample(read_mvtec_category(data).test, every)
-    _check_ground_truth(samples, data)
+    check_ground_truth(samples, data)
 
     written = EvaluationOutputs(out)
-    storage.write_text(written.test_images, "".join(os.path.abspath(s.path) + "\n" for s in samples), options)
-    summary = run_score(model_uri, written.test_images, written.run.root, settings.replace(save_maps=True, overwrite=True), explicit,
-                        model_version=model_version)
-    table = read_scores(storage.list_files(written.run.scores, (".parquet",), options), options)
-    images, failures = _test_images(table, samples)
+    scored = score_samples(model_uri, samples, written, settings, explicit, model_version)
+    summary, table, images, failures = scored.summary, scored.table, scored.images, scored.failures
 
     scores = np.array([i.score for i in images])
     labels = np.array([i.label != "good" for i in images])
@@ -219,13 +216,43 @@ def run_evaluate(
     return metrics
 
 
+@dataclass
+class ScoredSamples:
+    """A scoring run of a list of samples: its summary, scores table, the images it scored and those that failed."""
+
+    summary: ScoreSummary
+    table: pa.Table
+    images: list[ScoredImage]
+    failures: list[dict[str, str]]
+
+
+def score_samples(
+    model_uri: str, samples: Sequence[Sample], out: EvaluationOutputs, settings: Settings, explicit: frozenset[str],
+    model_version: int | None,
+) -> ScoredSamples:
+    """Score the samples with the engine (run_score) into out.run, maps kept (float16 at the working size), replacing
+    any earlier run there: their URIs go to out.test_images, and each row is joined with its sample by URI."""
+    options = settings.fsspec_options()
+    storage.write_text(out.test_images, "".join(sample_uri(s) + "\n" for s in samples), options)
+    summary = run_score(model_uri, out.test_images, out.run.root, settings.replace(save_maps=True, overwrite=True), explicit,
+                        model_version=model_version)
+    table = read_scores(storage.list_files(out.run.scores, (".parquet",), options), options)
+    return ScoredSamples(summary, table, *_test_images(table, samples))
+
+
+def sample_uri(sample: Sample) -> str:
+    """The URI a scoring run records for a sample: a local path made absolute, a URL as it is."""
+    return sample.path if storage.split_uri(sample.path)[0] else os.path.abspath(sample.path)
+
+
 def subsample(samples: Sequence[Sample], every: int) -> list[Sample]:
     """Every `every`-th sample of each label, in (label, path) order; the first of each label is always kept."""
     ordered = sorted(samples, key=lambda s: (s.label, s.path))
     return [s for _, group in groupby(ordered, key=lambda s: s.label) for s in list(group)[::every]]
 
 
-def _check_ground_truth(samples: Sequence[Sample], data: str) -> None:
+def check_ground_truth(samples: Sequence[Sample], data: str) -> None:
+    """Refuse defective samples without a ground-truth mask, naming the first and what to do."""
     missing = [s.path for s in samples if s.is_anomalous and s.mask_path is None]
     if missing:
         raise ValueError(
@@ -236,7 +263,7 @@ def _check_ground_truth(samples: Sequence[Sample], data: str) -> None:
 
 def _test_images(table: pa.Table, samples: Sequence[Sample]) -> tuple[list[ScoredImage], list[dict[str, str]]]:
     """Join the scores table with the samples by URI; images that failed to decode are left out and listed."""
-    by_uri = {os.path.abspath(s.path): s for s in samples}
+    by_uri = {sample_uri(s): s for s in samples}
     images, failures = [], []
     for row in table.select(["id", "uri", "image_score", "height", "width", "error", "is_anomalous", "mask_uri"]).to_pylist():
         sample = by_uri[row["uri"]]

@@ -352,3 +352,104 @@ def image_decisions(flagged: np.ndarray, labels: np.ndarray) -> dict[str, float 
         "flagged_defective": true_pos,
         "defective": defective,
     }
+
+
+@dataclass(frozen=True)
+class ThresholdSweep:
+    """Every distinct decision "positive when score > threshold" over a set of scored items, exact.
+
+    With M distinct finite scores v_1 > ... > v_M, decision j (j = 0 .. M) flags the items scoring v_j or more (j = 0:
+    none). thresholds[j] is the threshold that takes it: v_1 for j = 0, the midpoint of v_j and v_{j+1}, and half the
+    last gap below v_M for j = M (nextafter below it when M = 1), so no labelled score sits on a threshold.
+    true_pos[j], false_pos[j]: the positive and negative items decision j flags. Items scored -inf are never flagged
+    (an image a gated mask leaves empty), and count as positives or negatives all the same.
+    """
+
+    thresholds: np.ndarray
+    """(M + 1,) float64, descending."""
+    true_pos: np.ndarray
+    """(M + 1,) int64, ascending from 0."""
+    false_pos: np.ndarray
+    """(M + 1,) int64, ascending from 0."""
+    positives: int
+    negatives: int
+
+    @property
+    def f1(self) -> np.ndarray:
+        """(M + 1,) F1 = 2 TP / (2 TP + FP + FN) of each decision (0 where it is 0 / 0)."""
+        denominator = self.true_pos + self.false_pos + self.positives
+        return np.divide(2.0 * self.true_pos, denominator, out=np.zeros(self.true_pos.shape), where=denominator > 0)
+
+    @property
+    def tpr(self) -> np.ndarray:
+        """(M + 1,) share of the positives each decision flags (0 without positives)."""
+        return self.true_pos / max(self.positives, 1)
+
+    @property
+    def fpr(self) -> np.ndarray:
+        """(M + 1,) share of the negatives each decision flags (0 without negatives)."""
+        return self.false_pos / max(self.negatives, 1)
+
+    def best_f1(self) -> int:
+        """The decision of highest F1; of ties, the one flagging least (the highest threshold)."""
+        return int(np.argmax(self.f1))
+
+    def at_recall(self, recall: float) -> int:
+        """The decision flagging least whose TPR is at least `recall` (0 < recall <= 1); needs positives."""
+        if not 0 < recall <= 1:
+            raise ValueError(f"recall must be in (0, 1], got {recall}")
+        if self.positives == 0:
+            raise ValueError("a recall target needs positive (defective) items; the labels mark none")
+        reached = np.flatnonzero(self.true_pos >= recall * self.positives - 1e-9 * self.positives)
+        if reached.size == 0:
+            raise ValueError(f"no threshold reaches recall {recall}: only {self.true_pos[-1]} of {self.positives} positives "
+                             "can be flagged (the others are never flagged)")
+        return int(reached[0])
+
+
+def _between(values: np.ndarray) -> np.ndarray:
+    """(M + 1,) float64 thresholds of ThresholdSweep for the distinct values v_1 > ... > v_M, each one representable in
+    the values' dtype (a float32 map is compared with a threshold in float32): where no value of that dtype lies
+    strictly between v_j and v_{j+1}, the threshold is v_{j+1} itself, which "score > threshold" separates all the same."""
+    if values.size == 0:
+        return np.zeros(1)
+    dtype = values.dtype if np.issubdtype(values.dtype, np.floating) else np.dtype(np.float64)
+    wide = values.astype(np.float64)
+    below = wide[-1] - (wide[-2] - wide[-1]) / 2 if values.size > 1 else -np.inf
+    lower = np.r_[wide[1:], below].astype(dtype)  # the value under each v_j (v_{M+1}: half a gap under v_M)
+    middle = ((wide + lower.astype(np.float64)) / 2).astype(dtype)
+    middle = np.where((middle < values) & np.isfinite(middle), middle, lower)
+    if not np.isfinite(middle[-1]):  # one distinct value: the next one below it
+        middle[-1] = np.nextafter(values[-1], dtype.type(-np.inf))
+    return np.r_[wide[0], middle.astype(np.float64)]
+
+
+def threshold_sweep(scores: np.ndarray, labels: np.ndarray) -> ThresholdSweep:
+    """The exact sweep of "positive when score > threshold" over every distinct score (ThresholdSweep).
+
+    scores: (N,) float, higher = more anomalous; -inf for an item never flagged; NaN and +inf are refused.
+    labels: (N,) bool, True = positive (defective image, defect pixel).
+    Sort-based, O(N log N) time: each class is sorted on its own (no N-long index array), and the count of each
+    class above every distinct score found by binary search, so pooled pixel scores of many images fit in memory
+    (about 4 bytes per item beyond the inputs when they are float32).
+    """
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    if scores.ndim != 1 or labels.shape != scores.shape:
+        raise ValueError(f"scores and labels must be 1-D arrays of equal length, got shapes {scores.shape} and {labels.shape}")
+    if labels.dtype != bool:
+        raise ValueError(f"labels must be bool (True = positive), got dtype {labels.dtype}; use labels.astype(bool)")
+    if np.isnan(scores).any() or np.isposinf(scores).any():
+        raise ValueError("scores contain NaN or +infinity; every item needs a finite score (-inf: never flagged)")
+    positive, negative = np.sort(scores[labels]), np.sort(scores[~labels])
+    values = np.union1d(positive[np.isfinite(positive)], negative[np.isfinite(negative)])[::-1]  # v_1 > ... > v_M
+
+    def flagged(ordered: np.ndarray) -> np.ndarray:  # [j]: items of this class scoring v_j or more (j = 1 .. M)
+        return ordered.size - np.searchsorted(ordered, values, side="left")
+
+    return ThresholdSweep(
+        thresholds=_between(values),
+        true_pos=np.r_[0, flagged(positive)].astype(np.int64),
+        false_pos=np.r_[0, flagged(negative)].astype(np.int64),
+        positives=int(positive.size),
+        negatives=int(negative.size),
+    )

@@ -57,6 +57,8 @@ def model_summary(uri: str, options: storage.StorageOptions = None) -> dict[str,
         "weights": card.settings.weights,
         "weights_sha256": card.weights_sha256,
         **{key: stored[key] for key in ("settings", "preprocessing", "thresholds", "calibration")},
+        "thresholds_set_by": thresholds_set_by(card),
+        "labelled": stored.get("labelled"),
         "training": {
             "gallery_images": card.train_count,
             "calibration_images": card.calibration.count,
@@ -81,8 +83,16 @@ def versions_summary(uri: str, current: int, options: storage.StorageOptions = N
             "images_added": card.version.images_added, "added_sha256": card.version.added_sha256,
             "gallery_images": card.train_count, "calibration_images": card.calibration.count,
             "thresholds": {"image": card.thresholds.image, "pixel": card.thresholds.pixel},
+            "thresholds_set_by": thresholds_set_by(card),
         })
     return rows
+
+
+def thresholds_set_by(card: ModelCard) -> str:
+    """Which of a version's thresholds labels set: "labels (image, pixel)", "labels (image)", or "normal images"."""
+    if card.labelled is None:
+        return "normal images"
+    return "labels (image, pixel)" if card.labelled.pixel else "labels (image)"
 
 
 def run_summary(uri: str, options: storage.StorageOptions = None, top: int = 10) -> dict[str, Any]:
@@ -200,6 +210,8 @@ def decision_rules(card: ModelCard) -> dict[str, str]:
     alarms per 1,000 normal images of the threshold actually chosen (image_promise), the suspect training images, and
     what masks show. Empty values for a model without thresholds."""
     calibration, thresholds = card.calibration, card.thresholds
+    if card.labelled is not None:
+        return labelled_rules(card)
     if thresholds.image is None or not calibration.count or calibration.image_fpr is None:
         return {"calibration": "none: the model has no calibrated thresholds (masks are maps scaled per image)"}
     count, target = calibration.count, calibration.image_fpr
@@ -262,3 +274,28 @@ def suspects_line(calibration: CalibrationRecord) -> str:
 def _ordinal(number: int) -> str:
     suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
     return f"{number}{suffix}"
+
+
+def labelled_rules(card: ModelCard) -> dict[str, str]:
+    """decision_rules of a version whose thresholds `thresholds --labelled` set: which ones the labels set, from what,
+    and what they decided on those images (no promise from normal images alone: the labels chose the trade-off)."""
+    record, thresholds = card.labelled, card.thresholds
+    assert record is not None
+    after = record.decisions.get("after", {})
+    image, pixel = after.get("image") or {}, after.get("pixel") or {}
+    masks = "empty for images not flagged anomalous" if thresholds.gate_masks else "flagged pixels of every image"
+    regions = f", regions under {thresholds.min_region} pixels (at the working size) dropped" if thresholds.min_region > 1 else ""
+    was = record.before
+    return {
+        "thresholds set by": f"labels: {record.source} ({record.normal_images} normal, {record.defective_images} defective images)",
+        "image rule": f"anomalous when the image score > {thresholds.image:.4g}: label-set at {record.target} "
+                      f"(was {_short(was['image'])}); on the labelled images FPR {_short(image.get('fpr'))}, TPR {_short(image.get('tpr'))}",
+        "pixel rule": (f"pixel score > {_short(thresholds.pixel)}: label-set at the best SegF1 of the labelled masks "
+                       f"(was {_short(was['pixel'])}; SegF1 {_short(pixel.get('seg_f1'))})" if record.pixel else
+                       f"pixel score > {_short(thresholds.pixel)}: as calibrated on normal images (the labels had no masks)"),
+        "masks": masks + regions,
+    }
+
+
+def _short(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4g}"

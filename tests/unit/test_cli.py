@@ -20,7 +20,7 @@ from spade_batch import cli
 from spade_batch.config import Settings, group_of, groups_of, keys_of, load_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-SETTINGS_COMMANDS = ("fit", "add", "score", "evaluate", "nightly", "demo", "show")
+SETTINGS_COMMANDS = ("fit", "add", "score", "evaluate", "nightly", "demo", "show", "thresholds")
 REQUIRED = {
     "show": ["uri"],
     "fit": ["--train", "t", "--model", "m"],
@@ -29,6 +29,7 @@ REQUIRED = {
     "evaluate": ["--model", "m", "--data", "d", "--out", "o"],
     "nightly": ["--train", "t", "--model", "m", "--images", "i", "--out", "o"],
     "demo": [],
+    "thresholds": ["--model", "m", "--labelled", "d"],
 }
 # A valid non-default value for every key; the test below fails when a key is added without one.
 NON_DEFAULTS = {
@@ -122,6 +123,7 @@ COMMAND_OPTIONS = {
     "nightly": {"--train", "--model", "--images", "--out", "--plan", "--date", "--fail-on-drift", "--model-version", "--dry-run"},
     "demo": {"--out", "--dry-run"},
     "show": {"--json", "--format", "--top", "--verdicts"},
+    "thresholds": {"--model", "--labelled", "--target", "--out", "--dry-run"},
 }
 """Each command's own options besides --help, --config and its settings' flags."""
 

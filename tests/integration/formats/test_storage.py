@@ -6,6 +6,7 @@ What needs no server is in tests/unit/formats/test_storage.py.
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -262,3 +263,15 @@ def test_concurrent_exclusive_creates_have_exactly_one_winner(storage_root: Stor
         thread.join()
     assert len(wins) == 1
     assert storage.read_bytes(uri, storage_root.options) == str(wins[0]).encode()
+
+
+def test_copy_file_copies_on_the_store_and_links_on_a_local_disk(storage_root: StorageRoot) -> None:
+    source = storage.join(storage_root.base, "v1", "pyramid", "layer1.npy")
+    target = storage.join(storage_root.base, "versions", "2", "pyramid", "layer1.npy")
+    storage.write_bytes(source, b"gallery rows", storage_root.options)
+    storage.write_bytes(target, b"left by a killed run", storage_root.options)
+    storage.copy_file(source, target, storage_root.options)
+    assert storage.read_bytes(target, storage_root.options) == b"gallery rows"
+    if storage.is_local(target):
+        assert os.path.samefile(source, target)
+        assert sorted(os.listdir(os.path.dirname(target))) == ["layer1.npy"]  # no temp file left

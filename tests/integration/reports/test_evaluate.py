@@ -9,39 +9,19 @@ import pytest
 from PIL import Image
 from sklearn.metrics import f1_score, roc_auc_score
 
-from spade_batch.config import Settings
-from spade_batch.engine.fit import run_fit
 from spade_batch.formats import storage
-from spade_batch.formats.datasets import Sample, make_demo_data, read_mask
+from spade_batch.formats.datasets import Sample, read_mask
 from spade_batch.formats.images import Preprocessing, cropped_share, preprocess_mask, resize_map
 from spade_batch.formats.layout import Outputs
 from spade_batch.formats.scores import read_scores
 from spade_batch.reports.evaluate import FIGURES, run_evaluate, subsample
 
-SETTINGS = Settings(
-    backbone="resnet18", weights="random", k=3, image_size=64, shard_size=8, batch_size=8, calibration_fraction=0.25
-)
+from .conftest import SETTINGS  # the settings of the fixture model_uri
+
 TOP_KEYS = ("preprocessing", "settings", "counts", "overall", "per_defect_type", "thresholds", "binning_error_bounds",
             "images_per_second", "every", "evaluation_resolution", "decisions", "working_size", "original_resolution",
             "paper_crop")
 PIXEL_KEYS = ("pixel_rocauc", "pro", "au_pro_0.05")
-
-
-@pytest.fixture(scope="module")
-def category(tmp_path_factory) -> str:
-    """Demo data (6 good + 3 per defect type in test) plus one undecodable test image."""
-    root = make_demo_data(str(tmp_path_factory.mktemp("data")), n_train=16, n_test_good=6, n_test_per_defect=3,
-                          min_size=64, max_size=96)
-    with open(os.path.join(root, "test", "good", "999_broken.png"), "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n not really a png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def model_uri(ray_local, category, tmp_path_factory) -> str:
-    uri = str(tmp_path_factory.mktemp("model"))
-    run_fit(os.path.join(category, "train"), uri, SETTINGS)
-    return uri
 
 
 @pytest.fixture(scope="module")

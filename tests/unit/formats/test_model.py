@@ -505,3 +505,19 @@ def test_a_non_finite_threshold_is_never_written_to_a_card(tmp_path):
     model = make_model(tmp_path / "built", raw_features(6)).with_thresholds(Thresholds(float("nan"), None), CalibrationRecord())
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
         model.save(str(tmp_path / "model"))
+
+
+def test_a_card_without_labels_has_no_labelled_entry_and_one_with_labels_round_trips(tmp_path):
+    """Cards before `thresholds --labelled` (and every version whose thresholds came from normal images) are written and
+    read as before: no "labelled" key, None once loaded; a label-set card keeps its record through JSON."""
+    from spade_batch.formats.card import LabelRecord, card_problem
+
+    plain = card_for(4, Settings(k=2), thresholds=Thresholds(image=1.5, pixel=0.25))
+    stored = json.loads(plain.to_json())
+    assert "labelled" not in stored and ModelCard.from_dict(stored).labelled is None
+    record = LabelRecord(source="data/line3", kind="mvtec", normal_images=5, defective_images=5, target="recall=0.95",
+                         image=True, pixel=True, before={"image": 1.5, "pixel": 0.25}, after={"image": 1.25, "pixel": 0.5},
+                         decisions={"after": {"image": {"fpr": 0.2}, "pixel": None}})
+    labelled = dataclasses.replace(plain, labelled=record)
+    assert ModelCard.from_dict(json.loads(labelled.to_json())) == labelled
+    assert card_problem({**stored, "labelled": "yes"}) == "labelled is 'yes' (str), not a JSON object"

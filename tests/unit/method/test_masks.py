@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from spade_batch.formats.card import Thresholds
-from spade_batch.method.masks import drop_small_regions, mask_from_map, png_bytes, region_score
+from spade_batch.method.masks import drop_small_regions, mask_from_map, mask_scores, png_bytes, region_levels, region_score
 
 
 def _bilinear(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -111,3 +111,35 @@ def test_png_bytes_round_trips_rgb():
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(image)))), image)
 
 
+
+
+def _smooth_map(seed: int, size: int = 24) -> np.ndarray:
+    """A smooth S x S float32 map with ties (rounded), so regions grow and merge as the threshold falls."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    return np.round(ndimage.gaussian_filter(rng.random((size, size)), 1.5) * 300).astype(np.float32) / 300
+
+
+@pytest.mark.parametrize("min_pixels", [1, 2, 7, 40])
+def test_region_levels_flag_what_dropping_small_regions_keeps_at_every_threshold(min_pixels):
+    scores = _smooth_map(min_pixels)
+    levels = region_levels(scores, min_pixels)
+    for threshold in [scores.min() - 1, *np.unique(scores)]:  # every distinct decision
+        np.testing.assert_array_equal(levels > threshold, drop_small_regions(scores > threshold, min_pixels))
+
+
+@pytest.mark.parametrize("rule", [Thresholds(), Thresholds(min_region=6), Thresholds(min_region=6, gate_masks=True)],
+                         ids=["plain", "min_region", "gated"])
+@pytest.mark.parametrize("anomalous", [True, False])
+def test_mask_scores_above_a_pixel_threshold_are_the_mask_written_with_it(rule, anomalous):
+    """For every pixel threshold the model could hold, mask_from_map writes exactly mask_scores > threshold."""
+    anomaly_map = _smooth_map(3, 16)
+    scores = mask_scores(anomaly_map, 37, 29, rule, anomalous)
+    assert scores.shape == (37, 29) and scores.dtype == np.float32
+    for threshold in np.quantile(anomaly_map, np.linspace(0, 1, 25)):
+        written = mask_from_map(anomaly_map, 37, 29, Thresholds(pixel=float(threshold), min_region=rule.min_region,
+                                                                 gate_masks=rule.gate_masks), anomalous) > 0
+        np.testing.assert_array_equal(scores > threshold, written)
+    if rule.gate_masks and not anomalous:
+        assert np.all(scores == -np.inf)

@@ -14,6 +14,7 @@ from spade_batch.reports.metrics import (
     image_decisions,
     image_rocauc,
     roc_curve_points,
+    threshold_sweep,
 )
 
 
@@ -386,3 +387,71 @@ def test_image_decisions_match_sklearn():
     assert nothing["precision"] is None and nothing["f1"] == 0.0 and nothing["tpr"] == 0.0
     with pytest.raises(ValueError, match="1-D bool"):
         image_decisions(np.zeros(4), np.zeros(4, bool))
+
+
+def brute_force_f1s(scores: np.ndarray, labels: np.ndarray) -> dict[float, float]:
+    """F1 of "score > t" (sklearn) at every threshold that gives a distinct decision: each distinct score, and below all."""
+    finite = np.unique(scores[np.isfinite(scores)])
+    candidates = [*finite, finite[0] - 1.0]
+    return {float(t): f1_score(labels, scores > t, zero_division=0.0) for t in candidates}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_threshold_sweep_matches_a_brute_force_sweep(seed):
+    rng = np.random.default_rng(seed)
+    scores = np.round(rng.normal(size=60), 1)  # ties
+    labels = random_labels(rng, 60)
+    scores[labels] += 0.7
+    sweep = threshold_sweep(scores, labels)
+    brute = brute_force_f1s(scores, labels)
+    assert sweep.f1.max() == pytest.approx(max(brute.values()))
+    assert len(sweep.thresholds) == len(brute)  # every distinct decision (flagging none included)
+    for threshold, true_pos, false_pos, f1 in zip(sweep.thresholds, sweep.true_pos, sweep.false_pos, sweep.f1):
+        flagged = scores > threshold
+        assert (true_pos, false_pos) == (np.sum(flagged & labels), np.sum(flagged & ~labels))
+        assert f1 == pytest.approx(f1_score(labels, flagged, zero_division=0.0))
+    best = sweep.best_f1()
+    assert sweep.thresholds[best] not in scores  # a threshold between two labelled scores, on neither
+    assert f1_score(labels, scores > sweep.thresholds[best]) == pytest.approx(max(brute.values()))
+
+
+@pytest.mark.parametrize("recall", [0.5, 0.8, 0.95, 1.0])
+def test_a_recall_target_takes_the_highest_threshold_reaching_it(recall):
+    rng = np.random.default_rng(3)
+    scores, labels = rng.normal(size=80), random_labels(rng, 80)
+    scores[labels] += 1.0
+    sweep = threshold_sweep(scores, labels)
+    chosen = sweep.thresholds[sweep.at_recall(recall)]
+    assert recall_score(labels, scores > chosen) >= recall
+    higher = [t for t in np.unique(scores) if t > chosen]  # every stricter threshold falls short
+    assert all(recall_score(labels, scores > t) < recall for t in higher)
+
+
+def test_items_scored_minus_infinity_are_never_flagged_but_counted():
+    scores = np.array([3.0, 2.0, -np.inf, 1.0, -np.inf])
+    labels = np.array([True, False, True, True, False])
+    sweep = threshold_sweep(scores, labels)
+    assert (sweep.positives, sweep.negatives) == (3, 2)
+    assert np.isfinite(sweep.thresholds).all() and sweep.true_pos[-1] == 2 and sweep.false_pos[-1] == 1
+    assert sweep.f1.max() == pytest.approx(max(brute_force_f1s(scores, labels).values()))
+    with pytest.raises(ValueError, match="recall 1"):
+        sweep.at_recall(1.0)
+
+
+def test_float32_thresholds_separate_adjacent_float32_scores():
+    """A float32 map is compared with the threshold in float32: the sweep's threshold must flag the same pixels there."""
+    low = np.float32(1.0)
+    scores = np.array([low, np.nextafter(low, np.float32(2)), np.float32(3)], dtype=np.float32)
+    labels = np.array([False, True, True])
+    sweep = threshold_sweep(scores, labels)
+    for threshold, true_pos, false_pos in zip(sweep.thresholds, sweep.true_pos, sweep.false_pos):
+        flagged = scores > threshold  # numpy compares a float32 array with a Python float in float32
+        assert (np.sum(flagged & labels), np.sum(flagged & ~labels)) == (true_pos, false_pos)
+    assert sweep.f1[sweep.best_f1()] == 1.0
+
+
+def test_threshold_sweep_refuses_nan_and_non_bool_labels():
+    with pytest.raises(ValueError, match="NaN"):
+        threshold_sweep(np.array([np.nan, 1.0]), np.array([True, False]))
+    with pytest.raises(ValueError, match="bool"):
+        threshold_sweep(np.array([0.0, 1.0]), np.array([1, 0]))
