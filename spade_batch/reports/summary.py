@@ -18,7 +18,7 @@ from scipy import stats
 
 from spade_batch.config import group_values
 from spade_batch.formats import storage
-from spade_batch.formats.card import ModelCard, load_card
+from spade_batch.formats.card import ModelCard, Thresholds, load_card
 from spade_batch.formats.layout import ModelLayout, Outputs, read_columns
 from spade_batch.formats.review import Verdict
 from spade_batch.formats.versions import resolve, version_numbers
@@ -208,7 +208,7 @@ def decision_rules(card: ModelCard) -> dict[str, str]:
     pixel = {"quantile": f"the {calibration.pixel_quantile} quantile of their pooled pixel scores",
              "mean_3sigma": "their pixel scores' mean + 3 standard deviations",
              "region": f"the level at which about {target:.1%} of them show a flagged region of {max(1, thresholds.min_region)} pixels"}
-    masks = "empty for images not flagged anomalous" if thresholds.gate_masks else "flagged pixels of every image"
+    masks = mask_rule(thresholds)
     regions = f", regions under {thresholds.min_region} pixels (at the working size) dropped" if thresholds.min_region > 1 else ""
     return {
         "calibration": f"{count} normal images ({calibration.images.replace('_', '-')})",
@@ -218,6 +218,18 @@ def decision_rules(card: ModelCard) -> dict[str, str]:
         "pixel rule": f"pixel score > {thresholds.pixel:.4g}: {pixel[calibration.pixel_rule]}",
         "masks": masks + regions,
     }
+
+
+def mask_rule(thresholds: Thresholds) -> str:
+    """Which regions a model's masks show, in words (Thresholds.shows_every_region)."""
+    evident = None if thresholds.region is None else (
+        f"the regions with their own evidence ({max(1, thresholds.min_region)} pixels above {thresholds.region:.4g})")
+    if not thresholds.gate_masks:
+        return "flagged pixels of every image" if evident is None else f"on every image, {evident}"
+    gate = "images flagged anomalous" if thresholds.gate is None else f"images scoring above {thresholds.gate:.4g}"
+    if evident is None:
+        return "empty for images not flagged anomalous" if thresholds.gate is None else f"every region on {gate}, empty on others"
+    return f"every region on {gate}; on others, {evident}"
 
 
 def false_alarm_range(count: int, target: float, level: float = 0.9) -> tuple[float, float]:

@@ -51,6 +51,8 @@ NON_DEFAULTS = {
     "pixel_rule": "region",
     "min_region": 12,
     "gate_masks": False,
+    "region_fpr": 0.02,
+    "gate_fpr": 0.05,
     "keep_size_outliers": True,
     "image_fpr": 0.05,
     "pixel_quantile": 0.99,
