@@ -104,8 +104,8 @@ def set_root(name: str, cache: str, data: str) -> str:
 
 def cached_features(samples: list[Sample], root: str, folder: str, extractor: Extractor, every: list[Sample]) -> StoredFeatures:
     """The part files of these images' features in folder (with a suffix naming them when they are not `every` image
-    of the split), extracted once (a `done` file marks them complete)."""
-    if len(samples) != len(every):
+    of the split, unless every image's are there), extracted once (a `done` file marks them complete)."""
+    if len(samples) != len(every) and not os.path.exists(os.path.join(folder, "done")):
         folder += "-" + hashlib.sha256("\n".join(s.path for s in samples).encode()).hexdigest()[:10]
     done = os.path.join(folder, "done")
     if not os.path.exists(done):
