@@ -49,8 +49,8 @@ def decisions(results: list, images: list, truths: list, labels: np.ndarray, thr
     """Image and pooled pixel decision quality of the masks mask_from_map writes under these thresholds."""
     flagged = np.array([r.score > thresholds.image for r in results])
     pixels = PixelDecisions()
-    for result, image, truth, verdict, defective in zip(results, images, truths, flagged, labels):
-        mask = mask_from_map(result.anomaly_map, *image.shape[:2], thresholds, bool(verdict)) > 0
+    for result, image, truth, defective in zip(results, images, truths, labels):
+        mask = mask_from_map(result.anomaly_map, *image.shape[:2], thresholds, result.score) > 0
         pixels.update(mask, truth, normal_image=not defective)
     return {"image": image_decisions(flagged, labels), "pixel": pixels.to_dict()}
 

@@ -103,7 +103,9 @@ class Settings:
     pixel_rule: str = _key("calibration", "mean_3sigma", "How the pixel threshold comes from the calibration images' maps: quantile (pixel_quantile of their pooled pixel scores), mean_3sigma (their mean + 3 standard deviations) or region (the level at which about image_fpr of them show a flagged region of at least min_region pixels).")
     pixel_quantile: float = _key("calibration", 0.999, "pixel_rule quantile: quantile of normal pixel scores used as the pixel threshold.")
     min_region: int = _key("calibration", 0, "Smallest flagged region a mask keeps, in pixels at the working size (scaled to each image's size); smaller ones are dropped. 0 keeps every flagged pixel. pixel_rule region counts regions of at least max(1, min_region) pixels.")
-    gate_masks: bool = _key("calibration", True, "An image that is not flagged anomalous gets an empty mask (its map is still written when asked for).")
+    gate_masks: bool = _key("calibration", True, "An image that is not flagged anomalous gets an empty mask (its map is still written when asked for); with region_fpr > 0 it shows the regions with their own evidence.")
+    region_fpr: float = _key("calibration", 0.0, "Share of normal images allowed to show a mask region on the region's own evidence, whatever the image verdict: a region is shown when it holds max(1, min_region) pixels above a stricter pixel level, the (1 - region_fpr) quantile of the calibration images' region scores. With gate_masks, flagged images still show every region; without it, every image shows only such regions. 0: no such level (as before).")
+    gate_fpr: float = _key("calibration", 0.0, "The level of gate_masks (unused without it), looser than the verdict: masks show every region on images scoring above the (1 - gate_fpr) quantile of the calibration images' scores (a larger share than image_fpr); 0: the image threshold.")
     image_threshold: float | None = _key("thresholds", None, "Override the model's calibrated image threshold.")
     pixel_threshold: float | None = _key("thresholds", None, "Override the model's calibrated pixel threshold.")
     shard_size: int = _key("run", 64, "Images per decode task and per output part file (scores or features): the unit of CPU work, output and resume.")
@@ -204,6 +206,8 @@ class CalibrationSettings:
     pixel_quantile: float
     min_region: int
     gate_masks: bool
+    region_fpr: float
+    gate_fpr: float
 
 
 @dataclass(frozen=True)
@@ -312,6 +316,9 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"image_fpr: must be in (0, 1), got {settings.image_fpr}")
     if not 0 < settings.pixel_quantile < 1:
         raise ConfigError(f"pixel_quantile: must be in (0, 1), got {settings.pixel_quantile}")
+    for key in ("region_fpr", "gate_fpr"):
+        if not 0 <= getattr(settings, key) < 1:
+            raise ConfigError(f"{key}: must be in [0, 1) (0: off), got {getattr(settings, key)}")
 
 
 def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:

@@ -155,7 +155,7 @@ def write_score_outputs(
         anomaly_map = batch["map"][i]
         mask_size = size if settings.preprocess == "full" else anomaly_map.shape
         image_score = float(batch["image_score"][i])
-        mask = mask_from_map(anomaly_map, *mask_size, limits, limits.is_anomalous(image_score))
+        mask = mask_from_map(anomaly_map, *mask_size, limits, image_score)
         storage.write_bytes(outputs.mask(image_id), png_bytes(mask), options)
         row = result_row(image_id, uri, size, image_score, anomaly_map,
                          list(batch["neighbour_ids"][i]), mask, outputs.mask(image_id), limits, fingerprint)

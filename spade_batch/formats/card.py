@@ -27,7 +27,7 @@ READABLE_SCHEMA_VERSIONS = (1, 2)
 CARD_NAME = ModelLayout.card
 KEYS_ADDED_LATER = {"image_score": "knn", "map_top": 0.0, "layer_normalise": False}
 """MODEL_KEYS that older cards lack, with the value those models were fitted with (the paper's); load_card fills them in."""
-CALIBRATION_KEYS_ADDED_LATER = {"image_estimator": "order_statistic", "suspects": "keep"}
+CALIBRATION_KEYS_ADDED_LATER = {"image_estimator": "order_statistic", "suspects": "keep", "region_fpr": 0.0, "gate_fpr": 0.0}
 """Calibration keys that older cards' calibration_settings lack, with what those models did."""
 
 NOT_RECORDED: Any = object()
@@ -47,13 +47,21 @@ class Thresholds:
         pixel: a mask pixel is flagged when its score > pixel.
         min_region: flagged regions smaller than this many pixels at the working size (scaled to the
             image's size) are dropped from masks; 0 keeps every flagged pixel.
-        gate_masks: an image that is not anomalous gets an empty mask.
+        gate_masks: an image whose score is not above the gate level shows no region but those with their own
+            evidence (region).
+        region: a region's own evidence level: a flagged region is shown whatever the verdict when it holds
+            max(1, min_region) (scaled) pixels above region. With gate_masks, images above the gate level show
+            every region; without it, every image shows only such regions. None: no such level, so gate_masks
+            shows nothing on the other images, and without gate_masks every region is shown.
+        gate: the gate level of gate_masks, an image score; None: the image threshold.
     """
 
     image: float | None = None
     pixel: float | None = None
     min_region: int = 0
     gate_masks: bool = False
+    region: float | None = None
+    gate: float | None = None
 
     @classmethod
     def of(cls, card: ModelCard, settings: Settings) -> Thresholds:
@@ -65,6 +73,16 @@ class Thresholds:
     def is_anomalous(self, image_score: float) -> bool | None:
         """The image verdict (None without an image threshold)."""
         return None if self.image is None else bool(image_score > self.image)
+
+    def shows_every_region(self, image_score: float | None) -> bool:
+        """Whether an image of this score shows every flagged region, or (False) only those with their own evidence.
+
+        image_score None (unknown), or a gate without a level, shows every region.
+        """
+        if not self.gate_masks:
+            return self.region is None
+        level = self.gate if self.gate is not None else self.image
+        return image_score is None or level is None or image_score > level
 
 
 @dataclass(frozen=True)
@@ -345,9 +363,9 @@ def card_problem(values: dict[str, Any]) -> str | None:
         return f"settings.k is {k!r}, but the gallery holds {values['train_count']} images; k is a whole number from 1 to that"
     thresholds = values.get("thresholds", {})
     if not {"image", "pixel"} <= set(thresholds) <= {field.name for field in dataclasses.fields(Thresholds)}:
-        return f"thresholds is {thresholds!r}; it holds 'image' and 'pixel' (and the mask rules min_region, gate_masks)"
-    for name in ("image", "pixel"):
-        problem = _threshold_problem(name, thresholds[name])
+        return f"thresholds is {thresholds!r}; it holds 'image' and 'pixel' (and the mask rules min_region, gate_masks, region, gate)"
+    for name in ("image", "pixel", "region", "gate"):
+        problem = _threshold_problem(name, thresholds.get(name))
         if problem:
             return problem
     for name, entry in values.get("files", {}).items():

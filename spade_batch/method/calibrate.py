@@ -8,6 +8,9 @@ image threshold: by image_estimator (method.image_threshold), so that about imag
 pixel threshold, by pixel_rule: the pixel_quantile of their pooled pixel scores (each map contributes
     an evenly strided sample of at most PIXEL_SAMPLE values, which bounds memory for any set size),
     their mean + 3 standard deviations, or the region rule (pixel_threshold_of).
+mask rule levels (optional): the region level, the (1 - region_fpr) quantile of their region scores, at
+    which a region shows on its own evidence (region_level); the gate, the (1 - gate_fpr) quantile of
+    their image scores, above which an image shows every region.
 
 The same calibration images give the scales of the options beyond the paper (`Normalisation`): each
 pyramid layer's spread of pixel distances (layer_normalise), and the mean and spread of the kNN and
@@ -100,8 +103,20 @@ class CalibrationScores:
 
 
 def region_size(settings: CalibrationSettings) -> int | None:
-    """The min_region that calibration images' region scores are computed at; None when the pixel rule needs none."""
-    return settings.min_region if settings.pixel_rule == "region" else None
+    """The min_region that calibration images' region scores are computed at; None when neither the pixel rule
+    nor the region level (region_fpr) needs them."""
+    return settings.min_region if settings.pixel_rule == "region" or settings.region_fpr > 0 else None
+
+
+def region_level(scores: CalibrationScores, settings: CalibrationSettings, pixel: float) -> float | None:
+    """The region level of Thresholds.region: the (1 - region_fpr) quantile of the calibration images' region
+    scores (so that about region_fpr of normal images hold a region of max(1, min_region) pixels above it),
+    and never below the pixel threshold; None when region_fpr is 0."""
+    if not settings.region_fpr:
+        return None
+    if scores.region_scores is None:
+        raise ValueError("region_fpr: the calibration images were scored without region scores (region_size)")
+    return max(image_threshold(np.asarray(scores.region_scores, np.float64), settings.region_fpr), pixel)
 
 
 def pixel_threshold_of(scores: CalibrationScores, settings: CalibrationSettings) -> float:
@@ -151,7 +166,9 @@ def calibrate_from_samples(model: SpadeModel, scores: CalibrationScores, setting
         fpr_law=[estimate.law.a, estimate.law.b],
         suspects=[{"id": suspect.id, "score": suspect.score} for suspect in suspects(scores.ids, image_scores_)],
     )
-    thresholds = Thresholds(estimate.threshold, pixel_threshold_of(scores, settings), settings.min_region, settings.gate_masks)
+    pixel = pixel_threshold_of(scores, settings)
+    gate = estimate_image_threshold(image_scores_, settings.gate_fpr, settings.image_estimator).threshold if settings.gate_fpr else None
+    thresholds = Thresholds(estimate.threshold, pixel, settings.min_region, settings.gate_masks, region_level(scores, settings, pixel), gate)
     return model.with_thresholds(thresholds, record)
 
 

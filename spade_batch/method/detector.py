@@ -29,7 +29,7 @@ from spade_batch.method.recipe import Addition, StoredFeatures, fit_from_feature
 from spade_batch.method.scorer import Scorer
 from spade_batch.method.scoring import ImageScore
 
-__all__ = ["Extractor", "Features", "ImageScore", "Scorer", "add", "fit", "score"]
+__all__ = ["Extractor", "Features", "ImageScore", "Scorer", "add", "extract_features", "fit", "score"]
 
 
 def fit(images: Sequence[np.ndarray], settings: Settings, ids: Sequence[str] | None = None, folder: str | None = None) -> SpadeModel:
@@ -44,7 +44,7 @@ def fit(images: Sequence[np.ndarray], settings: Settings, ids: Sequence[str] | N
     folder = folder or tempfile.mkdtemp(prefix="spade-model-")
     extractor = Extractor(settings)
     layout = ModelLayout(folder)
-    _extract(extractor, images, ids, layout.features, settings.shard_size)
+    extract_features(extractor, images, ids, layout.features, settings.shard_size)
     model = fit_from_features(StoredFeatures.index(part_files(layout.features, None)), extractor, settings, folder).model
     model.write_card(folder)
     return model
@@ -77,7 +77,7 @@ def _add_locked(folder: str, images: Sequence[np.ndarray], ids: list[str], setti
     added = [i for i, image_id in enumerate(ids) if image_id in new]
     added_ids, target = [ids[i] for i in added], addition.target.root
     shutil.rmtree(target, ignore_errors=True)  # what an earlier add left unpublished there
-    _extract(extractor, [images[i] for i in added], added_ids, ModelLayout(target).features, settings.shard_size)
+    extract_features(extractor, [images[i] for i in added], added_ids, ModelLayout(target).features, settings.shard_size)
     model = addition.fit(addition.features(), extractor, settings, target, (added_ids, added_ids)).model
     model.write_card(target)  # last: the version is published
     return model
@@ -91,7 +91,7 @@ def _ids(images: Sequence[np.ndarray], ids: Sequence[str] | None) -> list[str]:
     return ids
 
 
-def _extract(extractor: Extractor, images: Sequence[np.ndarray], ids: list[str], features_folder: str, shard_size: int) -> None:
+def extract_features(extractor: Extractor, images: Sequence[np.ndarray], ids: list[str], features_folder: str, shard_size: int) -> None:
     """Feature part files of these images in features_folder, shard_size images each."""
     for start in range(0, len(images), shard_size):
         shard = range(start, min(start + shard_size, len(images)))

@@ -1,9 +1,11 @@
 """Masks from anomaly maps, flagged regions, and PNG encoding (the one place images are encoded as PNG) and decoding.
 
 A mask is the anomaly map resized to the image's original size and thresholded at the pixel
-threshold (0 / 255); regions smaller than the model's min_region are dropped, and with gate_masks an
-image that is not anomalous gets an empty mask. Without a known threshold it is the map scaled to
-0-255 per image. Regions are 8-connected.
+threshold (0 / 255); regions smaller than the model's min_region are dropped. Which regions an image
+shows is the model's mask rule (card.Thresholds.shows_every_region): every region, or with gate_masks
+only on images above the gate level; with a region level, a region is also shown on its own evidence
+(it holds min_region pixels above that stricter level). Without a known threshold a mask is the map
+scaled to 0-255 per image. Regions are 8-connected.
 """
 
 from __future__ import annotations
@@ -22,36 +24,64 @@ CONNECTIVITY = np.ones((3, 3), dtype=bool)
 """8-connected regions: a diagonal step joins two flagged pixels."""
 
 
-def mask_from_map(anomaly_map: np.ndarray, height: int, width: int, rule: Thresholds, anomalous: bool | None = None) -> np.ndarray:
-    """S x S float map -> height x width uint8 mask: 0/255 where the rule flags a pixel, or the map scaled per image
-    when the rule has no pixel threshold.
+def mask_from_map(anomaly_map: np.ndarray, height: int, width: int, rule: Thresholds, image_score: float | None = None) -> np.ndarray:
+    """S x S float map -> height x width uint8 mask: 0/255 where the rule flags a pixel (shown_regions), or the map
+    scaled per image when the rule has no pixel threshold.
 
-    anomalous: the image's verdict; with rule.gate_masks an image that is not anomalous gets an empty mask.
+    image_score: the image's score, which the rule's gate reads (None: unknown, every region is shown).
     """
     full = resize_map(np.array(anomaly_map, dtype=np.float32), height, width)  # a writable copy: batches arrive read-only
     if rule.pixel is None:
         low, high = float(full.min()), float(full.max())
         return np.round(255 * (full - low) / max(high - low, 1e-12)).astype(np.uint8)
-    if rule.gate_masks and anomalous is False:
-        return np.zeros((height, width), np.uint8)
+    return shown_regions(full, rule, image_score, anomaly_map.size).astype(np.uint8) * 255
+
+
+def shown_regions(full: np.ndarray, rule: Thresholds, image_score: float | None, map_pixels: int) -> np.ndarray:
+    """H x W bool: the pixels a mask flags, from an H x W map at the image's size under a rule with a pixel threshold.
+
+    Flagged regions (full > rule.pixel) of at least min_region pixels at the working size (map_pixels
+    pixels there, so min_region * H * W / map_pixels here) are kept; an image that does not show every
+    region (Thresholds.shows_every_region) keeps only those holding such a region above rule.region.
+    """
+    height, width = full.shape
+    min_pixels = math.ceil(rule.min_region * height * width / map_pixels) if rule.min_region > 1 else 1
     flagged = full > rule.pixel
-    if rule.min_region > 1:
-        flagged = drop_small_regions(flagged, math.ceil(rule.min_region * height * width / anomaly_map.size))
-    return flagged.astype(np.uint8) * 255
+    if min_pixels > 1:
+        flagged = drop_small_regions(flagged, min_pixels)
+    if rule.shows_every_region(image_score):
+        return flagged
+    if rule.region is None:
+        return np.zeros_like(flagged)
+    evident = drop_small_regions(full > rule.region, min_pixels)
+    labels, _ = ndimage.label(flagged, structure=CONNECTIVITY)
+    kept = np.unique(labels[evident])
+    return np.isin(labels, kept[kept > 0])
 
 
-def mask_scores(anomaly_map: np.ndarray, height: int, width: int, rule: Thresholds, anomalous: bool | None = None) -> np.ndarray:
+def mask_scores(anomaly_map: np.ndarray, height: int, width: int, rule: Thresholds, image_score: float | None = None) -> np.ndarray:
     """S x S float map -> height x width float32 scores s such that, for any pixel threshold t, the mask mask_from_map
-    writes under rule with pixel t flags exactly the pixels where s > t: the map at the image's size, each pixel
-    lowered to the highest level at which its region keeps min_region pixels (region_levels), and -inf everywhere
-    when rule.gate_masks and the image is not anomalous. So a pixel threshold is swept over these scores exactly.
+    writes under rule with pixel t (and this image_score) flags exactly the pixels where s > t. So a pixel threshold is
+    swept over these scores exactly.
+
+    Each pixel's score is the highest level at which its region keeps min_region pixels (region_levels); on an image
+    that does not show every region (Thresholds.shows_every_region) it is also capped by the highest level at which
+    its region still holds a pixel with the region's own evidence (a region above rule.region: a reconstruction by
+    dilation from those pixels), and -inf everywhere when it has none.
     """
     full = resize_map(np.array(anomaly_map, dtype=np.float32), height, width)
-    if rule.gate_masks and anomalous is False:
+    min_pixels = math.ceil(rule.min_region * height * width / anomaly_map.size) if rule.min_region > 1 else 1
+    levels = region_levels(full, min_pixels) if min_pixels > 1 else full
+    if rule.shows_every_region(image_score):
+        return levels
+    evident = drop_small_regions(full > rule.region, min_pixels) if rule.region is not None else np.zeros(full.shape, bool)
+    if not evident.any():
         return np.full((height, width), -np.inf, np.float32)
-    if rule.min_region > 1:
-        full = region_levels(full, math.ceil(rule.min_region * height * width / anomaly_map.size))
-    return full
+    from skimage.morphology import reconstruction  # imported here, as in region_levels
+
+    # Seeds below every value elsewhere: a pixel is reached only through pixels above the level it is flagged at.
+    reached = reconstruction(np.where(evident, full, full.min()), full, method="dilation", footprint=CONNECTIVITY)
+    return np.minimum(levels, reached.astype(np.float32))
 
 
 def region_levels(scores: np.ndarray, min_pixels: int) -> np.ndarray:

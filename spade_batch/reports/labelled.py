@@ -118,7 +118,7 @@ def pooled_pixels(images: LabelledImages, rule: Thresholds) -> tuple[np.ndarray,
     if images.truths is None:
         raise ValueError("pixel decisions need ground-truth masks; these labelled images have none")
     scores = [
-        mask_scores(anomaly_map, height, width, rule, rule.is_anomalous(score)).ravel()
+        mask_scores(anomaly_map, height, width, rule, score).ravel()
         for anomaly_map, (height, width), score in zip(images.maps, images.sizes, images.scores)
     ]
     return np.concatenate(scores), np.concatenate([truth.ravel() for truth in images.truths])
@@ -136,8 +136,8 @@ def decisions(images: LabelledImages, rule: Thresholds) -> dict[str, Any]:
     if images.truths is None or rule.pixel is None:
         return {"image": image, "pixel": None}
     pixels = PixelDecisions()
-    for anomaly_map, (height, width), verdict, truth, defective in zip(images.maps, images.sizes, verdicts, images.truths, images.labels):
-        pixels.update(mask_from_map(anomaly_map, height, width, rule, verdict) > 0, truth, normal_image=not defective)
+    for anomaly_map, (height, width), score, truth, defective in zip(images.maps, images.sizes, images.scores, images.truths, images.labels):
+        pixels.update(mask_from_map(anomaly_map, height, width, rule, score) > 0, truth, normal_image=not defective)
     return {"image": image, "pixel": pixels.to_dict()}
 
 

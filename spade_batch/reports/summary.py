@@ -16,7 +16,7 @@ from typing import Any
 
 from spade_batch.config import group_values
 from spade_batch.formats import storage
-from spade_batch.formats.card import CalibrationRecord, ModelCard, load_card
+from spade_batch.formats.card import CalibrationRecord, ModelCard, Thresholds, load_card
 from spade_batch.formats.layout import ModelLayout, Outputs, read_columns
 from spade_batch.formats.review import Verdict
 from spade_batch.formats.versions import resolve, version_numbers
@@ -218,7 +218,7 @@ def decision_rules(card: ModelCard) -> dict[str, str]:
     pixel = {"quantile": f"the {calibration.pixel_quantile} quantile of their pooled pixel scores",
              "mean_3sigma": "their pixel scores' mean + 3 standard deviations",
              "region": f"the level at which about {target:.1%} of them show a flagged region of {max(1, thresholds.min_region)} pixels"}
-    masks = "empty for images not flagged anomalous" if thresholds.gate_masks else "flagged pixels of every image"
+    masks = mask_rule(thresholds)
     regions = f", regions under {thresholds.min_region} pixels (at the working size) dropped" if thresholds.min_region > 1 else ""
     suspects = {"suspect training images": suspects_line(calibration)} if calibration.suspects else {}
     return {
@@ -283,7 +283,7 @@ def labelled_rules(card: ModelCard) -> dict[str, str]:
     assert record is not None
     after = record.decisions.get("after", {})
     image, pixel = after.get("image") or {}, after.get("pixel") or {}
-    masks = "empty for images not flagged anomalous" if thresholds.gate_masks else "flagged pixels of every image"
+    masks = mask_rule(thresholds)
     regions = f", regions under {thresholds.min_region} pixels (at the working size) dropped" if thresholds.min_region > 1 else ""
     was = record.before
     return {
@@ -299,3 +299,15 @@ def labelled_rules(card: ModelCard) -> dict[str, str]:
 
 def _short(value: float | None) -> str:
     return "none" if value is None else f"{value:.4g}"
+
+
+def mask_rule(thresholds: Thresholds) -> str:
+    """Which regions a model's masks show, in words (Thresholds.shows_every_region)."""
+    evident = None if thresholds.region is None else (
+        f"the regions with their own evidence ({max(1, thresholds.min_region)} pixels above {thresholds.region:.4g})")
+    if not thresholds.gate_masks:
+        return "flagged pixels of every image" if evident is None else f"on every image, {evident}"
+    gate = "images flagged anomalous" if thresholds.gate is None else f"images scoring above {thresholds.gate:.4g}"
+    if evident is None:
+        return "empty for images not flagged anomalous" if thresholds.gate is None else f"every region on {gate}, empty on others"
+    return f"every region on {gate}; on others, {evident}"

@@ -54,6 +54,8 @@ NON_DEFAULTS = {
     "pixel_rule": "region",
     "min_region": 12,
     "gate_masks": False,
+    "region_fpr": 0.02,
+    "gate_fpr": 0.05,
     "keep_size_outliers": True,
     "image_fpr": 0.05,
     "pixel_quantile": 0.99,
@@ -238,6 +240,16 @@ def test_missing_required_arguments_exit_2(argv, capsys):
         cli.main(argv)
     assert exit_.value.code == 2
     assert "required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("kind", "category"), [([], "tiles"), (["--kind", "texture"], "tiles"), (["--kind", "aligned"], "parts")])
+def test_make_demo_data_writes_the_chosen_kind(tmp_path, capsys, kind, category):
+    assert cli.main(["make-demo-data", str(tmp_path), *kind]) == 0
+    root = tmp_path / category
+    assert capsys.readouterr().out.strip() == str(root)
+    sizes = {Image.open(path).size for path in (root / "train" / "good").iterdir()}
+    assert len(list((root / "train" / "good").iterdir())) == 40
+    assert (sizes == {(128, 128)}) == (category == "parts")  # the texture's images differ in size
 
 
 @pytest.mark.parametrize("version", ["0", "-1", "two", "1.5"])

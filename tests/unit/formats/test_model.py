@@ -485,6 +485,7 @@ def test_an_old_card_without_checksums_still_loads_unverified(tmp_path):
         ({"thresholds": {"image": "0.5", "pixel": None}}, r"thresholds.image is '0.5' \(str\); a threshold is a number or null"),
         ({"thresholds": {"image": True, "pixel": None}}, "thresholds.image is True"),
         ({"thresholds": {"image": 1.0}}, "thresholds is .*; it holds 'image' and 'pixel'"),
+        ({"thresholds": {"image": 1.0, "pixel": 1.0, "region": float("nan")}}, "thresholds.region is nan"),
         ({"train_count": "6"}, "train_count is '6'; it is a positive whole number"),
         ({"global_dim": 0}, "global_dim is 0"),
         ({"settings": []}, r"settings is \[\] \(list\), not a JSON object"),
@@ -499,6 +500,21 @@ def test_a_card_field_of_the_wrong_type_is_a_clear_error_naming_it(tmp_path, cha
     (folder / CARD_NAME).write_text(json.dumps(card))  # NaN and Infinity as the bare literals json reads back
     with pytest.raises(ModelError, match=rf"{folder}/spade.json is not a valid model card: {message}.*; fit the model again"):
         load_card(str(folder))
+
+
+def test_a_card_from_before_the_mask_rule_levels_decides_as_before(tmp_path):
+    """No region or gate level in its thresholds, no region_fpr or gate_fpr in its calibration settings: add keeps
+    calibrating as it did (0: off), and its masks are today's (Thresholds.shows_every_region by the verdict alone)."""
+    folder = tmp_path / "model"
+    make_model(tmp_path / "built", raw_features(6)).with_thresholds(Thresholds(2.0, 1.0, 0, True), CalibrationRecord()).save(str(folder))
+    card = json.loads((folder / CARD_NAME).read_text())
+    card["calibration_settings"] = {k: v for k, v in dataclasses.asdict(Settings().calibration).items() if k not in ("region_fpr", "gate_fpr")}
+    card["thresholds"] = {k: card["thresholds"][k] for k in ("image", "pixel", "min_region", "gate_masks")}
+    (folder / CARD_NAME).write_text(json.dumps(card))
+    loaded = load_card(str(folder))
+    assert (loaded.calibration_settings.region_fpr, loaded.calibration_settings.gate_fpr) == (0.0, 0.0)
+    assert loaded.thresholds == Thresholds(2.0, 1.0, 0, True, None, None)
+    assert [loaded.thresholds.shows_every_region(score) for score in (1.5, 2.0, 2.5, None)] == [False, False, True, True]
 
 
 def test_a_non_finite_threshold_is_never_written_to_a_card(tmp_path):

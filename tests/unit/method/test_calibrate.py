@@ -141,6 +141,27 @@ def test_each_pixel_rule_equals_its_direct_computation(tmp_path, rule):
         assert np.mean(shown) <= 0.1 and np.mean([drop_small_regions(m > 0.99 * thresholds.pixel, 5).any() for m in maps]) > 0.05
 
 
+@pytest.mark.parametrize(("region_fpr", "gate_fpr"), [(0.0, 0.0), (0.05, 0.0), (0.0, 0.2), (0.1, 0.3)])
+def test_the_mask_rule_levels_are_quantiles_of_the_calibration_scores(tmp_path, region_fpr, gate_fpr):
+    """The region level: the (1 - region_fpr) order statistic of the region scores, never below the pixel threshold;
+    the gate: the (1 - gate_fpr) order statistic of the image scores; 0 leaves either unset (None: today's masks)."""
+    rng = np.random.default_rng(9)
+    maps = [rng.gamma(2.0, 0.1, (24, 24)).astype(np.float32) for _ in range(40)]
+    regions = np.array([region_score(m, 1) for m in maps])  # each map's peak
+    knn = rng.random(40)
+    settings = Settings(image_score="knn", pixel_rule="mean_3sigma", image_fpr=0.05, min_region=1, region_fpr=region_fpr, gate_fpr=gate_fpr)
+    calibrated = calibrate_from_samples(tiny_model(tmp_path, image_score="knn"), scores_of(knn, knn, [pixel_sample(m) for m in maps], regions),
+                                        settings.calibration)
+    thresholds = calibrated.card.thresholds
+    order = lambda values, fpr: np.sort(values)[int(np.ceil((1 - fpr) * (len(values) - 1)))]  # noqa: E731
+    assert thresholds.image == order(knn, 0.05)
+    assert thresholds.gate == (order(knn, gate_fpr) if gate_fpr else None)
+    assert thresholds.region == (max(order(regions, region_fpr), thresholds.pixel) if region_fpr else None)
+    if region_fpr:  # the promise: about region_fpr of these normal maps show a pixel above the level
+        shown = np.mean([(m > thresholds.region).any() for m in maps])
+        assert region_fpr / 2 <= shown <= region_fpr and thresholds.region > thresholds.pixel
+
+
 def test_calibrate_sets_the_model_thresholds_from_held_out_scores(tmp_path):
     rng = np.random.default_rng(4)
     knn, maps = rng.random((2, 50))
@@ -157,6 +178,7 @@ def test_calibrate_sets_the_model_thresholds_from_held_out_scores(tmp_path):
 
 def test_region_scores_are_computed_only_for_the_region_rule(tmp_path):
     assert [region_size(Settings(pixel_rule=rule, min_region=7).calibration) for rule in ("quantile", "mean_3sigma", "region")] == [None, None, 7]
+    assert region_size(Settings(pixel_rule="mean_3sigma", min_region=7, region_fpr=0.01).calibration) == 7  # the region level needs them
     rng = np.random.default_rng(6)
     scores = scores_of(rng.random(20), rng.random(20), [rng.random(9, dtype=np.float32) for _ in range(20)])
     no_regions = dataclasses.replace(scores, region_scores=None)

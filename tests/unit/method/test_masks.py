@@ -1,5 +1,6 @@
 """Masks from maps (threshold or per-image scaling at the original size) and PNG encoding."""
 
+import dataclasses
 import io
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from spade_batch.formats.card import Thresholds
+from spade_batch.formats.images import resize_map
 from spade_batch.method.masks import drop_small_regions, mask_from_map, mask_scores, png_bytes, region_levels, region_score
 
 
@@ -80,13 +82,88 @@ def test_mask_rules_gate_by_the_verdict_and_drop_regions_scaled_to_the_image():
     anomaly_map[2:4, 2:4] = 1.0  # 4 pixels at the working size
     anomaly_map[8:14, 8:14] = 1.0  # 36
     rule = Thresholds(image=0.5, pixel=0.5, min_region=10, gate_masks=True)
-    assert not mask_from_map(anomaly_map, 32, 32, rule, anomalous=False).any()  # not flagged: empty
-    mask = mask_from_map(anomaly_map, 32, 32, rule, anomalous=True)  # 4x the area: regions under 40 pixels go
+    assert not mask_from_map(anomaly_map, 32, 32, rule, image_score=0.5).any()  # not flagged: empty
+    mask = mask_from_map(anomaly_map, 32, 32, rule, image_score=0.6)  # 4x the area: regions under 40 pixels go
     full = _bilinear(anomaly_map, 32, 32) > 0.5
     assert mask[16:28, 16:28].all() and not mask[:10, :10].any() and full[:10, :10].any()
     assert (mask > 0).sum() == drop_small_regions(full, 40).sum()
     ungated = Thresholds(image=0.5, pixel=0.5)  # a card from before these rules: every flagged pixel, whatever the verdict
-    np.testing.assert_array_equal(mask_from_map(anomaly_map, 32, 32, ungated, anomalous=False) > 0, full)
+    np.testing.assert_array_equal(mask_from_map(anomaly_map, 32, 32, ungated, image_score=0.0) > 0, full)
+
+
+def three_blobs() -> np.ndarray:
+    """A 32 x 32 map with three single-peaked blobs of peaks 1.0, 2.0 and 3.0 on a low floor."""
+    yy, xx = np.mgrid[0:32, 0:32]
+    blobs = [(6, 6, 1.0), (6, 24, 2.0), (24, 14, 3.0)]
+    return np.maximum.reduce([peak * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / 8.0) for y, x, peak in blobs]).astype(np.float32)
+
+
+def direct_mask(full: np.ndarray, rule: Thresholds, image_score: float, min_pixels: int) -> np.ndarray:
+    """Reference: skimage's 8-connected regions of full > pixel of min_pixels or more; all of them when the gate lets the
+    image through (or no gate and no region level), else those holding min_pixels pixels above the region level."""
+    from skimage.measure import label
+
+    gate = rule.gate if rule.gate is not None else rule.image
+    every = (rule.gate_masks and image_score > gate) or (not rule.gate_masks and rule.region is None)
+    labels = label(full > rule.pixel, connectivity=2)
+    shown = np.zeros(full.shape, bool)
+    for number in range(1, labels.max() + 1):
+        region = labels == number
+        evident = rule.region is not None and (full[region] > rule.region).sum() >= min_pixels
+        if region.sum() >= min_pixels and (every or evident):
+            shown |= region
+    return shown
+
+
+GATED = Thresholds(image=5.0, pixel=0.5, gate_masks=True)
+MASK_RULES = {
+    "gated (today's default)": GATED,
+    "ungated (cards from before gate_masks)": Thresholds(image=5.0, pixel=0.5),
+    "(a) gated, regions with their own evidence": dataclasses.replace(GATED, region=1.5),
+    "(b) gated at a looser image level": dataclasses.replace(GATED, gate=2.0),
+    "(a + b)": dataclasses.replace(GATED, region=2.5, gate=2.0),
+    "(c) every image: only regions with their own evidence": Thresholds(image=5.0, pixel=0.5, region=1.5),
+}
+
+
+@pytest.mark.parametrize("name", MASK_RULES)
+@pytest.mark.parametrize("image_score", [1.0, 3.0, 6.0])  # below the looser gate, between it and the image threshold, above
+@pytest.mark.parametrize("min_region", [0, 12])
+def test_each_mask_rule_equals_its_direct_computation(name, image_score, min_region):
+    anomaly_map = three_blobs()
+    rule = dataclasses.replace(MASK_RULES[name], min_region=min_region)
+    min_pixels = 4 * min_region if min_region > 1 else 1  # the mask is 64 x 64: 4x the working size's pixels
+    full = _bilinear(anomaly_map, 64, 64).astype(np.float32)
+    mask = mask_from_map(anomaly_map, 64, 64, rule, image_score) > 0
+    expected = direct_mask(resize_map(anomaly_map, 64, 64), rule, image_score, min_pixels)
+    np.testing.assert_array_equal(mask, expected)
+    np.testing.assert_allclose(resize_map(anomaly_map, 64, 64), full, atol=1e-6)  # the reference's map is the bilinear one
+    assert expected.any() or name.startswith("gated") or image_score < 2.0  # every case but the gated ones shows something
+
+
+def test_the_mask_rules_differ_where_they_should():
+    """On the three blobs (peaks 1, 2, 3) of an image scoring 3.0 (under the image threshold 5, over the loose gate 2)."""
+    anomaly_map = three_blobs()
+    peaks = {1.0: (12, 12), 2.0: (12, 48), 3.0: (48, 28)}  # each blob's centre at the 64 x 64 size
+
+    def shown(rule: Thresholds, score: float = 3.0) -> set[float]:
+        mask = mask_from_map(anomaly_map, 64, 64, rule, score) > 0
+        return {peak for peak, (y, x) in peaks.items() if mask[y, x]}
+
+    rules = MASK_RULES
+    assert shown(rules["gated (today's default)"]) == set()
+    assert shown(rules["gated (today's default)"], 6.0) == {1.0, 2.0, 3.0}
+    assert shown(rules["ungated (cards from before gate_masks)"]) == {1.0, 2.0, 3.0}
+    assert shown(rules["(a) gated, regions with their own evidence"]) == {2.0, 3.0}
+    assert shown(rules["(a) gated, regions with their own evidence"], 6.0) == {1.0, 2.0, 3.0}
+    assert shown(rules["(b) gated at a looser image level"]) == {1.0, 2.0, 3.0}
+    assert shown(rules["(b) gated at a looser image level"], 1.0) == set()
+    assert shown(rules["(a + b)"], 1.0) == {3.0}
+    assert shown(rules["(c) every image: only regions with their own evidence"], 6.0) == {2.0, 3.0}
+    # A shown region keeps its whole extent at the pixel threshold, not only its pixels above the region level.
+    mask = mask_from_map(anomaly_map, 64, 64, rules["(a) gated, regions with their own evidence"], 3.0) > 0
+    full = resize_map(anomaly_map, 64, 64)
+    assert (mask & (full < 1.5)).any() and not (mask & (full <= 0.5)).any()
 
 
 def test_png_bytes_round_trips_exactly():
@@ -129,17 +206,29 @@ def test_region_levels_flag_what_dropping_small_regions_keeps_at_every_threshold
         np.testing.assert_array_equal(levels > threshold, drop_small_regions(scores > threshold, min_pixels))
 
 
-@pytest.mark.parametrize("rule", [Thresholds(), Thresholds(min_region=6), Thresholds(min_region=6, gate_masks=True)],
-                         ids=["plain", "min_region", "gated"])
-@pytest.mark.parametrize("anomalous", [True, False])
-def test_mask_scores_above_a_pixel_threshold_are_the_mask_written_with_it(rule, anomalous):
+RULES_SWEPT = {
+    "plain": Thresholds(image=1.0),
+    "min_region": Thresholds(image=1.0, min_region=6),
+    "gated": Thresholds(image=1.0, min_region=6, gate_masks=True),
+    "gated at a looser level": Thresholds(image=1.0, min_region=6, gate_masks=True, gate=0.5),
+    "gated, regions with their own evidence": Thresholds(image=1.0, min_region=6, gate_masks=True, region=0.8),
+    "ungated, only regions with their own evidence": Thresholds(image=1.0, min_region=6, region=0.7),
+    "own evidence nowhere": Thresholds(image=1.0, min_region=6, region=5.0),
+}
+
+
+@pytest.mark.parametrize("rule", RULES_SWEPT.values(), ids=RULES_SWEPT.keys())
+@pytest.mark.parametrize("image_score", [2.0, 0.75, 0.25])
+def test_mask_scores_above_a_pixel_threshold_are_the_mask_written_with_it(rule, image_score):
     """For every pixel threshold the model could hold, mask_from_map writes exactly mask_scores > threshold."""
     anomaly_map = _smooth_map(3, 16)
-    scores = mask_scores(anomaly_map, 37, 29, rule, anomalous)
+    anomaly_map = (anomaly_map - anomaly_map.min()) / (anomaly_map.max() - anomaly_map.min())
+    scores = mask_scores(anomaly_map, 37, 29, rule, image_score)
     assert scores.shape == (37, 29) and scores.dtype == np.float32
+    shown = 0
     for threshold in np.quantile(anomaly_map, np.linspace(0, 1, 25)):
-        written = mask_from_map(anomaly_map, 37, 29, Thresholds(pixel=float(threshold), min_region=rule.min_region,
-                                                                 gate_masks=rule.gate_masks), anomalous) > 0
+        written = mask_from_map(anomaly_map, 37, 29, dataclasses.replace(rule, pixel=float(threshold)), image_score) > 0
         np.testing.assert_array_equal(scores > threshold, written)
-    if rule.gate_masks and not anomalous:
-        assert np.all(scores == -np.inf)
+        shown += written.any()
+    if not rule.shows_every_region(image_score) and (rule.region is None or rule.region > 1):
+        assert np.all(scores == -np.inf) and not shown

@@ -135,6 +135,20 @@ def test_decision_rules_state_a_fitted_estimators_promise_and_the_suspects():
     assert rules["suspect training images"] == "1, scoring far above the other calibration images: odd.png (91.5); left out of the gallery and calibration"
 
 
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"gate_masks": False}, "flagged pixels of every image"),
+    ({"gate_masks": True}, "empty for images not flagged anomalous"),
+    ({"gate_masks": True, "region": 3.5}, "every region on images flagged anomalous; on others, the regions with their own evidence (4 pixels above 3.5)"),
+    ({"gate_masks": True, "gate": 2.0}, "every region on images scoring above 2, empty on others"),
+    ({"gate_masks": False, "region": 3.5}, "on every image, the regions with their own evidence (4 pixels above 3.5)"),
+])
+def test_show_says_which_regions_masks_show(changes, words):
+    card = ModelCard(settings=Settings().method, preprocessing=Preprocessing(), weights_sha256="sha256:0", layers=[], global_dim=1,
+                     train_count=60, train_manifest_sha256="0", thresholds=Thresholds(image=2.5, pixel=1.25, min_region=4, **changes),
+                     calibration=CalibrationRecord(count=60, images="leave_one_out", image_fpr=0.01, pixel_rule="mean_3sigma"))
+    assert decision_rules(card)["masks"] == words + ", regions under 4 pixels (at the working size) dropped"
+
+
 def test_show_lists_the_versions_and_model_current_makes_an_older_one_current(tmp_path, capsys):
     root = str(tmp_path)
     for number, parent in ((1, None), (2, 1), (3, 2)):
