@@ -43,7 +43,8 @@ from spade_batch.formats.features import read_features
 from spade_batch.formats.images import decode_image, resize_map
 from spade_batch.formats.layout import ModelLayout, part_files
 from spade_batch.formats.matches import read_matches
-from spade_batch.method.calibrate import CalibrationScores, calibrate_from_samples, image_threshold
+from spade_batch.method import image_threshold
+from spade_batch.method.calibrate import CalibrationScores, calibrate_from_samples
 from spade_batch.method.detector import Extractor, Scorer, extract_features
 from spade_batch.method.extractor import Features
 from spade_batch.method.masks import shown_regions
@@ -52,9 +53,9 @@ from spade_batch.method.scoring import image_scores
 from spade_batch.reports.metrics import PixelDecisions, PixelMetrics, f1_optimal_image_threshold, f1_optimal_pixel_threshold
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAGNETIC_TILE = os.path.join(REPOSITORY, "..", "..", "shared", "data", "magnetic_tile")
-ESTIMATORS = ("order_statistic",)
-"""Image-threshold estimators compared (image_threshold_for); add the others' names where they are implemented."""
+MAGNETIC_TILE = os.path.join(REPOSITORY, "..", "shared", "data", "magnetic_tile")
+ESTIMATORS = image_threshold.ESTIMATORS
+"""Image-threshold estimators compared (image_threshold_for)."""
 RULES = {
     "gated (today)": {"gate_masks": True},
     "ungated": {"gate_masks": False},
@@ -71,9 +72,7 @@ def image_threshold_for(scores: np.ndarray, image_fpr: float, estimator: str) ->
 
     The one place the benchmark computes image thresholds: plug in the other estimators here.
     """
-    if estimator == "order_statistic":
-        return image_threshold(scores, image_fpr)
-    raise ValueError(f"image-threshold estimator {estimator!r} is not implemented in this benchmark; known: {ESTIMATORS}")
+    return image_threshold.estimate_image_threshold(scores, image_fpr, estimator).threshold
 
 
 def clopper_pearson(flagged: int, total: int, level: float = 0.95) -> tuple[float, float]:

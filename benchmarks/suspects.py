@@ -16,7 +16,7 @@ Measured (Magnetic Tile, efficientnet_lite0 imagenet, K=5, image_fpr 0.01, 2 sha
   suspected; two defects rank 1 and 2 of 53 (robust z 2.66 and 2.62, the top normal 1.68) and raise the threshold from
   2191 (no defects) to 2771 (+26%), below the suspect limit of 3383 (z 3.5).
 
-    nice -n 10 python benchmarks/suspects.py [--data /work/shared/data/magnetic_tile] [--normal 100] [--defects 5] [--k 5] [--pick first|largest]
+    nice -n 10 python benchmarks/suspects.py [--data ../shared/data/magnetic_tile] [--normal 100] [--defects 5] [--k 5] [--pick first|largest]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from spade_batch.method.recipe import StoredFeatures, calibration_scores, fit_fr
 from spade_batch.method.scoring import image_scores
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA = "/work/shared/data/magnetic_tile"
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "magnetic_tile")
 
 
 def defect_share(root: str, kind: str, name: str) -> float:
