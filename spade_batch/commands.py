@@ -106,12 +106,28 @@ def _print_model(summary: dict[str, Any]) -> None:
         ],
     )
     _print_failures(summary["failures"])
+    _print_unused(summary["unused"])
     print("\nversions (current: *)")
     print(f"{'':1} {'version':>7}  {'parent':>6}  {'added':>6}  {'gallery':>7}  {'image thr':>10}  {'pixel thr':>10}  created")
     for row in summary["versions"]:
         thresholds = row["thresholds"]
         print(f"{'*' if row['current'] else ' '} {row['number']:>7}  {row['parent'] or '-':>6}  {row['images_added'] or '-':>6}  "
               f"{row['gallery_images']:>7}  {_number(thresholds['image']):>10}  {_number(thresholds['pixel']):>10}  {row['created']}")
+
+
+def _print_unused(unused: dict[str, Any]) -> None:
+    """The training images the model does not use (left out, duplicates), and its near-duplicate count."""
+    if unused["recorded"] is False:
+        print("\ntraining images not used: not recorded (a model from before they were)")
+        return
+    if unused["images"]:
+        print(f"\ntraining images not used ({len(unused['images'])})")
+        for entry in unused["images"]:
+            print(f"  {entry['id']}: {entry['reason']}")
+    print(f"\nnear-duplicates: {_near_duplicates(unused['near_duplicates'])}")
+    for version in unused["by_version"]:
+        print(f"version {version['number']} left out {len(version['left_out'])}: "
+              + "; ".join(f"{e['id']}: {e['reason']}" for e in version["left_out"]))
 
 
 def _number(value: float | None) -> str:
@@ -220,6 +236,8 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
             ("calibration images", summary.calibration_images),
             ("failed images", summary.failed_images),
             ("left out (size)", len(summary.left_out)),
+            ("duplicates (used once)", len(summary.duplicates)),
+            ("near-duplicates", _near_duplicates(summary.near_duplicates)),
             ("image threshold", summary.thresholds["image"]),
             ("pixel threshold", summary.thresholds["pixel"]),
             ("seconds", f"{summary.seconds['total']:.1f}"),
@@ -228,11 +246,26 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
     )
     for failure in summary.failures[:10]:
         print(f"failed: {failure['id']}: {failure['error']}")
-    for entry in summary.left_out[:10]:
-        print(f"left out: {entry['id']}: {entry['reason']}")
+    _print_left_out([*summary.left_out, *({"id": d["id"], "reason": f"same content as {d['kept']} (kept)"} for d in summary.duplicates)])
     for warning in summary.warnings:
         print(f"warning: calibration: {warning}")
     return 0
+
+
+def _near_duplicates(near: dict[str, Any]) -> str:
+    """'N of M calibration images (e.g. a ~ b)': those with a gallery neighbour much closer than the rest."""
+    if not near:
+        return "not measured"
+    examples = ", ".join(f"{e['id']} ~ {e['neighbour']}" for e in near["examples"][:3])
+    return f"{near['count']} of {near['checked']} calibration images" + (f" (e.g. {examples})" if examples else "")
+
+
+def _print_left_out(entries: list[dict[str, str]], limit: int = 10) -> None:
+    """'left out: id: why' for the first `limit` entries, then how many more."""
+    for entry in entries[:limit]:
+        print(f"left out: {entry['id']}: {entry['reason']}")
+    if len(entries) > limit:
+        print(f"left out: ... and {len(entries) - limit} more (spade-batch show MODEL --json lists them)")
 
 
 def add(
@@ -259,10 +292,11 @@ def add(
         [
             ("model", summary.model_uri),
             ("version", f"{summary.version} (added to version {summary.parent})" if summary.published
-             else f"{summary.version} (unchanged: nothing new)"),
+             else f"{summary.version} (unchanged: nothing published)"),
             ("images listed", summary.images),
             ("already in the model", summary.skipped),
             ("added", summary.added),
+            ("left out", len(summary.left_out)),
             ("failed images", len(summary.failures)),
             ("extracted now", summary.extracted),
             ("gallery images", summary.gallery_images),
@@ -274,9 +308,12 @@ def add(
     )
     for failure in summary.failures[:10]:
         print(f"failed: {failure['id']}: {failure['error']}")
+    _print_left_out(summary.left_out)
+    if not summary.published and summary.left_out:
+        print(f"nothing published: the gallery and calibration of version {summary.version} would not change")
     for warning in summary.warnings:
         print(f"warning: calibration: {warning}")
-    return add_exit_code(summary.added, len(summary.failures))
+    return add_exit_code(summary.added, len(summary.failures), summary.failed_before)
 
 
 def make_current(model_uri: str, version: int, settings: Settings) -> int:

@@ -1,4 +1,5 @@
-"""Training-set hygiene: images whose size is far from the rest, and hold-outs too small to calibrate on.
+"""Training-set hygiene: images whose size is far from the rest, the same content under two ids, calibration images
+with a near-copy in the gallery, and hold-outs too small to calibrate on.
 
 A 1 x 1 or a 100000 x 1 "normal" image resized to the working size looks like nothing else in the
 set; in the gallery it is a neighbour no test image resembles, and in the calibration hold-out it
@@ -13,7 +14,7 @@ and the false-positive rate it gives is unknown below 1 / n.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -82,3 +83,35 @@ def calibration_warnings(image_scores: np.ndarray, image_fpr: float, images: str
             "so the threshold says nothing about new normal images. Remove duplicates from the training set."
         )
     return warnings
+
+
+def exact_duplicates(hashes: Mapping[str, str | None], rank: Callable[[str], int] = lambda image_id: 0) -> dict[str, str]:
+    """id -> the id kept, for each image whose content another image has too (the same content_sha256).
+
+    hashes: id -> content_sha256 of the readable training images (None: unknown, never a duplicate).
+    rank: which copy is kept: the lowest rank, then the smallest id (add ranks the images its parent uses first,
+    so that a copy under a new name never replaces them).
+    """
+    groups: dict[str, list[str]] = {}
+    for image_id, sha256 in hashes.items():
+        if sha256 is not None:
+            groups.setdefault(sha256, []).append(image_id)
+    duplicates = {}
+    for copies in groups.values():
+        kept, *others = sorted(copies, key=lambda image_id: (rank(image_id), image_id))
+        duplicates.update(dict.fromkeys(others, kept))
+    return duplicates
+
+
+NEAR_FRACTION = 0.1
+"""A calibration image is a near-duplicate when its squared global distance to its nearest other gallery image is below
+this fraction of the median of those distances (measured on Magnetic Tile: see near_duplicates)."""
+
+
+def near_duplicates(nearest: np.ndarray, fraction: float = NEAR_FRACTION) -> np.ndarray:
+    """B bool: the calibration images with a gallery neighbour much closer than the rest have theirs.
+
+    nearest: B squared global-feature distances (float), each image's to its nearest gallery image other than itself.
+    Near: below fraction x their median (none when the median is 0: every image then has a copy, see calibration_warnings).
+    """
+    return np.asarray(nearest, np.float64) < fraction * float(np.median(nearest))
