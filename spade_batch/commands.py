@@ -115,19 +115,22 @@ def _print_model(summary: dict[str, Any]) -> None:
               f"{row['gallery_images']:>7}  {_number(thresholds['image']):>10}  {_number(thresholds['pixel']):>10}  {row['created']}")
 
 
-def _print_unused(unused: dict[str, Any]) -> None:
-    """The training images the model does not use (left out, duplicates), and its near-duplicate count."""
+def _print_unused(unused: dict[str, Any], limit: int = 20) -> None:
+    """The training images the model does not use (left out, duplicates), its near-duplicate count, and what each
+    version left out of the images new to it or used by its parent; `limit` of each list (--json: all)."""
     if unused["recorded"] is False:
         print("\ntraining images not used: not recorded (a model from before they were)")
         return
-    if unused["images"]:
-        print(f"\ntraining images not used ({len(unused['images'])})")
-        for entry in unused["images"]:
-            print(f"  {entry['id']}: {entry['reason']}")
+    listed = [(f"training images not used ({len(unused['images'])})", unused["images"]),
+              *((f"left out by version {v['number']} ({len(v['left_out'])})", v["left_out"]) for v in unused["by_version"])]
+    for title, entries in listed:
+        if entries:
+            print(f"\n{title}")
+            for entry in entries[:limit]:
+                print(f"  {entry['id']}: {entry['reason']}")
+            if len(entries) > limit:
+                print(f"  ... and {len(entries) - limit} more (--json lists them)")
     print(f"\nnear-duplicates: {_near_duplicates(unused['near_duplicates'])}")
-    for version in unused["by_version"]:
-        print(f"version {version['number']} left out {len(version['left_out'])}: "
-              + "; ".join(f"{e['id']}: {e['reason']}" for e in version["left_out"]))
 
 
 def _number(value: float | None) -> str:

@@ -6,11 +6,14 @@ the feature part files were made and where the held-out images are scored (`Held
 the images it adds (`Addition`): so a model grown by add is the model one fit of all its images gives.
 Everything that decides what the model is happens here, in this order:
 
-1. training hygiene: readable images whose size is far from the rest are left out (trainset.size_outliers);
-2. the hold-out: calibration_fraction of the rest, by id hash (calibrate.is_held_out);
+1. training hygiene (select_training): each content (content_sha256) is used once, whatever its ids
+   (trainset.exact_duplicates); readable images whose size is far from the rest are left out (trainset.size_outliers);
+2. the hold-out: calibration_fraction of the rest, by id hash (calibrate.is_held_out), or leave-one-out;
 3. the card, the centre (one gallery image's features) and the gallery, written part by part;
-4. with layer_normalise, a first pass over the held-out images for each layer's spread;
-5. the held-out images' scores give the thresholds (calibrate.calibrate_from_samples).
+4. near-duplicates: calibration images with a gallery image much closer than the rest's nearest (trainset.near_duplicates)
+   are counted, and each is calibrated without those near-copies, as without its own row;
+5. with layer_normalise, a first pass over the held-out images for each layer's spread;
+6. the held-out images' scores give the thresholds (calibrate.calibrate_from_samples).
 
 The training set is never whole in memory: one part file per thread at a time.
 """

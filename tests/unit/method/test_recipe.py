@@ -8,16 +8,20 @@ The same through Ray is in tests/integration/engine/test_add.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import pathlib
 
 import numpy as np
 import pytest
 
 from spade_batch.formats.card import CARD_NAME
+from spade_batch.formats.features import write_features
 from spade_batch.formats.layout import ModelLayout, part_files
+from spade_batch.formats.matches import read_matches
 from spade_batch.formats.versions import version_numbers
-from spade_batch.method.detector import add, fit
-from spade_batch.method.recipe import StoredFeatures
+from spade_batch.method.detector import Extractor, _feature_table, add, fit
+from spade_batch.method.recipe import StoredFeatures, calibration_scores, fit_from_features
 from spade_batch.method.trainset import NEAR_FRACTION, exact_duplicates
 from spade_batch.reports.summary import model_summary
 from tests.unit.method.test_detector import SETTINGS, data  # noqa: F401 - the module's images
@@ -132,3 +136,29 @@ def test_a_card_from_before_the_training_record_loads_and_says_so(data, tmp_path
     assert shown["unused"] == {"recorded": False, "images": [], "near_duplicates": {}, "by_version": []}
     grown = add(folder, [data["test"][0]], ["new.png"])  # the parent's images as the recipe selects them now
     assert grown.card.version.left_out == [] and set(grown.train_ids) == {*IDS, "new.png"}
+
+
+def loo_scores(model, folder: str) -> dict[str, float]:
+    """id -> leave-one-out image score of each calibration image, from the matches the fit kept (calibration.parquet)."""
+    stored = read_matches((pathlib.Path(folder) / ModelLayout.calibration_matches).read_bytes(), model.card.layer_shapes)
+    ids = sorted(stored)
+    scores = calibration_scores(model, ids, {i: (0.0, stored[i]) for i in ids}, None)
+    return dict(zip(ids, scores.map_scores.tolist()))
+
+
+def test_a_copy_whose_content_hash_is_unknown_stays_in_the_gallery_but_never_calibrates_its_image(data, tmp_path):  # noqa: F811
+    """Parts from before content hashes were recorded: the copy cannot be found by content and stays in the gallery. It is
+    found as a near-duplicate, and each of the two is scored leave-one-out without the other: the score of 000.png in the
+    fit without the copy (on main: about 0, the copy at distance 0)."""
+    images, ids = [*data["train"], data["train"][0]], [*IDS, "copy.png"]
+    extractor = Extractor(LOO)
+    table = _feature_table(extractor, images, ids)
+    folder = tmp_path / "unknown"
+    write_features(str(folder / "features" / "part-0.parquet"), dataclasses.replace(table, sha256=[None] * len(ids)))
+    with_copy = fit_from_features(StoredFeatures.index([str(folder / "features" / "part-0.parquet")]), extractor, LOO, str(folder)).model
+    one = fit(data["train"], LOO, IDS, folder=str(tmp_path / "one"))
+
+    assert "copy.png" in with_copy.train_ids and with_copy.card.training.duplicates == []
+    assert with_copy.card.training.near_duplicates.neighbours == {IDS[0]: ["copy.png"], "copy.png": [IDS[0]]}
+    scores, expected = loo_scores(with_copy, str(folder)), loo_scores(one, str(tmp_path / "one"))[IDS[0]]
+    assert scores[IDS[0]] == pytest.approx(expected, rel=1e-5) and scores["copy.png"] == pytest.approx(expected, rel=1e-5)
