@@ -114,21 +114,21 @@ class CalibrationRecord:
 
 @dataclass(frozen=True)
 class NearDuplicates:
-    """Calibration images with a gallery neighbour much closer than the rest (method.trainset.near_duplicates).
+    """Calibration images with a gallery image much closer than the rest (method.trainset.near_duplicates).
 
     Attributes:
         count: calibration images whose squared global distance to their nearest other gallery image is below
-            fraction x median of those distances (median, squared feature units).
+            fraction x scale (the median distance to their NEAR_SCALE_RANK-th nearest; squared feature units).
         checked: calibration images measured.
         examples: up to NEAR_EXAMPLES {"id", "neighbour", "distance"}, closest first.
-        neighbours: id -> the gallery images within fraction x median of each of them: left out of its calibration
+        neighbours: id -> the gallery images within fraction x scale of each of them: left out of its calibration
             search, as its own row is ({}: a card from before, whose calibration left out only the image's own row).
     """
 
     count: int = 0
     checked: int = 0
     fraction: float = 0.0
-    median: float = 0.0
+    scale: float = 0.0
     examples: list[dict[str, Any]] = field(default_factory=list)
     neighbours: dict[str, list[str]] = field(default_factory=dict)
 

@@ -47,7 +47,7 @@ from spade_batch.method.calibrate import CalibrationScores
 from spade_batch.method.extractor import Extractor, Features
 from spade_batch.method.masks import region_score
 from spade_batch.method.scorer import Scorer
-from spade_batch.method.trainset import NEAR_FRACTION, exact_duplicates, near_duplicates, size_outliers
+from spade_batch.method.trainset import NEAR_FRACTION, NEAR_SCALE_RANK, exact_duplicates, near_duplicates, size_outliers
 
 log = logging.getLogger(__name__)
 
@@ -382,28 +382,26 @@ NEAR_NEIGHBOURS = 8
 
 
 def near_duplicates_of(model: SpadeModel, calibration_ids: Sequence[str], features: StoredFeatures) -> NearDuplicates:
-    """How many calibration images have a gallery neighbour much closer than the rest (trainset.near_duplicates):
-    each image's squared global distance to its nearest gallery image other than itself, against the median of those.
-    Each flagged image's near gallery images (up to NEAR_NEIGHBOURS, as the gallery's size allows) are recorded: they
-    are left out of its calibration search, as its own row is."""
+    """How many calibration images have a gallery image much closer than the rest (trainset.near_duplicates): their
+    squared global distances to their nearest gallery images other than themselves, against the scale. Each one's
+    near-copies (up to NEAR_NEIGHBOURS, as the gallery's size allows) are recorded: they are left out of its
+    calibration search, as its own row is."""
     queries = spade.centre(torch.from_numpy(features.global_features(calibration_ids)), torch.from_numpy(model.centre.global_mean)).numpy()
     own = _own_rows(model, calibration_ids)
-    width = min(NEAR_NEIGHBOURS, len(model.train_ids) - model.card.settings.k - (own.shape[1] if own is not None else 0))
-    if width < 1:
-        return NearDuplicates(checked=len(calibration_ids), fraction=NEAR_FRACTION)
-    distances, neighbours = spade.nearest_images(model.index, queries, width, own)
-    flagged = near_duplicates(distances[:, 0])
-    median = float(np.median(distances[:, 0]))
-    close = distances < NEAR_FRACTION * median
-    near = {calibration_ids[i]: [model.train_ids[n] for n in neighbours[i][close[i]]] for i in np.flatnonzero(flagged)}
-    order = np.flatnonzero(flagged)[np.argsort(distances[flagged, 0], kind="stable")]
+    others = len(model.train_ids) - (own.shape[1] if own is not None else 0)
+    distances, neighbours = spade.nearest_images(model.index, queries, min(NEAR_SCALE_RANK, others), own)
+    scale, close = near_duplicates(distances)
+    close[:, max(others - model.card.settings.k, 0):] = False  # k images are left to retrieve
+    close[:, NEAR_NEIGHBOURS:] = False
+    flagged = np.flatnonzero(close[:, 0])
+    near = {calibration_ids[i]: [model.train_ids[n] for n in neighbours[i][close[i]]] for i in flagged}
     examples = [{"id": calibration_ids[i], "neighbour": model.train_ids[neighbours[i, 0]], "distance": float(distances[i, 0])}
-                for i in order[:NEAR_EXAMPLES]]
-    record = NearDuplicates(len(near), len(calibration_ids), NEAR_FRACTION, median, examples, near)
+                for i in flagged[np.argsort(distances[flagged, 0], kind="stable")][:NEAR_EXAMPLES]]
+    record = NearDuplicates(len(near), len(calibration_ids), NEAR_FRACTION, scale, examples, near)
     if record.count:
-        log.warning("training: %d of %d calibration images have a gallery neighbour closer than %g x the median nearest distance "
-                    "(%.4g): each is calibrated without it; e.g. %s", record.count, record.checked, NEAR_FRACTION, median,
-                    ", ".join(f"{e['id']} ~ {e['neighbour']} ({e['distance']:.3g})" for e in examples))
+        log.warning("training: %d of %d calibration images have a gallery image closer than %g x the scale (%.4g, the median "
+                    "distance to the %s-th nearest): each is calibrated without them; e.g. %s", record.count, record.checked,
+                    NEAR_FRACTION, scale, distances.shape[1], ", ".join(f"{e['id']} ~ {e['neighbour']} ({e['distance']:.3g})" for e in examples))
     return record
 
 

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from spade_batch.exit_codes import MEANING, PRECEDENCE, ExitCode, add_exit_code, explain, markdown_table, plan_exit_code, score_exit_code
+from spade_batch.exit_codes import (
+    MEANING,
+    PRECEDENCE,
+    ExitCode,
+    add_exit_code,
+    explain,
+    markdown_table,
+    plan_exit_code,
+    score_exit_code,
+)
 from spade_batch.formats.model import ModelError
 from spade_batch.formats.storage import TransientStorageError
 

@@ -22,7 +22,7 @@ from spade_batch.formats.matches import read_matches
 from spade_batch.formats.versions import version_numbers
 from spade_batch.method.detector import Extractor, _feature_table, add, fit
 from spade_batch.method.recipe import StoredFeatures, calibration_scores, fit_from_features
-from spade_batch.method.trainset import NEAR_FRACTION, exact_duplicates
+from spade_batch.method.trainset import NEAR_FRACTION, NEAR_SCALE_RANK, exact_duplicates
 from spade_batch.reports.summary import model_summary
 from tests.unit.method.test_detector import SETTINGS, data  # noqa: F401 - the module's images
 
@@ -59,8 +59,8 @@ def test_leave_one_out_never_scores_an_image_against_its_copy(data, tmp_path):  
 
 
 def test_near_duplicates_are_counted_as_a_brute_force_search_counts_them(data, tmp_path):  # noqa: F811
-    """Two images with a near-copy (a pixel changed): the card's count, median and examples are those of a numpy search of
-    each calibration image's nearest other gallery image over the stored global features."""
+    """Two images with a near-copy (a pixel changed): the card's count, scale and examples are those of a numpy search of
+    each calibration image's nearest other gallery images over the stored global features."""
     images, ids = list(data["train"]), list(IDS)
     for source in (1, 4):
         near = images[source].copy()
@@ -73,13 +73,13 @@ def test_near_duplicates_are_counted_as_a_brute_force_search_counts_them(data, t
     gallery = stored.global_features(model.train_ids).astype(np.float64)
     distances = ((gallery[:, None, :] - gallery[None, :, :]) ** 2).sum(-1)
     np.fill_diagonal(distances, np.inf)
-    nearest = distances.min(axis=1)
-    median = float(np.median(nearest))
-    flagged = [(model.train_ids[i], model.train_ids[int(distances[i].argmin())]) for i in np.argsort(nearest) if nearest[i] < NEAR_FRACTION * median]
+    ranked = np.sort(distances, axis=1)
+    nearest, scale = ranked[:, 0], float(np.median(ranked[:, min(NEAR_SCALE_RANK, len(ids) - 1) - 1]))
+    flagged = [(model.train_ids[i], model.train_ids[int(distances[i].argmin())]) for i in np.argsort(nearest) if nearest[i] < NEAR_FRACTION * scale]
 
     record = model.card.training.near_duplicates
     assert (record.count, record.checked, record.fraction) == (len(flagged), len(ids), NEAR_FRACTION) and record.count >= 4
-    assert record.median == pytest.approx(median, rel=1e-4)
+    assert record.scale == pytest.approx(scale, rel=1e-4)
     assert [(e["id"], e["neighbour"]) for e in record.examples] == flagged[: len(record.examples)]
     assert {frozenset(pair) for pair in flagged} == {frozenset({IDS[1], "near-1.png"}), frozenset({IDS[4], "near-4.png"})}
 
