@@ -304,6 +304,7 @@ def add(
             ("extracted now", summary.extracted),
             ("gallery images", summary.gallery_images),
             ("calibration images", summary.calibration_images),
+            ("near-duplicates", _near_duplicates(summary.near_duplicates)),
             ("image threshold", summary.thresholds["image"]),
             ("pixel threshold", summary.thresholds["pixel"]),
             ("seconds", f"{summary.seconds:.1f}"),
@@ -316,7 +317,7 @@ def add(
         print(f"nothing published: the gallery and calibration of version {summary.version} would not change")
     for warning in summary.warnings:
         print(f"warning: calibration: {warning}")
-    return add_exit_code(summary.added, len(summary.failures), summary.failed_before)
+    return add_exit_code(summary.read, len(summary.failures), summary.failed_before)
 
 
 def make_current(model_uri: str, version: int, settings: Settings) -> int:

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import ray.data
 
@@ -40,15 +41,16 @@ class AddSummary:
     Attributes:
         version: the version published (the current one when nothing was published).
         parent: the version the images were added to.
-        images: listed; skipped: held by the parent already (failed ones not tried again included); added: new to it and
-            used by the version's gallery or calibration; extracted: by this run (a resumed run extracts only what its
-            killed run did not).
+        images: listed; skipped: held by the parent already (failed ones not tried again included); read: new to it and
+            read; added: of those, the images the version's gallery or calibration uses; extracted: by this run (a resumed
+            run extracts only what its killed run did not).
         left_out: {"id", "reason"} of the images new to it, or used by the parent, that the version does not use (a size far
             from the rest's, or the content of another image); nothing is published when the gallery and calibration would
             not change.
         failures: {"id", "error"} of the listed images that could not be read (or were rejected by name), those the
             parent recorded as failed included; failed_before: how many of them it recorded.
-        gallery_images, calibration_images, thresholds, warnings: of that version.
+        gallery_images, calibration_images, thresholds, warnings, near_duplicates (formats.card.NearDuplicates; {}: not
+            recorded): of that version.
     """
 
     model_uri: str
@@ -66,6 +68,8 @@ class AddSummary:
     failures: list[dict[str, str]] = dataclasses.field(default_factory=list)
     left_out: list[dict[str, str]] = dataclasses.field(default_factory=list)
     failed_before: int = 0
+    near_duplicates: dict[str, Any] = dataclasses.field(default_factory=dict)
+    read: int = 0
 
     @property
     def published(self) -> bool:
@@ -117,6 +121,7 @@ def _add_locked(manifest: Manifest, model_uri: str, settings: Settings, explicit
     new_ids = set(new)
     outcome.failures += [entry for entry in features.failures if entry["id"] in new_ids]
     read = [i for i in new if i in features.sizes]
+    outcome.read = len(read)
     selection = addition.select(features, settings)
     outcome.left_out = addition.left_out(selection, read, settings)
     if not addition.changes(selection, settings):
@@ -146,6 +151,7 @@ class _Outcome:
     failed_before: list[dict[str, str]]
     rejected: list[dict[str, str]]
     extracted: int = 0
+    read: int = 0
     left_out: list[dict[str, str]] = dataclasses.field(default_factory=list)
     failures: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
@@ -163,6 +169,7 @@ class _Outcome:
             calibration_images=card.calibration.count, thresholds=dataclasses.asdict(card.thresholds),
             warnings=list(card.calibration.warnings), seconds=time.perf_counter() - self.started,
             failures=[*self.rejected, *self.failures, *self.failed_before], left_out=self.left_out, failed_before=len(self.failed_before),
+            near_duplicates=dataclasses.asdict(card.training.near_duplicates) if card.training else {}, read=self.read,
         )
 
 

@@ -49,13 +49,13 @@ def test_a_scoring_run_s_code(scored, failed, retryable, drifted, fail_on_drift,
 
 
 @pytest.mark.parametrize(
-    ("added", "failed", "failed_before", "expected"),
+    ("read", "failed", "failed_before", "expected"),
     [(2, 0, 0, ExitCode.OK), (0, 0, 0, ExitCode.OK), (2, 1, 0, ExitCode.IMAGES_FAILED), (0, 1, 0, ExitCode.FAILED),
      (0, 1, 1, ExitCode.IMAGES_FAILED), (0, 2, 1, ExitCode.IMAGES_FAILED)],
 )
-def test_an_add_s_code_and_its_re_run_s(added, failed, failed_before, expected) -> None:
-    """A re-run of an add that added 2 images and failed 1 adds nothing and lists the failure the model recorded: exit 3 as its first run."""
-    assert add_exit_code(added, failed, failed_before) == expected
+def test_an_add_s_code_and_its_re_run_s(read, failed, failed_before, expected) -> None:
+    """A re-run of an add that read 2 images and failed 1 reads nothing and lists the failure the model recorded: exit 3 as its first run."""
+    assert add_exit_code(read, failed, failed_before) == expected
 
 
 @pytest.mark.parametrize("lines, expected", [
