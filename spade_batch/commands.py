@@ -107,6 +107,7 @@ def _print_model(summary: dict[str, Any]) -> None:
         ],
     )
     _print_failures(summary["failures"])
+    _print_unused(summary["unused"])
     print("\nversions (current: *)")
     print(f"{'':1} {'version':>7}  {'parent':>6}  {'added':>6}  {'gallery':>7}  {'image thr':>10}  {'pixel thr':>10}  {'set by':<21}  created")
     for row in summary["versions"]:
@@ -114,6 +115,24 @@ def _print_model(summary: dict[str, Any]) -> None:
         print(f"{'*' if row['current'] else ' '} {row['number']:>7}  {row['parent'] or '-':>6}  {row['images_added'] or '-':>6}  "
               f"{row['gallery_images']:>7}  {_number(thresholds['image']):>10}  {_number(thresholds['pixel']):>10}  "
               f"{row['thresholds_set_by']:<21}  {row['created']}")
+
+
+def _print_unused(unused: dict[str, Any], limit: int = 20) -> None:
+    """The training images the model does not use (left out, duplicates), its near-duplicate count, and what each
+    version left out of the images new to it or used by its parent; `limit` of each list (--json: all)."""
+    if unused["recorded"] is False:
+        print("\ntraining images not used: not recorded (a model from before they were)")
+        return
+    listed = [(f"training images not used ({len(unused['images'])})", unused["images"]),
+              *((f"left out by version {v['number']} ({len(v['left_out'])})", v["left_out"]) for v in unused["by_version"])]
+    for title, entries in listed:
+        if entries:
+            print(f"\n{title}")
+            for entry in entries[:limit]:
+                print(f"  {entry['id']}: {entry['reason']}")
+            if len(entries) > limit:
+                print(f"  ... and {len(entries) - limit} more (--json lists them)")
+    print(f"\nnear-duplicates: {_near_duplicates(unused['near_duplicates'])}")
 
 
 def _number(value: float | None) -> str:
@@ -222,6 +241,8 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
             ("calibration images", summary.calibration_images),
             ("failed images", summary.failed_images),
             ("left out", len(summary.left_out)),
+            ("duplicates (used once)", len(summary.duplicates)),
+            ("near-duplicates", _near_duplicates(summary.near_duplicates)),
             ("suspect images", _suspects_count(summary.suspects, summary.suspects_left_out)),
             ("image threshold", summary.thresholds["image"]),
             ("pixel threshold", summary.thresholds["pixel"]),
@@ -231,8 +252,7 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
     )
     for failure in summary.failures[:10]:
         print(f"failed: {failure['id']}: {failure['error']}")
-    for entry in summary.left_out[:10]:
-        print(f"left out: {entry['id']}: {entry['reason']}")
+    _print_left_out([*summary.left_out, *({"id": d["id"], "reason": f"same content as {d['kept']} (kept)"} for d in summary.duplicates)])
     _print_suspects(summary.suspects)
     for warning in summary.warnings:
         print(f"warning: calibration: {warning}")
@@ -250,6 +270,22 @@ def _print_suspects(suspects: list[dict[str, Any]]) -> None:
     """One line per suspect training image (the first 10), highest score first."""
     for entry in suspects[:10]:
         print(f"suspect: {entry['id']}: image score {entry['score']:.4g}, far above the other calibration images")
+
+
+def _near_duplicates(near: dict[str, Any]) -> str:
+    """'N of M calibration images (e.g. a ~ b)': those with a gallery neighbour much closer than the rest."""
+    if not near:
+        return "not measured"
+    examples = ", ".join(f"{e['id']} ~ {e['neighbour']}" for e in near["examples"][:3])
+    return f"{near['count']} of {near['checked']} calibration images" + (f" (e.g. {examples})" if examples else "")
+
+
+def _print_left_out(entries: list[dict[str, str]], limit: int = 10) -> None:
+    """'left out: id: why' for the first `limit` entries, then how many more."""
+    for entry in entries[:limit]:
+        print(f"left out: {entry['id']}: {entry['reason']}")
+    if len(entries) > limit:
+        print(f"left out: ... and {len(entries) - limit} more (spade-batch show MODEL --json lists them)")
 
 
 def add(
@@ -282,14 +318,16 @@ def add(
         [
             ("model", summary.model_uri),
             ("version", f"{summary.version} (added to version {summary.parent})" if summary.published
-             else f"{summary.version} (unchanged: nothing new)"),
+             else f"{summary.version} (unchanged: nothing published)"),
             ("images listed", summary.images),
             ("already in the model", summary.skipped),
             ("added", summary.added),
+            ("left out", len(summary.left_out)),
             ("failed images", len(summary.failures)),
             ("extracted now", summary.extracted),
             ("gallery images", summary.gallery_images),
             ("calibration images", summary.calibration_images),
+            ("near-duplicates", _near_duplicates(summary.near_duplicates)),
             ("suspect images", _suspects_count(summary.suspects, summary.suspects_left_out)),
             ("image threshold", summary.thresholds["image"]),
             ("pixel threshold", summary.thresholds["pixel"]),
@@ -298,6 +336,9 @@ def add(
     )
     for failure in summary.failures[:10]:
         print(f"failed: {failure['id']}: {failure['error']}")
+    _print_left_out(summary.left_out)
+    if not summary.published and summary.left_out:
+        print(f"nothing published: the gallery and calibration of version {summary.version} would not change")
     _print_suspects(summary.suspects)
     for warning in summary.warnings:
         print(f"warning: calibration: {warning}")
@@ -305,7 +346,7 @@ def add(
     if summary.published and parent.labelled is not None:
         print(f"warning: version {summary.parent}'s thresholds were set from labels ({parent.labelled.source}); version {summary.version}'s "
               f"are calibrated on normal images again. Run `spade-batch thresholds --model {model_uri} --labelled ...` to set them from labels")
-    return add_exit_code(summary.added, len(summary.failures))
+    return add_exit_code(summary.read, len(summary.failures), summary.failed_before)
 
 
 def make_current(model_uri: str, version: int, settings: Settings) -> int:

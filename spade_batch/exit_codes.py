@@ -57,10 +57,12 @@ def score_exit_code(scored: int, failed: int, retryable: int, drifted: bool, fai
     return most_severe(outcomes)
 
 
-def add_exit_code(added: int, failed: int) -> ExitCode:
-    """An add's status: FAILED when images failed and none was added, IMAGES_FAILED when some failed."""
+def add_exit_code(read: int, failed: int, failed_before: int = 0) -> ExitCode:
+    """An add's status from how many new images it read and how many failed: FAILED when images failed and none could be
+    read (failed_before: how many of the failed ones the model recorded as failed already; with some, IMAGES_FAILED, so
+    that a re-run of an add exits as its first run did), IMAGES_FAILED when some failed."""
     if failed:
-        return ExitCode.FAILED if added == 0 else ExitCode.IMAGES_FAILED
+        return ExitCode.FAILED if read == 0 and not failed_before else ExitCode.IMAGES_FAILED
     return ExitCode.OK
 
 

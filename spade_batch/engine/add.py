@@ -36,16 +36,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AddSummary:
-    """What an add did.
+    """What an add did: what the version published (or the current one, when nothing is published) holds.
 
     Attributes:
-        version: the version published (the current one when nothing was new).
+        version: the version published (the current one when nothing was published).
         parent: the version the images were added to.
-        images: listed; skipped: held by the parent already; added: new to it and read (failed ones excluded);
-            extracted: by this run (a resumed run extracts only what its killed run did not).
-        failures: {"id", "error"} of the listed images that could not be read (or were rejected by name);
-            nothing is published when no new image could be read.
-        gallery_images, calibration_images, thresholds, warnings: of the version published.
+        images: listed; skipped: held by the parent already (failed ones not tried again included); read: new to it and
+            read; added: of those, the images the version's gallery or calibration uses; extracted: by this run (a resumed
+            run extracts only what its killed run did not).
+        left_out: {"id", "reason"} of the images new to it, or used by the parent, that the version does not use (a size far
+            from the rest's, or the content of another image); nothing is published when the gallery and calibration would
+            not change.
+        failures: {"id", "error"} of the listed images that could not be read (or were rejected by name), those the
+            parent recorded as failed included; failed_before: how many of them it recorded.
+        gallery_images, calibration_images, thresholds, warnings, near_duplicates (formats.card.NearDuplicates; {}: not
+            recorded): of that version.
     """
 
     model_uri: str
@@ -64,6 +69,10 @@ class AddSummary:
     suspects: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """{"id", "score"} of the version's calibration images scoring far above the rest (card calibration.suspects)."""
     suspects_left_out: bool = False
+    left_out: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    failed_before: int = 0
+    near_duplicates: dict[str, Any] = dataclasses.field(default_factory=dict)
+    read: int = 0
 
     @property
     def published(self) -> bool:
@@ -88,12 +97,15 @@ def _add_locked(manifest: Manifest, model_uri: str, settings: Settings, explicit
     settings = addition.card.training_settings(settings, explicit)
     init_ray(settings.ray_address)
     listed = dict(zip(manifest.ids, manifest.uris))
-    held = {i: u for i, u in listed.items() if i in addition.trained.parts}
-    new = addition.new_ids({**{i: None for i in listed if i not in held}, **_content_hashes(held, settings)})
+    known = {i: u for i, u in listed.items() if i in addition.trained.sources}  # held, or recorded as failed
+    hashes = _content_hashes(known, settings)
+    failed_before = addition.failed_before(listed, hashes)
+    new = addition.new_ids({**{i: None for i in listed if i not in known}, **hashes}, failed_before)
     rejected = [{"id": uri, "error": reason} for uri, reason in manifest.rejected]
+    outcome = _Outcome(addition, started, len(manifest), len(manifest) - len(new), failed_before, rejected)
     if not new:
         log.info("add: version %d of %s holds every image listed: nothing to add", addition.parent.number, model_uri)
-        return _summary(addition, addition.parent.number, addition.card, len(manifest), len(manifest), [], rejected, 0, started)
+        return outcome.unchanged()
 
     extractor = Extractor(settings, options)  # as the extraction actors build theirs
     addition.check(extractor)
@@ -106,22 +118,63 @@ def _add_locked(manifest: Manifest, model_uri: str, settings: Settings, explicit
     if settings.overwrite or _left_by_another_add(target, inputs, options):
         storage.remove(target.root, options, recursive=True)
     record_inputs(target.features, target.features_inputs, inputs, options)
-    extracted = extract(new, uris, target.features, extractor, settings)
+    outcome.extracted = extract(new, uris, target.features, extractor, settings)
 
     features = addition.features()
     new_ids = set(new)
-    failures = [*rejected, *(entry for entry in features.failures if entry["id"] in new_ids)]
+    outcome.failures += [entry for entry in features.failures if entry["id"] in new_ids]
     read = [i for i in new if i in features.sizes]
-    if not read:
+    outcome.read = len(read)
+    selection = addition.select(features, settings)
+    outcome.left_out = addition.left_out(selection, read, settings)
+    if not addition.changes(selection, settings):
         storage.remove(target.root, options, recursive=True)
-        log.error("add: none of the %d new images could be read; nothing published, version %d of %s stays current",
-                  len(new), addition.parent.number, model_uri)
-        return _summary(addition, addition.parent.number, addition.card, len(manifest), len(held), [], failures, extracted, started)
+        if read:
+            log.warning("add: the %d new images read leave the gallery and calibration of version %d as they are (left out: %d); "
+                        "nothing published", len(read), addition.parent.number, len(outcome.left_out))
+        else:
+            log.error("add: none of the %d new images could be read; nothing published, version %d of %s stays current",
+                      len(new), addition.parent.number, model_uri)
+        return outcome.unchanged()
     held_out = held_out_scorer(features, extractor, target.root, settings)
-    fitted = build_and_publish(target.root, settings,
-                               lambda folder: addition.fit(features, extractor, settings, folder, (read, [listed[i] for i in read]), rejected, held_out))
+    fitted = build_and_publish(target.root, settings, lambda folder: addition.fit(
+        features, extractor, settings, folder, (read, [listed[i] for i in read]), selection, rejected, held_out))
     log.info("add: published version %d of %s (%d images added to version %d)", addition.number, model_uri, len(read), addition.parent.number)
-    return _summary(addition, addition.number, fitted.model.card, len(manifest), len(held), read, failures, extracted, started)
+    return outcome.published(fitted.model.card, [i for i in read if i in selection.used])
+
+
+@dataclass
+class _Outcome:
+    """What an add has found so far, and its summary once it ends."""
+
+    addition: Addition
+    started: float
+    listed: int
+    skipped: int
+    failed_before: list[dict[str, str]]
+    rejected: list[dict[str, str]]
+    extracted: int = 0
+    read: int = 0
+    left_out: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    failures: list[dict[str, str]] = dataclasses.field(default_factory=list)
+
+    def unchanged(self) -> AddSummary:
+        """Nothing published: the parent stays current."""
+        return self._summary(self.addition.parent.number, self.addition.card, [])
+
+    def published(self, card: ModelCard, added: list[str]) -> AddSummary:
+        return self._summary(self.addition.number, card, added)
+
+    def _summary(self, version: int, card: ModelCard, added: list[str]) -> AddSummary:
+        return AddSummary(
+            model_uri=self.addition.model_uri, version=version, parent=self.addition.parent.number, images=self.listed,
+            skipped=self.skipped, added=len(added), extracted=self.extracted, gallery_images=card.train_count,
+            calibration_images=card.calibration.count, thresholds=dataclasses.asdict(card.thresholds),
+            warnings=list(card.calibration.warnings), seconds=time.perf_counter() - self.started,
+            failures=[*self.rejected, *self.failures, *self.failed_before], left_out=self.left_out, failed_before=len(self.failed_before),
+            near_duplicates=dataclasses.asdict(card.training.near_duplicates) if card.training else {}, read=self.read,
+            suspects=list(card.calibration.suspects), suspects_left_out=card.calibration.suspects_left_out,
+        )
 
 
 def _left_by_another_add(target: ModelLayout, inputs: dict[str, object], options: storage.StorageOptions) -> bool:
@@ -134,23 +187,10 @@ def _left_by_another_add(target: ModelLayout, inputs: dict[str, object], options
     return True
 
 
-def _summary(
-    addition: Addition, version: int, card: ModelCard, listed: int, skipped: int, added: list[str], failures: list[dict[str, str]],
-    extracted: int, started: float,
-) -> AddSummary:
-    return AddSummary(
-        model_uri=addition.model_uri, version=version, parent=addition.parent.number, images=listed,
-        skipped=skipped, added=len(added), extracted=extracted, gallery_images=card.train_count,
-        calibration_images=card.calibration.count, thresholds=dataclasses.asdict(card.thresholds),
-        warnings=list(card.calibration.warnings), seconds=time.perf_counter() - started, failures=failures,
-        suspects=list(card.calibration.suspects), suspects_left_out=card.calibration.suspects_left_out,
-    )
-
-
 def _content_hashes(images: dict[str, str], settings: Settings) -> dict[str, str]:
     """id -> content_sha256 of these images (id -> uri), read by CPU tasks and never decoded.
 
-    An image that cannot be read is left out (the model holds it already), with a warning; raises
+    An image that cannot be read is left out (the model holds it already, or recorded it as failed), with a warning; raises
     RetryableInputError when some could not be read for a transient reason.
     """
     if not images:

@@ -57,6 +57,10 @@ class FitSummary:
     thresholds: dict[str, float | None]
     left_out: list[dict[str, str]] = field(default_factory=list)
     """Readable training images kept out of the gallery and calibration (sizes far from the rest), with why."""
+    duplicates: list[dict[str, str]] = field(default_factory=list)
+    """{"id", "kept"}: readable training images with the content of another (kept), used once."""
+    near_duplicates: dict[str, Any] = field(default_factory=dict)
+    """How many calibration images have a near-copy in the gallery (formats.card.NearDuplicates)."""
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     suspects: list[dict[str, Any]] = field(default_factory=list)
@@ -110,6 +114,8 @@ def _fit_locked(manifest: Manifest, model_uri: str, settings: Settings, started:
         failures=card.failed_train_images,
         thresholds=dataclasses.asdict(card.thresholds),
         left_out=fitted.left_out,
+        duplicates=fitted.selection.duplicates,
+        near_duplicates=dataclasses.asdict(card.training.near_duplicates) if card.training else {},
         warnings=list(card.calibration.warnings),
         seconds={"extract": extracted - started, "total": time.perf_counter() - started},
         suspects=list(card.calibration.suspects),

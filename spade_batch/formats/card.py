@@ -144,6 +144,51 @@ class CalibrationRecord:
 
 
 @dataclass(frozen=True)
+class NearDuplicates:
+    """Calibration images with a gallery image much closer than the rest (method.trainset.near_duplicates).
+
+    Attributes:
+        count: calibration images whose squared global distance to their nearest other gallery image is below
+            fraction x scale (the median distance to their NEAR_SCALE_RANK-th nearest; squared feature units).
+        checked: calibration images measured.
+        examples: up to NEAR_EXAMPLES {"id", "neighbour", "distance"}, closest first.
+        neighbours: id -> the gallery images within fraction x scale of each of them: left out of its calibration
+            search, as its own row is ({}: a card from before, whose calibration left out only the image's own row).
+    """
+
+    count: int = 0
+    checked: int = 0
+    fraction: float = 0.0
+    scale: float = 0.0
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    neighbours: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """Which readable training images the model does not use, and why (None on a card: written before it was recorded).
+
+    Attributes:
+        left_out: {"id", "reason"} of the images kept out of the gallery and calibration for their size.
+        duplicates: {"id", "kept"} of the images whose content (content_sha256) another image has: only the kept one is used.
+        near_duplicates: how many calibration images have a near-copy in the gallery.
+    """
+
+    left_out: list[dict[str, str]] = field(default_factory=list)
+    duplicates: list[dict[str, str]] = field(default_factory=list)
+    near_duplicates: NearDuplicates = field(default_factory=NearDuplicates)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainingRecord:
+        return cls(**{**values, "near_duplicates": NearDuplicates(**values.get("near_duplicates", {}))})
+
+    def unused(self) -> dict[str, str]:
+        """id -> why, of every readable training image the model does not use."""
+        return {**{entry["id"]: entry["reason"] for entry in self.left_out},
+                **{entry["id"]: f"same content as {entry['kept']} (kept)" for entry in self.duplicates}}
+
+
+@dataclass(frozen=True)
 class VersionRecord:
     """Which version of its model a card is, and what it added (formats.versions).
 
@@ -153,12 +198,15 @@ class VersionRecord:
         images_added: how many images this version's own features/ hold: fit's every listed image, an add's new ones
             (None: written before versions were recorded).
         added_sha256: the SHA-256 of those images' (id, uri) list (manifest.pairs_sha256).
+        left_out: {"id", "reason"} of the images this version does not use that were new to it or used by its parent
+            (an older image leaves when the images added move the median size; a new one that duplicates another).
     """
 
     number: int = 1
     parent: int | None = None
     images_added: int | None = None
     added_sha256: str | None = None
+    left_out: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -208,6 +256,8 @@ class ModelCard:
     """The calibration group the model was fitted with, which add keeps (None: written before it was recorded)."""
     labelled: LabelRecord | None = None
     """How `thresholds --labelled` set this version's thresholds (None: from normal images only, as every card before)."""
+    training: TrainingRecord | None = None
+    """The training images left out, duplicated or near-duplicated (None: written before it was recorded)."""
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Every file besides the card, by name relative to the model root: {"bytes": size, "sha256": hex}; {} before checksums."""
     package_version: str = __version__
@@ -227,6 +277,7 @@ class ModelCard:
             "normalisation": self.normalisation.to_dict(),
             "version": dataclasses.asdict(self.version),
             "calibration_settings": dataclasses.asdict(self.calibration_settings) if self.calibration_settings else {},
+            "training": dataclasses.asdict(self.training) if self.training else {},
         } | ({"labelled": dataclasses.asdict(self.labelled)} if self.labelled else {})
 
     def to_json(self) -> str:
@@ -252,6 +303,7 @@ class ModelCard:
             "calibration_settings": CalibrationSettings(**{**CALIBRATION_KEYS_ADDED_LATER, **values["calibration_settings"]})
             if values.get("calibration_settings") else None,
             "labelled": LabelRecord(**values["labelled"]) if values.get("labelled") else None,
+            "training": TrainingRecord.from_dict(values["training"]) if values.get("training") else None,
         })
 
     @property
@@ -339,7 +391,8 @@ def card_problem(values: dict[str, Any]) -> str | None:
     """
     required = {"settings": dict, "preprocessing": dict, "weights_sha256": str, "layers": list, "train_manifest_sha256": str}
     optional = {"thresholds": dict, "calibration": dict, "normalisation": dict, "failed_train_images": list, "files": dict,
-                "package_version": str, "created": str, "version": dict, "calibration_settings": dict, "labelled": dict}
+                "package_version": str, "created": str, "version": dict, "calibration_settings": dict, "labelled": dict,
+                "training": dict}
     for name, kind in {**required, **optional}.items():
         if name not in values and name in optional:
             continue

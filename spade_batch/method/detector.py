@@ -12,6 +12,7 @@ extracts only the images the model does not hold and runs the same recipe over a
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ from spade_batch.method.scorer import Scorer
 from spade_batch.method.scoring import ImageScore
 
 __all__ = ["Extractor", "Features", "ImageScore", "Scorer", "add", "extract_features", "fit", "score"]
+
+log = logging.getLogger(__name__)
 
 
 def fit(images: Sequence[np.ndarray], settings: Settings, ids: Sequence[str] | None = None, folder: str | None = None) -> SpadeModel:
@@ -57,7 +60,9 @@ def add(folder: str, images: Sequence[np.ndarray], ids: Sequence[str] | None = N
     (same pixels) or refused (other pixels: ValueError naming it). The model's method and calibration
     settings are kept (settings give the device and batch size). The grown model, the one recipe over
     every training image, is published as the next version in folder/versions/<N>/ and returned; with
-    nothing new, the current version is returned. It holds the model's lock, as `spade-batch add` does:
+    nothing new, or when the gallery and calibration would not change (images left out for their size, or
+    with the content of images the model holds under other ids), nothing is published and the current
+    version is returned. It holds the model's lock, as `spade-batch add` does:
     an add or fit already under way there makes it raise LockHeldError.
     """
     ids = _ids(images, ids)
@@ -69,7 +74,8 @@ def _add_locked(folder: str, images: Sequence[np.ndarray], ids: list[str], setti
     """add's work, once it holds the model's lock."""
     addition = Addition.plan(folder)
     settings = addition.card.training_settings(settings or Settings())
-    new = set(addition.new_ids({image_id: content_sha256(image) for image_id, image in zip(ids, images)}))
+    hashes = {image_id: content_sha256(image) for image_id, image in zip(ids, images)}
+    new = set(addition.new_ids(hashes, addition.failed_before(ids, hashes)))
     if not new:
         return SpadeModel.load(addition.parent.uri)
     extractor = Extractor(settings)
@@ -78,7 +84,15 @@ def _add_locked(folder: str, images: Sequence[np.ndarray], ids: list[str], setti
     added_ids, target = [ids[i] for i in added], addition.target.root
     shutil.rmtree(target, ignore_errors=True)  # what an earlier add left unpublished there
     extract_features(extractor, [images[i] for i in added], added_ids, ModelLayout(target).features, settings.shard_size)
-    model = addition.fit(addition.features(), extractor, settings, target, (added_ids, added_ids)).model
+    features = addition.features()
+    selection = addition.select(features, settings)
+    if not addition.changes(selection, settings):
+        shutil.rmtree(target, ignore_errors=True)
+        log.warning("add: the %d new images leave the gallery and calibration of version %d as they are (%s); nothing published",
+                    len(added_ids), addition.parent.number,
+                    "; ".join(f"{e['id']}: {e['reason']}" for e in addition.left_out(selection, added_ids, settings)[:3]))
+        return SpadeModel.load(addition.parent.uri)
+    model = addition.fit(features, extractor, settings, target, (added_ids, added_ids), selection).model
     model.write_card(target)  # last: the version is published
     return model
 

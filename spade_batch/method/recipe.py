@@ -6,11 +6,14 @@ the feature part files were made and where the held-out images are scored (`Held
 the images it adds (`Addition`): so a model grown by add is the model one fit of all its images gives.
 Everything that decides what the model is happens here, in this order:
 
-1. training hygiene: readable images whose size is far from the rest are left out (trainset.size_outliers);
-2. the hold-out: calibration_fraction of the rest, by id hash (calibrate.is_held_out);
+1. training hygiene (select_training): each content (content_sha256) is used once, whatever its ids
+   (trainset.exact_duplicates); readable images whose size is far from the rest are left out (trainset.size_outliers);
+2. the hold-out: calibration_fraction of the rest, by id hash (calibrate.is_held_out), or leave-one-out;
 3. the card, the centre (one gallery image's features) and the gallery, written part by part;
-4. with layer_normalise, a first pass over the held-out images for each layer's spread;
-5. the held-out images' scores give the thresholds (calibrate.calibrate_from_samples).
+4. near-duplicates: calibration images with a gallery image much closer than the rest's nearest (trainset.near_duplicates)
+   are counted, and each is calibrated without those near-copies, as without its own row;
+5. with layer_normalise, a first pass over the held-out images for each layer's spread;
+6. the held-out images' scores give the thresholds (calibrate.calibrate_from_samples).
 
 The training set is never whole in memory: one part file per thread at a time.
 """
@@ -22,9 +25,9 @@ import dataclasses
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +35,7 @@ import torch
 
 from spade_batch.config import Settings
 from spade_batch.formats import storage
-from spade_batch.formats.card import ModelCard, Normalisation, VersionRecord, load_card
+from spade_batch.formats.card import ModelCard, NearDuplicates, Normalisation, TrainingRecord, VersionRecord, load_card
 from spade_batch.formats.features import INDEX_SCHEMA, FeatureTable, read_features, read_global_features
 from spade_batch.formats.layout import ModelLayout, part_files, read_columns
 from spade_batch.formats.manifest import pairs_sha256
@@ -44,7 +47,7 @@ from spade_batch.method.calibrate import CalibrationScores
 from spade_batch.method.extractor import Extractor, Features
 from spade_batch.method.masks import region_score
 from spade_batch.method.scorer import Scorer
-from spade_batch.method.trainset import size_outliers
+from spade_batch.method.trainset import NEAR_FRACTION, NEAR_SCALE_RANK, exact_duplicates, near_duplicates, size_outliers
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +141,12 @@ def match_held_out(scorer: Scorer, block: FeatureTable, previous: Mapping[str, P
 
 
 def _own_rows(model: SpadeModel, ids: Sequence[str]) -> np.ndarray | None:
-    """Each image's gallery row (-1 when it is not in the gallery), or None when none is."""
-    rows = np.array([model.row_of.get(image_id, -1) for image_id in ids], np.int64)
-    return rows if (rows >= 0).any() else None
+    """M x E gallery rows each image is scored without (-1 padded): its own row (leave-one-out) and its near-copies'
+    (the card's near_duplicates.neighbours); None when none of the images has any."""
+    near = model.card.training.near_duplicates.neighbours if model.card.training else {}
+    rows = [[model.row_of[i] for i in (image_id, *near.get(image_id, ())) if i in model.row_of] for image_id in ids]
+    width = max(map(len, rows), default=0)
+    return np.array([row + [-1] * (width - len(row)) for row in rows], np.int64) if width else None
 
 
 class HeldOutScorer(Protocol):
@@ -229,18 +235,72 @@ def calibration_scores(
 
 
 @dataclass(frozen=True)
-class FitResult:
-    """A fitted model and how its training images were used.
+class Selection:
+    """Which readable training images a model uses, and why it does not use the others.
 
     Attributes:
-        gallery_ids, calibration_ids: sorted.
-        left_out: {"id", "reason"} of the readable images kept out of both for their size.
+        gallery_ids, calibration_ids: sorted (split_fit_ids of the images used).
+        left_out: {"id", "reason"} of the images kept out of both for their size (trainset.size_outliers).
+        duplicates: {"id", "kept"} of the images whose content another image has (trainset.exact_duplicates).
     """
 
-    model: SpadeModel
     gallery_ids: list[str]
     calibration_ids: list[str]
     left_out: list[dict[str, str]]
+    duplicates: list[dict[str, str]]
+
+    @property
+    def used(self) -> set[str]:
+        """The images in the gallery or calibration."""
+        return {*self.gallery_ids, *self.calibration_ids}
+
+    def record(self, near: NearDuplicates | None = None) -> TrainingRecord:
+        """What the card records of it."""
+        return TrainingRecord(self.left_out, self.duplicates, near or NearDuplicates())
+
+    def without(self, suspects: Sequence[dict[str, Any]], settings: Settings) -> Selection:
+        """The selection with these suspect images ({"id", "score"}) left out, the rest split again (split_fit_ids)."""
+        suspected = {entry["id"] for entry in suspects}
+        gallery_ids, calibration_ids = split_fit_ids(sorted(self.used - suspected), settings)
+        reasons = [{"id": entry["id"], "reason": f"suspect: image score {entry['score']:.4g} far above the other calibration images"}
+                   for entry in suspects]
+        return Selection(gallery_ids, calibration_ids, [*self.left_out, *reasons], self.duplicates)
+
+
+def select_training(features: StoredFeatures, settings: Settings, kept_first: Collection[str] = ()) -> Selection:
+    """The training images a model of these features uses: each content once (its copy in kept_first, else the
+    smallest id; the others listed as duplicates, never counted twice nor calibrating each other), the images
+    whose size is far from the rest's left out, then the gallery / calibration split (split_fit_ids)."""
+    first = set(kept_first)
+    duplicates = exact_duplicates({i: features.sources[i][1] for i in features.sizes}, lambda image_id: image_id not in first)
+    if duplicates:
+        example = min(duplicates)
+        log.warning("training: %d training images have the content of another image (e.g. %s: the same as %s); each content is "
+                    "used once", len(duplicates), example, duplicates[example])
+    unique = {i: size for i, size in features.sizes.items() if i not in duplicates}
+    left_out = _size_outliers(unique, settings)
+    gallery_ids, calibration_ids = split_fit_ids(sorted(set(unique) - {entry["id"] for entry in left_out}), settings)
+    return Selection(gallery_ids, calibration_ids, left_out, [{"id": i, "kept": kept} for i, kept in sorted(duplicates.items())])
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A fitted model and how its training images were used (selection: which, and why not the others)."""
+
+    model: SpadeModel
+    selection: Selection
+
+    @property
+    def gallery_ids(self) -> list[str]:
+        return self.selection.gallery_ids
+
+    @property
+    def calibration_ids(self) -> list[str]:
+        return self.selection.calibration_ids
+
+    @property
+    def left_out(self) -> list[dict[str, str]]:
+        return self.selection.left_out
 
 
 def split_fit_ids(ids: Sequence[str], settings: Settings) -> tuple[list[str], list[str]]:
@@ -298,6 +358,7 @@ def fit_from_features(
     held_out: HeldOutScorer | None = None,
     version: VersionRecord | None = None,
     previous: Mapping[str, PixelMatches] | None = None,
+    selection: Selection | None = None,
 ) -> FitResult:
     """The model of these training features, its gallery files written to the local `folder` (card not saved).
 
@@ -307,57 +368,84 @@ def fit_from_features(
     held_out: where held-out images are scored (default: in this process).
     version: what the card records of the model's version (default: fit's, version 1).
     previous: the calibration matches of the version added to (calibration_matches); none for a fit.
+    selection: the images used (default: select_training of the features).
     """
-    left_out = _size_outliers(features.sizes, settings)
+    selection = selection or select_training(features, settings)
     held_out = held_out or InProcessHeldOut(features, extractor, settings)
     manifest_sha256, failed = features.manifest_sha256(), [*features.failures, *failures]
-
-    def card(gallery_ids: Sequence[str]) -> ModelCard:
-        return new_card(extractor, settings, len(gallery_ids), manifest_sha256, failed, version)
-
-    kept = sorted(set(features.sizes) - {entry["id"] for entry in left_out})
-    fitted = _fit_ids(kept, features, card, settings, folder, held_out, previous or {})
-    record = fitted.model.card.calibration
+    card = new_card(extractor, settings, len(selection.gallery_ids), manifest_sha256, failed, version)
+    model = _fit_selection(selection, features, card, settings, folder, held_out, previous or {})
+    record = model.card.calibration
     if settings.suspects == "keep" or not record.suspects:
-        return FitResult(fitted.model, fitted.gallery_ids, fitted.calibration_ids, left_out)
+        return FitResult(model, selection)
     # Leaving suspects out changes the gallery, so the others' scores are made again against it (their matches reused
     # where their K retrieved images did not hold a suspect). Suspects are found once, on the first pass: the rule is not
     # iterated, so that it never eats into the tail of the normal images.
-    suspected = {entry["id"] for entry in record.suspects}
     for entry in record.suspects:
-        log.warning("fit: suspect training image %s (image score %.4g) left out of the gallery and calibration (suspects leave_out)",
+        log.warning("training: suspect image %s (image score %.4g) left out of the gallery and calibration (suspects leave_out)",
                     entry["id"], entry["score"])
     first_matches = read_matches(storage.read_bytes(os.path.join(folder, ModelLayout.calibration_matches)), extractor.layer_shapes)
-    del fitted  # its gallery files are written again in the same folder
-    fitted = _fit_ids([i for i in kept if i not in suspected], features, card, settings, folder, held_out, first_matches)
-    model = fitted.model.with_thresholds(fitted.model.card.thresholds,
-                                         dataclasses.replace(fitted.model.card.calibration, suspects=record.suspects, suspects_left_out=True))
-    reasons = [{"id": entry["id"], "reason": f"suspect: image score {entry['score']:.4g} far above the other calibration images"}
-               for entry in record.suspects]
-    return FitResult(model, fitted.gallery_ids, fitted.calibration_ids, [*left_out, *reasons])
+    selection = selection.without(record.suspects, settings)
+    card = new_card(extractor, settings, len(selection.gallery_ids), manifest_sha256, failed, version)
+    model = _fit_selection(selection, features, card, settings, folder, held_out, first_matches)  # written again in the same folder
+    model = model.with_thresholds(model.card.thresholds,
+                                  dataclasses.replace(model.card.calibration, suspects=record.suspects, suspects_left_out=True))
+    return FitResult(model, selection)
 
 
-def _fit_ids(
-    ids: Sequence[str], features: StoredFeatures, card: Callable[[Sequence[str]], ModelCard], settings: Settings, folder: str,
+def _fit_selection(
+    selection: Selection, features: StoredFeatures, card: ModelCard, settings: Settings, folder: str,
     held_out: HeldOutScorer, previous: Mapping[str, PixelMatches],
-) -> FitResult:
-    """The gallery and calibration of these training images; card: the card of a gallery (new_card); left_out empty."""
-    gallery_ids, calibration_ids = split_fit_ids(ids, settings)
-    model = _write_gallery(features, gallery_ids, card(gallery_ids), settings, folder)
-    if calibration_ids:
-        model = _calibrate(model, calibration_ids, features, held_out, previous, settings)
-    else:
+) -> SpadeModel:
+    """The gallery and calibration of the selected training images, with this card (new_card; its training record is
+    the selection's)."""
+    gallery_ids, calibration_ids = selection.gallery_ids, selection.calibration_ids
+    model = _write_gallery(features, gallery_ids, dataclasses.replace(card, training=selection.record()), settings, folder)
+    if not calibration_ids:
         log.warning("fit: no images held out for calibration; thresholds stay unset (set calibration_fraction > 0)")
-    return FitResult(model, gallery_ids, calibration_ids, [])
+        return model
+    near = near_duplicates_of(model, calibration_ids, features)
+    model = dataclasses.replace(model, card=dataclasses.replace(model.card, training=selection.record(near)))
+    return _calibrate(model, calibration_ids, features, held_out, previous, settings)
 
 
-def _size_outliers(sizes: dict[str, tuple[int, int]], settings: Settings) -> list[dict[str, str]]:
+NEAR_EXAMPLES = 5
+"""Near-duplicate calibration images the card and the warning name, closest first."""
+NEAR_NEIGHBOURS = 8
+"""At most this many near gallery images are left out of one calibration image's search."""
+
+
+def near_duplicates_of(model: SpadeModel, calibration_ids: Sequence[str], features: StoredFeatures) -> NearDuplicates:
+    """How many calibration images have a gallery image much closer than the rest (trainset.near_duplicates): their
+    squared global distances to their nearest gallery images other than themselves, against the scale. Each one's
+    near-copies (up to NEAR_NEIGHBOURS, as the gallery's size allows) are recorded: they are left out of its
+    calibration search, as its own row is."""
+    queries = spade.centre(torch.from_numpy(features.global_features(calibration_ids)), torch.from_numpy(model.centre.global_mean)).numpy()
+    own = _own_rows(model, calibration_ids)
+    others = len(model.train_ids) - (own.shape[1] if own is not None else 0)
+    distances, neighbours = spade.nearest_images(model.index, queries, min(NEAR_SCALE_RANK, others), own)
+    scale, close = near_duplicates(distances)
+    close[:, max(others - model.card.settings.k, 0):] = False  # k images are left to retrieve
+    close[:, NEAR_NEIGHBOURS:] = False
+    flagged = np.flatnonzero(close[:, 0])
+    near = {calibration_ids[i]: [model.train_ids[n] for n in neighbours[i][close[i]]] for i in flagged}
+    examples = [{"id": calibration_ids[i], "neighbour": model.train_ids[neighbours[i, 0]], "distance": float(distances[i, 0])}
+                for i in flagged[np.argsort(distances[flagged, 0], kind="stable")][:NEAR_EXAMPLES]]
+    record = NearDuplicates(len(near), len(calibration_ids), NEAR_FRACTION, scale, examples, near)
+    if record.count:
+        log.warning("training: %d of %d calibration images have a gallery image closer than %g x the scale (%.4g, the median "
+                    "distance to the %s-th nearest): each is calibrated without them; e.g. %s", record.count, record.checked,
+                    NEAR_FRACTION, scale, distances.shape[1], ", ".join(f"{e['id']} ~ {e['neighbour']} ({e['distance']:.3g})" for e in examples))
+    return record
+
+
+def _size_outliers(sizes: Mapping[str, tuple[int, int]], settings: Settings) -> list[dict[str, str]]:
     """The training images to leave out for their size (none with keep_size_outliers), each logged."""
     ids = sorted(sizes)
     outliers = size_outliers(ids, [sizes[i][0] for i in ids], [sizes[i][1] for i in ids])
     verb = "kept (keep_size_outliers)" if settings.keep_size_outliers else "left out of the gallery and calibration"
     for image_id, reason in outliers.items():
-        log.warning("fit: training image %s %s: %s", image_id, verb, reason)
+        log.warning("training: image %s %s: %s", image_id, verb, reason)
     return [] if settings.keep_size_outliers else [{"id": i, "reason": r} for i, r in outliers.items()]
 
 
@@ -452,9 +540,38 @@ class Addition:
         """The folder of the version this add publishes; its features/ gets the new images' parts."""
         return ModelLayout(self.model_uri).version(self.number)
 
-    def new_ids(self, incoming: dict[str, str | None]) -> list[str]:
-        """new_images against the parent's readable training images."""
-        return new_images({i: self.trained.sources[i][1] for i in self.trained.parts}, incoming)
+    def new_ids(self, incoming: dict[str, str | None], failed_before: Sequence[dict[str, str]] = ()) -> list[str]:
+        """new_images against the parent's readable training images, less the failed ones not tried again (failed_before)."""
+        again = {entry["id"] for entry in failed_before}
+        return [i for i in new_images({i: self.trained.sources[i][1] for i in self.trained.parts}, incoming) if i not in again]
+
+    def failed_before(self, listed: Collection[str], hashes: Mapping[str, str]) -> list[dict[str, str]]:
+        """The parent's failed images among `listed` that are not tried again, with their recorded errors: their content is
+        the one they failed with, or they cannot be read now (hashes: id -> content_sha256 of the images read). An image
+        with other content now is tried again. So a re-run of an add reports the failures its first run did."""
+        wanted = set(listed)
+        return [entry for entry in self.trained.failures
+                if entry["id"] in wanted and hashes.get(entry["id"]) in (None, self.trained.sources[entry["id"]][1])]
+
+    def parent_used(self, settings: Settings) -> set[str]:
+        """The images the parent's gallery and calibration use: as its card records them, else (a card from before the
+        record) as the recipe selects them now."""
+        if self.card.training is not None:
+            return set(self.trained.parts) - set(self.card.training.unused())
+        return select_training(self.trained, settings).used
+
+    def select(self, features: StoredFeatures, settings: Settings) -> Selection:
+        """select_training of the grown model's features (self.features()), the parent's images kept before new copies of them."""
+        return select_training(features, settings, self.parent_used(settings))
+
+    def changes(self, selection: Selection, settings: Settings) -> bool:
+        """Whether the grown model's gallery or calibration would differ from the parent's (else nothing is published)."""
+        return selection.used != self.parent_used(settings)
+
+    def left_out(self, selection: Selection, new: Collection[str], settings: Settings) -> list[dict[str, str]]:
+        """{"id", "reason"} of the images the grown model does not use that are new or that the parent used, by id."""
+        unused, concerned = selection.record().unused(), set(new) | self.parent_used(settings)
+        return [{"id": image_id, "reason": unused[image_id]} for image_id in sorted(unused) if image_id in concerned]
 
     def check(self, extractor: Extractor) -> None:
         """Refuse an extractor whose features would not be the parent's: other weights found now, or another preprocessing
@@ -472,16 +589,17 @@ class Addition:
         return StoredFeatures.index([*self.parts, *part_files(self.target.features, options)], options)
 
     def fit(
-        self, features: StoredFeatures, extractor: Extractor, settings: Settings, folder: str,
-        added: tuple[Sequence[str], Sequence[str]], failures: Sequence[dict[str, str]] = (), held_out: HeldOutScorer | None = None,
+        self, features: StoredFeatures, extractor: Extractor, settings: Settings, folder: str, added: tuple[Sequence[str], Sequence[str]],
+        selection: Selection, failures: Sequence[dict[str, str]] = (), held_out: HeldOutScorer | None = None,
     ) -> FitResult:
         """The one recipe over features (self.features()), gallery files in the local `folder` (card not saved).
 
-        added: (ids, uris) of the images this add extracted and could read; failures: its images that were never extracted.
+        added: (ids, uris) of the images this add extracted and could read; selection: self.select(features, settings);
+        failures: its images that were never extracted.
         """
-        version = VersionRecord(self.number, self.parent.number, len(added[0]), pairs_sha256(*added))
+        version = VersionRecord(self.number, self.parent.number, len(added[0]), pairs_sha256(*added), self.left_out(selection, added[0], settings))
         return fit_from_features(features, extractor, settings, folder, [*self._rejected(), *failures], held_out, version,
-                                 self.previous_matches())
+                                 self.previous_matches(), selection)
 
     def previous_matches(self) -> dict[str, PixelMatches]:
         """The parent's calibration matches (formats.matches), checked against its card; none, so that every calibration

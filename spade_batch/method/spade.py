@@ -47,33 +47,45 @@ def image_knn(
         queries: M x D float32 global features of the test images.
         k: number of nearest normal images, 1 <= k <= N (k < N with exclude).
         exclude: M int64 index rows, each query's own (leave-one-out: a gallery image scored against the
-            others), or -1 for none. An excluded row is never a neighbour, so it is absent from the pixel
-            search too, which only visits the K retrieved images.
+            others), or -1 for none; or M x E rows per query (its own and its near-copies', padded with -1). An
+            excluded row is never a neighbour, so it is absent from the pixel search too, which only visits the K
+            retrieved images.
 
     Returns:
         scores: M float32, mean of the K squared distances.
         neighbours: M x K int64 indices into the normal images, nearest first.
     """
-    usable = index.ntotal - (exclude is not None)
+    rows = None if exclude is None else np.asarray(exclude, np.int64).reshape(len(queries), -1)
+    excluded = 0 if rows is None else rows.shape[1]
+    usable = index.ntotal - excluded
     if not 1 <= k <= usable:
         raise ValueError(
             f"k={k} nearest normal images requested but the model holds {index.ntotal}"
-            + (" (one of them the image itself)" if exclude is not None else "")
+            + (f" ({excluded} of them excluded: the image itself and its near-copies)" if excluded else "")
             + f"; use k between 1 and {usable} or fit on more normal images"
         )
+    distances, neighbours = nearest_images(index, queries, k, rows)
+    return distances.mean(axis=1, dtype=np.float64).astype(np.float32), neighbours
+
+
+def nearest_images(index: NearestNeighbourIndex, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The K nearest normal images of each query: M x K float32 squared distances and M x K int64 rows, nearest first.
+
+    exclude: M x E rows never returned (-1: none), as image_knn's; k + E <= N (image_knn checks it).
+    """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if exclude is None:
         distances, neighbours = index.search(queries, k)
     else:
-        distances, neighbours = _without_rows(*index.search(queries, k + 1), np.asarray(exclude, np.int64), k)
-    return distances.mean(axis=1, dtype=np.float64).astype(np.float32), neighbours.astype(np.int64)
+        distances, neighbours = _without_rows(*index.search(queries, k + exclude.shape[1]), exclude, k)
+    return distances, neighbours.astype(np.int64)
 
 
 def _without_rows(distances: np.ndarray, neighbours: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest of M x (k + 1) search results once each query's excluded row is taken out (else its farthest)."""
-    keep = neighbours != exclude[:, None]
-    keep[keep.all(axis=1), -1] = False
-    return distances[keep].reshape(-1, k), neighbours[keep].reshape(-1, k)
+    """The k nearest of M x (k + E) search results once each query's E excluded rows are taken out."""
+    keep = (neighbours[:, :, None] != exclude[:, None, :]).all(axis=2)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # the kept results first, in their order
+    return np.take_along_axis(distances, order, axis=1), np.take_along_axis(neighbours, order, axis=1)
 
 
 PRECISIONS = ("float32", "tf32", "bfloat16")

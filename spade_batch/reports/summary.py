@@ -6,6 +6,7 @@ by reason and its top images are read from every scores part file, not from run.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 import math
@@ -48,11 +49,12 @@ def model_summary(uri: str, options: storage.StorageOptions = None) -> dict[str,
     current = resolve(uri, None, options)
     card = load_card(current.uri, options)
     stored = card.to_dict()
+    versions = versions_summary(uri, current.number, options)
     return {
         "kind": "model",
         "uri": uri,
         "version": current.number,
-        "versions": versions_summary(uri, current.number, options),
+        "versions": versions,
         "backbone": card.settings.backbone,
         "weights": card.settings.weights,
         "weights_sha256": card.weights_sha256,
@@ -66,9 +68,23 @@ def model_summary(uri: str, options: storage.StorageOptions = None) -> dict[str,
             "manifest_sha256": card.train_manifest_sha256,
         },
         "failures": failures_by_reason((f["id"], f["error"]) for f in card.failed_train_images),
+        "unused": unused_summary(card, versions),
         "decisions": decision_rules(card),
         "created": card.created,
         "package_version": card.package_version,
+    }
+
+
+def unused_summary(card: ModelCard, versions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The training images the model's version does not use, each with why (images: {"id", "reason"}, by id); its
+    near-duplicate count; and what each version left out of the images new to it or used by its parent (by_version).
+    recorded: False for a card from before they were recorded."""
+    training = card.training
+    return {
+        "recorded": training is not None,
+        "images": [{"id": i, "reason": why} for i, why in sorted(training.unused().items())] if training else [],
+        "near_duplicates": dataclasses.asdict(training.near_duplicates) if training else {},
+        "by_version": [{"number": row["number"], "left_out": row["left_out"]} for row in versions if row["left_out"]],
     }
 
 
@@ -80,7 +96,7 @@ def versions_summary(uri: str, current: int, options: storage.StorageOptions = N
         card = load_card(ModelLayout(uri).version(number).root, options)
         rows.append({
             "number": number, "current": number == current, "parent": card.version.parent, "created": card.created,
-            "images_added": card.version.images_added, "added_sha256": card.version.added_sha256,
+            "images_added": card.version.images_added, "added_sha256": card.version.added_sha256, "left_out": card.version.left_out,
             "gallery_images": card.train_count, "calibration_images": card.calibration.count,
             "thresholds": {"image": card.thresholds.image, "pixel": card.thresholds.pixel},
             "thresholds_set_by": thresholds_set_by(card),

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from spade_batch.exit_codes import MEANING, PRECEDENCE, ExitCode, explain, markdown_table, plan_exit_code, score_exit_code
+from spade_batch.exit_codes import (
+    MEANING,
+    PRECEDENCE,
+    ExitCode,
+    add_exit_code,
+    explain,
+    markdown_table,
+    plan_exit_code,
+    score_exit_code,
+)
 from spade_batch.formats.model import ModelError
 from spade_batch.formats.storage import TransientStorageError
 
@@ -37,6 +46,16 @@ def test_the_codes_are_distinct_and_keep_the_documented_numbers() -> None:
 ])
 def test_a_scoring_run_s_code(scored, failed, retryable, drifted, fail_on_drift, expected) -> None:
     assert score_exit_code(scored, failed, retryable, drifted, fail_on_drift) == expected
+
+
+@pytest.mark.parametrize(
+    ("read", "failed", "failed_before", "expected"),
+    [(2, 0, 0, ExitCode.OK), (0, 0, 0, ExitCode.OK), (2, 1, 0, ExitCode.IMAGES_FAILED), (0, 1, 0, ExitCode.FAILED),
+     (0, 1, 1, ExitCode.IMAGES_FAILED), (0, 2, 1, ExitCode.IMAGES_FAILED)],
+)
+def test_an_add_s_code_and_its_re_run_s(read, failed, failed_before, expected) -> None:
+    """A re-run of an add that read 2 images and failed 1 reads nothing and lists the failure the model recorded: exit 3 as its first run."""
+    assert add_exit_code(read, failed, failed_before) == expected
 
 
 @pytest.mark.parametrize("lines, expected", [

@@ -314,9 +314,11 @@ def test_the_loop_a_night_reviewed_its_false_alarm_added_and_the_night_kept_on_i
 def test_an_add_names_the_images_it_could_not_read_and_publishes_nothing_when_it_read_none(
     grown: Grown, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A corrupt file beside a good one: the good one is added, the corrupt one named, exit 3. The same add again has
-    only the corrupt one new: nothing is published (no version that adds nothing), exit 1. Parts left unpublished by
-    an add of other images (a killed one) are discarded by the next add instead of blocking it."""
+    """A corrupt file beside a good one: the good one is added, the corrupt one named, exit 3. The same add again is a
+    no-op with the first run's outcome (issue 27.3; on main it tried the corrupt file again and exited 1): the corrupt
+    file, recorded as failed with these bytes, is not tried again; nothing is published, exit 3. An add of only a new
+    corrupt file publishes nothing, exit 1. Parts left unpublished by an add of other images (a killed one) are discarded
+    by the next add instead of blocking it."""
     options = grown.options
     source = grown.upload({"good/corrupt.png": b"not an image", "good/009.png": grown.file("good/009.png")}, "with-a-corrupt-file")
     argv = ["add", "--model", grown.grown, "--images", source, "--device", "cpu"]
@@ -329,12 +331,17 @@ def test_an_add_names_the_images_it_could_not_read_and_publishes_nothing_when_it
     assert card.version.images_added == 1 and "good/corrupt.png" in {entry["id"] for entry in card.failed_train_images}
     assert "good/009.png" in SpadeModel.load(ModelLayout(grown.grown).version(published).root, options).train_ids
 
-    assert cli.main(argv) == ExitCode.FAILED
+    assert cli.main(argv) == ExitCode.IMAGES_FAILED
     captured = capsys.readouterr()
-    assert "unchanged" in captured.out and "failed: good/corrupt.png: " in captured.out
-    assert "none of the 1 new images could be read; nothing published" in captured.err
+    assert "unchanged" in captured.out and "failed: good/corrupt.png: " in captured.out and re.search(r"extracted now\s+0\b", captured.out)
     assert version_numbers(grown.grown, options)[-1] == published == current_number(grown.grown, options)
     assert not storage.exists(ModelLayout(grown.grown).version(published + 1).root, options)
+
+    only_corrupt = grown.upload({"good/corrupt-2.png": b"not an image either"}, "only-a-corrupt-file")
+    assert cli.main(["add", "--model", grown.grown, "--images", only_corrupt, "--device", "cpu"]) == ExitCode.FAILED
+    captured = capsys.readouterr()
+    assert "none of the 1 new images could be read; nothing published" in captured.err and "failed: good/corrupt-2.png: " in captured.out
+    assert version_numbers(grown.grown, options)[-1] == published
 
     left = ModelLayout(grown.grown).version(published + 1)
     record_inputs(left.features, left.features_inputs, {"parent": published, "images": "other images"}, options)
@@ -425,3 +432,21 @@ def test_nightly_and_plan_lines_refuse_calibration_settings_other_than_the_model
     assert rows["same"]["exit"] == 0 and rows["same"]["scored"] == 2
     assert rows["other"]["status"] == "failed" and "image_fpr=0.02 (model: 0.5)" in rows["other"]["error"]
     assert not storage.exists(storage.join(grown.root, "plan-lines", "other"), options)
+
+
+@pytest.mark.parametrize("grown", ["local"], indirect=True)
+def test_an_add_of_the_models_images_under_other_names_adds_nothing(grown: Grown, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 27.1 through Ray: the model's images given one level up (ids copy/good/NNN.png, the same bytes). On main: 'added 5'
+    and a version whose calibration images each had their copy at distance 0. Now each is named with the id kept, nothing is
+    published and the thresholds stay those of the current version."""
+    options = grown.options
+    current = current_number(grown.grown, options)
+    thresholds = load_card(ModelLayout(grown.grown).version(current).root, options).thresholds
+    source = grown.upload({f"copy/{image_id}": grown.file(image_id) for image_id in A}, "renamed")
+    capsys.readouterr()
+    assert cli.main(["add", "--model", grown.grown, "--images", source, "--device", "cpu"]) == ExitCode.OK
+    printed = capsys.readouterr().out
+    assert re.search(r"added\s+0\b", printed) and re.search(r"left out\s+5\b", printed) and "unchanged: nothing published" in printed
+    assert all(f"left out: copy/{image_id}: same content as {image_id} (kept)" in printed for image_id in A), printed
+    assert current_number(grown.grown, options) == current == version_numbers(grown.grown, options)[-1]
+    assert load_card(ModelLayout(grown.grown).version(current).root, options).thresholds == thresholds
