@@ -25,7 +25,7 @@ from spade_batch.formats.layout import ModelLayout
 MODEL_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 CARD_NAME = ModelLayout.card
-KEYS_ADDED_LATER = {"image_score": "knn", "map_top": 0.0, "layer_normalise": False}
+KEYS_ADDED_LATER = {"image_score": "knn", "map_top": 0.0, "layer_normalise": False, "match_radius": None, "feature_pool": 1, "layers": "1,2,3"}
 """MODEL_KEYS that older cards lack, with the value those models were fitted with (the paper's); load_card fills them in."""
 
 

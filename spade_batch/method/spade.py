@@ -258,26 +258,181 @@ def nearest_matches(
     return nearest, candidates.gather(-1, order)
 
 
+def radius_cells(match_radius: int | None, cells: int, image_size: int) -> int | None:
+    """A match radius in working-size pixels as cells of a layer `cells` cells high: ceil(r * cells / image_size).
+
+    None (SPADE's full search) stays None.
+    """
+    return None if match_radius is None else math.ceil(match_radius * cells / image_size)
+
+
+LOCAL_TILE = 8
+"""Query cells per side of one tile of the restricted search: a tile's t x t cells are ranked against the
+(t + 2r)^2 cells of each retrieved image that any of them may match, in one GEMM, and the candidates outside
+each cell's own neighbourhood masked. Larger tiles: fewer, larger GEMMs but more masked work."""
+
+
+def local_nearest_matches(
+    queries: torch.Tensor,
+    galleries: torch.Tensor,
+    grid: tuple[int, int],
+    radius: int,
+    kappa: int = 1,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    precision: str = "float32",
+    tile: int = LOCAL_TILE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """nearest_matches restricted to each cell's neighbourhood: a query cell (y, x) is matched only with the
+    cells (y', x') of each retrieved image with max(|y - y'|, |x - x'|) <= radius (cells outside the map do
+    not exist). Position-aware matching as in RAD and CPR.
+
+    No full distance matrix is made: the map is visited in tiles of `tile` x `tile` query cells, each ranked
+    (|g|^2 - 2 q.g, in `precision`) against only the window of cells its neighbourhoods cover, all B images
+    in one batched GEMM per tile (images split so one tile's block stays under chunk_bytes); the best
+    candidates are then recomputed exactly in float32, as nearest_matches does.
+
+    Args:
+        queries: B x P x C float32 centred, P = h * w cells in row-major order.
+        galleries: B x (K * P) x C float32 centred: K retrieved images on the same h x w grid, one after another
+            (gather_galleries' layout).
+        grid: (h, w) of the layer.
+        radius: the neighbourhood's Chebyshev radius in cells, >= 0.
+        kappa, chunk_bytes, precision: as nearest_matches.
+
+    Returns:
+        distances: B x P x kappa float32, ascending; +inf where a cell's neighbourhood holds fewer than kappa cells.
+        rows: B x P x kappa int64 gallery rows (k * P + cell), as nearest_matches'.
+    """
+    batch, pixels, channels = queries.shape
+    height, width = grid
+    if height * width != pixels or galleries.shape[1] % pixels or galleries.shape[0] != batch:
+        raise ValueError(f"queries B x {pixels} x C and galleries B x (K * {pixels}) x C expected for a {height} x {width} grid, "
+                         f"got {tuple(queries.shape)} and {tuple(galleries.shape)}")
+    if radius < 0 or kappa < 1:
+        raise ValueError(f"radius={radius} and kappa={kappa}: the radius is >= 0 cells and kappa >= 1")
+    images = galleries.shape[1] // pixels
+    if radius >= max(height, width) - 1:  # every cell is in every neighbourhood: the full search
+        return _padded_full_search(queries, galleries, kappa, chunk_bytes, precision)
+    grid_q = queries.reshape(batch, height, width, channels)
+    grid_g = galleries.reshape(batch, images, height, width, channels)
+    norms = (galleries * galleries).sum(-1).reshape(batch, images, height, width)
+    distances = torch.full((batch, height, width, kappa), torch.inf, device=queries.device)
+    rows = torch.zeros((batch, height, width, kappa), dtype=torch.int64, device=queries.device)
+    margin = 0 if precision == "float32" else RERANK_MARGIN
+    with matmul_precision(precision, queries.device):
+        for top in range(0, height, tile):
+            for left in range(0, width, tile):
+                cells = (slice(top, min(top + tile, height)), slice(left, min(left + tile, width)))
+                window = (slice(max(0, top - radius), min(height, top + tile + radius)),
+                          slice(max(0, left - radius), min(width, left + tile + radius)))
+                tile_queries = grid_q[:, cells[0], cells[1]].reshape(batch, -1, channels)
+                window_cells = grid_g[:, :, window[0], window[1]].reshape(batch, -1, channels)
+                # |g|^2 where g lies in the query cell's neighbourhood, +inf elsewhere: B x Q x N.
+                outside = ~_neighbourhood_mask(cells, window, radius, images, queries.device)
+                bias = norms[:, :, window[0], window[1]].reshape(batch, 1, -1).masked_fill(outside, torch.inf)
+                found = _tile_matches(tile_queries, window_cells, bias, kappa + margin, kappa, chunk_bytes, precision)
+                nearest, matched = _window_rows(*found, cells, window, grid, images)
+                distances[:, cells[0], cells[1], : nearest.shape[-1]] = nearest
+                rows[:, cells[0], cells[1], : nearest.shape[-1]] = matched
+    return distances.reshape(batch, pixels, kappa), rows.reshape(batch, pixels, kappa)
+
+
+def _padded_full_search(
+    queries: torch.Tensor, galleries: torch.Tensor, kappa: int, chunk_bytes: int, precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """nearest_matches, +inf-padded (rows 0) beyond the gallery's row count."""
+    found = min(kappa, galleries.shape[1])
+    distances, rows = nearest_matches(queries, galleries, found, chunk_bytes, precision)
+    if found < kappa:
+        distances = F.pad(distances, (0, kappa - found), value=torch.inf)
+        rows = F.pad(rows, (0, kappa - found), value=0)
+    return distances, rows
+
+
+def _tile_matches(
+    queries: torch.Tensor, window: torch.Tensor, bias: torch.Tensor, keep: int, kappa: int, chunk_bytes: int, precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tile's B x Q x C queries against its B x N window cells (bias: B x Q x N, |g|^2 or +inf outside each
+    query's neighbourhood): per query its kappa nearest allowed cells, B x Q x found float32 distances (+inf for
+    missing) and their positions in the window; images taken a few at a time so a B' x Q x N block stays under
+    chunk_bytes."""
+    batch, count, _ = queries.shape
+    keep = min(window.shape[1], keep)
+    per_call = max(1, chunk_bytes // (4 * count * window.shape[1]))
+    nearest, positions = [], []
+    for start in range(0, batch, per_call):
+        part = slice(start, start + per_call)
+        if precision == "bfloat16":
+            cross = torch.bmm(queries[part].to(torch.bfloat16), window[part].to(torch.bfloat16).transpose(1, 2))
+            scores = cross.to(torch.float32).mul_(-2.0).add_(bias[part])
+        else:
+            scores = torch.baddbmm(bias[part].expand(-1, count, -1), queries[part], window[part].transpose(1, 2), alpha=-2.0)
+        candidates = _smallest(scores, keep)[1]
+        exact = _exact_sq_distances(queries[part], window[part], candidates, chunk_bytes)
+        exact.masked_fill_(torch.isinf(bias[part].expand(-1, count, -1).gather(-1, candidates)), torch.inf)
+        found, order = _smallest(exact, min(kappa, keep))
+        nearest.append(found)
+        positions.append(candidates.gather(-1, order))
+    return torch.cat(nearest), torch.cat(positions)
+
+
+def _neighbourhood_mask(cells: tuple[slice, slice], window_at: tuple[slice, slice], radius: int, images: int,
+                        device: torch.device) -> torch.Tensor:
+    """Q x (K * wh * ww) bool: which cells of the window (K images' wh x ww cells) lie within `radius` (Chebyshev)
+    of each of the tile's Q = th * tw cells."""
+    def near(span: slice, around: slice) -> torch.Tensor:
+        offsets = torch.arange(span.start, span.stop, device=device)[:, None] - torch.arange(around.start, around.stop, device=device)[None, :]
+        return offsets.abs() <= radius
+
+    rows, columns = near(cells[0], window_at[0]), near(cells[1], window_at[1])  # th x wh, tw x ww
+    inside = rows[:, None, None, :, None] & columns[None, :, None, None, :]  # th x tw x 1 x wh x ww
+    return inside.expand(-1, -1, images, -1, -1).reshape(rows.shape[0] * columns.shape[0], -1)
+
+
+def _window_rows(
+    nearest: torch.Tensor, positions: torch.Tensor, cells: tuple[slice, slice], window_at: tuple[slice, slice],
+    grid: tuple[int, int], images: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tile's B x Q x found distances and window positions -> B x th x tw x found distances and gallery rows
+    k * P + y * w + x."""
+    height, width = grid
+    window_h, window_w = window_at[0].stop - window_at[0].start, window_at[1].stop - window_at[1].start
+    image, local = positions // (window_h * window_w), positions % (window_h * window_w)
+    y, x = window_at[0].start + local // window_w, window_at[1].start + local % window_w
+    rows = image * (height * width) + y * width + x
+    tile_h, tile_w = cells[0].stop - cells[0].start, cells[1].stop - cells[1].start
+    shape = (nearest.shape[0], tile_h, tile_w, nearest.shape[-1])
+    return nearest.reshape(shape), rows.reshape(shape)
+
+
 def layer_score_maps(
     queries: torch.Tensor,
     galleries: torch.Tensor,
     kappa: int = 1,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     precision: str = "float32",
+    radius: int | None = None,
 ) -> torch.Tensor:
     """One pyramid layer's anomaly maps of B test images at the layer's own resolution.
 
     Args:
         queries: B x C x h x w float32 centred features of the test images.
         galleries: B x G x C float32 centred pixel features of each image's retrieved normal images
-            (any grids, flattened).
+            (any grids, flattened; with a radius, K images on the queries' h x w grid).
+        radius: None: SPADE's full search; else each cell is matched within this many cells of its own
+            position (local_nearest_matches).
 
     Returns:
         B x h x w float32 squared distances (see batch_nearest_sq_distances).
     """
     batch, channels, height, width = queries.shape
     pixels = queries.reshape(batch, channels, height * width).transpose(1, 2)
-    return batch_nearest_sq_distances(pixels, galleries, kappa, chunk_bytes, precision).reshape(batch, height, width)
+    if radius is None:
+        return batch_nearest_sq_distances(pixels, galleries, kappa, chunk_bytes, precision).reshape(batch, height, width)
+    distances = local_nearest_matches(pixels, galleries, (height, width), radius, kappa, chunk_bytes, precision)[0].mean(dim=-1)
+    if torch.isinf(distances).any():
+        raise ValueError(f"kappa={kappa} exceeds the cells some {height} x {width} cell's neighbourhood of radius {radius} holds; lower kappa")
+    return distances.reshape(batch, height, width)
 
 
 def upsample(score_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -363,11 +518,16 @@ def layer_distance_maps(
     kappa: int = 1,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     precision: str = "float32",
+    radii: Sequence[int | None] | None = None,
 ) -> list[torch.Tensor]:
-    """anomaly_maps' first half: per layer, B x h_l x w_l float32 squared distances (layer_score_maps)."""
+    """anomaly_maps' first half: per layer, B x h_l x w_l float32 squared distances (layer_score_maps).
+
+    radii: per layer, its match radius in cells (None: the full search); None: the full search on every layer.
+    """
     if len(query_layers) != len(gallery_layers):
         raise ValueError(f"{len(query_layers)} query layers but {len(gallery_layers)} gallery layers")
-    return [layer_score_maps(q, g, kappa, chunk_bytes, precision) for q, g in zip(query_layers, gallery_layers)]
+    radii = radii if radii is not None else [None] * len(query_layers)
+    return [layer_score_maps(q, g, kappa, chunk_bytes, precision, r) for q, g, r in zip(query_layers, gallery_layers, radii)]
 
 
 def combine_layer_maps(
