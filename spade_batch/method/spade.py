@@ -6,6 +6,7 @@ All distances are *squared* L2, as in the paper.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -266,10 +267,11 @@ def radius_cells(match_radius: int | None, cells: int, image_size: int) -> int |
     return None if match_radius is None else math.ceil(match_radius * cells / image_size)
 
 
-LOCAL_TILE = 8
+LOCAL_TILE = 4
 """Query cells per side of one tile of the restricted search: a tile's t x t cells are ranked against the
 (t + 2r)^2 cells of each retrieved image that any of them may match, in one GEMM, and the candidates outside
-each cell's own neighbourhood masked. Larger tiles: fewer, larger GEMMs but more masked work."""
+each cell's own neighbourhood masked: (t + 2r)^2 / (2r + 1)^2 times the neighbourhoods' work, in GEMMs of t^2
+rows. On 2 CPU cores at the paper's shapes (benchmarks/pixel_knn.py --match-radius 8) 4 was the fastest of 2, 4, 6, 8."""
 
 
 def local_nearest_matches(
@@ -286,10 +288,11 @@ def local_nearest_matches(
     cells (y', x') of each retrieved image with max(|y - y'|, |x - x'|) <= radius (cells outside the map do
     not exist). Position-aware matching as in RAD and CPR.
 
-    No full distance matrix is made: the map is visited in tiles of `tile` x `tile` query cells, each ranked
-    (|g|^2 - 2 q.g, in `precision`) against only the window of cells its neighbourhoods cover, all B images
-    in one batched GEMM per tile (images split so one tile's block stays under chunk_bytes); the best
-    candidates are then recomputed exactly in float32, as nearest_matches does.
+    No full distance matrix is made: the map is cut in tiles of `tile` x `tile` query cells, and each tile is
+    ranked (|g|^2 - 2 q.g, in `precision`) against only the window of (tile + 2 radius)^2 cells per retrieved
+    image that its neighbourhoods cover; many tiles of all B images go in one batched GEMM, as many as keep a
+    block of scores under chunk_bytes. The best candidates are then recomputed exactly in float32, as
+    nearest_matches does.
 
     Args:
         queries: B x P x C float32 centred, P = h * w cells in row-major order.
@@ -301,7 +304,7 @@ def local_nearest_matches(
 
     Returns:
         distances: B x P x kappa float32, ascending; +inf where a cell's neighbourhood holds fewer than kappa cells.
-        rows: B x P x kappa int64 gallery rows (k * P + cell), as nearest_matches'.
+        rows: B x P x kappa int64 gallery rows (k * P + cell), as nearest_matches' (0 where the distance is +inf).
     """
     batch, pixels, channels = queries.shape
     height, width = grid
@@ -310,31 +313,86 @@ def local_nearest_matches(
                          f"got {tuple(queries.shape)} and {tuple(galleries.shape)}")
     if radius < 0 or kappa < 1:
         raise ValueError(f"radius={radius} and kappa={kappa}: the radius is >= 0 cells and kappa >= 1")
-    images = galleries.shape[1] // pixels
     if radius >= max(height, width) - 1:  # every cell is in every neighbourhood: the full search
         return _padded_full_search(queries, galleries, kappa, chunk_bytes, precision)
-    grid_q = queries.reshape(batch, height, width, channels)
-    grid_g = galleries.reshape(batch, images, height, width, channels)
-    norms = (galleries * galleries).sum(-1).reshape(batch, images, height, width)
-    distances = torch.full((batch, height, width, kappa), torch.inf, device=queries.device)
-    rows = torch.zeros((batch, height, width, kappa), dtype=torch.int64, device=queries.device)
-    margin = 0 if precision == "float32" else RERANK_MARGIN
+    tiles = _Tiling(grid, radius, tile, galleries.shape[1] // pixels, queries.device)
+    tile_queries = tiles.queries(queries)  # B x T x Q x C
+    flat_gallery = galleries.reshape(-1, channels)
+    norms = torch.linalg.vector_norm(galleries, dim=-1).square_()  # B x (K P)
+    offsets = torch.arange(batch, device=queries.device)[:, None, None] * galleries.shape[1]
+    keep = min(tiles.cells, kappa + (0 if precision == "float32" else RERANK_MARGIN))
+    found = min(kappa, keep)
+    distances = torch.full((batch, tiles.total, tiles.count, kappa), torch.inf, device=queries.device)
+    rows = torch.zeros((batch, tiles.total, tiles.count, kappa), dtype=torch.int64, device=queries.device)
+    per_call = max(1, chunk_bytes // (4 * batch * tiles.count * tiles.cells))  # tiles at once
     with matmul_precision(precision, queries.device):
-        for top in range(0, height, tile):
-            for left in range(0, width, tile):
-                cells = (slice(top, min(top + tile, height)), slice(left, min(left + tile, width)))
-                window = (slice(max(0, top - radius), min(height, top + tile + radius)),
-                          slice(max(0, left - radius), min(width, left + tile + radius)))
-                tile_queries = grid_q[:, cells[0], cells[1]].reshape(batch, -1, channels)
-                window_cells = grid_g[:, :, window[0], window[1]].reshape(batch, -1, channels)
-                # |g|^2 where g lies in the query cell's neighbourhood, +inf elsewhere: B x Q x N.
-                outside = ~_neighbourhood_mask(cells, window, radius, images, queries.device)
-                bias = norms[:, :, window[0], window[1]].reshape(batch, 1, -1).masked_fill(outside, torch.inf)
-                found = _tile_matches(tile_queries, window_cells, bias, kappa + margin, kappa, chunk_bytes, precision)
-                nearest, matched = _window_rows(*found, cells, window, grid, images)
-                distances[:, cells[0], cells[1], : nearest.shape[-1]] = nearest
-                rows[:, cells[0], cells[1], : nearest.shape[-1]] = matched
-    return distances.reshape(batch, pixels, kappa), rows.reshape(batch, pixels, kappa)
+        for start in range(0, tiles.total, per_call):
+            part = slice(start, min(start + per_call, tiles.total))
+            cells = tiles.cell_rows[part]  # T' x N gallery rows of each tile's window (clamped into the map)
+            flat_q = tile_queries[:, part].reshape(-1, tiles.count, channels)
+            flat_w = flat_gallery.index_select(0, (cells[None] + offsets).reshape(-1)).reshape(flat_q.shape[0], tiles.cells, channels)
+            window_norms = norms.gather(1, cells.reshape(1, -1).expand(batch, -1)).reshape(-1, 1, tiles.cells)
+            bias = window_norms.masked_fill(~tiles.allowed[part].repeat(batch, 1, 1), torch.inf)  # B T' x Q x N
+            if precision == "bfloat16":
+                cross = torch.bmm(flat_q.to(torch.bfloat16), flat_w.to(torch.bfloat16).transpose(1, 2)).to(torch.float32)
+                scores = cross.mul_(-2.0).add_(bias)
+            else:
+                scores = torch.baddbmm(bias, flat_q, flat_w.transpose(1, 2), alpha=-2.0)
+            candidates = _smallest(scores, keep)[1]
+            exact = _exact_sq_distances(flat_q, flat_w, candidates, chunk_bytes)
+            exact.masked_fill_(torch.isinf(bias.gather(-1, candidates)), torch.inf)
+            nearest, order = _smallest(exact, found)
+            chosen = candidates.gather(-1, order).reshape(batch, -1, tiles.count * found)
+            shape = (batch, part.stop - part.start, tiles.count, found)
+            distances[:, part, :, :found] = nearest.reshape(shape)
+            rows[:, part, :, :found] = cells[None].expand(batch, -1, -1).gather(-1, chosen).reshape(shape)
+    rows.masked_fill_(torch.isinf(distances), 0)
+    return tiles.untile(distances), tiles.untile(rows)
+
+
+class _Tiling:
+    """The restricted search's geometry: an h x w map cut into T = ty x tx tiles of t x t query cells (Q = t^2, the
+    last tiles padded with zero queries), each with a window of span = t + 2r cells a side in each of K images
+    (N = K span^2 candidate cells).
+
+    Attributes:
+        cell_rows: T x N int64 gallery rows k P + y w + x of each tile's window cells (cells outside the map clamped in).
+        allowed: T x Q x N bool: the window cells inside the map and within the radius of each tile cell.
+    """
+
+    def __init__(self, grid: tuple[int, int], radius: int, tile: int, images: int, device: torch.device):
+        self.height, self.width = grid
+        self.tile = tile
+        self.rows, self.columns = math.ceil(self.height / tile), math.ceil(self.width / tile)
+        span = tile + 2 * radius
+        self.total, self.count, self.cells = self.rows * self.columns, tile * tile, images * span * span
+        arange = functools.partial(torch.arange, device=device)
+        # Per tile and window cell: its position on the map (T x span x span), then per image.
+        y = (arange(self.rows) * tile - radius)[:, None, None, None] + arange(span)[None, None, :, None]
+        x = (arange(self.columns) * tile - radius)[None, :, None, None] + arange(span)[None, None, None, :]
+        y, x = torch.broadcast_tensors(y, x)  # ty x tx x span x span
+        inside = ((y >= 0) & (y < self.height) & (x >= 0) & (x < self.width)).reshape(self.total, 1, span * span)
+        cell = (y.clamp(0, self.height - 1) * self.width + x.clamp(0, self.width - 1)).reshape(self.total, 1, span * span)
+        self.cell_rows = (cell + arange(images)[None, :, None] * (self.height * self.width)).reshape(self.total, self.cells)
+        offsets = arange(tile)[:, None] + radius - arange(span)[None, :]
+        near = offsets.abs() <= radius  # t x span: a tile row (column) against the window's
+        around = (near[:, None, :, None] & near[None, :, None, :]).reshape(1, self.count, 1, span * span)
+        self.allowed = (around & inside[:, None]).expand(-1, -1, images, -1).reshape(self.total, self.count, self.cells)
+
+    def queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """B x P x C -> B x T x Q x C (a copy, padded with zeros)."""
+        batch, _, channels = queries.shape
+        grid = F.pad(queries.reshape(batch, self.height, self.width, channels),
+                     (0, 0, 0, self.columns * self.tile - self.width, 0, self.rows * self.tile - self.height))
+        tiles = grid.reshape(batch, self.rows, self.tile, self.columns, self.tile, channels).permute(0, 1, 3, 2, 4, 5)
+        return tiles.reshape(batch, self.total, self.count, channels)
+
+    def untile(self, values: torch.Tensor) -> torch.Tensor:
+        """B x T x Q x n -> B x P x n, the padding cut off."""
+        batch, n = values.shape[0], values.shape[-1]
+        grid = values.reshape(batch, self.rows, self.columns, self.tile, self.tile, n).permute(0, 1, 3, 2, 4, 5)
+        grid = grid.reshape(batch, self.rows * self.tile, self.columns * self.tile, n)[:, : self.height, : self.width]
+        return grid.reshape(batch, self.height * self.width, n)
 
 
 def _padded_full_search(
@@ -347,62 +405,6 @@ def _padded_full_search(
         distances = F.pad(distances, (0, kappa - found), value=torch.inf)
         rows = F.pad(rows, (0, kappa - found), value=0)
     return distances, rows
-
-
-def _tile_matches(
-    queries: torch.Tensor, window: torch.Tensor, bias: torch.Tensor, keep: int, kappa: int, chunk_bytes: int, precision: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One tile's B x Q x C queries against its B x N window cells (bias: B x Q x N, |g|^2 or +inf outside each
-    query's neighbourhood): per query its kappa nearest allowed cells, B x Q x found float32 distances (+inf for
-    missing) and their positions in the window; images taken a few at a time so a B' x Q x N block stays under
-    chunk_bytes."""
-    batch, count, _ = queries.shape
-    keep = min(window.shape[1], keep)
-    per_call = max(1, chunk_bytes // (4 * count * window.shape[1]))
-    nearest, positions = [], []
-    for start in range(0, batch, per_call):
-        part = slice(start, start + per_call)
-        if precision == "bfloat16":
-            cross = torch.bmm(queries[part].to(torch.bfloat16), window[part].to(torch.bfloat16).transpose(1, 2))
-            scores = cross.to(torch.float32).mul_(-2.0).add_(bias[part])
-        else:
-            scores = torch.baddbmm(bias[part].expand(-1, count, -1), queries[part], window[part].transpose(1, 2), alpha=-2.0)
-        candidates = _smallest(scores, keep)[1]
-        exact = _exact_sq_distances(queries[part], window[part], candidates, chunk_bytes)
-        exact.masked_fill_(torch.isinf(bias[part].expand(-1, count, -1).gather(-1, candidates)), torch.inf)
-        found, order = _smallest(exact, min(kappa, keep))
-        nearest.append(found)
-        positions.append(candidates.gather(-1, order))
-    return torch.cat(nearest), torch.cat(positions)
-
-
-def _neighbourhood_mask(cells: tuple[slice, slice], window_at: tuple[slice, slice], radius: int, images: int,
-                        device: torch.device) -> torch.Tensor:
-    """Q x (K * wh * ww) bool: which cells of the window (K images' wh x ww cells) lie within `radius` (Chebyshev)
-    of each of the tile's Q = th * tw cells."""
-    def near(span: slice, around: slice) -> torch.Tensor:
-        offsets = torch.arange(span.start, span.stop, device=device)[:, None] - torch.arange(around.start, around.stop, device=device)[None, :]
-        return offsets.abs() <= radius
-
-    rows, columns = near(cells[0], window_at[0]), near(cells[1], window_at[1])  # th x wh, tw x ww
-    inside = rows[:, None, None, :, None] & columns[None, :, None, None, :]  # th x tw x 1 x wh x ww
-    return inside.expand(-1, -1, images, -1, -1).reshape(rows.shape[0] * columns.shape[0], -1)
-
-
-def _window_rows(
-    nearest: torch.Tensor, positions: torch.Tensor, cells: tuple[slice, slice], window_at: tuple[slice, slice],
-    grid: tuple[int, int], images: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A tile's B x Q x found distances and window positions -> B x th x tw x found distances and gallery rows
-    k * P + y * w + x."""
-    height, width = grid
-    window_h, window_w = window_at[0].stop - window_at[0].start, window_at[1].stop - window_at[1].start
-    image, local = positions // (window_h * window_w), positions % (window_h * window_w)
-    y, x = window_at[0].start + local // window_w, window_at[1].start + local % window_w
-    rows = image * (height * width) + y * width + x
-    tile_h, tile_w = cells[0].stop - cells[0].start, cells[1].stop - cells[1].start
-    shape = (nearest.shape[0], tile_h, tile_w, nearest.shape[-1])
-    return nearest.reshape(shape), rows.reshape(shape)
 
 
 def layer_score_maps(
