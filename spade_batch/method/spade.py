@@ -267,11 +267,12 @@ def radius_cells(match_radius: int | None, cells: int, image_size: int) -> int |
     return None if match_radius is None else math.ceil(match_radius * cells / image_size)
 
 
-LOCAL_TILE = 4
-"""Query cells per side of one tile of the restricted search: a tile's t x t cells are ranked against the
-(t + 2r)^2 cells of each retrieved image that any of them may match, in one GEMM, and the candidates outside
-each cell's own neighbourhood masked: (t + 2r)^2 / (2r + 1)^2 times the neighbourhoods' work, in GEMMs of t^2
-rows. On 2 CPU cores at the paper's shapes (benchmarks/pixel_knn.py --match-radius 8) 4 was the fastest of 2, 4, 6, 8."""
+LOCAL_TILE = 2
+"""Cells per side of one gallery tile of the restricted search (see _Tiling): the K retrieved images' t x t cells at
+one place are ranked in one GEMM against the (t + 2r)^2 query cells that may match them, (t + 2r)^2 / (2r + 1)^2
+times the neighbourhoods' own work. On 2 CPU cores at the paper's shapes and r = 8 px (CPU seconds of one thread,
+layer1 / layer2 / layer3): tile 1 0.35 / 0.14 / 0.055 s, tile 2 0.26 / 0.10 / 0.049 s, tile 3 0.43 / 0.19 / 0.094 s,
+tile 4 0.28 / 0.10 / 0.11 s, tile 8 0.41 / 0.30 / 0.14 s; the full search 6.2 / 0.63 / 0.092 s."""
 
 
 def local_nearest_matches(
@@ -315,84 +316,125 @@ def local_nearest_matches(
         raise ValueError(f"radius={radius} and kappa={kappa}: the radius is >= 0 cells and kappa >= 1")
     if radius >= max(height, width) - 1:  # every cell is in every neighbourhood: the full search
         return _padded_full_search(queries, galleries, kappa, chunk_bytes, precision)
-    tiles = _Tiling(grid, radius, tile, galleries.shape[1] // pixels, queries.device)
-    tile_queries = tiles.queries(queries)  # B x T x Q x C
-    flat_gallery = galleries.reshape(-1, channels)
-    norms = torch.linalg.vector_norm(galleries, dim=-1).square_()  # B x (K P)
-    offsets = torch.arange(batch, device=queries.device)[:, None, None] * galleries.shape[1]
+    images = galleries.shape[1] // pixels
+    tiles = _tiling(grid, radius, tile, images, str(queries.device))
+    windows = tiles.query_windows(queries)  # B x T x W x C
+    gallery_tiles, tile_norms = tiles.gallery_tiles(galleries)  # B x T x N x C, B x T x N (+inf outside the map)
     keep = min(tiles.cells, kappa + (0 if precision == "float32" else RERANK_MARGIN))
     found = min(kappa, keep)
-    distances = torch.full((batch, tiles.total, tiles.count, kappa), torch.inf, device=queries.device)
-    rows = torch.zeros((batch, tiles.total, tiles.count, kappa), dtype=torch.int64, device=queries.device)
-    per_call = max(1, chunk_bytes // (4 * batch * tiles.count * tiles.cells))  # tiles at once
+    per_tile = torch.full((batch, tiles.total, tiles.window, found), torch.inf, device=queries.device)
+    tile_rows = torch.zeros((batch, tiles.total, tiles.window, found), dtype=torch.int64, device=queries.device)
+    per_call = max(1, chunk_bytes // (4 * batch * tiles.window * tiles.cells))  # tiles at once
     with matmul_precision(precision, queries.device):
         for start in range(0, tiles.total, per_call):
             part = slice(start, min(start + per_call, tiles.total))
-            cells = tiles.cell_rows[part]  # T' x N gallery rows of each tile's window (clamped into the map)
-            flat_q = tile_queries[:, part].reshape(-1, tiles.count, channels)
-            flat_w = flat_gallery.index_select(0, (cells[None] + offsets).reshape(-1)).reshape(flat_q.shape[0], tiles.cells, channels)
-            window_norms = norms.gather(1, cells.reshape(1, -1).expand(batch, -1)).reshape(-1, 1, tiles.cells)
-            bias = window_norms.masked_fill(~tiles.allowed[part].repeat(batch, 1, 1), torch.inf)  # B T' x Q x N
+            flat_q = windows[:, part].reshape(-1, tiles.window, channels)
+            flat_g = gallery_tiles[:, part].reshape(-1, tiles.cells, channels)
+            bias = tile_norms[:, part].reshape(-1, 1, tiles.cells).masked_fill(~tiles.allowed, torch.inf)  # B T' x W x N
             if precision == "bfloat16":
-                cross = torch.bmm(flat_q.to(torch.bfloat16), flat_w.to(torch.bfloat16).transpose(1, 2)).to(torch.float32)
+                cross = torch.bmm(flat_q.to(torch.bfloat16), flat_g.to(torch.bfloat16).transpose(1, 2)).to(torch.float32)
                 scores = cross.mul_(-2.0).add_(bias)
             else:
-                scores = torch.baddbmm(bias, flat_q, flat_w.transpose(1, 2), alpha=-2.0)
+                scores = torch.baddbmm(bias, flat_q, flat_g.transpose(1, 2), alpha=-2.0)
             candidates = _smallest(scores, keep)[1]
-            exact = _exact_sq_distances(flat_q, flat_w, candidates, chunk_bytes)
+            exact = _exact_sq_distances(flat_q, flat_g, candidates, chunk_bytes)
             exact.masked_fill_(torch.isinf(bias.gather(-1, candidates)), torch.inf)
             nearest, order = _smallest(exact, found)
-            chosen = candidates.gather(-1, order).reshape(batch, -1, tiles.count * found)
-            shape = (batch, part.stop - part.start, tiles.count, found)
-            distances[:, part, :, :found] = nearest.reshape(shape)
-            rows[:, part, :, :found] = cells[None].expand(batch, -1, -1).gather(-1, chosen).reshape(shape)
-    rows.masked_fill_(torch.isinf(distances), 0)
-    return tiles.untile(distances), tiles.untile(rows)
+            shape = (batch, part.stop - part.start, tiles.window, found)
+            per_tile[:, part] = nearest.reshape(shape)
+            tile_rows[:, part] = tiles.cell_rows[part][None].expand(batch, -1, -1).gather(
+                -1, candidates.gather(-1, order).reshape(batch, -1, tiles.window * found)).reshape(shape)
+    return tiles.merge(per_tile, tile_rows, kappa)
+
+
+@functools.lru_cache(maxsize=16)
+def _tiling(grid: tuple[int, int], radius: int, tile: int, images: int, device: str) -> _Tiling:
+    """One _Tiling per layer geometry (its index maps are built in Python once)."""
+    return _Tiling(grid, radius, tile, images, torch.device(device))
 
 
 class _Tiling:
-    """The restricted search's geometry: an h x w map cut into T = ty x tx tiles of t x t query cells (Q = t^2, the
-    last tiles padded with zero queries), each with a window of span = t + 2r cells a side in each of K images
-    (N = K span^2 candidate cells).
+    """The restricted search's geometry. Each of K retrieved images is cut into T = ty x tx tiles of t x t cells
+    (the last ones padded with cells of infinite norm, never a match); the K images' tiles at one place (N = K t^2
+    cells) are ranked in one GEMM against the query cells that may match any of them: the tile's cells and r more
+    a side, a window of W = (t + 2r)^2 query cells. Each gallery cell is copied once, each query cell into the
+    windows of the few tiles that reach it; each query's matches are then merged over those tiles.
 
     Attributes:
-        cell_rows: T x N int64 gallery rows k P + y w + x of each tile's window cells (cells outside the map clamped in).
-        allowed: T x Q x N bool: the window cells inside the map and within the radius of each tile cell.
+        cell_rows: T x N int64 gallery rows k P + y w + x of each tile's cells (padded cells clamped into the map).
+        allowed: W x N bool: which tile cells lie within the radius of each window cell.
+        sources: P x M int64: for each query cell, its place (tile * W + window cell) in the M tiles' windows that
+            reach it; T * W (a row of no match) where it is reached by fewer.
     """
 
     def __init__(self, grid: tuple[int, int], radius: int, tile: int, images: int, device: torch.device):
         self.height, self.width = grid
-        self.tile = tile
+        self.radius, self.tile = radius, tile
         self.rows, self.columns = math.ceil(self.height / tile), math.ceil(self.width / tile)
-        span = tile + 2 * radius
-        self.total, self.count, self.cells = self.rows * self.columns, tile * tile, images * span * span
-        arange = functools.partial(torch.arange, device=device)
-        # Per tile and window cell: its position on the map (T x span x span), then per image.
-        y = (arange(self.rows) * tile - radius)[:, None, None, None] + arange(span)[None, None, :, None]
-        x = (arange(self.columns) * tile - radius)[None, :, None, None] + arange(span)[None, None, None, :]
-        y, x = torch.broadcast_tensors(y, x)  # ty x tx x span x span
-        inside = ((y >= 0) & (y < self.height) & (x >= 0) & (x < self.width)).reshape(self.total, 1, span * span)
-        cell = (y.clamp(0, self.height - 1) * self.width + x.clamp(0, self.width - 1)).reshape(self.total, 1, span * span)
-        self.cell_rows = (cell + arange(images)[None, :, None] * (self.height * self.width)).reshape(self.total, self.cells)
-        offsets = arange(tile)[:, None] + radius - arange(span)[None, :]
-        near = offsets.abs() <= radius  # t x span: a tile row (column) against the window's
-        around = (near[:, None, :, None] & near[None, :, None, :]).reshape(1, self.count, 1, span * span)
-        self.allowed = (around & inside[:, None]).expand(-1, -1, images, -1).reshape(self.total, self.count, self.cells)
+        self.span = tile + 2 * radius
+        self.total, self.window, self.cells = self.rows * self.columns, self.span**2, images * tile * tile
+        y = np.arange(self.rows * tile).reshape(self.rows, tile)  # tile row -> its map rows
+        x = np.arange(self.columns * tile).reshape(self.columns, tile)
+        cell = (np.minimum(y, self.height - 1)[:, None, :, None] * self.width + np.minimum(x, self.width - 1)[None, :, None, :])
+        cell = cell.reshape(self.total, 1, tile * tile) + np.arange(images)[None, :, None] * (self.height * self.width)
+        self.cell_rows = torch.from_numpy(cell.reshape(self.total, self.cells)).to(device)
+        offsets = np.arange(self.span)[:, None] - radius - np.arange(tile)[None, :]  # window row - tile row
+        near = np.abs(offsets) <= radius  # span x t
+        around = (near[:, None, :, None] & near[None, :, None, :]).reshape(self.window, 1, tile * tile)
+        self.allowed = torch.from_numpy(np.broadcast_to(around, (self.window, images, tile * tile)).reshape(self.window, self.cells).copy()).to(device)
+        self.sources = torch.from_numpy(self._sources()).to(device)
 
-    def queries(self, queries: torch.Tensor) -> torch.Tensor:
-        """B x P x C -> B x T x Q x C (a copy, padded with zeros)."""
+    def _sources(self) -> np.ndarray:
+        """P x M: each query cell's places in the windows of the tiles that reach it (see the class)."""
+        places: list[list[int]] = [[] for _ in range(self.height * self.width)]
+        for tile_y in range(self.rows):
+            for tile_x in range(self.columns):
+                for u in range(self.span):
+                    for v in range(self.span):
+                        y, x = tile_y * self.tile - self.radius + u, tile_x * self.tile - self.radius + v
+                        if 0 <= y < self.height and 0 <= x < self.width:
+                            places[y * self.width + x].append((tile_y * self.columns + tile_x) * self.window + u * self.span + v)
+        most = max(len(p) for p in places)
+        return np.array([p + [self.total * self.window] * (most - len(p)) for p in places], np.int64)
+
+    def query_windows(self, queries: torch.Tensor) -> torch.Tensor:
+        """B x P x C -> B x T x W x C: each tile's window of query cells (zeros outside the map; a copy)."""
         batch, _, channels = queries.shape
-        grid = F.pad(queries.reshape(batch, self.height, self.width, channels),
-                     (0, 0, 0, self.columns * self.tile - self.width, 0, self.rows * self.tile - self.height))
-        tiles = grid.reshape(batch, self.rows, self.tile, self.columns, self.tile, channels).permute(0, 1, 3, 2, 4, 5)
-        return tiles.reshape(batch, self.total, self.count, channels)
+        pad = (0, 0, self.radius, self.columns * self.tile - self.width + self.radius, self.radius, self.rows * self.tile - self.height + self.radius)
+        grid = F.pad(queries.reshape(batch, self.height, self.width, channels), pad)
+        windows = grid.unfold(1, self.span, self.tile).unfold(2, self.span, self.tile)  # B x ty x tx x C x span x span
+        return windows.permute(0, 1, 2, 4, 5, 3).reshape(batch, self.total, self.window, channels)
 
-    def untile(self, values: torch.Tensor) -> torch.Tensor:
-        """B x T x Q x n -> B x P x n, the padding cut off."""
-        batch, n = values.shape[0], values.shape[-1]
-        grid = values.reshape(batch, self.rows, self.columns, self.tile, self.tile, n).permute(0, 1, 3, 2, 4, 5)
-        grid = grid.reshape(batch, self.rows * self.tile, self.columns * self.tile, n)[:, : self.height, : self.width]
-        return grid.reshape(batch, self.height * self.width, n)
+    def gallery_tiles(self, galleries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """B x (K P) x C -> B x T x N x C tiles (a copy) and B x T x N squared norms, +inf for padded cells."""
+        batch, _, channels = galleries.shape
+        images = self.cells // (self.tile * self.tile)
+        cells = galleries.reshape(batch, images, self.height, self.width, channels)
+        norms = torch.linalg.vector_norm(cells, dim=-1).square_()
+        pad = (0, self.columns * self.tile - self.width, 0, self.rows * self.tile - self.height)
+        if any(pad):
+            cells, norms = F.pad(cells, (0, 0, *pad)), F.pad(norms, pad, value=torch.inf)
+        order = (0, 2, 4, 1, 3, 5)  # B x ty x tx x K x t x t
+        cells = cells.reshape(batch, images, self.rows, self.tile, self.columns, self.tile, channels).permute(*order, 6)
+        norms = norms.reshape(batch, images, self.rows, self.tile, self.columns, self.tile).permute(*order)
+        return cells.reshape(batch, self.total, self.cells, channels), norms.reshape(batch, self.total, self.cells)
+
+    def merge(self, distances: torch.Tensor, rows: torch.Tensor, kappa: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per tile and window cell, its `found` best (B x T x W x found) -> per query cell the kappa best over the tiles
+        that reach it: B x P x kappa distances (+inf where fewer) and rows (0 there)."""
+        batch, found = distances.shape[0], distances.shape[-1]
+        flat_d = F.pad(distances.reshape(batch, -1, found), (0, 0, 0, 1), value=torch.inf)
+        flat_r = F.pad(rows.reshape(batch, -1, found), (0, 0, 0, 1))
+        pixels, reach = self.sources.shape
+        index = self.sources.reshape(1, -1, 1).expand(batch, -1, found)
+        gathered_d = flat_d.gather(1, index).reshape(batch, pixels, reach * found)
+        gathered_r = flat_r.gather(1, index).reshape(batch, pixels, reach * found)
+        count = min(kappa, reach * found)
+        nearest, order = gathered_d.topk(count, dim=-1, largest=False) if count > 1 else gathered_d.min(-1, keepdim=True)
+        matched = gathered_r.gather(-1, order)
+        if count < kappa:
+            nearest, matched = F.pad(nearest, (0, kappa - count), value=torch.inf), F.pad(matched, (0, kappa - count))
+        return nearest, matched.masked_fill_(torch.isinf(nearest), 0)
 
 
 def _padded_full_search(
