@@ -24,6 +24,7 @@ import time
 import torch
 
 from spade_batch.method import spade
+from spade_batch.method.alignment import radius_cells
 
 LAYERS = {"layer1": (256, 56), "layer2": (512, 28), "layer3": (1024, 14)}  # name -> (channels, side)
 
@@ -125,7 +126,7 @@ def measure_radius(args: argparse.Namespace, device: torch.device) -> float:
     chunk_bytes = args.chunk_mib * 2**20
     total_full = total_local = 0.0
     for name, (channels, side) in LAYERS.items():
-        radius = spade.radius_cells(args.match_radius, side, IMAGE_SIZE)
+        radius = radius_cells(args.match_radius, side, IMAGE_SIZE)
         queries = torch.randn(args.batch, channels, side, side, generator=generator).to(device)
         galleries = torch.randn(args.batch, args.k * side * side, channels, generator=generator).to(device)
         full_s = best_seconds(lambda: spade.layer_score_maps(queries, galleries, 1, chunk_bytes, args.precision), args.repeats, device)

@@ -113,6 +113,23 @@ class CalibrationRecord:
 
 
 @dataclass(frozen=True)
+class AlignmentRecord:
+    """How aligned the normal images are (method.alignment), from the calibration images' full-search matches.
+
+    Attributes:
+        layer: the layer measured (the shallowest stored), None: not measured (a model from before, or fitted with
+            match_radius, whose matches are restricted).
+        matches: pixel matches counted.
+        within: {"4", "8", "16", "32"}: the share of them whose cell lies within that many pixels (at the working
+            size, as match_radius counts them) of the matching cell's own position.
+    """
+
+    layer: str | None = None
+    matches: int = 0
+    within: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class VersionRecord:
     """Which version of its model a card is, and what it added (formats.versions).
 
@@ -146,6 +163,7 @@ class ModelCard:
     normalisation: Normalisation = field(default_factory=Normalisation)
     failed_train_images: list[dict[str, str]] = field(default_factory=list)
     version: VersionRecord = field(default_factory=VersionRecord)
+    alignment: AlignmentRecord = field(default_factory=AlignmentRecord)
     calibration_settings: CalibrationSettings | None = None
     """The calibration group the model was fitted with, which add keeps (None: written before it was recorded)."""
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -166,6 +184,7 @@ class ModelCard:
             "calibration": dataclasses.asdict(self.calibration),
             "normalisation": self.normalisation.to_dict(),
             "version": dataclasses.asdict(self.version),
+            "alignment": dataclasses.asdict(self.alignment),
             "calibration_settings": dataclasses.asdict(self.calibration_settings) if self.calibration_settings else {},
         }
 
@@ -184,6 +203,7 @@ class ModelCard:
             "calibration": CalibrationRecord(**values.get("calibration", {})),
             "normalisation": Normalisation.from_dict(values.get("normalisation", {})),
             "version": VersionRecord(**values.get("version", {})),
+            "alignment": AlignmentRecord(**values.get("alignment", {})),
             "calibration_settings": CalibrationSettings(**values["calibration_settings"]) if values.get("calibration_settings") else None,
         })
 
@@ -266,7 +286,7 @@ def card_problem(values: dict[str, Any]) -> str | None:
     """
     required = {"settings": dict, "preprocessing": dict, "weights_sha256": str, "layers": list, "train_manifest_sha256": str}
     optional = {"thresholds": dict, "calibration": dict, "normalisation": dict, "failed_train_images": list, "files": dict,
-                "package_version": str, "created": str, "version": dict, "calibration_settings": dict}
+                "package_version": str, "created": str, "version": dict, "calibration_settings": dict, "alignment": dict}
     for name, kind in {**required, **optional}.items():
         if name not in values and name in optional:
             continue

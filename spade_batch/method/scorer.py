@@ -10,6 +10,7 @@ import torch
 from spade_batch.formats.matches import PixelMatches
 from spade_batch.formats.model import SpadeModel
 from spade_batch.method import matching, spade
+from spade_batch.method.alignment import radius_cells
 from spade_batch.method.extractor import Extractor, Features
 from spade_batch.method.scoring import ImageScore, image_scores
 
@@ -41,7 +42,7 @@ class Scorer:
         if extractor.layer_shapes != model.card.layer_shapes:
             raise ValueError(f"the extractor's pixel features ({[vars(s) for s in extractor.layer_shapes]}) are not the model's "
                              f"({[vars(s) for s in model.card.layer_shapes]}): build the extractor from the model's settings")
-        self.radii = [spade.radius_cells(self.method.match_radius, shape.height, extractor.preprocessing.size)
+        self.radii = [radius_cells(self.method.match_radius, shape.height, extractor.preprocessing.size)
                       for shape in model.card.layer_shapes]
         self.gallery: list[np.ndarray | torch.Tensor] = list(model.gallery)
         if device.type == "cuda" and model.gallery_bytes < torch.cuda.mem_get_info(device)[0] // 2:

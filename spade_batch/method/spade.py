@@ -259,14 +259,6 @@ def nearest_matches(
     return nearest, candidates.gather(-1, order)
 
 
-def radius_cells(match_radius: int | None, cells: int, image_size: int) -> int | None:
-    """A match radius in working-size pixels as cells of a layer `cells` cells high: ceil(r * cells / image_size).
-
-    None (SPADE's full search) stays None.
-    """
-    return None if match_radius is None else math.ceil(match_radius * cells / image_size)
-
-
 LOCAL_TILE = 2
 """Cells per side of one gallery tile of the restricted search (see _Tiling): the K retrieved images' t x t cells at
 one place are ranked in one GEMM against the (t + 2r)^2 query cells that may match them, (t + 2r)^2 / (2r + 1)^2

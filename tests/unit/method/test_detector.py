@@ -26,6 +26,7 @@ from spade_batch.formats.matches import read_matches
 from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
 from spade_batch.formats.versions import resolve, version_numbers
 from spade_batch.method import calibrate, matching, spade
+from spade_batch.method.alignment import measure_alignment, radius_cells
 from spade_batch.method.detector import Extractor, Features, Scorer, add, fit, score
 from spade_batch.method.extractor import normalise
 from spade_batch.method.masks import mask_from_map
@@ -766,7 +767,7 @@ def test_search_options_equal_a_numpy_recomputation_and_the_gallery_holds_only_t
         np.testing.assert_allclose(np.asarray(stored, np.float32) + mean, bank.astype(np.float32), rtol=1e-2, atol=1e-2 * np.abs(bank).max())
     test = data["test"][2:]
     queries = pixel_features(test)
-    radii = [spade.radius_cells(settings.match_radius, s.height, SIZE) for s in model.card.layer_shapes]
+    radii = [radius_cells(settings.match_radius, s.height, SIZE) for s in model.card.layer_shapes]
     for image, result in enumerate(score(model, test)):
         maps = []
         for query, bank, radius in zip(queries, train, radii):
@@ -774,3 +775,17 @@ def test_search_options_equal_a_numpy_recomputation_and_the_gallery_holds_only_t
             maps.append(F.interpolate(torch.from_numpy(nearest)[None, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0, 0].numpy())
         want = gaussian_filter(np.mean(maps, axis=0), settings.sigma, mode="reflect", truncate=4.0)
         np.testing.assert_allclose(result.anomaly_map, want, rtol=1e-3, atol=1e-3 * want.max())
+
+
+def test_fit_measures_alignment_from_the_calibration_matches_it_keeps_unless_they_are_restricted(data, tmp_path):
+    settings = SETTINGS.replace(calibration_images="leave_one_out", calibration_sample=0)
+    model = fit(data["train"], settings, folder=str(tmp_path / "full"))
+    stored = read_matches((tmp_path / "full" / ModelLayout.calibration_matches).read_bytes(), model.card.layer_shapes)
+    first = model.card.layer_shapes[0]
+    assert model.card.alignment == measure_alignment(stored.values(), first, SIZE)
+    assert model.card.alignment.matches == len(stored) * first.height * first.width * settings.kappa
+    shares = [model.card.alignment.within[r] for r in ("4", "8", "16", "32")]
+    assert shares == sorted(shares) and 0 < shares[0] <= shares[-1] <= 1
+    assert json.loads((tmp_path / "full" / CARD_NAME).read_text())["alignment"]["layer"] == "layer1"
+    restricted = fit(data["train"], settings.replace(match_radius=8))
+    assert restricted.card.alignment.layer is None

@@ -397,9 +397,3 @@ def test_layer_score_maps_with_a_radius_are_the_local_means_and_refuse_a_kappa_n
         np.testing.assert_allclose(got[image].numpy().reshape(-1), expected, rtol=1e-5)
     with pytest.raises(ValueError, match="kappa=13 exceeds"):
         spade.layer_score_maps(torch.from_numpy(queries), torch.from_numpy(galleries), kappa=13, radius=1)
-
-
-@pytest.mark.parametrize(("radius", "height", "size", "cells"), [(None, 56, 224, None), (8, 56, 224, 2), (8, 28, 224, 1), (8, 14, 224, 1),
-                                                                  (16, 14, 224, 1), (17, 14, 224, 2), (1, 4, 64, 1)])
-def test_a_match_radius_in_pixels_is_rounded_up_to_cells(radius, height, size, cells) -> None:
-    assert spade.radius_cells(radius, height, size) == cells
