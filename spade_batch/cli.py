@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("make-demo-data", help="write the synthetic inspection dataset (MVTec layout)")
     data.add_argument("out", metavar="OUT", help="folder to create")
     data.add_argument("--seed", type=int, default=0, help="dataset seed [default: 0]")
+    data.add_argument("--kind", choices=("texture", "aligned"), default="texture",
+                      help="texture: a grained surface, images of varying sizes (category tiles); aligned: a part at a "
+                           "fixed place with small jitter, 128 x 128 images (category parts) [default: texture]")
 
     config = commands.add_parser("config", help="show the effective configuration or the documented keys")
     config.add_argument("--show", action="store_true", help="print the effective settings as YAML")
@@ -228,9 +231,9 @@ def _run(args: argparse.Namespace, secrets: set[str]) -> int:
     from spade_batch import commands
 
     if args.command == "make-demo-data":
-        from spade_batch.formats.datasets import make_demo_data
+        from spade_batch.formats.datasets import make_aligned_data, make_demo_data
 
-        print(make_demo_data(args.out, seed=args.seed))
+        print((make_aligned_data if args.kind == "aligned" else make_demo_data)(args.out, seed=args.seed))
         return 0
     if args.command == "config":
         return commands.show_config(args.config, args.keys)

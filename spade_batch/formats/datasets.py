@@ -1,4 +1,4 @@
-"""Datasets in the MVTec AD layout: a reader, and a synthetic demo generator.
+"""Datasets in the MVTec AD layout: a reader, and two synthetic generators (a texture, aligned parts).
 
 Layout of one category (``<dataset>/<category>``)::
 
@@ -10,6 +10,7 @@ Layout of one category (``<dataset>/<category>``)::
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,10 +52,69 @@ def make_demo_data(
         ValueError: bad counts or sizes.
         FileExistsError: the category folder exists and is not empty.
     """
-    if min(n_train, n_test_good, n_test_per_defect) < 0 or n_train == 0:
-        raise ValueError("make_demo_data needs n_train >= 1 and non-negative test counts")
     if not 16 <= min_size <= max_size:
         raise ValueError(f"make_demo_data needs 16 <= min_size <= max_size, got {min_size}, {max_size}")
+
+    def surface(rng: np.random.Generator) -> tuple[np.ndarray, None]:
+        return _surface(rng, min_size, max_size), None
+
+    return _write_category(out_dir, category, (n_train, n_test_good, n_test_per_defect), seed, surface)
+
+
+def make_aligned_data(
+    out_dir: str,
+    *,
+    category: str = "parts",
+    n_train: int = 40,
+    n_test_good: int = 10,
+    n_test_per_defect: int = 6,
+    size: int = 128,
+    max_shift: float = 3.0,
+    max_rotation: float = 3.0,
+    seed: int = 0,
+) -> str:
+    """Write a deterministic synthetic set of ALIGNED parts in the MVTec AD layout.
+
+    Every image is ``size`` x ``size`` RGB: a turned flange (a disc with a hub
+    hole, six bolt holes and a notch in its rim) on a dark background, always
+    at the image centre up to a jitter of at most ``max_shift`` pixels in x and
+    y, ``max_rotation`` degrees and a few percent of brightness. Unlike
+    ``make_demo_data``'s texture, *where* a pixel lies tells what it should
+    look like, as on a fixtured production line. Test images carry one defect
+    of their type (``DEFECT_TYPES``), painted on the part's face only; masks
+    are 0/255 L-mode PNGs of exactly the changed pixels. Same arguments give
+    byte-identical files.
+
+    Returns:
+        The category folder ``out_dir/category``.
+
+    Raises:
+        ValueError: bad counts, size or jitter.
+        FileExistsError: the category folder exists and is not empty.
+    """
+    if size < 32 or not 0 <= max_shift <= size / 16 or not 0 <= max_rotation <= 180:
+        raise ValueError(
+            "make_aligned_data needs size >= 32, 0 <= max_shift <= size / 16 and 0 <= max_rotation <= 180, "
+            f"got {size}, {max_shift}, {max_rotation}"
+        )
+
+    def part(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return _part(rng, size, max_shift, max_rotation)
+
+    return _write_category(out_dir, category, (n_train, n_test_good, n_test_per_defect), seed, part)
+
+
+ImageMaker = Callable[[np.random.Generator], tuple[np.ndarray, "np.ndarray | None"]]
+"""rng -> (H x W x 3 float64 image, H x W bool where defects may be painted, or None: anywhere)."""
+
+
+def _write_category(
+    out_dir: str, category: str, counts: tuple[int, int, int], seed: int, make_image: ImageMaker
+) -> str:
+    """Write ``out_dir/category`` in the MVTec layout; counts are (train, test good, test per defect type)."""
+    n_train, n_test_good, n_test_per_defect = counts
+    if min(counts) < 0 or n_train == 0:
+        raise ValueError("a synthetic set needs n_train >= 1 and non-negative test counts")
     root = os.path.join(out_dir, category)
     if os.path.isdir(root) and os.listdir(root):
         raise FileExistsError(f"{root} already exists and is not empty; remove it or choose another out_dir")
@@ -64,18 +124,77 @@ def make_demo_data(
         return np.random.default_rng([seed, split, label, index])
 
     for i in range(n_train):
-        _write_png(_surface(rng(0, 0, i), min_size, max_size), os.path.join(root, "train", "good", f"{i:03d}.png"))
+        _write_png(make_image(rng(0, 0, i))[0], os.path.join(root, "train", "good", f"{i:03d}.png"))
     for i in range(n_test_good):
-        _write_png(_surface(rng(1, 0, i), min_size, max_size), os.path.join(root, "test", "good", f"{i:03d}.png"))
+        _write_png(make_image(rng(1, 0, i))[0], os.path.join(root, "test", "good", f"{i:03d}.png"))
     for d, defect in enumerate(DEFECT_TYPES, start=1):
         for i in range(n_test_per_defect):
             g = rng(1, d, i)
-            image = _surface(g, min_size, max_size)
-            mask, delta = _DEFECT_MAKERS[defect](g, image.shape[0], image.shape[1])
+            image, allowed = make_image(g)
+            mask, delta = _paint_defect(g, defect, allowed, image.shape[0], image.shape[1])
             image[mask] += delta[mask][:, None]
             _write_png(image, os.path.join(root, "test", defect, f"{i:03d}.png"))
             _write_png(mask.astype(np.uint8) * 255, os.path.join(root, "ground_truth", defect, f"{i:03d}_mask.png"))
     return root
+
+
+_MIN_DEFECT_PIXELS = 8
+_MAX_DEFECT_TRIES = 50
+
+
+def _paint_defect(
+    rng: np.random.Generator, defect: str, allowed: np.ndarray | None, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A defect of type ``defect`` -> (H x W bool mask, H x W intensity change).
+
+    With ``allowed``, the mask is cut to it, and a defect that leaves fewer
+    than ``_MIN_DEFECT_PIXELS`` there is drawn again (deterministically, from
+    the same generator).
+    """
+    for _ in range(_MAX_DEFECT_TRIES):
+        mask, delta = _DEFECT_MAKERS[defect](rng, height, width)
+        if allowed is None:
+            return mask, delta
+        mask &= allowed
+        if mask.sum() >= _MIN_DEFECT_PIXELS:
+            return mask, delta
+    raise ValueError(f"no {defect} of {_MIN_DEFECT_PIXELS}+ pixels fits the part in {_MAX_DEFECT_TRIES} tries")
+
+
+def _part(rng: np.random.Generator, size: int, max_shift: float, max_rotation: float) -> tuple[np.ndarray, np.ndarray]:
+    """A turned flange at the centre, jittered -> (size x size x 3 float64 image, size x size bool face).
+
+    The face is the part's material at least 2 px inside its edges: where defects may be painted.
+    """
+    shift = rng.uniform(-max_shift, max_shift, size=2)
+    theta = np.deg2rad(rng.uniform(-max_rotation, max_rotation))
+    gain = rng.uniform(0.94, 1.06)
+    yy, xx = np.mgrid[0:size, 0:size].astype(float)
+    # Part-frame coordinates (pixels): the image point minus the jittered centre, rotated back by theta.
+    x, y = xx - (size - 1) / 2 - shift[0], yy - (size - 1) / 2 - shift[1]
+    u, v = np.cos(theta) * x + np.sin(theta) * y, -np.sin(theta) * x + np.cos(theta) * y
+    r = np.hypot(u, v)
+    inside = _flange_depth(u, v, r, size)  # px inside the material; negative outside it
+    coverage = np.clip(inside + 0.5, 0.0, 1.0)  # one-pixel anti-aliased edges
+    turning = 5 * np.sin(2 * np.pi * r / 3.0)  # concentric tool marks, 3 px pitch
+    light = 20 * (xx + yy) / (2 * size)  # fixed to the camera, not to the part
+    blotches = 4 * _unit(gaussian_filter(rng.standard_normal((size, size)), sigma=6.0))
+    metal = 140 + turning + light + blotches + 3 * rng.standard_normal((size, size))
+    background = 40 + 2 * rng.standard_normal((size, size))
+    gray = gain * (coverage * metal + (1 - coverage) * background)
+    return gray[:, :, None] * np.array([0.95, 0.98, 1.0]), inside >= 2
+
+
+def _flange_depth(u: np.ndarray, v: np.ndarray, r: np.ndarray, size: int) -> np.ndarray:
+    """Signed distance (px) into the flange's material at part-frame points (u, v); r = hypot(u, v)."""
+    outer, hub, bolt_circle, bolt = 0.40 * size, 0.13 * size, 0.27 * size, 0.045 * size
+    depth = np.minimum(outer - r, r - hub)
+    for angle in np.deg2rad(np.arange(30, 360, 60)):
+        centre = bolt_circle * np.array([np.cos(angle), np.sin(angle)])
+        depth = np.minimum(depth, np.hypot(u - centre[0], v - centre[1]) - bolt)
+    notch_half_width, notch_depth = 0.05 * size, 0.08 * size
+    in_notch = np.minimum(notch_half_width - np.abs(v), u - (outer - notch_depth))  # > 0 inside the notch
+    return np.minimum(depth, -in_notch)
 
 
 def _write_png(array: np.ndarray, path: str) -> None:

@@ -239,6 +239,16 @@ def test_missing_required_arguments_exit_2(argv, capsys):
     assert "required" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("kind", "category"), [([], "tiles"), (["--kind", "texture"], "tiles"), (["--kind", "aligned"], "parts")])
+def test_make_demo_data_writes_the_chosen_kind(tmp_path, capsys, kind, category):
+    assert cli.main(["make-demo-data", str(tmp_path), *kind]) == 0
+    root = tmp_path / category
+    assert capsys.readouterr().out.strip() == str(root)
+    sizes = {Image.open(path).size for path in (root / "train" / "good").iterdir()}
+    assert len(list((root / "train" / "good").iterdir())) == 40
+    assert (sizes == {(128, 128)}) == (category == "parts")  # the texture's images differ in size
+
+
 @pytest.mark.parametrize("version", ["0", "-1", "two", "1.5"])
 @pytest.mark.parametrize("command", ["score", "evaluate", "model current"])
 def test_a_version_that_is_not_1_or_more_is_refused_before_anything_runs(command, version, capsys):

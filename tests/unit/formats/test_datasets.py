@@ -9,6 +9,7 @@ from spade_batch.formats.datasets import (
     DEFECT_TYPES,
     Sample,
     list_categories,
+    make_aligned_data,
     make_demo_data,
     read_mask,
     read_mvtec_category,
@@ -109,6 +110,76 @@ def test_make_demo_data_refuses_a_non_empty_target_and_bad_sizes(demo_root):
         make_demo_data(os.path.dirname(demo_root), category="widgets", **SMALL)
     with pytest.raises(ValueError, match="min_size <= max_size"):
         make_demo_data(os.path.dirname(demo_root), category="other", min_size=100, max_size=50)
+
+
+# --- make_aligned_data -----------------------------------------------------------
+
+ALIGNED = dict(n_train=6, n_test_good=2, n_test_per_defect=3, size=64, max_shift=2.0, max_rotation=3.0, seed=3)
+
+
+@pytest.fixture(scope="module")
+def aligned_root(tmp_path_factory) -> str:
+    return make_aligned_data(str(tmp_path_factory.mktemp("aligned")), **ALIGNED)
+
+
+def test_aligned_data_is_deterministic_and_laid_out_like_mvtec(aligned_root, tmp_path):
+    assert all_files(make_aligned_data(str(tmp_path), **ALIGNED)) == all_files(aligned_root)
+    assert all_files(make_aligned_data(str(tmp_path / "other"), **{**ALIGNED, "seed": 4})) != all_files(aligned_root)
+    category = read_mvtec_category(aligned_root)
+    assert category.name == "parts" and len(category.train) == 6
+    assert [s.label for s in category.test] == ["crack"] * 3 + ["good"] * 2 + ["scratch"] * 3 + ["spot"] * 3
+    assert {load(s.path).shape for s in category.train + category.test} == {(64, 64, 3)}
+
+
+def part_mask(image: np.ndarray) -> np.ndarray:
+    """The bright part against the dark background: H x W bool."""
+    return image.astype(float).mean(axis=2) > 90
+
+
+def test_aligned_parts_sit_at_the_same_place_up_to_the_jitter(aligned_root):
+    category = read_mvtec_category(aligned_root)
+    parts = [part_mask(load(s.path)) for s in category.train + category.test if not s.is_anomalous]
+    for part in parts:
+        ys, xs = np.nonzero(part)
+        # The flange is symmetric but for its notch (on +x): the centroid is within the shift (2 px) of the
+        # image centre, plus a little for the notch and the rotation.
+        assert abs(ys.mean() - 31.5) <= 2.5 and abs(xs.mean() - 31.5) <= 3.5
+    # The shift that best lays each part over the first (IoU, searched over +-8 px) is within the jitter:
+    # at most 2 x 2 px apart, plus 1 for rotation and rounding.
+    for part in parts[1:]:
+        shifts = [(dy, dx) for dy in range(-8, 9) for dx in range(-8, 9)]
+        iou = [(np.roll(part, s, (0, 1)) & parts[0]).sum() / (np.roll(part, s, (0, 1)) | parts[0]).sum() for s in shifts]
+        dy, dx = shifts[int(np.argmax(iou))]
+        assert max(abs(dy), abs(dx)) <= 5 and max(iou) > 0.85
+    # ...while the part is not trivially small or the whole image.
+    assert 0.3 < parts[0].mean() < 0.6
+
+
+def test_aligned_defects_are_on_the_part_visible_and_exactly_masked(aligned_root):
+    category = read_mvtec_category(aligned_root)
+    for sample in category.test:
+        if not sample.is_anomalous:
+            continue
+        image = load(sample.path).astype(float).mean(axis=2)
+        mask = read_mask(sample.mask_path, *image.shape)
+        assert mask.sum() >= 8
+        # The defect lies on the part: the same image's neighbourhood of the mask is metal, not background.
+        near = binary_dilation(mask, iterations=1) & ~mask
+        assert np.median(image[near]) > 90, sample.path
+        ring = binary_dilation(mask, iterations=5) & ~binary_dilation(mask, iterations=2) & (image > 90)
+        reference = np.median(image[ring])
+        inside = np.abs(image[mask] - reference).mean()
+        around = np.abs(image[ring] - reference).mean()
+        assert inside > 2 * around, (sample.path, inside, around)
+
+
+def test_make_aligned_data_refuses_bad_geometry(tmp_path):
+    with pytest.raises(ValueError, match="max_shift"):
+        make_aligned_data(str(tmp_path), size=64, max_shift=10)
+    with pytest.raises(ValueError, match="size >= 32"):
+        make_aligned_data(str(tmp_path), size=16)
+    with pytest.raises(ValueError, match="n_train >= 1"):
+        make_aligned_data(str(tmp_path), n_train=0)
 
 
 # --- read_mvtec_category / list_categories / read_mask ------------------------
