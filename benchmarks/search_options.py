@@ -87,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=["magnetic_tile", "aligned"], choices=["magnetic_tile", "aligned"])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME")
-    parser.add_argument("--magnetic-tile", default=MAGNETIC_TILE, help="the Magnetic Tile category folder (MVTec layout)")
+    parser.add_argument("--magnetic-tile", default=MAGNETIC_TILE, help="the Magnetic Tile category folder (MVTec layout; default: ../shared beside the checkout)")
     parser.add_argument("--train", type=int, default=60, help="training images (the first N by name; 0: all)")
     parser.add_argument("--every", type=int, default=4, help="evaluate every N-th test image of each label")
     parser.add_argument("--work", default="/tmp/spade-search-options")
