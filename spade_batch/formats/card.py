@@ -25,7 +25,7 @@ from spade_batch.formats.layout import ModelLayout
 MODEL_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 CARD_NAME = ModelLayout.card
-KEYS_ADDED_LATER = {"image_score": "knn", "map_top": 0.0, "layer_normalise": False}
+KEYS_ADDED_LATER = {"image_score": "knn", "map_top": 0.0, "layer_normalise": False, "match_radius": None, "feature_pool": 1, "layers": "1,2,3"}
 """MODEL_KEYS that older cards lack, with the value those models were fitted with (the paper's); load_card fills them in."""
 CALIBRATION_KEYS_ADDED_LATER = {"image_estimator": "order_statistic", "suspects": "keep", "region_fpr": 0.0, "gate_fpr": 0.0}
 """Calibration keys that older cards' calibration_settings lack, with what those models did."""
@@ -189,6 +189,23 @@ class TrainingRecord:
 
 
 @dataclass(frozen=True)
+class AlignmentRecord:
+    """How aligned the normal images are (method.alignment), from the calibration images' full-search matches.
+
+    Attributes:
+        layer: the layer measured (the shallowest stored), None: not measured (a model from before, or fitted with
+            match_radius, whose matches are restricted).
+        matches: pixel matches counted.
+        within: {"4", "8", "16", "32"}: the share of them whose cell lies within that many pixels (at the working
+            size, as match_radius counts them) of the matching cell's own position.
+    """
+
+    layer: str | None = None
+    matches: int = 0
+    within: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class VersionRecord:
     """Which version of its model a card is, and what it added (formats.versions).
 
@@ -252,6 +269,7 @@ class ModelCard:
     normalisation: Normalisation = field(default_factory=Normalisation)
     failed_train_images: list[dict[str, str]] = field(default_factory=list)
     version: VersionRecord = field(default_factory=VersionRecord)
+    alignment: AlignmentRecord = field(default_factory=AlignmentRecord)
     calibration_settings: CalibrationSettings | None = None
     """The calibration group the model was fitted with, which add keeps (None: written before it was recorded)."""
     labelled: LabelRecord | None = None
@@ -276,6 +294,7 @@ class ModelCard:
             "calibration": dataclasses.asdict(self.calibration),
             "normalisation": self.normalisation.to_dict(),
             "version": dataclasses.asdict(self.version),
+            "alignment": dataclasses.asdict(self.alignment),
             "calibration_settings": dataclasses.asdict(self.calibration_settings) if self.calibration_settings else {},
             "training": dataclasses.asdict(self.training) if self.training else {},
         } | ({"labelled": dataclasses.asdict(self.labelled)} if self.labelled else {})
@@ -304,6 +323,7 @@ class ModelCard:
             if values.get("calibration_settings") else None,
             "labelled": LabelRecord(**values["labelled"]) if values.get("labelled") else None,
             "training": TrainingRecord.from_dict(values["training"]) if values.get("training") else None,
+            "alignment": AlignmentRecord(**values.get("alignment", {})),
         })
 
     @property
@@ -392,7 +412,7 @@ def card_problem(values: dict[str, Any]) -> str | None:
     required = {"settings": dict, "preprocessing": dict, "weights_sha256": str, "layers": list, "train_manifest_sha256": str}
     optional = {"thresholds": dict, "calibration": dict, "normalisation": dict, "failed_train_images": list, "files": dict,
                 "package_version": str, "created": str, "version": dict, "calibration_settings": dict, "labelled": dict,
-                "training": dict}
+                "training": dict, "alignment": dict}
     for name, kind in {**required, **optional}.items():
         if name not in values and name in optional:
             continue

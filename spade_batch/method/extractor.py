@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from spade_batch.config import Settings
 from spade_batch.formats.features import FeatureTable, LayerShape
@@ -58,6 +59,14 @@ def normalise(batch: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
     return ((batch.permute(0, 3, 1, 2).float().div_(255) - mean) / std).contiguous()
 
 
+def pool_features(layer: torch.Tensor, size: int) -> torch.Tensor:
+    """Locally aware features (PatchCore): each cell of B x C x h x w features replaced by the mean over the
+    size x size cells around it, a border cell's over its in-image neighbours only; size 1 returns the input."""
+    if size == 1:
+        return layer
+    return F.avg_pool2d(layer, size, stride=1, padding=size // 2, count_include_pad=False)
+
+
 class Extractor:
     """Preprocess + backbone, in batches.
 
@@ -79,15 +88,25 @@ class Extractor:
         )
         spec = self.pyramid.spec
         self.preprocessing = preprocessing or Preprocessing(settings.image_size, settings.preprocess, spec.mean, spec.std)
+        self.levels, self.feature_pool = settings.method.levels, settings.feature_pool
 
     @property
     def layer_shapes(self) -> list[LayerShape]:
+        """The shapes of the pixel-feature maps in use (the levels of settings.layers)."""
         spec = self.pyramid.spec
         side = self.preprocessing.size
         return [
-            LayerShape(name, math.ceil(side / stride), math.ceil(side / stride), channels)
-            for name, stride, channels in zip(spec.layers, spec.strides, spec.channels)
+            LayerShape(spec.layers[level], math.ceil(side / spec.strides[level]), math.ceil(side / spec.strides[level]), spec.channels[level])
+            for level in self.levels
         ]
+
+    @property
+    def pixel_features(self) -> dict[str, object]:
+        """What, besides the backbone and preprocessing, makes the stored pixel features: {} for SPADE's (every level, no
+        pooling), else {"layers", "feature_pool"}; extraction records it so that parts are reused only for the same."""
+        if self.levels == (0, 1, 2) and self.feature_pool == 1:
+            return {}
+        return {"layers": [level + 1 for level in self.levels], "feature_pool": self.feature_pool}
 
     @property
     def global_dim(self) -> int:
@@ -105,7 +124,7 @@ class Extractor:
             with torch.inference_mode():
                 pooled, pyramid = self.pyramid(normalise(batch, self.preprocessing))
             globals_.append(pooled.float())
-            layers.append([layer.float() for layer in pyramid])
+            layers.append([pool_features(pyramid[level].float(), self.feature_pool) for level in self.levels])
         return Features(torch.cat(globals_), [torch.cat(per_layer) for per_layer in zip(*layers)])
 
 

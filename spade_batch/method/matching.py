@@ -15,9 +15,11 @@ from nothing: every retrieved image joined.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from spade_batch.formats.matches import MAX_NEIGHBOURS, PixelMatches
 from spade_batch.method import spade
@@ -34,8 +36,13 @@ def match_pixels(
     previous: PixelMatches | None = None,
     chunk_bytes: int = spade.DEFAULT_CHUNK_BYTES,
     precision: str = "float32",
+    grids: Sequence[tuple[int, int]] | None = None,
+    radii: Sequence[int | None] | None = None,
 ) -> PixelMatches:
     """One image's matches with its retrieved images, updated from `previous` (its matches with an earlier set).
+
+    Each image's candidates for a pixel do not depend on the other images, with a match radius too (the
+    cells of that image near the pixel's position), so the update rule holds for the restricted search.
 
     Args:
         queries: per layer, h_l*w_l x C_l float32 centred pixel features of the image.
@@ -43,6 +50,9 @@ def match_pixels(
         gallery: the retrieved images' pixel features (GalleryRows), on the queries' device.
         kappa, chunk_bytes, precision: as spade.nearest_matches.
         previous: its matches with the images an earlier gallery retrieved; None searches every image.
+        grids: per layer, (h_l, w_l): where each pixel lies, for the matched cells and the radius; None: unknown
+            (no radius, and the matches record no cells).
+        radii: per layer, the match radius in cells (spade.local_nearest_matches), None for the full search.
     """
     if len(neighbour_ids) > MAX_NEIGHBOURS:
         raise ValueError(f"k={len(neighbour_ids)} retrieved images: matches name at most {MAX_NEIGHBOURS}")
@@ -50,56 +60,83 @@ def match_pixels(
     kept = [image_id for image_id in neighbour_ids if image_id in before]
     joined = [image_id for image_id in neighbour_ids if image_id not in before]
     position = {image_id: n for n, image_id in enumerate(neighbour_ids)}
-    distances, sources = [], []
+    radii = radii if radii is not None else [None] * len(queries)
+    distances, sources, cells = [], [], []
     for layer, query in enumerate(queries):
-        nearest, source = _carried(previous, layer, position, query.shape[0], kappa, query.device)
-        stale = torch.isinf(nearest).any(dim=1)
+        search = _Search(gallery, layer, position, kappa, chunk_bytes, precision, grids[layer] if grids else None, radii[layer])
+        found = _carried(previous, layer, position, query.shape[0], kappa, query.device)
+        stale = torch.isinf(found[0]).any(dim=1)
         if kept and stale.any():
-            nearest[stale], source[stale] = _search(query[stale], kept, layer, gallery, position, kappa, chunk_bytes, precision)
+            fresh = search(query, kept, stale)
+            found = tuple(torch.where(stale[:, None], new, old) for old, new in zip(found, fresh))  # type: ignore[assignment]
         if joined:
-            nearest, source = _merge(nearest, source, *_search(query, joined, layer, gallery, position, kappa, chunk_bytes, precision), kappa)
-        distances.append(nearest.cpu().numpy())
-        sources.append(source.to(torch.int16).cpu().numpy())
-    return PixelMatches(list(neighbour_ids), distances, sources)
+            found = _merge(found, search(query, joined), kappa)
+        distances.append(found[0].cpu().numpy())
+        sources.append(found[1].to(torch.int16).cpu().numpy())
+        cells.append(found[2].to(torch.int32).cpu().numpy())
+    return PixelMatches(list(neighbour_ids), distances, sources, cells)
 
 
-def _carried(
-    previous: PixelMatches | None, layer: int, position: dict[str, int], pixels: int, kappa: int, device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """P x kappa distances and sources (positions in the new set) that stay valid: the previous matches of each
-    pixel whose matches all came from images still retrieved; infinite for the other pixels."""
+Found = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""Per pixel, its kappa nearest matches: P x kappa float32 distances (ascending, +inf for none), int64 positions of
+their images among the retrieved, int64 cells in their images (row-major; -1: unknown)."""
+
+
+def _carried(previous: PixelMatches | None, layer: int, position: dict[str, int], pixels: int, kappa: int, device: torch.device) -> Found:
+    """The matches that stay valid: the previous matches of each pixel whose matches all came from images still
+    retrieved (sources moved to their positions in the new set); infinite for the other pixels (all without previous).
+    Matches stored before cells were kept carry cell -1."""
     if previous is None:
-        return torch.full((pixels, kappa), torch.inf, device=device), torch.zeros((pixels, kappa), dtype=torch.int64, device=device)
+        zeros = torch.zeros((pixels, kappa), dtype=torch.int64, device=device)
+        return torch.full((pixels, kappa), torch.inf, device=device), zeros, zeros.clone()
     moved = np.array([position.get(image_id, -1) for image_id in previous.neighbour_ids], np.int64)
     source = moved[previous.sources[layer].astype(np.int64)]
     nearest = np.array(previous.distances[layer], np.float32)
+    cell = previous.cells[layer].astype(np.int64) if previous.cells is not None else np.full_like(source, -1)
     lost = (source < 0).any(axis=1)
-    nearest[lost], source[lost] = np.inf, 0
-    return torch.from_numpy(nearest).to(device), torch.from_numpy(source).to(device)
+    nearest[lost], source[lost], cell[lost] = np.inf, 0, 0
+    return tuple(torch.from_numpy(array).to(device) for array in (nearest, source, cell))  # type: ignore[return-value]
 
 
-def _search(
-    query: torch.Tensor, ids: Sequence[str], layer: int, gallery: GalleryRows, position: dict[str, int], kappa: int,
-    chunk_bytes: int, precision: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """P x kappa nearest distances of the query pixels (P x C) among these images' pixels, and their images' positions;
-    infinite beyond the images' pixel count."""
-    rows = gallery(ids, layer)
-    per_image = rows.shape[0] // len(ids)
-    found = min(kappa, rows.shape[0])
-    nearest, row = spade.nearest_matches(query[None], rows[None], found, chunk_bytes, precision)
-    images = torch.tensor([position[image_id] for image_id in ids], dtype=torch.int64, device=query.device)
-    nearest, source = nearest[0], images[row[0] // per_image]
-    if found < kappa:
-        missing = kappa - found
-        nearest = torch.cat([nearest, nearest.new_full((nearest.shape[0], missing), torch.inf)], dim=1)
-        source = torch.cat([source, source.new_zeros((source.shape[0], missing))], dim=1)
-    return nearest, source
+@dataclass(frozen=True)
+class _Search:
+    """One layer's search of query pixels among some retrieved images' pixels: full, or within `radius` cells on `grid`."""
+
+    gallery: GalleryRows
+    layer: int
+    position: dict[str, int]
+    kappa: int
+    chunk_bytes: int
+    precision: str
+    grid: tuple[int, int] | None
+    radius: int | None
+
+    def __call__(self, query: torch.Tensor, ids: Sequence[str], only: torch.Tensor | None = None) -> Found:
+        """The P query pixels' (P x C) kappa nearest among these images' pixels; +inf beyond what they hold.
+
+        only: P bool, the pixels whose matches are wanted (the others' may be anything); None: every pixel.
+        """
+        rows = self.gallery(ids, self.layer)
+        per_image = rows.shape[0] // len(ids)
+        if self.radius is None:
+            found = min(self.kappa, rows.shape[0])
+            wanted = query if only is None else query[only]
+            nearest, row = spade.nearest_matches(wanted[None], rows[None], found, self.chunk_bytes, self.precision)
+            nearest, row = F.pad(nearest[0], (0, self.kappa - found), value=torch.inf), F.pad(row[0], (0, self.kappa - found))
+            if only is not None:
+                nearest = torch.full((query.shape[0], self.kappa), torch.inf, device=query.device).index_put_((only,), nearest)
+                row = torch.zeros((query.shape[0], self.kappa), dtype=torch.int64, device=query.device).index_put_((only,), row)
+        else:  # the neighbourhoods need the whole grid
+            if self.grid is None:
+                raise ValueError("a match radius needs the layers' grids")
+            nearest, row = spade.local_nearest_matches(query[None], rows[None], self.grid, self.radius, self.kappa,
+                                                       self.chunk_bytes, self.precision)
+            nearest, row = nearest[0], row[0]
+        images = torch.tensor([self.position[image_id] for image_id in ids], dtype=torch.int64, device=query.device)
+        return nearest, images[row // per_image], row % per_image
 
 
-def _merge(
-    nearest: torch.Tensor, source: torch.Tensor, other: torch.Tensor, other_source: torch.Tensor, kappa: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kappa smallest of two P x kappa match lists, ascending."""
-    values, order = torch.cat([nearest, other], dim=1).topk(kappa, dim=1, largest=False)
-    return values, torch.cat([source, other_source], dim=1).gather(1, order)
+def _merge(found: Found, other: Found, kappa: int) -> Found:
+    """The kappa smallest of two match lists, ascending."""
+    values, order = torch.cat([found[0], other[0]], dim=1).topk(kappa, dim=1, largest=False)
+    return values, torch.cat([found[1], other[1]], dim=1).gather(1, order), torch.cat([found[2], other[2]], dim=1).gather(1, order)

@@ -43,6 +43,7 @@ from spade_batch.formats.matches import PixelMatches, read_matches, write_matche
 from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
 from spade_batch.formats.versions import ModelVersion, lineage, next_number, resolve
 from spade_batch.method import calibrate, spade
+from spade_batch.method.alignment import measure_alignment
 from spade_batch.method.calibrate import CalibrationScores
 from spade_batch.method.extractor import Extractor, Features
 from spade_batch.method.masks import region_score
@@ -473,6 +474,9 @@ def _calibrate(
     With layer_normalise, each layer's spread is taken from the same matches' layer maps before the maps are made.
     """
     matched = calibration_matches(model, calibration_ids, features, held_out, previous)
+    if model.card.settings.match_radius is None:  # restricted matches say nothing of where the full search matches
+        record = measure_alignment((matched[i][1] for i in calibration_ids), model.card.layer_shapes[0], model.card.preprocessing.size)
+        model = dataclasses.replace(model, card=dataclasses.replace(model.card, alignment=record))
     if settings.layer_normalise:
         moments = sum((calibrate.layer_moments([m.numpy() for m in layer_maps]) for layer_maps in calibration_layer_maps(model, calibration_ids, matched)),
                       np.zeros((len(model.gallery), 3)))

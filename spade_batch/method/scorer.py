@@ -10,6 +10,7 @@ import torch
 from spade_batch.formats.matches import PixelMatches
 from spade_batch.formats.model import SpadeModel
 from spade_batch.method import matching, spade
+from spade_batch.method.alignment import radius_cells
 from spade_batch.method.extractor import Extractor, Features
 from spade_batch.method.scoring import ImageScore, image_scores
 
@@ -38,6 +39,11 @@ class Scorer:
         self.images_per_call = images_per_call or (extractor.batch_size if device.type == "cuda" else 1)
         self.global_centre = torch.from_numpy(model.centre.global_mean).to(device)
         self.layer_centres = [torch.from_numpy(mean).to(device) for mean in model.centre.layer_means]
+        if extractor.layer_shapes != model.card.layer_shapes:
+            raise ValueError(f"the extractor's pixel features ({[vars(s) for s in extractor.layer_shapes]}) are not the model's "
+                             f"({[vars(s) for s in model.card.layer_shapes]}): build the extractor from the model's settings")
+        self.radii = [radius_cells(self.method.match_radius, shape.height, extractor.preprocessing.size)
+                      for shape in model.card.layer_shapes]
         self.gallery: list[np.ndarray | torch.Tensor] = list(model.gallery)
         if device.type == "cuda" and model.gallery_bytes < torch.cuda.mem_get_info(device)[0] // 2:
             self.gallery = [torch.from_numpy(np.ascontiguousarray(bank)).to(device) for bank in model.gallery]
@@ -87,7 +93,8 @@ class Scorer:
             queries = [spade.centre(layer[image].to(device), mean, dim=0).flatten(1).T for layer, mean in zip(features.layers, self.layer_centres)]
             matches.append(matching.match_pixels(
                 queries, [self.model.train_ids[n] for n in retrieved], self._gallery_rows, self.method.kappa,
-                previous[image] if previous is not None else None, self.chunk_bytes, self.precision))
+                previous[image] if previous is not None else None, self.chunk_bytes, self.precision,
+                [(shape.height, shape.width) for shape in self.model.card.layer_shapes], self.radii))
         return knn_scores, matches
 
     def _gallery_rows(self, ids: Sequence[str], layer: int) -> torch.Tensor:
@@ -106,4 +113,4 @@ class Scorer:
             chunk = slice(start, min(start + self.images_per_call, len(neighbours)))
             layers = [spade.centre(layer[chunk].to(device), mean, dim=1) for layer, mean in zip(features.layers, self.layer_centres)]
             galleries = [spade.gather_galleries(bank, neighbours[chunk], device=device) for bank in self.gallery]
-            yield chunk, spade.layer_distance_maps(layers, galleries, self.method.kappa, self.chunk_bytes, self.precision)
+            yield chunk, spade.layer_distance_maps(layers, galleries, self.method.kappa, self.chunk_bytes, self.precision, self.radii)

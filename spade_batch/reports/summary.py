@@ -21,6 +21,7 @@ from spade_batch.formats.card import CalibrationRecord, ModelCard, Thresholds, l
 from spade_batch.formats.layout import ModelLayout, Outputs, read_columns
 from spade_batch.formats.review import Verdict
 from spade_batch.formats.versions import resolve, version_numbers
+from spade_batch.method.alignment import suggestion
 from spade_batch.method.image_threshold import PotTail, order_statistic_rank, recorded_law
 
 TOP_COLUMNS = ["id", "uri", "image_score", "is_anomalous", "max_pixel_score", "anomalous_fraction", "mask_uri"]
@@ -70,6 +71,7 @@ def model_summary(uri: str, options: storage.StorageOptions = None) -> dict[str,
         "failures": failures_by_reason((f["id"], f["error"]) for f in card.failed_train_images),
         "unused": unused_summary(card, versions),
         "decisions": decision_rules(card),
+        "alignment": suggestion(card.alignment, card.layer_shapes, card.preprocessing.size),
         "created": card.created,
         "package_version": card.package_version,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 import typing
 
 import pytest
@@ -300,3 +301,23 @@ def test_a_badly_grouped_file_is_one_line_naming_the_file_and_the_fix(tmp_path, 
 
 def test_an_empty_group_section_is_allowed(tmp_path):
     assert load_request(write_yaml(tmp_path, "method:\nrun:\n  shard_size: 8\n"), None) == (Settings(shard_size=8), {"shard_size"})
+
+
+@pytest.mark.parametrize(("values", "words"), [
+    ({"layers": "3,2"}, "layers: '3,2' is not a list of pyramid levels"),
+    ({"layers": "1,4"}, "give distinct levels 1, 2 or 3"),
+    ({"layers": "2,2"}, "layers: '2,2'"),
+    ({"layers": ""}, "layers: ''"),
+    ({"match_radius": 0}, "match_radius: must be at least 1 pixel"),
+    ({"match_radius": 8, "k": 2, "kappa": 9}, "use kappa <= 8"),
+    ({"feature_pool": 2}, "feature_pool: 2 is not an odd number"),
+    ({"feature_pool": 0}, "feature_pool: 0"),
+])
+def test_search_options_refuse_what_they_cannot_do(values, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        Settings(**values)
+
+
+def test_layers_name_the_levels_in_use():
+    assert Settings().method.levels == (0, 1, 2) and Settings(layers="2,3").method.levels == (1, 2)
+    assert Settings(match_radius=8, k=2, kappa=8).match_radius == 8

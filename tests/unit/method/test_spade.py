@@ -345,3 +345,55 @@ def test_gather_galleries_from_a_tensor_bank_keeps_device_and_converts_dtype() -
 def test_gather_galleries_refuses_indices_outside_the_bank(neighbours) -> None:
     with pytest.raises(ValueError, match="B x K indices into the 6 normal images"):
         spade.gather_galleries(np.zeros((6, 2, 2), dtype=np.float16), np.array(neighbours))
+
+
+def reference_local_matches(queries: np.ndarray, gallery: np.ndarray, grid: tuple[int, int], radius: int, kappa: int) -> tuple[np.ndarray, np.ndarray]:
+    """float64 brute force over each cell's neighbourhood, cell by cell: (P x kappa ascending distances, their rows),
+    +inf (row -1) where the neighbourhood holds fewer than kappa cells."""
+    height, width = grid
+    pixels = height * width
+    distances, rows = np.full((pixels, kappa), np.inf), np.full((pixels, kappa), -1)
+    for cell in range(pixels):
+        y, x = divmod(cell, width)
+        candidates = [image * pixels + yy * width + xx for image in range(len(gallery) // pixels)
+                      for yy in range(height) for xx in range(width) if max(abs(yy - y), abs(xx - x)) <= radius]
+        found = ((queries[cell].astype(np.float64) - gallery[candidates].astype(np.float64)) ** 2).sum(-1)
+        order = np.argsort(found)[:kappa]
+        distances[cell, : len(order)], rows[cell, : len(order)] = found[order], np.array(candidates)[order]
+    return distances, rows
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kappa", [1, 3])
+@pytest.mark.parametrize(("grid", "radius", "images", "tile"), [
+    ((14, 14), 2, 3, 8),  # layer1 of a 56 px image at radius 8 px: tiles cut at the border
+    ((7, 5), 1, 2, 3),  # layer2-like, not square, tiles of 3 leave a partial tile on each side
+    ((4, 4), 1, 1, 8),  # layer3-like: one tile holds the map; a corner has 4 cells, kappa 3 fits, 5 would not
+    ((6, 9), 0, 2, 4),  # radius 0: the same position only, fewer cells than kappa 3 -> +inf
+    ((5, 5), 7, 2, 2),  # a radius beyond the map: the full search
+])
+def test_local_nearest_matches_equal_a_brute_force_search_of_each_neighbourhood(precision, kappa, grid, radius, images, tile) -> None:
+    rng = np.random.default_rng(kappa + radius)
+    pixels = grid[0] * grid[1]
+    queries = rng.normal(size=(2, pixels, 6)).astype(np.float32)
+    galleries = rng.normal(size=(2, images * pixels, 6)).astype(np.float32)
+    distances, rows = spade.local_nearest_matches(torch.from_numpy(queries), torch.from_numpy(galleries), grid, radius, kappa,
+                                                  chunk_bytes=4 * 16 * 9 * images, precision=precision, tile=tile)
+    assert distances.shape == rows.shape == (2, pixels, kappa) and distances.dtype == torch.float32
+    for image in range(2):
+        expected, expected_rows = reference_local_matches(queries[image], galleries[image], grid, radius, kappa)
+        np.testing.assert_allclose(distances[image].numpy(), expected, rtol=1e-5)
+        found = np.isfinite(expected)
+        np.testing.assert_array_equal(rows[image].numpy()[found], expected_rows[found])
+
+
+def test_layer_score_maps_with_a_radius_are_the_local_means_and_refuse_a_kappa_no_neighbourhood_holds() -> None:
+    rng = np.random.default_rng(5)
+    queries = rng.normal(size=(2, 4, 6, 5)).astype(np.float32)  # B x C x h x w
+    galleries = rng.normal(size=(2, 3 * 30, 4)).astype(np.float32)
+    got = spade.layer_score_maps(torch.from_numpy(queries), torch.from_numpy(galleries), kappa=2, radius=1)
+    for image in range(2):
+        expected = reference_local_matches(queries[image].reshape(4, -1).T, galleries[image], (6, 5), 1, 2)[0].mean(1)
+        np.testing.assert_allclose(got[image].numpy().reshape(-1), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="kappa=13 exceeds"):
+        spade.layer_score_maps(torch.from_numpy(queries), torch.from_numpy(galleries), kappa=13, radius=1)

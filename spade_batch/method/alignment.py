@@ -1,0 +1,90 @@
+"""How aligned normal images are: where their full-search pixel matches lie relative to each cell's own position.
+
+On fixtured parts a pixel's nearest normal pixel lies near the same place in the retrieved image; then
+match_radius (spade.local_nearest_matches) keeps the matches and costs far less. Fit measures it on the
+calibration images' matches (formats.matches.PixelMatches names each match's cell) and records it in the card.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from spade_batch.formats.card import AlignmentRecord
+from spade_batch.formats.features import LayerShape
+from spade_batch.formats.matches import PixelMatches
+
+
+def radius_cells(match_radius: int | None, cells: int, image_size: int) -> int | None:
+    """A match radius in working-size pixels as cells of a layer `cells` cells high: ceil(r * cells / image_size).
+
+    None (SPADE's full search) stays None.
+    """
+    return None if match_radius is None else math.ceil(match_radius * cells / image_size)
+
+
+def search_work(shapes: Sequence[LayerShape], image_size: int, match_radius: int | None) -> float:
+    """The pixel search's nominal work per test image and retrieved image: sum over layers of C_l x P_l x the cells
+    each query cell is compared with (P_l, or the (2c + 1)^2 of its neighbourhood at most), multiply-adds."""
+    total = 0.0
+    for shape in shapes:
+        pixels = shape.height * shape.width
+        cells = radius_cells(match_radius, shape.height, image_size)
+        total += shape.channels * pixels * (pixels if cells is None else min(pixels, (2 * cells + 1) ** 2))
+    return total
+
+
+ALIGNED_SHARE = 0.9
+"""The share of full-search matches a radius must keep for fit to suggest it."""
+
+
+def suggestion(record: AlignmentRecord, shapes: Sequence[LayerShape], image_size: int) -> str:
+    """The alignment in words, and what it suggests: the smallest measured radius keeping ALIGNED_SHARE of the matches
+    with its nominal speed-up, or that the images do not align."""
+    if record.layer is None or not record.matches:
+        return "not measured (a model fitted with match_radius, or before fit measured it)"
+    shares = {int(r): share for r, share in record.within.items()}
+    found = [r for r in sorted(shares) if shares[r] >= ALIGNED_SHARE]
+    if not found:
+        widest = max(shares)
+        return (f"normal images do not align: only {shares[widest]:.0%} of {record.layer} pixel matches lie within {widest} px "
+                "of their own position; keep SPADE's full search (match_radius unset)")
+    radius = found[0]
+    speed_up = search_work(shapes, image_size, None) / search_work(shapes, image_size, radius)
+    return (f"normal images align within {radius} px: {shares[radius]:.0%} of {record.layer} pixel matches; "
+            f"match_radius {radius} would keep them and do about {speed_up:.0f}x less pixel-search work")
+
+
+ALIGNMENT_RADII = (4, 8, 16, 32)
+"""Radii (pixels at the working size) at which the share of matches is measured."""
+
+
+def measure_alignment(matches: Iterable[PixelMatches], shape: LayerShape, image_size: int,
+                      radii: Sequence[int] = ALIGNMENT_RADII) -> AlignmentRecord:
+    """The share of the shallowest stored layer's matches whose cell lies within each radius of the query cell.
+
+    A match within r pixels is one within radius_cells(r, h, image_size) cells (Chebyshev), the neighbourhood
+    match_radius r searches. Matches of unknown cell (stored before cells were kept) or of infinite distance are
+    not counted; with none left the record says so (matches 0).
+
+    Args:
+        matches: the calibration images' full-search matches, layers as `shape` is the first of.
+        shape: that layer's grid.
+        image_size: the working size in pixels.
+    """
+    width = shape.width
+    within, counted = np.zeros(len(radii), np.int64), 0
+    for match in matches:
+        if match.cells is None:
+            continue
+        cells, distances = np.asarray(match.cells[0], np.int64), match.distances[0]
+        known = (cells >= 0) & np.isfinite(distances)
+        own = np.arange(cells.shape[0])[:, None]
+        offset = np.maximum(np.abs(cells // width - own // width), np.abs(cells % width - own % width))[known]
+        counted += offset.size
+        within += np.array([(offset <= radius_cells(r, shape.height, image_size)).sum() for r in radii])
+    if not counted:
+        return AlignmentRecord(shape.name, 0, {})
+    return AlignmentRecord(shape.name, counted, {str(r): float(n / counted) for r, n in zip(radii, within)})
