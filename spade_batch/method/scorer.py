@@ -39,9 +39,6 @@ class Scorer:
         self.images_per_call = images_per_call or (extractor.batch_size if device.type == "cuda" else 1)
         self.global_centre = torch.from_numpy(model.centre.global_mean).to(device)
         self.layer_centres = [torch.from_numpy(mean).to(device) for mean in model.centre.layer_means]
-        if extractor.layer_shapes != model.card.layer_shapes:
-            raise ValueError(f"the extractor's pixel features ({[vars(s) for s in extractor.layer_shapes]}) are not the model's "
-                             f"({[vars(s) for s in model.card.layer_shapes]}): build the extractor from the model's settings")
         self.radii = [radius_cells(self.method.match_radius, shape.height, extractor.preprocessing.size)
                       for shape in model.card.layer_shapes]
         self.gallery: list[np.ndarray | torch.Tensor] = list(model.gallery)
@@ -58,6 +55,9 @@ class Scorer:
         """Scores of B x S x S x 3 uint8 images already at the working size."""
         if not len(prepared):
             return []
+        if self.extractor.layer_shapes != self.model.card.layer_shapes:  # e.g. an extractor built without the model's layers
+            raise ValueError(f"the extractor's pixel features ({[vars(s) for s in self.extractor.layer_shapes]}) are not the model's "
+                             f"({[vars(s) for s in self.model.card.layer_shapes]}): build the extractor from the model's settings")
         return self.score_features(self.extractor.forward(prepared))
 
     def score_features(self, features: Features, exclude: np.ndarray | None = None) -> list[ImageScore]:
