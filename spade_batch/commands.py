@@ -366,9 +366,10 @@ _DECISION_MEASURES: dict[str, Any] = {
 
 def score(
     model_uri: str, images: str, out_uri: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False,
-    fail_on_drift: bool = False, model_version: int | None = None,
+    fail_on_drift: bool = False, model_version: int | None = None, review_top: int | None = None,
 ) -> int:
-    """Score the archive, write its run report; the exit status says what happened (exit_codes.py)."""
+    """Score the archive, write its review page (review_top cards, when given) and run report, which links the page;
+    the exit status says what happened (exit_codes.py)."""
     if dry_run:
         outputs = Outputs(out_uri)
         return _dry_run(images, settings, [outputs.masks, outputs.scores, outputs.run_json, outputs.report], model_uri)
@@ -379,6 +380,11 @@ def score(
 
     summary = run_score(model_uri, images, out_uri, settings, explicit, model_version=model_version)
     outputs = Outputs(summary.out_uri)
+    page = None
+    if review_top:
+        from spade_batch.reports.review_page import write_review_page
+
+        page = write_review_page(summary.out_uri, settings, review_top)
     report = write_run_report(asdict(summary), settings)
     drift = report.drift
     print_table(
@@ -399,6 +405,7 @@ def score(
             ("scores table", outputs.scores),
             ("run summary", outputs.run_json),
             ("report", report.uri + (f"  [{len(report.undrawn)} pictures missing]" if report.undrawn else "")),
+            *([("review page", f"{page.uri}  [{page.cards} cards]")] if page else []),
             ("drift", drift.verdict()),
             ("seconds", f"{summary.seconds:.1f}"),
             ("images/s", f"{summary.images_per_second:.2f}"),
@@ -421,10 +428,10 @@ def score(
 
 def nightly(
     train: str, model_uri: str, images: str, out: str, date: str | None, settings: Settings, explicit: frozenset[str],
-    dry_run: bool = False, fail_on_drift: bool = False, model_version: int | None = None,
+    dry_run: bool = False, fail_on_drift: bool = False, model_version: int | None = None, review_top: int | None = None,
 ) -> int:
     """Fit when MODEL_URI has no model yet, then score the archive of `date` ({date} in images and out) with
-    model_version (default: the current one)."""
+    model_version (default: the current one); review_top: also write the run's review page of that many images."""
     day = run_date(date)
     images, out = images.replace("{date}", day), out.replace("{date}", day)
     if not storage.exists(ModelLayout(model_uri).card, settings.fsspec_options()):
@@ -435,7 +442,26 @@ def nightly(
         status = fit(train, model_uri, settings, dry_run)
         if status != 0:
             return status
-    return score(model_uri, images, out, settings, explicit, dry_run, fail_on_drift, model_version)
+    return score(model_uri, images, out, settings, explicit, dry_run, fail_on_drift, model_version, review_top)
+
+
+def review(out_uri: str, settings: Settings, top: int | None, page_uri: str | None = None) -> int:
+    """Write the run's review page of its `top` highest flagged images (None: all of them) to page_uri (default OUT/review.html)."""
+    from spade_batch.reports.review_page import write_review_page
+
+    if top is not None and top < 1:
+        raise ValueError(f"--top {top}: give 1 or more cards (or --all-flagged)")
+    page = write_review_page(out_uri, settings, top, page_uri)
+    _print_review(page)
+    return 0
+
+
+def _print_review(page: Any) -> None:
+    flagged = "unknown (no image threshold)" if page.flagged is None else page.flagged
+    print_table("review", [("page", page.uri), ("cards", page.cards), ("flagged images", flagged),
+                           ("pictures missing", len(page.undrawn))])
+    for note in page.undrawn[:10]:
+        print(f"spade-batch: warning: review: the {note.picture} of {note.id} could not be read: {note.reason}", file=sys.stderr)
 
 
 def run_date(date: str | None) -> str:

@@ -122,9 +122,10 @@ COMMAND_OPTIONS = {
     "add": {"--model", "--images", "--verdicts", "--dry-run"},
     "score": {"--model", "--model-version", "--images", "--out", "--fail-on-drift", "--dry-run"},
     "evaluate": {"--model", "--data", "--out", "--original-resolution", "--working-resolution-only", "--every", "--model-version", "--dry-run"},
-    "nightly": {"--train", "--model", "--images", "--out", "--plan", "--date", "--fail-on-drift", "--model-version", "--dry-run"},
+    "nightly": {"--train", "--model", "--images", "--out", "--plan", "--date", "--fail-on-drift", "--model-version", "--review-top", "--dry-run"},
     "demo": {"--out", "--dry-run"},
     "show": {"--json", "--format", "--top", "--verdicts"},
+    "review": {"--top", "--all-flagged", "--out"},
     "thresholds": {"--model", "--labelled", "--target", "--out", "--dry-run"},
 }
 """Each command's own options besides --help, --config and its settings' flags."""
