@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_version(nightly)
     nightly.add_argument("--review-top", type=int, metavar="N",
                          help="also write OUT/review.html, the review page of the N highest flagged images (`spade-batch review`), "
-                              "linked from the run report [default: none]")
+                              "linked from the run report (with --plan: each line's) [default: none]")
     _add_drift_flag(nightly)
     _add_dry_run(nightly)
     _add_settings_flags(nightly, "nightly")
@@ -275,7 +275,8 @@ def _run(args: argparse.Namespace, secrets: set[str]) -> int:
         "evaluate": lambda: commands.evaluate(args.model, args.data, args.out, settings, explicit, args.original_resolution, args.every, args.dry_run,
                                               args.model_version),
         "nightly": lambda: (
-            commands.nightly_plan(args.plan, args.out, args.date, settings, explicit, args.dry_run, args.fail_on_drift) if args.plan
+            commands.nightly_plan(args.plan, args.out, args.date, settings, explicit, args.dry_run, args.fail_on_drift,
+                                  args.review_top) if args.plan
             else commands.nightly(args.train, args.model, args.images, args.out, args.date, settings, explicit, args.dry_run,
                                   args.fail_on_drift, args.model_version, args.review_top)
         ),

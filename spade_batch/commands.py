@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -19,6 +19,9 @@ from spade_batch.formats.card import load_card
 from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs, refuse_outputs, refuse_shared_place
 from spade_batch.formats.manifest import Manifest, build_manifest, is_manifest_file
 from spade_batch.formats.versions import resolve
+
+if TYPE_CHECKING:
+    from spade_batch.reports.review_page import ReviewPage
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +459,7 @@ def review(out_uri: str, settings: Settings, top: int | None, page_uri: str | No
     return 0
 
 
-def _print_review(page: Any) -> None:
+def _print_review(page: ReviewPage) -> None:
     flagged = "unknown (no image threshold)" if page.flagged is None else page.flagged
     print_table("review", [("page", page.uri), ("cards", page.cards), ("flagged images", flagged),
                            ("pictures missing", len(page.undrawn))])
@@ -472,7 +475,7 @@ def run_date(date: str | None) -> str:
 
 
 def nightly_plan(plan_uri: str, out: str, date: str | None, settings: Settings, explicit: frozenset[str],
-                 dry_run: bool = False, fail_on_drift: bool = False) -> int:
+                 dry_run: bool = False, fail_on_drift: bool = False, review_top: int | None = None) -> int:
     """`nightly` for every line of the plan file; a plan page under `out` ({date} replaced) links each line's report.
 
     The whole plan is checked (its lines, and that each writes to a place of its own) before any line runs.
@@ -485,7 +488,7 @@ def nightly_plan(plan_uri: str, out: str, date: str | None, settings: Settings, 
     check_outputs(plan, plan_out, day)
     return run_plan(plan, plan_out, day, settings.fsspec_options(), dry_run,
                     lambda line: nightly(line.train, line.model, line.images, line.out, day, line.settings, line.explicit,
-                                         dry_run, fail_on_drift))
+                                         dry_run, fail_on_drift, review_top=review_top))
 
 
 def evaluate(

@@ -90,8 +90,13 @@ def write_review_page(out_uri: str, settings: Settings, top_n: int | None = TOP_
     summary = json.loads(storage.read_text(outputs.run_json, options))
     run = read_run_scores(out_uri, options, top_n, _COLUMNS)
     wanted = {image_id for row in run.top for image_id in (row["neighbour_ids"] or [])[:NEIGHBOURS]}
-    training = training_uris(summary["model_uri"], summary["model_version"], wanted, options)
     pictures, undrawn = Pictures(), []
+    try:
+        training = training_uris(summary["model_uri"], summary["model_version"], wanted, options)
+    except (OSError, ValueError) as error:  # the model moved or gone: the cards name their neighbours without pictures
+        training = {}
+        undrawn.append(Undrawn(summary["model_uri"], "model", f"{type(error).__name__}: {storage.first_line(error)}",
+                               storage.is_transient(error)))
     cards = [_card(row, training, summary["thresholds"]["pixel"], outputs, settings, pictures, undrawn) for row in run.top]
     uri = page_uri or outputs.review
     flagged = run.anomalous if summary["thresholds"]["image"] is not None else None

@@ -56,7 +56,7 @@ class Undrawn:
 
     id: str
     picture: str
-    """"image", "mask" or "map"."""
+    """"image", "mask" or "map" (the review page: "model", when its training images could not be listed)."""
     reason: str
     transient: bool
     """It failed for a reason that may pass: a re-run of the same command draws it."""

@@ -109,6 +109,19 @@ def test_the_page_of_a_run_on_s3_is_written_there_with_the_same_cards(night: dic
     assert remote.count("data:image/jpeg;base64,") == (night["root"] / "local.html").read_text().count("data:image/jpeg;base64,") > 3
 
 
+def test_a_run_whose_model_is_gone_still_gets_its_page_naming_the_neighbours_without_pictures(night: dict, tmp_path: Path) -> None:
+    moved = tmp_path / "out"
+    shutil.copytree(night["out"], moved)
+    run = json.loads((moved / "run.json").read_text())
+    (moved / "run.json").write_text(json.dumps({**run, "out_uri": str(moved), "model_uri": str(tmp_path / "gone")}))
+
+    page = write_review_page(str(moved), Settings(), top_n=2)
+
+    assert page.cards == 2 and [(note.id, note.picture) for note in page.undrawn] == [(str(tmp_path / "gone"), "model")]
+    text = (moved / "review.html").read_text()
+    assert text.count("nearest normal image 1: ") == 2 and text.count(": could not be read</p>") >= 2
+
+
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory):
     """Headless Debian chromium (as the run report's test drives it), downloading into a folder of its own."""
