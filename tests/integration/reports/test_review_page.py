@@ -190,6 +190,19 @@ def test_keyboard_verdicts_downloaded_and_added_stop_the_false_alarms_and_are_co
     assert [row["verdict"] for row in rows] == ["normal", "normal", "defect"] + [""] * (len(ids) - 3)
     assert all(not row["id"].startswith("=") for row in rows)  # formula-like names quoted, as show --format csv writes them
 
+    # The sheet loaded back into a page that has forgotten its verdicts (another browser) restores them.
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    assert browser.find_element(By.ID, "progress").text.startswith("0 of")
+    browser.find_element(By.ID, "load").send_keys(str(sheet))
+    for _ in range(50):
+        if browser.find_element(By.ID, "message").text:
+            break
+        time.sleep(0.1)
+    assert browser.find_element(By.ID, "message").text == "Loaded 3 verdicts."
+    assert browser.find_element(By.ID, "progress").text == f"3 of {len(ids)} reviewed: 2 normal, 1 defect, 0 skipped"
+    assert browser.execute_script("return document.scripts.length") == 3  # the page's own: no name became a script
+
     code, printed = run_cli("show", str(out), "--verdicts", str(sheet), "--json")
     judged = json.loads(printed)
     assert code == 0 and (judged["reviewed"], judged["confirmed_defects"], judged["false_alarms"]) == (3, 1, 2)

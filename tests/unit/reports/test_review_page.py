@@ -3,11 +3,14 @@ review.sheet_csv's. The page's behaviour in Chromium: tests/integration/reports/
 
 from __future__ import annotations
 
+import html
 import json
+import shlex
 from html.parser import HTMLParser
 
 from spade_batch.formats.review import COLUMNS, read_cell, sheet_csv
 from spade_batch.reports.review_page import render_review_page, sheet_line
+from spade_batch.reports.run_report import _review_page
 
 HOSTILE = ["a\"quote'd.png", "x<script>alert(1)</script>.png", "=cmd|' /C calc'!A0.png", "@sum(1).png", "'quoted.png", "&amp;.png"]
 SUMMARY = {"out_uri": "/runs/<b>night</b>", "model_uri": "s3://bucket/model\"<i>", "model_version": 2,
@@ -81,3 +84,12 @@ def test_a_run_without_an_image_threshold_says_so_on_each_card() -> None:
     summary = {**SUMMARY, "thresholds": {"image": None, "pixel": None}}
     page = render_review_page(summary, "", [card("a.png", 2.0)], {"p0": "data:image/png;base64,AA=="}, None)
     assert "no image threshold" in page and "1 highest-scoring images (no image threshold)" in page
+
+
+def test_the_run_report_links_the_page_names_it_where_a_browser_cannot_follow_or_gives_the_command() -> None:
+    assert '<a href="review.html">review page</a>' in _review_page("/runs/night", "review.html")
+    on_s3 = _review_page("s3://bucket/night", "s3://bucket/night/review.html")
+    assert "<a " not in on_s3 and "<code>s3://bucket/night/review.html</code>" in on_s3
+    out = "/runs/<x> 'a'"
+    hostile = _review_page(out, None)
+    assert "<x>" not in hostile and f"<code>spade-batch review {html.escape(shlex.quote(out))}</code>" in hostile
