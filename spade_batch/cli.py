@@ -86,6 +86,17 @@ def version_number(text: str) -> int:
     return number
 
 
+def card_count(text: str) -> int:
+    """How many cards a review page holds: 1 or more."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of cards (1 or more)")
+    return number
+
+
 def json_object(text: str) -> dict[str, Any]:
     """The value of --storage-options: a JSON object. A mistake is reported without the value, which may hold credentials."""
     try:
@@ -148,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     nightly.add_argument("--plan", metavar="YAML", help="many lines in one job: a plan file listing each line's name, train, model, images, out")
     nightly.add_argument("--date", metavar="YYYY-MM-DD", help="run date [default: today, UTC]")
     _add_model_version(nightly)
-    nightly.add_argument("--review-top", type=int, metavar="N",
+    nightly.add_argument("--review-top", type=card_count, metavar="N",
                          help="also write OUT/review.html, the review page of the N highest flagged images (`spade-batch review`), "
                               "linked from the run report (with --plan: each line's) [default: none]")
     _add_drift_flag(nightly)
@@ -218,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     review = commands.add_parser("review", help="write a run's review page: its flagged images to mark normal or defect, one HTML file")
     review.add_argument("uri", metavar="OUT_URI", help="a finished run (holding run.json)")
     cards = review.add_mutually_exclusive_group()
-    cards.add_argument("--top", type=int, default=100, metavar="N", help="the N highest-scoring flagged images [default: 100]")
+    cards.add_argument("--top", type=card_count, default=100, metavar="N", help="the N highest-scoring flagged images [default: 100]")
     cards.add_argument("--all-flagged", action="store_true", help="every flagged image (a large run makes a large page)")
     review.add_argument("--out", metavar="FILE", help="where the page is written (local path or URI) [default: OUT_URI/review.html]")
     _add_settings_flags(review, "review")

@@ -375,7 +375,8 @@ def score(
     the exit status says what happened (exit_codes.py)."""
     if dry_run:
         outputs = Outputs(out_uri)
-        return _dry_run(images, settings, [outputs.masks, outputs.scores, outputs.run_json, outputs.report], model_uri)
+        return _dry_run(images, settings, [outputs.masks, outputs.scores, outputs.run_json, outputs.report,
+                                           *([outputs.review] if review_top else [])], model_uri)
     from dataclasses import asdict
 
     from spade_batch.engine.score import run_score
@@ -452,8 +453,6 @@ def review(out_uri: str, settings: Settings, top: int | None, page_uri: str | No
     """Write the run's review page of its `top` highest flagged images (None: all of them) to page_uri (default OUT/review.html)."""
     from spade_batch.reports.review_page import write_review_page
 
-    if top is not None and top < 1:
-        raise ValueError(f"--top {top}: give 1 or more cards (or --all-flagged)")
     page = write_review_page(out_uri, settings, top, page_uri)
     _print_review(page)
     return 0

@@ -76,8 +76,9 @@ class Pictures:
         """The key of source's picture, made (kind: jpeg or png bytes, or None when it cannot be) only the first time."""
         if source not in self.made:
             data = make()
-            key = None if data is None else f"p{len(self.uris)}"
-            if key is not None and data is not None:
+            key = None
+            if data is not None:
+                key = f"p{len(self.uris)}"
                 self.uris[key] = f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
             self.made[source] = key
         return self.made[source]
@@ -204,7 +205,8 @@ def _picture(key: str | None, alt: str, css: str = "") -> str:
 def _card_html(index: int, card: dict[str, Any], image_threshold: float | None) -> str:
     row = card["row"]
     image_id, score = row["id"], float(row["image_score"])
-    versus = (f"threshold {image_threshold:.4g}: {score / image_threshold:.2f} times" if image_threshold else "no image threshold")
+    versus = ("no image threshold" if image_threshold is None else f"threshold {image_threshold:.4g}"
+              + (f": {score / image_threshold:.2f} times" if image_threshold > 0 else ""))
     neighbours = "\n".join(
         f'<figure class="neighbour">{_picture(n["picture"], "nearest normal image " + str(rank) + ": " + n["id"])}'
         f'<figcaption>nearest normal {rank}: <span class="name">{html.escape(n["id"])}</span></figcaption></figure>'
