@@ -11,7 +11,7 @@ import contextlib
 import io
 import os
 
-COMMANDS = ("fit", "add", "model current", "thresholds", "score", "evaluate", "nightly", "demo", "show", "make-demo-data", "config")
+COMMANDS = ("fit", "add", "model current", "thresholds", "score", "evaluate", "nightly", "demo", "show", "review", "make-demo-data", "config")
 HEADING = "## Command-line reference"
 COLUMNS = "100"
 

@@ -1,4 +1,4 @@
-"""`spade-batch fit | add | model current | thresholds | score | nightly | evaluate | demo | make-demo-data | config | show`: parse arguments,
+"""`spade-batch fit | add | model current | thresholds | score | nightly | evaluate | demo | make-demo-data | config | show | review`: parse arguments,
 call the library."""
 
 from __future__ import annotations
@@ -86,6 +86,17 @@ def version_number(text: str) -> int:
     return number
 
 
+def card_count(text: str) -> int:
+    """How many cards a review page holds: 1 or more."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of cards (1 or more)")
+    return number
+
+
 def json_object(text: str) -> dict[str, Any]:
     """The value of --storage-options: a JSON object. A mistake is reported without the value, which may hold credentials."""
     try:
@@ -148,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     nightly.add_argument("--plan", metavar="YAML", help="many lines in one job: a plan file listing each line's name, train, model, images, out")
     nightly.add_argument("--date", metavar="YYYY-MM-DD", help="run date [default: today, UTC]")
     _add_model_version(nightly)
+    nightly.add_argument("--review-top", type=card_count, metavar="N",
+                         help="also write OUT/review.html, the review page of the N highest flagged images (`spade-batch review`), "
+                              "linked from the run report (with --plan: each line's) [default: none]")
     _add_drift_flag(nightly)
     _add_dry_run(nightly)
     _add_settings_flags(nightly, "nightly")
@@ -211,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--verdicts", metavar="SHEET",
                       help="a run's review sheet filled in: flagged images reviewed, confirmed defects, false alarms, precision")
     _add_settings_flags(show, "show")
+
+    review = commands.add_parser("review", help="write a run's review page: its flagged images to mark normal or defect, one HTML file")
+    review.add_argument("uri", metavar="OUT_URI", help="a finished run (holding run.json)")
+    cards = review.add_mutually_exclusive_group()
+    cards.add_argument("--top", type=card_count, default=100, metavar="N", help="the N highest-scoring flagged images [default: 100]")
+    cards.add_argument("--all-flagged", action="store_true", help="every flagged image (a large run makes a large page)")
+    review.add_argument("--out", metavar="FILE", help="where the page is written (local path or URI) [default: OUT_URI/review.html]")
+    _add_settings_flags(review, "review")
     return parser
 
 
@@ -264,13 +286,15 @@ def _run(args: argparse.Namespace, secrets: set[str]) -> int:
         "evaluate": lambda: commands.evaluate(args.model, args.data, args.out, settings, explicit, args.original_resolution, args.every, args.dry_run,
                                               args.model_version),
         "nightly": lambda: (
-            commands.nightly_plan(args.plan, args.out, args.date, settings, explicit, args.dry_run, args.fail_on_drift) if args.plan
+            commands.nightly_plan(args.plan, args.out, args.date, settings, explicit, args.dry_run, args.fail_on_drift,
+                                  args.review_top) if args.plan
             else commands.nightly(args.train, args.model, args.images, args.out, args.date, settings, explicit, args.dry_run,
-                                  args.fail_on_drift, args.model_version)
+                                  args.fail_on_drift, args.model_version, args.review_top)
         ),
         "thresholds": lambda: commands.thresholds(args.model, args.labelled, settings, explicit, args.target, args.out, args.dry_run),
         "demo": lambda: commands.demo(args.out, settings, explicit, args.dry_run),
         "show": lambda: commands.show(args.uri, settings, args.top, args.output, args.verdicts),
+        "review": lambda: commands.review(args.uri, settings, None if args.all_flagged else args.top, args.out),
     }
     return handlers[args.command]()
 

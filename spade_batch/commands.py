@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -20,6 +20,9 @@ from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs, 
 from spade_batch.formats.manifest import Manifest, build_manifest, is_manifest_file
 from spade_batch.formats.versions import resolve
 from spade_batch.method.alignment import suggestion
+
+if TYPE_CHECKING:
+    from spade_batch.reports.review_page import ReviewPage
 
 log = logging.getLogger(__name__)
 
@@ -416,12 +419,14 @@ _DECISION_MEASURES: dict[str, Any] = {
 
 def score(
     model_uri: str, images: str, out_uri: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False,
-    fail_on_drift: bool = False, model_version: int | None = None,
+    fail_on_drift: bool = False, model_version: int | None = None, review_top: int | None = None,
 ) -> int:
-    """Score the archive, write its run report; the exit status says what happened (exit_codes.py)."""
+    """Score the archive, write its review page (review_top cards, when given) and run report, which links the page;
+    the exit status says what happened (exit_codes.py)."""
     if dry_run:
         outputs = Outputs(out_uri)
-        return _dry_run(images, settings, [outputs.masks, outputs.scores, outputs.run_json, outputs.report], model_uri)
+        return _dry_run(images, settings, [outputs.masks, outputs.scores, outputs.run_json, outputs.report,
+                                           *([outputs.review] if review_top else [])], model_uri)
     from dataclasses import asdict
 
     from spade_batch.engine.score import run_score
@@ -429,6 +434,11 @@ def score(
 
     summary = run_score(model_uri, images, out_uri, settings, explicit, model_version=model_version)
     outputs = Outputs(summary.out_uri)
+    page = None
+    if review_top:
+        from spade_batch.reports.review_page import write_review_page
+
+        page = write_review_page(summary.out_uri, settings, review_top)
     report = write_run_report(asdict(summary), settings)
     drift = report.drift
     print_table(
@@ -449,6 +459,7 @@ def score(
             ("scores table", outputs.scores),
             ("run summary", outputs.run_json),
             ("report", report.uri + (f"  [{len(report.undrawn)} pictures missing]" if report.undrawn else "")),
+            *([("review page", f"{page.uri}  [{page.cards} cards]")] if page else []),
             ("drift", drift.verdict()),
             ("seconds", f"{summary.seconds:.1f}"),
             ("images/s", f"{summary.images_per_second:.2f}"),
@@ -471,10 +482,10 @@ def score(
 
 def nightly(
     train: str, model_uri: str, images: str, out: str, date: str | None, settings: Settings, explicit: frozenset[str],
-    dry_run: bool = False, fail_on_drift: bool = False, model_version: int | None = None,
+    dry_run: bool = False, fail_on_drift: bool = False, model_version: int | None = None, review_top: int | None = None,
 ) -> int:
     """Fit when MODEL_URI has no model yet, then score the archive of `date` ({date} in images and out) with
-    model_version (default: the current one)."""
+    model_version (default: the current one); review_top: also write the run's review page of that many images."""
     day = run_date(date)
     images, out = images.replace("{date}", day), out.replace("{date}", day)
     if not storage.exists(ModelLayout(model_uri).card, settings.fsspec_options()):
@@ -485,7 +496,24 @@ def nightly(
         status = fit(train, model_uri, settings, dry_run)
         if status != 0:
             return status
-    return score(model_uri, images, out, settings, explicit, dry_run, fail_on_drift, model_version)
+    return score(model_uri, images, out, settings, explicit, dry_run, fail_on_drift, model_version, review_top)
+
+
+def review(out_uri: str, settings: Settings, top: int | None, page_uri: str | None = None) -> int:
+    """Write the run's review page of its `top` highest flagged images (None: all of them) to page_uri (default OUT/review.html)."""
+    from spade_batch.reports.review_page import write_review_page
+
+    page = write_review_page(out_uri, settings, top, page_uri)
+    _print_review(page)
+    return 0
+
+
+def _print_review(page: ReviewPage) -> None:
+    flagged = "unknown (no image threshold)" if page.flagged is None else page.flagged
+    print_table("review", [("page", page.uri), ("cards", page.cards), ("flagged images", flagged),
+                           ("pictures missing", len(page.undrawn))])
+    for note in page.undrawn[:10]:
+        print(f"spade-batch: warning: review: the {note.picture} of {note.id} could not be read: {note.reason}", file=sys.stderr)
 
 
 def run_date(date: str | None) -> str:
@@ -496,7 +524,7 @@ def run_date(date: str | None) -> str:
 
 
 def nightly_plan(plan_uri: str, out: str, date: str | None, settings: Settings, explicit: frozenset[str],
-                 dry_run: bool = False, fail_on_drift: bool = False) -> int:
+                 dry_run: bool = False, fail_on_drift: bool = False, review_top: int | None = None) -> int:
     """`nightly` for every line of the plan file; a plan page under `out` ({date} replaced) links each line's report.
 
     The whole plan is checked (its lines, and that each writes to a place of its own) before any line runs.
@@ -509,7 +537,7 @@ def nightly_plan(plan_uri: str, out: str, date: str | None, settings: Settings, 
     check_outputs(plan, plan_out, day)
     return run_plan(plan, plan_out, day, settings.fsspec_options(), dry_run,
                     lambda line: nightly(line.train, line.model, line.images, line.out, day, line.settings, line.explicit,
-                                         dry_run, fail_on_drift))
+                                         dry_run, fail_on_drift, review_top=review_top))
 
 
 def evaluate(

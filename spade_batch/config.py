@@ -64,7 +64,7 @@ GROUPS = (
     Group("thresholds", "override the model's calibrated thresholds", ("score", "nightly", "evaluate", "demo")),
     Group("run", "how the job runs: cluster, shards, batches, devices, precision", ("fit", "add", "score", "nightly", "evaluate", "demo", "thresholds")),
     Group("outputs", "what score writes besides masks and scores", ("score", "nightly")),
-    Group("storage", "how URIs are reached: endpoint and fsspec options", ("fit", "add", "model", "score", "nightly", "evaluate", "show", "thresholds")),
+    Group("storage", "how URIs are reached: endpoint and fsspec options", ("fit", "add", "model", "score", "nightly", "evaluate", "show", "thresholds", "review")),
 )
 GROUP_BY_NAME = {group.name: group for group in GROUPS}
 

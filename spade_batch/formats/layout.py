@@ -103,6 +103,8 @@ class Outputs:
     run_json = _Name("run.json")
     """The run's summary, written last: its presence marks the run finished."""
     inputs_json, report, lock = _Name(INPUTS_NAME), _Name(REPORT_NAME), _Name(LOCK_NAME)
+    review = _Name("review.html")
+    """The review page (`spade-batch review OUT`, reports.review_page): the flagged images, to mark normal or defect."""
 
     def mask(self, image_id: str) -> str:
         return storage.join(self.masks, output_stem(image_id) + ".png")
@@ -162,7 +164,7 @@ class Outputs:
         """
         for folder in (self.scores, self.masks, self.maps, self.overlays):
             storage.remove(folder, options, recursive=True)
-        for uri in (self.inputs_json, self.run_json, self.report):
+        for uri in (self.inputs_json, self.run_json, self.report, self.review):
             storage.remove(uri, options)
 
 

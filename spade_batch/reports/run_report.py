@@ -22,7 +22,7 @@ import json
 import posixpath
 import shlex
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -56,7 +56,7 @@ class Undrawn:
 
     id: str
     picture: str
-    """"image", "mask" or "map"."""
+    """"image", "mask" or "map" (the review page: "model", when its training images could not be listed)."""
     reason: str
     transient: bool
     """It failed for a reason that may pass: a re-run of the same command draws it."""
@@ -91,9 +91,12 @@ class RunScores:
     failures: list[FailureGroup] = field(default_factory=list)
 
 
-def read_run_scores(out_uri: str, options: storage.StorageOptions, top_n: int = TOP_N) -> RunScores:
-    """Scores, anomaly count, top rows and failures over every part file under OUT/scores/ (a few columns at a time)."""
-    columns = ["id", "uri", "image_score", "is_anomalous", "height", "width", "error"]
+def read_run_scores(out_uri: str, options: storage.StorageOptions, top_n: int | None = TOP_N, extra: Sequence[str] = ()) -> RunScores:
+    """Scores, anomaly count, top rows and failures over every part file under OUT/scores/ (a few columns at a time).
+
+    top_n: how many top rows (None: every candidate); extra: more columns of the scores table the top rows keep.
+    """
+    columns = ["id", "uri", "image_score", "is_anomalous", "height", "width", "error", *extra]
     scores: list[float] = []
     anomalous = 0
     candidates: list[tuple[float, str, dict[str, Any]]] = []
@@ -107,7 +110,7 @@ def read_run_scores(out_uri: str, options: storage.StorageOptions, top_n: int = 
             anomalous += bool(row["is_anomalous"])
             if row["is_anomalous"] is not False:  # None: no threshold, every image is a candidate
                 candidates.append((row["image_score"], row["id"], row))
-    top = [row for _, _, row in heapq.nlargest(top_n, candidates, key=lambda item: (item[0], item[1]))]
+    top = [row for _, _, row in heapq.nlargest(len(candidates) if top_n is None else top_n, candidates, key=lambda item: (item[0], item[1]))]
     return RunScores(np.array(scores, dtype=np.float64), anomalous, top, group_failures(failed, EXAMPLE_IDS))
 
 
@@ -127,8 +130,9 @@ def write_run_report(summary: dict[str, Any], settings: Settings) -> RunReport:
                                     "band": dataclasses.asdict(check.band) if check.band else None},
                "pictures_missing": [dataclasses.asdict(note) for note in undrawn]}
     storage.write_text(Outputs(out_uri).run_json, json.dumps(summary, indent=2), options)
-    uri = Outputs(out_uri).report
-    storage.write_text(uri, render_run_report(summary, card, run, check, examples, undrawn), options)
+    uri, review = Outputs(out_uri).report, Outputs(out_uri).review
+    review_href = report_link(uri, review) if storage.exists(review, options) else None
+    storage.write_text(uri, render_run_report(summary, card, run, check, examples, undrawn, review_href), options)
     return RunReport(uri, check, undrawn)
 
 
@@ -263,8 +267,10 @@ def _throughput_section(summary: dict[str, Any]) -> str:
 
 def render_run_report(
     summary: dict[str, Any], card: ModelCard, run: RunScores, check: DriftCheck, examples: bytes | None, undrawn: list[Undrawn],
+    review_href: str | None = None,
 ) -> str:
-    """The report page; summary is the run's run.json, card the model's card, undrawn the pictures drawn as missing."""
+    """The report page; summary is the run's run.json, card the model's card, undrawn the pictures drawn as missing,
+    review_href where the run's review page is, relative to the report (None: it has none)."""
     calibration = card.calibration
     counts: list[dict[str, object]] = [
         {"": "images", "count": summary["images"], "share": "100%"},
@@ -290,7 +296,7 @@ def render_run_report(
     review = (f"<p>Review sheet of the flagged images, for reviewers to mark each <code>normal</code> or <code>defect</code>: "
               f"<code>{html.escape(_review_command(summary['out_uri'], len(run.top)))} &gt; review.csv</code>; then "
               f"<code>spade-batch add --model {html.escape(summary['model_uri'])} --verdicts review.csv</code> adds the false "
-              "alarms to the model as its next version.</p>")
+              "alarms to the model as its next version.</p>\n" + _review_page(summary["out_uri"], review_href))
     title = f"spade-batch run: {summary['out_uri']}"
     sections = {
         "counts": ("Counts", html_table(counts)),
@@ -303,6 +309,16 @@ def render_run_report(
         "throughput": ("Throughput", _throughput_section(summary)),
     }
     return _page(title, f"model {summary['model_uri']} (version {summary['model_version']})", sections)
+
+
+def _review_page(out_uri: str, href: str | None) -> str:
+    """The paragraph on the run's review page: a link to it (its URI as text where a browser cannot follow it), or the
+    command that writes it."""
+    if href is None:
+        return (f'<p id="review-page">No review page yet: <code>spade-batch review {html.escape(shlex.quote(out_uri))}</code> writes one '
+                "(each flagged image beside its map and nearest normal images, marked with the keyboard; it downloads the sheet).</p>")
+    where = f'<a href="{html.escape(href)}">review page</a>' if is_safe_href(href) else f"review page: <code>{html.escape(href)}</code>"
+    return f'<p id="review-page">Mark the flagged images on the run\'s {where} (it downloads the filled-in sheet).</p>'
 
 
 def _review_command(out_uri: str, top: int) -> str:

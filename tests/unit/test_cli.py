@@ -125,9 +125,10 @@ COMMAND_OPTIONS = {
     "add": {"--model", "--images", "--verdicts", "--dry-run"},
     "score": {"--model", "--model-version", "--images", "--out", "--fail-on-drift", "--dry-run"},
     "evaluate": {"--model", "--data", "--out", "--original-resolution", "--working-resolution-only", "--every", "--model-version", "--dry-run"},
-    "nightly": {"--train", "--model", "--images", "--out", "--plan", "--date", "--fail-on-drift", "--model-version", "--dry-run"},
+    "nightly": {"--train", "--model", "--images", "--out", "--plan", "--date", "--fail-on-drift", "--model-version", "--review-top", "--dry-run"},
     "demo": {"--out", "--dry-run"},
     "show": {"--json", "--format", "--top", "--verdicts"},
+    "review": {"--top", "--all-flagged", "--out"},
     "thresholds": {"--model", "--labelled", "--target", "--out", "--dry-run"},
 }
 """Each command's own options besides --help, --config and its settings' flags."""
@@ -417,3 +418,11 @@ def test_nightly_pinned_to_a_version_of_a_missing_model_is_refused_before_fittin
 def test_errors_name_the_command_in_full(tmp_path, capsys):
     assert cli.main(["model", "current", str(tmp_path / "none"), "2"]) == 2
     assert capsys.readouterr().err.startswith(f"spade-batch model current: error: no model at {tmp_path / 'none'}")
+
+
+@pytest.mark.parametrize("argv", [["review", "out", "--top", "0"], ["review", "out", "--top", "-3"],
+                                  ["nightly", "--train", "t", "--model", "m", "--images", "i", "--out", "o", "--review-top", "0"]])
+def test_a_review_page_of_no_cards_is_refused_before_anything_runs(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2 and "is not a number of cards (1 or more)" in capsys.readouterr().err
