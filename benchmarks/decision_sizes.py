@@ -54,7 +54,10 @@ from spade_batch.reports.metrics import PixelDecisions, PixelMetrics, f1_optimal
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAGNETIC_TILE = os.path.join(REPOSITORY, "..", "shared", "data", "magnetic_tile")
-ESTIMATORS = image_threshold.ESTIMATORS
+SIZE_FOLLOWING = "size_following"
+"""Not a product estimator: the order statistic at a target that follows the calibration's size, max(target, 2 / (n + 1))
+(the second largest of n < 2 / target scores), measured against the largest score that the 1% target gives below 100."""
+ESTIMATORS = (*image_threshold.ESTIMATORS, SIZE_FOLLOWING)
 """Image-threshold estimators compared (image_threshold_for)."""
 RULES = {
     "gated (today)": {"gate_masks": True},
@@ -72,6 +75,8 @@ def image_threshold_for(scores: np.ndarray, image_fpr: float, estimator: str) ->
 
     The one place the benchmark computes image thresholds: plug in the other estimators here.
     """
+    if estimator == SIZE_FOLLOWING:
+        return image_threshold.estimate_image_threshold(scores, max(image_fpr, 2 / (len(scores) + 1)), "order_statistic").threshold
     return image_threshold.estimate_image_threshold(scores, image_fpr, estimator).threshold
 
 
