@@ -5,7 +5,7 @@ Design: `Settings` stays one flat frozen dataclass, so every reader writes `sett
 metadata (`_key(group, default, help)`); everything grouped is derived from that one declaration:
 a group's keys (`keys_of`), the grouped YAML layout (`Settings.grouped`, `load_request`), the
 command-line sections and which command offers which flag (`Group.commands`, cli.py), and the
-README's tables (`describe`). A new setting is one `_key` line in its group.
+tables of docs/configuration.md (`describe`). A new setting is one `_key` line in its group.
 
 The groups: method (fixed at fit and recorded in the model card: score reads it from there),
 calibration (how fit sets thresholds from held-out normal images), thresholds (overrides of the
@@ -24,7 +24,7 @@ The YAML file has one schema, grouped the same way:
 
 A file in the old flat layout (`k: 10` at the top level) is still read, with a one-line warning
 that `spade-batch config --show --config FILE` prints it grouped. Every key is documented in its
-field's `help`; `describe()` renders the tables for the README and `spade-batch config --keys`.
+field's `help`; `describe()` renders the tables of docs/configuration.md and `spade-batch config --keys`.
 """
 
 from __future__ import annotations
