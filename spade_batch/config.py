@@ -5,7 +5,7 @@ Design: `Settings` stays one flat frozen dataclass, so every reader writes `sett
 metadata (`_key(group, default, help)`); everything grouped is derived from that one declaration:
 a group's keys (`keys_of`), the grouped YAML layout (`Settings.grouped`, `load_request`), the
 command-line sections and which command offers which flag (`Group.commands`, cli.py), and the
-README's tables (`describe`). A new setting is one `_key` line in its group.
+tables of docs/configuration.md (`describe`). A new setting is one `_key` line in its group.
 
 The groups: method (fixed at fit and recorded in the model card: score reads it from there),
 calibration (how fit sets thresholds from held-out normal images), thresholds (overrides of the
@@ -24,7 +24,7 @@ The YAML file has one schema, grouped the same way:
 
 A file in the old flat layout (`k: 10` at the top level) is still read, with a one-line warning
 that `spade-batch config --show --config FILE` prints it grouped. Every key is documented in its
-field's `help`; `describe()` renders the tables for the README and `spade-batch config --keys`.
+field's `help`; `describe()` renders the tables of docs/configuration.md and `spade-batch config --keys`.
 """
 
 from __future__ import annotations
@@ -90,12 +90,12 @@ class Settings:
     sigma: float = _key("method", 4.0, "Gaussian smoothing of the anomaly map, in pixels at the working size (0 disables it).")
     index: str = _key("method", "flat", "Image kNN index: flat (exact) or ivf (approximate, for very large training sets).")
     ivf_lists: int = _key("method", 0, "IVF lists when index is ivf; 0 picks about 4 * sqrt(N).")
-    image_score: str = _key("method", "map", "Image score: map (mean of the anomaly map's highest map_top pixels; beat knn by 0.06 image ROCAUC on Magnetic Tile), knn (the paper: mean squared distance to the K nearest normal images) or combined (knn and map each standardised by the calibration images' scores, then averaged).")
+    image_score: str = _key("method", "map", "Image score: map (mean of the anomaly map's highest map_top pixels), knn (the paper: mean squared distance to the K nearest normal images) or combined (knn and map each standardised by the calibration images' scores, then averaged).")
     map_top: float = _key("method", 0.01, "Fraction of an anomaly map's highest pixels averaged into its map score (image_score map or combined); 0: the single highest pixel.")
     layer_normalise: bool = _key("method", False, "Divide each layer's pixel distances by their standard deviation on the calibration images before averaging the layers (the paper: a plain average).")
-    match_radius: int | None = _key("method", None, "Position-aware matching (RAD, CPR): each cell of a layer is matched only with the retrieved images' cells within ceil(match_radius * h_l / image_size) cells of its own position, in pixels at the working size; faster, and sharper on aligned parts, worse on unaligned ones (fit reports how aligned the normal images are). Unset: SPADE's full search.")
+    match_radius: int | None = _key("method", None, "Position-aware matching (RAD, CPR): each cell of a layer is matched only with the retrieved images' cells within ceil(match_radius * h_l / image_size) cells of its own position, in pixels at the working size. Fewer cells are compared, so the search is cheaper; it suits parts that sit at the same place in every image (fit reports how aligned the normal images are). Unset: SPADE's full search.")
     feature_pool: int = _key("method", 1, "Locally aware features (PatchCore): each layer's pixel features averaged over a feature_pool x feature_pool neighbourhood (border cells over their in-image neighbours), gallery and test images alike; an odd number: 1 off (the paper), 3 the 3 x 3 mean.")
-    layers: str = _key("method", "1,2,3", "Pyramid levels matched and averaged into the map, e.g. 2,3 (about 6 times faster than 1,2,3 on the pixel stage); the gallery stores only these.")
+    layers: str = _key("method", "1,2,3", "Pyramid levels matched and averaged into the map, e.g. 2,3 leaves out layer 1, the largest and costliest to search; the gallery stores only these.")
     calibration_images: str = _key("calibration", "leave_one_out", "Which normal images set the thresholds: held_out (calibration_fraction of them, kept out of the gallery) or leave_one_out (gallery images, each scored against the others: every image stays in the gallery).")
     calibration_fraction: float = _key("calibration", 0.1, "held_out: fraction of the normal images held out of the gallery to calibrate thresholds (0 disables).")
     calibration_sample: int = _key("calibration", 1000, "leave_one_out: at most this many gallery images are scored to calibrate, the same ones on every fit (by id hash); 0 scores them all.")
@@ -107,7 +107,7 @@ class Settings:
     pixel_quantile: float = _key("calibration", 0.999, "pixel_rule quantile: quantile of normal pixel scores used as the pixel threshold.")
     min_region: int = _key("calibration", 0, "Smallest flagged region a mask keeps, in pixels at the working size (scaled to each image's size); smaller ones are dropped. 0 keeps every flagged pixel. pixel_rule region counts regions of at least max(1, min_region) pixels.")
     gate_masks: bool = _key("calibration", True, "An image that is not flagged anomalous gets an empty mask (its map is still written when asked for); with region_fpr > 0 it shows the regions with their own evidence.")
-    region_fpr: float = _key("calibration", 0.0, "Share of normal images allowed to show a mask region on the region's own evidence, whatever the image verdict: a region is shown when it holds max(1, min_region) pixels above a stricter pixel level, the (1 - region_fpr) quantile of the calibration images' region scores. With gate_masks, flagged images still show every region; without it, every image shows only such regions. 0: no such level (as before).")
+    region_fpr: float = _key("calibration", 0.0, "Share of normal images allowed to show a mask region on the region's own evidence, whatever the image verdict: a region is shown when it holds max(1, min_region) pixels above a stricter pixel level, the (1 - region_fpr) quantile of the calibration images' region scores. With gate_masks, flagged images still show every region; without it, every image shows only such regions. 0: off.")
     gate_fpr: float = _key("calibration", 0.0, "The level of gate_masks (unused without it), looser than the verdict: masks show every region on images scoring above the (1 - gate_fpr) quantile of the calibration images' scores (a larger share than image_fpr); 0: the image threshold.")
     image_threshold: float | None = _key("thresholds", None, "Override the model's calibrated image threshold.")
     pixel_threshold: float | None = _key("thresholds", None, "Override the model's calibrated pixel threshold.")
@@ -116,7 +116,7 @@ class Settings:
     device: str = _key("run", "auto", "Torch device inside tasks: auto (cuda when the task has a GPU), cpu or cuda.")
     gpus_per_task: float | None = _key("run", None, "GPUs each task requests; unset: 1 when the cluster has GPUs now, else 0. Set it on autoscaling clusters that start without GPU nodes.")
     cpus_per_task: float = _key("run", 1.0, "CPUs each task requests.")
-    chunk_mib: int | None = _key("run", None, "Bound on one pixel-distance block, in MiB; unset: 16 on CPU (cache-sized), 256 on a GPU (on an H200 twice the pixel-stage speed of 16 MiB, and no faster above).")
+    chunk_mib: int | None = _key("run", None, "Bound on one pixel-distance block, in MiB; unset: 16 on CPU (cache-sized), 256 on a GPU (fewer, larger GEMMs).")
     precision: str = _key("run", "float32", "Pixel search GEMM precision: float32, tf32 or bfloat16. Low precision only ranks candidates; returned distances are recomputed in float32.")
     model_workers: int = _key("run", 0, "Model actors (each loads the backbone and gallery once): 0 = one per GPU, or on CPU-only clusters one per cpus_per_task CPUs, together reserving all but one CPU for decoding and writing; fit then scores its held-out images in the driver when the cluster is one CPU-only node. Set, model actors do both.")
     max_pixels: int = _key("run", 50_000_000, "Largest image accepted, in pixels (width x height); larger ones get an error row. A worker needs about 10 bytes per pixel of the largest image.")

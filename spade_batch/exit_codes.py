@@ -1,4 +1,4 @@
-"""The exit status of every command, and how a run's outcome maps to one (the README's table is checked against it)."""
+"""The exit status of every command, and how a run's outcome maps to one (docs/operations.md's table is checked against it)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def plan_exit_code(line_codes: Sequence[ExitCode]) -> ExitCode:
 
 
 def markdown_table() -> str:
-    """The README's exit-code table."""
+    """docs/operations.md's exit-code table."""
     rows = [f"| {int(code)} | `{code.name}` | {MEANING[code]} |" for code in ExitCode]
     return "\n".join(["| code | name | meaning |", "|---|---|---|", *rows])
 

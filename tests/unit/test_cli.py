@@ -1,4 +1,4 @@
-"""The command line in process: a flag per setting, config --show, errors, dry runs, the README reference.
+"""The command line in process: a flag per setting, config --show, errors, dry runs, the command-line reference page.
 
 That no credential reaches the output of a real process is in tests/integration/test_cli.py.
 """
@@ -335,42 +335,17 @@ def test_reference_script_covers_every_command(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")  # the script sets it; restored after the test
     reference = load_reference_script().reference()
     for command in (*SETTINGS_COMMANDS, "model current", "make-demo-data", "config"):  # show is among SETTINGS_COMMANDS
-        assert f"### spade-batch {command}\n\n```\nusage: spade-batch {command} " in reference
+        assert f"\n## spade-batch {command}\n\n```\nusage: spade-batch {command} " in reference
     assert "--image-size INT" in reference
     assert max(len(line) for line in reference.splitlines()) <= 100
 
 
-def readme_section(text: str, heading: str) -> str | None:
-    """From the `heading` line up to the next level-2 heading (or the end), fences respected."""
-    lines = text.splitlines(keepends=True)
-    if heading + "\n" not in lines:
-        return None
-    start = lines.index(heading + "\n")
-    end, fenced = len(lines), False
-    for i in range(start + 1, len(lines)):
-        fenced ^= lines[i].startswith("```")
-        if not fenced and lines[i].startswith("## "):
-            end = i
-            break
-    return "".join(lines[start:end]).rstrip("\n") + "\n"
-
-
-def test_readme_section_is_cut_at_the_next_heading_outside_fences():
-    section = "## Command-line reference\n\n### spade-batch x\n\n```\n## not a heading\n```\n"
-    text = "# title\n\n## Quick start\n\nrun it\n\n" + section + "\n## Limitations\n\nsome\n"
-    assert readme_section(text, "## Command-line reference") == section
-    assert readme_section(text + section.replace("x", "y"), "## Limitations") == "## Limitations\n\nsome\n"
-    assert readme_section("# title\n", "## Command-line reference") is None
-
-
-def test_readme_command_line_reference_is_current(monkeypatch):
+def test_the_command_line_reference_page_is_current(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     script = load_reference_script()
-    readme = (REPO / "README.md").read_text()
-    section = readme_section(readme, script.HEADING)
-    advice = "regenerate it: python scripts/cli_reference.py, and paste the output over the section in README.md"
-    assert section is not None, f"README.md has no '{script.HEADING}' section; {advice}"
-    assert section == script.reference().rstrip("\n") + "\n", f"README.md's command-line reference is stale; {advice}"
+    advice = "regenerate it: python scripts/cli_reference.py"
+    assert script.PAGE == REPO / "docs" / "cli.md"
+    assert script.PAGE.read_text() == script.reference(), f"docs/cli.md is stale; {advice}"
 
 
 def test_dry_run_counts_rejected_names_and_goes_on(image_folder, tmp_path, capsys):

@@ -39,7 +39,7 @@ def test_defaults_are_the_papers_but_the_image_score():
         "wide_resnet50_2", "imagenet", 50, 1, 4.0
     )
     assert (settings.image_size, settings.preprocess) == (224, "full")
-    # The paper's image score (knn) lost 0.06 image ROCAUC to the map's top 1% on Magnetic Tile (README, Accuracy).
+    # The paper's image score (knn) lost 0.06 image ROCAUC to the map's top 1% on Magnetic Tile (docs/accuracy.md).
     assert (settings.image_score, settings.map_top, settings.layer_normalise) == ("map", 0.01, False)
 
 
@@ -201,17 +201,24 @@ def test_example_job_files_load_for_their_command(name, command, caplog):
     assert settings.backbone in ("wide_resnet50_2", "efficientnet_lite0")
 
 
-def test_readme_documents_every_key_with_its_default() -> None:
+def test_the_configuration_page_documents_every_key_as_the_code_does() -> None:
+    import importlib.util
     from pathlib import Path
 
     from spade_batch.config import describe
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
-    tables = {part.split(":", 1)[0]: part for part in section.split("\n### ")[1:]}  # "### method: ..." -> the group's table
-    assert list(tables) == [group.name for group in GROUPS], "README's configuration reference has one table per group, in order"
+    repo = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("config_reference", repo / "scripts" / "config_reference.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.PAGE == repo / "docs" / "configuration.md"
+    page = script.PAGE.read_text()
+    groups = [part.split(":", 1)[0] for part in page.split("\n## ")[1:] if part.split(":", 1)[0] in {g.name for g in GROUPS}]
+    assert groups == [group.name for group in GROUPS], "docs/configuration.md has one table per group, in order"
+    tables = {part.split(":", 1)[0]: part for part in page.split("\n## ")[1:]}  # "## method: ..." -> the group's table
     for row in describe():
-        assert f"| `{row.key}` | {row.kind} | `{row.default}` |" in tables[row.group], f"README's {row.group} table lacks {row.key}"
+        assert f"| `{row.key}` | {row.kind} | `{row.default}` | {row.help} |" in tables[row.group], f"docs/configuration.md's {row.group} table lacks {row.key}"
+    assert script.updated(page) == page, "docs/configuration.md is stale: python scripts/config_reference.py"
 
 
 def test_every_float_setting_refuses_nan_and_inf():

@@ -1,4 +1,4 @@
-"""Exit statuses: how a run's outcome maps to one, and the README's table of them."""
+"""Exit statuses: how a run's outcome maps to one, and docs/operations.md's table of them."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ from spade_batch.exit_codes import (
 from spade_batch.formats.model import ModelError
 from spade_batch.formats.storage import TransientStorageError
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 
 
-def test_every_code_is_documented_in_the_readme_table() -> None:
+def test_every_code_is_documented_in_the_operations_page_table() -> None:
     assert set(MEANING) == set(ExitCode) == set(PRECEDENCE) | {ExitCode.USAGE, ExitCode.INTERRUPTED}
-    assert markdown_table() in README.read_text(), "regenerate the README's exit-code table from exit_codes.markdown_table()"
+    assert markdown_table() in OPERATIONS.read_text(), "regenerate docs/operations.md's exit-code table from exit_codes.markdown_table()"
 
 
 def test_the_codes_are_distinct_and_keep_the_documented_numbers() -> None:

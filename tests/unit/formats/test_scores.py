@@ -71,15 +71,15 @@ def test_empty_part_and_no_parts(tmp_path):
     assert empty.num_rows == 0 and empty.schema == SCHEMA
 
 
-# ---------------------------------------------------------------- the README's snippets
+# ---------------------------------------------------------------- docs/outputs.md's snippets
 
 
 def readme_snippets() -> list[str]:
-    """The python blocks of the README's "Reading the scores" section."""
+    """The python blocks of docs/outputs.md's "Reading the scores" section."""
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[3] / "docs" / "outputs.md").read_text()
     section = text[text.index("## Reading the scores\n") :]
     section = section[: section.index("\n## ", 1)]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)

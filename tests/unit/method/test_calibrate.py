@@ -188,7 +188,7 @@ def test_region_scores_are_computed_only_for_the_region_rule(tmp_path):
 
 
 def test_the_default_decisions_are_leave_one_out_gated_mean_3sigma():
-    """The configuration measured best on Magnetic Tile (README, Decisions): a change here is a change of what every new model decides."""
+    """The configuration measured best on Magnetic Tile (docs/accuracy.md, Decisions): a change here is a change of what every new model decides."""
     defaults = Settings().calibration
     assert (defaults.calibration_images, defaults.pixel_rule, defaults.gate_masks, defaults.min_region) == ("leave_one_out", "mean_3sigma", True, 0)
 
