@@ -31,14 +31,14 @@ import numpy as np
 
 from spade_batch.config import Settings
 from spade_batch.formats import storage
+from spade_batch.formats.calibration_matches import read_matches
 from spade_batch.formats.images import decode_image
 from spade_batch.formats.layout import ModelLayout, part_files
-from spade_batch.formats.matches import read_matches
 from spade_batch.formats.model import SpadeModel
 from spade_batch.method.detector import Extractor, fit
 from spade_batch.method.image_threshold import ESTIMATORS, estimate_image_threshold, suspect_limit
 from spade_batch.method.recipe import StoredFeatures, calibration_scores, fit_from_features
-from spade_batch.method.scoring import image_scores
+from spade_batch.method.score_rules import image_scores
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "magnetic_tile")

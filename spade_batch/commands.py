@@ -529,7 +529,7 @@ def nightly_plan(plan_uri: str, out: str, date: str | None, settings: Settings, 
 
     The whole plan is checked (its lines, and that each writes to a place of its own) before any line runs.
     """
-    from spade_batch.plan import check_outputs, load_plan, run_plan
+    from spade_batch.nightly_plan import check_outputs, load_plan, run_plan
 
     plan = load_plan(plan_uri, settings, explicit)
     day = run_date(date)

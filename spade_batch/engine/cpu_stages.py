@@ -26,7 +26,7 @@ from spade_batch.formats.card import Thresholds
 from spade_batch.formats.features import FeatureTable, LayerShape, content_sha256, write_features
 from spade_batch.formats.images import Preprocessing, decode_for_model, decode_image, resize_for_model, resize_map
 from spade_batch.formats.layout import Outputs, part_name
-from spade_batch.formats.scores import ScoreRow, result_row, write_scores
+from spade_batch.formats.score_table import ScoreRow, result_row, write_scores
 from spade_batch.method.masks import mask_from_map, png_bytes
 
 Batch = dict[str, np.ndarray]

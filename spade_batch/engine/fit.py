@@ -23,11 +23,11 @@ from spade_batch.engine.cpu_stages import RETRYABLE, read_images, write_feature_
 from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, actor_stage, init_ray, stream, task_stage
 from spade_batch.engine.stages import CalibrationStage, ExtractStage, matches_of
 from spade_batch.formats import storage
+from spade_batch.formats.calibration_matches import PixelMatches
 from spade_batch.formats.features import SCHEMA_VERSION as FEATURE_SCHEMA_VERSION
 from spade_batch.formats.layout import ModelLayout, done_ids, part_files, record_inputs, refuse_outputs, refuse_shared_place
 from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.manifest import Manifest, build_manifest, is_manifest_file
-from spade_batch.formats.matches import PixelMatches
 from spade_batch.formats.model import SpadeModel, cache_root
 from spade_batch.method.extractor import Extractor
 from spade_batch.method.recipe import (
@@ -151,8 +151,8 @@ def extract(ids: Sequence[str], uris: Sequence[str], features_uri: str, extracto
     options = settings.fsspec_options()
     done = done_ids(features_uri, options)
     todo = [{"id": i, "uri": u} for i, u in zip(ids, uris) if i not in done]
-    plan = ModelStage.plan(settings)
-    log.info("extract: %d images, %d already extracted, %d to extract on %d model workers", len(ids), len(done), len(todo), plan.workers)
+    actors = ModelStage.on_cluster(settings)
+    log.info("extract: %d images, %d already extracted, %d to extract on %d model workers", len(ids), len(done), len(todo), actors.workers)
     if not todo:
         return 0
     dataset = (
@@ -161,7 +161,7 @@ def extract(ids: Sequence[str], uris: Sequence[str], features_uri: str, extracto
                                                     "max_pixels": settings.max_pixels, "hash_content": True},
                      batch_size=settings.shard_size, batch_format="numpy", **DECODE_TASK)
         .map_batches(actor_stage(ExtractStage), fn_constructor_kwargs={"settings": settings}, batch_size=settings.batch_size,
-                     batch_format="numpy", compute=plan.compute(), **plan.resources)
+                     batch_format="numpy", compute=actors.compute(), **actors.resources)
         .map_batches(task_stage(write_feature_part),
                      fn_kwargs={"features_uri": features_uri, "layer_shapes": [vars(s) for s in extractor.layer_shapes], "options": options},
                      batch_size=settings.shard_size, batch_format="numpy", **OUTPUT_TASK)
@@ -191,22 +191,22 @@ def _staging_root() -> str:
 
 def held_out_scorer(features: StoredFeatures, extractor: Extractor, model_uri: str, settings: Settings) -> HeldOutScorer:
     """Where fit scores its held-out images: in the driver on a single CPU-only node, else on model actors."""
-    plan = ModelStage.plan(settings)
-    if _calibrates_in_driver(plan, settings):
+    actors = ModelStage.on_cluster(settings)
+    if _calibrates_in_driver(actors, settings):
         log.info("fit: held-out images are scored in the driver (a single CPU-only node)")
         return _Counted(InProcessHeldOut(features, extractor, settings))
-    log.info("fit: held-out images are scored on %d model actors", plan.workers)
-    return _Counted(ActorsHeldOut(features, model_uri, settings, plan))
+    log.info("fit: held-out images are scored on %d model actors", actors.workers)
+    return _Counted(ActorsHeldOut(features, model_uri, settings, actors))
 
 
-def _calibrates_in_driver(plan: ModelStage, settings: Settings) -> bool:
+def _calibrates_in_driver(actors: ModelStage, settings: Settings) -> bool:
     """Whether the held-out images are scored in the driver: on a single node without GPUs and with
     model_workers automatic. There the driver computes on the same cores an actor would, with torch
     and the model already open, and spares a second actor pool's start (2 cores, 2,000 images: what
     follows extraction took 12.2-12.6 s with the pool, 6.6 s in the driver). With GPUs, several nodes
     or model_workers set, model actors do it."""
     nodes = [node for node in ray.nodes() if node["Alive"]]
-    return len(nodes) == 1 and not plan.gpus and not settings.model_workers
+    return len(nodes) == 1 and not actors.gpus and not settings.model_workers
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ class ActorsHeldOut:
     features: StoredFeatures
     model_uri: str
     settings: Settings
-    plan: ModelStage
+    actors: ModelStage
 
     def matches(self, model: SpadeModel, ids: Sequence[str], previous: Mapping[str, PixelMatches]) -> Iterator[CalibrationMatches]:
         if not ids:
@@ -233,7 +233,7 @@ class ActorsHeldOut:
             actor_stage(CalibrationStage),
             fn_constructor_kwargs={"model_uri": self.model_uri, "settings": self.settings, "card": model.card.to_dict(),
                                    "previous": dict(previous)},
-            batch_size=1, batch_format="numpy", compute=self.plan.compute(), **self.plan.resources,
+            batch_size=1, batch_format="numpy", compute=self.actors.compute(), **self.actors.resources,
         ).iter_batches(batch_size=None, batch_format="numpy")
         for batch in batches:
             yield matches_of(batch, len(model.gallery))

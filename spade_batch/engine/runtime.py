@@ -125,7 +125,7 @@ class ModelStage:
     resources: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def plan(cls, settings: Settings) -> ModelStage:
+    def on_cluster(cls, settings: Settings) -> ModelStage:
         cluster = ray.cluster_resources()
         gpus = settings.gpus_per_task
         if gpus is None:

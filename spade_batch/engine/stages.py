@@ -15,8 +15,8 @@ import ray
 
 from spade_batch.config import Settings
 from spade_batch.engine.cpu_stages import Batch, object_column, passed_on, usable_mask, worker_columns
+from spade_batch.formats.calibration_matches import PixelMatches
 from spade_batch.formats.card import ModelCard
-from spade_batch.formats.matches import PixelMatches
 from spade_batch.formats.model import SpadeModel, load_count
 from spade_batch.method.extractor import Extractor, backbone_loads
 from spade_batch.method.recipe import CalibrationMatches, match_held_out, read_block

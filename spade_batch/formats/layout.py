@@ -181,7 +181,7 @@ class ModelLayout:
     """The card, written last: its presence marks the model complete."""
     train_ids, index, centre, pyramid = _Name("train_ids.json"), _Name("global.faiss"), _Name("centre.npz"), _Name("pyramid")
     calibration_matches = _Name("calibration.parquet")
-    """What each calibration image's pixels matched (formats.matches): add re-searches only what its grown gallery changes."""
+    """What each calibration image's pixels matched (formats.calibration_matches): add re-searches only what its grown gallery changes."""
     features = _Name("features")
     """The Parquet feature parts (features.py) of the images this version brought: fit's all, an add's new ones; a re-run resumes from them."""
     features_inputs, lock = _Name(f"features/{INPUTS_NAME}"), _Name(LOCK_NAME)

@@ -7,7 +7,7 @@ Layout under MODEL_URI (names in layout.ModelLayout; spade.json is written last:
     global.faiss          faiss index over the N x D centred global features (squared L2)
     centre.npz            the training-mean centre: "global" (D,) and one (C_l,) per layer, float32
     pyramid/<layer>.npy   N x (h * w) x C float16 centred pixel gallery per layer, channels last
-    calibration.parquet   what each calibration image's pixels matched (matches.py): read by add only
+    calibration.parquet   what each calibration image's pixels matched (calibration_matches.py): read by add only
     features/             the Parquet part files fit extracted (see features.py)
 
 Features are stored and searched centred (minus a training mean). Squared distances do not change

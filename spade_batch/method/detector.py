@@ -27,8 +27,8 @@ from spade_batch.formats.model import SpadeModel
 from spade_batch.formats.versions import holding_model_lock
 from spade_batch.method.extractor import Extractor, Features
 from spade_batch.method.recipe import Addition, StoredFeatures, fit_from_features
+from spade_batch.method.score_rules import ImageScore
 from spade_batch.method.scorer import Scorer
-from spade_batch.method.scoring import ImageScore
 
 __all__ = ["Extractor", "Features", "ImageScore", "Scorer", "add", "extract_features", "fit", "score"]
 

@@ -35,11 +35,11 @@ import torch
 
 from spade_batch.config import Settings
 from spade_batch.formats import storage
+from spade_batch.formats.calibration_matches import PixelMatches, read_matches, write_matches
 from spade_batch.formats.card import ModelCard, NearDuplicates, Normalisation, TrainingRecord, VersionRecord, load_card
 from spade_batch.formats.features import INDEX_SCHEMA, FeatureTable, read_features, read_global_features
 from spade_batch.formats.layout import ModelLayout, part_files, read_columns
 from spade_batch.formats.manifest import pairs_sha256
-from spade_batch.formats.matches import PixelMatches, read_matches, write_matches
 from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
 from spade_batch.formats.versions import ModelVersion, lineage, next_number, resolve
 from spade_batch.method import calibrate, spade
@@ -606,7 +606,7 @@ class Addition:
                                  self.previous_matches(), selection)
 
     def previous_matches(self) -> dict[str, PixelMatches]:
-        """The parent's calibration matches (formats.matches), checked against its card; none, so that every calibration
+        """The parent's calibration matches (formats.calibration_matches), checked against its card; none, so that every calibration
         image is searched, when it has none (fitted before they were kept) or they cannot be read or do not match."""
         name = ModelLayout.calibration_matches
         recorded = self.card.files.get(name)

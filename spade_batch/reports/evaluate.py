@@ -46,7 +46,7 @@ from spade_batch.formats.images import (
     resize_map,
 )
 from spade_batch.formats.layout import EvaluationOutputs, Outputs
-from spade_batch.formats.scores import read_scores
+from spade_batch.formats.score_table import read_scores
 from spade_batch.formats.versions import resolve
 from spade_batch.method.masks import flagged_pixels
 from spade_batch.reports.figures import (

@@ -542,7 +542,7 @@ def test_stray_parquet_files_in_scores_are_reported_and_never_read(
     """Another run's part (rows for every image: read, they would mark every image done, or count each twice),
     a copy of a part under an older name, and a file that is not Parquet at all (read, it would be 'damaged')."""
     from spade_batch.formats.layout import part_name
-    from spade_batch.formats.scores import ScoreRow, write_scores
+    from spade_batch.formats.score_table import ScoreRow, write_scores
 
     out = tmp_path / "out"
     argv = ["score", "--model", archive.model, "--images", str(archive.images), "--out", str(out), *RUN_FLAGS]

@@ -18,7 +18,7 @@ from spade_batch.formats.card import load_card
 from spade_batch.formats.datasets import read_mask, read_mvtec_category
 from spade_batch.formats.images import resize_map
 from spade_batch.formats.layout import ModelLayout, Outputs
-from spade_batch.formats.scores import read_scores
+from spade_batch.formats.score_table import read_scores
 from spade_batch.formats.versions import version_numbers
 from spade_batch.method.masks import flagged_pixels
 from spade_batch.reports.labelled import Target, run_thresholds

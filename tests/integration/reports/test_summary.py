@@ -20,7 +20,7 @@ from spade_batch.engine.score import run_score
 from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.datasets import make_demo_data
-from spade_batch.formats.scores import read_scores
+from spade_batch.formats.score_table import read_scores
 from spade_batch.method.alignment import suggestion
 from tests.unit.reports.test_summary import show
 

@@ -27,7 +27,7 @@ from spade_batch.method.calibrate import (
     region_size,
 )
 from spade_batch.method.masks import drop_small_regions, region_score
-from spade_batch.method.scoring import image_scores
+from spade_batch.method.score_rules import image_scores
 
 NORMAL_SCORES = stats.chi2(df=8)  # a skewed, positive stand-in for normal images' kNN scores
 

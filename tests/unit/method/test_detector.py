@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from spade_batch.config import Settings
+from spade_batch.formats.calibration_matches import read_matches
 from spade_batch.formats.card import CARD_NAME, KEYS_ADDED_LATER, ModelCard
 from spade_batch.formats.datasets import make_demo_data, read_mvtec_category
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.images import Preprocessing, decode_image, resize_for_model, resize_map
 from spade_batch.formats.layout import ModelLayout, part_files
 from spade_batch.formats.locks import LockHeldError
-from spade_batch.formats.matches import read_matches
 from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
 from spade_batch.formats.versions import resolve, version_numbers
 from spade_batch.method import calibrate, matching, spade

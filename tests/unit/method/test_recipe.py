@@ -20,11 +20,11 @@ import pathlib
 import numpy as np
 import pytest
 
+from spade_batch.formats.calibration_matches import read_matches
 from spade_batch.formats.card import CARD_NAME
 from spade_batch.formats.datasets import make_demo_data, read_mvtec_category
 from spade_batch.formats.features import write_features
 from spade_batch.formats.layout import ModelLayout, part_files
-from spade_batch.formats.matches import read_matches
 from spade_batch.formats.model import SpadeModel
 from spade_batch.formats.versions import version_numbers
 from spade_batch.method.detector import Extractor, _feature_table, add, fit

@@ -1,6 +1,6 @@
 """`nightly --plan`: many lines in one job. A real two-line plan on a local Ray, and the nightly job's script.
 
-The plan file's checks are in tests/unit/test_plan.py.
+The plan file's checks are in tests/unit/test_nightly_plan.py.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 
 from spade_batch.formats import storage
 from spade_batch.formats.layout import EvaluationOutputs, Outputs, PlanOutputs, part_name, read_columns
-from spade_batch.formats.scores import SCHEMA, ScoreRow, read_scores, write_scores
+from spade_batch.formats.score_table import SCHEMA, ScoreRow, read_scores, write_scores
 from spade_batch.formats.storage import DamagedPartError
 from tests.unit.conftest import flip_data_bytes
 
