@@ -21,7 +21,7 @@ import ray.data
 from spade_batch.config import Settings
 from spade_batch.engine.cpu_stages import read_hashes
 from spade_batch.engine.fit import build_and_publish, extract, held_out_scorer, raise_retryable
-from spade_batch.engine.runtime import DECODE_TASK, Progress, init_ray, stream, task_stage
+from spade_batch.engine.runtime import CPU_TASK, Progress, init_ray, stream, task_stage
 from spade_batch.formats import storage
 from spade_batch.formats.card import ModelCard
 from spade_batch.formats.features import SCHEMA_VERSION as FEATURE_SCHEMA_VERSION
@@ -199,7 +199,7 @@ def _content_hashes(images: dict[str, str], settings: Settings) -> dict[str, str
     items = [{"id": i, "uri": u} for i, u in images.items()]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // settings.shard_size, 10_000))).map_batches(
         task_stage(read_hashes), fn_kwargs={"options": settings.fsspec_options()}, batch_size=settings.shard_size,
-        batch_format="numpy", **DECODE_TASK)
+        batch_format="numpy", **CPU_TASK)
     hashes, retryable, unreadable = {}, [], []
     with Progress("compare", len(items)) as progress:
         for batch in stream(dataset, progress):

@@ -20,7 +20,7 @@ import ray.data
 
 from spade_batch.config import Settings
 from spade_batch.engine.cpu_stages import RETRYABLE, read_images, write_feature_part
-from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, actor_stage, init_ray, stream, task_stage
+from spade_batch.engine.runtime import CPU_TASK, ModelStage, Progress, actor_stage, init_ray, stream, task_stage
 from spade_batch.engine.stages import CalibrationStage, ExtractStage, matches_of
 from spade_batch.formats import storage
 from spade_batch.formats.calibration_matches import PixelMatches
@@ -159,12 +159,12 @@ def extract(ids: Sequence[str], uris: Sequence[str], features_uri: str, extracto
         ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // settings.batch_size, 10_000)))
         .map_batches(task_stage(read_images), fn_kwargs={"preprocessing": extractor.preprocessing, "options": options,
                                                     "max_pixels": settings.max_pixels, "hash_content": True},
-                     batch_size=settings.shard_size, batch_format="numpy", **DECODE_TASK)
+                     batch_size=settings.shard_size, batch_format="numpy", **CPU_TASK)
         .map_batches(actor_stage(ExtractStage), fn_constructor_kwargs={"settings": settings}, batch_size=settings.batch_size,
                      batch_format="numpy", compute=actors.compute(), **actors.resources)
         .map_batches(task_stage(write_feature_part),
                      fn_kwargs={"features_uri": features_uri, "layer_shapes": [vars(s) for s in extractor.layer_shapes], "options": options},
-                     batch_size=settings.shard_size, batch_format="numpy", **OUTPUT_TASK)
+                     batch_size=settings.shard_size, batch_format="numpy", **CPU_TASK)
     )
     retryable = []
     with Progress("extract", len(todo)) as progress:
