@@ -18,6 +18,7 @@ from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs, refuse_outputs, refuse_shared_place
 from spade_batch.formats.manifest import Manifest, build_manifest, is_manifest_file
+from spade_batch.formats.text import format_number
 from spade_batch.formats.versions import resolve
 from spade_batch.method.alignment import suggestion
 
@@ -141,7 +142,7 @@ def _print_unused(unused: dict[str, Any], limit: int = 20) -> None:
 
 
 def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
+    return format_number(value, ".4g", "-")
 
 
 def _print_run(summary: dict[str, Any]) -> None:
@@ -581,7 +582,7 @@ def evaluate(
 
 
 def _metric(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+    return format_number(value, ".4f", "n/a")
 
 
 def demo(out: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False) -> int:

@@ -28,7 +28,7 @@ from spade_batch.config import Settings
 from spade_batch.engine.cpu_stages import RETRYABLE, read_images, write_score_outputs
 from spade_batch.engine.runtime import CPU_TASK, ModelStage, Progress, actor_stage, init_ray, stream, task_stage
 from spade_batch.engine.stages import ScoreStage
-from spade_batch.formats import storage
+from spade_batch.formats import listing, storage
 from spade_batch.formats.card import ModelCard, Thresholds, load_card
 from spade_batch.formats.images import Preprocessing, crop_summary
 from spade_batch.formats.layout import Outputs, part_name, read_columns, record_inputs, refuse_shared_place, run_token
@@ -218,7 +218,7 @@ def _out_of_date(manifest: Manifest, outputs: Outputs, parts: list[str], options
     counts as unchanged. Masks are checked against one listing of masks/, not a request per image.
     """
     now = manifest.fingerprint_of()
-    masks = set(storage.list_files(outputs.masks, None, options))
+    masks = set(listing.list_files(outputs.masks, None, options))
     rows, changed, restored = set(), set(), set()
     for _, columns in read_columns(parts, ["id", "error", "fingerprint"], options, schema=SCHEMA):
         for image_id, error, fingerprint in zip(columns["id"], columns["error"], columns["fingerprint"]):

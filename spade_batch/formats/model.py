@@ -50,7 +50,7 @@ import faiss
 import numpy as np
 
 from spade_batch.config import Settings
-from spade_batch.formats import storage
+from spade_batch.formats import listing, storage
 from spade_batch.formats.card import CARD_NAME, CalibrationRecord, ModelCard, ModelError, Normalisation, Thresholds, load_card
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.layout import ModelLayout
@@ -384,7 +384,7 @@ def verify_model(uri: str, card: ModelCard, options: storage.StorageOptions = No
     for name in _array_names(card):
         expected = _recorded(card, named, name)
         try:
-            size = int(storage.info(named.file(name), options)["size"])
+            size = int(listing.info(named.file(name), options)["size"])
         except FileNotFoundError as error:
             raise ModelError(f"model file {named.file(name)} is missing; {REMEDY}") from error
         _check_size(named, name, size, expected)

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from spade_batch import __version__
-from spade_batch.formats import storage
+from spade_batch.formats import listing, storage
 from spade_batch.formats.card import ModelCard, VersionRecord, load_card
 from spade_batch.formats.layout import ModelLayout
 from spade_batch.formats.locks import holding_lock
@@ -45,7 +45,7 @@ def version_numbers(model_uri: str, options: storage.StorageOptions = None) -> l
     if not storage.exists(layout.card, options):
         return []
     folder = storage.normalize(layout.versions, options)
-    names = (uri[len(folder) + 1 :] for uri in storage.list_files(folder, (".json",), options))
+    names = (uri[len(folder) + 1 :] for uri in listing.list_files(folder, (".json",), options))
     return [1, *sorted(int(match.group(1)) for name in names if (match := _VERSION_CARD.fullmatch(name)) and int(match.group(1)) > 1)]
 
 

@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from spade_batch.config import Settings
 from spade_batch.engine.score import ScoreSummary, run_score
-from spade_batch.formats import storage
+from spade_batch.formats import listing, storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.datasets import Sample, read_mask, read_mvtec_category
 from spade_batch.formats.heatmap import colour_range
@@ -47,6 +47,7 @@ from spade_batch.formats.images import (
 )
 from spade_batch.formats.layout import EvaluationOutputs, Outputs
 from spade_batch.formats.score_table import read_scores
+from spade_batch.formats.text import format_number
 from spade_batch.formats.versions import resolve
 from spade_batch.method.masks import flagged_pixels
 from spade_batch.reports.figures import (
@@ -236,7 +237,7 @@ def score_samples(
     storage.write_text(out.test_images, "".join(sample_uri(s) + "\n" for s in samples), options)
     summary = run_score(model_uri, out.test_images, out.run.root, settings.replace(save_maps=True, overwrite=True), explicit,
                         model_version=model_version)
-    table = read_scores(storage.list_files(out.run.scores, (".parquet",), options), options)
+    table = read_scores(listing.list_files(out.run.scores, (".parquet",), options), options)
     return ScoredSamples(summary, table, *_test_images(table, samples))
 
 
@@ -630,4 +631,4 @@ def _notes(metrics: dict, mask_threshold: tuple[str, float], colours: tuple[floa
 
 
 def _number(value: float | None) -> str:
-    return "none" if value is None else f"{value:.4g}"
+    return format_number(value, ".4g", "none")

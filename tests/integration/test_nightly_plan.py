@@ -17,7 +17,7 @@ import pytest
 
 from spade_batch import cli
 from spade_batch.exit_codes import ExitCode
-from spade_batch.formats import storage
+from spade_batch.formats import retry, storage
 from tests.conftest import TinyModel
 from tests.integration.conftest import TEST_RETRY, S3Server
 from tests.integration.nights import FLAGS, make_line
@@ -80,7 +80,7 @@ def test_a_failing_line_never_stops_the_next_shows_no_older_figures_and_leaks_no
     """damaged: its model's index is cut short, and its out holds last night's run; unreachable (the middle line):
     its store's endpoint is closed, and the endpoint's path holds the session token that only its storage_options
     name; healthy: images and out on the S3 test server, scored."""
-    monkeypatch.setattr(storage, "RETRY", storage.retry_policy_from(TEST_RETRY))
+    monkeypatch.setattr(retry, "RETRY", retry.retry_policy_from(TEST_RETRY))
     model = tmp_path / "damaged-model"
     shutil.copytree(tiny_model.path, model)
     with open(model / "global.faiss", "r+b") as index:

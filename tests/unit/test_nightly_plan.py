@@ -194,7 +194,7 @@ def test_a_lines_log_level_holds_for_that_line_only(tmp_path: Path, capfd: pytes
 
 def test_a_line_that_met_a_transient_storage_failure_is_retryable_not_failed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """E.g. its store was down when the line started: the plan exits 75, re-run it; another line's success stands."""
-    from spade_batch.formats.storage import TransientStorageError
+    from spade_batch.formats.retry import TransientStorageError
     from spade_batch.nightly_plan import run_plan
 
     plan = write_plan(tmp_path / "p.yaml", [line_entry(out=str(tmp_path / "a")), line_entry(name="b", out=str(tmp_path / "b"))])

@@ -13,7 +13,7 @@ import torch
 
 from spade_batch.config import Settings
 from spade_batch.engine.runtime import ModelStage
-from spade_batch.formats import storage
+from spade_batch.formats import retry
 from tests.integration.conftest import TEST_RETRY
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -55,7 +55,7 @@ def test_workers_retry_storage_calls_under_the_policy_the_environment_sets() -> 
     """SPADE_BATCH_RETRY reaches Ray's workers (the session sets TEST_RETRY before ray.init): fault tests wait milliseconds."""
 
     @ray.remote
-    def worker_policy() -> storage.RetryPolicy:
-        return storage.RETRY
+    def worker_policy() -> retry.RetryPolicy:
+        return retry.RETRY
 
-    assert ray.get(worker_policy.remote()) == storage.retry_policy_from(TEST_RETRY) != storage.RetryPolicy()
+    assert ray.get(worker_policy.remote()) == retry.retry_policy_from(TEST_RETRY) != retry.RetryPolicy()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from spade_batch.config import ConfigError, Settings
-from spade_batch.formats import storage
+from spade_batch.formats import listing
 from spade_batch.formats.card import (
     CARD_NAME,
     MODEL_SCHEMA_VERSION,
@@ -396,7 +396,7 @@ def test_model_layout_paths_are_under_the_root_and_name_every_saved_file(tmp_pat
              *(files.layer(shape.name) for shape in SHAPES)]
     assert all(path.startswith(uri + "/") for path in paths) and len(set(paths)) == len(paths)
     written = [files.file(name) for name in [ModelLayout.card, *ModelLayout.array_names([shape.name for shape in SHAPES])]]
-    assert sorted(storage.list_files(uri)) == sorted(written)
+    assert sorted(listing.list_files(uri)) == sorted(written)
     assert ModelLayout.array_names(["layer1"], centre=False) == ["train_ids.json", "global.faiss", "pyramid/layer1.npy"]
 
 
