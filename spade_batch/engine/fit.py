@@ -28,7 +28,8 @@ from spade_batch.formats.features import SCHEMA_VERSION as FEATURE_SCHEMA_VERSIO
 from spade_batch.formats.layout import ModelLayout, done_ids, part_files, record_inputs, refuse_outputs, refuse_shared_place
 from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.manifest import Manifest, build_manifest, is_manifest_file
-from spade_batch.formats.model import SpadeModel, cache_root
+from spade_batch.formats.model import SpadeModel
+from spade_batch.formats.node_cache import cache_root
 from spade_batch.method.extractor import Extractor
 from spade_batch.method.recipe import (
     CalibrationMatches,

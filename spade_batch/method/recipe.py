@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import logging
 import os
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
@@ -36,11 +35,21 @@ import torch
 from spade_batch.config import Settings
 from spade_batch.formats import storage
 from spade_batch.formats.calibration_matches import PixelMatches, read_matches, write_matches
-from spade_batch.formats.card import ModelCard, NearDuplicates, Normalisation, TrainingRecord, VersionRecord, load_card
+from spade_batch.formats.card import (
+    ModelCard,
+    ModelError,
+    NearDuplicates,
+    Normalisation,
+    TrainingRecord,
+    VersionRecord,
+    load_card,
+)
 from spade_batch.formats.features import INDEX_SCHEMA, FeatureTable, read_features, read_global_features
+from spade_batch.formats.integrity import read_checked
 from spade_batch.formats.layout import ModelLayout, part_files, read_columns
 from spade_batch.formats.manifest import pairs_sha256
-from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
+from spade_batch.formats.model import Centre, SpadeModel
+from spade_batch.formats.model_build import GalleryWriter, build_model
 from spade_batch.formats.versions import ModelVersion, lineage, next_number, resolve
 from spade_batch.method import calibrate, spade
 from spade_batch.method.alignment import measure_alignment
@@ -609,20 +618,18 @@ class Addition:
         """The parent's calibration matches (formats.calibration_matches), checked against its card; none, so that every calibration
         image is searched, when it has none (fitted before they were kept) or they cannot be read or do not match."""
         name = ModelLayout.calibration_matches
-        recorded = self.card.files.get(name)
-        where = ModelLayout(self.parent.uri).file(name)
-        if recorded is None:
+        if name not in self.card.files:
             log.info("add: version %d keeps no calibration matches (fitted before they were kept): every calibration image is searched",
                      self.parent.number)
             return {}
         try:
-            data = storage.read_bytes(where, self.trained.options)
-            if hashlib.sha256(data).hexdigest() != recorded["sha256"]:
-                raise ValueError("its SHA-256 is not the one the card records")
-            return read_matches(data, self.card.layer_shapes)
+            return read_matches(read_checked(self.parent.uri, self.card, name, self.trained.options), self.card.layer_shapes)
+        except ModelError:
+            reason: object = "its SHA-256 is not the one the card records"
         except (OSError, ValueError, pa.ArrowException) as error:
-            log.warning("add: %s cannot be used (%s): every calibration image is searched", where, error)
-            return {}
+            reason = error
+        log.warning("add: %s cannot be used (%s): every calibration image is searched", ModelLayout(self.parent.uri).file(name), reason)
+        return {}
 
     def _rejected(self) -> list[dict[str, str]]:
         """The parent's failed images that have no row in its parts (names the manifest rejected): the card keeps them."""

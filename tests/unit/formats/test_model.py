@@ -30,7 +30,8 @@ from spade_batch.formats.card import (
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.images import Preprocessing
 from spade_batch.formats.layout import ModelLayout
-from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_index, build_model, load_count, verify_model
+from spade_batch.formats.model import Centre, SpadeModel, load_count, verify_model
+from spade_batch.formats.model_build import GalleryWriter, build_index, build_model
 from spade_batch.method import spade
 
 SHAPES = [LayerShape("layer1", 4, 4, 3), LayerShape("layer2", 2, 2, 5)]
@@ -446,14 +447,14 @@ def test_a_folder_mixed_from_two_fits_or_cut_short_is_refused_naming_the_file(tm
 
 
 def test_the_gallery_is_hashed_once_per_node_until_a_file_changes(tmp_path, monkeypatch):
-    from spade_batch.formats import model as model_module
+    from spade_batch.formats import integrity
 
     monkeypatch.setenv("SPADE_BATCH_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "model"
     make_model(tmp_path / "built", raw_features(6)).save(str(folder))
     hashed: list[str] = []
-    real = model_module.file_sha256
-    monkeypatch.setattr(model_module, "file_sha256", lambda path: hashed.append(os.path.relpath(path, folder)) or real(path))
+    real = integrity.file_sha256
+    monkeypatch.setattr(integrity, "file_sha256", lambda path: hashed.append(os.path.relpath(path, folder)) or real(path))
     small = sorted(["train_ids.json", "global.faiss", "centre.npz"])
 
     SpadeModel.load(str(folder))

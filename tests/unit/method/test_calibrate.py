@@ -13,7 +13,8 @@ from spade_batch.config import Settings
 from spade_batch.formats.card import ModelCard, Normalisation, Thresholds
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.images import Preprocessing
-from spade_batch.formats.model import Centre, GalleryWriter, build_model
+from spade_batch.formats.model import Centre
+from spade_batch.formats.model_build import GalleryWriter, build_model
 from spade_batch.method.calibrate import (
     PIXEL_SAMPLE,
     CalibrationScores,

@@ -23,7 +23,8 @@ from spade_batch.formats.features import LayerShape
 from spade_batch.formats.images import Preprocessing, decode_image, resize_for_model, resize_map
 from spade_batch.formats.layout import ModelLayout, part_files
 from spade_batch.formats.locks import LockHeldError
-from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
+from spade_batch.formats.model import Centre, SpadeModel
+from spade_batch.formats.model_build import GalleryWriter, build_model
 from spade_batch.formats.versions import resolve, version_numbers
 from spade_batch.method import calibrate, matching, spade
 from spade_batch.method.alignment import measure_alignment, radius_cells
