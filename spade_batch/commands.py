@@ -236,7 +236,8 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
     if dry_run:
         files = ModelLayout(model_uri)
         return _dry_run(train, settings, [files.features, files.pyramid, files.index, files.card])
-    from spade_batch.engine.fit import RetryableInputError, run_fit
+    from spade_batch.engine.fit import run_fit
+    from spade_batch.engine.fit_steps import RetryableInputError
 
     try:
         summary = run_fit(train, model_uri, settings)
@@ -319,7 +320,7 @@ def add(
     if dry_run:
         return _dry_run(manifest, settings, [ModelLayout(model_uri).versions], model_uri)
     from spade_batch.engine.add import run_add
-    from spade_batch.engine.fit import RetryableInputError
+    from spade_batch.engine.fit_steps import RetryableInputError
 
     try:
         summary = run_add(manifest, model_uri, settings, explicit)

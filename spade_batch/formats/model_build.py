@@ -10,11 +10,11 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 import faiss
 import numpy as np
 
-from spade_batch.config import Settings
 from spade_batch.formats.card import ModelCard
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.integrity import checksum_files
@@ -23,6 +23,15 @@ from spade_batch.formats.model import Centre, SpadeModel, load_folder
 from spade_batch.formats.node_cache import record_verified
 
 log = logging.getLogger(__name__)
+
+
+class IndexSettings(Protocol):
+    """The settings build_model reads (config.Settings has them): the index kind, its IVF lists, the seed, K."""
+
+    index: str
+    ivf_lists: int
+    seed: int
+    k: int
 
 
 def build_index(global_features: np.ndarray, kind: str = "flat", lists: int = 0, seed: int = 0, k: int = 1) -> faiss.Index:
@@ -135,7 +144,7 @@ def write_arrays(folder: str, ids: list[str], index: faiss.Index, centre: Centre
 
 
 
-def build_model(writer: GalleryWriter, card: ModelCard, settings: Settings) -> SpadeModel:
+def build_model(writer: GalleryWriter, card: ModelCard, settings: IndexSettings) -> SpadeModel:
     """The model whose gallery `writer` has written: index over the centred global features, arrays mapped."""
     ids, global_features = writer.close()
     # k + 1: leave-one-out calibration searches one neighbour more, its own row then dropped.

@@ -270,7 +270,7 @@ def test_learnt_scales_and_thresholds_equal_the_in_process_fit(
     settings = fitted.settings.replace(image_score="combined", map_top=0.05, layer_normalise=True, calibration_fraction=0.4,
                                        image_fpr=0.5, model_workers=model_workers)
     model_uri = str(tmp_path / "model")
-    with caplog.at_level(logging.INFO, logger="spade_batch.engine.fit"):
+    with caplog.at_level(logging.INFO, logger="spade_batch.engine.fit_steps"):
         run_fit(os.path.join(fitted.local, "train"), model_uri, settings)
     assert ("in the driver" if model_workers == 0 else "on 1 model actors") in caplog.text
     card = read_json(storage.join(model_uri, CARD_NAME), settings)

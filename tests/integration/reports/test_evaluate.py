@@ -14,7 +14,8 @@ from spade_batch.formats.datasets import Sample, read_mask
 from spade_batch.formats.images import Preprocessing, cropped_share, preprocess_mask, resize_map
 from spade_batch.formats.layout import Outputs
 from spade_batch.formats.score_table import read_scores
-from spade_batch.reports.evaluate import FIGURES, run_evaluate, subsample
+from spade_batch.reports.evaluate import run_evaluate, subsample
+from spade_batch.reports.evaluation_page import FIGURES
 
 from .conftest import SETTINGS  # the settings of the fixture model_uri
 
