@@ -133,6 +133,7 @@ def pixel_pass(
     kept for the example grids.
     """
     spec, defect_types = comparison.spec, defect_types_of(images)
+
     def new() -> dict[str, PixelMetrics]:
         return {name: PixelMetrics(0.0, comparison.high, BINS) for name in ["overall", *defect_types]}
 
