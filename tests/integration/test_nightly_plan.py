@@ -22,7 +22,7 @@ from tests.conftest import TinyModel
 from tests.integration.conftest import TEST_RETRY, S3Server
 from tests.integration.nights import FLAGS, make_line
 from tests.integration.test_jobs import free_port
-from tests.unit.test_plan import write_plan
+from tests.unit.test_nightly_plan import write_plan
 
 REPO = Path(__file__).resolve().parents[2]
 DATE = "2026-01-02"
