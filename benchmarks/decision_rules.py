@@ -23,12 +23,14 @@ import numpy as np
 
 from spade_batch.config import Settings
 from spade_batch.formats.datasets import read_mask, read_mvtec_category
+from spade_batch.formats.feature_index import StoredFeatures
 from spade_batch.formats.images import decode_image
 from spade_batch.formats.layout import ModelLayout, part_files
 from spade_batch.method.calibrate import calibrate_from_samples, region_size
+from spade_batch.method.calibration_search import InProcessHeldOut, calibration_matches, calibration_scores
 from spade_batch.method.detector import Extractor, Scorer, fit
 from spade_batch.method.masks import mask_from_map
-from spade_batch.method.recipe import InProcessHeldOut, StoredFeatures, calibration_matches, calibration_scores, split_fit_ids
+from spade_batch.method.recipe import split_fit_ids
 from spade_batch.method.trainset import size_outliers
 from spade_batch.reports.metrics import PixelDecisions, image_decisions
 

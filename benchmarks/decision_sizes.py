@@ -37,19 +37,21 @@ from scipy import stats
 
 from spade_batch.config import Settings
 from spade_batch.formats import storage
+from spade_batch.formats.calibration_matches import read_matches
 from spade_batch.formats.card import Thresholds
 from spade_batch.formats.datasets import Sample, make_aligned_data, make_demo_data, read_mask, read_mvtec_category
+from spade_batch.formats.feature_index import StoredFeatures
 from spade_batch.formats.features import read_features
 from spade_batch.formats.images import decode_image, resize_map
 from spade_batch.formats.layout import ModelLayout, part_files
-from spade_batch.formats.matches import read_matches
 from spade_batch.method import image_threshold
 from spade_batch.method.calibrate import CalibrationScores, calibrate_from_samples
+from spade_batch.method.calibration_search import InProcessHeldOut, calibration_matches, calibration_scores
 from spade_batch.method.detector import Extractor, Scorer, extract_features
 from spade_batch.method.extractor import Features
 from spade_batch.method.masks import shown_regions
-from spade_batch.method.recipe import InProcessHeldOut, StoredFeatures, calibration_matches, calibration_scores, fit_from_features
-from spade_batch.method.scoring import image_scores
+from spade_batch.method.recipe import fit_from_features
+from spade_batch.method.score_rules import image_scores
 from spade_batch.reports.metrics import PixelDecisions, PixelMetrics, f1_optimal_image_threshold, f1_optimal_pixel_threshold
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -30,7 +30,7 @@ from PIL import Image
 
 from spade_batch.config import Settings
 from spade_batch.formats.images import decode_image
-from spade_batch.method import detector, recipe
+from spade_batch.method import calibration_search, detector
 from spade_batch.method.extractor import Extractor
 from spade_batch.method.trainset import NEAR_FRACTION, NEAR_SCALE_RANK, size_outliers
 
@@ -88,7 +88,7 @@ def distances(images: list[np.ndarray], names: list[str]) -> None:
 def thresholds(images: list[np.ndarray], names: list[str]) -> None:
     settings = LITE0.replace(k=5, image_size=128, calibration_sample=0, image_fpr=0.05)
     images, names = images[::20], names[::20]
-    leave_out = recipe._own_rows
+    leave_out = calibration_search.own_rows
 
     def own_row_only(model, ids):  # what calibration left out before near-copies were: the image's own row
         rows = np.array([model.row_of.get(i, -1) for i in ids], np.int64)
@@ -96,11 +96,11 @@ def thresholds(images: list[np.ndarray], names: list[str]) -> None:
 
     def fit(label: str, more: int, near_copies_out: bool) -> None:
         copies = [np.asarray(Image.open(io.BytesIO(_jpeg(image))).convert("RGB")) for image in images[:more]]
-        recipe._own_rows = leave_out if near_copies_out else own_row_only
+        calibration_search.own_rows = leave_out if near_copies_out else own_row_only
         try:
             model = detector.fit([*images, *copies], settings, [*names, *(f"reexport/{n}" for n in names[:more])], folder=tempfile.mkdtemp())
         finally:
-            recipe._own_rows = leave_out
+            calibration_search.own_rows = leave_out
         near, scores = model.card.training.near_duplicates, np.array(model.card.calibration.image_scores)
         print(f"{label:48s} near-duplicates {near.count:3d} of {near.checked:3d}; threshold {model.card.thresholds.image:9.5g}; "
               f"lowest scores {np.round(scores[:3], 1).tolist()}")

@@ -105,10 +105,10 @@ def main() -> None:
     done = sum(ray.get([old_design_shard.remote(s, os.path.join(work, "old"), seconds, 64) for s in shards]))
     old_rate = done / (time.perf_counter() - start)
 
-    plan = ModelStage(1, {"num_cpus": 0, "resources": {DEVICE: 1}})
+    actors = ModelStage(1, {"num_cpus": 0, "resources": {DEVICE: 1}})
     start, wall_start = time.perf_counter(), time.time()
     summary = run_score(model_uri, os.path.join(root, "test"), os.path.join(work, "new"), settings,
-                        stage=SimulatedDeviceStage, plan=plan)
+                        stage=SimulatedDeviceStage, actors=actors)
     new_rate = summary.scored / (time.perf_counter() - start)
     wall_end = time.time()
     print(f"old design (sequential shard task on the device): {old_rate:7.2f} img/s = {old_rate * seconds:.2f} of 1/X")

@@ -141,7 +141,8 @@ def write_big_gallery(folder: str, settings: Any, target_bytes: int, chunk: int 
 
     Returns (gallery images, gallery bytes). Memory stays at one chunk of rows plus N x D global features.
     """
-    from spade_batch.formats.model import Centre, GalleryWriter, build_model
+    from spade_batch.formats.model import Centre
+    from spade_batch.formats.model_build import GalleryWriter, build_model
     from spade_batch.method.extractor import Extractor
     from spade_batch.method.recipe import new_card
 

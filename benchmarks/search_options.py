@@ -23,7 +23,8 @@ from typing import Any
 from spade_batch.config import load_settings
 from spade_batch.engine.fit import run_fit
 from spade_batch.formats.datasets import make_aligned_data
-from spade_batch.reports.evaluate import AU_PRO_KEY, run_evaluate
+from spade_batch.reports.evaluate import run_evaluate
+from spade_batch.reports.evaluation_measure import AU_PRO_KEY
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAGNETIC_TILE = os.path.join(REPOSITORY, "..", "shared", "data", "magnetic_tile")

@@ -31,14 +31,16 @@ import numpy as np
 
 from spade_batch.config import Settings
 from spade_batch.formats import storage
+from spade_batch.formats.calibration_matches import read_matches
+from spade_batch.formats.feature_index import StoredFeatures
 from spade_batch.formats.images import decode_image
 from spade_batch.formats.layout import ModelLayout, part_files
-from spade_batch.formats.matches import read_matches
 from spade_batch.formats.model import SpadeModel
+from spade_batch.method.calibration_search import calibration_scores
 from spade_batch.method.detector import Extractor, fit
 from spade_batch.method.image_threshold import ESTIMATORS, estimate_image_threshold, suspect_limit
-from spade_batch.method.recipe import StoredFeatures, calibration_scores, fit_from_features
-from spade_batch.method.scoring import image_scores
+from spade_batch.method.recipe import fit_from_features
+from spade_batch.method.score_rules import image_scores
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "magnetic_tile")
@@ -72,7 +74,7 @@ def training_set(root: str, normal: int, defects: int, pick: str) -> tuple[list[
 
 def scores_by_id(model: SpadeModel) -> dict[str, float]:
     """id -> leave-one-out image score of each calibration image, made again from the matches the model keeps
-    (recipe.calibration_scores; the card keeps the scores without ids)."""
+    (calibration_search.calibration_scores; the card keeps the scores without ids)."""
     matches = read_matches(storage.read_bytes(ModelLayout(model.folder).file(ModelLayout.calibration_matches)), model.card.layer_shapes)
     ids = sorted(matches)
     made = calibration_scores(model, ids, {i: (0.0, matches[i]) for i in ids}, None)

@@ -15,7 +15,8 @@ from typing import Any
 from spade_batch import __version__
 from spade_batch.config import KeyDoc, Settings, describe, field_types, groups_of, load_request
 from spade_batch.exit_codes import MEANING, ExitCode, explain
-from spade_batch.logs import configure_logging, redact, secret_values
+from spade_batch.formats.text import redact
+from spade_batch.logs import configure_logging, secret_values
 
 log = logging.getLogger("spade_batch")
 

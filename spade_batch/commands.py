@@ -18,6 +18,7 @@ from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs, refuse_outputs, refuse_shared_place
 from spade_batch.formats.manifest import Manifest, build_manifest, is_manifest_file
+from spade_batch.formats.text import format_number
 from spade_batch.formats.versions import resolve
 from spade_batch.method.alignment import suggestion
 
@@ -141,7 +142,7 @@ def _print_unused(unused: dict[str, Any], limit: int = 20) -> None:
 
 
 def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
+    return format_number(value, ".4g", "-")
 
 
 def _print_run(summary: dict[str, Any]) -> None:
@@ -235,7 +236,8 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
     if dry_run:
         files = ModelLayout(model_uri)
         return _dry_run(train, settings, [files.features, files.pyramid, files.index, files.card])
-    from spade_batch.engine.fit import RetryableInputError, run_fit
+    from spade_batch.engine.fit import run_fit
+    from spade_batch.engine.fit_steps import RetryableInputError
 
     try:
         summary = run_fit(train, model_uri, settings)
@@ -318,7 +320,7 @@ def add(
     if dry_run:
         return _dry_run(manifest, settings, [ModelLayout(model_uri).versions], model_uri)
     from spade_batch.engine.add import run_add
-    from spade_batch.engine.fit import RetryableInputError
+    from spade_batch.engine.fit_steps import RetryableInputError
 
     try:
         summary = run_add(manifest, model_uri, settings, explicit)
@@ -529,7 +531,7 @@ def nightly_plan(plan_uri: str, out: str, date: str | None, settings: Settings, 
 
     The whole plan is checked (its lines, and that each writes to a place of its own) before any line runs.
     """
-    from spade_batch.plan import check_outputs, load_plan, run_plan
+    from spade_batch.nightly_plan import check_outputs, load_plan, run_plan
 
     plan = load_plan(plan_uri, settings, explicit)
     day = run_date(date)
@@ -581,7 +583,7 @@ def evaluate(
 
 
 def _metric(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+    return format_number(value, ".4f", "n/a")
 
 
 def demo(out: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False) -> int:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from enum import IntEnum
 
 from spade_batch.engine.errors import user_error
+from spade_batch.formats.text import first_line
 
 
 class ExitCode(IntEnum):
@@ -100,7 +101,7 @@ _PATH_PROBLEMS = {
 def explain(error: BaseException) -> tuple[ExitCode, str]:
     """The exit status of a command that raised `error`, and its one-line message (after "spade-batch CMD: ")."""
     from spade_batch.config import ConfigError
-    from spade_batch.formats.storage import is_transient
+    from spade_batch.formats.retry import is_transient
 
     cause = user_error(error)
     if is_transient(cause):  # a TransientStorageError, or an error it caused (a model file that could not be read)
@@ -141,9 +142,3 @@ def _blocking_file(path: str) -> str:
 
 def _clean(text: str) -> str:
     return _ANSI.sub("", text)
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of the error's message, without colour codes (its type's name when it has none)."""
-    text = _clean(str(error)).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -17,19 +17,16 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from spade_batch.formats.text import redact
+
 QUIET_LOGGERS = ("botocore", "boto3", "aiobotocore", "s3fs", "fsspec", "s3transfer", "urllib3", "aiohttp", "asyncio")
 """Loggers kept at WARNING or above: at DEBUG they print request headers (key ids, session tokens)."""
 CHATTY_LOGGERS = ("faiss.loader",)
 """Loggers kept at WARNING or above except at DEBUG: their INFO lines say nothing an operator acts on (faiss's loader
 tries its AVX builds in turn, and says so in four lines per process, one of them a ModuleNotFoundError)."""
 
-MASK = "***"
 _SECRET_NAME = re.compile(r"key|secret|token|password|passwd|credential|auth", re.IGNORECASE)
 _MIN_SECRET_LEN = 4  # shorter values would mask ordinary words and digits
-_PATTERNS = (
-    re.compile(r"\b(?:AKIA|ASIA|AROA|AIDA)[A-Z0-9]{12,}\b"),  # AWS access key ids
-    re.compile(r"(?i)(x-amz-security-token|authorization|x-amz-credential|credential|signature)([\"']?\s*[:=]\s*[\"']?)[^\s,;\"'&]+"),
-)
 
 
 def secret_values(options: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> frozenset[str]:
@@ -49,14 +46,6 @@ def _collect(options: Mapping[str, Any], found: set[str]) -> None:
             _collect(value, found)
         elif isinstance(value, str) and _SECRET_NAME.search(str(key)) and len(value) >= _MIN_SECRET_LEN:
             found.add(value)
-
-
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with every value of ``secrets`` and every credential-shaped string replaced by ``***``."""
-    for secret in sorted(secrets, key=len, reverse=True):  # longest first: one secret may contain another
-        text = text.replace(secret, MASK)
-    text = _PATTERNS[0].sub(MASK, text)
-    return _PATTERNS[1].sub(lambda m: m.group(1) + m.group(2) + MASK, text)
 
 
 class RedactingFormatter(logging.Formatter):

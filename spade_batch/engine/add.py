@@ -1,8 +1,8 @@
-"""add on Ray: normal images join a model as its next version, by the one fit recipe (method.recipe.Addition).
+"""add on Ray: normal images join a model as its next version, by the one fit recipe (method.addition.Addition).
 
 Of the images listed, those whose ids the current version holds are only read, to compare their
 content hash with the one recorded at extraction (the same: skipped; other: an error naming the id);
-the others stream through fit's extraction (engine.fit.extract) into versions/<N>/features/. Then the
+the others stream through fit's extraction (engine.fit_steps.extract) into versions/<N>/features/. Then the
 recipe runs over the stored features of every training image, old and new (no re-extraction), and
 version N is published: arrays, then its card, last. A killed add resumes from its parts, like fit.
 """
@@ -20,16 +20,16 @@ import ray.data
 
 from spade_batch.config import Settings
 from spade_batch.engine.cpu_stages import read_hashes
-from spade_batch.engine.fit import build_and_publish, extract, held_out_scorer, raise_retryable
-from spade_batch.engine.runtime import DECODE_TASK, Progress, init_ray, stream, task_stage
+from spade_batch.engine.fit_steps import build_and_publish, extract, held_out_scorer, raise_retryable
+from spade_batch.engine.runtime import CPU_TASK, Progress, init_ray, stream, task_stage
 from spade_batch.formats import storage
 from spade_batch.formats.card import ModelCard
 from spade_batch.formats.features import SCHEMA_VERSION as FEATURE_SCHEMA_VERSION
 from spade_batch.formats.layout import ModelLayout, record_inputs
 from spade_batch.formats.manifest import Manifest, pairs_sha256
-from spade_batch.formats.versions import holding_model_lock
+from spade_batch.formats.versions import NextVersion, adding_version
+from spade_batch.method.addition import Addition
 from spade_batch.method.extractor import Extractor
-from spade_batch.method.recipe import Addition
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +86,14 @@ def run_add(manifest: Manifest, model_uri: str, settings: Settings, explicit: fr
     """
     options = settings.fsspec_options()
     started = time.perf_counter()
-    with holding_model_lock(model_uri, f"spade-batch add to {model_uri}", options):
-        return _add_locked(manifest, model_uri, settings, explicit, started)
+    with adding_version(model_uri, f"spade-batch add to {model_uri}", options) as version:
+        return _add_locked(manifest, version, settings, explicit, started)
 
 
-def _add_locked(manifest: Manifest, model_uri: str, settings: Settings, explicit: frozenset[str], started: float) -> AddSummary:
+def _add_locked(manifest: Manifest, version: NextVersion, settings: Settings, explicit: frozenset[str], started: float) -> AddSummary:
     """run_add's work, once it holds the model's lock."""
     options = settings.fsspec_options()
-    addition = Addition.plan(model_uri, options)
+    addition = Addition.onto(version, options)
     settings = addition.card.training_settings(settings, explicit)
     init_ray(settings.ray_address)
     listed = dict(zip(manifest.ids, manifest.uris))
@@ -104,7 +104,7 @@ def _add_locked(manifest: Manifest, model_uri: str, settings: Settings, explicit
     rejected = [{"id": uri, "error": reason} for uri, reason in manifest.rejected]
     outcome = _Outcome(addition, started, len(manifest), len(manifest) - len(new), failed_before, rejected)
     if not new:
-        log.info("add: version %d of %s holds every image listed: nothing to add", addition.parent.number, model_uri)
+        log.info("add: version %d of %s holds every image listed: nothing to add", addition.parent.number, addition.model_uri)
         return outcome.unchanged()
 
     extractor = Extractor(settings, options)  # as the extraction actors build theirs
@@ -135,12 +135,12 @@ def _add_locked(manifest: Manifest, model_uri: str, settings: Settings, explicit
                         "nothing published", len(read), addition.parent.number, len(outcome.left_out))
         else:
             log.error("add: none of the %d new images could be read; nothing published, version %d of %s stays current",
-                      len(new), addition.parent.number, model_uri)
+                      len(new), addition.parent.number, addition.model_uri)
         return outcome.unchanged()
     held_out = held_out_scorer(features, extractor, target.root, settings)
     fitted = build_and_publish(target.root, settings, lambda folder: addition.fit(
         features, extractor, settings, folder, (read, [listed[i] for i in read]), selection, rejected, held_out))
-    log.info("add: published version %d of %s (%d images added to version %d)", addition.number, model_uri, len(read), addition.parent.number)
+    log.info("add: published version %d of %s (%d images added to version %d)", addition.number, addition.model_uri, len(read), addition.parent.number)
     return outcome.published(fitted.model.card, [i for i in read if i in selection.used])
 
 
@@ -199,7 +199,7 @@ def _content_hashes(images: dict[str, str], settings: Settings) -> dict[str, str
     items = [{"id": i, "uri": u} for i, u in images.items()]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // settings.shard_size, 10_000))).map_batches(
         task_stage(read_hashes), fn_kwargs={"options": settings.fsspec_options()}, batch_size=settings.shard_size,
-        batch_format="numpy", **DECODE_TASK)
+        batch_format="numpy", **CPU_TASK)
     hashes, retryable, unreadable = {}, [], []
     with Progress("compare", len(items)) as progress:
         for batch in stream(dataset, progress):

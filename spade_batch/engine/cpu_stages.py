@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 
 from spade_batch.config import Settings
-from spade_batch.formats import storage
+from spade_batch.formats import retry, storage
 from spade_batch.formats.card import Thresholds
 from spade_batch.formats.features import FeatureTable, LayerShape, content_sha256, write_features
 from spade_batch.formats.images import Preprocessing, decode_for_model, decode_image, resize_for_model, resize_map
 from spade_batch.formats.layout import Outputs, part_name
-from spade_batch.formats.scores import ScoreRow, result_row, write_scores
+from spade_batch.formats.score_table import ScoreRow, result_row, write_scores
 from spade_batch.method.masks import mask_from_map, png_bytes
 
 Batch = dict[str, np.ndarray]
@@ -100,7 +100,7 @@ def _read_each(uris: np.ndarray, options: dict[str, Any], use: Callable[[int, st
             use(i, uri, data)
         except Exception as error:  # noqa: BLE001 - every failure becomes this image's row, never the batch's
             errors[i] = f"{type(error).__name__}: {error}"
-            transient[i] = storage.is_transient(error)
+            transient[i] = retry.is_transient(error)
     return {"error": object_column(errors), "sha256": object_column(hashes), "transient": transient}
 
 

@@ -103,12 +103,10 @@ def actor_stage(stage: type) -> type:
     return Stage
 
 
-DECODE_TASK: dict[str, Any] = {"num_cpus": 1, "max_retries": 3}
-"""Ray resources of a decode task. Remote args unlike the model actors' also keep Ray Data from
-fusing decoding into the actors, which would serialise decoding with the model again."""
-
-OUTPUT_TASK: dict[str, Any] = {"num_cpus": 1}
-"""Ray resources of an output task (feature parts in fit; masks and scores parts in score)."""
+CPU_TASK: dict[str, Any] = {"num_cpus": 1}
+"""map_batches' named resource parameters of a CPU task (decoding before the model stage; feature parts, or masks
+and scores parts, after it). The model actors always ask for something else (GPUs, or a runtime_env), so Ray Data
+never fuses decoding into them, which would serialise decoding with the model again."""
 
 
 @dataclass(frozen=True)
@@ -123,9 +121,10 @@ class ModelStage:
 
     workers: int
     resources: dict[str, Any] = field(default_factory=dict)
+    """map_batches' named remote parameters of each actor (num_cpus, num_gpus, runtime_env, resources)."""
 
     @classmethod
-    def plan(cls, settings: Settings) -> ModelStage:
+    def on_cluster(cls, settings: Settings) -> ModelStage:
         cluster = ray.cluster_resources()
         gpus = settings.gpus_per_task
         if gpus is None:

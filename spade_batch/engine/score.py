@@ -26,16 +26,16 @@ import torch
 from spade_batch import __version__
 from spade_batch.config import Settings
 from spade_batch.engine.cpu_stages import RETRYABLE, read_images, write_score_outputs
-from spade_batch.engine.runtime import DECODE_TASK, OUTPUT_TASK, ModelStage, Progress, actor_stage, init_ray, stream, task_stage
+from spade_batch.engine.runtime import CPU_TASK, ModelStage, Progress, actor_stage, init_ray, stream, task_stage
 from spade_batch.engine.stages import ScoreStage
-from spade_batch.formats import storage
+from spade_batch.formats import listing, storage
 from spade_batch.formats.card import ModelCard, Thresholds, load_card
 from spade_batch.formats.images import Preprocessing, crop_summary
 from spade_batch.formats.layout import Outputs, part_name, read_columns, record_inputs, refuse_shared_place, run_token
 from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.manifest import Manifest, build_manifest, reject_long_outputs
 from spade_batch.formats.model import verify_model
-from spade_batch.formats.scores import SCHEMA, ScoreRow, write_scores
+from spade_batch.formats.score_table import SCHEMA, ScoreRow, write_scores
 from spade_batch.formats.versions import ModelVersion, resolve
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class ScoreSummary:
 
 def score_dataset(
     todo: list[dict[str, str]], model_uri: str, settings: Settings, outputs: Outputs, thresholds: Thresholds,
-    preprocessing: Preprocessing, plan: ModelStage, stage: type = ScoreStage, run: str | None = None,
+    preprocessing: Preprocessing, actors: ModelStage, stage: type = ScoreStage, run: str | None = None,
 ) -> ray.data.Dataset:
     """The lazy dataset that scores `todo` ({"id", "uri"} rows) and writes their outputs; yields small status rows."""
     options = settings.fsspec_options()
@@ -104,25 +104,25 @@ def score_dataset(
         ray.data.from_items(todo, override_num_blocks=blocks)
         .map_batches(task_stage(read_images), fn_kwargs={"preprocessing": preprocessing, "options": options,
                                                     "max_pixels": settings.max_pixels, "hash_content": False},
-                     batch_size=settings.shard_size, batch_format="numpy", **DECODE_TASK)
+                     batch_size=settings.shard_size, batch_format="numpy", **CPU_TASK)
         .map_batches(actor_stage(stage), fn_constructor_kwargs={"model_uri": model_uri, "settings": settings},
-                     batch_size=settings.batch_size, batch_format="numpy", compute=plan.compute(), **plan.resources)
+                     batch_size=settings.batch_size, batch_format="numpy", compute=actors.compute(), **actors.resources)
         .map_batches(task_stage(write_score_outputs),
                      fn_kwargs={"out_root": outputs.root, "thresholds": thresholds, "settings": settings,
                                 "run": run},
-                     batch_size=settings.shard_size, batch_format="numpy", **OUTPUT_TASK)
+                     batch_size=settings.shard_size, batch_format="numpy", **CPU_TASK)
     )
 
 
 def run_score(
     model_uri: str, images_source: str, out_uri: str, settings: Settings, explicit: frozenset[str] = frozenset(),
-    stage: type = ScoreStage, plan: ModelStage | None = None, model_version: int | None = None,
+    stage: type = ScoreStage, actors: ModelStage | None = None, model_version: int | None = None,
 ) -> ScoreSummary:
     """Score an image set on Ray against the model at model_uri; writes masks, scores and run.json under out_uri.
 
     model_version: the version to score against; default: the one the run at out_uri recorded when it started
     (a resumption keeps it), else the current one. Whatever is published meanwhile, the run keeps that version.
-    stage, plan: the model stage's callable class and its actors (default: ModelStage.plan(settings));
+    stage, actors: the model stage's callable class and its actors (default: ModelStage.on_cluster(settings));
     benchmarks replace them by a simulated device.
     """
     options = settings.fsspec_options()
@@ -136,7 +136,7 @@ def run_score(
     manifest = reject_long_outputs(build_manifest(images_source, options), outputs.files)
     refuse_shared_place(("--out", out_uri), ("--images", images_source), manifest.root, "the run's masks")
     with holding_lock(outputs.lock, f"spade-batch score into {out_uri}", options):
-        summary = _score_locked(model_uri, version, card, manifest, outputs, settings, stage, plan, started, began)
+        summary = _score_locked(model_uri, version, card, manifest, outputs, settings, stage, actors, started, began)
     if summary.paper_crop or settings.preprocess != "full":  # once per run, with what the crop dropped when any image was scored
         crop = summary.paper_crop["message"] if summary.paper_crop else "paper preprocessing leaves the image border unscored"
         log.warning("score: %s%s", crop, "; masks are written at the working size" if settings.preprocess != "full" else "")
@@ -156,7 +156,7 @@ def _recorded_version(outputs: Outputs, settings: Settings) -> int | None:
 
 def _score_locked(
     model_uri: str, version: ModelVersion, card: ModelCard, manifest: Manifest, outputs: Outputs, settings: Settings,
-    stage: type, plan: ModelStage | None, started: float, began: str,
+    stage: type, actors: ModelStage | None, started: float, began: str,
 ) -> ScoreSummary:
     """run_score's work, once it holds the output location's lock (started: perf_counter; began: wall clock, ISO)."""
     options = settings.fsspec_options()
@@ -185,12 +185,12 @@ def _score_locked(
     fingerprints = manifest.fingerprint_of()
     todo = [{"id": i, "uri": u, "fingerprint": fingerprints[i]} for i, u in zip(manifest.ids, manifest.uris) if i not in done]
     images = len(manifest) + len(manifest.rejected)
-    plan = plan or ModelStage.plan(settings)
+    actors = actors or ModelStage.on_cluster(settings)
     log.info("score: %d images, %d already done, %d to score on %d model workers -> %s",
-             len(manifest), len(manifest) - len(todo), len(todo), plan.workers, outputs.root)
+             len(manifest), len(manifest) - len(todo), len(todo), actors.workers, outputs.root)
     workers, retryable = Workers(), []
     if todo:
-        dataset = score_dataset(todo, version.uri, settings, outputs, thresholds, card.preprocessing, plan, stage, run)
+        dataset = score_dataset(todo, version.uri, settings, outputs, thresholds, card.preprocessing, actors, stage, run)
         with Progress("score", len(todo)) as progress:
             for batch in stream(dataset, progress):
                 workers.add(batch)
@@ -198,7 +198,7 @@ def _score_locked(
     seconds = time.perf_counter() - started
     summary = _summarise(model_uri, version.number, images, len(manifest) - len(todo), retryable, thresholds, outputs, settings,
                          seconds, card.preprocessing, run, again)
-    summary.workers, summary.model_workers, summary.started = workers.by_worker, plan.workers, began
+    summary.workers, summary.model_workers, summary.started = workers.by_worker, actors.workers, began
     storage.write_text(outputs.run_json, json.dumps(asdict(summary), indent=2), options)
     return summary
 
@@ -218,7 +218,7 @@ def _out_of_date(manifest: Manifest, outputs: Outputs, parts: list[str], options
     counts as unchanged. Masks are checked against one listing of masks/, not a request per image.
     """
     now = manifest.fingerprint_of()
-    masks = set(storage.list_files(outputs.masks, None, options))
+    masks = set(listing.list_files(outputs.masks, None, options))
     rows, changed, restored = set(), set(), set()
     for _, columns in read_columns(parts, ["id", "error", "fingerprint"], options, schema=SCHEMA):
         for image_id, error, fingerprint in zip(columns["id"], columns["error"], columns["fingerprint"]):

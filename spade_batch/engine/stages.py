@@ -15,11 +15,12 @@ import ray
 
 from spade_batch.config import Settings
 from spade_batch.engine.cpu_stages import Batch, object_column, passed_on, usable_mask, worker_columns
+from spade_batch.formats.calibration_matches import PixelMatches
 from spade_batch.formats.card import ModelCard
-from spade_batch.formats.matches import PixelMatches
+from spade_batch.formats.feature_index import read_block
 from spade_batch.formats.model import SpadeModel, load_count
+from spade_batch.method.calibration_search import CalibrationMatches, match_held_out
 from spade_batch.method.extractor import Extractor, backbone_loads
-from spade_batch.method.recipe import CalibrationMatches, match_held_out, read_block
 from spade_batch.method.scorer import Scorer
 
 
@@ -73,7 +74,7 @@ class CalibrationStage:
 
     Batches: part (str), ids (list of str: the calibration images in that part) -> id, knn_score, and their
     PixelMatches as neighbours (list of str) and, per layer l, distances<l>, sources<l> and cells<l> (h_l*w_l x kappa arrays).
-    previous: the matches an earlier version stored of some of them (recipe.calibration_matches).
+    previous: the matches an earlier version stored of some of them (calibration_search.calibration_matches).
     """
 
     def __init__(self, model_uri: str, settings: Settings, card: dict[str, Any], previous: dict[str, PixelMatches]):

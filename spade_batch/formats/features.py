@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spade_batch.formats import storage
+from spade_batch.formats import parquet_parts, storage
 
 SCHEMA_VERSION = 2
 INDEX_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("error", pa.string()), ("height", pa.int32()),
@@ -191,16 +191,16 @@ def read_features(uris: Sequence[str], options: storage.StorageOptions = None) -
 
 def read_global_features(uri: str, options: storage.StorageOptions = None) -> tuple[list[str], np.ndarray]:
     """The ids and N x D float32 global features of one part file, reading only those two columns (failed images: zero)."""
-    table = storage.read_part(uri, options, columns=["id", "global"])
+    table = parquet_parts.read_part(uri, options, columns=["id", "global"])
     return table.column("id").to_pylist(), _values(table, "global", "<f4", table.column("global").type.byte_width // 4).copy()
 
 
 def _read_part(uri: str, options: storage.StorageOptions) -> FeatureTable:
-    table = storage.read_part(uri, options)
+    table = parquet_parts.read_part(uri, options)
     try:
         return from_arrow(table)
     except (KeyError, TypeError, ValueError) as error:  # metadata missing, or not the columns' shapes
-        raise storage.damaged_part(uri, error) from error
+        raise parquet_parts.damaged_part(uri, error) from error
 
 
 def concatenate(parts: Sequence[FeatureTable]) -> FeatureTable:

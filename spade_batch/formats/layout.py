@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from spade_batch.formats import storage
+from spade_batch.formats import listing, parquet_parts, storage
 from spade_batch.formats.manifest import Manifest, is_manifest_file, output_stem
 
 LOCK_NAME = ".spade-batch.lock"
@@ -64,7 +64,7 @@ def part_files(folder: str, options: storage.StorageOptions) -> list[str]:
     """The part files under folder, sorted (none when folder does not exist)."""
     if not storage.exists(folder, options):
         return []
-    return storage.list_files(folder, (".parquet",), options)
+    return listing.list_files(folder, (".parquet",), options)
 
 
 def read_columns(
@@ -73,7 +73,7 @@ def read_columns(
     """(part uri, {column: values}) for each part, reading only those columns; with schema, a column of it
     that a part lacks (written before the column existed) reads as nulls."""
     for uri in parts:
-        table = storage.read_part(uri, options, columns=columns, schema=schema)
+        table = parquet_parts.read_part(uri, options, columns=columns, schema=schema)
         yield uri, {name: table.column(name).to_pylist() for name in columns}
 
 
@@ -149,12 +149,12 @@ class Outputs:
             for uri in self.files(image_id):
                 storage.remove(uri, options)
         for uri in parts:
-            table = storage.read_part(uri, options)
+            table = parquet_parts.read_part(uri, options)
             kept = table.filter(pc.invert(pc.is_in(table["id"], pa.array(sorted(ids), pa.string()))))
             if kept.num_rows == table.num_rows:
                 continue
             if kept.num_rows:
-                storage.write_part(storage.join(self.scores, part_name(kept["id"].to_pylist(), run)), kept, options)
+                parquet_parts.write_part(storage.join(self.scores, part_name(kept["id"].to_pylist(), run)), kept, options)
             storage.remove(uri, options)
 
     def clear(self, options: storage.StorageOptions) -> None:
@@ -181,7 +181,7 @@ class ModelLayout:
     """The card, written last: its presence marks the model complete."""
     train_ids, index, centre, pyramid = _Name("train_ids.json"), _Name("global.faiss"), _Name("centre.npz"), _Name("pyramid")
     calibration_matches = _Name("calibration.parquet")
-    """What each calibration image's pixels matched (formats.matches): add re-searches only what its grown gallery changes."""
+    """What each calibration image's pixels matched (formats.calibration_matches): add re-searches only what its grown gallery changes."""
     features = _Name("features")
     """The Parquet feature parts (features.py) of the images this version brought: fit's all, an add's new ones; a re-run resumes from them."""
     features_inputs, lock = _Name(f"features/{INPUTS_NAME}"), _Name(LOCK_NAME)
@@ -274,7 +274,7 @@ def find_output(manifest: Manifest, listed: bool, options: storage.StorageOption
     """
     probe = _Probe(options)
     if listed:
-        files = set(storage.list_entries(manifest.root, None, options))
+        files = set(listing.list_entries(manifest.root, None, options))
         below = {manifest.root, *(folder for uri in files for folder in _ancestors(uri) if _within(folder, manifest.root))}
         for folder in sorted(below, key=len):
             kind = output_kind(folder, lambda uri: uri in files or uri in below)

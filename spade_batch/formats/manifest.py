@@ -25,7 +25,7 @@ the same URI is one image. Once the output location is known,
 :func:`reject_long_outputs` rejects the images whose output paths would not fit
 the store's limit (1,024 bytes for an S3 or GCS key, 4,000 for a local path).
 
-Each image comes with the fingerprint its listing gives (:func:`storage.fingerprint`: an
+Each image comes with the fingerprint its listing gives (:func:`listing.fingerprint`: an
 ETag, or size and modification time), so a re-run sees an image whose content changed under
 the same name. Entries of a manifest file are not listed: local ones are fingerprinted by a
 stat, those on object storage not at all (that would cost a request per image).
@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.utils import glob_translate
 
-from spade_batch.formats import storage
+from spade_batch.formats import listing, storage
 from spade_batch.formats.images import IMAGE_SUFFIXES
 from spade_batch.formats.storage import StorageOptions
 
@@ -161,7 +161,7 @@ def is_manifest_file(source: str) -> bool:
 
 def _from_folder(source: str, options: StorageOptions, suffixes: tuple[str, ...]) -> Manifest:
     root = storage.normalize(source, options)
-    entries = storage.list_entries(root, suffixes, options)
+    entries = listing.list_entries(root, suffixes, options)
     if list(entries) == [root]:
         raise ValueError(
             f"{source} is a single file; give a folder/prefix, a glob, or a manifest file "
@@ -179,7 +179,7 @@ def _from_glob(source: str, options: StorageOptions, suffixes: tuple[str, ...]) 
     root_path = "/".join(parts[:first_glob]) or ("/" if path.startswith("/") else ".")
     root = storage.normalize(f"{protocol}://{root_path}" if protocol else root_path, options)
     pattern = re.compile(glob_translate(storage.normalize(source, options)))
-    entries = {u: f for u, f in storage.list_entries(root, suffixes, options).items() if pattern.match(u)}
+    entries = {u: f for u, f in listing.list_entries(root, suffixes, options).items() if pattern.match(u)}
     if not entries:
         raise ValueError(f"no image files ({', '.join(suffixes)}) match {source}; check the pattern")
     return _sorted_manifest(root, entries)
@@ -207,7 +207,7 @@ def _local_fingerprint(uri: str, options: StorageOptions) -> str:
     if not storage.is_local(uri):
         return ""
     try:
-        return storage.fingerprint(storage.info(uri, options))
+        return listing.fingerprint(listing.info(uri, options))
     except (OSError, ValueError):  # ValueError: a name os.stat refuses (a NUL byte); the manifest rejects it
         return ""
 
@@ -224,7 +224,7 @@ def _read_entries(source: str, options: StorageOptions) -> list[str]:
         _require_uri_column(source, reader.fieldnames or [])
         column = [row["uri"] for row in reader]
     else:
-        parquet = pq.ParquetFile(pa.BufferReader(storage.read_bytes(source, options)))  # not io.BytesIO: see storage.read_part
+        parquet = pq.ParquetFile(pa.BufferReader(storage.read_bytes(source, options)))  # not io.BytesIO: see parquet_parts.read_part
         _require_uri_column(source, parquet.schema_arrow.names)
         column = parquet.read(columns=["uri"]).column("uri").to_pylist()
     for row, value in enumerate(column, start=1):

@@ -1,4 +1,4 @@
-"""Files named by URIs: list, read, atomic and exclusive write, join, remove, retries.
+"""Files named by URIs: where a URI points (join, normalise, compare), read, atomic and exclusive write, copy, remove.
 
 A URI is a local path (``data/x.png``, ``/abs/x.png``), a ``file://`` URL or
 an fsspec URL (``s3://bucket/key``, ``memory://...``). The filesystem is
@@ -12,21 +12,8 @@ fsspec URL chaining (``a::b``) and URL options are never interpreted, so
 5 s and 15 s). Options never appear in error messages, and user:password
 parts of URIs are masked there.
 
-Every call is retried when it fails for a transient reason (throttling, 5xx,
-connection reset, timeout; see :func:`is_transient`), with exponential
-backoff, :data:`RETRY` attempts in all (s3fs and botocore retry inside one
-attempt too). What still fails transiently raises
-:class:`TransientStorageError`: a plain re-run retries it, and it never means
-that the file is bad or missing.
-
-The environment variable ``SPADE_BATCH_RETRY`` sets that policy, as
-comma-separated ``key=value`` pairs of :class:`RetryPolicy`'s fields, e.g.
-``SPADE_BATCH_RETRY="attempts=3,first_delay_s=0.01,max_delay_s=0.02"`` (a key
-left out keeps its default; unset or empty: the defaults). Each process reads
-it once, when it imports this module, and a malformed value is an error naming
-the variable. Ray workers started by a local ``ray.init`` inherit the driver's
-environment; on a cluster, set it on every node or in the job's
-``runtime_env={"env_vars": ...}``.
+Every call runs under the retry policy of :mod:`spade_batch.formats.retry` (a transient fault is retried, then a
+TransientStorageError). Part files are :mod:`parquet_parts`; folder listings and fingerprints :mod:`listing`.
 """
 
 from __future__ import annotations
@@ -34,30 +21,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import logging
 import os
-import random
 import re
 import shutil
 import stat
 import tempfile
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
-import aiohttp
-import botocore.exceptions
 import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-from fsspec.exceptions import FSTimeoutError
+
+from spade_batch.formats import retry
+from spade_batch.formats.text import first_line, redact
 
 StorageOptions = Mapping[str, Any] | None
 T = TypeVar("T")
-
-log = logging.getLogger(__name__)
 
 _LOCAL_PROTOCOLS = (None, "file", "local")
 _S3_PROTOCOLS = ("s3", "s3a")
@@ -84,154 +63,22 @@ def _option_error(error: TypeError, uri: str) -> Exception:
         return error
     protocol = split_uri(uri)[0] or "local"
     return StorageOptionError(
-        f"storage option {match.group(1)!r} is not one that {protocol}:// storage takes ({first_line(error)}); "
+        f"storage option {match.group(1)!r} is not one that {protocol}:// storage takes ({first_line(error, 'no message')}); "
         "check its spelling in storage_options (--storage-options or the config file's storage: section)"
     )
 
 
-class TransientStorageError(OSError):
-    """A storage call that still failed for a transient reason after every retry.
+def retrying(action: Callable[[], T], uri: str, what: str) -> T:
+    """``action()``, a call on the store at ``uri``, under the retry policy (:func:`retry.retrying`). A filesystem
+    connects on its first call, so a misspelt storage option fails here: a StorageOptionError naming it."""
 
-    Throttling, a 5xx answer, a reset connection or a timeout: the object may
-    be fine, the store was not. Re-running the same command retries it. The
-    ``filename`` is the URI (passwords masked) and ``__cause__`` the last error.
-    """
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Attempts per storage call, and the exponential backoff between them.
-
-    The n-th wait (n = 1, 2, ...) is ``first_delay_s * 2 ** (n - 1)``, capped at
-    ``max_delay_s``, times a random factor in [0.5, 1] so that workers
-    throttled together do not retry together.
-    """
-
-    attempts: int = 4
-    first_delay_s: float = 0.5
-    max_delay_s: float = 8.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1 or not 0 <= self.first_delay_s <= self.max_delay_s:
-            raise ValueError(f"retry policy needs attempts >= 1 and 0 <= first_delay_s <= max_delay_s, got {self}")
-
-    def delay(self, failed_attempts: int) -> float:
-        """Seconds to wait after ``failed_attempts`` failures in a row."""
-        return min(self.first_delay_s * 2 ** (failed_attempts - 1), self.max_delay_s) * random.uniform(0.5, 1.0)
-
-
-RETRY_ENV = "SPADE_BATCH_RETRY"
-
-
-def retry_policy_from(text: str | None) -> RetryPolicy:
-    """The policy ``text`` (a ``SPADE_BATCH_RETRY`` value) asks for: ``key=value`` pairs, comma-separated,
-    of ``attempts`` (an integer), ``first_delay_s`` and ``max_delay_s`` (finite seconds); ``None`` or
-    blank: the defaults. ValueError naming the variable for anything else."""
-    if text is None or not text.strip():
-        return RetryPolicy()
-    types = {"attempts": int, "first_delay_s": float, "max_delay_s": float}
-    values: dict[str, Any] = {}
-    for item in text.split(","):
-        key, equals, value = (part.strip() for part in item.partition("="))
-        if not equals or key not in types:
-            raise ValueError(f"{RETRY_ENV}={text!r}: {item.strip()!r} is not attempts=N, first_delay_s=S or max_delay_s=S")
-        if key in values:
-            raise ValueError(f"{RETRY_ENV}={text!r}: {key} is given twice")
-        try:
-            values[key] = types[key](value)
-        except ValueError:
-            raise ValueError(f"{RETRY_ENV}={text!r}: {key} must be {'an integer' if key == 'attempts' else 'a number of seconds'}, "
-                             f"got {value!r}") from None
-        if not np.isfinite(values[key]):
-            raise ValueError(f"{RETRY_ENV}={text!r}: {key} must be finite, got {value!r}")
-    try:
-        return RetryPolicy(**values)
-    except ValueError as error:
-        raise ValueError(f"{RETRY_ENV}={text!r}: {error}") from None
-
-
-RETRY = retry_policy_from(os.environ.get(RETRY_ENV))
-"""The policy every call in this module uses: by default about 7 s of waiting in all, on top of s3fs's
-own retries; ``SPADE_BATCH_RETRY`` in the environment changes it (:func:`retry_policy_from`)."""
-
-_TRANSIENT_ERRNOS = frozenset(
-    {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.EREMOTEIO}
-)
-_TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestLimitExceeded",
-        "TooManyRequestsException", "RequestThrottled", "RequestTimeout", "InternalError", "ServiceUnavailable",
-    }
-)
-_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
-_TRANSIENT_TYPES = (
-    TimeoutError,  # socket.timeout and asyncio.TimeoutError too
-    ConnectionError,  # reset, aborted, refused, broken pipe
-    FSTimeoutError,
-    botocore.exceptions.HTTPClientError,  # connection closed, read timeout
-    botocore.exceptions.ConnectionError,  # endpoint unreachable, connect timeout
-    botocore.exceptions.IncompleteReadError,
-    botocore.exceptions.ResponseStreamingError,
-    aiohttp.ClientConnectionError,
-    aiohttp.ClientPayloadError,
-)
-
-
-def is_transient(error: BaseException) -> bool:
-    """True if ``error`` is a failure that a later retry may not meet: throttling, 5xx, reset, timeout.
-
-    Looks through the chain of causes (s3fs turns a botocore error into an
-    OSError caused by it). A missing file, a refused permission, a file that
-    already exists, or bad content are never transient.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, TransientStorageError):
-            return True
-        if isinstance(current, _PERMANENT):
-            return False
-        if isinstance(current, _TRANSIENT_TYPES):
-            return True
-        if isinstance(current, botocore.exceptions.ClientError):
-            response = current.response or {}
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-            return response.get("Error", {}).get("Code") in _TRANSIENT_CODES or status >= 500 or status == 429
-        if isinstance(current, OSError) and current.errno in _TRANSIENT_ERRNOS:
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def _retrying(action: Callable[[], T], uri: str, what: str) -> T:
-    """``action()``, retried under :data:`RETRY` while it fails transiently; then TransientStorageError."""
-    policy = RETRY
-    for attempt in range(1, policy.attempts + 1):
+    def attempt() -> T:
         try:
             return action()
-        except TypeError as error:  # a filesystem connects on its first call: a misspelt option fails here
+        except TypeError as error:
             raise _option_error(error, uri) from error
-        except Exception as error:
-            if not is_transient(error):
-                raise
-            reason = f"{type(error).__name__}: {first_line(error)}"
-            if attempt == policy.attempts:
-                raise TransientStorageError(
-                    errno.EAGAIN,
-                    f"Cannot {what}: still failing for a transient reason after {attempt} attempts ({reason}); "
-                    "the store is throttling, overloaded or unreachable. Re-run the same command to retry",
-                    _redact(uri),
-                ) from error
-            delay = policy.delay(attempt)
-            log.warning("%s %s: transient failure (%s); attempt %d of %d in %.1f s", what, _redact(uri), reason, attempt + 1, policy.attempts, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable: RetryPolicy.attempts >= 1")
 
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no message"
+    return retry.retrying(attempt, uri, what)
 
 
 def split_uri(uri: str) -> tuple[str | None, str]:
@@ -267,7 +114,7 @@ def filesystem(uri: str, options: StorageOptions = None) -> tuple[fsspec.Abstrac
         return fsspec.filesystem("file"), path
     problem = name_problem(uri)
     if problem:
-        raise ValueError(f"{_redact(uri)}: {problem}")
+        raise ValueError(f"{redact(uri)}: {problem}")
     try:
         fs = fsspec.filesystem(protocol, **dict(options or {}))
     except TypeError as error:
@@ -298,12 +145,12 @@ def join(base: str, *parts: str) -> str:
 
 
 def normalize(uri: str, options: StorageOptions = None) -> str:
-    """``uri`` in the form :func:`list_files` returns.
+    """``uri`` in the form :func:`listing.list_files` returns.
 
     Local paths become absolute, the scheme of a URL is kept, trailing slashes
     are dropped: ``normalize("s3://b/x/") == "s3://b/x"``.
     """
-    return _to_uri(uri, filesystem(uri, options)[1])
+    return to_uri(uri, filesystem(uri, options)[1])
 
 
 def location(uri: str) -> str:
@@ -342,7 +189,7 @@ def exists(uri: str, options: StorageOptions = None) -> bool:
         fs.invalidate_cache(path)
         return fs.exists(path)
 
-    return _retrying(check, uri, "check")
+    return retrying(check, uri, "check")
 
 
 def read_bytes(uri: str, options: StorageOptions = None) -> bytes:
@@ -360,44 +207,10 @@ def read_bytes(uri: str, options: StorageOptions = None) -> bytes:
             return _read_local(path, uri) if is_local(uri) else fs.cat_file(path)
         except FileNotFoundError:
             raise FileNotFoundError(
-                errno.ENOENT, "No such file (check the path; if it was listed, it was deleted since)", _redact(uri)
+                errno.ENOENT, "No such file (check the path; if it was listed, it was deleted since)", redact(uri)
             ) from None
 
-    return _retrying(read, uri, "read")
-
-
-class DamagedPartError(ValueError):
-    """A part file (features or scores, one per batch) that cannot be read; the message names it and what to do."""
-
-
-def damaged_part(uri: str, error: BaseException) -> DamagedPartError:
-    return DamagedPartError(
-        f"part file {_redact(uri)} is damaged ({type(error).__name__}: {first_line(error)}); "
-        "delete it and re-run the same command: the images it held are processed again"
-    )
-
-
-def read_part(uri: str, options: StorageOptions = None, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
-    """The Parquet table of a part file a run wrote: only `columns` when given, read as `schema` when given.
-
-    Parts are written atomically, so a damaged one was damaged afterwards (a copy cut short, flipped
-    bits, an edit by hand): that raises DamagedPartError. Pages are checked against the CRC the
-    writers store with them, so damage that leaves the file readable Parquet is caught too.
-    """
-    data = read_bytes(uri, options)
-    try:
-        # An Arrow buffer, not io.BytesIO: after a threaded read through a Python file object, pyarrow's thread pool
-        # can abort the interpreter at exit ("terminate called without an active exception", apache/arrow#50482).
-        return pq.read_table(pa.BufferReader(data), columns=columns, schema=schema, page_checksum_verification=True)
-    except (pa.ArrowException, OSError, ValueError) as error:
-        raise damaged_part(uri, error) from error
-
-
-def write_part(uri: str, table: pa.Table, options: StorageOptions = None) -> None:
-    """Write a part file atomically (see :func:`write_bytes`), its pages with the CRCs :func:`read_part` checks."""
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, write_page_checksum=True)
-    write_bytes(uri, buffer.getvalue(), options)
+    return retrying(read, uri, "read")
 
 
 def read_text(uri: str, options: StorageOptions = None) -> str:
@@ -406,7 +219,7 @@ def read_text(uri: str, options: StorageOptions = None) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{_redact(uri)} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise ValueError(f"{redact(uri)} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def write_bytes(uri: str, data: bytes, options: StorageOptions = None) -> None:
@@ -419,16 +232,16 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions = None) -> None:
     """
     fs, path = filesystem(uri, options)
     if is_local(uri):
-        _retrying(lambda: _replace_local(path, _write_temp(path, data)), uri, "write")
+        retrying(lambda: _replace_local(path, _write_temp(path, data)), uri, "write")
         return
 
     def put() -> None:
         try:
             fs.pipe_file(path, data)
         except FileNotFoundError as e:  # e.g. the bucket does not exist
-            raise FileNotFoundError(errno.ENOENT, f"Cannot write ({e})", _redact(uri)) from None
+            raise FileNotFoundError(errno.ENOENT, f"Cannot write ({e})", redact(uri)) from None
 
-    _retrying(put, uri, "write")
+    retrying(put, uri, "write")
 
 
 def create_exclusive(uri: str, data: bytes, options: StorageOptions = None) -> bool:
@@ -446,7 +259,7 @@ def create_exclusive(uri: str, data: bytes, options: StorageOptions = None) -> b
     """
     fs, path = filesystem(uri, options)
     if is_local(uri):
-        return _retrying(lambda: _link_local(path, _write_temp(path, data)), uri, "create")
+        return retrying(lambda: _link_local(path, _write_temp(path, data)), uri, "create")
 
     def put() -> bool:
         try:
@@ -454,10 +267,10 @@ def create_exclusive(uri: str, data: bytes, options: StorageOptions = None) -> b
         except FileExistsError:
             return False
         except FileNotFoundError as e:  # e.g. the bucket does not exist
-            raise FileNotFoundError(errno.ENOENT, f"Cannot create ({e})", _redact(uri)) from None
+            raise FileNotFoundError(errno.ENOENT, f"Cannot create ({e})", redact(uri)) from None
         return True
 
-    return _retrying(put, uri, "create")
+    return retrying(put, uri, "create")
 
 
 def write_text(uri: str, text: str, options: StorageOptions = None) -> None:
@@ -476,72 +289,6 @@ def read_npy(uri: str, options: StorageOptions = None) -> np.ndarray:
     return np.load(io.BytesIO(read_bytes(uri, options)))
 
 
-def list_files(
-    uri: str, suffixes: tuple[str, ...] | None = None, options: StorageOptions = None
-) -> list[str]:
-    """All files under the folder/prefix ``uri``, recursively, sorted: the URIs of :func:`list_entries`."""
-    return list(list_entries(uri, suffixes, options))
-
-
-def list_entries(uri: str, suffixes: tuple[str, ...] | None = None, options: StorageOptions = None) -> dict[str, str]:
-    """All files under the folder/prefix ``uri``, recursively, sorted, each with its :func:`fingerprint`.
-
-    Results are full URIs in the form of :func:`normalize` (same scheme as
-    ``uri``; absolute paths for local input). ``suffixes`` keeps only names
-    ending in one of them, ignoring case. A missing folder/prefix gives ``{}``
-    (a missing bucket is a FileNotFoundError); a ``uri`` naming one file gives
-    that file. The fingerprints come with the listing: no request per file.
-    """
-    fs, path = filesystem(uri, options)
-
-    def find() -> dict[str, dict[str, Any]]:
-        try:
-            return fs.find(path, detail=True)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(errno.ENOENT, f"Cannot list ({e})", _redact(uri)) from None
-
-    found = _retrying(find, uri, "list")
-    if suffixes is not None:
-        wanted = tuple(s.lower() for s in suffixes)
-        found = {p: info for p, info in found.items() if p.lower().endswith(wanted)}
-    return {_to_uri(uri, p): fingerprint(found[p]) for p in sorted(found)}
-
-
-_MODIFIED = ("mtime", "LastModified", "last_modified", "updated")
-"""Keys of a modification time in the file info of fsspec's filesystems (local, S3, Azure, GCS)."""
-
-
-def fingerprint(info: Mapping[str, Any]) -> str:
-    """A cheap sign of a file's content, from its fsspec info (a listing's entry): the ETag an object store
-    gives it, else its size and modification time; "" when the info holds neither (never treated as a change).
-
-    Another content under the same name gives another fingerprint (an ETag is the content's hash; a local
-    rewrite moves the modification time); rewriting the same bytes may too, which costs a re-score, nothing more.
-    """
-    etag = info.get("ETag") or info.get("etag")
-    if etag:
-        return f"etag {str(etag).strip(chr(34))}"
-    modified = next((info[key] for key in _MODIFIED if info.get(key) is not None), None)
-    if info.get("size") is None or modified is None:
-        return ""
-    return f"size {info['size']} modified {modified}"
-
-
-def info(uri: str, options: StorageOptions = None) -> dict[str, Any]:
-    """The fsspec info of the file ``uri`` (size, and what :func:`fingerprint` reads): one request on an
-    object store, a stat locally. A missing file is a FileNotFoundError naming it."""
-    fs, path = filesystem(uri, options)
-
-    def look() -> dict[str, Any]:
-        fs.invalidate_cache(path)  # a listing cached earlier in this process (s3fs keeps one) may be stale
-        try:
-            return fs.info(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, "No such file", _redact(uri)) from None
-
-    return _retrying(look, uri, "check")
-
-
 def remove(uri: str, options: StorageOptions = None, recursive: bool = False) -> None:
     """Delete the file ``uri`` (or the whole folder/prefix if ``recursive``); missing is fine."""
     fs, path = filesystem(uri, options)
@@ -550,10 +297,10 @@ def remove(uri: str, options: StorageOptions = None, recursive: bool = False) ->
         with contextlib.suppress(FileNotFoundError):
             fs.rm(path, recursive=recursive)
 
-    _retrying(rm, uri, "remove")
+    retrying(rm, uri, "remove")
 
 
-def _to_uri(like: str, path: str) -> str:
+def to_uri(like: str, path: str) -> str:
     """``path`` (a path inside the filesystem of ``like``) as a URI with the scheme of ``like``."""
     protocol = split_uri(like)[0]
     return path if protocol is None else f"{protocol}://{path}"
@@ -571,8 +318,8 @@ def _read_local(path: str, uri: str) -> bytes:
     if not stat.S_ISREG(mode):
         os.close(fd)
         if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, "Is a folder, not a file; give a file", _redact(uri))
-        raise OSError(errno.EINVAL, "Not a regular file (a FIFO, device or socket); remove it from the image set", _redact(uri))
+            raise IsADirectoryError(errno.EISDIR, "Is a folder, not a file; give a file", redact(uri))
+        raise OSError(errno.EINVAL, "Not a regular file (a FIFO, device or socket); remove it from the image set", redact(uri))
     with os.fdopen(fd, "rb") as f:
         return f.read()
 
@@ -624,11 +371,6 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
 
 
-def _redact(uri: str) -> str:
-    """``uri`` with any ``user:password@`` part masked, for error messages."""
-    return re.sub(r"^([A-Za-z][\w+.-]*://)[^/@]*@", r"\1***@", uri)
-
-
 def put_file(local_path: str, uri: str, options: StorageOptions = None) -> None:
     """Copy the local file ``local_path`` to ``uri``, streamed (object stores get a multipart upload).
 
@@ -641,9 +383,9 @@ def put_file(local_path: str, uri: str, options: StorageOptions = None) -> None:
             with open(local_path, "rb") as source:
                 _replace_local(path, _write_temp(path, source))
 
-        _retrying(copy, uri, "write")
+        retrying(copy, uri, "write")
         return
-    _retrying(lambda: fs.put_file(local_path, path), uri, "write")
+    retrying(lambda: fs.put_file(local_path, path), uri, "write")
 
 
 def copy_file(source: str, target: str, options: StorageOptions = None) -> None:
@@ -666,15 +408,15 @@ def copy_file(source: str, target: str, options: StorageOptions = None) -> None:
                     tmp = _write_temp(path, data)
             _replace_local(path, tmp)
 
-        _retrying(link, target, "write")
+        retrying(link, target, "write")
         return
-    _retrying(lambda: fs.copy(source_path, path), target, "write")
+    retrying(lambda: fs.copy(source_path, path), target, "write")
 
 
 def get_file(uri: str, local_path: str, options: StorageOptions = None) -> None:
     """Copy the file ``uri`` to the local path ``local_path``, streamed; a missing file is a FileNotFoundError naming it."""
     fs, path = filesystem(uri, options)
     try:
-        _retrying(lambda: fs.get_file(path, local_path), uri, "read")
+        retrying(lambda: fs.get_file(path, local_path), uri, "read")
     except FileNotFoundError:
-        raise FileNotFoundError(errno.ENOENT, "No such file", _redact(uri)) from None
+        raise FileNotFoundError(errno.ENOENT, "No such file", redact(uri)) from None

@@ -22,9 +22,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from spade_batch import __version__
-from spade_batch.formats import storage
+from spade_batch.formats import listing, storage
 from spade_batch.formats.card import ModelCard, VersionRecord, load_card
-from spade_batch.formats.layout import ModelLayout
+from spade_batch.formats.layout import ModelLayout, part_files
 from spade_batch.formats.locks import holding_lock
 from spade_batch.formats.manifest import pairs_sha256
 
@@ -45,7 +45,7 @@ def version_numbers(model_uri: str, options: storage.StorageOptions = None) -> l
     if not storage.exists(layout.card, options):
         return []
     folder = storage.normalize(layout.versions, options)
-    names = (uri[len(folder) + 1 :] for uri in storage.list_files(folder, (".json",), options))
+    names = (uri[len(folder) + 1 :] for uri in listing.list_files(folder, (".json",), options))
     return [1, *sorted(int(match.group(1)) for name in names if (match := _VERSION_CARD.fullmatch(name)) and int(match.group(1)) > 1)]
 
 
@@ -92,6 +92,29 @@ def holding_model_lock(model_uri: str, owner: str, options: storage.StorageOptio
     _published(model_uri, options)
     with holding_lock(ModelLayout(model_uri).lock, owner, options):
         yield
+
+
+@dataclass(frozen=True)
+class NextVersion:
+    """The version an add publishes, planned under the model's lock: the model's root, the current version (the
+    parent) and its card, the feature parts of the parent and its ancestors (oldest version first), and its number."""
+
+    model_uri: str
+    parent: ModelVersion
+    card: ModelCard
+    parts: list[str]
+    number: int
+
+
+@contextmanager
+def adding_version(model_uri: str, owner: str, options: storage.StorageOptions = None) -> Iterator[NextVersion]:
+    """Hold the model's lock (one add or fit at a time; else LockHeldError naming its holder) and plan the next
+    version: the one add publishes, one past the newest, on the current one."""
+    with holding_model_lock(model_uri, owner, options):
+        parent = resolve(model_uri, None, options)
+        parts = [part for version in lineage(model_uri, parent.number, options)
+                 for part in part_files(ModelLayout(version.uri).features, options)]
+        yield NextVersion(model_uri, parent, load_card(parent.uri, options), parts, next_number(model_uri, options))
 
 
 def next_number(model_uri: str, options: storage.StorageOptions = None) -> int:

@@ -2,7 +2,7 @@
 
 On fixtured parts a pixel's nearest normal pixel lies near the same place in the retrieved image; then
 match_radius (spade.local_nearest_matches) keeps the matches and costs far less. Fit measures it on the
-calibration images' matches (formats.matches.PixelMatches names each match's cell) and records it in the card.
+calibration images' matches (formats.calibration_matches.PixelMatches names each match's cell) and records it in the card.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from spade_batch.formats.calibration_matches import PixelMatches
 from spade_batch.formats.card import AlignmentRecord
 from spade_batch.formats.features import LayerShape
-from spade_batch.formats.matches import PixelMatches
 
 
 def radius_cells(match_radius: int | None, cells: int, image_size: int) -> int | None:

@@ -30,7 +30,7 @@ import numpy as np
 
 from spade_batch.formats.card import CalibrationRecord, Thresholds
 from spade_batch.method.image_threshold import estimate_image_threshold, order_statistic, suspects
-from spade_batch.method.scoring import image_scores
+from spade_batch.method.score_rules import image_scores
 from spade_batch.method.trainset import calibration_warnings
 
 if TYPE_CHECKING:

@@ -21,14 +21,16 @@ from collections.abc import Sequence
 import numpy as np
 
 from spade_batch.config import Settings
+from spade_batch.formats.feature_index import StoredFeatures
 from spade_batch.formats.features import FeatureTable, content_sha256, write_features
 from spade_batch.formats.layout import ModelLayout, part_files, part_name
 from spade_batch.formats.model import SpadeModel
-from spade_batch.formats.versions import holding_model_lock
+from spade_batch.formats.versions import NextVersion, adding_version
+from spade_batch.method.addition import Addition
 from spade_batch.method.extractor import Extractor, Features
-from spade_batch.method.recipe import Addition, StoredFeatures, fit_from_features
+from spade_batch.method.recipe import fit_from_features
+from spade_batch.method.score_rules import ImageScore
 from spade_batch.method.scorer import Scorer
-from spade_batch.method.scoring import ImageScore
 
 __all__ = ["Extractor", "Features", "ImageScore", "Scorer", "add", "extract_features", "fit", "score"]
 
@@ -66,13 +68,13 @@ def add(folder: str, images: Sequence[np.ndarray], ids: Sequence[str] | None = N
     an add or fit already under way there makes it raise LockHeldError.
     """
     ids = _ids(images, ids)
-    with holding_model_lock(folder, f"add to {folder} (in process)"):
-        return _add_locked(folder, images, ids, settings)
+    with adding_version(folder, f"add to {folder} (in process)") as version:
+        return _add_locked(version, images, ids, settings)
 
 
-def _add_locked(folder: str, images: Sequence[np.ndarray], ids: list[str], settings: Settings | None) -> SpadeModel:
+def _add_locked(version: NextVersion, images: Sequence[np.ndarray], ids: list[str], settings: Settings | None) -> SpadeModel:
     """add's work, once it holds the model's lock."""
-    addition = Addition.plan(folder)
+    addition = Addition.onto(version)
     settings = addition.card.training_settings(settings or Settings())
     hashes = {image_id: content_sha256(image) for image_id, image in zip(ids, images)}
     new = set(addition.new_ids(hashes, addition.failed_before(ids, hashes)))

@@ -1,5 +1,5 @@
 """Pixel matching that survives a growing gallery: each pixel's kappa nearest pixels among an image's K retrieved
-normal images, and which retrieved image each came from (formats.matches.PixelMatches), updated when the
+normal images, and which retrieved image each came from (formats.calibration_matches.PixelMatches), updated when the
 retrieved images change.
 
 SPADE's map of an image is, per layer and pixel, the mean of the kappa smallest squared distances to the
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spade_batch.formats.matches import MAX_NEIGHBOURS, PixelMatches
+from spade_batch.formats.calibration_matches import MAX_NEIGHBOURS, PixelMatches
 from spade_batch.method import spade
 
 GalleryRows = Callable[[Sequence[str], int], torch.Tensor]

@@ -22,217 +22,46 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import logging
 import os
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from spade_batch.config import Settings
 from spade_batch.formats import storage
-from spade_batch.formats.card import ModelCard, NearDuplicates, Normalisation, TrainingRecord, VersionRecord, load_card
-from spade_batch.formats.features import INDEX_SCHEMA, FeatureTable, read_features, read_global_features
-from spade_batch.formats.layout import ModelLayout, part_files, read_columns
-from spade_batch.formats.manifest import pairs_sha256
-from spade_batch.formats.matches import PixelMatches, read_matches, write_matches
-from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
-from spade_batch.formats.versions import ModelVersion, lineage, next_number, resolve
-from spade_batch.method import calibrate, spade
+from spade_batch.formats.calibration_matches import PixelMatches, read_matches, write_matches
+from spade_batch.formats.card import (
+    ModelCard,
+    NearDuplicates,
+    Normalisation,
+    TrainingRecord,
+    VersionRecord,
+)
+from spade_batch.formats.feature_index import StoredFeatures
+from spade_batch.formats.features import read_features
+from spade_batch.formats.layout import ModelLayout
+from spade_batch.formats.model import Centre, SpadeModel
+from spade_batch.formats.model_build import GalleryWriter, build_model
+from spade_batch.method import calibrate, calibration_search, spade
 from spade_batch.method.alignment import measure_alignment
-from spade_batch.method.calibrate import CalibrationScores
-from spade_batch.method.extractor import Extractor, Features
-from spade_batch.method.masks import region_score
-from spade_batch.method.scorer import Scorer
+from spade_batch.method.calibration_search import (
+    HeldOutScorer,
+    InProcessHeldOut,
+    calibration_layer_maps,
+    calibration_matches,
+    calibration_scores,
+)
+from spade_batch.method.extractor import Extractor
 from spade_batch.method.trainset import NEAR_FRACTION, NEAR_SCALE_RANK, exact_duplicates, near_duplicates, size_outliers
 
 log = logging.getLogger(__name__)
 
 GALLERY_THREADS = 4
 """Part files read and written into the gallery at once: Parquet decoding and centring release the GIL."""
-
-
-@dataclass(frozen=True)
-class StoredFeatures:
-    """Training features in part files (formats.features): which part holds each readable image, and its size.
-
-    Attributes:
-        parts: id -> the part file holding its row.
-        sizes: id -> original (height, width) in pixels.
-        failures: {"id", "error"} of the images that could not be read, by id.
-        sources: id -> (uri, content_sha256 or None) of every image with a row, readable or not.
-        options: storage options that reach the parts.
-    """
-
-    parts: dict[str, str]
-    sizes: dict[str, tuple[int, int]]
-    failures: list[dict[str, str]]
-    sources: dict[str, tuple[str, str | None]]
-    options: storage.StorageOptions = None
-
-    @classmethod
-    def index(cls, part_uris: Iterable[str], options: storage.StorageOptions = None) -> StoredFeatures:
-        """Read only the index columns of the parts (INDEX_SCHEMA); of two rows of one id, the later part's counts."""
-        parts, sizes, errors, sources = {}, {}, {}, {}
-        for part, columns in read_columns(part_uris, INDEX_SCHEMA.names, options, INDEX_SCHEMA):
-            for image_id, uri, error, height, width, sha256 in zip(*(columns[name] for name in INDEX_SCHEMA.names)):
-                parts[image_id], sources[image_id] = part, (uri, sha256)
-                if error is None:
-                    sizes[image_id] = (height, width)
-                    errors.pop(image_id, None)
-                else:
-                    errors[image_id] = error
-                    sizes.pop(image_id, None)
-        failures = [{"id": image_id, "error": error} for image_id, error in sorted(errors.items())]
-        return cls({i: p for i, p in parts.items() if i in sizes}, sizes, failures, sources, options)
-
-    def manifest_sha256(self) -> str:
-        """The training manifest's hash (manifest.pairs_sha256 of every image with a row, by id): fit's Manifest.sha256."""
-        ids = sorted(self.sources)
-        return pairs_sha256(ids, [self.sources[image_id][0] for image_id in ids])
-
-    def parts_of(self, ids: Iterable[str]) -> list[str]:
-        """The part files holding these images, sorted."""
-        return sorted({self.parts[image_id] for image_id in ids})
-
-    def block(self, part: str, ids: Iterable[str]) -> FeatureTable:
-        """The rows of these images in one part file, in the part's order."""
-        return read_block(part, ids, self.options)
-
-    def global_features(self, ids: Sequence[str]) -> np.ndarray:
-        """len(ids) x D float32 global features of these images, in their order, reading only the id and global columns."""
-        rows = {}
-        for part in self.parts_of(ids):
-            rows.update(zip(*read_global_features(part, self.options)))
-        return np.stack([rows[image_id] for image_id in ids])
-
-    def blocks(self, ids: Sequence[str]) -> Iterator[FeatureTable]:
-        """These images' rows, one part file at a time."""
-        for part in self.parts_of(ids):
-            yield self.block(part, ids)
-
-
-def read_block(part: str, ids: Iterable[str], options: storage.StorageOptions = None) -> FeatureTable:
-    """The rows of these images in one feature part file, in the part's order."""
-    table = read_features([part], options)
-    wanted = set(ids)
-    return table.select(np.array([image_id in wanted for image_id in table.ids], dtype=bool))
-
-
-@dataclass(frozen=True)
-class CalibrationMatches:
-    """What searching B calibration images gives: their ids, kNN scores (B float64) and pixel matches (matching)."""
-
-    ids: list[str]
-    knn_scores: np.ndarray
-    matches: list[PixelMatches]
-
-
-def match_held_out(scorer: Scorer, block: FeatureTable, previous: Mapping[str, PixelMatches]) -> CalibrationMatches:
-    """The one way calibration images are searched: from their stored features, with the model's scorer; an
-    image that is in the gallery (leave-one-out) against the others only; an image in `previous` (its matches
-    with an earlier version's gallery) only where its retrieved images changed."""
-    knn_scores, matches = scorer.match_features(Features.of_table(block), _own_rows(scorer.model, block.ids),
-                                                [previous.get(image_id) for image_id in block.ids])
-    return CalibrationMatches(list(block.ids), knn_scores.astype(np.float64), matches)
-
-
-def _own_rows(model: SpadeModel, ids: Sequence[str]) -> np.ndarray | None:
-    """M x E gallery rows each image is scored without (-1 padded): its own row (leave-one-out) and its near-copies'
-    (the card's near_duplicates.neighbours); None when none of the images has any."""
-    near = model.card.training.near_duplicates.neighbours if model.card.training else {}
-    rows = [[model.row_of[i] for i in (image_id, *near.get(image_id, ())) if i in model.row_of] for image_id in ids]
-    width = max(map(len, rows), default=0)
-    return np.array([row + [-1] * (width - len(row)) for row in rows], np.int64) if width else None
-
-
-class HeldOutScorer(Protocol):
-    """Where the calibration images are searched: in this process (`InProcessHeldOut`) or on model actors (engine.fit)."""
-
-    def matches(self, model: SpadeModel, ids: Sequence[str], previous: Mapping[str, PixelMatches]) -> Iterable[CalibrationMatches]:
-        """These calibration images' matches (match_held_out), in blocks of any order."""
-
-
-@dataclass(frozen=True)
-class InProcessHeldOut:
-    """Searches calibration images in this process, part by part."""
-
-    features: StoredFeatures
-    extractor: Extractor
-    settings: Settings
-
-    def matches(self, model: SpadeModel, ids: Sequence[str], previous: Mapping[str, PixelMatches]) -> Iterator[CalibrationMatches]:
-        scorer = Scorer(model, self.extractor, self.settings.chunk_bytes, self.settings.precision)
-        return (match_held_out(scorer, block, previous) for block in self.features.blocks(ids))
-
-
-def calibration_matches(
-    model: SpadeModel, ids: Sequence[str], features: StoredFeatures, held_out: HeldOutScorer, previous: Mapping[str, PixelMatches],
-) -> dict[str, tuple[float, PixelMatches]]:
-    """id -> (kNN score, pixel matches) of every calibration image against the model's gallery.
-
-    previous: the matches an earlier version stored (add's parent). An image that retrieves the same K images
-    keeps its matches, found from its global features alone; the others are searched (held_out), each from its
-    previous matches when it has them.
-    """
-    matched = _unchanged(model, [image_id for image_id in ids if image_id in previous], features, previous)
-    searched = [image_id for image_id in ids if image_id not in matched]
-    if previous:
-        log.info("calibrate: %d of %d calibration images retrieve the images they did in the version added to: kept; "
-                 "%d searched", len(matched), len(ids), len(searched))
-    for block in held_out.matches(model, searched, {i: previous[i] for i in searched if i in previous}):
-        matched.update(zip(block.ids, zip(block.knn_scores.tolist(), block.matches)))
-    return matched
-
-
-def _unchanged(
-    model: SpadeModel, ids: Sequence[str], features: StoredFeatures, previous: Mapping[str, PixelMatches],
-) -> dict[str, tuple[float, PixelMatches]]:
-    """id -> (kNN score, previous matches) of the images whose K retrieved images are those of their previous matches."""
-    if not ids:
-        return {}
-    global_features = features.global_features(ids)
-    queries = spade.centre(torch.from_numpy(global_features), torch.from_numpy(model.centre.global_mean)).numpy()
-    knn_scores, neighbours = spade.image_knn(model.index, queries, model.card.settings.k, _own_rows(model, ids))
-    return {image_id: (float(score), previous[image_id]) for image_id, score, retrieved in zip(ids, knn_scores, neighbours)
-            if {model.train_ids[n] for n in retrieved} == set(previous[image_id].neighbour_ids)}
-
-
-CALIBRATION_MAPS = 64
-"""Calibration images whose maps are made at once from their matches (about 4 MB of maps at 128 px)."""
-
-
-def calibration_layer_maps(model: SpadeModel, ids: Sequence[str], matched: Mapping[str, tuple[float, PixelMatches]]) -> Iterator[list[torch.Tensor]]:
-    """Per CALIBRATION_MAPS images of ids, per layer their B x h_l x w_l float32 distance maps (PixelMatches.layer_maps)."""
-    shapes = model.card.layer_shapes
-    for start in range(0, len(ids), CALIBRATION_MAPS):
-        maps = [matched[image_id][1].layer_maps(shapes) for image_id in ids[start : start + CALIBRATION_MAPS]]
-        yield [torch.from_numpy(np.stack(layer)) for layer in zip(*maps)]
-
-
-def calibration_scores(
-    model: SpadeModel, ids: Sequence[str], matched: Mapping[str, tuple[float, PixelMatches]], min_region: int | None,
-) -> CalibrationScores:
-    """The calibration images' scores, in the order of ids, from their matches: each map is the scorer's
-    (spade.combine_layer_maps of the layer maps, with the model's layer scales), its score spade.map_scores.
-
-    min_region: the region scores' smallest region (calibrate.region_size); None computes none.
-    """
-    method, size = model.card.settings, model.card.preprocessing.size
-    scales = model.card.normalisation.layer_scales if method.layer_normalise else None
-    map_scores, samples, regions = [], [], []
-    for layer_maps in calibration_layer_maps(model, ids, matched):
-        maps = spade.combine_layer_maps(layer_maps, (size, size), method.sigma, scales)
-        map_scores += spade.map_scores(maps, method.map_top).tolist()
-        for anomaly_map in maps.numpy():
-            samples.append(calibrate.pixel_sample(anomaly_map))
-            regions.append(region_score(anomaly_map, min_region) if min_region is not None else 0.0)
-    return CalibrationScores(list(ids), np.array([matched[i][0] for i in ids], np.float64), np.array(map_scores, np.float64),
-                             samples, None if min_region is None else np.array(regions, np.float64))
 
 
 @dataclass(frozen=True)
@@ -422,7 +251,7 @@ def near_duplicates_of(model: SpadeModel, calibration_ids: Sequence[str], featur
     near-copies (up to NEAR_NEIGHBOURS, as the gallery's size allows) are recorded: they are left out of its
     calibration search, as its own row is."""
     queries = spade.centre(torch.from_numpy(features.global_features(calibration_ids)), torch.from_numpy(model.centre.global_mean)).numpy()
-    own = _own_rows(model, calibration_ids)
+    own = calibration_search.own_rows(model, calibration_ids)
     others = len(model.train_ids) - (own.shape[1] if own is not None else 0)
     distances, neighbours = spade.nearest_images(model.index, queries, min(NEAR_SCALE_RANK, others), own)
     scale, close = near_duplicates(distances)
@@ -490,140 +319,3 @@ def _calibrate(
     return model.with_file(ModelLayout.calibration_matches)
 
 
-def new_images(held: dict[str, str | None], incoming: dict[str, str | None]) -> list[str]:
-    """The ids of `incoming` that the model does not hold, sorted.
-
-    held: id -> content_sha256 of the images the model holds (None: unknown, features written before it was recorded).
-    incoming: id -> content_sha256 of the images offered (read only for the ids the model holds).
-    An id it holds is skipped when its content is the same (or unknown); with other content it is a ValueError naming it.
-    """
-    changed = sorted(i for i, sha256 in incoming.items() if i in held and held[i] is not None and held[i] != sha256)
-    if changed:
-        raise ValueError(
-            f"{len(changed)} images have the id of an image the model holds but other content (first: {changed[0]}); "
-            "an id names one image: rename the new images, or fit a new model"
-        )
-    unknown = [i for i in incoming if i in held and held[i] is None]
-    if unknown:
-        log.warning("add: %d images the model holds have no recorded content hash (fitted before it was recorded), e.g. %s: "
-                    "skipped as the same images", len(unknown), unknown[0])
-    return sorted(set(incoming) - set(held))
-
-
-@dataclass(frozen=True)
-class Addition:
-    """An add to the model at model_uri: its current version (the parent), the stored features of the parent's
-    training images (the parts of the parent and its ancestors), and the version it publishes.
-
-    Attributes:
-        model_uri: the model's root.
-        parent: the current version, which the images are added to.
-        card: the parent's card.
-        parts: the feature parts of the parent and its ancestors, oldest version first.
-        trained: the parent's training images (StoredFeatures over those parts).
-        number: the version it publishes (versions.next_number).
-    """
-
-    model_uri: str
-    parent: ModelVersion
-    card: ModelCard
-    parts: list[str]
-    trained: StoredFeatures
-    number: int
-
-    @classmethod
-    def plan(cls, model_uri: str, options: storage.StorageOptions = None) -> Addition:
-        parent = resolve(model_uri, None, options)
-        parts = [part for version in lineage(model_uri, parent.number, options)
-                 for part in part_files(ModelLayout(version.uri).features, options)]
-        return cls(model_uri, parent, load_card(parent.uri, options), parts, StoredFeatures.index(parts, options),
-                   next_number(model_uri, options))
-
-    @property
-    def target(self) -> ModelLayout:
-        """The folder of the version this add publishes; its features/ gets the new images' parts."""
-        return ModelLayout(self.model_uri).version(self.number)
-
-    def new_ids(self, incoming: dict[str, str | None], failed_before: Sequence[dict[str, str]] = ()) -> list[str]:
-        """new_images against the parent's readable training images, less the failed ones not tried again (failed_before)."""
-        again = {entry["id"] for entry in failed_before}
-        return [i for i in new_images({i: self.trained.sources[i][1] for i in self.trained.parts}, incoming) if i not in again]
-
-    def failed_before(self, listed: Collection[str], hashes: Mapping[str, str]) -> list[dict[str, str]]:
-        """The parent's failed images among `listed` that are not tried again, with their recorded errors: their content is
-        the one they failed with, or they cannot be read now (hashes: id -> content_sha256 of the images read). An image
-        with other content now is tried again. So a re-run of an add reports the failures its first run did."""
-        wanted = set(listed)
-        return [entry for entry in self.trained.failures
-                if entry["id"] in wanted and hashes.get(entry["id"]) in (None, self.trained.sources[entry["id"]][1])]
-
-    def parent_used(self, settings: Settings) -> set[str]:
-        """The images the parent's gallery and calibration use: as its card records them, else (a card from before the
-        record) as the recipe selects them now."""
-        if self.card.training is not None:
-            return set(self.trained.parts) - set(self.card.training.unused())
-        return select_training(self.trained, settings).used
-
-    def select(self, features: StoredFeatures, settings: Settings) -> Selection:
-        """select_training of the grown model's features (self.features()), the parent's images kept before new copies of them."""
-        return select_training(features, settings, self.parent_used(settings))
-
-    def changes(self, selection: Selection, settings: Settings) -> bool:
-        """Whether the grown model's gallery or calibration would differ from the parent's (else nothing is published)."""
-        return selection.used != self.parent_used(settings)
-
-    def left_out(self, selection: Selection, new: Collection[str], settings: Settings) -> list[dict[str, str]]:
-        """{"id", "reason"} of the images the grown model does not use that are new or that the parent used, by id."""
-        unused, concerned = selection.record().unused(), set(new) | self.parent_used(settings)
-        return [{"id": image_id, "reason": unused[image_id]} for image_id in sorted(unused) if image_id in concerned]
-
-    def check(self, extractor: Extractor) -> None:
-        """Refuse an extractor whose features would not be the parent's: other weights found now, or another preprocessing
-        derived from the model's settings (a package whose backbone convention changed)."""
-        if (extractor.weights_sha256, extractor.preprocessing) != (self.card.weights_sha256, self.card.preprocessing):
-            raise ValueError(
-                f"the backbone weights or preprocessing found now differ from those of model {self.model_uri} "
-                f"(weights sha256 {extractor.weights_sha256[:12]}... vs {self.card.weights_sha256[:12]}...): "
-                "new images' features would not be comparable; restore the weights, or fit a new model"
-            )
-
-    def features(self) -> StoredFeatures:
-        """Every training image of the grown model: the parent's parts, then those in target.features."""
-        options = self.trained.options
-        return StoredFeatures.index([*self.parts, *part_files(self.target.features, options)], options)
-
-    def fit(
-        self, features: StoredFeatures, extractor: Extractor, settings: Settings, folder: str, added: tuple[Sequence[str], Sequence[str]],
-        selection: Selection, failures: Sequence[dict[str, str]] = (), held_out: HeldOutScorer | None = None,
-    ) -> FitResult:
-        """The one recipe over features (self.features()), gallery files in the local `folder` (card not saved).
-
-        added: (ids, uris) of the images this add extracted and could read; selection: self.select(features, settings);
-        failures: its images that were never extracted.
-        """
-        version = VersionRecord(self.number, self.parent.number, len(added[0]), pairs_sha256(*added), self.left_out(selection, added[0], settings))
-        return fit_from_features(features, extractor, settings, folder, [*self._rejected(), *failures], held_out, version,
-                                 self.previous_matches(), selection)
-
-    def previous_matches(self) -> dict[str, PixelMatches]:
-        """The parent's calibration matches (formats.matches), checked against its card; none, so that every calibration
-        image is searched, when it has none (fitted before they were kept) or they cannot be read or do not match."""
-        name = ModelLayout.calibration_matches
-        recorded = self.card.files.get(name)
-        where = ModelLayout(self.parent.uri).file(name)
-        if recorded is None:
-            log.info("add: version %d keeps no calibration matches (fitted before they were kept): every calibration image is searched",
-                     self.parent.number)
-            return {}
-        try:
-            data = storage.read_bytes(where, self.trained.options)
-            if hashlib.sha256(data).hexdigest() != recorded["sha256"]:
-                raise ValueError("its SHA-256 is not the one the card records")
-            return read_matches(data, self.card.layer_shapes)
-        except (OSError, ValueError, pa.ArrowException) as error:
-            log.warning("add: %s cannot be used (%s): every calibration image is searched", where, error)
-            return {}
-
-    def _rejected(self) -> list[dict[str, str]]:
-        """The parent's failed images that have no row in its parts (names the manifest rejected): the card keeps them."""
-        return [entry for entry in self.card.failed_train_images if entry["id"] not in self.trained.sources]

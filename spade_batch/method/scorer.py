@@ -7,12 +7,12 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from spade_batch.formats.matches import PixelMatches
+from spade_batch.formats.calibration_matches import PixelMatches
 from spade_batch.formats.model import SpadeModel
 from spade_batch.method import matching, spade
 from spade_batch.method.alignment import radius_cells
 from spade_batch.method.extractor import Extractor, Features
-from spade_batch.method.scoring import ImageScore, image_scores
+from spade_batch.method.score_rules import ImageScore, image_scores
 
 
 class Scorer:

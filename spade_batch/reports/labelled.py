@@ -40,7 +40,8 @@ from spade_batch.formats.layout import EvaluationOutputs
 from spade_batch.formats.review import read_sheet
 from spade_batch.formats.versions import ModelVersion, holding_model_lock, publish_same_arrays, resolve
 from spade_batch.method.masks import mask_from_map, mask_scores
-from spade_batch.reports.evaluate import ScoredImage, ScoredSamples, check_ground_truth, score_samples
+from spade_batch.reports.evaluate import check_ground_truth, score_samples
+from spade_batch.reports.evaluation_measure import ScoredImage, ScoredSamples
 from spade_batch.reports.metrics import PixelDecisions, ThresholdSweep, image_decisions, threshold_sweep
 
 log = logging.getLogger(__name__)

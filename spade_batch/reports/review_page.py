@@ -29,12 +29,13 @@ import numpy as np
 from PIL import Image
 
 from spade_batch.config import Settings
-from spade_batch.formats import storage
+from spade_batch.formats import retry, storage
 from spade_batch.formats.features import INDEX_SCHEMA
 from spade_batch.formats.heatmap import colour_range, overlay
 from spade_batch.formats.images import decode_image, resize_map
 from spade_batch.formats.layout import ModelLayout, Outputs, part_files, read_columns
 from spade_batch.formats.review import COLUMNS, safe_cell, sheet_csv
+from spade_batch.formats.text import first_line
 from spade_batch.formats.versions import lineage
 from spade_batch.reports.figures import STYLE, html_document
 from spade_batch.reports.run_report import Undrawn, _read_map, _read_mask, _read_picture, _thumbnail_size, read_run_scores
@@ -99,8 +100,8 @@ def write_review_page(out_uri: str, settings: Settings, top_n: int | None = TOP_
         training = training_uris(summary["model_uri"], summary["model_version"], wanted, options)
     except (OSError, ValueError) as error:  # the model moved or gone: the cards name their neighbours without pictures
         training = {}
-        undrawn.append(Undrawn(summary["model_uri"], "model", f"{type(error).__name__}: {storage.first_line(error)}",
-                               storage.is_transient(error)))
+        undrawn.append(Undrawn(summary["model_uri"], "model", f"{type(error).__name__}: {first_line(error, 'no message')}",
+                               retry.is_transient(error)))
     cards = [_card(row, training, summary["thresholds"]["pixel"], outputs, settings, pictures, undrawn) for row in run.top]
     uri = page_uri or outputs.review
     flagged = run.anomalous if summary["thresholds"]["image"] is not None else None

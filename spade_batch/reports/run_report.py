@@ -30,11 +30,12 @@ import numpy as np
 from PIL import Image
 
 from spade_batch.config import Settings
-from spade_batch.formats import storage
+from spade_batch.formats import retry, storage
 from spade_batch.formats.card import CalibrationRecord, ModelCard, load_card
 from spade_batch.formats.heatmap import colour_range
 from spade_batch.formats.images import decode_image, resize_map
 from spade_batch.formats.layout import Outputs, read_columns
+from spade_batch.formats.text import first_line
 from spade_batch.formats.versions import resolve
 from spade_batch.reports.drift import DriftCheck, check_drift
 from spade_batch.reports.figures import STYLE, Example, example_grid, html_document, html_table, score_histogram
@@ -180,7 +181,7 @@ def _read_picture(image_id: str, picture: str, reader: Callable[[], T], undrawn:
     try:
         return reader()
     except (OSError, ValueError) as error:  # missing, transient, undecodable: each is a note, never the run's failure
-        undrawn.append(Undrawn(image_id, picture, f"{type(error).__name__}: {storage.first_line(error)}", storage.is_transient(error)))
+        undrawn.append(Undrawn(image_id, picture, f"{type(error).__name__}: {first_line(error, 'no message')}", retry.is_transient(error)))
         return None
 
 

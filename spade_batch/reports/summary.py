@@ -20,6 +20,7 @@ from spade_batch.formats import storage
 from spade_batch.formats.card import CalibrationRecord, ModelCard, Thresholds, load_card
 from spade_batch.formats.layout import ModelLayout, Outputs, read_columns
 from spade_batch.formats.review import Verdict
+from spade_batch.formats.text import format_number
 from spade_batch.formats.versions import resolve, version_numbers
 from spade_batch.method.alignment import suggestion
 from spade_batch.method.image_threshold import PotTail, order_statistic_rank, recorded_law
@@ -316,7 +317,7 @@ def labelled_rules(card: ModelCard) -> dict[str, str]:
 
 
 def _short(value: float | None) -> str:
-    return "none" if value is None else f"{value:.4g}"
+    return format_number(value, ".4g", "none")
 
 
 def mask_rule(thresholds: Thresholds) -> str:

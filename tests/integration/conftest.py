@@ -115,11 +115,11 @@ def ray_local() -> Iterator[None]:
     The pipeline's init_ray() reuses it. Its temp dir is short (unix socket paths are limited to
     107 bytes) and private to this session, and is removed afterwards. Its workers, and processes
     the tests start, inherit SPADE_BATCH_RETRY=TEST_RETRY from the environment set here before
-    ray.init (this process's storage.RETRY was read at import: faulty_s3 patches it).
+    ray.init (this process's retry.RETRY was read at import: faulty_s3 patches it).
     """
     import ray
 
-    from spade_batch.formats.storage import RETRY_ENV
+    from spade_batch.formats.retry import RETRY_ENV
 
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     with pytest.MonkeyPatch.context() as env:
@@ -150,13 +150,13 @@ def faulty_s3(s3: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> 
     """A fresh bucket reached through a :class:`FaultProxy`.
 
     botocore's own retries are off (one attempt per s3fs try), reads time out
-    after 0.5 s, and storage.RETRY waits milliseconds (TEST_RETRY, which the
+    after 0.5 s, and retry.RETRY waits milliseconds (TEST_RETRY, which the
     session's Ray workers have too), so fault counts are exact and tests stay
     fast; s3fs's own retries inside one attempt remain.
     """
-    from spade_batch.formats import storage
+    from spade_batch.formats import retry
 
-    monkeypatch.setattr(storage, "RETRY", storage.retry_policy_from(TEST_RETRY))
+    monkeypatch.setattr(retry, "RETRY", retry.retry_policy_from(TEST_RETRY))
     proxy = FaultProxy(s3.endpoint_url)
     options = s3.storage_options
     options["client_kwargs"]["endpoint_url"] = proxy.endpoint_url

@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-from spade_batch.formats import storage
+from spade_batch.formats import listing, storage
 from spade_batch.formats.datasets import make_demo_data
 from tests.unit.test_cli import table
 
@@ -86,7 +86,7 @@ def test_no_credential_reaches_any_byte_a_debug_fit_and_score_write(s3, s3_bucke
                         "--save-maps", "--save-overlays", *common, env=env)
         assert score.returncode == 0, score.stdout[-3000:]
         written = {"fit output": fit.stdout.encode(), "score output": score.stdout.encode()}
-        written.update({uri: storage.read_bytes(uri, s3.storage_options) for uri in storage.list_files(s3_bucket, None, s3.storage_options)})
+        written.update({uri: storage.read_bytes(uri, s3.storage_options) for uri in listing.list_files(s3_bucket, None, s3.storage_options)})
         for folder, _, names in os.walk(ray_root):
             for name in names:
                 file = os.path.join(folder, name)

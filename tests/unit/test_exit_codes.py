@@ -18,7 +18,7 @@ from spade_batch.exit_codes import (
     score_exit_code,
 )
 from spade_batch.formats.model import ModelError
-from spade_batch.formats.storage import TransientStorageError
+from spade_batch.formats.retry import TransientStorageError
 
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 

@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from spade_batch.logs import CHATTY_LOGGERS, MASK, add_secrets, configure_logging, logging_at, redact, secret_values
+from spade_batch.formats.text import MASK, redact
+from spade_batch.logs import CHATTY_LOGGERS, add_secrets, configure_logging, logging_at, secret_values
 
 
 def test_secret_values_come_from_credential_keys_at_any_depth_and_from_the_environment():

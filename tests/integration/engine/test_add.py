@@ -29,7 +29,7 @@ from spade_batch.engine.add import AddSummary, run_add
 from spade_batch.engine.fit import run_fit
 from spade_batch.engine.score import run_score
 from spade_batch.exit_codes import ExitCode
-from spade_batch.formats import storage
+from spade_batch.formats import parquet_parts, storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.datasets import make_demo_data
 from spade_batch.formats.images import decode_image
@@ -138,7 +138,7 @@ def test_adding_m_images_extracts_m_and_the_same_add_again_nothing(grown: Grown)
     summary = grown.added
     assert (summary.images, summary.added, summary.extracted, summary.skipped, summary.version, summary.parent) == (3, 3, 3, 0, 2, 1)
     parts = part_files(ModelLayout(grown.grown).version(2).features, grown.options)
-    assert sum(storage.read_part(p, grown.options, columns=["id"]).num_rows for p in parts) == 3, "version 2's features: the added images only"
+    assert sum(parquet_parts.read_part(p, grown.options, columns=["id"]).num_rows for p in parts) == 3, "version 2's features: the added images only"
 
     again = grown.add(storage.join(grown.root, "b"))
 
@@ -274,7 +274,7 @@ def test_the_loop_a_night_reviewed_its_false_alarm_added_and_the_night_kept_on_i
     sheet = storage.join(grown.root, "review.csv")
     storage.write_text(sheet, filled.getvalue(), options)
 
-    lost = storage.read_part(out.parts(options).own[0], options, columns=["id"]).num_rows
+    lost = parquet_parts.read_part(out.parts(options).own[0], options, columns=["id"]).num_rows
     storage.remove(out.parts(options).own[0], options)  # killed: a part and run.json never written
     storage.remove(out.run_json, options)
     next_version = version_numbers(grown.grown, options)[-1] + 1  # other tests of this module may have published versions

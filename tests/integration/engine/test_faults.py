@@ -37,7 +37,7 @@ from PIL import Image
 from spade_batch import cli
 from spade_batch.config import Settings
 from spade_batch.engine.score import run_score
-from spade_batch.formats import storage
+from spade_batch.formats import listing, storage
 from spade_batch.formats.images import decode_image, resize_map
 from spade_batch.formats.layout import Outputs
 from spade_batch.formats.locks import LOCK_NAME
@@ -90,7 +90,7 @@ def archive(tiny_model: Any) -> Archive:
 def read_rows(out: str, options: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """Every row of every scores part under out, by id; fails when an id has more than one row."""
     storage.filesystem(out, options)[0].invalidate_cache()  # other processes wrote there since this one last listed
-    parts = storage.list_files(storage.join(out, "scores"), (".parquet",), options)
+    parts = listing.list_files(storage.join(out, "scores"), (".parquet",), options)
     rows = pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(p, options))) for p in parts],
                             promote_options="default").to_pylist()  # parts of an older version have fewer columns
     by_id = {row["id"]: row for row in rows}
@@ -108,7 +108,7 @@ def assert_complete(archive: Archive, out: str, options: dict[str, Any] | None, 
     rows = read_rows(out, options)
     assert sorted(rows) == ids
     assert [i for i, row in rows.items() if row["error"] is not None] == []
-    masks = storage.list_files(storage.join(out, "masks"), None, options)
+    masks = listing.list_files(storage.join(out, "masks"), None, options)
     assert masks == sorted(Outputs(out).mask(i) for i in ids), "a mask is missing, or one is left from another run"
     for image_id in ids:
         with Image.open(io.BytesIO(storage.read_bytes(Outputs(out).mask(image_id), options))) as im:
@@ -542,7 +542,7 @@ def test_stray_parquet_files_in_scores_are_reported_and_never_read(
     """Another run's part (rows for every image: read, they would mark every image done, or count each twice),
     a copy of a part under an older name, and a file that is not Parquet at all (read, it would be 'damaged')."""
     from spade_batch.formats.layout import part_name
-    from spade_batch.formats.scores import ScoreRow, write_scores
+    from spade_batch.formats.score_table import ScoreRow, write_scores
 
     out = tmp_path / "out"
     argv = ["score", "--model", archive.model, "--images", str(archive.images), "--out", str(out), *RUN_FLAGS]

@@ -32,7 +32,7 @@ from PIL import Image
 from spade_batch.config import ConfigError, Settings
 from spade_batch.engine.fit import run_fit
 from spade_batch.engine.score import ScoreSummary, run_score
-from spade_batch.formats import storage
+from spade_batch.formats import listing, parquet_parts, storage
 from spade_batch.formats.card import CARD_NAME
 from spade_batch.formats.datasets import make_demo_data
 from spade_batch.formats.heatmap import overlay
@@ -129,7 +129,7 @@ def read_rows(out: str, settings: Settings) -> dict[str, dict[str, Any]]:
     """Every row of every scores part file under out, by id; fails on a duplicated id."""
     tables = [
         pq.read_table(io.BytesIO(storage.read_bytes(uri, settings.fsspec_options())))
-        for uri in storage.list_files(storage.join(out, "scores"), (".parquet",), settings.fsspec_options())
+        for uri in listing.list_files(storage.join(out, "scores"), (".parquet",), settings.fsspec_options())
     ]
     rows = pa.concat_tables(tables).to_pylist()
     by_id = {row["id"]: row for row in rows}
@@ -151,7 +151,7 @@ def files_under(uri: str, settings: Settings) -> dict[str, bytes]:
     """Relative path -> bytes of every file under uri."""
     options = settings.fsspec_options()
     root = storage.normalize(uri, options)
-    return {f[len(root) + 1 :]: storage.read_bytes(f, options) for f in storage.list_files(root, None, options)}
+    return {f[len(root) + 1 :]: storage.read_bytes(f, options) for f in listing.list_files(root, None, options)}
 
 
 def upload(fitted: Fitted, files: dict[str, bytes], prefix: str) -> str:
@@ -181,11 +181,11 @@ def test_every_image_has_exactly_one_row(fitted: Fitted, scored: Scored) -> None
 def test_part_files_hold_each_row_once_and_at_most_shard_size_rows(fitted: Fitted, scored: Scored) -> None:
     options = fitted.settings.fsspec_options()
     tests = len(fitted.ids("test"))
-    parts = storage.list_files(storage.join(scored.out.root, "scores"), None, options)
+    parts = listing.list_files(storage.join(scored.out.root, "scores"), None, options)
     sizes = [pq.read_metadata(io.BytesIO(storage.read_bytes(p, options))).num_rows for p in parts]
     assert sum(sizes) == tests and max(sizes) <= SHARD_SIZE
     assert all(posixpath.basename(p).startswith("part-") for p in parts)
-    features = storage.list_files(storage.join(fitted.model_uri, "features"), (".parquet",), options)
+    features = listing.list_files(storage.join(fitted.model_uri, "features"), (".parquet",), options)
     rows = [pq.read_metadata(io.BytesIO(storage.read_bytes(p, options))).num_rows for p in features]
     assert sum(rows) == N_TRAIN and max(rows) <= SHARD_SIZE
 
@@ -193,7 +193,7 @@ def test_part_files_hold_each_row_once_and_at_most_shard_size_rows(fitted: Fitte
 def test_masks_at_the_original_size_of_each_image(fitted: Fitted, scored: Scored) -> None:
     options = fitted.settings.fsspec_options()
     ids = fitted.ids("test")
-    masks = storage.list_files(storage.join(scored.out.root, "masks"), None, options)
+    masks = listing.list_files(storage.join(scored.out.root, "masks"), None, options)
     assert masks == sorted(scored.out.mask(i) for i in ids)
     assert scored.out.mask("good/000.png") == f"{scored.out.root}/masks/good/000.png"
     rows = read_rows(scored.out.root, fitted.settings)
@@ -270,7 +270,7 @@ def test_learnt_scales_and_thresholds_equal_the_in_process_fit(
     settings = fitted.settings.replace(image_score="combined", map_top=0.05, layer_normalise=True, calibration_fraction=0.4,
                                        image_fpr=0.5, model_workers=model_workers)
     model_uri = str(tmp_path / "model")
-    with caplog.at_level(logging.INFO, logger="spade_batch.engine.fit"):
+    with caplog.at_level(logging.INFO, logger="spade_batch.engine.fit_steps"):
         run_fit(os.path.join(fitted.local, "train"), model_uri, settings)
     assert ("in the driver" if model_workers == 0 else "on 1 model actors") in caplog.text
     card = read_json(storage.join(model_uri, CARD_NAME), settings)
@@ -453,7 +453,7 @@ def test_a_killed_job_resumes_to_identical_outputs(fitted: Fitted) -> None:
     complete = files_under(out.root, fitted.settings)
     rows = read_rows(out.root, fitted.settings)
     # A job killed while writing: one part file never written, one of its masks written, the other not.
-    parts = storage.list_files(out.scores, None, options)
+    parts = listing.list_files(out.scores, None, options)
     lost = pq.read_table(io.BytesIO(storage.read_bytes(parts[0], options))).column("id").to_pylist()
     storage.remove(parts[0], options)
     storage.remove(out.mask(lost[0]), options)
@@ -488,7 +488,7 @@ def test_other_images_into_the_same_output_need_overwrite(fitted: Fitted) -> Non
     summary = run_score(fitted.model_uri, second, out.root, fitted.settings.replace(overwrite=True))
 
     assert list(read_rows(out.root, fitted.settings)) == ["crack/000.png"]
-    masks = storage.list_files(storage.join(out.root, "masks"), None, fitted.settings.fsspec_options())
+    masks = listing.list_files(storage.join(out.root, "masks"), None, fitted.settings.fsspec_options())
     assert masks == [out.mask("crack/000.png")], "masks of the replaced run must not stay behind"
     assert (summary.images, summary.resumed) == (1, 0)
 
@@ -499,7 +499,7 @@ def test_a_second_run_into_an_output_that_a_live_run_holds_is_refused(fitted: Fi
     lock = acquire_lock(storage.join(out, LOCK_NAME), "the other nightly run", options)
     with pytest.raises(LockHeldError, match=f"{out}/{LOCK_NAME} is held by the other nightly run"):
         run_score(fitted.model_uri, fitted.test_uri, out, fitted.settings)
-    assert storage.list_files(out, None, options) == [storage.join(out, LOCK_NAME)], "the refused run wrote nothing"
+    assert listing.list_files(out, None, options) == [storage.join(out, LOCK_NAME)], "the refused run wrote nothing"
     release_lock(lock, options)
 
     summary = run_score(fitted.model_uri, fitted.test_uri, out, fitted.settings)
@@ -542,10 +542,10 @@ def test_a_killed_fit_resumes_only_for_the_same_images(fitted: Fitted) -> None:
     complete = SpadeModel.load(model_uri, options)
     # Killed while extracting: no card yet, one feature part missing; another cut short since (a copy interrupted).
     storage.remove(card_uri, options)
-    parts = storage.list_files(storage.join(model_uri, "features"), (".parquet",), options)
+    parts = listing.list_files(storage.join(model_uri, "features"), (".parquet",), options)
     storage.remove(parts[-1], options)
     storage.write_bytes(parts[0], storage.read_bytes(parts[0], options)[:-100], options)
-    with pytest.raises(storage.DamagedPartError, match=rf"part file {re.escape(parts[0])} is damaged .*delete it and re-run the same command"):
+    with pytest.raises(parquet_parts.DamagedPartError, match=rf"part file {re.escape(parts[0])} is damaged .*delete it and re-run the same command"):
         run_fit(fitted.train_uri, model_uri, settings)
     storage.remove(parts[0], options)  # as the message says
     run_fit(fitted.train_uri, model_uri, settings)

@@ -17,7 +17,7 @@ from PIL import Image
 from spade_batch.formats import storage
 from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs, find_output, part_name, refuse_outputs
 from spade_batch.formats.manifest import build_manifest, is_manifest_file
-from spade_batch.formats.scores import ScoreRow, write_scores
+from spade_batch.formats.score_table import ScoreRow, write_scores
 from tests.integration.conftest import StorageRoot
 
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spade_batch.formats import storage
+from spade_batch.formats import listing, parquet_parts, retry, storage
 
 if TYPE_CHECKING:
     from tests.integration.conftest import FaultyS3, StorageRoot
@@ -41,7 +41,7 @@ def test_write_replaces_existing_file_and_leaves_no_temp_file(storage_root: Stor
     storage.write_text(uri, "new", storage_root.options)
     assert storage.read_text(uri, storage_root.options) == "new"
     # list_files shows hidden files too, so a leftover ".run.json.*.tmp" would appear here.
-    assert storage.list_files(storage_root.base, options=storage_root.options) == [uri]
+    assert listing.list_files(storage_root.base, options=storage_root.options) == [uri]
 
 
 def test_reader_never_sees_a_partial_file(storage_root: StorageRoot) -> None:
@@ -79,13 +79,13 @@ def test_list_files_is_recursive_sorted_and_filters_suffixes(storage_root: Stora
 
     root = storage.join(storage_root.base, "imgs")
     opts = storage_root.options
-    assert storage.list_files(root, options=opts) == uris(
+    assert listing.list_files(root, options=opts) == uris(
         "3.jpg", "a/1.PNG", "a/b/2.png", "a/b/c/4.Jpeg", "notes.txt", "z.png"
     )
-    assert storage.list_files(root + "/", (".png",), options=opts) == uris("a/1.PNG", "a/b/2.png", "z.png")
-    assert storage.list_files(root, (".JPG", ".jpeg"), options=opts) == uris("3.jpg", "a/b/c/4.Jpeg")
-    assert storage.list_files(storage.join(root, "a", "b"), options=opts) == uris("a/b/2.png", "a/b/c/4.Jpeg")
-    assert storage.list_files(storage.join(storage_root.base, "missing"), options=storage_root.options) == []
+    assert listing.list_files(root + "/", (".png",), options=opts) == uris("a/1.PNG", "a/b/2.png", "z.png")
+    assert listing.list_files(root, (".JPG", ".jpeg"), options=opts) == uris("3.jpg", "a/b/c/4.Jpeg")
+    assert listing.list_files(storage.join(root, "a", "b"), options=opts) == uris("a/b/2.png", "a/b/c/4.Jpeg")
+    assert listing.list_files(storage.join(storage_root.base, "missing"), options=storage_root.options) == []
 
 
 def test_exists_and_remove(storage_root: StorageRoot) -> None:
@@ -104,13 +104,13 @@ def test_exists_and_remove(storage_root: StorageRoot) -> None:
 
     storage.remove(storage.join(storage_root.base, "d"), storage_root.options, recursive=True)
     assert not storage.exists(other, storage_root.options)
-    assert storage.list_files(storage_root.base, options=storage_root.options) == []
+    assert listing.list_files(storage_root.base, options=storage_root.options) == []
 
 
 def test_exists_sees_changes_made_by_another_client(s3, s3_bucket: str) -> None:
     uri = storage.join(s3_bucket, "shard", "part-00003.parquet")
     storage.write_bytes(uri, b"x", s3.storage_options)
-    assert storage.list_files(s3_bucket, options=s3.storage_options) == [uri]  # fills s3fs's listing cache
+    assert listing.list_files(s3_bucket, options=s3.storage_options) == [uri]  # fills s3fs's listing cache
     client = boto3.client(
         "s3",
         endpoint_url=s3.endpoint_url,
@@ -134,9 +134,9 @@ def test_missing_file_error_names_the_uri(storage_root: StorageRoot) -> None:
 
 def test_missing_bucket_errors_name_the_uri(s3) -> None:
     uri = "s3://no-such-bucket/x/part-00000.parquet"
-    with pytest.raises(FileNotFoundError, match="bucket does not exist") as listing:
-        storage.list_files("s3://no-such-bucket/x", options=s3.storage_options)
-    assert listing.value.filename == "s3://no-such-bucket/x"
+    with pytest.raises(FileNotFoundError, match="bucket does not exist") as listed:
+        listing.list_files("s3://no-such-bucket/x", options=s3.storage_options)
+    assert listed.value.filename == "s3://no-such-bucket/x"
     with pytest.raises(FileNotFoundError, match="bucket does not exist") as writing:
         storage.write_bytes(uri, b"x", s3.storage_options)
     assert writing.value.filename == uri
@@ -154,12 +154,12 @@ def test_a_damaged_part_file_is_named_with_what_to_do(storage_root: StorageRoot)
     buffer = io.BytesIO()
     pq.write_table(pa.table({"id": ["a", "b"], "x": [1, 2]}), buffer)
     storage.write_bytes(good, buffer.getvalue(), storage_root.options)
-    assert storage.read_part(good, storage_root.options, columns=["id"]).column("id").to_pylist() == ["a", "b"]
+    assert parquet_parts.read_part(good, storage_root.options, columns=["id"]).column("id").to_pylist() == ["a", "b"]
     for name, data in (("cut", buffer.getvalue()[:-20]), ("text", b"not parquet at all"), ("empty", b"")):
         uri = storage.join(storage_root.base, f"part-{name}.parquet")
         storage.write_bytes(uri, data, storage_root.options)
-        with pytest.raises(storage.DamagedPartError, match=rf"part file .*part-{name}.parquet is damaged .*delete it and re-run"):
-            storage.read_part(uri, storage_root.options)
+        with pytest.raises(parquet_parts.DamagedPartError, match=rf"part file .*part-{name}.parquet is damaged .*delete it and re-run"):
+            parquet_parts.read_part(uri, storage_root.options)
 
 
 # --- names are names ----------------------------------------------------------
@@ -173,7 +173,7 @@ def test_names_are_never_chained_urls(storage_root: StorageRoot, name: str) -> N
     uri = storage.join(storage_root.base, "dir", name)
     storage.write_bytes(uri, b"the right file", storage_root.options)
     assert storage.read_bytes(uri, storage_root.options) == b"the right file"
-    assert uri in storage.list_files(storage_root.base, options=storage_root.options)
+    assert uri in listing.list_files(storage_root.base, options=storage_root.options)
     assert storage.exists(uri, storage_root.options)
 
 
@@ -208,12 +208,12 @@ def test_persistent_fault_is_transient_not_missing_or_bad(faulty_s3: FaultyS3) -
     storage.write_bytes(uri, b"image bytes", faulty_s3.options)
     faulty_s3.proxy.inject("imgs/b.png", "slowdown", times=None)
 
-    with pytest.raises(storage.TransientStorageError) as info:
+    with pytest.raises(retry.TransientStorageError) as info:
         storage.read_bytes(uri, faulty_s3.options)
 
     error = info.value
     assert not isinstance(error, FileNotFoundError)
-    assert storage.is_transient(error)
+    assert retry.is_transient(error)
     assert error.filename == uri
     assert "after 3 attempts" in str(error) and "Re-run the same command" in str(error)
     assert faulty_s3.proxy.requests["imgs/b.png"] >= 3
@@ -223,7 +223,7 @@ def test_missing_key_through_the_proxy_is_not_transient(faulty_s3: FaultyS3) -> 
     uri = storage.join(faulty_s3.bucket, "imgs", "missing.png")
     with pytest.raises(FileNotFoundError) as info:
         storage.read_bytes(uri, faulty_s3.options)
-    assert not storage.is_transient(info.value)
+    assert not retry.is_transient(info.value)
 
 
 def test_writes_are_retried_too(faulty_s3: FaultyS3) -> None:
@@ -242,7 +242,7 @@ def test_create_exclusive_creates_once_and_keeps_the_first_content(storage_root:
     assert storage.create_exclusive(uri, b"first", storage_root.options)
     assert not storage.create_exclusive(uri, b"second", storage_root.options)
     assert storage.read_bytes(uri, storage_root.options) == b"first"
-    assert storage.list_files(storage_root.base, options=storage_root.options) == [uri]
+    assert listing.list_files(storage_root.base, options=storage_root.options) == [uri]
 
 
 def test_concurrent_exclusive_creates_have_exactly_one_winner(storage_root: StorageRoot) -> None:

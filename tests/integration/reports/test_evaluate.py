@@ -9,12 +9,13 @@ import pytest
 from PIL import Image
 from sklearn.metrics import f1_score, roc_auc_score
 
-from spade_batch.formats import storage
+from spade_batch.formats import listing, storage
 from spade_batch.formats.datasets import Sample, read_mask
 from spade_batch.formats.images import Preprocessing, cropped_share, preprocess_mask, resize_map
 from spade_batch.formats.layout import Outputs
-from spade_batch.formats.scores import read_scores
-from spade_batch.reports.evaluate import FIGURES, run_evaluate, subsample
+from spade_batch.formats.score_table import read_scores
+from spade_batch.reports.evaluate import run_evaluate, subsample
+from spade_batch.reports.evaluation_page import FIGURES
 
 from .conftest import SETTINGS  # the settings of the fixture model_uri
 
@@ -32,7 +33,7 @@ def evaluated(model_uri, category, tmp_path_factory) -> tuple[str, dict]:
 
 def scored(out: str) -> tuple[list[dict], list[str]]:
     """The scored rows of the scores table (errors dropped) and their labels (the test sub-folder)."""
-    table = read_scores(storage.list_files(os.path.join(out, "scores", "scores"), (".parquet",)))
+    table = read_scores(listing.list_files(os.path.join(out, "scores", "scores"), (".parquet",)))
     rows = [row for row in table.to_pylist() if row["error"] is None]
     return rows, [os.path.basename(os.path.dirname(row["uri"])) for row in rows]
 
@@ -306,7 +307,7 @@ def test_writes_metrics_and_report_to_object_storage(model_uri, category, s3, s3
     metrics = run_evaluate(model_uri, category, out, settings, every=3)
     written = json.loads(storage.read_text(f"{out}/metrics.json", s3.storage_options))
     assert written["overall"] == pytest.approx(metrics["overall"]) and written["counts"]["images"] == 6  # good 000, 003, broken; 000 of each defect
-    names = {path.rsplit("/", 1)[1] for path in storage.list_files(out, (".png", ".html"), s3.storage_options)}
+    names = {path.rsplit("/", 1)[1] for path in listing.list_files(out, (".png", ".html"), s3.storage_options)}
     assert names >= {*FIGURES.values(), "report.html"}
 
 

@@ -13,12 +13,12 @@ from sklearn.metrics import f1_score
 
 from spade_batch.cli import main
 from spade_batch.engine.score import run_score
-from spade_batch.formats import storage
+from spade_batch.formats import listing
 from spade_batch.formats.card import load_card
 from spade_batch.formats.datasets import read_mask, read_mvtec_category
 from spade_batch.formats.images import resize_map
 from spade_batch.formats.layout import ModelLayout, Outputs
-from spade_batch.formats.scores import read_scores
+from spade_batch.formats.score_table import read_scores
 from spade_batch.formats.versions import version_numbers
 from spade_batch.method.masks import flagged_pixels
 from spade_batch.reports.labelled import Target, run_thresholds
@@ -50,7 +50,7 @@ def labelled(model_uri, category, tmp_path_factory):
 def scored_images(run: str, category: str) -> tuple[list[dict], np.ndarray, list[np.ndarray], list[np.ndarray]]:
     """The labelled images' rows (failed ones dropped), labels, saved maps at each image's size and ground truths."""
     samples = {os.path.abspath(s.path): s for s in read_mvtec_category(category, train=False).test}
-    rows = [row for row in read_scores(storage.list_files(os.path.join(run, "scores"), (".parquet",))).to_pylist() if row["error"] is None]
+    rows = [row for row in read_scores(listing.list_files(os.path.join(run, "scores"), (".parquet",))).to_pylist() if row["error"] is None]
     labels = np.array([samples[row["uri"]].is_anomalous for row in rows])
     maps = [resize_map(np.load(Outputs(run).map(row["id"])).astype(np.float32), row["height"], row["width"]) for row in rows]
     truths = [read_mask(samples[row["uri"]].mask_path, row["height"], row["width"]) for row in rows]
@@ -128,7 +128,7 @@ def test_the_new_version_decides_with_its_thresholds_and_the_old_one_as_before(l
     for version, column in ((2, "after"), (1, "before")):
         out = str(tmp_path / f"v{version}")
         run_score(model, images, out, SETTINGS, model_version=version)
-        rows = [row for row in read_scores(storage.list_files(os.path.join(out, "scores"), (".parquet",))).to_pylist() if row["error"] is None]
+        rows = [row for row in read_scores(listing.list_files(os.path.join(out, "scores"), (".parquet",))).to_pylist() if row["error"] is None]
         limits = result.record.after if column == "after" else result.record.before
         assert all(row["is_anomalous"] == (row["image_score"] > limits["image"]) for row in rows)
         samples = {os.path.abspath(s.path): s for s in read_mvtec_category(category, train=False).test}

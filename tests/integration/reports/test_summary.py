@@ -17,10 +17,10 @@ import pytest
 from spade_batch.config import Settings
 from spade_batch.engine.fit import run_fit
 from spade_batch.engine.score import run_score
-from spade_batch.formats import storage
+from spade_batch.formats import listing, storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.datasets import make_demo_data
-from spade_batch.formats.scores import read_scores
+from spade_batch.formats.score_table import read_scores
 from spade_batch.method.alignment import suggestion
 from tests.unit.reports.test_summary import show
 
@@ -93,7 +93,7 @@ def test_show_json_on_a_run_matches_the_scores_table(outputs, capsys):
     code, out, _ = show(capsys, outputs.run, "--json", "--top", str(TOP), *outputs.flags)
     assert code == 0
     summary = json.loads(out)
-    table = read_scores(storage.list_files(storage.join(outputs.run, "scores"), (".parquet",), outputs.options), outputs.options)
+    table = read_scores(listing.list_files(storage.join(outputs.run, "scores"), (".parquet",), outputs.options), outputs.options)
     rows = table.to_pylist()
     scored = [row for row in rows if row["error"] is None]
     anomalous = sum(row["is_anomalous"] for row in scored)

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from spade_batch.formats import storage
+from spade_batch.formats import parquet_parts
 from spade_batch.formats.features import (
     INDEX_SCHEMA,
     FeatureTable,
@@ -122,7 +122,7 @@ def test_parts_written_before_content_hashes_read_them_as_unknown(tmp_path):
     write_features(str(tmp_path / "part.parquet"), features)
     pq.write_table(pq.read_table(tmp_path / "part.parquet").drop_columns(["sha256"]), tmp_path / "old.parquet")
     assert read_features([str(tmp_path / "old.parquet")]).sha256 == [None] * 5
-    index = storage.read_part(str(tmp_path / "old.parquet"), columns=INDEX_SCHEMA.names, schema=INDEX_SCHEMA)
+    index = parquet_parts.read_part(str(tmp_path / "old.parquet"), columns=INDEX_SCHEMA.names, schema=INDEX_SCHEMA)
     assert index.column("sha256").to_pylist() == [None] * 5 and index.column("id").to_pylist() == features.ids
     assert content_sha256(b"abc") == hashlib.sha256(b"abc").hexdigest()
     image = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
@@ -159,7 +159,7 @@ def test_a_part_whose_metadata_does_not_fit_its_columns_is_named(tmp_path, damag
         table = table.replace_schema_metadata({"spade_batch": json.dumps(metadata)})
     uri = str(tmp_path / "part-00003.parquet")
     pq.write_table(table, uri)
-    with pytest.raises(storage.DamagedPartError, match="part file .*part-00003.parquet is damaged .*delete it and re-run"):
+    with pytest.raises(parquet_parts.DamagedPartError, match="part file .*part-00003.parquet is damaged .*delete it and re-run"):
         read_features([uri])
 
 
@@ -170,7 +170,7 @@ def test_a_part_with_damaged_floats_is_named_not_read_as_features(tmp_path):
     write_features(uri, make_table([None] * 40))
     flip_data_bytes(uri, "layer1")
     pq.read_table(uri)  # still readable Parquet: only the checksums tell
-    with pytest.raises(storage.DamagedPartError, match="part file .*part-00004.parquet is damaged .*CRC"):
+    with pytest.raises(parquet_parts.DamagedPartError, match="part file .*part-00004.parquet is damaged .*CRC"):
         read_features([uri])
 
 

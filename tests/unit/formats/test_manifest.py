@@ -13,7 +13,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
-from spade_batch.formats import storage
+from spade_batch.formats import listing, storage
 from spade_batch.formats.manifest import Manifest, build_manifest, output_stem
 
 
@@ -147,7 +147,7 @@ def test_each_image_keeps_its_listing_s_fingerprint_through_rejections_and_shard
         (tmp_path / "imgs" / name).write_bytes(b"x" * (index + 1))
     (tmp_path / "list.txt").write_text("\n".join(f"imgs/{name}" for name in names))
     given = {"folder": str(tmp_path / "imgs"), "glob": str(tmp_path / "imgs" / "*.png"), "manifest file": str(tmp_path / "list.txt")}
-    expected = {str(tmp_path / "imgs" / name): storage.fingerprint(storage.info(str(tmp_path / "imgs" / name))) for name in names}
+    expected = {str(tmp_path / "imgs" / name): listing.fingerprint(listing.info(str(tmp_path / "imgs" / name))) for name in names}
 
     manifest = build_manifest(given[source])
     assert dict(zip(manifest.uris, manifest.fingerprints)) == expected and all(expected.values())

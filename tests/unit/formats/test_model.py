@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from spade_batch.config import ConfigError, Settings
-from spade_batch.formats import storage
+from spade_batch.formats import listing
 from spade_batch.formats.card import (
     CARD_NAME,
     MODEL_SCHEMA_VERSION,
@@ -30,7 +30,8 @@ from spade_batch.formats.card import (
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.images import Preprocessing
 from spade_batch.formats.layout import ModelLayout
-from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_index, build_model, load_count, verify_model
+from spade_batch.formats.model import Centre, SpadeModel, load_count, verify_model
+from spade_batch.formats.model_build import GalleryWriter, build_index, build_model
 from spade_batch.method import spade
 
 SHAPES = [LayerShape("layer1", 4, 4, 3), LayerShape("layer2", 2, 2, 5)]
@@ -396,7 +397,7 @@ def test_model_layout_paths_are_under_the_root_and_name_every_saved_file(tmp_pat
              *(files.layer(shape.name) for shape in SHAPES)]
     assert all(path.startswith(uri + "/") for path in paths) and len(set(paths)) == len(paths)
     written = [files.file(name) for name in [ModelLayout.card, *ModelLayout.array_names([shape.name for shape in SHAPES])]]
-    assert sorted(storage.list_files(uri)) == sorted(written)
+    assert sorted(listing.list_files(uri)) == sorted(written)
     assert ModelLayout.array_names(["layer1"], centre=False) == ["train_ids.json", "global.faiss", "pyramid/layer1.npy"]
 
 
@@ -446,14 +447,14 @@ def test_a_folder_mixed_from_two_fits_or_cut_short_is_refused_naming_the_file(tm
 
 
 def test_the_gallery_is_hashed_once_per_node_until_a_file_changes(tmp_path, monkeypatch):
-    from spade_batch.formats import model as model_module
+    from spade_batch.formats import integrity
 
     monkeypatch.setenv("SPADE_BATCH_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "model"
     make_model(tmp_path / "built", raw_features(6)).save(str(folder))
     hashed: list[str] = []
-    real = model_module.file_sha256
-    monkeypatch.setattr(model_module, "file_sha256", lambda path: hashed.append(os.path.relpath(path, folder)) or real(path))
+    real = integrity.file_sha256
+    monkeypatch.setattr(integrity, "file_sha256", lambda path: hashed.append(os.path.relpath(path, folder)) or real(path))
     small = sorted(["train_ids.json", "global.faiss", "centre.npz"])
 
     SpadeModel.load(str(folder))

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spade_batch.formats import storage
+from spade_batch.formats import listing, parquet_parts, retry, storage
 
 
 def test_failed_local_write_keeps_old_file_and_removes_temp_file(tmp_path) -> None:
@@ -38,7 +38,7 @@ def test_local_write_accepts_file_urls_and_relative_paths(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     storage.write_text("rel/c.txt", "relative")
     assert (tmp_path / "rel" / "c.txt").read_text() == "relative"
-    assert storage.list_files("rel") == [str(tmp_path / "rel" / "c.txt")]
+    assert listing.list_files("rel") == [str(tmp_path / "rel" / "c.txt")]
 
 
 @pytest.mark.parametrize(
@@ -101,7 +101,7 @@ def test_local_fifo_is_refused_without_blocking(tmp_path) -> None:
     assert not reader.is_alive(), "reading a FIFO blocked"
     error = result[0]
     assert "Not a regular file" in str(error) and error.filename == str(fifo)
-    assert not storage.is_transient(error)
+    assert not retry.is_transient(error)
 
 
 def test_local_folder_is_not_a_file(tmp_path) -> None:
@@ -116,19 +116,19 @@ def test_local_folder_is_not_a_file(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (None, storage.RetryPolicy()),
-        ("", storage.RetryPolicy()),
-        ("  ", storage.RetryPolicy()),
-        ("attempts=3,first_delay_s=0.01,max_delay_s=0.02", storage.RetryPolicy(attempts=3, first_delay_s=0.01, max_delay_s=0.02)),
-        (" max_delay_s = 20 , attempts=6 ", storage.RetryPolicy(attempts=6, first_delay_s=0.5, max_delay_s=20.0)),
-        ("attempts=1", storage.RetryPolicy(attempts=1, first_delay_s=0.5, max_delay_s=8.0)),
-        ("first_delay_s=0,max_delay_s=0", storage.RetryPolicy(attempts=4, first_delay_s=0.0, max_delay_s=0.0)),
+        (None, retry.RetryPolicy()),
+        ("", retry.RetryPolicy()),
+        ("  ", retry.RetryPolicy()),
+        ("attempts=3,first_delay_s=0.01,max_delay_s=0.02", retry.RetryPolicy(attempts=3, first_delay_s=0.01, max_delay_s=0.02)),
+        (" max_delay_s = 20 , attempts=6 ", retry.RetryPolicy(attempts=6, first_delay_s=0.5, max_delay_s=20.0)),
+        ("attempts=1", retry.RetryPolicy(attempts=1, first_delay_s=0.5, max_delay_s=8.0)),
+        ("first_delay_s=0,max_delay_s=0", retry.RetryPolicy(attempts=4, first_delay_s=0.0, max_delay_s=0.0)),
     ],
 )
 def test_the_retry_policy_is_read_from_key_value_pairs_and_keys_left_out_keep_their_defaults(
-    text: str | None, expected: storage.RetryPolicy
+    text: str | None, expected: retry.RetryPolicy
 ) -> None:
-    assert storage.retry_policy_from(text) == expected
+    assert retry.retry_policy_from(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -151,7 +151,7 @@ def test_the_retry_policy_is_read_from_key_value_pairs_and_keys_left_out_keep_th
 )
 def test_a_malformed_retry_policy_is_an_error_naming_the_variable_and_its_value(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message) as error:
-        storage.retry_policy_from(text)
+        retry.retry_policy_from(text)
     assert str(error.value).startswith(f"SPADE_BATCH_RETRY={text!r}: ")
 
 
@@ -164,19 +164,19 @@ def test_a_malformed_retry_policy_is_an_error_naming_the_variable_and_its_value(
     ({"name": "k.png", "size": 10}, ""),  # nothing that tells contents apart: unknown
 ])
 def test_a_fingerprint_is_what_the_listing_says_of_the_content(info: dict, expected: str) -> None:
-    assert storage.fingerprint(info) == expected
+    assert listing.fingerprint(info) == expected
 
 
 def test_a_local_file_rewritten_with_other_content_lists_with_another_fingerprint(tmp_path) -> None:
     path = tmp_path / "imgs" / "001.png"
     path.parent.mkdir()
     path.write_bytes(b"first upload")
-    (uri, before), = storage.list_entries(str(tmp_path / "imgs")).items()
-    assert uri == str(path) and before == storage.fingerprint(storage.info(uri)) != ""
+    (uri, before), = listing.list_entries(str(tmp_path / "imgs")).items()
+    assert uri == str(path) and before == listing.fingerprint(listing.info(uri)) != ""
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))  # the same file, touched to its own time
-    assert storage.list_entries(str(tmp_path / "imgs")) == {uri: before}
+    assert listing.list_entries(str(tmp_path / "imgs")) == {uri: before}
     path.write_bytes(b"second upload")
-    assert storage.list_entries(str(tmp_path / "imgs"))[uri] != before
+    assert listing.list_entries(str(tmp_path / "imgs"))[uri] != before
 
 
 @pytest.mark.parametrize(("options", "name"), [
@@ -198,13 +198,13 @@ def test_parquet_is_read_from_an_arrow_buffer_not_a_python_file_object(tmp_path,
     from spade_batch.formats.manifest import build_manifest
 
     part, manifest = str(tmp_path / "part.parquet"), str(tmp_path / "manifest.parquet")
-    storage.write_part(part, pa.table({"id": ["a.png", "b.png"], "score": [1.0, 2.0]}))
-    storage.write_part(manifest, pa.table({"uri": [str(tmp_path / "a.png"), str(tmp_path / "b.png")]}))
+    parquet_parts.write_part(part, pa.table({"id": ["a.png", "b.png"], "score": [1.0, 2.0]}))
+    parquet_parts.write_part(manifest, pa.table({"uri": [str(tmp_path / "a.png"), str(tmp_path / "b.png")]}))
     sources = []
     read_table, parquet_file = pq.read_table, pq.ParquetFile
     monkeypatch.setattr(pq, "read_table", lambda source, *args, **kwargs: sources.append(source) or read_table(source, *args, **kwargs))
     monkeypatch.setattr(pq, "ParquetFile", lambda source, *args, **kwargs: sources.append(source) or parquet_file(source, *args, **kwargs))
 
-    assert storage.read_part(part, columns=["id"]).column("id").to_pylist() == ["a.png", "b.png"]
+    assert parquet_parts.read_part(part, columns=["id"]).column("id").to_pylist() == ["a.png", "b.png"]
     assert len(build_manifest(manifest)) == 2
     assert len(sources) == 2 and all(isinstance(source, pa.NativeFile) for source in sources), sources

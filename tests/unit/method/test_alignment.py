@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from spade_batch.formats.calibration_matches import PixelMatches
 from spade_batch.formats.card import AlignmentRecord
 from spade_batch.formats.features import LayerShape
-from spade_batch.formats.matches import PixelMatches
 from spade_batch.method.alignment import measure_alignment, radius_cells, search_work, suggestion
 
 SHAPES = [LayerShape("layer1", 56, 56, 256), LayerShape("layer2", 28, 28, 512), LayerShape("layer3", 14, 14, 1024)]

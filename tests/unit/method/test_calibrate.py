@@ -13,7 +13,8 @@ from spade_batch.config import Settings
 from spade_batch.formats.card import ModelCard, Normalisation, Thresholds
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.images import Preprocessing
-from spade_batch.formats.model import Centre, GalleryWriter, build_model
+from spade_batch.formats.model import Centre
+from spade_batch.formats.model_build import GalleryWriter, build_model
 from spade_batch.method.calibrate import (
     PIXEL_SAMPLE,
     CalibrationScores,
@@ -27,7 +28,7 @@ from spade_batch.method.calibrate import (
     region_size,
 )
 from spade_batch.method.masks import drop_small_regions, region_score
-from spade_batch.method.scoring import image_scores
+from spade_batch.method.score_rules import image_scores
 
 NORMAL_SCORES = stats.chi2(df=8)  # a skewed, positive stand-in for normal images' kNN scores
 

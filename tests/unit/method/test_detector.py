@@ -16,21 +16,24 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from spade_batch.config import Settings
+from spade_batch.formats.calibration_matches import read_matches
 from spade_batch.formats.card import CARD_NAME, KEYS_ADDED_LATER, ModelCard
 from spade_batch.formats.datasets import make_demo_data, read_mvtec_category
+from spade_batch.formats.feature_index import StoredFeatures
 from spade_batch.formats.features import LayerShape
 from spade_batch.formats.images import Preprocessing, decode_image, resize_for_model, resize_map
 from spade_batch.formats.layout import ModelLayout, part_files
 from spade_batch.formats.locks import LockHeldError
-from spade_batch.formats.matches import read_matches
-from spade_batch.formats.model import Centre, GalleryWriter, SpadeModel, build_model
+from spade_batch.formats.model import Centre, SpadeModel
+from spade_batch.formats.model_build import GalleryWriter, build_model
 from spade_batch.formats.versions import resolve, version_numbers
 from spade_batch.method import calibrate, matching, spade
+from spade_batch.method.addition import new_images
 from spade_batch.method.alignment import measure_alignment, radius_cells
 from spade_batch.method.detector import Extractor, Features, Scorer, add, fit, score
 from spade_batch.method.extractor import normalise
 from spade_batch.method.masks import mask_from_map
-from spade_batch.method.recipe import StoredFeatures, new_card, new_images, split_fit_ids
+from spade_batch.method.recipe import new_card, split_fit_ids
 from tests.unit.torchvision_reference import torchvision_input
 
 SIZE = 64
@@ -657,7 +660,7 @@ def test_add_to_a_model_whose_calibration_matches_are_missing_or_damaged_searche
     else:
         stored.write_bytes(stored.read_bytes()[:-1] + b"x")
 
-    with caplog.at_level("INFO", logger="spade_batch.method.recipe"):
+    with caplog.at_level("INFO", logger="spade_batch.method.addition"):
         grown = add(str(tmp_path / "model"), [image[i] for i in ADDED], ADDED)
 
     expected = "keeps no calibration matches" if damage == "missing" else f"{stored} cannot be used .its SHA-256 is not the one the card records."

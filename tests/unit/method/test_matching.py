@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from spade_batch.formats.matches import PixelMatches
+from spade_batch.formats.calibration_matches import PixelMatches
 from spade_batch.method.matching import match_pixels
 
 PIXELS, CHANNELS = (16, 2), (8, 16)  # two layers: pixels per image and channels

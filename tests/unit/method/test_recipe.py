@@ -20,16 +20,18 @@ import pathlib
 import numpy as np
 import pytest
 
+from spade_batch.formats.calibration_matches import read_matches
 from spade_batch.formats.card import CARD_NAME
 from spade_batch.formats.datasets import make_demo_data, read_mvtec_category
+from spade_batch.formats.feature_index import StoredFeatures
 from spade_batch.formats.features import write_features
 from spade_batch.formats.layout import ModelLayout, part_files
-from spade_batch.formats.matches import read_matches
 from spade_batch.formats.model import SpadeModel
 from spade_batch.formats.versions import version_numbers
+from spade_batch.method.calibration_search import calibration_scores
 from spade_batch.method.detector import Extractor, _feature_table, add, fit
 from spade_batch.method.image_threshold import suspects
-from spade_batch.method.recipe import StoredFeatures, calibration_scores, fit_from_features
+from spade_batch.method.recipe import fit_from_features
 from spade_batch.method.trainset import NEAR_FRACTION, NEAR_SCALE_RANK, exact_duplicates
 from spade_batch.reports.summary import model_summary
 from tests.unit.method.test_detector import SETTINGS, data, load  # noqa: F401 - the module's images

@@ -23,7 +23,7 @@ from spade_batch.formats.images import Preprocessing
 from spade_batch.formats.layout import Outputs as RunOutputs
 from spade_batch.formats.layout import part_name
 from spade_batch.formats.review import normal_images, read_sheet
-from spade_batch.formats.scores import ScoreRow, write_scores
+from spade_batch.formats.score_table import ScoreRow, write_scores
 from spade_batch.reports.run_report import read_run_scores
 from spade_batch.reports.summary import decision_rules, failure_reason, failures_by_reason, run_summary
 from tests.unit.formats.test_versions import publish

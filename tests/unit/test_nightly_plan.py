@@ -1,5 +1,5 @@
 """`nightly --plan`: the plan file's checks, and lines run in process by stand-ins. Real plans on a local Ray
-are in tests/integration/test_plan.py."""
+are in tests/integration/test_nightly_plan.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from spade_batch import cli
 from spade_batch.config import ConfigError, Settings
 from spade_batch.exit_codes import ExitCode
 from spade_batch.logs import configure_logging
-from spade_batch.plan import Line, check_outputs, format_table, load_plan, run_plan
+from spade_batch.nightly_plan import Line, check_outputs, format_table, load_plan, run_plan
 
 DAY = "2026-01-02"
 
@@ -194,8 +194,8 @@ def test_a_lines_log_level_holds_for_that_line_only(tmp_path: Path, capfd: pytes
 
 def test_a_line_that_met_a_transient_storage_failure_is_retryable_not_failed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """E.g. its store was down when the line started: the plan exits 75, re-run it; another line's success stands."""
-    from spade_batch.formats.storage import TransientStorageError
-    from spade_batch.plan import run_plan
+    from spade_batch.formats.retry import TransientStorageError
+    from spade_batch.nightly_plan import run_plan
 
     plan = write_plan(tmp_path / "p.yaml", [line_entry(out=str(tmp_path / "a")), line_entry(name="b", out=str(tmp_path / "b"))])
     lines = load_plan(str(plan), Settings(), frozenset())

@@ -37,10 +37,11 @@ from typing import Any
 import yaml
 
 from spade_batch.config import ConfigError, Settings
-from spade_batch.exit_codes import MEANING, ExitCode, first_line, plan_exit_code, user_error
-from spade_batch.formats import storage
+from spade_batch.exit_codes import MEANING, ExitCode, plan_exit_code, user_error
+from spade_batch.formats import retry, storage
 from spade_batch.formats.layout import Outputs, PlanOutputs
-from spade_batch.logs import add_secrets, logging_at, redact, secret_values
+from spade_batch.formats.text import first_line, redact
+from spade_batch.logs import add_secrets, logging_at, secret_values
 from spade_batch.reports.run_report import render_plan_report, report_link
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def _run_line(line: Line, day: str, page: str, dry_run: bool, run_line: Callable
         except Exception as failure:  # noqa: BLE001 - one line's failure must not stop the others
             log.debug("line %s failed", line.name, exc_info=True)
             cause = user_error(failure)  # a failed Ray task's own exception, not Ray's wrapper
-            code = ExitCode.RETRYABLE if storage.is_transient(cause) else ExitCode.FAILED  # a re-run may pass: not a failed line
+            code = ExitCode.RETRYABLE if retry.is_transient(cause) else ExitCode.FAILED  # a re-run may pass: not a failed line
             error = redact(f"{type(cause).__name__}: {first_line(cause)}", secrets)
             log.error("plan: line %s failed: %s", line.name, error)
             return LineResult(line, code, error, {}, "")

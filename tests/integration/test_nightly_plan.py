@@ -1,6 +1,6 @@
 """`nightly --plan`: many lines in one job. A real two-line plan on a local Ray, and the nightly job's script.
 
-The plan file's checks are in tests/unit/test_plan.py.
+The plan file's checks are in tests/unit/test_nightly_plan.py.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import pytest
 
 from spade_batch import cli
 from spade_batch.exit_codes import ExitCode
-from spade_batch.formats import storage
+from spade_batch.formats import retry, storage
 from tests.conftest import TinyModel
 from tests.integration.conftest import TEST_RETRY, S3Server
 from tests.integration.nights import FLAGS, make_line
 from tests.integration.test_jobs import free_port
-from tests.unit.test_plan import write_plan
+from tests.unit.test_nightly_plan import write_plan
 
 REPO = Path(__file__).resolve().parents[2]
 DATE = "2026-01-02"
@@ -80,7 +80,7 @@ def test_a_failing_line_never_stops_the_next_shows_no_older_figures_and_leaks_no
     """damaged: its model's index is cut short, and its out holds last night's run; unreachable (the middle line):
     its store's endpoint is closed, and the endpoint's path holds the session token that only its storage_options
     name; healthy: images and out on the S3 test server, scored."""
-    monkeypatch.setattr(storage, "RETRY", storage.retry_policy_from(TEST_RETRY))
+    monkeypatch.setattr(retry, "RETRY", retry.retry_policy_from(TEST_RETRY))
     model = tmp_path / "damaged-model"
     shutil.copytree(tiny_model.path, model)
     with open(model / "global.faiss", "r+b") as index:

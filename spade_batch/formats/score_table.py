@@ -12,7 +12,7 @@
 | neighbour_ids       | list<string>   | ids of the K nearest normal images, nearest first                 |
 | height, width       | int32          | original image size in pixels                                     |
 | error               | string         | why the image could not be scored (all scores null)               |
-| fingerprint         | string         | the image's fingerprint when its row was written (storage.fingerprint: ETag, or size and modification time); a re-run scores an image again when its listing's differs. Null: unknown (parts written before it was kept) |
+| fingerprint         | string         | the image's fingerprint when its row was written (listing.fingerprint: ETag, or size and modification time); a re-run scores an image again when its listing's differs. Null: unknown (parts written before it was kept) |
 
 A mask_uri is absolute (a local run's output folder is resolved when the run starts).
 """
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from spade_batch.formats import storage
+from spade_batch.formats import parquet_parts, storage
 
 if TYPE_CHECKING:
     from spade_batch.formats.card import Thresholds
@@ -89,10 +89,10 @@ def result_row(
 
 def write_scores(uri: str, rows: Sequence[ScoreRow], options: storage.StorageOptions = None) -> None:
     """Write one part file atomically."""
-    storage.write_part(uri, pa.Table.from_pylist([asdict(row) for row in rows], schema=SCHEMA), options)
+    parquet_parts.write_part(uri, pa.Table.from_pylist([asdict(row) for row in rows], schema=SCHEMA), options)
 
 
 def read_scores(uris: Sequence[str], options: storage.StorageOptions = None) -> pa.Table:
     """Concatenate part files in the given order."""
-    tables = [storage.read_part(uri, options, schema=SCHEMA) for uri in uris]
+    tables = [parquet_parts.read_part(uri, options, schema=SCHEMA) for uri in uris]
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()

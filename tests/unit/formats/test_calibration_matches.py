@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from spade_batch.formats.calibration_matches import PixelMatches, read_matches, write_matches
 from spade_batch.formats.features import LayerShape
-from spade_batch.formats.matches import PixelMatches, read_matches, write_matches
 
 SHAPES = [LayerShape("layer1", 4, 4, 8), LayerShape("layer2", 2, 2, 16)]
 

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spade_batch.formats import storage
+from spade_batch.formats import listing, storage
 from spade_batch.formats.layout import EvaluationOutputs, Outputs, PlanOutputs, part_name, read_columns
-from spade_batch.formats.scores import SCHEMA, ScoreRow, read_scores, write_scores
-from spade_batch.formats.storage import DamagedPartError
+from spade_batch.formats.parquet_parts import DamagedPartError
+from spade_batch.formats.score_table import SCHEMA, ScoreRow, read_scores, write_scores
 from tests.unit.conftest import flip_data_bytes
 
 ROWS = [
@@ -130,7 +130,7 @@ def test_a_runs_paths_are_under_its_root_and_clear_removes_exactly_the_runs_file
     for path in files + kept:
         storage.write_text(path, "x")
     outputs.clear(None)
-    assert storage.list_files(root) == sorted(kept)
+    assert listing.list_files(root) == sorted(kept)
 
     evaluation, plan = EvaluationOutputs(root), PlanOutputs(root)
     paths = [evaluation.test_images, evaluation.run.root, evaluation.metrics_json, evaluation.report, plan.report, plan.plan_json,
@@ -164,8 +164,8 @@ def test_dropping_rows_rewrites_their_parts_without_them_and_removes_their_outpu
     left = outputs.parts(None, run).own
     assert left == [storage.join(outputs.scores, part_name(["0.png", "2.png"], run))], "a part without the rows, under its new name"
     assert read_scores(left).to_pylist() == [dataclasses.asdict(rows[0]), dataclasses.asdict(rows[2])], "kept rows unchanged"
-    assert storage.list_files(outputs.masks) == [outputs.mask("0.png"), outputs.mask("2.png")]
-    assert storage.list_files(outputs.maps) == [outputs.map("0.png"), outputs.map("2.png")]
+    assert listing.list_files(outputs.masks) == [outputs.mask("0.png"), outputs.mask("2.png")]
+    assert listing.list_files(outputs.maps) == [outputs.map("0.png"), outputs.map("2.png")]
 
     # Killed after writing the new part, before removing the old one: the kept rows are in two parts. The
     # re-run drops the same ids again and one part is left.

@@ -1,0 +1,22 @@
+"""The one text helper: an error's first line, a number or its blank, credentials masked."""
+
+from spade_batch.formats.text import MASK, first_line, format_number, redact
+
+
+def test_first_line_drops_colour_codes_and_later_lines_and_names_a_blank_error():
+    assert first_line(ValueError("\x1b[31mbad value\x1b[0m\n  detail")) == "bad value"
+    assert first_line(KeyError()) == "KeyError"
+    assert first_line(OSError(""), "no message") == "no message"
+
+
+def test_a_number_or_the_blank_its_page_uses():
+    assert format_number(0.123456, ".4g", "-") == "0.1235"
+    assert format_number(0.5, ".4f", "n/a") == "0.5000"
+    assert [format_number(None, ".4g", blank) for blank in ("-", "n/a", "none")] == ["-", "n/a", "none"]
+
+
+def test_redact_masks_secrets_url_passwords_and_key_ids_and_nothing_else():
+    text = "s3://user:hunter22@bucket/x failed with AKIAABCDEFGHIJKLMNOP; see /data/a@b.png and token hunter22"
+    masked = redact(text, {"hunter22"})
+    assert "hunter22" not in masked and "AKIA" not in masked
+    assert masked.startswith(f"s3://{MASK}@bucket/x") and "/data/a@b.png" in masked
