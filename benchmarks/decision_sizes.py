@@ -72,14 +72,38 @@ RULES = {
 """Mask rules compared: calibration settings; a string value takes that command-line option's value."""
 
 
-def image_threshold_for(scores: np.ndarray, image_fpr: float, estimator: str) -> float:
-    """The image threshold an estimator sets from B calibration image scores (float64) for a target FPR.
+def estimate_for(scores: np.ndarray, image_fpr: float, estimator: str) -> image_threshold.ImageThreshold:
+    """The image threshold an estimator sets from B calibration image scores (float64) for a target FPR, with the
+    promise `show` states for it (its FprLaw).
 
     The one place the benchmark computes image thresholds: plug in the other estimators here.
     """
     if estimator == SIZE_FOLLOWING:
-        return image_threshold.estimate_image_threshold(scores, max(image_fpr, 2 / (len(scores) + 1)), "order_statistic").threshold
-    return image_threshold.estimate_image_threshold(scores, image_fpr, estimator).threshold
+        return image_threshold.estimate_image_threshold(scores, max(image_fpr, 2 / (len(scores) + 1)), "order_statistic")
+    return image_threshold.estimate_image_threshold(scores, image_fpr, estimator)
+
+
+def image_threshold_for(scores: np.ndarray, image_fpr: float, estimator: str) -> float:
+    return estimate_for(scores, image_fpr, estimator).threshold
+
+
+def promise_interval(law: tuple[float, float], normal: int, level: float = 0.95) -> tuple[int, int]:
+    """The central `level` interval of the false alarms among `normal` new normal images that a stated FPR law
+    Beta(a, b) predicts (beta-binomial): a draw keeps its promise when its false alarms lie inside."""
+    distribution = stats.betabinom(normal, *law)
+    return int(distribution.ppf((1 - level) / 2)), int(distribution.ppf((1 + level) / 2))
+
+
+def stated_law(record: dict, image_fpr: float) -> tuple[float, float] | None:
+    """The FprLaw (a, b) `show` states for a record's image threshold: recorded, or (records written before it was)
+    the order statistic's exact law from its rank, which needs no scores (None for a fitted estimator's)."""
+    if "law" in record:
+        return tuple(record["law"])
+    if record["estimator"] not in ("order_statistic", SIZE_FOLLOWING):
+        return None
+    target = max(image_fpr, 2 / (record["size"] + 1)) if record["estimator"] == SIZE_FOLLOWING else image_fpr
+    law = image_threshold.FprLaw.order_statistic(record["size"], image_threshold.order_statistic_rank(record["size"], target))
+    return law.a, law.b
 
 
 def clopper_pearson(flagged: int, total: int, level: float = 0.95) -> tuple[float, float]:
@@ -200,14 +224,16 @@ def test_maps(model, extractor: Extractor, split: TestSplit) -> tuple[np.ndarray
     return scores, fulls
 
 
-def rule_thresholds(model, scores: CalibrationScores, settings: Settings, changes: dict, estimator: str, args) -> Thresholds:
-    """The thresholds of one mask rule and estimator: the product's calibration, its image levels from image_threshold_for."""
+def rule_thresholds(model, scores: CalibrationScores, settings: Settings, changes: dict, estimator: str, args) -> tuple[Thresholds, tuple[float, float]]:
+    """The thresholds of one mask rule and estimator (the product's calibration, its image levels from estimate_for),
+    and the image threshold's stated FPR law (a, b)."""
     values = {key: (getattr(args, value) if isinstance(value, str) else value) for key, value in changes.items()}
     calibrated = calibrate_from_samples(model, scores, settings.replace(**{"region_fpr": 0.0, "gate_fpr": 0.0, **values}).calibration)
     normal = image_scores(scores.knn_scores, scores.map_scores, model.card.settings.image_score, calibrated.card.normalisation)
     thresholds = calibrated.card.thresholds
     gate = image_threshold_for(normal, values["gate_fpr"], estimator) if values.get("gate_fpr") else None
-    return dataclasses.replace(thresholds, image=image_threshold_for(normal, settings.image_fpr, estimator), gate=gate)
+    image = estimate_for(normal, settings.image_fpr, estimator)
+    return dataclasses.replace(thresholds, image=image.threshold, gate=gate), (image.law.a, image.law.b)
 
 
 def measure(thresholds: Thresholds, scores: np.ndarray, fulls: list[np.ndarray], split: TestSplit, map_pixels: int) -> dict:
@@ -249,16 +275,24 @@ def summarise(records: list[dict], image_fpr: float) -> list[str]:
         low, high = clopper_pearson(alarms, normal)
         holding = sum(clopper_pearson(r["false_alarms"], r["normal"])[0] <= image_fpr <= clopper_pearson(r["false_alarms"], r["normal"])[1]
                       for r in group)
+        laws = [stated_law(r, image_fpr) for r in group]
+        if None in laws:
+            stated, kept = "-", "-"
+        else:
+            stated = f"{np.mean([a / (a + b) for a, b in laws]):.3f}"
+            kept = sum(low_ <= r["false_alarms"] <= high_ for r, law in zip(group, laws) for low_, high_ in [promise_interval(law, r["normal"])])
         mean = {key: float(np.mean([r[key] for r in group])) for key in ("tpr", "image_f1", "seg_f1", "opt_image_f1", "opt_seg_f1")}
         shown = sum(r["normal_images_flagged"] for r in group) / normal
         rows.append(f"| {name} | {size} | {estimator} | {rule} | {alarms / normal:.3f} [{low:.3f}, {high:.3f}] | {holding}/{len(group)} | "
+                    f"{stated} | {kept}/{len(group)} | "
                     f"{mean['tpr']:.3f} | {mean['image_f1']:.3f} | {mean['seg_f1']:.3f} | {shown:.3f} | "
                     f"{mean['opt_image_f1']:.3f} | {mean['opt_seg_f1']:.3f} |")
     return rows
 
 
-HEADER = ("| set | training images | estimator | mask rule | image FPR [95% CI] | draws holding target | image TPR | image F1 | SegF1 | "
-          "normal images with flagged pixels | optimum image F1 | optimum SegF1 |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| set | training images | estimator | mask rule | image FPR [95% CI] | draws holding target | stated FPR | draws keeping "
+          "the stated promise | image TPR | image F1 | SegF1 | normal images with flagged pixels | optimum image F1 | optimum SegF1 |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main() -> None:
@@ -309,11 +343,11 @@ def main() -> None:
             map_pixels = model.card.preprocessing.size ** 2
             for estimator in ESTIMATORS:
                 for rule, changes in RULES.items():
-                    thresholds = rule_thresholds(model, scores, settings, changes, estimator, args)
+                    thresholds, law = rule_thresholds(model, scores, settings, changes, estimator, args)
                     records.append({"set": name, "size": size, "seed": seed, "estimator": estimator, "rule": rule,
                                     **measure(thresholds, test_scores, fulls, split, map_pixels),
                                     "opt_image_f1": ceiling["image_f1"], "opt_seg_f1": ceiling["seg_f1"],
-                                    "thresholds": dataclasses.asdict(thresholds)})
+                                    "thresholds": dataclasses.asdict(thresholds), "law": law})
             print(f"<!-- {name} {size} images, draw {seed}: {time.perf_counter() - started:.0f} s -->", flush=True)
             with open(args.json, "w") as f:
                 json.dump(records, f, indent=1)
