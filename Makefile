@@ -23,10 +23,11 @@ browser:
 		echo "chromium/chromedriver not installed (needs apt-get as root): the browser test will be skipped"
 
 # Both lanes: tests/unit, then tests/integration (a local Ray, an S3 server on loopback, command-line
-# processes, the browser). CI runs this (.ci/run).
+# processes, the browser). CI runs this (.ci/run). Two processes, a test file each: while one waits on Ray or a
+# process starting, the other computes.
 test: venv browser
 	$(BIN)/ruff check spade_batch tests benchmarks jobs scripts
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The unit lane alone: in process, no Ray, S3 server, subprocess or browser; under a minute on 2 idle cores.
 test-fast: venv
