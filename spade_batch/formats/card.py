@@ -53,7 +53,7 @@ class Thresholds:
             max(1, min_region) (scaled) pixels above region. With gate_masks, images above the gate level show
             every region; without it, every image shows only such regions. None: no such level, so gate_masks
             shows nothing on the other images, and without gate_masks every region is shown.
-        gate: the gate level of gate_masks, an image score; None: the image threshold.
+        gate: the gate level of gate_masks, an image score; None: the image threshold (so is a gate above it).
     """
 
     image: float | None = None
@@ -81,8 +81,8 @@ class Thresholds:
         """
         if not self.gate_masks:
             return self.region is None
-        level = self.gate if self.gate is not None else self.image
-        return image_score is None or level is None or image_score > level
+        levels = [level for level in (self.gate, self.image) if level is not None]
+        return image_score is None or not levels or image_score > min(levels)  # flagged images always show their regions
 
 
 @dataclass(frozen=True)

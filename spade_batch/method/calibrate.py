@@ -167,7 +167,8 @@ def calibrate_from_samples(model: SpadeModel, scores: CalibrationScores, setting
         suspects=[{"id": suspect.id, "score": suspect.score} for suspect in suspects(scores.ids, image_scores_)],
     )
     pixel = pixel_threshold_of(scores, settings)
-    gate = estimate_image_threshold(image_scores_, settings.gate_fpr, settings.image_estimator).threshold if settings.gate_fpr else None
+    looser = settings.gate_fpr > settings.image_fpr  # a gate at or below the verdict's rate is the image threshold itself
+    gate = estimate_image_threshold(image_scores_, settings.gate_fpr, settings.image_estimator).threshold if looser else None
     thresholds = Thresholds(estimate.threshold, pixel, settings.min_region, settings.gate_masks, region_level(scores, settings, pixel), gate)
     return model.with_thresholds(thresholds, record)
 

@@ -58,7 +58,7 @@ NON_DEFAULTS = {
     "min_region": 12,
     "gate_masks": False,
     "region_fpr": 0.02,
-    "gate_fpr": 0.05,
+    "gate_fpr": 0.1,
     "keep_size_outliers": True,
     "image_fpr": 0.05,
     "pixel_quantile": 0.99,

@@ -103,7 +103,7 @@ def direct_mask(full: np.ndarray, rule: Thresholds, image_score: float, min_pixe
     image through (or no gate and no region level), else those holding min_pixels pixels above the region level."""
     from skimage.measure import label
 
-    gate = rule.gate if rule.gate is not None else rule.image
+    gate = min(level for level in (rule.gate, rule.image) if level is not None)  # a flagged image shows every region
     every = (rule.gate_masks and image_score > gate) or (not rule.gate_masks and rule.region is None)
     labels = label(full > rule.pixel, connectivity=2)
     shown = np.zeros(full.shape, bool)
@@ -122,6 +122,7 @@ MASK_RULES = {
     "(a) gated, regions with their own evidence": dataclasses.replace(GATED, region=1.5),
     "(b) gated at a looser image level": dataclasses.replace(GATED, gate=2.0),
     "(a + b)": dataclasses.replace(GATED, region=2.5, gate=2.0),
+    "gated at a level above the image threshold (a card whose gate_fpr is below its image_fpr)": dataclasses.replace(GATED, gate=5.5),
     "(c) every image: only regions with their own evidence": Thresholds(image=5.0, pixel=0.5, region=1.5),
 }
 
