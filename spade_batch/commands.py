@@ -23,7 +23,11 @@ from spade_batch.formats.versions import resolve
 from spade_batch.method.alignment import suggestion
 
 if TYPE_CHECKING:
-    from spade_batch.reports.review_page import ReviewPage
+    import numpy as np
+
+    from spade_batch.formats.calibration_matches import PixelMatches
+    from spade_batch.formats.features import LayerShape
+    from spade_batch.reports.review_page import NearestNormal, NearestNormalOf, ReviewPage
 
 log = logging.getLogger(__name__)
 
@@ -440,7 +444,7 @@ def score(
     if review_top:
         from spade_batch.reports.review_page import write_review_page
 
-        page = write_review_page(summary.out_uri, settings, review_top)
+        page = write_review_page(summary.out_uri, settings, review_top, nearest=nearest_normal(settings))
     report = write_run_report(asdict(summary), settings)
     drift = report.drift
     print_table(
@@ -505,9 +509,33 @@ def review(out_uri: str, settings: Settings, top: int | None, page_uri: str | No
     """Write the run's review page of its `top` highest flagged images (None: all of them) to page_uri (default OUT/review.html)."""
     from spade_batch.reports.review_page import write_review_page
 
-    page = write_review_page(out_uri, settings, top, page_uri)
+    page = write_review_page(out_uri, settings, top, page_uri, nearest_normal(settings))
     _print_review(page)
     return 0
+
+
+def nearest_normal(settings: Settings) -> NearestNormalOf:
+    """The review page's NearestNormalOf: version `version` of the model loaded once, on this machine (settings.device),
+    each card's image extracted as scoring extracts it and searched by Scorer.nearest_normal against its retrieved images."""
+
+    def of(model_uri: str, version: int) -> NearestNormal:
+        from spade_batch.formats.model import SpadeModel
+        from spade_batch.method.extractor import Extractor
+        from spade_batch.method.scorer import Scorer
+
+        options = settings.fsspec_options()
+        model = SpadeModel.load(resolve(model_uri, version, options).uri, options)
+        method = model.card.settings_for(settings)
+        scorer = Scorer(model, Extractor(method, options, preprocessing=model.card.preprocessing), method.chunk_bytes, method.precision)
+        shape = model.card.layer_shapes[scorer.finest_layer]
+
+        def search(image: np.ndarray, neighbour_ids: list[str]) -> tuple[LayerShape, PixelMatches]:
+            features = scorer.extractor.forward(scorer.extractor.prepare(image)[None])
+            return shape, scorer.nearest_normal(features, [neighbour_ids])[0]
+
+        return search
+
+    return of
 
 
 def _print_review(page: ReviewPage) -> None:

@@ -87,15 +87,47 @@ class Scorer:
         exclude: as score_features. The maps are combine_layer_maps of the matches' layer maps (calibration_maps).
         """
         knn_scores, neighbours = self._image_knn(features, exclude)
-        device = self.extractor.device
         matches = []
         for image, retrieved in enumerate(neighbours):
-            queries = [spade.centre(layer[image].to(device), mean, dim=0).flatten(1).T for layer, mean in zip(features.layers, self.layer_centres)]
+            queries = [self._query(features, image, layer) for layer in range(len(features.layers))]
             matches.append(matching.match_pixels(
                 queries, [self.model.train_ids[n] for n in retrieved], self._gallery_rows, self.method.kappa,
                 previous[image] if previous is not None else None, self.chunk_bytes, self.precision,
                 [(shape.height, shape.width) for shape in self.model.card.layer_shapes], self.radii))
         return knn_scores, matches
+
+    @property
+    def finest_layer(self) -> int:
+        """The layer in use with the most cells (the shallowest): the one the anomaly map is most finely resolved at."""
+        shapes = self.model.card.layer_shapes
+        return max(range(len(shapes)), key=lambda layer: shapes[layer].height * shapes[layer].width)
+
+    def nearest_normal(self, features: Features, neighbour_ids: Sequence[Sequence[str]]) -> list[PixelMatches]:
+        """Where each cell of the finest layer (finest_layer) found its nearest normal pixel: the model's own pixel search
+        (matching.match_pixels: full, or within match_radius; features pooled as the card says) with kappa 1.
+
+        Args:
+            features: raw features of B images (Extractor.forward).
+            neighbour_ids: per image, its retrieved gallery images (e.g. the scores table's neighbour_ids, nearest first).
+
+        Returns:
+            per image, PixelMatches of that one layer (h x w cells): distances h*w x 1 float32 squared, sources h*w x 1
+            positions in neighbour_ids[b] of the matched image, cells h*w x 1 the matched cell in that image's h x w
+            grid (row-major).
+        """
+        layer = self.finest_layer
+        shape = self.model.card.layer_shapes[layer]
+
+        def rows(ids: Sequence[str], _: int) -> torch.Tensor:
+            return self._gallery_rows(ids, layer)
+
+        return [matching.match_pixels([self._query(features, image, layer)], list(ids), rows, 1, None, self.chunk_bytes,
+                                      self.precision, [(shape.height, shape.width)], [self.radii[layer]])
+                for image, ids in enumerate(neighbour_ids)]
+
+    def _query(self, features: Features, image: int, layer: int) -> torch.Tensor:
+        """Image `image`'s h*w x C float32 centred pixel features of `layer`, on the extractor's device."""
+        return spade.centre(features.layers[layer][image].to(self.extractor.device), self.layer_centres[layer], dim=0).flatten(1).T
 
     def _gallery_rows(self, ids: Sequence[str], layer: int) -> torch.Tensor:
         """matching.GalleryRows of this model's gallery, on the extractor's device."""

@@ -1,5 +1,5 @@
 // The review page's behaviour (reports/review_page.py inlines it): pictures, verdicts in local storage, keys,
-// filters, the sheet's download and loading a sheet back. Everything it shows of a name is set as text, never as HTML.
+// filters, the sheet's download and loading a sheet back, where a pixel's nearest normal pixel is. Everything it shows of a name is set as text, never as HTML.
 (function () {
   "use strict";
   var state = JSON.parse(document.getElementById("review-state").textContent);
@@ -91,6 +91,49 @@
     Array.prototype.forEach.call(card.querySelectorAll("img.mask"), function (img) { img.hidden = !on; });
   }
 
+  // The marker (an outline) at fractions of its picture: left, top, width, height.
+  function place(marker, left, top, width, height) {
+    marker.style.left = (100 * left) + "%";
+    marker.style.top = (100 * top) + "%";
+    marker.style.width = (100 * width) + "%";
+    marker.style.height = (100 * height) + "%";
+    marker.hidden = false;
+  }
+
+  // Where block `block`'s nearest normal pixel is (the card's match: review_page.match_grid): marked on the retrieved
+  // image it came from when shown, the block marked on the image and map, and said in words.
+  function showMatch(index, block) {
+    var match = state.cards[index].match, card = cards[index];
+    var which = match.cells[2 * block], cell = match.cells[2 * block + 1];
+    var height = match.grid[0], width = match.grid[1], step = match.step;
+    var row = Math.floor(cell / width), column = cell % width, size = match.sizes[which];
+    var where = size
+      ? "(" + Math.floor((column + 0.5) / width * size[0]) + ", " + Math.floor((row + 0.5) / height * size[1]) + ")"
+      : "(" + Math.round((column + 0.5) / width * 100) + "%, " + Math.round((row + 0.5) / height * 100) + "%)";
+    Array.prototype.forEach.call(card.querySelectorAll(".marker"), function (marker) { marker.hidden = true; });
+    var figures = card.querySelectorAll("figure.neighbour"), shown = which < figures.length;
+    if (shown && figures[which].querySelector("img")) {
+      place(figures[which].querySelector(".marker"), column / width, row / height, 1 / width, 1 / height);
+    }
+    var top = Math.floor(block / match.columns) * step, left = (block % match.columns) * step;
+    Array.prototype.forEach.call(card.querySelectorAll("figure.subject .marker, figure.map .marker"), function (marker) {
+      if (marker.parentNode.querySelector("img")) {
+        place(marker, left / width, top / height, Math.min(step, width - left) / width, Math.min(step, height - top) / height);
+      }
+    });
+    card.querySelector("p.match").textContent = "nearest normal: " + match.ids[which] + " at " + where +
+      (shown ? " (marked on nearest normal image " + (which + 1) + ")" : " (not among the images shown)") +
+      (block === match.top ? ", for the most anomalous region" : ", for the pixel clicked");
+  }
+
+  // The block of the card's match under a click on its image or map.
+  function blockAt(match, picture, event) {
+    var box = picture.getBoundingClientRect();
+    var row = Math.min(match.grid[0] - 1, Math.max(0, Math.floor((event.clientY - box.top) / box.height * match.grid[0])));
+    var column = Math.min(match.grid[1] - 1, Math.max(0, Math.floor((event.clientX - box.left) / box.width * match.grid[1])));
+    return Math.floor(row / match.step) * match.columns + Math.floor(column / match.step);
+  }
+
   function sheet() {
     return state.header + "\n" + state.cards.map(function (card) {
       var verdict = verdicts[card.id];
@@ -160,10 +203,12 @@
   cards.forEach(function (card, index) {
     card.addEventListener("click", function (event) {
       var button = event.target.closest("button");
+      var picture = event.target.closest("figure.subject img, figure.map img");
       current = index;
       cards.forEach(function (other) { other.classList.toggle("current", other === card); });
       if (button && button.classList.contains("mark")) { mark(index, button.dataset.verdict); }
       else if (button && button.classList.contains("toggle-mask")) { toggleMask(card); }
+      else if (picture && state.cards[index].match) { showMatch(index, blockAt(state.cards[index].match, picture, event)); }
     });
   });
   filter.addEventListener("change", function () {
@@ -191,6 +236,7 @@
     event.preventDefault();
   });
 
+  state.cards.forEach(function (card, index) { if (card.match) { showMatch(index, card.match.top); } });
   refresh();
   if (cards.length) {
     current = -1;

@@ -8,6 +8,12 @@ parts say they were read). Pictures are thumbnails at the run report's size, emb
 JSON block (a normal image retrieved for many cards is read and embedded once), so the page needs no server and no
 network. The page's behaviour is review_page.js and its style review_page.css, package data inlined into the page.
 
+Where its pixel matches came from: given a NearestNormalOf (the `review` and `nightly --review-top` commands build one
+from the method; reports import no torch), each card's image is searched again against its retrieved images, on this
+machine, and the card holds a small grid (at most MATCH_SIDE cells a side) naming for each cell the retrieved image and
+the cell of its nearest normal pixel. Clicking a pixel of the image or map shows it on that image's thumbnail; the most
+anomalous cell's match is shown by default. A model or image that cannot be searched leaves its cards without it, said so.
+
 The sheet it downloads is formats.review's: each row's cells are written here by review.sheet_csv (its columns, its
 quoting of formula-like cells) with an empty verdict, the last column; the page only appends the verdict. Verdicts
 are kept in the browser's local storage under the run's key (its OUT and run token), and a sheet can be loaded back.
@@ -20,6 +26,7 @@ import base64
 import html
 import io
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -30,7 +37,8 @@ from PIL import Image
 
 from spade_batch.config import Settings
 from spade_batch.formats import retry, storage
-from spade_batch.formats.features import INDEX_SCHEMA
+from spade_batch.formats.calibration_matches import PixelMatches
+from spade_batch.formats.features import INDEX_SCHEMA, LayerShape
 from spade_batch.formats.heatmap import colour_range, overlay
 from spade_batch.formats.images import decode_image, resize_map
 from spade_batch.formats.layout import ModelLayout, Outputs, part_files, read_columns
@@ -52,7 +60,19 @@ MASK_RGBA = (255, 0, 255, 110)
 """The mask overlay's colour (magenta, about 43% opaque): unlike any heat-map colour."""
 SHEET_NAME = "verdicts.csv"
 """The name the page downloads its sheet under."""
+MATCH_SIDE = 28
+"""Most cells a side of a card's nearest-normal grid: a finer layer's cells are taken in blocks, each block shown by its
+most distant cell (the most anomalous there); 784 cells of two small numbers, about 6 kB a card."""
 _COLUMNS = ["mask_uri", "neighbour_ids"]
+
+NearestNormal = Callable[[np.ndarray, list[str]], tuple[LayerShape, PixelMatches]]
+"""(an H x W x 3 uint8 image, its retrieved normal images' ids, nearest first) -> the grid of the layer searched and, for
+each of its cells, the nearest normal pixel among those images (one layer, kappa 1: method.scorer.Scorer.nearest_normal)."""
+NearestNormalOf = Callable[[str, int], NearestNormal]
+"""(model URI, version) -> that model's NearestNormal (loading it may fail: the cards then say so)."""
+SEARCH_ERRORS = (OSError, ValueError, LookupError, RuntimeError)
+"""What a model that cannot be loaded or an image that cannot be searched raises (ModelError is a ValueError; an id the
+model does not hold a KeyError; torch's failures RuntimeErrors): the card goes without its matches."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +92,8 @@ class Pictures:
 
     uris: dict[str, str] = field(default_factory=dict)
     made: dict[str, str | None] = field(default_factory=dict)
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Retrieved image id -> its (width, height) in pixels, of those read."""
 
     def add(self, source: str, make: Callable[[], bytes | None], kind: str) -> str | None:
         """The key of source's picture, made (kind: jpeg or png bytes, or None when it cannot be) only the first time."""
@@ -85,9 +107,10 @@ class Pictures:
         return self.made[source]
 
 
-def write_review_page(out_uri: str, settings: Settings, top_n: int | None = TOP_N, page_uri: str | None = None) -> ReviewPage:
+def write_review_page(out_uri: str, settings: Settings, top_n: int | None = TOP_N, page_uri: str | None = None,
+                      nearest: NearestNormalOf | None = None) -> ReviewPage:
     """Write the review page of the finished run at out_uri (top_n cards, None: every flagged image) to page_uri
-    (default OUT/review.html)."""
+    (default OUT/review.html); with `nearest`, each card shows where its pixels' nearest normal pixels are."""
     options = settings.fsspec_options()
     outputs = Outputs(out_uri)
     if not storage.exists(outputs.run_json, options):
@@ -102,7 +125,8 @@ def write_review_page(out_uri: str, settings: Settings, top_n: int | None = TOP_
         training = {}
         undrawn.append(Undrawn(summary["model_uri"], "model", f"{type(error).__name__}: {first_line(error, 'no message')}",
                                retry.is_transient(error)))
-    cards = [_card(row, training, summary["thresholds"]["pixel"], outputs, settings, pictures, undrawn) for row in run.top]
+    search = _search(nearest, summary, undrawn) if nearest is not None and run.top else None
+    cards = [_card(row, training, summary["thresholds"]["pixel"], outputs, settings, pictures, undrawn, search) for row in run.top]
     uri = page_uri or outputs.review
     flagged = run.anomalous if summary["thresholds"]["image"] is not None else None
     storage.write_text(uri, render_review_page(summary, outputs.token(options) or "", cards, pictures.uris, flagged), options)
@@ -120,11 +144,50 @@ def training_uris(model_uri: str, version: int, ids: set[str], options: storage.
     return found
 
 
+def _search(nearest: NearestNormalOf, summary: dict[str, Any], undrawn: list[Undrawn]) -> NearestNormal | str:
+    """The run's model's NearestNormal, or why there is none (noted in undrawn)."""
+    try:
+        return nearest(summary["model_uri"], summary["model_version"])
+    except SEARCH_ERRORS as error:
+        reason = f"{type(error).__name__}: {first_line(error, 'no message')}"
+        undrawn.append(Undrawn(summary["model_uri"], "model (for the nearest-normal positions)", reason, retry.is_transient(error)))
+        return f"the model could not be loaded ({reason})"
+
+
+def match_grid(shape: LayerShape, matches: PixelMatches, shown: int, sizes: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """The page's nearest-normal grid of one image from its one-layer matches (NearestNormal's) on an h x w grid.
+
+    Blocks of step x step cells (step: the fewest making at most MATCH_SIDE a side), each by its most distant cell.
+    Returns {"grid": [h, w], "step", "columns": blocks a row, "ids": the retrieved images named (the first `shown`
+    retrieved images, then the others matched, in order), "sizes": per id [width, height] or None (unknown),
+    "cells": per block (row-major) the position in ids of its match's image and its cell there (h x w grid, row-major),
+    flattened, "top": the block holding the most distant cell}.
+    """
+    height, width = shape.height, shape.width
+    step = math.ceil(max(height, width) / MATCH_SIDE)
+    rows, columns = math.ceil(height / step), math.ceil(width / step)
+    distances = np.full((rows * step, columns * step), -np.inf)
+    distances[:height, :width] = matches.distances[0][:, 0].reshape(height, width)
+    blocks = distances.reshape(rows, step, columns, step).transpose(0, 2, 1, 3).reshape(rows * columns, step * step)
+    within = blocks.argmax(axis=1)
+    chosen = (np.arange(rows)[:, None] * step + within.reshape(rows, columns) // step) * width + (
+        np.arange(columns)[None, :] * step + within.reshape(rows, columns) % step)
+    sources = matches.sources[0][chosen.reshape(-1), 0].astype(np.int64)
+    order = list(range(min(shown, len(matches.neighbour_ids)))) + [n for n in dict.fromkeys(sources.tolist()) if n >= shown]
+    position = {n: place for place, n in enumerate(order)}
+    ids = [matches.neighbour_ids[n] for n in order]
+    cells = np.stack([[position[n] for n in sources.tolist()], matches.cells[0][chosen.reshape(-1), 0]], axis=1)
+    return {"grid": [height, width], "step": step, "columns": columns, "ids": ids,
+            "sizes": [list(sizes[i]) if i in sizes else None for i in ids], "cells": cells.reshape(-1).tolist(),
+            "top": int(blocks[np.arange(len(blocks)), within].argmax())}
+
+
 def _card(
     row: dict[str, Any], training: dict[str, str], pixel_threshold: float | None, outputs: Outputs, settings: Settings,
-    pictures: Pictures, undrawn: list[Undrawn],
+    pictures: Pictures, undrawn: list[Undrawn], search: NearestNormal | str | None = None,
 ) -> dict[str, Any]:
-    """One card's content: the row, the keys of its pictures (None: not drawn) and notes on what is missing."""
+    """One card's content: the row, the keys of its pictures (None: not drawn), its nearest-normal grid (match_grid,
+    with search) and notes on what is missing."""
     options = settings.fsspec_options()
     image_id = row["id"]
 
@@ -144,6 +207,8 @@ def _card(
         "map_note": "No anomaly map kept for this image (the run kept maps of flagged images only, or with save_maps)."
         if saved is None else "",
         "neighbours": [],
+        "match": None,
+        "match_note": "",
     }
     if saved is not None and thumbnail is not None:
         resized = resize_map(saved, height, width)
@@ -153,17 +218,36 @@ def _card(
         card["map_note"] = "The anomaly map is kept, but the image could not be read to draw it over."
     for neighbour in (row["neighbour_ids"] or [])[:NEIGHBOURS]:
         uri = training.get(neighbour)
-        key = None if uri is None else pictures.add(f"image:{uri}", lambda: _neighbour(neighbour, uri, settings, undrawn), "jpeg")
+        key = None if uri is None else pictures.add(f"image:{uri}", lambda: _neighbour(neighbour, uri, settings, undrawn, pictures.sizes),
+                                                    "jpeg")
         card["neighbours"].append({"id": neighbour, "picture": key})
+    if search is not None:
+        card["match"], card["match_note"] = _matches(search, original, row["neighbour_ids"] or [], pictures.sizes)
     return card
 
 
-def _neighbour(image_id: str, uri: str, settings: Settings, undrawn: list[Undrawn]) -> bytes | None:
-    """A retrieved normal image's thumbnail (JPEG bytes), None when it cannot be read (noted in undrawn)."""
+def _matches(search: NearestNormal | str, image: np.ndarray | None, neighbour_ids: list[str],
+             sizes: dict[str, tuple[int, int]]) -> tuple[dict[str, Any] | None, str]:
+    """A card's match_grid, or None and why not."""
+    if isinstance(search, str):
+        reason = search
+    elif image is None or not neighbour_ids:
+        reason = "the image could not be read" if image is None else "the run recorded no retrieved normal images"
+    else:
+        try:
+            return match_grid(*search(image, list(neighbour_ids)), NEIGHBOURS, sizes), ""
+        except SEARCH_ERRORS as error:
+            reason = f"the search failed ({type(error).__name__}: {first_line(error, 'no message')})"
+    return None, f"Where its pixels' nearest normal pixels are is not shown: {reason}."
+
+
+def _neighbour(image_id: str, uri: str, settings: Settings, undrawn: list[Undrawn], sizes: dict[str, tuple[int, int]]) -> bytes | None:
+    """A retrieved normal image's thumbnail (JPEG bytes), None when it cannot be read (noted in undrawn); its size noted in sizes."""
     image = _read_picture(image_id, "image", lambda: decode_image(storage.read_bytes(uri, settings.fsspec_options()), uri,
                                                                   settings.max_pixels), undrawn)
     if image is None:
         return None
+    sizes[image_id] = (image.shape[1], image.shape[0])
     thumbnail = Image.fromarray(image)
     thumbnail.thumbnail((NEIGHBOUR_SIDE, NEIGHBOUR_SIDE), Image.Resampling.BILINEAR)
     return _jpeg(np.asarray(thumbnail))
@@ -209,26 +293,32 @@ def _card_html(index: int, card: dict[str, Any], image_threshold: float | None) 
     versus = ("no image threshold" if image_threshold is None else f"threshold {image_threshold:.4g}"
               + (f": {score / image_threshold:.2f} times" if image_threshold > 0 else ""))
     neighbours = "\n".join(
-        f'<figure class="neighbour">{_picture(n["picture"], "nearest normal image " + str(rank) + ": " + n["id"])}'
+        f'<figure class="neighbour"><div class="stack">{_picture(n["picture"], "nearest normal image " + str(rank) + ": " + n["id"])}'
+        '<span class="marker" hidden></span></div>'
         f'<figcaption>nearest normal {rank}: <span class="name">{html.escape(n["id"])}</span></figcaption></figure>'
         for rank, n in enumerate(card["neighbours"], 1)
     ) or '<p class="missing">The run recorded no retrieved normal images.</p>'
     mask = "" if card["mask"] is None else _picture(card["mask"], f"mask of {image_id}", "mask")
-    anomaly_map = (f'<figure>{_picture(card["map"], f"anomaly map of {image_id}")}<figcaption>anomaly map</figcaption></figure>'
+    anomaly_map = (f'<figure class="map"><div class="stack">{_picture(card["map"], f"anomaly map of {image_id}")}'
+                   '<span class="marker" hidden></span></div><figcaption>anomaly map</figcaption></figure>'
                    if card["map"] else f'<figure><p class="missing">{html.escape(card["map_note"])}</p></figure>')
     buttons = "".join(f'<button type="button" class="mark" data-verdict="{verdict}" aria-pressed="false">{label}</button>'
                       for verdict, label in (("normal", "Normal (n)"), ("defect", "Defect (d)"), ("skip", "Skip (s)")))
+    match = ('<p class="match" aria-live="polite">Click a pixel of the image or map: its nearest normal pixel is marked on '
+             'the retrieved image it came from.</p>' if card.get("match") else
+             f'<p class="match missing">{html.escape(card["match_note"])}</p>' if card.get("match_note") else "")
     return f"""<article class="card" id="card-{index}" data-index="{index}" data-verdict="" tabindex="-1" aria-labelledby="title-{index}">
 <h2 id="title-{index}">#{index + 1} <span class="name">{html.escape(image_id)}</span></h2>
 <p class="score">score <strong>{score:.4g}</strong>, {html.escape(versus)}.
  Verdict: <strong class="verdict-text">not reviewed</strong></p>
 <div class="pictures">
-<figure class="subject"><div class="stack">{_picture(card["image"], f"image {image_id}")}{mask}</div>
+<figure class="subject"><div class="stack">{_picture(card["image"], f"image {image_id}")}{mask}<span class="marker" hidden></span></div>
 <figcaption>image{", mask over it" if mask else ", no mask could be read"}
  <button type="button" class="toggle-mask" aria-pressed="true">Mask shown (m)</button></figcaption></figure>
 {anomaly_map}
 {neighbours}
 </div>
+{match}
 <p class="where">read from <code>{html.escape(row["uri"])}</code></p>
 <div class="marks" role="group" aria-label="verdict for {html.escape(image_id)}">{buttons}</div>
 </article>"""
@@ -243,7 +333,8 @@ def render_review_page(summary: dict[str, Any], token: str, cards: list[dict[str
         "key": f"{out_uri}\n{token}",
         "header": ",".join(COLUMNS),
         "sheet": SHEET_NAME,
-        "cards": [{"id": card["row"]["id"], "cell": safe_cell(card["row"]["id"]), "line": sheet_line(card["row"])} for card in cards],
+        "cards": [{"id": card["row"]["id"], "cell": safe_cell(card["row"]["id"]), "line": sheet_line(card["row"]),
+                   "match": card.get("match")} for card in cards],
     }
     shown = f"{len(cards)} of {flagged} flagged images" if flagged is not None else f"{len(cards)} highest-scoring images (no image threshold)"
     intro = (f"<p>Model {html.escape(summary['model_uri'])} (version {summary['model_version']}); {html.escape(shown)}, highest score "

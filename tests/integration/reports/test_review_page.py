@@ -21,7 +21,12 @@ from spade_batch import cli
 from spade_batch.config import Settings
 from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
+from spade_batch.formats.images import decode_image
+from spade_batch.formats.model import SpadeModel
 from spade_batch.formats.review import read_cell
+from spade_batch.formats.versions import resolve
+from spade_batch.method.extractor import Extractor
+from spade_batch.method.scorer import Scorer
 from spade_batch.reports.review_page import SHEET_NAME, write_review_page
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -73,6 +78,31 @@ def test_nightly_writes_the_page_of_its_top_flagged_images_and_the_run_report_li
     assert sum(scores.values()) > 4  # more flagged than the page shows: --top holds it to 4
 
 
+def page_state(page: str) -> dict:
+    return json.loads(page.split('id="review-state">', 1)[1].split("</script>", 1)[0])
+
+
+def test_each_card_names_for_its_most_anomalous_cell_the_normal_image_and_cell_a_direct_search_finds(night: dict) -> None:
+    cards = page_state((night["out"] / "review.html").read_text())["cards"]  # written by nightly --review-top
+    run = json.loads((night["out"] / "run.json").read_text())
+    model = SpadeModel.load(resolve(str(night["model"]), run["model_version"]).uri)
+    settings = model.card.settings_for(Settings(device="cpu"))
+    scorer = Scorer(model, Extractor(settings, preprocessing=model.card.preprocessing))
+    rows = {row["id"]: row for row in pq.read_table(night["out"] / "scores").to_pylist()}
+    assert len(cards) == 4 and all(card["match"] for card in cards)
+    for card in cards:
+        row, match = rows[card["id"]], card["match"]
+        image = decode_image(Path(row["uri"]).read_bytes(), row["uri"])
+        found = scorer.nearest_normal(scorer.extractor.forward(scorer.extractor.prepare(image)[None]), [row["neighbour_ids"]])[0]
+        top = int(found.distances[0][:, 0].argmax())
+        height, width = match["grid"]
+        assert (height, width, match["step"]) == (16, 16, 1)  # layer1 of a 64 px image: one cell a block
+        assert match["top"] == top
+        assert match["ids"][match["cells"][2 * top]] == row["neighbour_ids"][found.sources[0][top, 0]]
+        assert match["cells"][2 * top + 1] == found.cells[0][top, 0]
+        assert match["ids"][:3] == row["neighbour_ids"][:3] and all(size is not None for size in match["sizes"][:3])
+
+
 def test_review_writes_every_flagged_image_highest_first_reading_each_image_once(night: dict, monkeypatch) -> None:
     reads: list[str] = []
     read_bytes = storage.read_bytes
@@ -83,7 +113,7 @@ def test_review_writes_every_flagged_image_highest_first_reading_each_image_once
     page = (night["out"] / "review.html").read_text()
     rows = sorted(((score, i) for i, score in ((r["id"], r["image_score"]) for r in pq.read_table(night["out"] / "scores").to_pylist()
                                                if r["is_anomalous"])), reverse=True)
-    state = json.loads(page.split('id="review-state">', 1)[1].split("</script>", 1)[0])
+    state = page_state(page)
     assert [card["id"] for card in state["cards"]] == [i for _, i in rows]
     images = [uri for uri in reads if uri.endswith(".png") and not uri.startswith(str(night["out"]))]  # not masks, not tables
     assert len(images) == len(set(images)) and len(images) > len(rows)  # each image and retrieved normal image read once
@@ -152,6 +182,7 @@ def keys(driver, text: str) -> None:
 
 
 def test_keyboard_verdicts_downloaded_and_added_stop_the_false_alarms_and_are_counted(night: dict, browser) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
@@ -167,6 +198,25 @@ def test_keyboard_verdicts_downloaded_and_added_stop_the_false_alarms_and_are_co
     assert names == ids
     assert all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", image)
                for image in browser.find_elements(By.CSS_SELECTOR, "img:not([hidden])"))
+
+    # Where a pixel's nearest normal pixel is: the most anomalous region's by default, the top-left one's once clicked.
+    card, match = browser.find_element(By.ID, "card-0"), state["cards"][0]["match"]
+    line = card.find_element(By.CSS_SELECTOR, "p.match")
+    assert line.text.startswith("nearest normal: ") and line.text.endswith(", for the most anomalous region")
+    picture = card.find_element(By.CSS_SELECTOR, "figure.subject img.mask")  # over the image: a click lands on it
+    ActionChains(browser).move_to_element_with_offset(picture, 1 - picture.size["width"] // 2, 1 - picture.size["height"] // 2).click().perform()
+    which, cell = match["cells"][:2]
+    (height, width), (image_width, image_height) = match["grid"], match["sizes"][which]
+    x, y = int((cell % width + 0.5) / width * image_width), int((cell // width + 0.5) / height * image_height)
+    assert which < 3, "the top-left cell of the first card matched a retrieved image not shown"
+    assert line.text == (f"nearest normal: {match['ids'][which]} at ({x}, {y}) (marked on nearest normal image {which + 1})"
+                         + (", for the most anomalous region" if match["top"] == 0 else ", for the pixel clicked"))
+    markers = card.find_elements(By.CSS_SELECTOR, "figure.neighbour .marker")
+    assert [marker.is_displayed() for marker in markers] == [n == which for n in range(len(markers))]
+    box = browser.execute_script("var r = arguments[0].getBoundingClientRect(), i = arguments[0].parentNode.querySelector('img')"
+                                 ".getBoundingClientRect(); return [(r.left - i.left) / i.width, (r.top - i.top) / i.height]",
+                                 markers[which])
+    assert box == pytest.approx([(cell % width) / width, (cell // width) / height], abs=0.02)
 
     keys(browser, "nnd")  # the first two normal, the third a defect; each mark moves on to the next card
     assert browser.find_element(By.ID, "progress").text == f"3 of {len(ids)} reviewed: 2 normal, 1 defect, 0 skipped"

@@ -8,8 +8,12 @@ import json
 import shlex
 from html.parser import HTMLParser
 
+import numpy as np
+
+from spade_batch.formats.calibration_matches import PixelMatches
+from spade_batch.formats.features import LayerShape
 from spade_batch.formats.review import COLUMNS, read_cell, sheet_csv
-from spade_batch.reports.review_page import render_review_page, sheet_line
+from spade_batch.reports.review_page import match_grid, render_review_page, sheet_line
 from spade_batch.reports.run_report import _review_page
 
 HOSTILE = ["a\"quote'd.png", "x<script>alert(1)</script>.png", "=cmd|' /C calc'!A0.png", "@sum(1).png", "'quoted.png", "&amp;.png"]
@@ -93,3 +97,33 @@ def test_the_run_report_links_the_page_names_it_where_a_browser_cannot_follow_or
     out = "/runs/<x> 'a'"
     hostile = _review_page(out, None)
     assert "<x>" not in hostile and f"<code>spade-batch review {html.escape(shlex.quote(out))}</code>" in hostile
+
+
+def test_the_match_grid_keeps_each_blocks_most_distant_cell_and_names_the_images_shown_first() -> None:
+    rng = np.random.default_rng(0)
+    side, ids = 57, [f"good/{n}.png" for n in range(6)]  # 57 cells a side: blocks of 3 (19 a side), none cut
+    distances = rng.random((side * side, 1)).astype(np.float32)
+    distances[40 * side + 7] = 2.0  # the most distant cell: block (13, 2)
+    sources = rng.integers(0, 6, size=(side * side, 1)).astype(np.int16)
+    cells = rng.integers(0, side * side, size=(side * side, 1)).astype(np.int32)
+    grid = match_grid(LayerShape("layer1", side, side, 8), PixelMatches(ids, [distances], [sources], [cells]), 3, {"good/1.png": (90, 60)})
+
+    assert (grid["grid"], grid["step"], grid["columns"]) == ([side, side], 3, 19) and len(grid["cells"]) == 2 * 19 * 19
+    assert grid["ids"][:3] == ids[:3] and sorted(grid["ids"]) == sorted(ids)  # the shown first, then the others matched
+    assert grid["sizes"] == [None if i != "good/1.png" else [90, 60] for i in grid["ids"]]
+    assert grid["top"] == 13 * 19 + 2
+    for block in (grid["top"], 0, 19 * 19 - 1):
+        rows, columns = divmod(block, 19)
+        inside = [(y * side + x) for y in range(3 * rows, 3 * rows + 3) for x in range(3 * columns, 3 * columns + 3)]
+        chosen = inside[int(np.argmax(distances[inside, 0]))]
+        assert grid["ids"][grid["cells"][2 * block]] == ids[sources[chosen, 0]] and grid["cells"][2 * block + 1] == cells[chosen, 0]
+
+
+def test_a_card_without_its_matches_says_why_and_a_card_with_them_carries_its_grid() -> None:
+    with_match = {**card("a.png", 2.0), "match": {"grid": [1, 1], "step": 1, "columns": 1, "ids": ["n"], "sizes": [None], "cells": [0, 0],
+                                                   "top": 0}}
+    without = {**card("b<i>.png", 1.0), "match": None, "match_note": "Not shown: the model could not be loaded (<gone>)."}
+    page = render_review_page(SUMMARY, "tok", [with_match, without], {"p0": "data:image/png;base64,AA=="}, 2)
+    state = json.loads(page.split('id="review-state">', 1)[1].split("</script>", 1)[0])
+    assert [c["match"] for c in state["cards"]] == [with_match["match"], None]
+    assert "Click a pixel of the image or map" in page and html.escape(without["match_note"]) in page and "(<gone>)" not in page
