@@ -274,9 +274,10 @@ def nearest_matches(
 LOCAL_TILE = 2
 """Cells per side of one gallery tile of the restricted search (see _Tiling): the K retrieved images' t x t cells at
 one place are ranked in one GEMM against the (t + 2r)^2 query cells that may match them, (t + 2r)^2 / (2r + 1)^2
-times the neighbourhoods' own work. On 2 CPU cores at the paper's shapes and r = 8 px (CPU seconds of one thread,
-layer1 / layer2 / layer3): tile 1 0.35 / 0.14 / 0.055 s, tile 2 0.26 / 0.10 / 0.049 s, tile 3 0.43 / 0.19 / 0.094 s,
-tile 4 0.28 / 0.10 / 0.11 s, tile 8 0.41 / 0.30 / 0.14 s; the full search 6.2 / 0.63 / 0.092 s."""
+times the neighbourhoods' own work. Wall seconds per image on the 2-core VM, idle, 2026-12-07, at the paper's
+shapes and r = 8 px (layer1 / layer2 / layer3): tile 1 0.074 / 0.024 / 0.013, tile 2 0.060 / 0.019 / 0.010,
+tile 3 0.15 / 0.065 / 0.035 (padded grids), tile 4 0.084 / 0.027 / 0.038, tile 8 0.16 / 0.10 / 0.051; the full
+search 3.0 / 0.30 / 0.05 (benchmarks/pixel_knn.py --match-radius 8)."""
 
 
 def local_nearest_matches(
@@ -322,18 +323,25 @@ def local_nearest_matches(
         return _padded_full_search(queries, galleries, kappa, chunk_bytes, precision)
     images = galleries.shape[1] // pixels
     tiles = _tiling(grid, radius, tile, images, str(queries.device))
-    windows = tiles.query_windows(queries)  # B x T x W x C
-    gallery_tiles, tile_norms = tiles.gallery_tiles(galleries)  # B x T x N x C, B x T x N (+inf outside the map)
+    windows = tiles.query_windows(queries)  # B x ty x tx x span x span x C (a view)
+    gallery_tiles, tile_norms = tiles.gallery_tiles(galleries)  # B x ty x tx x K x t x t x C (a view), B x T x N
     keep = min(tiles.cells, kappa + (0 if precision == "float32" else RERANK_MARGIN))
     found = min(kappa, keep)
-    per_tile = torch.full((batch, tiles.total, tiles.window, found), torch.inf, device=queries.device)
-    tile_rows = torch.zeros((batch, tiles.total, tiles.window, found), dtype=torch.int64, device=queries.device)
-    per_call = max(1, chunk_bytes // (4 * batch * tiles.window * tiles.cells))  # tiles at once
+    per_tile = torch.empty((batch, tiles.total, tiles.window, found), device=queries.device)
+    tile_rows = torch.empty((batch, tiles.total, tiles.window, found), dtype=torch.int64, device=queries.device)
+    row_bytes = 4 * batch * tiles.columns * tiles.cells
+    rows_per_call = max(1, min(chunk_bytes // (row_bytes * tiles.window), chunk_bytes // 4 // (row_bytes * channels)))
+    rows_per_call = min(rows_per_call, tiles.rows)
+    # Each call's tiles are copied into the same two buffers: fresh allocations of this size cost page faults
+    # that took longer than the GEMM itself (layer1 at the paper's shapes: 61 ms of 0.13 s per image).
+    gallery_buffer = torch.empty((batch, rows_per_call, *gallery_tiles.shape[2:]), device=queries.device)
+    window_buffer = torch.empty((batch, rows_per_call, *windows.shape[2:]), device=queries.device)
     with matmul_precision(precision, queries.device):
-        for start in range(0, tiles.total, per_call):
-            part = slice(start, min(start + per_call, tiles.total))
-            flat_q = windows[:, part].reshape(-1, tiles.window, channels)
-            flat_g = gallery_tiles[:, part].reshape(-1, tiles.cells, channels)
+        for row in range(0, tiles.rows, rows_per_call):
+            count = min(rows_per_call, tiles.rows - row)
+            part = slice(row * tiles.columns, (row + count) * tiles.columns)
+            flat_g = gallery_buffer[:, :count].copy_(gallery_tiles[:, row : row + count]).view(-1, tiles.cells, channels)
+            flat_q = window_buffer[:, :count].copy_(windows[:, row : row + count]).view(-1, tiles.window, channels)
             bias = tile_norms[:, part].reshape(-1, 1, tiles.cells).masked_fill(~tiles.allowed, torch.inf)  # B T' x W x N
             if precision == "bfloat16":
                 cross = torch.bmm(flat_q.to(torch.bfloat16), flat_g.to(torch.bfloat16).transpose(1, 2)).to(torch.float32)
@@ -402,15 +410,16 @@ class _Tiling:
         return np.array([p + [self.total * self.window] * (most - len(p)) for p in places], np.int64)
 
     def query_windows(self, queries: torch.Tensor) -> torch.Tensor:
-        """B x P x C -> B x T x W x C: each tile's window of query cells (zeros outside the map; a copy)."""
+        """B x P x C -> B x ty x tx x span x span x C: each tile's window of query cells (zeros outside the map; a
+        view of a padded copy of the queries)."""
         batch, _, channels = queries.shape
         pad = (0, 0, self.radius, self.columns * self.tile - self.width + self.radius, self.radius, self.rows * self.tile - self.height + self.radius)
         grid = F.pad(queries.reshape(batch, self.height, self.width, channels), pad)
-        windows = grid.unfold(1, self.span, self.tile).unfold(2, self.span, self.tile)  # B x ty x tx x C x span x span
-        return windows.permute(0, 1, 2, 4, 5, 3).reshape(batch, self.total, self.window, channels)
+        return grid.unfold(1, self.span, self.tile).unfold(2, self.span, self.tile).permute(0, 1, 2, 4, 5, 3)
 
     def gallery_tiles(self, galleries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """B x (K P) x C -> B x T x N x C tiles (a copy) and B x T x N squared norms, +inf for padded cells."""
+        """B x (K P) x C -> B x ty x tx x K x t x t x C tiles (a view; of a padded copy where t does not divide the
+        grid) and B x T x N squared norms, +inf for padded cells."""
         batch, _, channels = galleries.shape
         images = self.cells // (self.tile * self.tile)
         cells = galleries.reshape(batch, images, self.height, self.width, channels)
@@ -421,7 +430,7 @@ class _Tiling:
         order = (0, 2, 4, 1, 3, 5)  # B x ty x tx x K x t x t
         cells = cells.reshape(batch, images, self.rows, self.tile, self.columns, self.tile, channels).permute(*order, 6)
         norms = norms.reshape(batch, images, self.rows, self.tile, self.columns, self.tile).permute(*order)
-        return cells.reshape(batch, self.total, self.cells, channels), norms.reshape(batch, self.total, self.cells)
+        return cells, norms.reshape(batch, self.total, self.cells)
 
     def merge(self, distances: torch.Tensor, rows: torch.Tensor, kappa: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per tile and window cell, its `found` best (B x T x W x found) -> per query cell the kappa best over the tiles

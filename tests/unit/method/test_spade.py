@@ -371,14 +371,17 @@ def reference_local_matches(queries: np.ndarray, gallery: np.ndarray, grid: tupl
     ((4, 4), 1, 1, 8),  # layer3-like: one tile holds the map; a corner has 4 cells, kappa 3 fits, 5 would not
     ((6, 9), 0, 2, 4),  # radius 0: the same position only, fewer cells than kappa 3 -> +inf
     ((5, 5), 7, 2, 2),  # a radius beyond the map: the full search
+    ((8, 6), 1, 3, 2),  # tiles divide the grid: no padded copy
 ])
-def test_local_nearest_matches_equal_a_brute_force_search_of_each_neighbourhood(precision, kappa, grid, radius, images, tile) -> None:
+@pytest.mark.parametrize("calls", ["one tile row per call", "every row in one call"])
+def test_local_nearest_matches_equal_a_brute_force_search_of_each_neighbourhood(precision, kappa, grid, radius, images, tile, calls) -> None:
     rng = np.random.default_rng(kappa + radius)
     pixels = grid[0] * grid[1]
     queries = rng.normal(size=(2, pixels, 6)).astype(np.float32)
     galleries = rng.normal(size=(2, images * pixels, 6)).astype(np.float32)
     distances, rows = spade.local_nearest_matches(torch.from_numpy(queries), torch.from_numpy(galleries), grid, radius, kappa,
-                                                  chunk_bytes=4 * 16 * 9 * images, precision=precision, tile=tile)
+                                                  chunk_bytes=4 * 16 * 9 * images if calls.startswith("one") else 1 << 30,
+                                                  precision=precision, tile=tile)
     assert distances.shape == rows.shape == (2, pixels, kappa) and distances.dtype == torch.float32
     for image in range(2):
         expected, expected_rows = reference_local_matches(queries[image], galleries[image], grid, radius, kappa)
