@@ -198,11 +198,16 @@ class AlignmentRecord:
         matches: pixel matches counted.
         within: {"4", "8", "16", "32"}: the share of them whose cell lies within that many pixels (at the working
             size, as match_radius counts them) of the matching cell's own position.
+        images: calibration images the kept shares were measured on (a sample; 0: not measured, a card from before).
+        kept: {"4", ...}: the share of their cells (each layer's share, averaged) whose nearest match within that
+            radius is at most 10% farther than the full search's (method.alignment.kept_shares).
     """
 
     layer: str | None = None
     matches: int = 0
     within: dict[str, float] = field(default_factory=dict)
+    images: int = 0
+    kept: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,12 @@
-"""How aligned normal images are: where their full-search pixel matches lie relative to each cell's own position.
+"""How aligned normal images are: whether a pixel finds as close a match near its own position as anywhere.
 
 On fixtured parts a pixel's nearest normal pixel lies near the same place in the retrieved image; then
-match_radius (spade.local_nearest_matches) keeps the matches and costs far less. Fit measures it on the
-calibration images' matches (formats.calibration_matches.PixelMatches names each match's cell) and records it in the card.
+match_radius (spade.local_nearest_matches) keeps the matches and costs far less. Fit measures two things on the
+calibration images and records them in the card: where their full-search matches lie (the share within each
+radius of the cell's own position; formats.calibration_matches.PixelMatches names each match's cell), and, the
+measure fit's suggestion rests on, how many cells a search within each radius still finds a match about as close
+as the full search's. The second is the one that matters: a background cell matches equally well in many
+places, so its full-search match may lie far away while a near one is as good.
 """
 
 from __future__ import annotations
@@ -37,16 +41,38 @@ def search_work(shapes: Sequence[LayerShape], image_size: int, match_radius: int
 
 
 ALIGNED_SHARE = 0.9
-"""The share of full-search matches a radius must keep for fit to suggest it."""
+"""The share of cells that must keep a match (KEPT_WITHIN) within a radius for fit to suggest it."""
+
+KEPT_WITHIN = 0.1
+"""A cell keeps its match within a radius when its nearest match there is at most 10% farther (squared distance)
+than the full search's."""
 
 
 def suggestion(record: AlignmentRecord, shapes: Sequence[LayerShape], image_size: int) -> str:
-    """The alignment in words, and what it suggests: the smallest measured radius keeping ALIGNED_SHARE of the matches
-    with its nominal speed-up, or that the images do not align."""
+    """The alignment in words, and what it suggests: the smallest measured radius within which ALIGNED_SHARE of the
+    cells keep their match, with its nominal speed-up, or that the images do not align. A card from before the
+    kept shares were measured is judged by where its matches lie."""
     if record.layer is None or not record.matches:
         return "not measured (a model fitted with match_radius, or before fit measured it)"
+    judged = {int(r): share for r, share in (record.kept or record.within).items()}
+    found = [r for r in sorted(judged) if judged[r] >= ALIGNED_SHARE]
+    if not record.kept:
+        return _positions_only(record, found, shapes, image_size)
+    if not found:
+        widest = max(judged)
+        return (f"normal images do not align: searching within {widest} px, only {judged[widest]:.0%} of pixels find a match "
+                f"within {KEPT_WITHIN:.0%} of the full search's distance ({record.within[str(widest)]:.0%} of {record.layer} "
+                "matches lie there); keep SPADE's full search (match_radius unset)")
+    radius = found[0]
+    speed_up = search_work(shapes, image_size, None) / search_work(shapes, image_size, radius)
+    return (f"normal images align within {radius} px: {judged[radius]:.0%} of pixels find a match there within "
+            f"{KEPT_WITHIN:.0%} of the full search's distance ({record.within[str(radius)]:.0%} of {record.layer} matches lie "
+            f"within {radius} px); match_radius {radius} would do about {speed_up:.0f}x less pixel-search work")
+
+
+def _positions_only(record: AlignmentRecord, found: list[int], shapes: Sequence[LayerShape], image_size: int) -> str:
+    """suggestion for a card with only the match positions (before the kept shares were measured)."""
     shares = {int(r): share for r, share in record.within.items()}
-    found = [r for r in sorted(shares) if shares[r] >= ALIGNED_SHARE]
     if not found:
         widest = max(shares)
         return (f"normal images do not align: only {shares[widest]:.0%} of {record.layer} pixel matches lie within {widest} px "

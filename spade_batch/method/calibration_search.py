@@ -15,9 +15,10 @@ import torch
 from spade_batch.config import Settings
 from spade_batch.formats.calibration_matches import PixelMatches
 from spade_batch.formats.feature_index import StoredFeatures
-from spade_batch.formats.features import FeatureTable
+from spade_batch.formats.features import FeatureTable, LayerShape
 from spade_batch.formats.model import SpadeModel
 from spade_batch.method import calibrate, spade
+from spade_batch.method.alignment import KEPT_WITHIN, radius_cells
 from spade_batch.method.calibrate import CalibrationScores
 from spade_batch.method.extractor import Extractor, Features
 from spade_batch.method.masks import region_score
@@ -103,6 +104,64 @@ def _unchanged(
     knn_scores, neighbours = spade.image_knn(model.index, queries, model.card.settings.k, own_rows(model, ids))
     return {image_id: (float(score), previous[image_id]) for image_id, score, retrieved in zip(ids, knn_scores, neighbours)
             if {model.train_ids[n] for n in retrieved} == set(previous[image_id].neighbour_ids)}
+
+
+@dataclass(frozen=True)
+class AlignmentSample:
+    """One calibration image's centred pixel features, its retrieved images' and its full-search matches with them.
+
+    Attributes:
+        queries: per layer, P_l x C_l float32 centred (spade.centre) pixel features of the image.
+        galleries: per layer, (K * P_l) x C_l float32 centred features of the K images of matches.neighbour_ids, in
+            that order (spade.gather_galleries' layout).
+        matches: the image's full-search matches with them (distances P_l x kappa, squared).
+    """
+
+    queries: list[torch.Tensor]
+    galleries: list[torch.Tensor]
+    matches: PixelMatches
+
+
+def kept_shares(samples: Iterable[AlignmentSample], shapes: Sequence[LayerShape], image_size: int, kappa: int,
+                radii: Sequence[int]) -> dict[str, float]:
+    """Per radius (pixels at the working size), the share of cells whose kappa nearest matches within that radius
+    (spade.local_nearest_matches, the search match_radius runs) average at most KEPT_WITHIN more squared distance than
+    the full search's. Each layer's cells count with the layer's weight in the map: each layer's share, averaged.
+
+    Returns:
+        {"4": share, ...} in [0, 1]; {} without samples.
+    """
+    kept, cells = np.zeros((len(radii), len(shapes))), np.zeros(len(shapes))
+    for sample in samples:
+        for layer, shape in enumerate(shapes):
+            full = torch.from_numpy(sample.matches.distances[layer]).mean(dim=1)
+            cells[layer] += full.numel()
+            for row, radius in enumerate(radii):
+                found = spade.local_nearest_matches(sample.queries[layer][None], sample.galleries[layer][None], (shape.height, shape.width),
+                                                    radius_cells(radius, shape.height, image_size), kappa)[0][0].mean(dim=1)
+                kept[row, layer] += int((found <= (1 + KEPT_WITHIN) * full).sum())
+    if not cells.all():
+        return {}
+    return {str(r): float((kept[row] / cells).mean()) for row, r in enumerate(radii)}
+
+
+ALIGNMENT_IMAGES = 16
+"""Calibration images fit searches again within each alignment radius (evenly spaced by id). At the paper's shapes
+the four restricted searches of one image cost about a third of its full search (benchmarks/pixel_knn.py)."""
+
+
+def alignment_samples(model: SpadeModel, ids: Sequence[str], features: StoredFeatures,
+                      matched: Mapping[str, tuple[float, PixelMatches]]) -> Iterator[AlignmentSample]:
+    """Up to ALIGNMENT_IMAGES of the calibration images ids, evenly spaced, with their full-search matches: their
+    stored pixel features and their retrieved images' gallery rows, both centred as the search centres them."""
+    chosen = list(ids)[:: max(1, len(ids) // ALIGNMENT_IMAGES)][:ALIGNMENT_IMAGES]
+    means = [torch.from_numpy(mean) for mean in model.centre.layer_means]
+    for table in features.blocks(chosen):
+        for row, image_id in enumerate(table.ids):
+            matches = matched[image_id][1]
+            retrieved = np.array([[model.row_of[n] for n in matches.neighbour_ids]], np.int64)
+            yield AlignmentSample([spade.centre(torch.from_numpy(layer[row]), mean) for layer, mean in zip(table.layers, means)],
+                                  [spade.gather_galleries(bank, retrieved)[0] for bank in model.gallery], matches)
 
 
 CALIBRATION_MAPS = 64

@@ -35,6 +35,7 @@ from spade_batch.config import Settings
 from spade_batch.formats import storage
 from spade_batch.formats.calibration_matches import PixelMatches, read_matches, write_matches
 from spade_batch.formats.card import (
+    AlignmentRecord,
     ModelCard,
     NearDuplicates,
     Normalisation,
@@ -47,13 +48,15 @@ from spade_batch.formats.layout import ModelLayout
 from spade_batch.formats.model import Centre, SpadeModel
 from spade_batch.formats.model_build import GalleryWriter, build_model
 from spade_batch.method import calibrate, calibration_search, spade
-from spade_batch.method.alignment import measure_alignment
+from spade_batch.method.alignment import ALIGNMENT_RADII, measure_alignment
 from spade_batch.method.calibration_search import (
     HeldOutScorer,
     InProcessHeldOut,
+    alignment_samples,
     calibration_layer_maps,
     calibration_matches,
     calibration_scores,
+    kept_shares,
 )
 from spade_batch.method.extractor import Extractor
 from spade_batch.method.trainset import NEAR_FRACTION, NEAR_SCALE_RANK, exact_duplicates, near_duplicates, size_outliers
@@ -294,6 +297,17 @@ def _write_gallery(features: StoredFeatures, gallery_ids: list[str], card: Model
     return build_model(writer, card, settings)
 
 
+def _alignment(model: SpadeModel, calibration_ids: list[str], features: StoredFeatures,
+               matched: Mapping[str, tuple[float, PixelMatches]]) -> AlignmentRecord:
+    """How aligned the calibration images are: where all their matches lie, and how many cells a sample of them keeps
+    within each radius (method.alignment)."""
+    card = model.card
+    record = measure_alignment((matched[i][1] for i in calibration_ids), card.layer_shapes[0], card.preprocessing.size)
+    samples = list(alignment_samples(model, calibration_ids, features, matched)) if record.matches else []
+    kept = kept_shares(samples, card.layer_shapes, card.preprocessing.size, card.settings.kappa, ALIGNMENT_RADII)
+    return dataclasses.replace(record, images=len(samples), kept=kept)
+
+
 def _calibrate(
     model: SpadeModel, calibration_ids: list[str], features: StoredFeatures, held_out: HeldOutScorer,
     previous: Mapping[str, PixelMatches], settings: Settings,
@@ -304,8 +318,7 @@ def _calibrate(
     """
     matched = calibration_matches(model, calibration_ids, features, held_out, previous)
     if model.card.settings.match_radius is None:  # restricted matches say nothing of where the full search matches
-        record = measure_alignment((matched[i][1] for i in calibration_ids), model.card.layer_shapes[0], model.card.preprocessing.size)
-        model = dataclasses.replace(model, card=dataclasses.replace(model.card, alignment=record))
+        model = dataclasses.replace(model, card=dataclasses.replace(model.card, alignment=_alignment(model, calibration_ids, features, matched)))
     if settings.layer_normalise:
         moments = sum((calibrate.layer_moments([m.numpy() for m in layer_maps]) for layer_maps in calibration_layer_maps(model, calibration_ids, matched)),
                       np.zeros((len(model.gallery), 3)))

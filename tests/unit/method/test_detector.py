@@ -30,6 +30,7 @@ from spade_batch.formats.versions import resolve, version_numbers
 from spade_batch.method import calibrate, matching, spade
 from spade_batch.method.addition import new_images
 from spade_batch.method.alignment import measure_alignment, radius_cells
+from spade_batch.method.calibration_search import ALIGNMENT_IMAGES
 from spade_batch.method.detector import Extractor, Features, Scorer, add, fit, score
 from spade_batch.method.extractor import normalise
 from spade_batch.method.masks import mask_from_map
@@ -784,11 +785,25 @@ def test_fit_measures_alignment_from_the_calibration_matches_it_keeps_unless_the
     settings = SETTINGS.replace(calibration_images="leave_one_out", calibration_sample=0)
     model = fit(data["train"], settings, folder=str(tmp_path / "full"))
     stored = read_matches((tmp_path / "full" / ModelLayout.calibration_matches).read_bytes(), model.card.layer_shapes)
-    first = model.card.layer_shapes[0]
-    assert model.card.alignment == measure_alignment(stored.values(), first, SIZE)
-    assert model.card.alignment.matches == len(stored) * first.height * first.width * settings.kappa
-    shares = [model.card.alignment.within[r] for r in ("4", "8", "16", "32")]
+    first, record = model.card.layer_shapes[0], model.card.alignment
+    assert dataclasses.replace(record, images=0, kept={}) == measure_alignment(stored.values(), first, SIZE)
+    assert record.matches == len(stored) * first.height * first.width * settings.kappa
+    shares = [record.within[r] for r in ("4", "8", "16", "32")]
     assert shares == sorted(shares) and 0 < shares[0] <= shares[-1] <= 1
+    # kept: a brute-force search of the sampled images (evenly spaced calibration ids) within each radius
+    ids = sorted(stored)
+    sample = ids[:: max(1, len(ids) // ALIGNMENT_IMAGES)][:ALIGNMENT_IMAGES]
+    assert record.images == len(sample) == min(len(ids), ALIGNMENT_IMAGES)
+    for radius, share in record.kept.items():
+        per_layer = []
+        for layer, (shape, bank) in enumerate(zip(model.card.layer_shapes, model.gallery)):
+            cells = radius_cells(int(radius), shape.height, SIZE)
+            kept = [local_layer_distances(bank[model.row_of[i]].T.reshape(-1, shape.height, shape.width),
+                                          bank[[model.row_of[n] for n in stored[i].neighbour_ids]], cells, settings.kappa).ravel()
+                    <= 1.1 * stored[i].distances[layer].mean(1) for i in sample]
+            per_layer.append(np.mean(kept))
+        assert share == pytest.approx(np.mean(per_layer), abs=0.01)  # float16 gallery rows as queries vs the stored features
+    assert list(record.kept) == ["4", "8", "16", "32"] and record.kept["32"] >= record.kept["4"]
     assert json.loads((tmp_path / "full" / CARD_NAME).read_text())["alignment"]["layer"] == "layer1"
     restricted = fit(data["train"], settings.replace(match_radius=8))
     assert restricted.card.alignment.layer is None
