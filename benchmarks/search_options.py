@@ -22,7 +22,9 @@ from typing import Any
 
 from spade_batch.config import load_settings
 from spade_batch.engine.fit import run_fit
+from spade_batch.formats.card import load_card
 from spade_batch.formats.datasets import make_aligned_data
+from spade_batch.method.alignment import suggestion
 from spade_batch.reports.evaluate import run_evaluate
 from spade_batch.reports.evaluation_measure import AU_PRO_KEY
 
@@ -65,7 +67,9 @@ def run_config(name: str, data: str, train: str, work: str, every: int) -> dict[
     metrics = run_evaluate(os.path.join(folder, "model"), data, os.path.join(folder, "eval"), settings, every=every)
     image, pixel = metrics["decisions"]["image"] or {}, metrics["decisions"]["pixel"] or {}
     overall = metrics["overall"]
+    card = load_card(os.path.join(folder, "model"))
     return {
+        "alignment": suggestion(card.alignment, card.layer_shapes, card.preprocessing.size),
         "config": name,
         "image_rocauc": overall["image_rocauc"], "pixel_rocauc": overall["pixel_rocauc"], "pro": overall["pro"],
         "au_pro": overall[AU_PRO_KEY], "seg_f1": pixel.get("seg_f1"), "image_fpr": image.get("fpr"), "image_tpr": image.get("tpr"),
@@ -101,6 +105,7 @@ def main() -> None:
         for name in args.configs:
             rows.append({"set": data_set, **run_config(name, data, train, work, args.every)})
             print(json.dumps(rows[-1]), flush=True)
+        print(f"{data_set}: alignment measured at fit ({args.configs[0]}): {rows[-len(args.configs)]['alignment']}", flush=True)
     os.makedirs(args.work, exist_ok=True)
     with open(os.path.join(args.work, "results.json"), "w") as f:
         json.dump(rows, f, indent=2)

@@ -602,12 +602,15 @@ def test_without_calibration_masks_are_scaled_maps(fitted: Fitted) -> None:
 
 
 def test_options_beyond_the_paper_on_ray_equal_the_in_process_fit(fitted: Fitted) -> None:
-    """layer_normalise and image_score combined: fit on Ray learns the scales the in-process fit learns (from the
-    same held-out images, stored as float16), and score on Ray writes the model's own combined scores and maps."""
-    settings = fitted.settings.replace(layer_normalise=True, image_score="combined", map_top=0.02)
+    """layer_normalise, image_score combined and the search options (match_radius, feature_pool): fit on Ray learns
+    the scales the in-process fit learns (from the same held-out images, stored as float16), and score on Ray writes
+    the model's own combined scores and maps. The in-process restricted search and pooling equal numpy's
+    (tests/unit/method/test_detector.py), so through Ray they do too."""
+    settings = fitted.settings.replace(layer_normalise=True, image_score="combined", map_top=0.02, match_radius=16, feature_pool=3)
     model_uri = f"{fitted.bucket}/model-options"
     run_fit(fitted.train_uri, model_uri, settings)
     model = SpadeModel.load(model_uri, settings.fsspec_options())
+    assert (model.card.settings.match_radius, model.card.settings.feature_pool) == (16, 3)
     ids = fitted.ids("train")
     in_process = detector.fit([fitted.image("train", i) for i in ids], settings, ids=ids)
     learnt, expected = (m.card.normalisation for m in (model, in_process))
