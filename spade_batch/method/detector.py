@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 def fit(images: Sequence[np.ndarray], settings: Settings, ids: Sequence[str] | None = None, folder: str | None = None) -> SpadeModel:
     """Fit on normal H x W x 3 uint8 images, as the pipeline does on the same images and ids.
 
-    settings.calibration_fraction of the images (by id hash) are held out of the gallery to calibrate
-    the thresholds; images whose size is far from the rest are left out (keep_size_outliers keeps them).
+    The thresholds are calibrated as settings.calibration_images says: by default each gallery image (at most
+    calibration_sample of them) scored against the others (leave_one_out); with held_out, calibration_fraction of
+    the images (by id hash) are kept out of the gallery for it. Images whose size is far from the rest are left out
+    (keep_size_outliers keeps them).
     The features, gallery files and card go to the local `folder` (a new temp folder by default): a
     complete model there, version 1 (`add` grows it); `model.save(uri)` publishes it elsewhere.
     """
