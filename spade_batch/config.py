@@ -410,12 +410,15 @@ def load_request(
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    from spade_batch.formats import storage
+    import fsspec  # through fsspec itself: the settings sit below formats (storage) in the import graph
 
     try:
-        loaded = yaml.safe_load(storage.read_text(path))
+        with fsspec.open(path, "rb") as file:
+            loaded = yaml.safe_load(file.read().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     except yaml.YAMLError as error:
         # One line: PyYAML's message spans several, with a caret drawing.
         mark = getattr(error, "problem_mark", None)

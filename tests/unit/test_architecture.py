@@ -88,6 +88,16 @@ def test_each_layer_imports_only_what_its_docstring_allows():
     assert not wrong, wrong
 
 
+BOTTOM = {"spade_batch.config"}
+"""Modules at the bottom of the import graph: they import nothing of spade_batch, so any layer may import them."""
+
+
+def test_the_settings_sit_at_the_bottom_of_the_import_graph():
+    graph = import_graph()
+    assert {name: graph[name] for name in BOTTOM} == {name: set() for name in BOTTOM}
+    assert all("config" in allowed for allowed in ALLOWED.values())
+
+
 def external_imports(path: pathlib.Path) -> list[tuple[str, bool]]:
     """(top-level package, at module level) of every absolute import in `path`; at module level: outside any function."""
     found: list[tuple[str, bool]] = []

@@ -328,3 +328,9 @@ def test_search_options_refuse_what_they_cannot_do(values, words):
 def test_layers_name_the_levels_in_use():
     assert Settings().method.levels == (0, 1, 2) and Settings(layers="2,3").method.levels == (1, 2)
     assert Settings(match_radius=8, k=2, kappa=8).match_radius == 8
+
+
+def test_a_file_that_is_not_utf8_names_the_file(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("method:\n  backbone: r\xe9snet\n".encode("latin-1"))
+    assert_one_line_error_naming_the_file(str(latin1), ["not UTF-8", "at byte 20"])
