@@ -333,4 +333,4 @@ def test_layers_name_the_levels_in_use():
 def test_a_file_that_is_not_utf8_names_the_file(tmp_path):
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes("method:\n  backbone: r\xe9snet\n".encode("latin-1"))
-    assert_one_line_error_naming_the_file(str(latin1), ["not UTF-8", "at byte 20"])
+    assert_one_line_error_naming_the_file(str(latin1), ["not UTF-8", "at byte 21"])
