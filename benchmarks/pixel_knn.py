@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from spade_batch.method import spade
+from spade_batch.method import pixel_search, spade
 from spade_batch.method.alignment import radius_cells
 
 LAYERS = {"layer1": (256, 56), "layer2": (512, 28), "layer3": (1024, 14)}  # name -> (channels, side)
@@ -81,7 +81,7 @@ def gemm_dtype(precision: str) -> torch.dtype:
 def peak_flops(precision: str, device: torch.device, generator: torch.Generator, repeats: int) -> float:
     """FLOP/s of a square PEAK_SIDE^3 GEMM in the precision."""
     square = torch.randn(PEAK_SIDE, PEAK_SIDE, generator=generator).to(device, gemm_dtype(precision))
-    with spade.matmul_precision(precision, device):
+    with pixel_search.matmul_precision(precision, device):
         return 2.0 * PEAK_SIDE**3 / best_seconds(lambda: square @ square, repeats, device)
 
 
@@ -102,7 +102,7 @@ def measure_precision(args: argparse.Namespace, precision: str, device: torch.de
         ) / args.batch
         image = queries[0].reshape(channels, pixels).T.contiguous().to(gemm_dtype(precision))
         gallery = galleries[0].to(gemm_dtype(precision))
-        with spade.matmul_precision(precision, device):
+        with pixel_search.matmul_precision(precision, device):
             gemm_s = best_seconds(lambda: image @ gallery.T, args.repeats, device)
         total_flops += flops
         total_spade += spade_s
@@ -158,7 +158,7 @@ def print_memory(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="float32", choices=[*spade.PRECISIONS, "all"])
+    parser.add_argument("--precision", default="float32", choices=[*pixel_search.PRECISIONS, "all"])
     parser.add_argument("--batch", type=int, default=1, help="test images per kernel call")
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
@@ -166,14 +166,14 @@ def main() -> None:
     parser.add_argument("--match-radius", type=int, help="time the restricted search at this radius (pixels at 224 px) against the full one")
     args = parser.parse_args()
     device = torch.device(args.device)
-    args.chunk_mib = args.chunk_mib or spade.chunk_bytes_for(device) // 2**20
+    args.chunk_mib = args.chunk_mib or pixel_search.chunk_bytes_for(device) // 2**20
     if args.match_radius is not None:
         if args.precision == "all":
             parser.error("--match-radius compares one precision: pass --precision float32, tf32 or bfloat16")
         print(f"device={device} batch={args.batch} K={args.k} threads={torch.get_num_threads()} precision={args.precision}")
         print(f"speed-up over the full search: {measure_radius(args, device):.1f}x")
         return
-    precisions = spade.PRECISIONS if args.precision == "all" else (args.precision,)
+    precisions = pixel_search.PRECISIONS if args.precision == "all" else (args.precision,)
     print(
         f"device={device} batch={args.batch} K={args.k} threads={torch.get_num_threads()} "
         f"chunk={args.chunk_mib} MiB"

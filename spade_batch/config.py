@@ -133,7 +133,7 @@ class Settings:
 
     @property
     def chunk_bytes(self) -> int | None:
-        """chunk_mib in bytes; None (unset) leaves the size to the device: spade.chunk_bytes_for."""
+        """chunk_mib in bytes; None (unset) leaves the size to the device: pixel_search.chunk_bytes_for."""
         return None if self.chunk_mib is None else self.chunk_mib * 2**20
 
     def fsspec_options(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """How aligned normal images are: whether a pixel finds as close a match near its own position as anywhere.
 
 On fixtured parts a pixel's nearest normal pixel lies near the same place in the retrieved image; then
-match_radius (spade.local_nearest_matches) keeps the matches and costs far less. Fit measures two things on the
+match_radius (pixel_search.local_nearest_matches) keeps the matches and costs far less. Fit measures two things on the
 calibration images and records them in the card: where their full-search matches lie (the share within each
 radius of the cell's own position; formats.calibration_matches.PixelMatches names each match's cell), and, the
 measure fit's suggestion rests on, how many cells a search within each radius still finds a match about as close

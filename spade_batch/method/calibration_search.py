@@ -17,7 +17,7 @@ from spade_batch.formats.calibration_matches import PixelMatches
 from spade_batch.formats.feature_index import StoredFeatures
 from spade_batch.formats.features import FeatureTable, LayerShape
 from spade_batch.formats.model import SpadeModel
-from spade_batch.method import calibrate, spade
+from spade_batch.method import calibrate, pixel_search, spade
 from spade_batch.method.alignment import KEPT_WITHIN, radius_cells
 from spade_batch.method.calibrate import CalibrationScores
 from spade_batch.method.extractor import Extractor, Features
@@ -125,7 +125,7 @@ class AlignmentSample:
 def kept_shares(samples: Iterable[AlignmentSample], shapes: Sequence[LayerShape], image_size: int, kappa: int,
                 radii: Sequence[int]) -> dict[str, float]:
     """Per radius (pixels at the working size), the share of cells whose kappa nearest matches within that radius
-    (spade.local_nearest_matches, the search match_radius runs) average at most KEPT_WITHIN more squared distance than
+    (pixel_search.local_nearest_matches, the search match_radius runs) average at most KEPT_WITHIN more squared distance than
     the full search's. Each layer's cells count with the layer's weight in the map: each layer's share, averaged.
 
     Returns:
@@ -137,7 +137,7 @@ def kept_shares(samples: Iterable[AlignmentSample], shapes: Sequence[LayerShape]
             full = torch.from_numpy(sample.matches.distances[layer]).mean(dim=1)
             cells[layer] += full.numel()
             for row, radius in enumerate(radii):
-                found = spade.local_nearest_matches(sample.queries[layer][None], sample.galleries[layer][None], (shape.height, shape.width),
+                found = pixel_search.local_nearest_matches(sample.queries[layer][None], sample.galleries[layer][None], (shape.height, shape.width),
                                                     radius_cells(radius, shape.height, image_size), kappa)[0][0].mean(dim=1)
                 kept[row, layer] += int((found <= (1 + KEPT_WITHIN) * full).sum())
     if not cells.all():

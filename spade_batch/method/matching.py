@@ -3,7 +3,7 @@ normal images, and which retrieved image each came from (formats.calibration_mat
 retrieved images change.
 
 SPADE's map of an image is, per layer and pixel, the mean of the kappa smallest squared distances to the
-pixels of its K retrieved images (spade.nearest_matches). When the gallery grows (add), an image's retrieved
+pixels of its K retrieved images (pixel_search.nearest_matches). When the gallery grows (add), an image's retrieved
 set changes from S_old to S_new: some images join, as many leave. For a pixel none of whose kappa matches
 came from an image that left, the kappa smallest over S_new are the kappa smallest of its matches and of
 its matches among the images that joined. A pixel that lost a match is searched again among the images
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from spade_batch.formats.calibration_matches import MAX_NEIGHBOURS, PixelMatches
-from spade_batch.method import spade
+from spade_batch.method import pixel_search
 
 GalleryRows = Callable[[Sequence[str], int], torch.Tensor]
 """(ids, layer) -> (len(ids) * h_l*w_l) x C_l float32 centred pixel features of those gallery images, one image after another."""
@@ -34,7 +34,7 @@ def match_pixels(
     gallery: GalleryRows,
     kappa: int,
     previous: PixelMatches | None = None,
-    chunk_bytes: int = spade.DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int = pixel_search.DEFAULT_CHUNK_BYTES,
     precision: str = "float32",
     grids: Sequence[tuple[int, int]] | None = None,
     radii: Sequence[int | None] | None = None,
@@ -48,11 +48,11 @@ def match_pixels(
         queries: per layer, h_l*w_l x C_l float32 centred pixel features of the image.
         neighbour_ids: its K retrieved gallery images, nearest first.
         gallery: the retrieved images' pixel features (GalleryRows), on the queries' device.
-        kappa, chunk_bytes, precision: as spade.nearest_matches.
+        kappa, chunk_bytes, precision: as pixel_search.nearest_matches.
         previous: its matches with the images an earlier gallery retrieved; None searches every image.
         grids: per layer, (h_l, w_l): where each pixel lies, for the matched cells and the radius; None: unknown
             (no radius, and the matches record no cells).
-        radii: per layer, the match radius in cells (spade.local_nearest_matches), None for the full search.
+        radii: per layer, the match radius in cells (pixel_search.local_nearest_matches), None for the full search.
     """
     if len(neighbour_ids) > MAX_NEIGHBOURS:
         raise ValueError(f"k={len(neighbour_ids)} retrieved images: matches name at most {MAX_NEIGHBOURS}")
@@ -121,7 +121,7 @@ class _Search:
         if self.radius is None:
             found = min(self.kappa, rows.shape[0])
             wanted = query if only is None else query[only]
-            nearest, row = spade.nearest_matches(wanted[None], rows[None], found, self.chunk_bytes, self.precision)
+            nearest, row = pixel_search.nearest_matches(wanted[None], rows[None], found, self.chunk_bytes, self.precision)
             nearest, row = F.pad(nearest[0], (0, self.kappa - found), value=torch.inf), F.pad(row[0], (0, self.kappa - found))
             if only is not None:
                 nearest = torch.full((query.shape[0], self.kappa), torch.inf, device=query.device).index_put_((only,), nearest)
@@ -129,7 +129,7 @@ class _Search:
         else:  # the neighbourhoods need the whole grid
             if self.grid is None:
                 raise ValueError("a match radius needs the layers' grids")
-            nearest, row = spade.local_nearest_matches(query[None], rows[None], self.grid, self.radius, self.kappa,
+            nearest, row = pixel_search.local_nearest_matches(query[None], rows[None], self.grid, self.radius, self.kappa,
                                                        self.chunk_bytes, self.precision)
             nearest, row = nearest[0], row[0]
         images = torch.tensor([self.position[image_id] for image_id in ids], dtype=torch.int64, device=query.device)

@@ -9,7 +9,7 @@ import torch
 
 from spade_batch.formats.calibration_matches import PixelMatches
 from spade_batch.formats.model import SpadeModel
-from spade_batch.method import matching, spade
+from spade_batch.method import matching, pixel_search, spade
 from spade_batch.method.alignment import radius_cells
 from spade_batch.method.extractor import Extractor, Features
 from spade_batch.method.score_rules import ImageScore, image_scores
@@ -34,7 +34,7 @@ class Scorer:
         self.normalisation = model.card.normalisation
         self.layer_scales = self.normalisation.layer_scales if self.method.layer_normalise else None
         device = extractor.device
-        self.chunk_bytes, self.precision = chunk_bytes or spade.chunk_bytes_for(device), precision
+        self.chunk_bytes, self.precision = chunk_bytes or pixel_search.chunk_bytes_for(device), precision
         # Several images per kernel call pay off on a GPU; on a CPU one image already fills the cores.
         self.images_per_call = images_per_call or (extractor.batch_size if device.type == "cuda" else 1)
         self.global_centre = torch.from_numpy(model.centre.global_mean).to(device)

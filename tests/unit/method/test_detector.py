@@ -27,7 +27,7 @@ from spade_batch.formats.locks import LockHeldError
 from spade_batch.formats.model import Centre, SpadeModel
 from spade_batch.formats.model_build import GalleryWriter, build_model
 from spade_batch.formats.versions import resolve, version_numbers
-from spade_batch.method import calibrate, matching, spade
+from spade_batch.method import calibrate, matching, pixel_search, spade
 from spade_batch.method.addition import new_images
 from spade_batch.method.alignment import measure_alignment, radius_cells
 from spade_batch.method.calibration_search import ALIGNMENT_IMAGES
@@ -338,7 +338,7 @@ def test_the_distance_block_is_the_devices_unless_chunk_mib_is_set_and_scores_do
     default = Scorer(model, Extractor(settings), settings.chunk_bytes)
     tiny = Scorer(model, Extractor(settings), settings.replace(chunk_mib=1).chunk_bytes)
     assert (settings.chunk_mib, default.chunk_bytes, tiny.chunk_bytes) == (None, 16 * 2**20, 2**20)
-    assert spade.chunk_bytes_for(torch.device("cuda")) == 256 * 2**20
+    assert pixel_search.chunk_bytes_for(torch.device("cuda")) == 256 * 2**20
     for got, expected in zip(tiny.score_features(test), default.score_features(test)):
         assert got.score == pytest.approx(expected.score, rel=1e-6)
         np.testing.assert_allclose(got.anomaly_map, expected.anomaly_map, rtol=1e-5)
