@@ -27,7 +27,7 @@ browser:
 # process starting, the other computes.
 test: venv browser
 	$(BIN)/ruff check spade_batch tests benchmarks jobs scripts
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 # The unit lane alone: in process, no Ray, S3 server, subprocess or browser; under a minute on 2 idle cores.
 test-fast: venv
