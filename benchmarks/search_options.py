@@ -57,6 +57,22 @@ def train_subset(data: str, count: int, work: str) -> str:
     return folder
 
 
+def aligned_data(work: str) -> str:
+    """The synthetic aligned set under work/data, written once and reused by later runs (it is seeded)."""
+    root = os.path.join(work, "data", "parts")
+    return root if os.path.isdir(os.path.join(root, "test")) else make_aligned_data(os.path.join(work, "data"))
+
+
+def save(rows: list[dict[str, Any]], path: str) -> None:
+    """Merge rows into path's results (a row replaces the earlier one of its set and config), so a run of one set keeps the other's."""
+    kept = json.load(open(path)) if os.path.exists(path) else []
+    new = {(row["set"], row["config"]) for row in rows}
+    merged = [row for row in kept if (row["set"], row["config"]) not in new] + rows
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(merged, f, indent=2)
+
+
 def run_config(name: str, data: str, train: str, work: str, every: int) -> dict[str, Any]:
     """Fit + evaluate one configuration on one set; its row of the table."""
     folder = os.path.join(work, name)
@@ -100,15 +116,13 @@ def main() -> None:
     rows = []
     for data_set in args.sets:
         work = os.path.join(args.work, data_set)
-        data = os.path.abspath(args.magnetic_tile) if data_set == "magnetic_tile" else make_aligned_data(os.path.join(work, "data"))
+        data = os.path.abspath(args.magnetic_tile) if data_set == "magnetic_tile" else aligned_data(work)
         train = train_subset(data, args.train, work)
         for name in args.configs:
             rows.append({"set": data_set, **run_config(name, data, train, work, args.every)})
             print(json.dumps(rows[-1]), flush=True)
+            save(rows[-1:], os.path.join(args.work, "results.json"))
         print(f"{data_set}: alignment measured at fit ({args.configs[0]}): {rows[-len(args.configs)]['alignment']}", flush=True)
-    os.makedirs(args.work, exist_ok=True)
-    with open(os.path.join(args.work, "results.json"), "w") as f:
-        json.dump(rows, f, indent=2)
     print(table(rows))
 
 

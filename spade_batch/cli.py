@@ -266,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, secrets: set[str]) -> int:
     """Run the command; adds the credentials of the effective settings to ``secrets`` once they are loaded."""
-    from spade_batch import commands
+    from spade_batch import commands, tables
 
     if args.command == "make-demo-data":
         from spade_batch.formats.datasets import make_aligned_data, make_demo_data
@@ -274,7 +274,7 @@ def _run(args: argparse.Namespace, secrets: set[str]) -> int:
         print((make_aligned_data if args.kind == "aligned" else make_demo_data)(args.out, seed=args.seed))
         return 0
     if args.command == "config":
-        return commands.show_config(args.config, args.keys)
+        return tables.show_config(args.config, args.keys)
     settings, explicit = settings_from(args)
     secrets.update(secret_values(settings.fsspec_options()))
     configure_logging(settings.log_level, secrets)
@@ -294,7 +294,7 @@ def _run(args: argparse.Namespace, secrets: set[str]) -> int:
         ),
         "thresholds": lambda: commands.thresholds(args.model, args.labelled, settings, explicit, args.target, args.out, args.dry_run),
         "demo": lambda: commands.demo(args.out, settings, explicit, args.dry_run),
-        "show": lambda: commands.show(args.uri, settings, args.top, args.output, args.verdicts),
+        "show": lambda: tables.show(args.uri, settings, args.top, args.output, args.verdicts),
         "review": lambda: commands.review(args.uri, settings, None if args.all_flagged else args.top, args.out),
     }
     return handlers[args.command]()

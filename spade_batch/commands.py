@@ -1,33 +1,41 @@
-"""What each CLI command and job does, with the operator's view: dry runs and summary tables.
+"""What each CLI command and job does: runs the library, then prints its summary table (tables.py) and returns the exit status.
 
 cli.py and jobs/*.py only parse arguments and call these.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from spade_batch.config import GROUPS, Settings, describe, load_settings
+from spade_batch.config import Settings
 from spade_batch.exit_codes import ExitCode, add_exit_code, score_exit_code
 from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs, refuse_outputs, refuse_shared_place
-from spade_batch.formats.manifest import Manifest, build_manifest, is_manifest_file
-from spade_batch.formats.text import format_number
+from spade_batch.formats.manifest import build_manifest, is_manifest_file
 from spade_batch.formats.versions import resolve
 from spade_batch.method.alignment import suggestion
+from spade_batch.tables import (
+    metric,
+    near_duplicates,
+    number,
+    print_dry_run,
+    print_left_out,
+    print_review,
+    print_suspects,
+    print_table,
+    share,
+    suspects_count,
+)
 
 if TYPE_CHECKING:
     import numpy as np
 
     from spade_batch.formats.calibration_matches import PixelMatches
     from spade_batch.formats.features import LayerShape
-    from spade_batch.reports.review_page import NearestNormal, NearestNormalOf, ReviewPage
+    from spade_batch.reports.review_page import NearestNormal, NearestNormalOf
 
 log = logging.getLogger(__name__)
 
@@ -47,189 +55,6 @@ EXIT_RETRYABLE = ExitCode.RETRYABLE
 """Exit status when some images could not be read for a transient reason (EX_TEMPFAIL): re-run to retry them."""
 
 
-def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
-    """A two-column summary table on stdout."""
-    width = max(len(name) for name, _ in rows)
-    print(f"\n{title}")
-    print("-" * len(title))
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
-
-
-def show_config(path: str | None, keys: bool) -> int:
-    """--keys: every key by group, with its type, default and meaning; else the effective settings as grouped YAML."""
-    if keys:
-        for group in GROUPS:
-            print(f"{group.name}: {group.title} (used by {', '.join(group.commands)})")
-            for doc in describe():
-                if doc.group == group.name:
-                    print(f"  {doc.key} ({doc.kind}, default {doc.default}): {doc.help}")
-        return 0
-    print(yaml.safe_dump(load_settings(path).grouped(redact=True), sort_keys=False), end="")
-    return 0
-
-
-def show(uri: str, settings: Settings, top: int, output: str = "table", verdicts: str | None = None) -> int:
-    """Print what the model or the run at uri holds (output: table, json, or csv: a run's review sheet of its top
-    flagged images); with verdicts (a filled-in sheet), the run as the reviewers judged it."""
-    from spade_batch.formats.review import read_sheet, sheet_csv
-    from spade_batch.reports.summary import review_rows, summarise, verdicts_summary
-
-    options = settings.fsspec_options()
-    if verdicts:
-        judged = verdicts_summary(uri, read_sheet(verdicts, options), options)
-        if output == "json":
-            print(json.dumps(judged, indent=2))
-        else:
-            _print_verdicts(judged)
-        return 0
-    summary = summarise(uri, options, top)
-    if output == "csv":
-        if summary["kind"] != "run":
-            raise ValueError(f"{uri} is a model: a review sheet (--format csv) is written for a run's OUT_URI")
-        print(sheet_csv(review_rows(summary)), end="")
-    elif output == "json":
-        print(json.dumps(summary, indent=2))
-    elif summary["kind"] == "model":
-        _print_model(summary)
-    else:
-        _print_run(summary)
-    return 0
-
-
-def _print_model(summary: dict[str, Any]) -> None:
-    training, thresholds = summary["training"], summary["thresholds"]
-    print_table(
-        "model",
-        [
-            ("model", f"{summary['uri']} (version {summary['version']}, the current one)"),
-            ("backbone", f"{summary['backbone']} ({summary['weights']} weights, {summary['weights_sha256']})"),
-            ("method", ", ".join(f"{key}={value}" for key, value in summary["settings"].items() if key not in ("backbone", "weights"))),
-            ("gallery images", training["gallery_images"]),
-            ("calibration images", training["calibration_images"]),
-            ("failed images", training["failed_images"]),
-            ("image threshold", thresholds["image"]),
-            ("pixel threshold", thresholds["pixel"]),
-            ("thresholds set by", summary["thresholds_set_by"]),
-            *summary["decisions"].items(),
-            ("alignment", summary["alignment"]),
-            ("created", f"{summary['created']} (spade-batch {summary['package_version']})"),
-        ],
-    )
-    _print_failures(summary["failures"])
-    _print_unused(summary["unused"])
-    print("\nversions (current: *)")
-    print(f"{'':1} {'version':>7}  {'parent':>6}  {'added':>6}  {'gallery':>7}  {'image thr':>10}  {'pixel thr':>10}  {'set by':<21}  created")
-    for row in summary["versions"]:
-        thresholds = row["thresholds"]
-        print(f"{'*' if row['current'] else ' '} {row['number']:>7}  {row['parent'] or '-':>6}  {row['images_added'] or '-':>6}  "
-              f"{row['gallery_images']:>7}  {_number(thresholds['image']):>10}  {_number(thresholds['pixel']):>10}  "
-              f"{row['thresholds_set_by']:<21}  {row['created']}")
-
-
-def _print_unused(unused: dict[str, Any], limit: int = 20) -> None:
-    """The training images the model does not use (left out, duplicates), its near-duplicate count, and what each
-    version left out of the images new to it or used by its parent; `limit` of each list (--json: all)."""
-    if unused["recorded"] is False:
-        print("\ntraining images not used: not recorded (a model from before they were)")
-        return
-    listed = [(f"training images not used ({len(unused['images'])})", unused["images"]),
-              *((f"left out by version {v['number']} ({len(v['left_out'])})", v["left_out"]) for v in unused["by_version"])]
-    for title, entries in listed:
-        if entries:
-            print(f"\n{title}")
-            for entry in entries[:limit]:
-                print(f"  {entry['id']}: {entry['reason']}")
-            if len(entries) > limit:
-                print(f"  ... and {len(entries) - limit} more (--json lists them)")
-    print(f"\nnear-duplicates: {_near_duplicates(unused['near_duplicates'])}")
-
-
-def _number(value: float | None) -> str:
-    return format_number(value, ".4g", "-")
-
-
-def _print_run(summary: dict[str, Any]) -> None:
-    counts, thresholds, timings = summary["counts"], summary["thresholds"], summary["timings"]
-    rate = summary["anomaly_rate"]
-    print_table(
-        "run",
-        [
-            ("run", summary["uri"]),
-            ("model", f"{summary['model_uri']} (version {summary['model_version']})"),
-            *[(name, counts[name]) for name in ("images", "scored", "failed", "retryable", "resumed", "changed", "restored")],
-            ("anomalous", "unknown (no image threshold)" if rate is None else f"{counts['anomalous']} ({rate:.2%} of scored)"),
-            ("image threshold", thresholds["image"]),
-            ("pixel threshold", thresholds["pixel"]),
-            (Outputs.masks, summary["mask_kind"]),
-            *([("paper crop", summary["paper_crop"]["message"])] if summary["paper_crop"] else []),
-            ("seconds", f"{timings['seconds']:.1f}"),
-            ("images/s", f"{timings['images_per_second']:.2f}"),
-        ],
-    )
-    _print_failures(summary["failures"])
-    if summary["top"]:
-        print(f"\ntop {len(summary['top'])} images by score")
-        for row in summary["top"]:
-            flag = "anomalous" if row["is_anomalous"] else "normal" if row["is_anomalous"] is not None else "-"
-            print(f"{row['image_score']:>12.4f}  {flag:<9}  {row['id']}  {row['mask_uri']}")
-
-
-def _print_verdicts(judged: dict[str, Any]) -> None:
-    precision = judged["precision"]
-    print_table(
-        "verdicts",
-        [
-            ("run", judged["uri"]),
-            ("flagged images", "unknown (no image threshold)" if judged["flagged"] is None else judged["flagged"]),
-            ("reviewed", judged["reviewed"]),
-            ("confirmed defects", judged["confirmed_defects"]),
-            ("false alarms", judged["false_alarms"]),
-            ("precision among reviewed", "n/a (none reviewed)" if precision is None else f"{precision:.1%}"),
-            *([("reviewed, not flagged", judged["reviewed_not_flagged"])] if judged["reviewed_not_flagged"] else []),
-        ],
-    )
-
-
-def _print_failures(failures: list[dict[str, Any]]) -> None:
-    if failures:
-        print("\nfailures by reason")
-        for failure in failures:
-            print(f"{failure['count']:>6}  {failure['reason']}  (e.g. {failure['example']})")
-
-
-def _dry_run(source: str | Manifest, settings: Settings, outputs: list[str], model_uri: str | None = None) -> int:
-    """Print what a run of the images at source (or of a manifest) would read and write; with model_uri, also what model it would use."""
-    manifest = source if isinstance(source, Manifest) else build_manifest(source, settings.fsspec_options())
-    rows: list[tuple[str, Any]] = [
-        ("images", len(manifest)),
-        ("root", manifest.root),
-        ("part files", f"up to {settings.shard_size} images each"),
-    ]
-    if manifest.ids:
-        rows += [("first image", manifest.ids[0]), ("last image", manifest.ids[-1])]
-    if manifest.rejected:
-        uri, reason = manifest.rejected[0]
-        rows += [("rejected", f"{len(manifest.rejected)} (each gets an error row), first: {uri}: {reason}")]
-    if model_uri is not None:
-        rows.append(("model", _describe_model(model_uri, settings)))
-    rows += [("writes", uri) for uri in outputs]
-    print_table("dry run: nothing computed or written", rows)
-    return 0
-
-
-def _describe_model(model_uri: str, settings: Settings) -> str:
-    if not storage.exists(ModelLayout(model_uri).card, settings.fsspec_options()):
-        return f"{model_uri}: no model there yet (fit one first)"
-    current = resolve(model_uri, None, settings.fsspec_options())
-    card = load_card(current.uri, settings.fsspec_options())
-    method, thresholds = card.settings, card.thresholds
-    return (
-        f"{model_uri}: version {current.number}, {method.backbone} ({method.weights}), K={method.k}, "
-        f"{card.train_count} gallery images, thresholds image {thresholds.image}, pixel {thresholds.pixel}"
-    )
-
-
 def _alignment(model_uri: str, settings: Settings) -> str:
     """The fitted model's alignment line (method.alignment.suggestion)."""
     card = load_card(model_uri, settings.fsspec_options())
@@ -239,7 +64,7 @@ def _alignment(model_uri: str, settings: Settings) -> str:
 def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -> int:
     if dry_run:
         files = ModelLayout(model_uri)
-        return _dry_run(train, settings, [files.features, files.pyramid, files.index, files.card])
+        return print_dry_run(train, settings, [files.features, files.pyramid, files.index, files.card])
     from spade_batch.engine.fit import run_fit
     from spade_batch.engine.fit_steps import RetryableInputError
 
@@ -259,8 +84,8 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
             ("failed images", summary.failed_images),
             ("left out", len(summary.left_out)),
             ("duplicates (used once)", len(summary.duplicates)),
-            ("near-duplicates", _near_duplicates(summary.near_duplicates)),
-            ("suspect images", _suspects_count(summary.suspects, summary.suspects_left_out)),
+            ("near-duplicates", near_duplicates(summary.near_duplicates)),
+            ("suspect images", suspects_count(summary.suspects, summary.suspects_left_out)),
             ("image threshold", summary.thresholds["image"]),
             ("pixel threshold", summary.thresholds["pixel"]),
             ("seconds", f"{summary.seconds['total']:.1f}"),
@@ -270,40 +95,11 @@ def fit(train: str, model_uri: str, settings: Settings, dry_run: bool = False) -
     )
     for failure in summary.failures[:10]:
         print(f"failed: {failure['id']}: {failure['error']}")
-    _print_left_out([*summary.left_out, *({"id": d["id"], "reason": f"same content as {d['kept']} (kept)"} for d in summary.duplicates)])
-    _print_suspects(summary.suspects)
+    print_left_out([*summary.left_out, *({"id": d["id"], "reason": f"same content as {d['kept']} (kept)"} for d in summary.duplicates)])
+    print_suspects(summary.suspects)
     for warning in summary.warnings:
         print(f"warning: calibration: {warning}")
     return 0
-
-
-def _suspects_count(suspects: list[dict[str, Any]], left_out: bool) -> str:
-    """The summary tables' suspect row: how many, and what became of them (calibration setting suspects)."""
-    if not suspects:
-        return "0"
-    return f"{len(suspects)} ({'left out of the gallery and calibration' if left_out else 'kept: --suspects leave_out leaves them out'})"
-
-
-def _print_suspects(suspects: list[dict[str, Any]]) -> None:
-    """One line per suspect training image (the first 10), highest score first."""
-    for entry in suspects[:10]:
-        print(f"suspect: {entry['id']}: image score {entry['score']:.4g}, far above the other calibration images")
-
-
-def _near_duplicates(near: dict[str, Any]) -> str:
-    """'N of M calibration images (e.g. a ~ b)': those with a gallery neighbour much closer than the rest."""
-    if not near:
-        return "not measured"
-    examples = ", ".join(f"{e['id']} ~ {e['neighbour']}" for e in near["examples"][:3])
-    return f"{near['count']} of {near['checked']} calibration images" + (f" (e.g. {examples})" if examples else "")
-
-
-def _print_left_out(entries: list[dict[str, str]], limit: int = 10) -> None:
-    """'left out: id: why' for the first `limit` entries, then how many more."""
-    for entry in entries[:limit]:
-        print(f"left out: {entry['id']}: {entry['reason']}")
-    if len(entries) > limit:
-        print(f"left out: ... and {len(entries) - limit} more (spade-batch show MODEL --json lists them)")
 
 
 def add(
@@ -322,7 +118,7 @@ def add(
         refuse_outputs(f"--images {images}", manifest, not is_manifest_file(images or ""), "add", options)
         refuse_shared_place(("--model", model_uri), ("--images", images or ""), manifest.root, "the model's files")
     if dry_run:
-        return _dry_run(manifest, settings, [ModelLayout(model_uri).versions], model_uri)
+        return print_dry_run(manifest, settings, [ModelLayout(model_uri).versions], model_uri)
     from spade_batch.engine.add import run_add
     from spade_batch.engine.fit_steps import RetryableInputError
 
@@ -345,8 +141,8 @@ def add(
             ("extracted now", summary.extracted),
             ("gallery images", summary.gallery_images),
             ("calibration images", summary.calibration_images),
-            ("near-duplicates", _near_duplicates(summary.near_duplicates)),
-            ("suspect images", _suspects_count(summary.suspects, summary.suspects_left_out)),
+            ("near-duplicates", near_duplicates(summary.near_duplicates)),
+            ("suspect images", suspects_count(summary.suspects, summary.suspects_left_out)),
             ("image threshold", summary.thresholds["image"]),
             ("pixel threshold", summary.thresholds["pixel"]),
             ("seconds", f"{summary.seconds:.1f}"),
@@ -354,10 +150,10 @@ def add(
     )
     for failure in summary.failures[:10]:
         print(f"failed: {failure['id']}: {failure['error']}")
-    _print_left_out(summary.left_out)
+    print_left_out(summary.left_out)
     if not summary.published and summary.left_out:
         print(f"nothing published: the gallery and calibration of version {summary.version} would not change")
-    _print_suspects(summary.suspects)
+    print_suspects(summary.suspects)
     for warning in summary.warnings:
         print(f"warning: calibration: {warning}")
     parent = load_card(resolve(model_uri, summary.parent, options).uri, options)
@@ -404,20 +200,14 @@ def thresholds(
     return 0
 
 
-def _share(values: dict[str, Any] | None, ratio: str, count: str, total: str) -> str:
-    if values is None or values[ratio] is None:
-        return "-"
-    return f"{values[ratio]:.3f} ({values[count]} of {values[total]})"
-
-
 _DECISION_MEASURES: dict[str, Any] = {
-    "image threshold": lambda limits, _: _number(limits["image"]),
-    "pixel threshold": lambda limits, _: _number(limits["pixel"]),
-    "image FPR": lambda _, made: _share(made["image"], "fpr", "flagged_normal", "normal"),
-    "image TPR": lambda _, made: _share(made["image"], "tpr", "flagged_defective", "defective"),
-    "image F1": lambda _, made: _number(made["image"] and made["image"]["f1"]),
-    "SegF1": lambda _, made: _number(made["pixel"] and made["pixel"]["seg_f1"]),
-    "normal images with flagged pixels": lambda _, made: _share(made["pixel"], "share_normal_images_flagged", "normal_images_flagged",
+    "image threshold": lambda limits, _: number(limits["image"]),
+    "pixel threshold": lambda limits, _: number(limits["pixel"]),
+    "image FPR": lambda _, made: share(made["image"], "fpr", "flagged_normal", "normal"),
+    "image TPR": lambda _, made: share(made["image"], "tpr", "flagged_defective", "defective"),
+    "image F1": lambda _, made: number(made["image"] and made["image"]["f1"]),
+    "SegF1": lambda _, made: number(made["pixel"] and made["pixel"]["seg_f1"]),
+    "normal images with flagged pixels": lambda _, made: share(made["pixel"], "share_normal_images_flagged", "normal_images_flagged",
                                                                "normal_images"),
 }
 """The rows of thresholds' before/after table: each from (thresholds, decisions) of one column."""
@@ -431,7 +221,7 @@ def score(
     the exit status says what happened (exit_codes.py)."""
     if dry_run:
         outputs = Outputs(out_uri)
-        return _dry_run(images, settings, [outputs.masks, outputs.scores, outputs.run_json, outputs.report,
+        return print_dry_run(images, settings, [outputs.masks, outputs.scores, outputs.run_json, outputs.report,
                                            *([outputs.review] if review_top else [])], model_uri)
     from dataclasses import asdict
 
@@ -510,7 +300,7 @@ def review(out_uri: str, settings: Settings, top: int | None, page_uri: str | No
     from spade_batch.reports.review_page import write_review_page
 
     page = write_review_page(out_uri, settings, top, page_uri, nearest_normal(settings))
-    _print_review(page)
+    print_review(page)
     return 0
 
 
@@ -536,14 +326,6 @@ def nearest_normal(settings: Settings) -> NearestNormalOf:
         return search
 
     return of
-
-
-def _print_review(page: ReviewPage) -> None:
-    flagged = "unknown (no image threshold)" if page.flagged is None else page.flagged
-    print_table("review", [("page", page.uri), ("cards", page.cards), ("flagged images", flagged),
-                           ("pictures missing", len(page.undrawn))])
-    for note in page.undrawn[:10]:
-        print(f"spade-batch: warning: review: the {note.picture} of {note.id} could not be read: {note.reason}", file=sys.stderr)
 
 
 def run_date(date: str | None) -> str:
@@ -576,7 +358,7 @@ def evaluate(
 ) -> int:
     written = EvaluationOutputs(out)
     if dry_run:
-        return _dry_run(storage.join(data, "test"), settings, [written.metrics_json, written.report], model_uri)
+        return print_dry_run(storage.join(data, "test"), settings, [written.metrics_json, written.report], model_uri)
     from spade_batch.reports.evaluate import run_evaluate
 
     metrics = run_evaluate(model_uri, data, out, settings, explicit, original_resolution, every, model_version)
@@ -587,16 +369,16 @@ def evaluate(
         [
             ("preprocessing", metrics["preprocessing"]),
             ("test images", metrics["counts"]["images"]),
-            ("image ROCAUC", _metric(overall["image_rocauc"])),
-            ("pixel ROCAUC", _metric(overall["pixel_rocauc"])),
-            ("PRO (FPR <= 0.3)", _metric(overall["pro"])),
-            ("AU-PRO (FPR <= 0.05)", _metric(overall["au_pro_0.05"])),
+            ("image ROCAUC", metric(overall["image_rocauc"])),
+            ("pixel ROCAUC", metric(overall["pixel_rocauc"])),
+            ("PRO (FPR <= 0.3)", metric(overall["pro"])),
+            ("AU-PRO (FPR <= 0.05)", metric(overall["au_pro_0.05"])),
             ("pixel metrics at", metrics["evaluation_resolution"]),
             (f"images flagged ({decisions['thresholds']['source']})",
              "unknown (no image threshold)" if image is None else
              f"{image['flagged_normal']} of {image['normal']} good, {image['flagged_defective']} of {image['defective']} defective"),
             ("pixel SegF1 / TPR / FPR", "unknown (no pixel threshold)" if pixel is None else
-             f"{_metric(pixel['seg_f1'])} / {_metric(pixel['tpr'])} / {_metric(pixel['fpr'])}"),
+             f"{metric(pixel['seg_f1'])} / {metric(pixel['tpr'])} / {metric(pixel['fpr'])}"),
             ("good images with flagged pixels", "unknown (no pixel threshold)" if pixel is None else
              f"{pixel['normal_images_flagged']} of {pixel['normal_images']}"),
             *([("paper crop", metrics["paper_crop"]["message"])] if metrics["paper_crop"] else []),
@@ -608,10 +390,6 @@ def evaluate(
         ],
     )
     return 0
-
-
-def _metric(value: float | None) -> str:
-    return format_number(value, ".4f", "n/a")
 
 
 def demo(out: str, settings: Settings, explicit: frozenset[str], dry_run: bool = False) -> int:

@@ -61,13 +61,13 @@ def suggestion(record: AlignmentRecord, shapes: Sequence[LayerShape], image_size
     if not found:
         widest = max(judged)
         return (f"normal images do not align: searching within {widest} px, only {judged[widest]:.0%} of pixels find a match "
-                f"within {KEPT_WITHIN:.0%} of the full search's distance ({record.within[str(widest)]:.0%} of {record.layer} "
-                "matches lie there); keep SPADE's full search (match_radius unset)")
+                f"within {KEPT_WITHIN:.0%} of the full search's distance ({record.within[str(widest)]:.0%} of the finest layer's "
+                f"matches ({record.layer}) lie there); keep SPADE's full search (match_radius unset)")
     radius = found[0]
     speed_up = search_work(shapes, image_size, None) / search_work(shapes, image_size, radius)
     return (f"normal images align within {radius} px: {judged[radius]:.0%} of pixels find a match there within "
-            f"{KEPT_WITHIN:.0%} of the full search's distance ({record.within[str(radius)]:.0%} of {record.layer} matches lie "
-            f"within {radius} px); match_radius {radius} would do about {speed_up:.0f}x less pixel-search work")
+            f"{KEPT_WITHIN:.0%} of the full search's distance ({record.within[str(radius)]:.0%} of the finest layer's matches "
+            f"({record.layer}) lie within {radius} px); match_radius {radius} would do about {speed_up:.0f}x less pixel-search work")
 
 
 def _positions_only(record: AlignmentRecord, found: list[int], shapes: Sequence[LayerShape], image_size: int) -> str:
@@ -75,11 +75,11 @@ def _positions_only(record: AlignmentRecord, found: list[int], shapes: Sequence[
     shares = {int(r): share for r, share in record.within.items()}
     if not found:
         widest = max(shares)
-        return (f"normal images do not align: only {shares[widest]:.0%} of {record.layer} pixel matches lie within {widest} px "
+        return (f"normal images do not align: only {shares[widest]:.0%} of the finest layer's ({record.layer}) pixel matches lie within {widest} px "
                 "of their own position; keep SPADE's full search (match_radius unset)")
     radius = found[0]
     speed_up = search_work(shapes, image_size, None) / search_work(shapes, image_size, radius)
-    return (f"normal images align within {radius} px: {shares[radius]:.0%} of {record.layer} pixel matches; "
+    return (f"normal images align within {radius} px: {shares[radius]:.0%} of the finest layer's ({record.layer}) pixel matches; "
             f"match_radius {radius} would keep them and do about {speed_up:.0f}x less pixel-search work")
 
 

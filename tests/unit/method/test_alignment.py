@@ -86,7 +86,7 @@ def test_suggestion_names_the_smallest_radius_where_most_cells_keep_their_match_
     aligned = AlignmentRecord("layer1", 1000, {"4": 0.3, "8": 0.35, "16": 0.5, "32": 0.8}, 16, {"4": 0.7, "8": 0.96, "16": 0.99, "32": 1.0})
     expected = search_work(SHAPES, 224, None) / search_work(SHAPES, 224, 8)
     assert suggestion(aligned, SHAPES, 224) == (f"normal images align within 8 px: 96% of pixels find a match there within 10% of the "
-                                                f"full search's distance (35% of layer1 matches lie within 8 px); match_radius 8 would "
+                                                f"full search's distance (35% of the finest layer's matches (layer1) lie within 8 px); match_radius 8 would "
                                                 f"do about {expected:.0f}x less pixel-search work")
     unaligned = AlignmentRecord("layer1", 1000, {"4": 0.1, "8": 0.2, "16": 0.4, "32": 0.6}, 16, {"4": 0.2, "8": 0.3, "16": 0.5, "32": 0.89})
     assert suggestion(unaligned, SHAPES, 224).startswith("normal images do not align: searching within 32 px, only 89% of pixels")
@@ -95,11 +95,11 @@ def test_suggestion_names_the_smallest_radius_where_most_cells_keep_their_match_
 def test_a_card_without_kept_shares_is_judged_by_where_its_matches_lie():
     aligned = AlignmentRecord("layer1", 1000, {"4": 0.7, "8": 0.96, "16": 0.99, "32": 1.0})
     expected = search_work(SHAPES, 224, None) / search_work(SHAPES, 224, 8)
-    assert suggestion(aligned, SHAPES, 224) == (f"normal images align within 8 px: 96% of layer1 pixel matches; "
+    assert suggestion(aligned, SHAPES, 224) == (f"normal images align within 8 px: 96% of the finest layer's (layer1) pixel matches; "
                                                 f"match_radius 8 would keep them and do about {expected:.0f}x less pixel-search work")
     full = sum(s.channels * (s.height * s.width) ** 2 for s in SHAPES)
     assert expected == pytest.approx(full / (256 * 3136 * 25 + 512 * 784 * 9 + 1024 * 196 * 9))
     unaligned = AlignmentRecord("layer1", 1000, {"4": 0.1, "8": 0.2, "16": 0.4, "32": 0.6})
-    assert suggestion(unaligned, SHAPES, 224).startswith("normal images do not align: only 60% of layer1 pixel matches lie within 32 px")
+    assert suggestion(unaligned, SHAPES, 224).startswith("normal images do not align: only 60% of the finest layer's (layer1) pixel matches lie within 32 px")
     assert suggestion(AlignmentRecord(), SHAPES, 224).startswith("not measured")
     assert radius_cells(8, 56, 224) == 2 and radius_cells(8, 14, 224) == 1 and radius_cells(17, 14, 224) == 2 and radius_cells(None, 56, 224) is None
