@@ -40,8 +40,18 @@ def search_work(shapes: Sequence[LayerShape], image_size: int, match_radius: int
     return total
 
 
-ALIGNED_SHARE = 0.9
-"""The share of cells that must keep a match (KEPT_WITHIN) within a radius for fit to suggest it."""
+ALIGNED_SHARE = 0.5
+"""The share of cells that must keep a match (KEPT_WITHIN) within a radius for fit to suggest it. The finest layer's
+matches are mostly of noise, where the full search's many more candidates always find a closer one, so even aligned
+parts keep far from all: measured at 4-32 px (benchmarks/search_options.py, Lite0, 2026-12-07), the synthetic aligned
+parts 60-74% (match_radius 8 kept their pixel ROCAUC and PRO), Magnetic Tile, a texture, 23-45%."""
+
+SMALLEST_SUGGESTED_RADIUS = 8
+"""No smaller radius is suggested: 4 px is one finest-layer cell, no room for a fixture's jitter, and 8 px is the
+smallest radius measured to keep quality on aligned parts."""
+
+POSITIONS_SHARE = 0.9
+"""For a card from before the kept shares: the share of full-search matches that must lie within a radius."""
 
 KEPT_WITHIN = 0.1
 """A cell keeps its match within a radius when its nearest match there is at most 10% farther (squared distance)
@@ -49,13 +59,14 @@ than the full search's."""
 
 
 def suggestion(record: AlignmentRecord, shapes: Sequence[LayerShape], image_size: int) -> str:
-    """The alignment in words, and what it suggests: the smallest measured radius within which ALIGNED_SHARE of the
-    cells keep their match, with its nominal speed-up, or that the images do not align. A card from before the
+    """The alignment in words, and what it suggests: the smallest measured radius (SMALLEST_SUGGESTED_RADIUS or more)
+    within which ALIGNED_SHARE of the cells keep their match, with its nominal speed-up, or that the images do not align. A card from before the
     kept shares were measured is judged by where its matches lie."""
     if record.layer is None or not record.matches:
         return "not measured (a model fitted with match_radius, or before fit measured it)"
     judged = {int(r): share for r, share in (record.kept or record.within).items()}
-    found = [r for r in sorted(judged) if judged[r] >= ALIGNED_SHARE]
+    needed = ALIGNED_SHARE if record.kept else POSITIONS_SHARE
+    found = [r for r in sorted(judged) if judged[r] >= needed and r >= SMALLEST_SUGGESTED_RADIUS]
     if not record.kept:
         return _positions_only(record, found, shapes, image_size)
     if not found:
