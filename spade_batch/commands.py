@@ -15,12 +15,11 @@ from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs, refuse_outputs, refuse_shared_place
 from spade_batch.formats.manifest import build_manifest, is_manifest_file
+from spade_batch.formats.text import format_number
 from spade_batch.formats.versions import resolve
 from spade_batch.method.alignment import suggestion
 from spade_batch.tables import (
-    metric,
     near_duplicates,
-    number,
     print_dry_run,
     print_left_out,
     print_review,
@@ -201,12 +200,12 @@ def thresholds(
 
 
 _DECISION_MEASURES: dict[str, Any] = {
-    "image threshold": lambda limits, _: number(limits["image"]),
-    "pixel threshold": lambda limits, _: number(limits["pixel"]),
+    "image threshold": lambda limits, _: format_number(limits["image"]),
+    "pixel threshold": lambda limits, _: format_number(limits["pixel"]),
     "image FPR": lambda _, made: share(made["image"], "fpr", "flagged_normal", "normal"),
     "image TPR": lambda _, made: share(made["image"], "tpr", "flagged_defective", "defective"),
-    "image F1": lambda _, made: number(made["image"] and made["image"]["f1"]),
-    "SegF1": lambda _, made: number(made["pixel"] and made["pixel"]["seg_f1"]),
+    "image F1": lambda _, made: format_number(made["image"] and made["image"]["f1"]),
+    "SegF1": lambda _, made: format_number(made["pixel"] and made["pixel"]["seg_f1"]),
     "normal images with flagged pixels": lambda _, made: share(made["pixel"], "share_normal_images_flagged", "normal_images_flagged",
                                                                "normal_images"),
 }
@@ -369,16 +368,16 @@ def evaluate(
         [
             ("preprocessing", metrics["preprocessing"]),
             ("test images", metrics["counts"]["images"]),
-            ("image ROCAUC", metric(overall["image_rocauc"])),
-            ("pixel ROCAUC", metric(overall["pixel_rocauc"])),
-            ("PRO (FPR <= 0.3)", metric(overall["pro"])),
-            ("AU-PRO (FPR <= 0.05)", metric(overall["au_pro_0.05"])),
+            ("image ROCAUC", format_number(overall["image_rocauc"], ".4f")),
+            ("pixel ROCAUC", format_number(overall["pixel_rocauc"], ".4f")),
+            ("PRO (FPR <= 0.3)", format_number(overall["pro"], ".4f")),
+            ("AU-PRO (FPR <= 0.05)", format_number(overall["au_pro_0.05"], ".4f")),
             ("pixel metrics at", metrics["evaluation_resolution"]),
             (f"images flagged ({decisions['thresholds']['source']})",
              "unknown (no image threshold)" if image is None else
              f"{image['flagged_normal']} of {image['normal']} good, {image['flagged_defective']} of {image['defective']} defective"),
             ("pixel SegF1 / TPR / FPR", "unknown (no pixel threshold)" if pixel is None else
-             f"{metric(pixel['seg_f1'])} / {metric(pixel['tpr'])} / {metric(pixel['fpr'])}"),
+             f"{format_number(pixel['seg_f1'], '.4f')} / {format_number(pixel['tpr'], '.4f')} / {format_number(pixel['fpr'], '.4f')}"),
             ("good images with flagged pixels", "unknown (no pixel threshold)" if pixel is None else
              f"{pixel['normal_images_flagged']} of {pixel['normal_images']}"),
             *([("paper crop", metrics["paper_crop"]["message"])] if metrics["paper_crop"] else []),

@@ -40,7 +40,7 @@ from spade_batch.config import ConfigError, Settings
 from spade_batch.exit_codes import MEANING, ExitCode, plan_exit_code, user_error
 from spade_batch.formats import retry, storage
 from spade_batch.formats.layout import Outputs, PlanOutputs
-from spade_batch.formats.text import first_line, redact
+from spade_batch.formats.text import BLANK, first_line, redact
 from spade_batch.logs import add_secrets, logging_at, secret_values
 from spade_batch.reports.run_report import render_plan_report, report_link
 
@@ -202,11 +202,11 @@ def summary_row(result: LineResult) -> dict[str, object]:
         "line": result.line.name,
         "exit": int(result.code),
         "status": "failed" if result.error else MEANING[result.code].split(":")[0],
-        "images": run.get("images", "-"),
-        "scored": run.get("scored", "-"),
-        "failed": run.get("failed", "-"),
-        "anomalous": run.get("anomalous", "-"),
-        "drift": ("ALARM" if drift["alarm"] else "no" if drift.get("checked", True) else "unknown") if drift else "-",
+        "images": run.get("images", BLANK),
+        "scored": run.get("scored", BLANK),
+        "failed": run.get("failed", BLANK),
+        "anomalous": run.get("anomalous", BLANK),
+        "drift": ("ALARM" if drift["alarm"] else "no" if drift.get("checked", True) else "unknown") if drift else BLANK,
         "error": result.error,
     }
 

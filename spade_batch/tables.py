@@ -14,7 +14,7 @@ from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.layout import ModelLayout, Outputs
 from spade_batch.formats.manifest import Manifest, build_manifest
-from spade_batch.formats.text import format_number
+from spade_batch.formats.text import BLANK, format_number
 from spade_batch.formats.versions import resolve
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def _print_model(summary: dict[str, Any]) -> None:
     for row in summary["versions"]:
         thresholds = row["thresholds"]
         print(f"{'*' if row['current'] else ' '} {row['number']:>7}  {row['parent'] or '-':>6}  {row['images_added'] or '-':>6}  "
-              f"{row['gallery_images']:>7}  {number(thresholds['image']):>10}  {number(thresholds['pixel']):>10}  "
+              f"{row['gallery_images']:>7}  {format_number(thresholds['image']):>10}  {format_number(thresholds['pixel']):>10}  "
               f"{row['thresholds_set_by']:<21}  {row['created']}")
 
 
@@ -117,10 +117,6 @@ def _print_unused(unused: dict[str, Any], limit: int = 20) -> None:
             if len(entries) > limit:
                 print(f"  ... and {len(entries) - limit} more (--json lists them)")
     print(f"\nnear-duplicates: {near_duplicates(unused['near_duplicates'])}")
-
-
-def number(value: float | None) -> str:
-    return format_number(value, ".4g", "-")
 
 
 def _print_run(summary: dict[str, Any]) -> None:
@@ -235,7 +231,7 @@ def print_left_out(entries: list[dict[str, str]], limit: int = 10) -> None:
 
 def share(values: dict[str, Any] | None, ratio: str, count: str, total: str) -> str:
     if values is None or values[ratio] is None:
-        return "-"
+        return BLANK
     return f"{values[ratio]:.3f} ({values[count]} of {values[total]})"
 
 
@@ -247,7 +243,5 @@ def print_review(page: ReviewPage) -> None:
         print(f"spade-batch: warning: review: the {note.picture} of {note.id} could not be read: {note.reason}", file=sys.stderr)
 
 
-def metric(value: float | None) -> str:
-    return format_number(value, ".4f", "n/a")
 
 

@@ -22,10 +22,13 @@ def first_line(error: BaseException, if_empty: str | None = None) -> str:
     return text.splitlines()[0] if text else if_empty or type(error).__name__
 
 
-def format_number(value: float | None, spec: str, blank: str) -> str:
-    """`value` formatted by `spec` (a format spec: ".4g", ".4f"), or `blank` for None. Each page or table keeps the
-    blank its readers know ("-" in the score table, "n/a" among metrics, "none" in `show`)."""
-    return blank if value is None else format(value, spec)
+BLANK = "n/a"
+"""What every table and page prints for a number that is not there (no threshold, a metric with one class)."""
+
+
+def format_number(value: float | None, spec: str = ".4g") -> str:
+    """`value` formatted by `spec` (a format spec: ".4g", ".4f"), or BLANK for None."""
+    return BLANK if value is None else format(value, spec)
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

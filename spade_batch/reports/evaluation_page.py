@@ -11,7 +11,7 @@ import numpy as np
 from spade_batch.formats import storage
 from spade_batch.formats.heatmap import colour_range
 from spade_batch.formats.layout import EvaluationOutputs
-from spade_batch.formats.text import format_number
+from spade_batch.formats.text import BLANK, format_number
 from spade_batch.reports.evaluation_measure import AU_PRO_KEY, BINS, ExampleData, PixelPass, ScoredImage, scores_and_labels
 from spade_batch.reports.figures import Example, example_grid, html_page, pro_plot, roc_plot, score_histogram
 from spade_batch.reports.metrics import PixelMetrics, roc_curve_points
@@ -101,7 +101,7 @@ def _table_rows(metrics: dict) -> list[dict[str, object]]:
         row.update({label: values[key] for key, label in _COLUMNS.items()})
         if at_working:
             row.update({f"{label} (working size)": at_working[key] for key, label in _COLUMNS.items() if key in at_working})
-        rows.append({key: "n/a" if value is None else value for key, value in row.items()})
+        rows.append({key: BLANK if value is None else value for key, value in row.items()})
     return rows
 
 
@@ -112,15 +112,15 @@ def _decision_rows(decisions: dict) -> list[dict[str, object]]:
 
     def share(values: dict | None, ratio: str, count: str, total: str) -> str:
         if values is None or values[ratio] is None:
-            return "n/a"
+            return BLANK
         return f"{values[ratio]:.4f} ({values[count]} of {values[total]})"
 
     def value(values: dict | None, key: str) -> object:
-        return "n/a" if values is None or values[key] is None else values[key]
+        return BLANK if values is None or values[key] is None else values[key]
 
     measures: dict[str, Any] = {
-        "image threshold": lambda d: _number(d["thresholds"]["image"]),
-        "pixel threshold": lambda d: _number(d["thresholds"]["pixel"]),
+        "image threshold": lambda d: format_number(d["thresholds"]["image"]),
+        "pixel threshold": lambda d: format_number(d["thresholds"]["pixel"]),
         "image FPR (normal images flagged)": lambda d: share(d["image"], "fpr", "flagged_normal", "normal"),
         "image TPR (defective images flagged)": lambda d: share(d["image"], "tpr", "flagged_defective", "defective"),
         "image precision": lambda d: value(d["image"], "precision"),
@@ -152,7 +152,7 @@ def _notes(metrics: dict, mask_threshold: tuple[str, float], colours: tuple[floa
         "(the threshold at mid-scale).",
         f"Decisions: the run's verdicts ({decisions['rule']}) at {decisions['resolution']}, pixel counts pooled over all "
         "test images (SegF1 = 2 TP / (2 TP + FP + FN), MVTec AD 2). The F1-optimal thresholds are chosen with this test "
-        f"set's labels (image {_number(thresholds['f1_optimal']['image'])}, pixel {_number(thresholds['f1_optimal']['pixel'])}): "
+        f"set's labels (image {format_number(thresholds['f1_optimal']['image'])}, pixel {format_number(thresholds['f1_optimal']['pixel'])}): "
         "the reference a calibration from normal images aims at, optimistic by construction and never applied.",
         *decisions["notes"],
         "PRO is the area under the per-region overlap curve to FPR 0.3 (MVTec AD), AU-PRO to FPR 0.05 (MVTec AD 2's "
@@ -165,5 +165,3 @@ def _notes(metrics: dict, mask_threshold: tuple[str, float], colours: tuple[floa
     return notes
 
 
-def _number(value: float | None) -> str:
-    return format_number(value, ".4g", "none")

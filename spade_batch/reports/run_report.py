@@ -35,7 +35,7 @@ from spade_batch.formats.card import CalibrationRecord, ModelCard, load_card
 from spade_batch.formats.heatmap import colour_range
 from spade_batch.formats.images import decode_image, resize_map
 from spade_batch.formats.layout import Outputs, read_columns
-from spade_batch.formats.text import first_line
+from spade_batch.formats.text import BLANK, first_line
 from spade_batch.formats.versions import resolve
 from spade_batch.reports.drift import DriftCheck, check_drift
 from spade_batch.reports.figures import STYLE, Example, example_grid, html_document, html_table, score_histogram
@@ -201,7 +201,7 @@ def _embedded(png: bytes, alt: str) -> str:
 
 
 def _percent(count: int, total: int) -> str:
-    return f"{count / total:.1%}" if total else "-"
+    return f"{count / total:.1%}" if total else BLANK
 
 
 def _drift_section(check: DriftCheck, calibration: CalibrationRecord) -> str:

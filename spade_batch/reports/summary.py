@@ -308,16 +308,14 @@ def labelled_rules(card: ModelCard) -> dict[str, str]:
     return {
         "thresholds set by": f"labels: {record.source} ({record.normal_images} normal, {record.defective_images} defective images)",
         "image rule": f"anomalous when the image score > {thresholds.image:.4g}: label-set at {record.target} "
-                      f"(was {_short(was['image'])}); on the labelled images FPR {_short(image.get('fpr'))}, TPR {_short(image.get('tpr'))}",
-        "pixel rule": (f"pixel score > {_short(thresholds.pixel)}: label-set at the best SegF1 of the labelled masks "
-                       f"(was {_short(was['pixel'])}; SegF1 {_short(pixel.get('seg_f1'))})" if record.pixel else
-                       f"pixel score > {_short(thresholds.pixel)}: as calibrated on normal images (the labels had no masks)"),
+                      f"(was {format_number(was['image'])}); on the labelled images FPR {format_number(image.get('fpr'))}, TPR {format_number(image.get('tpr'))}",
+        "pixel rule": (f"pixel score > {format_number(thresholds.pixel)}: label-set at the best SegF1 of the labelled masks "
+                       f"(was {format_number(was['pixel'])}; SegF1 {format_number(pixel.get('seg_f1'))})" if record.pixel else
+                       f"pixel score > {format_number(thresholds.pixel)}: as calibrated on normal images (the labels had no masks)"),
         "masks": masks + regions,
     }
 
 
-def _short(value: float | None) -> str:
-    return format_number(value, ".4g", "none")
 
 
 def mask_rule(thresholds: Thresholds) -> str:

@@ -18,6 +18,7 @@ import pytest
 from spade_batch import cli
 from spade_batch.exit_codes import ExitCode
 from spade_batch.formats import retry, storage
+from spade_batch.formats.text import BLANK
 from tests.conftest import TinyModel
 from tests.integration.conftest import TEST_RETRY, S3Server
 from tests.integration.nights import FLAGS, make_line
@@ -112,7 +113,7 @@ def test_a_failing_line_never_stops_the_next_shows_no_older_figures_and_leaks_no
     rows = {row["line"]: row for row in summary["lines"]}
     # A damaged model fails its line (1); an unreachable store is transient: that line is retryable (75), never figures.
     assert [(rows[name]["exit"], rows[name]["images"], rows[name]["drift"]) for name in ("damaged", "unreachable")] == \
-        [(1, "-", "-"), (75, "-", "-")]
+        [(1, BLANK, BLANK), (75, BLANK, BLANK)]
     assert "global.faiss" in rows["damaged"]["error"]
     assert f"/gateway/***/{s3_bucket.removeprefix('s3://')}/model" in rows["unreachable"]["error"]  # the token was in the message
     assert (rows["healthy"]["exit"], rows["healthy"]["scored"]) == (0, len(good))

@@ -15,6 +15,7 @@ import yaml
 from spade_batch import cli
 from spade_batch.config import ConfigError, Settings
 from spade_batch.exit_codes import ExitCode
+from spade_batch.formats.text import BLANK
 from spade_batch.logs import configure_logging
 from spade_batch.nightly_plan import Line, check_outputs, format_table, load_plan, run_plan
 
@@ -166,7 +167,7 @@ def test_each_line_is_judged_on_tonights_run_alone_and_no_failure_stops_the_next
     summary = json.loads((tmp_path / "plan" / "plan.json").read_text())
     rows = {row["line"]: row for row in summary["lines"]}
     assert [rows[name]["exit"] for name in "abcd"] == [1, 75, 1, 0]
-    assert [rows[name]["images"] for name in "abcd"] == ["-", "-", "-", 5]
+    assert [rows[name]["images"] for name in "abcd"] == [BLANK, BLANK, BLANK, 5]
     assert rows["a"]["error"] == "OSError: could not reach http://gateway/***/models"
     assert rows["c"]["error"].startswith("JSONDecodeError")
     assert summary["reports"] == {"d": "../results/d/report.html"}

@@ -1,6 +1,6 @@
 """The one text helper: an error's first line, a number or its blank, credentials masked."""
 
-from spade_batch.formats.text import MASK, first_line, format_number, redact
+from spade_batch.formats.text import BLANK, MASK, first_line, format_number, redact
 
 
 def test_first_line_drops_colour_codes_and_later_lines_and_names_a_blank_error():
@@ -9,10 +9,10 @@ def test_first_line_drops_colour_codes_and_later_lines_and_names_a_blank_error()
     assert first_line(OSError(""), "no message") == "no message"
 
 
-def test_a_number_or_the_blank_its_page_uses():
-    assert format_number(0.123456, ".4g", "-") == "0.1235"
-    assert format_number(0.5, ".4f", "n/a") == "0.5000"
-    assert [format_number(None, ".4g", blank) for blank in ("-", "n/a", "none")] == ["-", "n/a", "none"]
+def test_a_number_or_the_one_blank_every_table_and_page_prints():
+    assert format_number(0.123456) == "0.1235"
+    assert format_number(0.5, ".4f") == "0.5000"
+    assert format_number(None) == format_number(None, ".4f") == BLANK == "n/a"
 
 
 def test_redact_masks_secrets_url_passwords_and_key_ids_and_nothing_else():
