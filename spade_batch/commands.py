@@ -15,7 +15,7 @@ from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.layout import EvaluationOutputs, ModelLayout, Outputs, refuse_outputs, refuse_shared_place
 from spade_batch.formats.manifest import build_manifest, is_manifest_file
-from spade_batch.formats.text import format_number
+from spade_batch.formats.text import format_number, format_share
 from spade_batch.formats.versions import resolve
 from spade_batch.method.alignment import suggestion
 from spade_batch.tables import (
@@ -25,7 +25,6 @@ from spade_batch.tables import (
     print_review,
     print_suspects,
     print_table,
-    share,
     suspects_count,
 )
 
@@ -202,11 +201,11 @@ def thresholds(
 _DECISION_MEASURES: dict[str, Any] = {
     "image threshold": lambda limits, _: format_number(limits["image"]),
     "pixel threshold": lambda limits, _: format_number(limits["pixel"]),
-    "image FPR": lambda _, made: share(made["image"], "fpr", "flagged_normal", "normal"),
-    "image TPR": lambda _, made: share(made["image"], "tpr", "flagged_defective", "defective"),
+    "image FPR": lambda _, made: format_share(made["image"], "fpr", "flagged_normal", "normal"),
+    "image TPR": lambda _, made: format_share(made["image"], "tpr", "flagged_defective", "defective"),
     "image F1": lambda _, made: format_number(made["image"] and made["image"]["f1"]),
     "SegF1": lambda _, made: format_number(made["pixel"] and made["pixel"]["seg_f1"]),
-    "normal images with flagged pixels": lambda _, made: share(made["pixel"], "share_normal_images_flagged", "normal_images_flagged",
+    "normal images with flagged pixels": lambda _, made: format_share(made["pixel"], "share_normal_images_flagged", "normal_images_flagged",
                                                                "normal_images"),
 }
 """The rows of thresholds' before/after table: each from (thresholds, decisions) of one column."""

@@ -14,7 +14,7 @@ from spade_batch.formats import storage
 from spade_batch.formats.card import load_card
 from spade_batch.formats.layout import ModelLayout, Outputs
 from spade_batch.formats.manifest import Manifest, build_manifest
-from spade_batch.formats.text import BLANK, format_number
+from spade_batch.formats.text import format_number
 from spade_batch.formats.versions import resolve
 
 if TYPE_CHECKING:
@@ -182,13 +182,14 @@ def print_dry_run(source: str | Manifest, settings: Settings, outputs: list[str]
         uri, reason = manifest.rejected[0]
         rows += [("rejected", f"{len(manifest.rejected)} (each gets an error row), first: {uri}: {reason}")]
     if model_uri is not None:
-        rows.append(("model", describe_model(model_uri, settings)))
+        rows.append(("model", _describe_model(model_uri, settings)))
     rows += [("writes", uri) for uri in outputs]
     print_table("dry run: nothing computed or written", rows)
     return 0
 
 
-def describe_model(model_uri: str, settings: Settings) -> str:
+def _describe_model(model_uri: str, settings: Settings) -> str:
+    """A dry run's model row: the current version's backbone, K, gallery and thresholds, or that there is none yet."""
     if not storage.exists(ModelLayout(model_uri).card, settings.fsspec_options()):
         return f"{model_uri}: no model there yet (fit one first)"
     current = resolve(model_uri, None, settings.fsspec_options())
@@ -229,13 +230,8 @@ def print_left_out(entries: list[dict[str, str]], limit: int = 10) -> None:
         print(f"left out: ... and {len(entries) - limit} more (spade-batch show MODEL --json lists them)")
 
 
-def share(values: dict[str, Any] | None, ratio: str, count: str, total: str) -> str:
-    if values is None or values[ratio] is None:
-        return BLANK
-    return f"{values[ratio]:.3f} ({values[count]} of {values[total]})"
-
-
 def print_review(page: ReviewPage) -> None:
+    """`review`'s table: the page written, its cards, and a warning per picture it could not draw."""
     flagged = "unknown (no image threshold)" if page.flagged is None else page.flagged
     print_table("review", [("page", page.uri), ("cards", page.cards), ("flagged images", flagged),
                            ("pictures missing", len(page.undrawn))])

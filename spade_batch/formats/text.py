@@ -31,6 +31,13 @@ def format_number(value: float | None, spec: str = ".4g") -> str:
     return BLANK if value is None else format(value, spec)
 
 
+def format_share(values: dict | None, ratio: str, count: str, total: str, spec: str = ".3f") -> str:
+    """'0.125 (1 of 8)': values[ratio] formatted by `spec`, with values[count] of values[total]; BLANK when either is None."""
+    if values is None or values[ratio] is None:
+        return BLANK
+    return f"{format(values[ratio], spec)} ({values[count]} of {values[total]})"
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """`text` with every value of `secrets`, the user:password part of any URL, and every credential-shaped string (an
     AWS key id, a session token, a signature) replaced by ``***``."""

@@ -11,7 +11,7 @@ import numpy as np
 from spade_batch.formats import storage
 from spade_batch.formats.heatmap import colour_range
 from spade_batch.formats.layout import EvaluationOutputs
-from spade_batch.formats.text import BLANK, format_number
+from spade_batch.formats.text import BLANK, format_number, format_share
 from spade_batch.reports.evaluation_measure import AU_PRO_KEY, BINS, ExampleData, PixelPass, ScoredImage, scores_and_labels
 from spade_batch.reports.figures import Example, example_grid, html_page, pro_plot, roc_plot, score_histogram
 from spade_batch.reports.metrics import PixelMetrics, roc_curve_points
@@ -110,26 +110,21 @@ def _decision_rows(decisions: dict) -> list[dict[str, object]]:
     columns = {f"at the {decisions['thresholds']['source']} thresholds (as written)": decisions,
                "F1-optimal (label-chosen on this test set)": decisions["f1_optimal"]}
 
-    def share(values: dict | None, ratio: str, count: str, total: str) -> str:
-        if values is None or values[ratio] is None:
-            return BLANK
-        return f"{values[ratio]:.4f} ({values[count]} of {values[total]})"
-
     def value(values: dict | None, key: str) -> object:
         return BLANK if values is None or values[key] is None else values[key]
 
     measures: dict[str, Any] = {
         "image threshold": lambda d: format_number(d["thresholds"]["image"]),
         "pixel threshold": lambda d: format_number(d["thresholds"]["pixel"]),
-        "image FPR (normal images flagged)": lambda d: share(d["image"], "fpr", "flagged_normal", "normal"),
-        "image TPR (defective images flagged)": lambda d: share(d["image"], "tpr", "flagged_defective", "defective"),
+        "image FPR (normal images flagged)": lambda d: format_share(d["image"], "fpr", "flagged_normal", "normal", ".4f"),
+        "image TPR (defective images flagged)": lambda d: format_share(d["image"], "tpr", "flagged_defective", "defective", ".4f"),
         "image precision": lambda d: value(d["image"], "precision"),
         "image F1": lambda d: value(d["image"], "f1"),
         "pixel SegF1 (pooled)": lambda d: value(d["pixel"], "seg_f1"),
         "pixel TPR": lambda d: value(d["pixel"], "tpr"),
         "pixel FPR": lambda d: value(d["pixel"], "fpr"),
-        "normal images with any flagged pixel": lambda d: share(d["pixel"], "share_normal_images_flagged",
-                                                                "normal_images_flagged", "normal_images"),
+        "normal images with any flagged pixel": lambda d: format_share(d["pixel"], "share_normal_images_flagged",
+                                                                "normal_images_flagged", "normal_images", ".4f"),
         "pixels compared at": lambda d: d["resolution"],
     }
     return [{"measure": name, **{column: measure(values) for column, values in columns.items()}}

@@ -1,6 +1,6 @@
 """The one text helper: an error's first line, a number or its blank, credentials masked."""
 
-from spade_batch.formats.text import BLANK, MASK, first_line, format_number, redact
+from spade_batch.formats.text import BLANK, MASK, first_line, format_number, format_share, redact
 
 
 def test_first_line_drops_colour_codes_and_later_lines_and_names_a_blank_error():
@@ -13,6 +13,13 @@ def test_a_number_or_the_one_blank_every_table_and_page_prints():
     assert format_number(0.123456) == "0.1235"
     assert format_number(0.5, ".4f") == "0.5000"
     assert format_number(None) == format_number(None, ".4f") == BLANK == "n/a"
+
+
+def test_a_share_with_its_count_or_the_blank():
+    flagged = {"fpr": 0.125, "flagged_normal": 1, "normal": 8}
+    assert format_share(flagged, "fpr", "flagged_normal", "normal") == "0.125 (1 of 8)"
+    assert format_share(flagged, "fpr", "flagged_normal", "normal", ".4f") == "0.1250 (1 of 8)"
+    assert format_share(None, "fpr", "flagged_normal", "normal") == format_share({**flagged, "fpr": None}, "fpr", "flagged_normal", "normal") == BLANK
 
 
 def test_redact_masks_secrets_url_passwords_and_key_ids_and_nothing_else():
