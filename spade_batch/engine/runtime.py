@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -145,6 +146,12 @@ class ModelStage:
     def gpus(self) -> float:
         """GPUs each actor holds (0 on CPU)."""
         return float(self.resources.get("num_gpus", 0))
+
+    def for_batches(self, batches: int) -> ModelStage:
+        """These actors, but never more of them than batches of images to compute: each actor loads the backbone
+        (and, scoring, the gallery) before its first batch, so one beyond the batches is a start that computes nothing
+        (a re-run left with a few images, a small night)."""
+        return dataclasses.replace(self, workers=max(1, min(self.workers, batches)))
 
     def compute(self) -> ray.data.ActorPoolStrategy:
         return ray.data.ActorPoolStrategy(size=self.workers)

@@ -86,6 +86,17 @@ def _create_bucket(s3: S3Server) -> str:
     return f"s3://{name}"
 
 
+def copy_tree(source: str, target: str, options: dict[str, Any] | None = None) -> str:
+    """Copy every file under source (a folder or prefix) to the same place under target, on one store, as new bytes (never
+    a link: the copy may be changed in place); returns target. Tests copy a shared model or run before they change it."""
+    from spade_batch.formats import listing, storage
+
+    root = storage.normalize(source, options)
+    for uri in listing.list_files(root, None, options):
+        storage.write_bytes(storage.join(target, uri[len(root) + 1 :]), storage.read_bytes(uri, options), options)
+    return target
+
+
 @dataclass(frozen=True)
 class StorageRoot:
     """A writable, empty root URI and the storage options that reach it."""

@@ -1,9 +1,10 @@
 """add on Ray, local and on the S3 test server: fit on A, then add B, is one fit on A and B.
 
-Per storage, one module fixture fits images A (5), adds images B (3) and fits A and B in one go, on
-the session's local Ray (resnet18, random weights, 64 px; a hold-out by id hash that takes images of
-both A and B, so that the thresholds depend on both). The tests compare the two models, count what
-add extracted, and replay the same add, an add of changed images and a killed add.
+Per storage, one module fixture fits images A (5) and adds images B (3) on the session's local Ray; the
+reference, A and B fitted in one go, is fitted once, in process (the pipeline's fit is the same recipe)
+(resnet18, random weights, 64 px; a hold-out by id hash that takes images of both A and B, so that the
+thresholds depend on both). The tests compare the two models, count what add extracted, and replay the
+same add, an add of changed images and a killed add.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,11 +41,11 @@ from spade_batch.formats.manifest import build_manifest, pairs_sha256
 from spade_batch.formats.model import SpadeModel
 from spade_batch.formats.versions import current_number, make_current, resolve, version_numbers
 from spade_batch.method import calibrate, detector
+from tests.integration.conftest import copy_tree
 from tests.integration.engine.test_faults import _gated_stage, cli_process, ray_address, running
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
 
     from tests.integration.conftest import S3Server
 
@@ -63,7 +65,7 @@ class Grown:
     root: str  # where images and models live (a local folder or a bucket)
     settings: Settings
     grown: str
-    whole: str
+    whole: str  # a local folder, shared by both storages' tests
     added: AddSummary
 
     @property
@@ -90,33 +92,55 @@ class Grown:
             return f.read()
 
 
+SETTINGS = Settings(backbone="resnet18", weights="random", k=2, image_size=64, batch_size=2, shard_size=2, device="cpu",
+                    calibration_fraction=0.25, image_fpr=0.5)
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The demo category both storages' models are made of, on local disk."""
+    return make_demo_data(str(tmp_path_factory.mktemp("data")), n_train=12, n_test_good=1, n_test_per_defect=1, min_size=48, max_size=80)
+
+
+@pytest.fixture(scope="module")
+def whole(category: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A model fitted on A and B at once by the in-process API (the pipeline's fit is the same recipe:
+    tests/integration/engine/test_pipeline.py), in a local folder; never changed."""
+    folder = str(tmp_path_factory.mktemp("whole") / "model")
+    fit_in_process(category, A + B, folder)
+    return folder
+
+
+def fit_in_process(category: str, ids: list[str], folder: str | None = None) -> SpadeModel:
+    """detector.fit on these training images of the category, with the module's settings."""
+    images = [decode_image(Path(category, "train", image_id).read_bytes(), image_id) for image_id in ids]
+    return detector.fit(images, SETTINGS, ids=ids, folder=folder)
+
+
 @pytest.fixture(scope="module", params=["local", "s3"])
-def grown(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Grown:
-    local = make_demo_data(str(tmp_path_factory.mktemp("data")), n_train=12, n_test_good=1, n_test_per_defect=1, min_size=48, max_size=80)
+def grown(request: pytest.FixtureRequest, category: str, whole: str, tmp_path_factory: pytest.TempPathFactory) -> Grown:
     if request.param == "local":
         root, options = str(tmp_path_factory.mktemp("root")), {}
     else:
         s3: S3Server = request.getfixturevalue("s3")
         new_bucket: Callable[[], str] = request.getfixturevalue("new_bucket")
         root, options = new_bucket(), s3.storage_options
-    settings = Settings(backbone="resnet18", weights="random", k=2, image_size=64, batch_size=2, shard_size=2, device="cpu",
-                        calibration_fraction=0.25, image_fpr=0.5, storage_options=options)
+    settings = SETTINGS.replace(storage_options=options)
     held = [i for i in A + B if calibrate.is_held_out(i, settings.calibration_fraction, settings.seed)]
     assert set(held) & set(A) and set(held) & set(B) and len(set(A) - set(held)) >= settings.k  # the setup the tests need
-    grown = Grown(local, root, settings, storage.join(root, "grown"), storage.join(root, "whole"), None)  # type: ignore[arg-type]
-    for name, ids in (("a", A), ("b", B), ("all", A + B)):
+    grown = Grown(category, root, settings, storage.join(root, "grown"), whole, None)  # type: ignore[arg-type]
+    for name, ids in (("a", A), ("b", B)):
         grown.upload({image_id: grown.file(image_id) for image_id in ids}, name)
     run_fit(storage.join(root, "a"), grown.grown, settings)
     added = grown.add(storage.join(root, "b"), settings.replace(calibration_fraction=0.9))  # the model's own is used
-    run_fit(storage.join(root, "all"), grown.whole, settings)
-    return Grown(local, root, settings, grown.grown, grown.whole, added)
+    return Grown(category, root, settings, grown.grown, whole, added)
 
 
 def test_fit_on_a_then_add_of_b_is_one_fit_on_a_and_b(grown: Grown) -> None:
     """The same gallery ids, calibration images, thresholds and scores on test images, as version 2 of the model."""
     assert version_numbers(grown.grown, grown.options) == [1, 2]
     added = SpadeModel.load(ModelLayout(grown.grown).version(2).root, grown.options)
-    whole = SpadeModel.load(grown.whole, grown.options)
+    whole = SpadeModel.load(grown.whole)
     assert added.train_ids == whole.train_ids and set(added.train_ids) & set(B)
     assert added.card.calibration.count == whole.card.calibration.count >= 2
     assert added.card.calibration.image_scores == pytest.approx(whole.card.calibration.image_scores, rel=FLOAT16_RTOL)
@@ -212,10 +236,7 @@ def test_a_killed_add_resumes_extracting_only_what_it_had_not_and_publishes_what
     assert "calibration images retrieve the images they did in the version added to" in printed
     assert version_numbers(grown.grown, grown.options) == [1, 2, 3] and not storage.exists(ModelLayout(grown.grown).lock, grown.options)
     resumed = SpadeModel.load(target.root, grown.options)
-    whole = storage.join(grown.root, "whole-after-kill")
-    grown.upload({**{i: grown.file(i) for i in A + B}, **new}, "all-after-kill")
-    run_fit(storage.join(grown.root, "all-after-kill"), whole, grown.settings)
-    refit = SpadeModel.load(whole, grown.options)
+    refit = fit_in_process(grown.local, sorted([*A, *B, *new]))
     assert resumed.train_ids == refit.train_ids and set(new) <= set(resumed.train_ids)
     for kind in ("image", "pixel"):
         assert getattr(resumed.card.thresholds, kind) == pytest.approx(getattr(refit.card.thresholds, kind), rel=FLOAT16_RTOL)
@@ -250,18 +271,20 @@ def test_the_loop_a_night_reviewed_its_false_alarm_added_and_the_night_kept_on_i
 ) -> None:
     """Version 1 made current again; a night is scored on it; its review sheet is exported and filled in; the night's
     rerun is killed; the false alarm is added to version 1 (the next version, now current) while the night resumes, which keeps version 1
-    to its end. The verdicts are counted; a score pinned to version 2 scores version 2; a refit drops the versions."""
+    to its end. The verdicts are counted; a score pinned to version 2 scores version 2; a refit drops the versions.
+    It changes the model: a copy of the module's."""
     options = grown.options
-    make_current(grown.grown, 1, options)
+    model = copy_tree(grown.grown, storage.join(grown.root, "loop-model"), options)
+    make_current(model, 1, options)
     test_ids = sorted(os.path.relpath(os.path.join(d, f), os.path.join(grown.local, "test"))
                       for d, _, files in os.walk(os.path.join(grown.local, "test")) for f in files)
     night = grown.upload({i: grown.file(i, "test") for i in test_ids}, "night")
     out = Outputs(storage.join(grown.root, "out"))
-    assert run_score(grown.grown, night, out.root, grown.settings).model_version == 1
+    assert run_score(model, night, out.root, grown.settings).model_version == 1
     capsys.readouterr()
-    assert cli.main(["score", "--model", grown.grown, "--images", night, "--out", out.root, "--device", "cpu"]) == 0  # resumed: nothing left
+    assert cli.main(["score", "--model", model, "--images", night, "--out", out.root, "--device", "cpu"]) == 0  # resumed: nothing left
     report = storage.read_text(out.report, options)
-    assert f"model {grown.grown} (version 1)" in report and f"spade-batch show {out.root} --top" in report and "--verdicts review.csv" in report
+    assert f"model {model} (version 1)" in report and f"spade-batch show {out.root} --top" in report and "--verdicts review.csv" in report
     capsys.readouterr()
     assert cli.main(["show", out.root, "--top", "3", "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
@@ -277,14 +300,14 @@ def test_the_loop_a_night_reviewed_its_false_alarm_added_and_the_night_kept_on_i
     lost = parquet_parts.read_part(out.parts(options).own[0], options, columns=["id"]).num_rows
     storage.remove(out.parts(options).own[0], options)  # killed: a part and run.json never written
     storage.remove(out.run_json, options)
-    next_version = version_numbers(grown.grown, options)[-1] + 1  # other tests of this module may have published versions
-    assert cli.main(["add", "--model", grown.grown, "--verdicts", sheet, "--device", "cpu"]) == 0
-    added = load_card(ModelLayout(grown.grown).version(next_version).root, options).version
-    assert (current_number(grown.grown, options), added.parent, added.images_added) == (next_version, 1, 1)
-    resumed = run_score(grown.grown, night, out.root, grown.settings)
+    next_version = version_numbers(model, options)[-1] + 1  # other tests of this module may have published versions
+    assert cli.main(["add", "--model", model, "--verdicts", sheet, "--device", "cpu"]) == 0
+    added = load_card(ModelLayout(model).version(next_version).root, options).version
+    assert (current_number(model, options), added.parent, added.images_added) == (next_version, 1, 1)
+    resumed = run_score(model, night, out.root, grown.settings)
 
     assert (resumed.model_version, resumed.resumed, resumed.scored) == (1, len(test_ids) - lost, len(test_ids))
-    assert resumed.thresholds["image"] == load_card(grown.grown, options).thresholds.image
+    assert resumed.thresholds["image"] == load_card(model, options).thresholds.image
     assert json.loads(storage.read_text(out.run_json, options))["model_version"] == 1
     capsys.readouterr()
     assert cli.main(["show", out.root, "--verdicts", sheet, "--json"]) == 0
@@ -293,21 +316,21 @@ def test_the_loop_a_night_reviewed_its_false_alarm_added_and_the_night_kept_on_i
         resumed.anomalous, 2, 1, 1, 0.5)
 
     pinned = storage.join(grown.root, "pinned")
-    assert cli.main(["score", "--model", grown.grown, "--images", night, "--out", pinned, "--model-version", "2", "--device", "cpu"]) == 0
-    assert f"{grown.grown} (version 2)" in capsys.readouterr().out
+    assert cli.main(["score", "--model", model, "--images", night, "--out", pinned, "--model-version", "2", "--device", "cpu"]) == 0
+    assert f"{model} (version 2)" in capsys.readouterr().out
     run = json.loads(storage.read_text(Outputs(pinned).run_json, options))
-    assert run["model_version"] == 2 and run["thresholds"]["image"] == load_card(ModelLayout(grown.grown).version(2).root, options).thresholds.image
+    assert run["model_version"] == 2 and run["thresholds"]["image"] == load_card(ModelLayout(model).version(2).root, options).thresholds.image
 
     nightly, evaluated = storage.join(grown.root, "nightly-pinned"), EvaluationOutputs(storage.join(grown.root, "evaluated"))
-    assert cli.main(["nightly", "--train", storage.join(grown.root, "a"), "--model", grown.grown, "--images", night, "--out", nightly,
+    assert cli.main(["nightly", "--train", storage.join(grown.root, "a"), "--model", model, "--images", night, "--out", nightly,
                      "--model-version", "2", "--device", "cpu"]) == 0
-    assert cli.main(["evaluate", "--model", grown.grown, "--data", grown.local, "--out", evaluated.root, "--model-version", "2",
+    assert cli.main(["evaluate", "--model", model, "--data", grown.local, "--out", evaluated.root, "--model-version", "2",
                      "--device", "cpu"]) == 0
     assert json.loads(storage.read_text(Outputs(nightly).run_json, options))["model_version"] == 2
     assert json.loads(storage.read_text(evaluated.metrics_json, options))["model_version"] == 2
 
-    run_fit(storage.join(grown.root, "a"), grown.grown, grown.settings.replace(overwrite=True))
-    assert version_numbers(grown.grown, options) == [1], "a refit replaces the model: its versions go with it"
+    run_fit(storage.join(grown.root, "a"), model, grown.settings.replace(overwrite=True))
+    assert version_numbers(model, options) == [1], "a refit replaces the model: its versions go with it"
 
 
 @pytest.mark.parametrize("grown", ["local"], indirect=True)
@@ -367,7 +390,7 @@ def test_a_runs_masks_or_a_model_are_never_added_or_fitted_as_normal_images(grow
     refused = {
         ("add", out.root): f"--images {out.root} is a run written by spade-batch ({storage.normalize(out.root, options)})",
         ("add", out.masks): f"--images {out.masks} lies inside a run written by spade-batch",
-        ("add", grown.root): f"--images {grown.root} holds a ",  # a model (grown, whole), or a run other tests left there
+        ("add", grown.root): f"--images {grown.root} holds a ",  # a model (grown), or a run other tests left there
         ("fit", out.root): f"--train {out.root} is a run written by spade-batch",
     }
     fitted = storage.join(grown.root, "fitted-on-masks")

@@ -30,7 +30,7 @@ import pytest
 from PIL import Image
 
 from spade_batch.config import ConfigError, Settings
-from spade_batch.engine.fit import run_fit
+from spade_batch.engine.fit import FitSummary, run_fit
 from spade_batch.engine.score import ScoreSummary, run_score
 from spade_batch.formats import listing, parquet_parts, storage
 from spade_batch.formats.card import CARD_NAME
@@ -41,6 +41,7 @@ from spade_batch.formats.layout import Outputs
 from spade_batch.formats.locks import LOCK_NAME, LockHeldError, acquire_lock, release_lock
 from spade_batch.formats.model import SpadeModel
 from spade_batch.method import calibrate, detector
+from tests.integration.conftest import copy_tree
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -120,6 +121,22 @@ def scored(fitted: Fitted) -> Scored:
 @pytest.fixture(scope="module")
 def model(fitted: Fitted) -> SpadeModel:
     return SpadeModel.load(fitted.model_uri, fitted.settings.fsspec_options())
+
+
+@dataclass(frozen=True)
+class Uncalibrated:
+    """A model fitted on the same training images without calibration images (never changed: tests copy it)."""
+
+    model_uri: str
+    settings: Settings
+    summary: FitSummary
+
+
+@pytest.fixture(scope="module")
+def uncalibrated(fitted: Fitted) -> Uncalibrated:
+    settings = fitted.settings.replace(calibration_fraction=0.0)
+    model_uri = f"{fitted.bucket}/model-uncalibrated"
+    return Uncalibrated(model_uri, settings, run_fit(fitted.train_uri, model_uri, settings))
 
 
 # ---------------------------------------------------------------- helpers
@@ -259,37 +276,17 @@ def test_calibration_thresholds_are_stored_and_applied(fitted: Fitted, scored: S
         assert row["is_anomalous"] is (row["image_score"] > card["thresholds"]["image"])
 
 
-@pytest.mark.parametrize("model_workers", [0, 1], ids=["in-the-driver", "on-a-model-actor"])
-def test_learnt_scales_and_thresholds_equal_the_in_process_fit(
-    fitted: Fitted, tmp_path: Any, caplog: pytest.LogCaptureFixture, model_workers: int
+@pytest.mark.parametrize(("calibration_images", "model_workers"), [("held_out", 0), ("leave_one_out", 1)],
+                         ids=["held-out-in-the-driver", "leave-one-out-on-a-model-actor"])
+def test_the_pipeline_fit_and_the_in_process_fit_are_one_recipe(
+    fitted: Fitted, tmp_path: Any, caplog: pytest.LogCaptureFixture, calibration_images: str, model_workers: int
 ) -> None:
-    """layer_normalise and image_score combined learn scales from the held-out images. On this single
-    CPU-only node fit scores them in the driver; with model_workers set, on model actors (as on a GPU or
-    multi-node cluster). Both give the in-process fit's scales and thresholds: to float16 precision,
-    since calibration reads the stored float16 features."""
-    settings = fitted.settings.replace(image_score="combined", map_top=0.05, layer_normalise=True, calibration_fraction=0.4,
-                                       image_fpr=0.5, model_workers=model_workers)
-    model_uri = str(tmp_path / "model")
-    with caplog.at_level(logging.INFO, logger="spade_batch.engine.fit_steps"):
-        run_fit(os.path.join(fitted.local, "train"), model_uri, settings)
-    assert ("in the driver" if model_workers == 0 else "on 1 model actors") in caplog.text
-    card = read_json(storage.join(model_uri, CARD_NAME), settings)
-    ids = fitted.ids("train")
-    reference = detector.fit([fitted.image("train", i) for i in ids], settings, ids=ids).card
-    assert card["calibration"]["count"] == reference.calibration.count >= 2
-    assert card["normalisation"]["layer_scales"] == pytest.approx(reference.normalisation.layer_scales, rel=FLOAT16_RTOL)
-    for statistic in ("knn", "map"):
-        assert card["normalisation"][statistic] == pytest.approx(getattr(reference.normalisation, statistic), rel=FLOAT16_RTOL)
-    for kind in ("image", "pixel"):
-        assert card["thresholds"][kind] == pytest.approx(getattr(reference.thresholds, kind), rel=FLOAT16_RTOL, abs=1e-3)
-
-
-@pytest.mark.parametrize("calibration_images", ["held_out", "leave_one_out"])
-def test_the_pipeline_fit_and_the_in_process_fit_are_one_recipe(fitted: Fitted, tmp_path: Any, calibration_images: str) -> None:
     """The same training images, among them a size outlier, and calibration images (held out, or scored
     leave-one-out): fit on Ray and fit in this process give the same gallery, the same left-out and
-    calibration images, the same learnt scales and thresholds, and the same scores on the test images
-    (float16 features, extracted in other batches)."""
+    calibration images, the same learnt scales (layer_normalise, image_score combined) and thresholds, and the
+    same scores on the test images (float16 features, extracted in other batches). On this single CPU-only node
+    fit scores its calibration images in the driver; with model_workers set, on model actors (as on a GPU or
+    multi-node cluster): both give the in-process fit's."""
     train = tmp_path / "train"
     os.makedirs(train)
     for image_id in fitted.ids("train"):
@@ -298,7 +295,8 @@ def test_the_pipeline_fit_and_the_in_process_fit_are_one_recipe(fitted: Fitted, 
     Image.fromarray(rng.integers(0, 255, (12, 400, 3), dtype=np.uint8)).save(train / "strip.png")  # aspect 33:1
     ids = sorted(os.listdir(train))
     settings = fitted.settings.replace(calibration_images=calibration_images, calibration_fraction=0.6, calibration_sample=5,
-                                       layer_normalise=True, image_score="combined", image_fpr=0.5, storage_options={})
+                                       layer_normalise=True, image_score="combined", image_fpr=0.5, storage_options={},
+                                       model_workers=model_workers)
     if calibration_images == "held_out":
         held = {i for i in ids if calibrate.is_held_out(i, 0.6, settings.seed)}
         assert "strip.png" not in held and 2 <= len(held) <= len(ids) - settings.k - 1  # a hold-out, and a gallery besides
@@ -306,7 +304,9 @@ def test_the_pipeline_fit_and_the_in_process_fit_are_one_recipe(fitted: Fitted, 
     else:
         held, gallery, calibrated = set(), sorted(set(ids) - {"strip.png"}), 5
 
-    summary = run_fit(str(train), str(tmp_path / "model"), settings)
+    with caplog.at_level(logging.INFO, logger="spade_batch.engine.fit_steps"):
+        summary = run_fit(str(train), str(tmp_path / "model"), settings)
+    assert ("in the driver" if model_workers == 0 else "on 1 model actors") in caplog.text
     on_ray = SpadeModel.load(str(tmp_path / "model"))
     in_process = detector.fit([decode_image((train / i).read_bytes(), i) for i in ids], settings, ids=ids)
 
@@ -356,17 +356,6 @@ def test_backbone_and_gallery_load_once_per_model_actor_not_per_batch(fitted: Fi
 # ---------------------------------------------------------------- edge cases of the image set
 
 
-def test_a_single_image(fitted: Fitted) -> None:
-    source = upload(fitted, {"only.png": fitted.file("test", "good/001.png")}, "single")
-    out = f"{fitted.bucket}/out-single"
-    summary = run_score(fitted.model_uri, source, out, fitted.settings)
-    rows = read_rows(out, fitted.settings)
-    assert list(rows) == ["only.png"] and rows["only.png"]["error"] is None
-    assert (summary.images, summary.scored, summary.resumed) == (1, 1, 0)
-    mask = read_png(Outputs(out).mask("only.png"), fitted.settings)
-    assert mask.shape == fitted.image("test", "good/001.png").shape[:2]
-
-
 def test_score_preprocesses_with_the_convention_recorded_in_the_model_card(fitted: Fitted, model: SpadeModel) -> None:
     """A card that records another mean/std than the backbone's own (a model fitted under another
     convention) is scored with the recorded one, as the in-process API does."""
@@ -386,13 +375,18 @@ def test_score_preprocesses_with_the_convention_recorded_in_the_model_card(fitte
     assert abs(row["image_score"] / own_convention.score - 1) > 0.01
 
 
-def test_overlays_are_the_heat_map_over_the_original_image(fitted: Fitted, model: SpadeModel) -> None:
-    source = upload(fitted, {"only.png": fitted.file("test", "spot/000.png")}, "overlay")
-    out = Outputs(f"{fitted.bucket}/out-overlay")
-    run_score(fitted.model_uri, source, out.root, fitted.settings.replace(save_overlays=True))
+def test_a_single_image_and_its_overlay_the_heat_map_over_the_original_image(fitted: Fitted, model: SpadeModel) -> None:
+    source = upload(fitted, {"only.png": fitted.file("test", "spot/000.png")}, "single")
+    out = Outputs(f"{fitted.bucket}/out-single")
+    summary = run_score(fitted.model_uri, source, out.root, fitted.settings.replace(save_overlays=True))
+    rows = read_rows(out.root, fitted.settings)
+    assert list(rows) == ["only.png"] and rows["only.png"]["error"] is None
+    assert (summary.images, summary.scored, summary.resumed) == (1, 1, 0)
+    assert summary.model_workers == 1, "one batch starts one model actor, whatever the cores"
+    image = fitted.image("test", "spot/000.png")
+    assert read_png(out.mask("only.png"), fitted.settings).shape == image.shape[:2]
     with Image.open(io.BytesIO(storage.read_bytes(out.overlay("only.png"), fitted.settings.fsspec_options()))) as im:
         written = np.asarray(im.convert("RGB"))
-    image = fitted.image("test", "spot/000.png")
     (expected,) = detector.score(model, [image], fitted.settings)
     full = resize_map(expected.anomaly_map, *image.shape[:2])
     reference = overlay(image, full, 0.0, 2 * model.card.thresholds.pixel)
@@ -477,23 +471,25 @@ def test_a_killed_job_resumes_to_identical_outputs(fitted: Fitted) -> None:
     assert read_json(out.run_json, fitted.settings)["resumed"] == 5 - len(lost)
 
 
-def test_other_images_into_the_same_output_need_overwrite(fitted: Fitted) -> None:
-    out = Outputs(f"{fitted.bucket}/out-reuse")
-    first = upload(fitted, originals(fitted, ["good/000.png", "spot/000.png"]), "first")
+def test_other_images_into_the_same_output_need_overwrite(fitted: Fitted, scored: Scored) -> None:
+    settings = fitted.settings.replace(save_maps=True)  # the module's run, copied: the first run here
+    out = Outputs(copy_tree(scored.out.root, f"{fitted.bucket}/out-reuse", settings.fsspec_options()))
     second = upload(fitted, originals(fitted, ["crack/000.png"]), "second")
-    run_score(fitted.model_uri, first, out.root, fitted.settings)
     with pytest.raises(FileExistsError, match=f"{out.root} holds a run with other images; pass --overwrite"):
-        run_score(fitted.model_uri, second, out.root, fitted.settings)
+        run_score(fitted.model_uri, second, out.root, settings)
 
-    summary = run_score(fitted.model_uri, second, out.root, fitted.settings.replace(overwrite=True))
+    summary = run_score(fitted.model_uri, second, out.root, settings.replace(overwrite=True))
 
-    assert list(read_rows(out.root, fitted.settings)) == ["crack/000.png"]
-    masks = listing.list_files(storage.join(out.root, "masks"), None, fitted.settings.fsspec_options())
-    assert masks == [out.mask("crack/000.png")], "masks of the replaced run must not stay behind"
+    assert list(read_rows(out.root, settings)) == ["crack/000.png"]
+    for folder, path in (("masks", out.mask), ("maps", out.map)):
+        written = listing.list_files(storage.join(out.root, folder), None, settings.fsspec_options())
+        assert written == [path("crack/000.png")], f"{folder} of the replaced run must not stay behind"
     assert (summary.images, summary.resumed) == (1, 0)
 
 
-def test_a_second_run_into_an_output_that_a_live_run_holds_is_refused(fitted: Fitted) -> None:
+def test_a_run_into_an_output_a_live_run_holds_is_refused_and_a_lock_left_by_a_killed_run_is_broken(fitted: Fitted) -> None:
+    """A live holder's lock refuses the run, which writes nothing; once the holder is a killed run on this host
+    (its pid names no process), the same run breaks the lock, scores, and releases its own."""
     out = f"{fitted.bucket}/out-locked"
     options = fitted.settings.fsspec_options()
     lock = acquire_lock(storage.join(out, LOCK_NAME), "the other nightly run", options)
@@ -501,16 +497,6 @@ def test_a_second_run_into_an_output_that_a_live_run_holds_is_refused(fitted: Fi
         run_score(fitted.model_uri, fitted.test_uri, out, fitted.settings)
     assert listing.list_files(out, None, options) == [storage.join(out, LOCK_NAME)], "the refused run wrote nothing"
     release_lock(lock, options)
-
-    summary = run_score(fitted.model_uri, fitted.test_uri, out, fitted.settings)
-
-    assert summary.scored == len(fitted.ids("test"))
-    assert not storage.exists(storage.join(out, LOCK_NAME), options), "a finished run releases its lock"
-
-
-def test_a_lock_left_by_a_killed_run_on_this_host_is_broken_by_the_rerun(fitted: Fitted) -> None:
-    out = f"{fitted.bucket}/out-stale-lock"
-    options = fitted.settings.fsspec_options()
     killed = subprocess.Popen([sys.executable, "-c", "pass"])
     killed.wait()  # its pid now names no process
     record = {"uri": storage.join(out, LOCK_NAME), "owner": "a killed run", "host": socket.gethostname(),
@@ -520,7 +506,7 @@ def test_a_lock_left_by_a_killed_run_on_this_host_is_broken_by_the_rerun(fitted:
     summary = run_score(fitted.model_uri, fitted.test_uri, out, fitted.settings)
 
     assert summary.scored == len(fitted.ids("test"))
-    assert not storage.exists(storage.join(out, LOCK_NAME), options)
+    assert not storage.exists(storage.join(out, LOCK_NAME), options), "a finished run releases its lock"
 
 
 # ---------------------------------------------------------------- model checks
@@ -533,12 +519,11 @@ def test_fit_refuses_to_replace_a_model_without_overwrite(fitted: Fitted) -> Non
     assert storage.read_text(storage.join(fitted.model_uri, CARD_NAME), fitted.settings.fsspec_options()) == card
 
 
-def test_a_killed_fit_resumes_only_for_the_same_images(fitted: Fitted) -> None:
-    settings = fitted.settings.replace(calibration_fraction=0.0)
+def test_a_killed_fit_resumes_only_for_the_same_images(fitted: Fitted, uncalibrated: Uncalibrated) -> None:
+    settings = uncalibrated.settings
     options = settings.fsspec_options()
-    model_uri = f"{fitted.bucket}/model-resume"
+    model_uri = copy_tree(uncalibrated.model_uri, f"{fitted.bucket}/model-resume", options)
     card_uri = storage.join(model_uri, CARD_NAME)
-    run_fit(fitted.train_uri, model_uri, settings)
     complete = SpadeModel.load(model_uri, options)
     # Killed while extracting: no card yet, one feature part missing; another cut short since (a copy interrupted).
     storage.remove(card_uri, options)
@@ -576,10 +561,8 @@ def test_score_refuses_a_model_fitted_with_other_explicit_settings(fitted: Fitte
     assert not storage.exists(f"{fitted.bucket}/out-k", fitted.settings.fsspec_options())
 
 
-def test_without_calibration_masks_are_scaled_maps(fitted: Fitted) -> None:
-    settings = fitted.settings.replace(calibration_fraction=0.0)
-    model_uri = f"{fitted.bucket}/model-uncalibrated"
-    summary = run_fit(fitted.train_uri, model_uri, settings)
+def test_without_calibration_masks_are_scaled_maps(fitted: Fitted, uncalibrated: Uncalibrated) -> None:
+    settings, model_uri, summary = uncalibrated.settings, uncalibrated.model_uri, uncalibrated.summary
     card = read_json(storage.join(model_uri, CARD_NAME), settings)
     assert (card["thresholds"]["image"], card["thresholds"]["pixel"]) == (None, None)
     assert summary.calibration_images == 0 and summary.gallery_images == N_TRAIN

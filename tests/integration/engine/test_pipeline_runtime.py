@@ -51,6 +51,12 @@ def test_explicit_workers_share_the_cores_and_gpu_requests_ask_for_gpus() -> Non
     assert gpu.resources == {"num_cpus": 2.0, "num_gpus": 0.5} and gpu.workers == 1
 
 
+def test_never_more_actors_than_batches_each_with_the_resources_of_the_full_pool() -> None:
+    wide = ModelStage.on_cluster(Settings(device="cpu", model_workers=3))
+    assert [wide.for_batches(batches).workers for batches in (0, 1, 2, 3, 7)] == [1, 1, 2, 3, 3]
+    assert wide.for_batches(1).resources == wide.resources
+
+
 def test_workers_retry_storage_calls_under_the_policy_the_environment_sets() -> None:
     """SPADE_BATCH_RETRY reaches Ray's workers (the session sets TEST_RETRY before ray.init): fault tests wait milliseconds."""
 

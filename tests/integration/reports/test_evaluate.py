@@ -258,9 +258,10 @@ def test_every_second_image_evaluates_about_half_and_records_it(model_uri, categ
     assert json.loads(open(tmp_path / "metrics.json").read())["every"] == 2
 
 
-def test_overridden_thresholds_are_the_ones_measured(model_uri, category, tmp_path):
-    settings = SETTINGS.replace(pixel_threshold=0.0)  # every pixel with a positive score is flagged
-    metrics = run_evaluate(model_uri, category, str(tmp_path), settings, every=3)
+def test_overridden_thresholds_are_the_ones_measured_and_metrics_and_report_go_to_object_storage(model_uri, category, s3, s3_bucket):
+    out = f"{s3_bucket}/evaluation"
+    settings = SETTINGS.replace(pixel_threshold=0.0, storage_options=s3.storage_options)  # every pixel with a positive score is flagged
+    metrics = run_evaluate(model_uri, category, out, settings, every=3)
     decisions = metrics["decisions"]
     assert decisions["thresholds"]["source"] == "override" and decisions["thresholds"]["pixel"] == 0.0
     assert decisions["thresholds"]["sources"] == {"image": "calibrated", "pixel": "override"}
@@ -269,7 +270,11 @@ def test_overridden_thresholds_are_the_ones_measured(model_uri, category, tmp_pa
     assert pixel["normal_images_flagged"] == image["flagged_normal"] and pixel["normal_images"] == 2
     assert (pixel["fn"] == 0) == (image["tpr"] == 1.0) and (pixel["tp"] > 0) == (image["flagged_defective"] > 0)
     assert metrics["thresholds"]["calibrated"]["pixel"] != 0.0  # still the model's own
-    assert "Decisions at the override thresholds" in open(tmp_path / "report.html").read()
+    assert "Decisions at the override thresholds" in storage.read_text(f"{out}/report.html", s3.storage_options)
+    written = json.loads(storage.read_text(f"{out}/metrics.json", s3.storage_options))
+    assert written["overall"] == pytest.approx(metrics["overall"]) and written["counts"]["images"] == 6  # good 000, 003, broken; 000 of each defect
+    names = {path.rsplit("/", 1)[1] for path in listing.list_files(out, (".png", ".html"), s3.storage_options)}
+    assert names >= {*FIGURES.values(), "report.html"}
 
 
 def test_a_model_without_thresholds_gets_null_decisions_with_notes(model_uri, category, tmp_path):
@@ -299,16 +304,6 @@ def test_paper_preprocessing_is_measured_at_the_working_size_and_says_what_its_c
     assert metrics["decisions"]["resolution"].startswith("working size 64 x 64")
     assert metrics["decisions"]["pixel"]["tp"] + metrics["decisions"]["pixel"]["fp"] + metrics["decisions"]["pixel"]["fn"] \
         + metrics["decisions"]["pixel"]["tn"] == 9 * 64 * 64
-
-
-def test_writes_metrics_and_report_to_object_storage(model_uri, category, s3, s3_bucket):
-    out = f"{s3_bucket}/evaluation"
-    settings = SETTINGS.replace(storage_options=s3.storage_options)
-    metrics = run_evaluate(model_uri, category, out, settings, every=3)
-    written = json.loads(storage.read_text(f"{out}/metrics.json", s3.storage_options))
-    assert written["overall"] == pytest.approx(metrics["overall"]) and written["counts"]["images"] == 6  # good 000, 003, broken; 000 of each defect
-    names = {path.rsplit("/", 1)[1] for path in listing.list_files(out, (".png", ".html"), s3.storage_options)}
-    assert names >= {*FIGURES.values(), "report.html"}
 
 
 def test_original_resolution_is_refused_for_paper_preprocessing(model_uri, tmp_path, category):
