@@ -52,7 +52,8 @@ def usable_mask(batch: Batch) -> np.ndarray:
 
 
 def worker_columns(count: int, worker: str, node: str, backbone_loads: int, gallery_loads: int) -> Batch:
-    """Who computed a batch: model actor id, node id, and the loads its process had done by then."""
+    """Who computed a batch: model worker id, node id, and the backbone and gallery loads it had done for this run by then
+    (0 backbone loads: its process kept the backbone from an earlier run)."""
     return {
         "worker": object_column([worker] * count),
         "node": object_column([node] * count),

@@ -17,7 +17,7 @@ import ray.data
 
 from spade_batch.config import Settings
 from spade_batch.engine.cpu_stages import RETRYABLE, read_images, write_feature_part
-from spade_batch.engine.runtime import CPU_TASK, ModelStage, Progress, actor_stage, stream, task_stage
+from spade_batch.engine.runtime import CPU_TASK, ModelStage, Progress, stream, task_stage
 from spade_batch.engine.stages import CalibrationStage, ExtractStage, matches_of
 from spade_batch.formats import storage
 from spade_batch.formats.calibration_matches import PixelMatches
@@ -72,8 +72,7 @@ def extract(ids: Sequence[str], uris: Sequence[str], features_uri: str, extracto
         .map_batches(task_stage(read_images), fn_kwargs={"preprocessing": extractor.preprocessing, "options": options,
                                                     "max_pixels": settings.max_pixels, "hash_content": True},
                      batch_size=settings.shard_size, batch_format="numpy", **CPU_TASK)
-        .map_batches(actor_stage(ExtractStage), fn_constructor_kwargs={"settings": settings}, batch_size=settings.batch_size,
-                     batch_format="numpy", compute=actors.compute(), **actors.resources)
+        .map_batches(**actors.map_arguments(ExtractStage, {"settings": settings}), batch_size=settings.batch_size, batch_format="numpy")
         .map_batches(task_stage(write_feature_part),
                      fn_kwargs={"features_uri": features_uri, "layer_shapes": [vars(s) for s in extractor.layer_shapes], "options": options},
                      batch_size=settings.shard_size, batch_format="numpy", **CPU_TASK)
@@ -143,10 +142,9 @@ class ActorsHeldOut:
                  for part in self.features.parts_of(wanted)]
         actors = self.actors.for_batches(len(items))  # a batch per part
         batches = ray.data.from_items(items).map_batches(
-            actor_stage(CalibrationStage),
-            fn_constructor_kwargs={"model_uri": self.model_uri, "settings": self.settings, "card": model.card.to_dict(),
-                                   "previous": dict(previous)},
-            batch_size=1, batch_format="numpy", compute=actors.compute(), **actors.resources,
+            **actors.map_arguments(CalibrationStage, {"model_uri": self.model_uri, "settings": self.settings,
+                                                      "card": model.card.to_dict(), "previous": dict(previous)}),
+            batch_size=1, batch_format="numpy",
         ).iter_batches(batch_size=None, batch_format="numpy")
         for batch in batches:
             yield matches_of(batch, len(model.gallery))

@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,23 +107,48 @@ def actor_stage(stage: type) -> type:
 
 CPU_TASK: dict[str, Any] = {"num_cpus": 1}
 """map_batches' named resource parameters of a CPU task (decoding before the model stage; feature parts, or masks
-and scores parts, after it). The model actors always ask for something else (GPUs, or a runtime_env), so Ray Data
-never fuses decoding into them, which would serialise decoding with the model again."""
+and scores parts, after it). The model stage always asks for something else (GPUs, or a fraction of a CPU), so Ray
+Data never fuses decoding into it, which would serialise decoding with the model again."""
+
+_built: tuple[str, Any] | None = None
+"""The model stage this pooled worker process built for the run it serves last: (run key, stage)."""
+
+
+def pooled_stage(batch: Any, *, stage: type, run: str, threads: int, arguments: dict[str, Any]) -> Any:
+    """The model stage as a Ray task in one of the job's pooled worker processes (CPU clusters).
+
+    The process builds stage(**arguments) on the run's first batch it gets and keeps it for the run's next ones, so the
+    backbone and gallery load once per process and run; another run's first batch replaces it. Unlike an actor's, the
+    process outlives the run, with Python, Ray and torch imported: a run after the first starts no process (about 5 s
+    per model worker on a CPU). An error building the stage is raised by the batch, as itself.
+    """
+    global _built
+    import torch
+
+    torch.set_num_threads(threads)
+    if _built is None or _built[0] != run:
+        _built = None  # the previous run's model goes before this one's loads
+        _built = (run, stage(**arguments))
+    return _built[1](batch)
 
 
 @dataclass(frozen=True)
 class ModelStage:
-    """Where the model stage runs: `workers` actors, each with these Ray resources.
+    """Where the model stage runs: `workers` at a time, each with these Ray resources.
 
-    One actor per GPU when the cluster has GPUs (or gpus_per_task is set). On CPU-only clusters one
-    actor per cpus_per_task CPUs, each running that many torch threads: every core computes the
-    model, and together the actors reserve all but one CPU, so the light decode and output tasks
-    always find a slot and run in the gaps.
+    With GPUs: an actor pool, one actor per GPU (or per gpus_per_task). On CPU-only clusters: Ray tasks in the job's
+    pooled worker processes (pooled_stage), `workers` at a time, each running `threads` torch threads: every core
+    computes the model, and together they reserve all but one CPU, so the light decode and output tasks always find a
+    slot and run in the gaps.
     """
 
     workers: int
     resources: dict[str, Any] = field(default_factory=dict)
-    """map_batches' named remote parameters of each actor (num_cpus, num_gpus, runtime_env, resources)."""
+    """map_batches' named remote parameters of each worker (num_cpus, num_gpus, resources)."""
+    pooled: bool = False
+    """Tasks in pooled worker processes (CPU clusters) rather than an actor pool (GPUs)."""
+    threads: int = 1
+    """torch threads of each pooled worker."""
 
     @classmethod
     def on_cluster(cls, settings: Settings) -> ModelStage:
@@ -135,26 +161,31 @@ class ModelStage:
             return cls(settings.model_workers or auto, {"num_cpus": settings.cpus_per_task, "num_gpus": gpus})
         cpus = cluster.get("CPU", 1)
         workers = settings.model_workers or max(1, math.floor(cpus / settings.cpus_per_task))
-        # Many few-threaded actors beat one many-threaded actor: a thread that loses its core to a
-        # decode task or to Ray itself stalls only its own actor, not its siblings at every barrier
+        # Many few-threaded workers beat one many-threaded one: a thread that loses its core to a
+        # decode task or to Ray itself stalls only its own worker, not its siblings at every barrier
         # (2 cores: scoring 10% faster with 2 x 1 thread than with 1 x 2 threads).
         threads = max(1, math.floor(cpus / workers))
         reserved = min(settings.cpus_per_task, max(0.0, (cpus - 1) / workers))
-        return cls(workers, {"num_cpus": reserved, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}})
+        return cls(workers, {"num_cpus": reserved}, pooled=True, threads=threads)
 
     @property
     def gpus(self) -> float:
-        """GPUs each actor holds (0 on CPU)."""
+        """GPUs each worker holds (0 on CPU)."""
         return float(self.resources.get("num_gpus", 0))
 
     def for_batches(self, batches: int) -> ModelStage:
-        """These actors, but never more of them than batches of images to compute: each actor loads the backbone
+        """These workers, but never more of them than batches of images to compute: each loads the backbone
         (and, scoring, the gallery) before its first batch, so one beyond the batches is a start that computes nothing
         (a re-run left with a few images, a small night)."""
         return dataclasses.replace(self, workers=max(1, min(self.workers, batches)))
 
-    def compute(self) -> ray.data.ActorPoolStrategy:
-        return ray.data.ActorPoolStrategy(size=self.workers)
+    def map_arguments(self, stage: type, arguments: dict[str, Any]) -> dict[str, Any]:
+        """map_batches' arguments that run the model stage class `stage`, built as stage(**arguments), on these workers."""
+        if self.pooled:
+            return {"fn": task_stage(pooled_stage), "compute": ray.data.TaskPoolStrategy(size=self.workers), **self.resources,
+                    "fn_kwargs": {"stage": stage, "run": uuid.uuid4().hex, "threads": self.threads, "arguments": arguments}}
+        return {"fn": actor_stage(stage), "fn_constructor_kwargs": arguments,
+                "compute": ray.data.ActorPoolStrategy(size=self.workers), **self.resources}
 
 
 class Progress:

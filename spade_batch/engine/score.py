@@ -27,7 +27,7 @@ import torch
 from spade_batch import __version__
 from spade_batch.config import Settings
 from spade_batch.engine.cpu_stages import RETRYABLE, read_images, write_score_outputs
-from spade_batch.engine.runtime import CPU_TASK, ModelStage, Progress, actor_stage, init_ray, stream, task_stage
+from spade_batch.engine.runtime import CPU_TASK, ModelStage, Progress, init_ray, stream, task_stage
 from spade_batch.engine.stages import ScoreStage
 from spade_batch.formats import listing, storage
 from spade_batch.formats.card import ModelCard, Thresholds, load_card
@@ -106,8 +106,8 @@ def score_dataset(
         .map_batches(task_stage(read_images), fn_kwargs={"preprocessing": preprocessing, "options": options,
                                                     "max_pixels": settings.max_pixels, "hash_content": False},
                      batch_size=settings.shard_size, batch_format="numpy", **CPU_TASK)
-        .map_batches(actor_stage(stage), fn_constructor_kwargs={"model_uri": model_uri, "settings": settings},
-                     batch_size=settings.batch_size, batch_format="numpy", compute=actors.compute(), **actors.resources)
+        .map_batches(**actors.map_arguments(stage, {"model_uri": model_uri, "settings": settings}),
+                     batch_size=settings.batch_size, batch_format="numpy")
         .map_batches(task_stage(write_score_outputs),
                      fn_kwargs={"out_root": outputs.root, "thresholds": thresholds, "settings": settings,
                                 "run": run},

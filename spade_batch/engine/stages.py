@@ -1,7 +1,8 @@
-"""The model stages Ray Data runs as actors: backbone (fit), scorer (score), calibration (fit's and add's).
+"""The model stages Ray Data runs on model workers (runtime.ModelStage: actors on GPUs, pooled tasks on CPUs): backbone
+(fit), scorer (score), calibration (fit's and add's).
 
 Each is a callable class that loads its big read-only state once in __init__ (backbone, faiss
-index, memory-mapped gallery) and then serves many batches; everything it computes is the method's (extractor, scorer, recipe).
+index, memory-mapped gallery) and then serves the run's batches; everything it computes is the method's (extractor, scorer, recipe).
 Batches and their columns are described in cpu_stages.py, which runs before and after these.
 """
 
@@ -49,6 +50,7 @@ class ScoreStage:
 
     def __init__(self, model_uri: str, settings: Settings, card: dict[str, Any] | None = None):
         options = settings.fsspec_options()
+        self.loads_before = (backbone_loads(), load_count())  # a pooled process may have served earlier runs
         self.model = SpadeModel.load(model_uri, options, ModelCard.from_dict(card) if card else None)
         extractor = Extractor(settings, options, preprocessing=self.model.card.preprocessing)
         self.scorer = Scorer(self.model, extractor, settings.chunk_bytes, settings.precision)
@@ -65,7 +67,8 @@ class ScoreStage:
             neighbour_ids[row] = [self.model.train_ids[n] for n in result.neighbours]
         kept = passed_on(batch)
         return {**kept, "image_score": scores, "neighbour_ids": object_column(neighbour_ids), "map": maps,
-                **worker_columns(count, self.worker, self.node, backbone_loads(), load_count())}
+                **worker_columns(count, self.worker, self.node, backbone_loads() - self.loads_before[0],
+                                 load_count() - self.loads_before[1])}
 
 
 class CalibrationStage:

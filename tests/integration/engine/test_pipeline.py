@@ -342,13 +342,15 @@ def test_run_json_counts(fitted: Fitted, scored: Scored, model: SpadeModel) -> N
     assert run == json.loads(json.dumps(asdict(scored.summary)))
 
 
-def test_backbone_and_gallery_load_once_per_model_actor_not_per_batch(fitted: Fitted, scored: Scored) -> None:
+def test_the_gallery_loads_once_per_model_worker_and_run_and_the_backbone_at_most_once_not_per_batch(fitted: Fitted, scored: Scored) -> None:
+    """A model worker's process keeps the backbone it built for an earlier run of the session (0 loads); the gallery is
+    this run's own (1 load)."""
     run = read_json(scored.out.run_json, fitted.settings)
     workers = run["workers"]
     batches = math.ceil(len(fitted.ids("test")) / fitted.settings.batch_size)
-    assert 1 <= len(workers) <= run["model_workers"]  # an actor that got no batch reports nothing
+    assert 1 <= len(workers) <= run["model_workers"]  # a worker that got no batch reports nothing
     assert sum(w["images"] for w in workers.values()) == 5
-    assert [w["backbone_loads"] for w in workers.values()] == [1] * len(workers)
+    assert {w["backbone_loads"] for w in workers.values()} <= {0, 1}
     assert [w["gallery_loads"] for w in workers.values()] == [1] * len(workers)
     assert len(workers) < batches or batches == 1
 
