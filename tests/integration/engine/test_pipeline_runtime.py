@@ -40,7 +40,7 @@ def _run(stage: ModelStage) -> list[dict]:
     return (
         ray.data.from_items([{"id": i} for i in range(8)], override_num_blocks=4)
         .map_batches(**stage.map_arguments(_Threads, {}), batch_size=2, batch_format="numpy")
-        .map_batches(lambda batch: {**batch, "task_pid": np.full(len(batch["id"]), os.getpid())}, batch_size=2,
+        .map_batches(lambda batch: {**batch, "task_pid": np.full(len(batch["pid"]), os.getpid())}, batch_size=2,
                      batch_format="numpy", num_cpus=1)  # a CPU task alongside
         .take_all()
     )
