@@ -29,7 +29,7 @@ test: venv browser
 	$(BIN)/ruff check spade_batch tests benchmarks jobs scripts
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
-# The unit lane alone: in process, no Ray, S3 server, subprocess or browser; under a minute on 2 idle cores.
+# The unit lane alone: no Ray, S3 server, subprocess or browser; two pytest processes, under a minute on 2 idle cores.
 test-fast: venv
 	$(BIN)/ruff check spade_batch tests benchmarks jobs scripts
-	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q -n 2 tests/unit

@@ -14,6 +14,10 @@ import pytest
 # Ray reads this when it is imported (ray_constants), so it is set here, before any test module
 # imports ray: a single-node Ray then binds and advertises 127.0.0.1 only.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# One torch thread per process, read when torch is imported: `make test` runs two pytest processes on 2 cores, and a
+# thread per core in each oversubscribes them (the unit lane in two processes: 88 s, 47 s with one thread each). Ray's
+# model workers set their own (engine.runtime.ModelStage).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @dataclass(frozen=True)

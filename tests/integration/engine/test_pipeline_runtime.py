@@ -68,6 +68,7 @@ def test_an_actor_pool_builds_one_stage_per_actor() -> None:
 def test_explicit_workers_share_the_cores_and_gpu_requests_ask_for_gpus() -> None:
     actors = ModelStage.on_cluster(Settings(device="cpu", model_workers=1))
     assert (actors.resources, actors.threads) == ({"num_cpus": 1.0}, 2)
+    assert {row["threads"] for row in _run(actors)} == {2}  # set in the worker, whatever OMP_NUM_THREADS its process started with
     wide = ModelStage.on_cluster(Settings(device="cpu", model_workers=3))
     assert wide.workers == 3 and wide.resources["num_cpus"] == pytest.approx(1 / 3) and wide.threads == 1
     gpu = ModelStage.on_cluster(Settings(gpus_per_task=0.5, cpus_per_task=2.0))
