@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
+
+from spade_batch.config import Settings
+from tests import tiny
 
 # Ray reads this when it is imported (ray_constants), so it is set here, before any test module
 # imports ray: a single-node Ray then binds and advertises 127.0.0.1 only.
@@ -26,25 +28,23 @@ class TinyModel:
 
     path: str
     train: str
-    settings: dict[str, Any]
+    settings: Settings
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
-    """resnet18 (random weights) at 64 px, K = 3, fitted on 8 demo images of 48-80 px, 2 held out to calibrate."""
+    """The tiny settings (tests/tiny.py), fitted on 8 demo images of 48-80 px, 2 held out to calibrate."""
     from pathlib import Path
 
-    from spade_batch.config import Settings
     from spade_batch.formats.datasets import make_demo_data
     from spade_batch.formats.images import decode_image
     from spade_batch.method import detector
 
     root = tmp_path_factory.mktemp("tiny-model")
     category = Path(make_demo_data(str(root / "data"), n_train=8, n_test_good=2, n_test_per_defect=1, min_size=48, max_size=80))
-    settings = {"backbone": "resnet18", "weights": "random", "k": 3, "image_size": 64,
-                "calibration_images": "held_out", "calibration_fraction": 0.25}
+    settings = tiny.SETTINGS.replace(calibration_images="held_out", calibration_fraction=0.25)
     train = sorted(category.joinpath("train").rglob("*.png"))
-    model = detector.fit([decode_image(f.read_bytes(), str(f)) for f in train], Settings(**settings, device="cpu"),
+    model = detector.fit([decode_image(f.read_bytes(), str(f)) for f in train], settings,
                          ids=[str(f.relative_to(category / "train")) for f in train])
     model.save(str(root / "model"))
     return TinyModel(str(root / "model"), str(category), settings)

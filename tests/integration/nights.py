@@ -13,16 +13,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from spade_batch.config import Settings
 from spade_batch.formats.datasets import make_demo_data
 from spade_batch.formats.images import decode_image
 from spade_batch.method import detector
+from tests import tiny
 
-FLAGS = ["--backbone", "resnet18", "--weights", "random", "--k", "3", "--image-size", "64", "--shard-size", "4",
-         "--batch-size", "4", "--calibration-fraction", "0.3", "--device", "cpu"]
-"""A small, fast model: the same settings as SETTINGS, as command-line flags."""
-SETTINGS = Settings(backbone="resnet18", weights="random", k=3, image_size=64, shard_size=4, batch_size=4,
-                    calibration_fraction=0.3, device="cpu")
+SETTINGS = tiny.SETTINGS.replace(calibration_fraction=0.3)
+FLAGS = tiny.flags(SETTINGS)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import pytest
 from PIL import Image
 
 from spade_batch.formats.datasets import make_demo_data
+from tests import tiny
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).parent / "ray"  # the venv's ray, whose python has spade_batch installed
@@ -146,8 +147,7 @@ def test_nightly_job_fits_then_scores_the_archive_of_the_date(ray_head: Head, tm
             "--", "python", "jobs/nightly.py",
             "--train", str(data / "train"), "--model", str(model),
             "--images", str(tmp_path / "archive" / "{date}"), "--out", str(tmp_path / "out" / "{date}"),
-            "--date", "2026-01-02", "--backbone", "resnet18", "--weights", "random", "--k", "3",
-            "--image-size", "64", "--shard-size", "4", "--batch-size", "4",
+            "--date", "2026-01-02", *tiny.flags(),
         ],
         env=ray_head.env, capture_output=True, text=True, timeout=400,
     )

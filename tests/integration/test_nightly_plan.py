@@ -19,6 +19,7 @@ from spade_batch import cli
 from spade_batch.exit_codes import ExitCode
 from spade_batch.formats import retry, storage
 from spade_batch.formats.text import BLANK
+from tests import tiny
 from tests.conftest import TinyModel
 from tests.integration.conftest import TEST_RETRY, S3Server
 from tests.integration.nights import FLAGS, make_line
@@ -103,7 +104,7 @@ def test_a_failing_line_never_stops_the_next_shows_no_older_figures_and_leaks_no
         {"name": "healthy", "train": "/unused", "model": tiny_model.path, "images": f"{s3_bucket}/archive/{{date}}",
          "out": f"{s3_bucket}/results/{{name}}/{{date}}", "settings": {"storage_options": s3.storage_options}},
     ])
-    flags = [f"--{key.replace('_', '-')}={value}" for key, value in tiny_model.settings.items()]
+    flags = tiny.flags(tiny_model.settings)
 
     code = cli.main(["nightly", "--plan", str(plan), "--out", str(tmp_path / "plan"), "--date", DATE, *flags, "--device", "cpu"])
 

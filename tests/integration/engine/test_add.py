@@ -41,6 +41,7 @@ from spade_batch.formats.manifest import build_manifest, pairs_sha256
 from spade_batch.formats.model import SpadeModel
 from spade_batch.formats.versions import current_number, make_current, resolve, version_numbers
 from spade_batch.method import calibrate, detector
+from tests import tiny
 from tests.integration.conftest import copy_tree
 from tests.integration.engine.test_faults import _gated_stage, cli_process, ray_address, running
 
@@ -92,8 +93,7 @@ class Grown:
             return f.read()
 
 
-SETTINGS = Settings(backbone="resnet18", weights="random", k=2, image_size=64, batch_size=2, shard_size=2, device="cpu",
-                    calibration_fraction=0.25, image_fpr=0.5)
+SETTINGS = tiny.SETTINGS.replace(k=2, batch_size=2, shard_size=2, calibration_fraction=0.25, image_fpr=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from spade_batch.config import Settings
 from spade_batch.engine.score import run_score
 from spade_batch.formats.images import decode_image
 from spade_batch.formats.layout import Outputs
@@ -119,7 +118,7 @@ def corpus_run(tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> tup
     os.symlink("loop.png", folder / "loop.png")  # a symlink to itself
     os.symlink("no-such-target.png", folder / "dangling.png")
     out = folder.parent / "out"
-    settings = Settings(**tiny_model.settings, device="cpu", batch_size=4, shard_size=8, max_pixels=MAX_PIXELS)
+    settings = tiny_model.settings.replace(shard_size=8, max_pixels=MAX_PIXELS)
     summary = run_score(tiny_model.path, str(folder), str(out), settings)
     tables = [pq.read_table(p) for p in sorted((out / "scores").glob("*.parquet"))]
     rows = pa.concat_tables(tables).to_pylist()
@@ -168,7 +167,7 @@ def test_the_run_counts_every_input_once(corpus_run: Any) -> None:
 def test_animated_and_multi_page_images_are_scored_on_their_first_frame(corpus_run: Any, tiny_model: Any, name: str) -> None:
     _, rows, _ = corpus_run
     model = SpadeModel.load(tiny_model.path)
-    (first_frame,) = detector.score(model, [texture(48, 48)], Settings(**tiny_model.settings, device="cpu"))
+    (first_frame,) = detector.score(model, [texture(48, 48)], tiny_model.settings)
     assert rows[name]["image_score"] == pytest.approx(first_frame.score, rel=1e-4)
     assert decode_image(IMAGES[name][0], name).shape == (48, 48, 3)
 

@@ -82,7 +82,7 @@ def archive(tiny_model: Any) -> Archive:
     decoded = [decode_image((images / i).read_bytes(), i) for i in ids]
     model = SpadeModel.load(tiny_model.path)
     maps = {i: resize_map(result.anomaly_map, *image.shape[:2])
-            for i, image, result in zip(ids, decoded, detector.score(model, decoded, Settings(**tiny_model.settings, device="cpu")))}
+            for i, image, result in zip(ids, decoded, detector.score(model, decoded, tiny_model.settings))}
     return Archive(tiny_model.path, images, maps, model.card.thresholds.pixel)
 
 
@@ -593,7 +593,7 @@ def gallery_image(archive: Archive, tiny_model: Any) -> tuple[bytes, np.ndarray]
     model = SpadeModel.load(archive.model)
     data = (Path(tiny_model.train) / "train" / model.train_ids[0]).read_bytes()
     image = decode_image(data, model.train_ids[0])
-    (result,) = detector.score(model, [image], Settings(**tiny_model.settings, device="cpu"))
+    (result,) = detector.score(model, [image], tiny_model.settings)
     return data, resize_map(result.anomaly_map, *image.shape[:2])
 
 

@@ -41,6 +41,7 @@ from spade_batch.formats.layout import Outputs
 from spade_batch.formats.locks import LOCK_NAME, LockHeldError, acquire_lock, release_lock
 from spade_batch.formats.model import SpadeModel
 from spade_batch.method import calibrate, detector
+from tests import tiny
 from tests.integration.conftest import copy_tree
 
 if TYPE_CHECKING:
@@ -95,10 +96,9 @@ def fitted(s3: S3Server, new_bucket: Callable[[], str], tmp_path_factory: pytest
     bucket = new_bucket()
     fs, path = storage.filesystem(bucket, s3.storage_options)
     fs.put(local, f"{path}/data", recursive=True)
-    settings = Settings(
-        backbone="resnet18", weights="random", k=3, image_size=64, batch_size=4, shard_size=SHARD_SIZE,
-        calibration_images="held_out", calibration_fraction=0.2, pixel_rule="quantile", gate_masks=False,
-        device="cpu", storage_options=s3.storage_options,  # workers reach moto with these
+    settings = tiny.SETTINGS.replace(
+        shard_size=SHARD_SIZE, calibration_images="held_out", calibration_fraction=0.2, pixel_rule="quantile", gate_masks=False,
+        storage_options=s3.storage_options,  # workers reach moto with these
     )
     model_uri = f"{bucket}/model"
     run_fit(f"{bucket}/data/train", model_uri, settings)

@@ -43,11 +43,9 @@ class Prepared:
 
 
 def _settings(**overrides: Any):
-    from spade_batch.config import Settings
+    from tests import tiny
 
-    base = dict(backbone="resnet18", weights="random", k=3, image_size=64, batch_size=4, shard_size=4,
-                calibration_fraction=0.25, device="cpu", gpus_per_task=1.0, cpus_per_task=1.0, model_workers=2)
-    return Settings(**{**base, **overrides})
+    return tiny.SETTINGS.replace(calibration_fraction=0.25, gpus_per_task=1.0, cpus_per_task=1.0, model_workers=2, **overrides)
 
 
 def _images(folder: Path, count: int, seed: int) -> Path:

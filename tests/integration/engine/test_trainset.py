@@ -20,6 +20,7 @@ from spade_batch.formats.card import CARD_NAME
 from spade_batch.formats.datasets import make_demo_data
 from spade_batch.formats.model import SpadeModel
 from spade_batch.method import calibrate
+from tests import tiny
 
 
 def _held_out_name(stem: str, settings: Settings) -> str:
@@ -33,15 +34,14 @@ def _gray(height: int, width: int, value: int) -> Image.Image:
 
 @pytest.mark.usefixtures("ray_local")
 def test_degenerate_training_images_are_left_out_and_calibration_is_as_without_them(tmp_path: Path) -> None:
-    settings = Settings(backbone="resnet18", weights="random", k=3, image_size=64, batch_size=4, shard_size=4,
-                        calibration_images="held_out", calibration_fraction=0.25, image_fpr=0.1, device="cpu")
+    settings = tiny.SETTINGS.replace(calibration_images="held_out", calibration_fraction=0.25, image_fpr=0.1)
     clean = Path(make_demo_data(str(tmp_path / "clean"), n_train=10, n_test_good=0, n_test_per_defect=0,
                                 min_size=48, max_size=80)) / "train"
     dirty = tmp_path / "dirty"
     shutil.copytree(clean, dirty)
-    tiny, strip = _held_out_name("tiny", settings), _held_out_name("strip", settings)
+    dot, strip = _held_out_name("tiny", settings), _held_out_name("strip", settings)
     broken = _held_out_name("broken", settings)
-    _gray(1, 1, 255).save(dirty / tiny)
+    _gray(1, 1, 255).save(dirty / dot)
     _gray(1, 5000, 0).save(dirty / strip)
     (dirty / broken).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
 
@@ -50,8 +50,8 @@ def test_degenerate_training_images_are_left_out_and_calibration_is_as_without_t
     reference = run_fit(str(clean), str(tmp_path / "model-clean"), settings)
     summary = run_fit(str(dirty), str(tmp_path / "model-dirty"), settings)
 
-    assert sorted(entry["id"] for entry in summary.left_out) == sorted([tiny, strip])
-    assert "1 x 1" in next(e["reason"] for e in summary.left_out if e["id"] == tiny)
+    assert sorted(entry["id"] for entry in summary.left_out) == sorted([dot, strip])
+    assert "1 x 1" in next(e["reason"] for e in summary.left_out if e["id"] == dot)
     # A failed image that the hash split would have held out is in the failed list all the same.
     assert [f["id"] for f in summary.failures] == [broken] and "cannot decode" in summary.failures[0]["error"]
     assert (summary.gallery_images, summary.calibration_images) == (reference.gallery_images, reference.calibration_images)
@@ -77,9 +77,8 @@ def test_a_suspect_training_image_is_listed_and_left_out_on_ray_as_in_process(tm
     from spade_batch.formats.images import decode_image
     from spade_batch.method import detector
 
-    settings = Settings(backbone="resnet18", weights="random", k=3, image_size=64, batch_size=4, shard_size=4,
-                        calibration_images="leave_one_out", calibration_sample=0, image_fpr=0.1, device="cpu",
-                        suspects="leave_out", model_workers=1)
+    settings = tiny.SETTINGS.replace(calibration_images="leave_one_out", calibration_sample=0, image_fpr=0.1,
+                                     suspects="leave_out", model_workers=1)
     train = Path(make_demo_data(str(tmp_path / "data"), n_train=12, n_test_good=0, n_test_per_defect=0, min_size=64, max_size=64)) / "train"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(train / "good" / "noise.png")
     summary = run_fit(str(train), str(tmp_path / "model"), settings)

@@ -7,13 +7,11 @@ import os
 
 import pytest
 
-from spade_batch.config import Settings
 from spade_batch.engine.fit import run_fit
 from spade_batch.formats.datasets import make_demo_data
+from tests import tiny
 
-SETTINGS = Settings(
-    backbone="resnet18", weights="random", k=3, image_size=64, shard_size=8, batch_size=8, calibration_fraction=0.25
-)
+SETTINGS = tiny.SETTINGS.replace(shard_size=8, batch_size=8, calibration_fraction=0.25)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from spade_batch.config import Settings
 from spade_batch.engine.fit import run_fit
 from spade_batch.engine.score import run_score
 from spade_batch.formats import listing, storage
@@ -22,6 +21,7 @@ from spade_batch.formats.card import load_card
 from spade_batch.formats.datasets import make_demo_data
 from spade_batch.formats.score_table import read_scores
 from spade_batch.method.alignment import suggestion
+from tests import tiny
 from tests.unit.reports.test_summary import show
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -60,8 +60,7 @@ def outputs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         local = storage.join(root, "data")
     write_bad_files(storage.join(local, "train"), BAD_TRAIN, options)
     write_bad_files(storage.join(local, "test"), BAD_TEST, options)
-    settings = Settings(backbone="resnet18", weights="random", k=3, image_size=64, batch_size=4, shard_size=3,
-                        device="cpu", storage_options=options or {})
+    settings = tiny.SETTINGS.replace(shard_size=3, storage_options=options or {})
     model, run = storage.join(root, "model"), storage.join(root, "run")
     run_fit(storage.join(local, "train"), model, settings)
     run_score(model, storage.join(local, "test"), run, settings)

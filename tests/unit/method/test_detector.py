@@ -35,10 +35,11 @@ from spade_batch.method.detector import Extractor, Features, Scorer, add, fit, s
 from spade_batch.method.extractor import normalise
 from spade_batch.method.masks import mask_from_map
 from spade_batch.method.recipe import new_card, split_fit_ids
+from tests import tiny
 from tests.unit.torchvision_reference import torchvision_input
 
 SIZE = 64
-SETTINGS = Settings(backbone="resnet18", weights="random", image_size=SIZE, k=2, kappa=1, sigma=2.0, device="cpu", batch_size=4)
+SETTINGS = tiny.SETTINGS.replace(image_size=SIZE, k=2, kappa=1, sigma=2.0)
 LITE0 = SETTINGS.replace(backbone="efficientnet_lite0", weights="imagenet")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
