@@ -10,7 +10,8 @@ last line. With --in-process-only (a machine without Ray, such as the GPU machin
 in-process rates alone, score's last.
 
     python benchmarks/pipeline_throughput.py [--backbone resnet18] [--weights random] [--image-size 128] [--k 10]
-        [--train 400] [--test-per-defect 100] [--calibration-fraction 0.1] [--device auto|cpu|cuda] [--in-process-only]
+        [--train 400] [--test-per-defect 100] [--calibration-images leave_one_out|held_out] [--calibration-fraction 0.1]
+        [--device auto|cpu|cuda] [--in-process-only]
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--test-per-defect", type=int, default=100, help="test images per label (4 labels)")
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--calibration-images", default=Settings.calibration_images, choices=["leave_one_out", "held_out"])
     parser.add_argument("--calibration-fraction", type=float, default=Settings.calibration_fraction,
                         help="held-out training images that calibrate the thresholds (default: the product's)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -50,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings(
         backbone=args.backbone, weights=args.weights, image_size=args.image_size, k=args.k,
-        shard_size=args.shard_size, batch_size=args.batch_size, calibration_fraction=args.calibration_fraction,
+        shard_size=args.shard_size, batch_size=args.batch_size, calibration_images=args.calibration_images, calibration_fraction=args.calibration_fraction,
         device=args.device,
     )
     work = tempfile.mkdtemp(prefix="spade-bench-")

@@ -6,7 +6,6 @@ calibration images searched on model actors or in the driver, and the model buil
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -63,7 +62,7 @@ def extract(ids: Sequence[str], uris: Sequence[str], features_uri: str, extracto
     options = settings.fsspec_options()
     done = done_ids(features_uri, options)
     todo = [{"id": i, "uri": u} for i, u in zip(ids, uris) if i not in done]
-    actors = ModelStage.on_cluster(settings).for_batches(math.ceil(len(todo) / settings.batch_size))
+    actors = ModelStage.on_cluster(settings).for_images(len(todo), settings.batch_size)
     log.info("extract: %d images, %d already extracted, %d to extract on %d model workers", len(ids), len(done), len(todo), actors.workers)
     if not todo:
         return 0

@@ -14,7 +14,7 @@ import ray.data
 import torch
 
 from spade_batch.config import Settings
-from spade_batch.engine.runtime import ModelStage
+from spade_batch.engine.runtime import SMALL_RUN_IMAGES, ModelStage
 from spade_batch.formats import retry
 from tests.integration.conftest import TEST_RETRY
 
@@ -40,23 +40,21 @@ def _run(stage: ModelStage) -> list[dict]:
     return (
         ray.data.from_items([{"id": i} for i in range(8)], override_num_blocks=4)
         .map_batches(**stage.map_arguments(_Threads, {}), batch_size=2, batch_format="numpy")
-        .map_batches(lambda batch: {**batch, "task_pid": np.full(len(batch["pid"]), os.getpid())}, batch_size=2,
-                     batch_format="numpy", num_cpus=1)  # a CPU task alongside
+        .map_batches(lambda batch: batch, batch_size=2, batch_format="numpy", num_cpus=1)  # a CPU task alongside
         .take_all()
     )
 
 
 def test_on_cpus_every_core_runs_a_single_threaded_pooled_worker_that_outlives_the_run_and_a_cpu_stays_schedulable() -> None:
     stage = ModelStage.on_cluster(Settings(device="cpu"))
-    assert stage.pooled and stage.workers == 2 and stage.resources == {"num_cpus": 0.5}  # 2 CPUs: 1 for the model, 1 for tasks
+    assert stage.pooled and stage.workers == 2 and stage.resources["num_cpus"] == 0.5  # 2 CPUs: 1 for the model, 1 for tasks
     first, second = _run(stage), _run(stage)
     assert len(first) == len(second) == 8 and {row["threads"] for row in first + second} == {1}
     # One stage per process and run: built on the run's first batch there, kept for its next ones, rebuilt by the next run.
     for rows in (first, second):
         assert len({row["instance"] for row in rows}) == len({row["pid"] for row in rows})
     assert not {row["instance"] for row in first} & {row["instance"] for row in second}
-    processes = {row["pid"] for row in first} | {row["task_pid"] for row in first}
-    assert {row["pid"] for row in second} & processes, "the second run's model stage found none of the first run's processes"
+    assert {row["pid"] for row in second} & {row["pid"] for row in first}, "the second run started new processes"
 
 
 def test_an_actor_pool_builds_one_stage_per_actor() -> None:
@@ -67,18 +65,21 @@ def test_an_actor_pool_builds_one_stage_per_actor() -> None:
 
 def test_explicit_workers_share_the_cores_and_gpu_requests_ask_for_gpus() -> None:
     actors = ModelStage.on_cluster(Settings(device="cpu", model_workers=1))
-    assert (actors.resources, actors.threads) == ({"num_cpus": 1.0}, 2)
-    assert {row["threads"] for row in _run(actors)} == {2}  # set in the worker, whatever OMP_NUM_THREADS its process started with
+    assert actors.resources == {"num_cpus": 1.0, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}}}
+    assert {row["threads"] for row in _run(actors)} == {2}  # the worker's own, whatever the pytest process was started with
     wide = ModelStage.on_cluster(Settings(device="cpu", model_workers=3))
-    assert wide.workers == 3 and wide.resources["num_cpus"] == pytest.approx(1 / 3) and wide.threads == 1
+    assert wide.workers == 3 and wide.resources["num_cpus"] == pytest.approx(1 / 3)
+    assert wide.resources["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "1"
     gpu = ModelStage.on_cluster(Settings(gpus_per_task=0.5, cpus_per_task=2.0))
     assert gpu.resources == {"num_cpus": 2.0, "num_gpus": 0.5} and gpu.workers == 1 and not gpu.pooled
 
 
-def test_never_more_actors_than_batches_each_with_the_resources_of_the_full_pool() -> None:
+def test_never_more_workers_than_batches_each_with_the_resources_of_the_full_pool_and_actors_for_long_runs() -> None:
     wide = ModelStage.on_cluster(Settings(device="cpu", model_workers=3))
     assert [wide.for_batches(batches).workers for batches in (0, 1, 2, 3, 7)] == [1, 1, 2, 3, 3]
     assert wide.for_batches(1).resources == wide.resources
+    assert [wide.for_images(images, 4).workers for images in (1, 8, 64, 65)] == [1, 2, 3, 3]
+    assert [wide.for_images(images, 4).pooled for images in (1, SMALL_RUN_IMAGES, SMALL_RUN_IMAGES + 1)] == [True, True, False]
 
 
 def test_workers_retry_storage_calls_under_the_policy_the_environment_sets() -> None:
