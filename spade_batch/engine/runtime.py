@@ -114,7 +114,7 @@ _built: tuple[str, Any] | None = None
 """The model stage this pooled worker process built for the run it serves last: (run key, stage)."""
 
 
-def pooled_stage(batch: Any, *, stage: type, run: str, arguments: dict[str, Any]) -> Any:
+def pooled_stage(batch: Any, *, stage: type, run: str, threads: int, arguments: dict[str, Any]) -> Any:
     """The model stage as a Ray task in one of the job's pooled worker processes (CPU clusters).
 
     The process builds stage(**arguments) on the run's first batch it gets and keeps it for the run's next ones, so the
@@ -123,6 +123,9 @@ def pooled_stage(batch: Any, *, stage: type, run: str, arguments: dict[str, Any]
     per model worker on a CPU). An error building the stage is raised by the batch, as itself.
     """
     global _built
+    import torch
+
+    torch.set_num_threads(threads)  # the process is shared with decode and output tasks, and started without a runtime_env
     if _built is None or _built[0] != run:
         _built = None  # the previous run's model goes before this one's loads
         _built = (run, stage(**arguments))
@@ -141,10 +144,10 @@ class ModelStage:
     """Where the model stage runs: `workers` at a time, each with these Ray resources.
 
     With GPUs, and for long runs on CPUs (for_images): an actor pool, one actor per GPU (or per gpus_per_task). For
-    small runs on CPU-only clusters: Ray tasks in the job's pooled worker processes (pooled_stage), `workers` at a time, each started with OMP_NUM_THREADS threads (torch,
-    faiss and BLAS read it when loaded; a runtime_env, so these processes serve model tasks only): every core computes
-    the model, and together they reserve all but one CPU, so the light decode and output tasks always find a slot and
-    run in the gaps.
+    small runs on CPU-only clusters: Ray tasks in the job's pooled worker processes (pooled_stage), `workers` at a time, each running `threads` torch threads (actors get
+    them as OMP_NUM_THREADS from a runtime_env; pooled workers set them, so that they share the job's default worker
+    pool and its processes stay warm): every core computes the model, and together they reserve all but one CPU, so
+    the light decode and output tasks always find a slot and run in the gaps.
     """
 
     workers: int
@@ -152,6 +155,8 @@ class ModelStage:
     """map_batches' named remote parameters of each worker (num_cpus, num_gpus, runtime_env, resources)."""
     pooled: bool = False
     """Tasks in pooled worker processes (CPU clusters) rather than an actor pool (GPUs)."""
+    threads: int = 1
+    """torch threads of each worker on CPUs."""
 
     @classmethod
     def on_cluster(cls, settings: Settings) -> ModelStage:
@@ -169,7 +174,7 @@ class ModelStage:
         # (2 cores: scoring 10% faster with 2 x 1 thread than with 1 x 2 threads).
         threads = max(1, math.floor(cpus / workers))
         reserved = min(settings.cpus_per_task, max(0.0, (cpus - 1) / workers))
-        return cls(workers, {"num_cpus": reserved, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}}, pooled=True)
+        return cls(workers, {"num_cpus": reserved}, pooled=True, threads=threads)
 
     @property
     def gpus(self) -> float:
@@ -192,9 +197,10 @@ class ModelStage:
         """map_batches' arguments that run the model stage class `stage`, built as stage(**arguments), on these workers."""
         if self.pooled:
             return {"fn": task_stage(pooled_stage), "compute": ray.data.TaskPoolStrategy(size=self.workers), **self.resources,
-                    "fn_kwargs": {"stage": stage, "run": uuid.uuid4().hex, "arguments": arguments}}
+                    "fn_kwargs": {"stage": stage, "run": uuid.uuid4().hex, "threads": self.threads, "arguments": arguments}}
+        threads = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(self.threads)}}} if not self.gpus else {}
         return {"fn": actor_stage(stage), "fn_constructor_kwargs": arguments,
-                "compute": ray.data.ActorPoolStrategy(size=self.workers), **self.resources}
+                "compute": ray.data.ActorPoolStrategy(size=self.workers), **threads, **self.resources}
 
 
 class Progress:

@@ -3,6 +3,7 @@ storage retry policy that the session's workers get from the environment."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import uuid
@@ -65,11 +66,11 @@ def test_an_actor_pool_builds_one_stage_per_actor() -> None:
 
 def test_explicit_workers_share_the_cores_and_gpu_requests_ask_for_gpus() -> None:
     actors = ModelStage.on_cluster(Settings(device="cpu", model_workers=1))
-    assert actors.resources == {"num_cpus": 1.0, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}}}
-    assert {row["threads"] for row in _run(actors)} == {2}  # the worker's own, whatever the pytest process was started with
+    assert (actors.resources, actors.threads) == ({"num_cpus": 1.0}, 2)
+    assert {row["threads"] for row in _run(actors)} == {2}  # set in the worker, whatever its process was started with
+    assert {row["threads"] for row in _run(dataclasses.replace(actors, pooled=False))} == {2}  # an actor's, from its runtime_env
     wide = ModelStage.on_cluster(Settings(device="cpu", model_workers=3))
-    assert wide.workers == 3 and wide.resources["num_cpus"] == pytest.approx(1 / 3)
-    assert wide.resources["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "1"
+    assert wide.workers == 3 and wide.resources["num_cpus"] == pytest.approx(1 / 3) and wide.threads == 1
     gpu = ModelStage.on_cluster(Settings(gpus_per_task=0.5, cpus_per_task=2.0))
     assert gpu.resources == {"num_cpus": 2.0, "num_gpus": 0.5} and gpu.workers == 1 and not gpu.pooled
 
