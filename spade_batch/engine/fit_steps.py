@@ -6,6 +6,7 @@ calibration images searched on model actors or in the driver, and the model buil
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -62,7 +63,7 @@ def extract(ids: Sequence[str], uris: Sequence[str], features_uri: str, extracto
     options = settings.fsspec_options()
     done = done_ids(features_uri, options)
     todo = [{"id": i, "uri": u} for i, u in zip(ids, uris) if i not in done]
-    actors = ModelStage.on_cluster(settings).for_images(len(todo), settings.batch_size)
+    actors = ModelStage.on_cluster(settings).for_run(math.ceil(len(todo) / settings.batch_size), len(todo))
     log.info("extract: %d images, %d already extracted, %d to extract on %d model workers", len(ids), len(done), len(todo), actors.workers)
     if not todo:
         return 0
@@ -139,7 +140,7 @@ class ActorsHeldOut:
         wanted = set(ids)
         items = [{"part": part, "ids": sorted(i for i, p in self.features.parts.items() if p == part and i in wanted)}
                  for part in self.features.parts_of(wanted)]
-        actors = self.actors.for_batches(len(items))  # a batch per part
+        actors = self.actors.for_run(len(items), len(ids))  # a batch per part
         batches = ray.data.from_items(items).map_batches(
             **actors.map_arguments(CalibrationStage, {"model_uri": self.model_uri, "settings": self.settings,
                                                       "card": model.card.to_dict(), "previous": dict(previous)}),

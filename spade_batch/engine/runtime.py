@@ -143,7 +143,7 @@ resnet18 at 128 px: 800 images 1.08x the actors' time, 1,600 images 1.7x; 400 ti
 class ModelStage:
     """Where the model stage runs: `workers` at a time, each with these Ray resources.
 
-    With GPUs, and for long runs on CPUs (for_images): an actor pool, one actor per GPU (or per gpus_per_task). For
+    With GPUs, and for long runs on CPUs (for_run): an actor pool, one actor per GPU (or per gpus_per_task). For
     small runs on CPU-only clusters: Ray tasks in the job's pooled worker processes (pooled_stage), `workers` at a time, each running `threads` torch threads (actors get
     them as OMP_NUM_THREADS from a runtime_env; pooled workers set them, so that they share the job's default worker
     pool and its processes stay warm): every core computes the model, and together they reserve all but one CPU, so
@@ -181,17 +181,12 @@ class ModelStage:
         """GPUs each worker holds (0 on CPU)."""
         return float(self.resources.get("num_gpus", 0))
 
-    def for_batches(self, batches: int) -> ModelStage:
-        """These workers, but never more of them than batches of images to compute: each loads the backbone
-        (and, scoring, the gallery) before its first batch, so one beyond the batches is a start that computes nothing
-        (a re-run left with a few images, a small night)."""
-        return dataclasses.replace(self, workers=max(1, min(self.workers, batches)))
-
-    def for_images(self, images: int, batch_size: int) -> ModelStage:
-        """These workers for a run of `images` in batches of batch_size: at most one per batch, and an actor pool
-        rather than pooled workers for a run of more than SMALL_RUN_IMAGES."""
-        stage = self.for_batches(math.ceil(images / batch_size))
-        return stage if images <= SMALL_RUN_IMAGES else dataclasses.replace(stage, pooled=False)
+    def for_run(self, batches: int, images: int) -> ModelStage:
+        """These workers for a run of `images` in `batches`: never more of them than batches (each loads the backbone
+        and, scoring, the gallery before its first batch, so one beyond the batches is a start that computes nothing: a
+        re-run left with a few images, a small night), and an actor pool rather than pooled workers for a run of more
+        than SMALL_RUN_IMAGES."""
+        return dataclasses.replace(self, workers=max(1, min(self.workers, batches)), pooled=self.pooled and images <= SMALL_RUN_IMAGES)
 
     def map_arguments(self, stage: type, arguments: dict[str, Any]) -> dict[str, Any]:
         """map_batches' arguments that run the model stage class `stage`, built as stage(**arguments), on these workers."""

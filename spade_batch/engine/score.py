@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -185,7 +186,7 @@ def _score_locked(
     fingerprints = manifest.fingerprint_of()
     todo = [{"id": i, "uri": u, "fingerprint": fingerprints[i]} for i, u in zip(manifest.ids, manifest.uris) if i not in done]
     images = len(manifest) + len(manifest.rejected)
-    actors = (actors or ModelStage.on_cluster(settings)).for_images(len(todo), settings.batch_size)
+    actors = (actors or ModelStage.on_cluster(settings)).for_run(math.ceil(len(todo) / settings.batch_size), len(todo))
     log.info("score: %d images, %d already done, %d to score on %d model workers -> %s",
              len(manifest), len(manifest) - len(todo), len(todo), actors.workers, outputs.root)
     workers, retryable = Workers(), []

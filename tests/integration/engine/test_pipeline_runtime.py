@@ -77,10 +77,11 @@ def test_explicit_workers_share_the_cores_and_gpu_requests_ask_for_gpus() -> Non
 
 def test_never_more_workers_than_batches_each_with_the_resources_of_the_full_pool_and_actors_for_long_runs() -> None:
     wide = ModelStage.on_cluster(Settings(device="cpu", model_workers=3))
-    assert [wide.for_batches(batches).workers for batches in (0, 1, 2, 3, 7)] == [1, 1, 2, 3, 3]
-    assert wide.for_batches(1).resources == wide.resources
-    assert [wide.for_images(images, 4).workers for images in (1, 8, 64, 65)] == [1, 2, 3, 3]
-    assert [wide.for_images(images, 4).pooled for images in (1, SMALL_RUN_IMAGES, SMALL_RUN_IMAGES + 1)] == [True, True, False]
+    assert [wide.for_run(batches, 10).workers for batches in (0, 1, 2, 3, 7)] == [1, 1, 2, 3, 3]
+    assert wide.for_run(1, 10).resources == wide.resources
+    assert [wide.for_run(3, images).pooled for images in (1, SMALL_RUN_IMAGES, SMALL_RUN_IMAGES + 1)] == [True, True, False]
+    gpu = ModelStage.on_cluster(Settings(gpus_per_task=0.5))
+    assert not gpu.for_run(1, 1).pooled
 
 
 def test_workers_retry_storage_calls_under_the_policy_the_environment_sets() -> None:
