@@ -2,8 +2,8 @@
 
 On one local Ray (the CPUs of this machine), fits a small model in process, then scores the same small image set
 `--runs` times with each kind of model worker, alternating: actors (a new pool per run: a process start and the torch
-and torchvision imports per actor, then the backbone and gallery) and pooled workers (engine.runtime.pooled_stage:
-processes that outlive a run). Prints each run's wall time and the median ratio; the last line is the headline.
+and torchvision imports per actor, then the backbone and gallery) and what run_score does on CPUs (ModelStage.for_run:
+up to SMALL_RUN_IMAGES one pooled worker, engine.runtime.pooled_stage, whose process outlives the run; beyond, actors). Prints each run's wall time and the median ratio; the last line is the headline.
 
     python benchmarks/model_stage_startup.py [--runs 4] [--images 8] [--workers 1]
 """

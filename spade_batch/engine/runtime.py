@@ -133,10 +133,11 @@ def pooled_stage(batch: Any, *, stage: type, run: str, threads: int, arguments: 
 
 
 SMALL_RUN_IMAGES = 64
-"""On CPUs, a run of at most this many images uses pooled workers, a larger one an actor pool. Pooled workers spare a
-small run the actors' start (about 5 s per worker: a tiny 5-image score took 0.2 s against 7.1-7.8 s), but Ray Data
-schedules them as tasks within its per-operator CPU budget, which left one of two workers idle on long runs (2 cores,
-resnet18 at 128 px: 800 images 1.08x the actors' time, 1,600 images 1.7x; 400 tiny images still 0.82x)."""
+"""On CPUs, a run of at most this many images uses one pooled worker with all the model workers' threads, a larger one
+an actor pool. The pooled worker spares a small run the actors' start (about 5 s per actor: 8 tiny images 0.28-0.39 s
+against 6.5-9.0 s; 60 images of resnet18 at 224 px 0.81x the time of two actors). Several pooled workers are not
+used: Ray Data runs them as tasks within its per-operator CPU budget, and they ran one at a time (60 images at 224 px:
+1.42x the actors' time; 1,600 images at 128 px: 1.7x)."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,8 @@ class ModelStage:
     """Where the model stage runs: `workers` at a time, each with these Ray resources.
 
     With GPUs, and for long runs on CPUs (for_run): an actor pool, one actor per GPU (or per gpus_per_task). For
-    small runs on CPU-only clusters: Ray tasks in the job's pooled worker processes (pooled_stage), `workers` at a time, each running `threads` torch threads (actors get
+    small runs on CPU-only clusters: Ray tasks in the job's pooled worker processes (pooled_stage), one worker with
+    all the threads (for_run). On CPUs each worker runs `threads` torch threads (actors get
     them as OMP_NUM_THREADS from a runtime_env; pooled workers set them, so that they share the job's default worker
     pool and its processes stay warm): every core computes the model, and together they reserve all but one CPU, so
     the light decode and output tasks always find a slot and run in the gaps.
@@ -182,11 +184,14 @@ class ModelStage:
         return float(self.resources.get("num_gpus", 0))
 
     def for_run(self, batches: int, images: int) -> ModelStage:
-        """These workers for a run of `images` in `batches`: never more of them than batches (each loads the backbone
-        and, scoring, the gallery before its first batch, so one beyond the batches is a start that computes nothing: a
-        re-run left with a few images, a small night), and an actor pool rather than pooled workers for a run of more
-        than SMALL_RUN_IMAGES."""
-        return dataclasses.replace(self, workers=max(1, min(self.workers, batches)), pooled=self.pooled and images <= SMALL_RUN_IMAGES)
+        """These workers for a run of `images` in `batches`: on CPUs, a run of at most SMALL_RUN_IMAGES gets one pooled
+        worker with all their CPUs and threads, a longer one an actor pool; and never more workers than batches (each
+        loads the backbone and, scoring, the gallery before its first batch, so one beyond the batches is a start that
+        computes nothing: a re-run left with a few images, a small night)."""
+        if self.pooled and images <= SMALL_RUN_IMAGES:
+            cpus = {"num_cpus": self.resources["num_cpus"] * self.workers}
+            return dataclasses.replace(self, workers=1, threads=self.threads * self.workers, resources={**self.resources, **cpus})
+        return dataclasses.replace(self, workers=max(1, min(self.workers, batches)), pooled=False)
 
     def map_arguments(self, stage: type, arguments: dict[str, Any]) -> dict[str, Any]:
         """map_batches' arguments that run the model stage class `stage`, built as stage(**arguments), on these workers."""

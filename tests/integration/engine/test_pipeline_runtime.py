@@ -77,9 +77,11 @@ def test_explicit_workers_share_the_cores_and_gpu_requests_ask_for_gpus() -> Non
 
 def test_never_more_workers_than_batches_each_with_the_resources_of_the_full_pool_and_actors_for_long_runs() -> None:
     wide = ModelStage.on_cluster(Settings(device="cpu", model_workers=3))
-    assert [wide.for_run(batches, 10).workers for batches in (0, 1, 2, 3, 7)] == [1, 1, 2, 3, 3]
-    assert wide.for_run(1, 10).resources == wide.resources
-    assert [wide.for_run(3, images).pooled for images in (1, SMALL_RUN_IMAGES, SMALL_RUN_IMAGES + 1)] == [True, True, False]
+    long = SMALL_RUN_IMAGES + 1
+    assert [wide.for_run(batches, long).workers for batches in (0, 1, 2, 3, 7)] == [1, 1, 2, 3, 3]
+    assert wide.for_run(1, long).resources == wide.resources and not wide.for_run(3, long).pooled
+    small = wide.for_run(3, SMALL_RUN_IMAGES)  # one pooled worker with the three workers' CPUs and threads
+    assert (small.pooled, small.workers, small.threads, small.resources["num_cpus"]) == (True, 1, 3, pytest.approx(1.0))
     gpu = ModelStage.on_cluster(Settings(gpus_per_task=0.5))
     assert not gpu.for_run(1, 1).pooled
 
