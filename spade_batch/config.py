@@ -118,7 +118,7 @@ class Settings:
     cpus_per_task: float = _key("run", 1.0, "CPUs each task requests.")
     chunk_mib: int | None = _key("run", None, "Bound on one pixel-distance block, in MiB; unset: 16 on CPU (cache-sized), 256 on a GPU (fewer, larger GEMMs).")
     precision: str = _key("run", "float32", "Pixel search GEMM precision: float32, tf32 or bfloat16. Low precision only ranks candidates; returned distances are recomputed in float32.")
-    model_workers: int = _key("run", 0, "Model workers (each loads the backbone and gallery once per run): 0 = one per GPU, or on CPU-only clusters one per cpus_per_task CPUs (pooled task workers for a run of at most 64 images, else actors), together reserving all but one CPU for decoding and writing; fit then scores its held-out images in the driver when the cluster is one CPU-only node. Set, model workers do both.")
+    model_workers: int = _key("run", 0, "Model workers (each loads the backbone and gallery once per run): 0 = one per GPU, or on CPU-only clusters one per cpus_per_task CPUs (actors; a run of at most 64 images gets one pooled task worker with all their threads instead), together reserving all but one CPU for decoding and writing; fit then scores its held-out images in the driver when the cluster is one CPU-only node. Set, model workers do both.")
     max_pixels: int = _key("run", 50_000_000, "Largest image accepted, in pixels (width x height); larger ones get an error row. A worker needs about 10 bytes per pixel of the largest image.")
     overwrite: bool = _key("run", False, "Replace the outputs of an earlier run (or an existing model) instead of resuming it.")
     ray_address: str | None = _key("run", None, "Ray cluster address; unset starts a local Ray on this machine (or joins RAY_ADDRESS).")
